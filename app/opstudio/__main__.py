@@ -1,0 +1,3 @@
+from opstudio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""``opstudio inspect MODEL``: the operator table and per-op-type summary of a model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from opstudio.cli.common import (
+    format_shape,
+    human_bytes,
+    human_count,
+    parse_dims,
+    print_table,
+    write_json,
+)
+from opstudio.core.graph import GraphInfo, analyze
+from opstudio.core.model_io import load_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list a model's operators with shapes, FLOPs and weights",
+                       description="Print an operator table and a per-op-type summary.")
+    p.add_argument("model", help="path to an .onnx file")
+    p.add_argument("--json", metavar="PATH|-", help="also write the analysis as JSON ('-' = stdout)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                   help="bind a symbolic dim for FLOP counts, e.g. --dim seq=128")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="print only the first N operators (0 = all)")
+    p.set_defaults(func=run)
+
+
+def to_json(path: str, info: GraphInfo) -> dict[str, Any]:
+    return {
+        "model": path,
+        "opset": info.opset,
+        "ir_version": info.ir_version,
+        "producer": info.producer,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in info.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in info.outputs],
+        "nodes": [n.to_json() for n in info.nodes],
+        "op_types": info.op_type_counts(),
+        "totals": {"nodes": len(info.nodes), "flops": info.total_flops(),
+                   "param_bytes": info.total_param_bytes()},
+        "shape_inference_error": info.shape_inference_error,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    info = analyze(model, parse_dims(args.dim))
+    if args.json == "-":
+        write_json(to_json(args.model, info), "-")
+        return 0
+    nodes = info.nodes[: args.limit] if args.limit > 0 else info.nodes
+    rows = [(n.name, n.op_type if not n.domain else f"{n.domain}:{n.op_type}",
+             format_shape(n.output_shapes[0] if n.output_shapes else None),
+             human_count(n.flops), human_bytes(n.param_bytes) if n.param_bytes else "")
+            for n in nodes]
+    print_table(("name", "op type", "output shape", "FLOPs", "params"), rows, "lllrr")
+    if args.limit > 0 and len(info.nodes) > args.limit:
+        print(f"... {len(info.nodes) - args.limit} more operators")
+    print()
+    flops_by_type: dict[str, int] = {}
+    unknown: dict[str, int] = {}
+    for n in info.nodes:
+        if n.flops is None:
+            unknown[n.op_type] = unknown.get(n.op_type, 0) + 1
+        else:
+            flops_by_type[n.op_type] = flops_by_type.get(n.op_type, 0) + n.flops
+    summary = [(op, count, human_count(flops_by_type.get(op)) if op in flops_by_type else "?",
+                f"{unknown[op]} unknown" if op in unknown else "")
+               for op, count in info.op_type_counts().items()]
+    print_table(("op type", "count", "FLOPs", ""), summary, "lrrl")
+    print()
+    ins = ", ".join(f"{t.name}: {t.dtype} {format_shape(t.shape)}" for t in info.inputs)
+    print(f"{len(info.nodes)} operators, {human_count(info.total_flops(), 'FLOPs')}, "
+          f"{human_bytes(info.total_param_bytes())} of weights; opset {info.opset}")
+    print(f"inputs: {ins or '(none)'}")
+    if info.shape_inference_error:
+        print(f"note: shape inference stopped early ({info.shape_inference_error})")
+    if args.json:
+        write_json(to_json(args.model, info), args.json)
+    return 0

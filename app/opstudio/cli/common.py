@@ -1,0 +1,115 @@
+"""Argument helpers shared by the subcommands: input flags, output targets, table printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.fileio import write_text_atomic
+
+
+def add_input_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a model's inputs; every command that runs a model takes them."""
+    group = parser.add_argument_group("model inputs")
+    group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                       help="value of a named (symbolic) input dim, e.g. --dim seq=128; repeatable")
+    group.add_argument("--shape", action="append", default=[], metavar="INPUT=D0,D1,...",
+                       help="whole shape of one input, e.g. --shape x=1,3,224,224; repeatable")
+    group.add_argument("--inputs", metavar="FILE.npz",
+                       help="real input tensors, one array per input name")
+
+
+def parse_dims(items: Sequence[str]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise OpstudioError(f"--dim {item!r}: expected NAME=VALUE, e.g. --dim seq=128")
+        try:
+            n = int(value)
+        except ValueError:
+            raise OpstudioError(f"--dim {item!r}: {value!r} is not a whole number") from None
+        if n <= 0:
+            raise OpstudioError(f"--dim {item!r}: a dim must be at least 1")
+        dims[name.strip()] = n
+    return dims
+
+
+def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name.strip():
+            raise OpstudioError(f"--shape {item!r}: expected INPUT=D0,D1,..., e.g. --shape x=1,3,224,224")
+        try:
+            dims = [int(v) for v in value.split(",")] if value.strip() else []
+        except ValueError:
+            raise OpstudioError(f"--shape {item!r}: dims must be whole numbers") from None
+        if any(d < 0 for d in dims):
+            raise OpstudioError(f"--shape {item!r}: dims cannot be negative")
+        shapes[name.strip()] = dims
+    return shapes
+
+
+def write_json(data: Any, target: str) -> None:
+    """Write ``data`` as JSON to a path, or to stdout when ``target`` is ``-``."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+        return
+    write_text_atomic(Path(target), text + "\n", overwrite=True)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                align: str | None = None, file=None) -> None:
+    """Plain fixed-width table; ``align`` has one of 'l'/'r' per column."""
+    file = file or sys.stdout
+    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    align = align or "l" * len(headers)
+    for k, row in enumerate(cells):
+        parts = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align)]
+        print("  ".join(parts).rstrip(), file=file)
+        if k == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+def human_count(n: float | int | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {suffix}{unit}".rstrip()
+    return f"{n:.0f} {unit}".rstrip() if isinstance(n, float) else f"{n} {unit}".rstrip()
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{n} B"
+
+
+def format_shape(shape: list | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"

@@ -1,0 +1,1 @@
+"""The Qt-free core of opstudio: loading, analysis, profiling, passes, accuracy, reports."""

@@ -1,0 +1,227 @@
+"""Reading and writing ONNX files safely.
+
+``load_model`` turns every way a file can be wrong into one ``ModelLoadError`` line that names the
+file and the cause. External data is confined to the model's folder: a location that is absolute
+or climbs out of it (``../../etc/passwd``, a symlink) is refused before anything is read.
+``save_model`` writes atomically (temp file + rename) and never replaces an existing file unless
+asked to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from opstudio.core.errors import ModelLoadError, OpstudioError
+from opstudio.core.fileio import write_bytes_atomic
+
+# protobuf cannot hold more than 2 GiB in one message; bigger models must keep weights outside.
+PROTOBUF_LIMIT = 2**31 - 1
+# Above this we write weights to a side file so the .onnx itself stays parseable.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
+               name_nodes: bool = True) -> onnx.ModelProto:
+    """Load ``path`` as an ONNX model, or raise ``ModelLoadError`` with a one-line reason.
+
+    With ``name_nodes`` every node gets a unique, non-empty name (``<OpType>_<index>`` for unnamed
+    ones): profiles, recipes and the GUI all refer to nodes by name.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, not an .onnx file")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ModelLoadError(f"{p}: the file is empty")
+    if size > PROTOBUF_LIMIT:
+        raise ModelLoadError(
+            f"{p}: {size / 2**30:.1f} GiB is over protobuf's 2 GiB limit; "
+            "save the model with its weights as external data")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read ({exc.strerror or exc})") from None
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{p}: not a valid ONNX file (truncated or corrupt protobuf: {_short(exc)})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{p}: not a valid ONNX file (nested too deeply)") from None
+    _check_is_model(p, model)
+    _check_versions(p, model)
+    _check_external_data(p, model)
+    if load_external_data and _has_external_data(model):
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelLoadError(f"{p}: cannot read external data ({_short(exc)})") from None
+    if name_nodes:
+        ensure_node_names(model)
+    return model
+
+
+def ensure_node_names(model: onnx.ModelProto) -> int:
+    """Give every top-level node a unique non-empty name; returns how many were renamed."""
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(model.graph.node):
+        name = node.name
+        if not name or name in seen:
+            base = name or f"{node.op_type}_{index}"
+            candidate, k = base, 2
+            while candidate in seen:
+                candidate = f"{base}__{k}"
+                k += 1
+            node.name = candidate
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
+               overwrite: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically; refuse to replace an existing file unless asked.
+
+    Models too big for one protobuf get their weights in ``<name>.data`` beside the file.
+    """
+    p = Path(path)
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if p.exists() and not overwrite:
+            raise OpstudioError(f"{p}: already exists (choose another name or allow overwriting)")
+        _save_with_external_data(model, p)
+        return p
+    write_bytes_atomic(p, model.SerializeToString(), overwrite=overwrite)
+    return p
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return p
+
+
+def _save_with_external_data(model: onnx.ModelProto, p: Path) -> None:
+    data_name = p.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=".opstudio-save-", dir=p.parent) as tmpdir:
+        staged = Path(tmpdir) / p.name
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(staged), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        os.replace(Path(tmpdir) / data_name, p.parent / data_name)
+        os.replace(staged, p)
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    pa, pb = Path(a), Path(b)
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return pa.resolve() == pb.resolve()
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes, in subgraphs too."""
+    yield from _graph_tensors(model.graph)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _check_is_model(p: Path, model: onnx.ModelProto) -> None:
+    # protobuf parses many unrelated messages (or random bytes) "successfully"; a real model
+    # always carries an IR version and a graph.
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{p}: a protobuf file, but not an ONNX model (no IR version or graph)")
+    if len(model.graph.node) == 0 and len(model.graph.output) == 0:
+        raise ModelLoadError(f"{p}: the ONNX graph is empty (no nodes, no outputs)")
+
+
+def _check_versions(p: Path, model: onnx.ModelProto) -> None:
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{p}: IR version {model.ir_version} is newer than this onnx supports "
+            f"({onnx.IR_VERSION}); upgrade onnx or re-export the model")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(
+                f"{p}: opset {opset.version} is newer than this onnx supports ({newest}); "
+                "upgrade onnx or re-export the model with an older opset")
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import) and model.ir_version >= 3:
+        uses_default = any(n.domain in ("", "ai.onnx") for n in model.graph.node)
+        if uses_default:
+            raise ModelLoadError(f"{p}: the model uses standard ops but imports no ONNX opset")
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in iter_all_tensors(model))
+
+
+def _check_external_data(p: Path, model: onnx.ModelProto) -> None:
+    base = p.parent.resolve()
+    for tensor in iter_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise ModelLoadError(f"{p}: tensor '{tensor.name}' is external but names no file")
+        if os.path.isabs(location) or location.startswith(("\\", "/")) or ":" in location[:3]:
+            raise ModelLoadError(
+                f"{p}: tensor '{tensor.name}' points to '{location}', an absolute path outside "
+                "the model's folder; refused")
+        target = (base / location).resolve()
+        if target != base and base not in target.parents:
+            raise ModelLoadError(
+                f"{p}: tensor '{tensor.name}' points to '{location}', outside the model's "
+                "folder; refused")
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{p}: external data file '{location}' for tensor '{tensor.name}' is missing")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise ModelLoadError(
+                f"{p}: tensor '{tensor.name}' has a malformed external-data offset/length") from None
+        fsize = target.stat().st_size
+        if offset < 0 or offset > fsize or (length is not None and (length < 0 or offset + length > fsize)):
+            raise ModelLoadError(
+                f"{p}: external data for tensor '{tensor.name}' lies beyond the end of "
+                f"'{location}' (file truncated?)")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,38 @@
+"""Optimization passes, one technique per module. ``get_pass(name)`` / ``all_passes()``."""
+
+from __future__ import annotations
+
+import importlib
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+
+# technique name -> module defining a module-level ``PASS`` instance
+_MODULES = {
+    "lowrank": "opstudio.core.passes.lowrank",
+    "prune": "opstudio.core.passes.prune",
+    "int8-dynamic": "opstudio.core.passes.quantize_int8",
+    "int8-static": "opstudio.core.passes.quantize_int8",
+    "int4-weight": "opstudio.core.passes.quantize_int4",
+    "fp16": "opstudio.core.passes.fp16",
+}
+
+TECHNIQUES = tuple(_MODULES)
+
+
+def get_pass(technique: str) -> Pass:
+    module_name = _MODULES.get(technique)
+    if module_name is None:
+        raise OpstudioError(
+            f"unknown technique {technique!r}; expected one of {', '.join(TECHNIQUES)}")
+    module = importlib.import_module(module_name)
+    passes = getattr(module, "PASSES", None) or {module.PASS.technique: module.PASS}
+    return passes[technique]
+
+
+def all_passes() -> list[Pass]:
+    return [get_pass(t) for t in TECHNIQUES]
+
+
+__all__ = ["TECHNIQUES", "ParamSpec", "Pass", "PassContext", "PassResult", "all_passes",
+           "get_pass"]

@@ -1,0 +1,41 @@
+"""Which original node a node of an optimized model came from.
+
+Passes record it on every node they create, in the node's ``metadata_props`` under
+``ORIGIN_KEY``, as a comma-separated list of original node names. The profiler reads it back so
+that time measured on ``mm0_lowrank_a`` and ``mm0_lowrank_b`` is reported against ``mm0``.
+Nodes without the key are their own origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx
+
+ORIGIN_KEY = "opstudio.origin"
+
+
+def get_origin(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == ORIGIN_KEY and prop.value:
+            return prop.value.split(",")
+    return [node.name]
+
+
+def set_origin(node: onnx.NodeProto, origins: Iterable[str]) -> None:
+    names: list[str] = []
+    for name in origins:
+        if name and name not in names:
+            names.append(name)
+    for prop in list(node.metadata_props):
+        if prop.key == ORIGIN_KEY:
+            node.metadata_props.remove(prop)
+    if names:
+        entry = node.metadata_props.add()
+        entry.key = ORIGIN_KEY
+        entry.value = ",".join(names)
+
+
+def origin_map(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Node name -> original node names, for every top-level node of ``model``."""
+    return {node.name: get_origin(node) for node in model.graph.node}
