@@ -107,17 +107,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
         return p
     write_bytes_atomic(p, model.SerializeToString(), overwrite=overwrite)
     return p
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return p
 
 
 def _save_with_external_data(model: onnx.ModelProto, p: Path) -> None:
