@@ -1,0 +1,179 @@
+"""Roofline: is an operator limited by arithmetic or by memory traffic on this machine?
+
+The machine's ceilings are measured once through onnxruntime itself (a large GEMM for peak
+GFLOP/s, a large elementwise Add for memory bandwidth) and cached per machine, thread count and
+onnxruntime version. For each profiled operator, arithmetic intensity (FLOPs per byte moved)
+against the ridge point (peak / bandwidth) says which ceiling applies, and achieved GFLOP/s
+against the attainable one says how close the kernel gets.
+
+This is what the advice rests on: weight-only INT4 cuts the bytes of memory-bound MatMuls
+(decode-style, few tokens), low-rank factorization cuts the FLOPs of compute-bound ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from opstudio.core.graph import GraphInfo
+
+
+@dataclass(frozen=True)
+class Machine:
+    peak_gflops: float
+    bandwidth_gbs: float
+    threads: int
+    onnxruntime: str
+    measured_at: float
+
+    @property
+    def ridge(self) -> float:
+        """FLOPs per byte above which the compute ceiling, not memory, limits a kernel."""
+        return self.peak_gflops / self.bandwidth_gbs
+
+
+@dataclass(frozen=True)
+class RooflinePoint:
+    name: str
+    op_type: str
+    flops: int
+    bytes_moved: int
+    ms: float
+    intensity: float  # FLOPs / byte
+    achieved_gflops: float
+    attainable_gflops: float
+    bound: str  # "compute" | "memory"
+
+    @property
+    def efficiency(self) -> float:
+        return self.achieved_gflops / self.attainable_gflops if self.attainable_gflops else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["efficiency"] = round(self.efficiency, 4)
+        return data
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "opstudio" / "roofline.json"
+
+
+def _cache_key(threads: int) -> str:
+    import onnxruntime as ort
+
+    return f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|{threads}|{ort.__version__}"
+
+
+def measure_machine(threads: int = 0, *, use_cache: bool = True, gemm_n: int = 1024,
+                    stream_mb: int = 128, repeats: int = 7) -> Machine:
+    """Peak GEMM GFLOP/s and elementwise bandwidth through onnxruntime, cached on disk."""
+    import onnxruntime as ort
+
+    key = _cache_key(threads)
+    cache = _cache_file()
+    if use_cache and cache.is_file():
+        try:
+            entry = json.loads(cache.read_text()).get(key)
+            if entry:
+                return Machine(**entry)
+        except (OSError, ValueError, TypeError):
+            pass  # a broken cache is simply measured again
+
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    rng = np.random.default_rng(0)
+
+    gemm = _single_op_model("MatMul", [gemm_n, gemm_n], [gemm_n, gemm_n])
+    sess = ort.InferenceSession(gemm.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
+    b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
+    t = _median_time(lambda: sess.run(None, {"a": a, "b": b}), repeats)
+    peak = 2.0 * gemm_n**3 / t / 1e9
+
+    n = stream_mb * 2**20 // 4
+    add = _single_op_model("Add", [n], [n])
+    sess = ort.InferenceSession(add.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal(n, dtype=np.float32)
+    y = rng.standard_normal(n, dtype=np.float32)
+    t = _median_time(lambda: sess.run(None, {"a": x, "b": y}), repeats)
+    bandwidth = 3.0 * n * 4 / t / 1e9  # two reads, one write
+
+    machine = Machine(round(peak, 2), round(bandwidth, 2), threads, ort.__version__, time.time())
+    if use_cache:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            data = json.loads(cache.read_text()) if cache.is_file() else {}
+            data[key] = asdict(machine)
+            from opstudio.core.fileio import write_text_atomic
+
+            write_text_atomic(cache, json.dumps(data, indent=2), overwrite=True)
+        except (OSError, ValueError):
+            pass  # caching is a convenience, never a failure
+    return machine
+
+
+def analyze_roofline(graph: GraphInfo, node_ms: Mapping[str, float],
+                     machine: Machine) -> list[RooflinePoint]:
+    """Roofline figures for every node with known FLOPs, bytes and a measured time."""
+    points: list[RooflinePoint] = []
+    for node in graph.nodes:
+        ms = node_ms.get(node.name)
+        if not ms or ms <= 0 or not node.flops or not node.bytes_moved:
+            continue
+        intensity = node.flops / node.bytes_moved
+        achieved = node.flops / (ms * 1e-3) / 1e9
+        attainable = min(machine.peak_gflops, intensity * machine.bandwidth_gbs)
+        points.append(RooflinePoint(
+            name=node.name, op_type=node.op_type, flops=node.flops,
+            bytes_moved=node.bytes_moved, ms=ms, intensity=intensity,
+            achieved_gflops=achieved, attainable_gflops=attainable,
+            bound="compute" if intensity >= machine.ridge else "memory"))
+    points.sort(key=lambda p: -p.ms)
+    return points
+
+
+def dims_from_inputs(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Bind the model's symbolic input dims to the sizes of the arrays actually fed."""
+    from opstudio.core.graph import input_specs
+
+    dims: dict[str, int] = {}
+    for spec in input_specs(model):
+        arr = inputs.get(spec.name)
+        if arr is None or spec.shape is None or len(spec.shape) != arr.ndim:
+            continue
+        for d, size in zip(spec.shape, arr.shape):
+            if isinstance(d, str):
+                dims.setdefault(d, int(size))
+    return dims
+
+
+def _single_op_model(op: str, a_shape: Sequence[int], b_shape: Sequence[int]) -> onnx.ModelProto:
+    out_shape = [a_shape[0], b_shape[1]] if op == "MatMul" else list(a_shape)
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["y"])], "roofline",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape)),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, thread pool start
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
