@@ -1,0 +1,130 @@
+"""``opstudio advise MODEL``: measure per-node sensitivity and propose a plan within a budget."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
+from opstudio.cli.common import print_table, write_json
+from opstudio.core.advisor import Budget, greedy_plan, measured_verifier
+from opstudio.core.errors import OpstudioError
+from opstudio.core.graph import analyze
+from opstudio.core.inputs import make_inputs
+from opstudio.core.model_io import load_model
+from opstudio.core.passes import TECHNIQUES
+from opstudio.core.roofline import analyze_roofline, dims_from_inputs, measure_machine
+from opstudio.core.sensitivity import DEFAULT_TECHNIQUES, analyze_sensitivity
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "advise", help="measure per-node sensitivity and write an automatic plan (recipe)",
+        description="For the slowest weighted operators, try each technique alone and measure "
+                    "its latency gain and output error; then choose a per-node plan greedily "
+                    "by gain per error, verify it end to end and back off until the accuracy "
+                    "budget holds. The result is an ordinary recipe.")
+    p.add_argument("model", help="path to an .onnx file")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-cosine", type=float, metavar="X",
+                        help="keep cosine similarity ≥ X on every output (default 0.999)")
+    budget.add_argument("--budget-snr", type=float, metavar="DB",
+                        help="keep SNR ≥ DB decibels on every output")
+    p.add_argument("--techniques", default=",".join(DEFAULT_TECHNIQUES),
+                   help=f"comma-separated techniques to try (default: %(default)s; "
+                        f"known: {', '.join(TECHNIQUES)})")
+    p.add_argument("--max-nodes", type=int, default=40, metavar="N",
+                   help="scan at most the N slowest weighted operators (default 40)")
+    p.add_argument("--no-cache", action="store_true", help="measure again even if cached")
+    p.add_argument("-o", "--output", required=True, metavar="RECIPE.json",
+                   help="where to write the recipe")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe file")
+    p.add_argument("--json", metavar="PATH|-", help="write sensitivity, roofline and plan as JSON")
+    add_profile_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = Budget(min_snr_db=args.budget_snr) if args.budget_snr is not None else \
+        Budget(min_cosine=args.budget_cosine if args.budget_cosine is not None else 0.999)
+    techniques = {}
+    for name in (t.strip() for t in args.techniques.split(",") if t.strip()):
+        if name not in TECHNIQUES:
+            raise OpstudioError(f"--techniques: unknown technique {name!r}; "
+                                f"expected some of {', '.join(TECHNIQUES)}")
+        techniques[name] = DEFAULT_TECHNIQUES.get(name, {})
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise OpstudioError(f"{out}: already exists (pass --overwrite to replace it)")
+    settings = settings_from_args(args)
+    model = load_model(args.model)
+    inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                         npz_path=settings.inputs_path, seed=settings.seed)
+    progress = _progress()
+    sens = analyze_sensitivity(args.model, settings, techniques, max_nodes=args.max_nodes,
+                               inputs=inputs, use_cache=not args.no_cache, progress=progress)
+    _clear()
+    machine = measure_machine(settings.threads)
+    graph = analyze(model, dims_from_inputs(model, inputs))
+    points = {p.name: p for p in analyze_roofline(
+        graph, {s.name: s.mean_ms for s in sens.baseline.nodes}, machine)}
+
+    print(f"machine: {machine.peak_gflops:.1f} GFLOP/s peak, {machine.bandwidth_gbs:.1f} GB/s, "
+          f"ridge {machine.ridge:.1f} FLOP/byte")
+    rows = []
+    for c in sorted(sens.candidates, key=lambda c: (-c.before_ms, c.node, c.technique)):
+        pt = points.get(c.node)
+        rows.append((c.node, c.op_type, pt.bound if pt else "", c.technique,
+                     f"{c.before_ms:.4f}", "" if c.after_ms is None else f"{c.after_ms:.4f}",
+                     "" if c.cosine is None else f"{c.cosine:.6f}", _db(c.snr_db),
+                     (c.error or "")[:60]))
+    print_table(("operator", "op", "bound", "technique", "before ms", "after ms", "cosine",
+                 "SNR dB", "note"), rows, "lllllrrrrl")
+    verify = measured_verifier(args.model, inputs, timeout_s=settings.timeout_s)
+    plan = greedy_plan(sens.candidates, budget, verify, progress=progress)
+    _clear()
+    print()
+    for line in plan.log:
+        print(line)
+    print(f"\nplan ({budget.describe()}): {len(plan.chosen)} rewrites, predicted gain "
+          f"{plan.predicted_gain_ms:.4f} ms of {sens.baseline.total_ms['mean']:.4f} ms")
+    for c in plan.chosen:
+        pt = points.get(c.node)
+        why = f" ({pt.bound}-bound, {pt.intensity:.1f} FLOP/B)" if pt else ""
+        print(f"  {c.node}: {c.technique}{why}  -{c.gain_ms:.4f} ms, SNR {_db(c.snr_db)} dB")
+    if plan.verified is not None:
+        print(f"verified end to end: cosine {plan.verified.cosine:.6f}, "
+              f"SNR {_db(plan.verified.snr_db)} dB")
+    plan.recipe.save(out, overwrite=args.overwrite)
+    print(f"recipe written to {out}")
+    if args.json:
+        write_json({"model": args.model, "machine": machine.__dict__,
+                    "sensitivity": sens.to_json(),
+                    "roofline": [p.to_json() for p in points.values()],
+                    "plan": plan.to_json()}, args.json)
+    return 0
+
+
+def _db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def _progress():
+    if not sys.stderr.isatty():
+        return None
+
+    def show(fraction: float, message: str) -> None:
+        sys.stderr.write(f"\r{fraction:5.0%}  {message[:60]:<60}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _clear() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 70 + "\r")

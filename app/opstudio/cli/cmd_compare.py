@@ -1,0 +1,87 @@
+"""``opstudio compare BEFORE AFTER``: profile both on identical inputs, compare per operator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
+from opstudio.cli.common import print_table, write_json
+from opstudio.core import report
+from opstudio.core.compare import Comparison, compare_models
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="profile two models on the same inputs and compare them per operator",
+        description="Profile BEFORE and AFTER on identical inputs; report per-operator latency "
+                    "(keyed by BEFORE's node names), accuracy of AFTER's outputs and file size.")
+    p.add_argument("before", help="the reference model (.onnx)")
+    p.add_argument("after", help="the optimized model (.onnx)")
+    add_profile_flags(p)
+    p.add_argument("--top", type=int, default=15, metavar="N",
+                   help="operators to list (default 15)")
+    p.add_argument("--json", metavar="PATH|-", help="write the comparison as JSON ('-' = stdout)")
+    p.add_argument("--csv", metavar="PATH", help="write the per-operator table as CSV")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    quiet = args.json == "-"
+    result = compare_models(args.before, args.after, settings,
+                            progress=None if quiet else _progress_printer())
+    if not quiet:
+        sys.stderr.write("\r" + " " * 60 + "\r")
+        print_summary(result, args.top)
+    if args.json:
+        write_json(report.comparison_json(result), args.json)
+    if args.csv:
+        report.write_csv(result, args.csv)
+    if args.html:
+        report.write_html(result, args.html)
+    return 0
+
+
+def print_summary(c: Comparison, top: int = 15) -> None:
+    rows = []
+    for r in c.nodes[:top]:
+        rows.append((r.name, r.op_type, f"{r.before_ms:.4f}", f"{r.after_ms:.4f}",
+                     "" if r.speedup is None else f"{r.speedup:.2f}x",
+                     f"+{len(r.group) - 1}" if r.group else ""))
+    print_table(("operator", "op type", "before ms", "after ms", "speedup", "group"), rows,
+                "llrrrl")
+    tb, ta = c.before.total_ms, c.after.total_ms
+    sp = "n/a" if c.speedup is None else f"{c.speedup:.2f}x"
+    print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp})")
+    if c.plain_speedup is not None:
+        print(f"total (median, plain):    {c.before.plain_ms['p50']:.3f} ms -> "
+              f"{c.after.plain_ms['p50']:.3f} ms  ({c.plain_speedup:.2f}x)")
+    sb, sa = c.size_bytes["before"], c.size_bytes["after"]
+    print(f"size: {sb:,} -> {sa:,} bytes ({(sa / sb if sb else 0):.0%})")
+    print()
+    acc = [(o.name, _f(o.max_abs_err), _f(o.mean_abs_err), _f(o.cosine, 6), _f(o.snr_db, 1),
+            "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}")
+           for o in c.accuracy.outputs]
+    print_table(("output", "max abs err", "mean abs err", "cosine", "SNR dB", "top-1"), acc,
+                "lrrrrr")
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if x == float("inf"):
+        return "inf"
+    return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
+
+
+def _progress_printer():
+    interactive = sys.stderr.isatty()
+
+    def show(fraction: float, message: str) -> None:
+        if interactive:
+            sys.stderr.write(f"\r{fraction:5.0%}  {message[:50]:<50}")
+            sys.stderr.flush()
+
+    return show

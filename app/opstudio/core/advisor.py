@@ -1,0 +1,223 @@
+"""The automatic plan: the most latency for the least accuracy, per node, within a budget.
+
+Given measured candidates (``sensitivity``), the greedy step ranks node × technique pairs by
+latency gained per unit of error and takes them while the *predicted* error stays in budget.
+Errors are predicted as a sum of noise-to-signal ratios (10^(-SNR/10)), which is how independent
+errors combine; a cosine budget is turned into the same unit (1 - cos ≈ NSR / 2 for small
+errors). The prediction is only a guide: the combined plan is then applied and measured end to
+end, and while the measured error is over budget the pair with the least gain per error is
+dropped and the plan measured again (back-off).
+
+The result is an ordinary recipe the user can edit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.recipe import Recipe, Step
+from opstudio.core.sensitivity import Candidate
+
+# A candidate must save at least this share of its node's time, and this much absolutely,
+# to be worth any error at all (below it the gain is within run-to-run noise).
+MIN_GAIN_SHARE = 0.05
+MIN_GAIN_MS = 0.002
+# Error floor so that exact rewrites (noise 0) rank by gain rather than dividing by zero.
+NOISE_FLOOR = 1e-12
+# Technique order inside a recipe: structural rewrites first, then quantizers on what is left.
+STEP_ORDER = ("prune", "lowrank", "fp16", "int4-weight", "int8-static", "int8-dynamic")
+
+
+@dataclass(frozen=True)
+class Budget:
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.min_cosine is None) == (self.min_snr_db is None):
+            raise OpstudioError("give exactly one accuracy budget: a cosine or an SNR in dB")
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
+            raise OpstudioError(f"cosine budget {self.min_cosine} must be in (0, 1]")
+
+    @property
+    def max_noise_ratio(self) -> float:
+        if self.min_snr_db is not None:
+            return 10 ** (-self.min_snr_db / 10)
+        return 2.0 * (1.0 - float(self.min_cosine))
+
+    def holds(self, cosine: float | None, snr_db: float | None) -> bool:
+        if self.min_cosine is not None:
+            return cosine is not None and cosine >= self.min_cosine
+        return snr_db is not None and snr_db >= self.min_snr_db
+
+    def describe(self) -> str:
+        if self.min_cosine is not None:
+            return f"cosine ≥ {self.min_cosine:g} on every output"
+        return f"SNR ≥ {self.min_snr_db:g} dB on every output"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db}
+
+
+@dataclass
+class Verification:
+    cosine: float | None
+    snr_db: float | None
+
+
+@dataclass
+class PlanResult:
+    budget: Budget
+    chosen: list[Candidate]
+    recipe: Recipe
+    verified: Verification | None
+    log: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # "node/technique" -> why
+
+    @property
+    def predicted_gain_ms(self) -> float:
+        return sum(c.gain_ms for c in self.chosen)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget.to_json(),
+            "recipe": self.recipe.to_json(),
+            "chosen": [c.to_json() for c in self.chosen],
+            "predicted_gain_ms": self.predicted_gain_ms,
+            "verified": None if self.verified is None else {
+                "cosine": self.verified.cosine,
+                "snr_db": None if self.verified.snr_db is None or math.isinf(self.verified.snr_db)
+                else self.verified.snr_db},
+            "log": list(self.log),
+            "rejected": dict(self.rejected),
+        }
+
+
+def score(c: Candidate) -> float:
+    """Latency gained per unit of noise ratio."""
+    return c.gain_ms / max(c.noise_ratio, NOISE_FLOOR)
+
+
+def recipe_for(chosen: Sequence[Candidate]) -> Recipe:
+    """One step per (technique, params), in an order where the rewrites do not collide."""
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in chosen:
+        key = (c.technique, repr(sorted(c.params.items())))
+        groups.setdefault(key, []).append(c)
+    rank = {t: i for i, t in enumerate(STEP_ORDER)}
+    steps = []
+    for (technique, _), members in sorted(groups.items(),
+                                          key=lambda kv: (rank.get(kv[0][0], 99), kv[0][1])):
+        steps.append(Step(technique=technique, params=dict(members[0].params),
+                          nodes=[c.node for c in members]))
+    return Recipe(steps)
+
+
+def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
+                verify: Callable[[Recipe], Verification] | None = None, *,
+                max_backoff: int = 50,
+                progress: Callable[[float, str], None] | None = None,
+                cancelled: Callable[[], bool] | None = None) -> PlanResult:
+    """Choose at most one technique per node, greedily by gain per error, then back off until
+    ``verify`` (the measured end-to-end error of the plan) meets ``budget``."""
+    rejected: dict[str, str] = {}
+    pool: list[Candidate] = []
+    for c in candidates:
+        key = f"{c.node}/{c.technique}"
+        if not c.usable:
+            rejected[key] = c.error or "not measured"
+        elif c.gain_ms <= max(MIN_GAIN_MS, MIN_GAIN_SHARE * c.before_ms):
+            rejected[key] = (f"saves {c.gain_ms:.4f} ms of {c.before_ms:.4f} ms: "
+                             "not faster enough to be worth any error")
+        elif not budget.holds(c.cosine, c.snr_db):
+            rejected[key] = "alone it already breaks the accuracy budget"
+        else:
+            pool.append(c)
+    pool.sort(key=lambda c: (-score(c), c.node, c.technique))
+
+    limit = budget.max_noise_ratio
+    chosen: list[Candidate] = []
+    taken: set[str] = set()
+    noise = 0.0
+    for c in pool:
+        if c.node in taken:
+            continue
+        if noise + c.noise_ratio > limit:
+            rejected.setdefault(f"{c.node}/{c.technique}",
+                                "would push the predicted error over budget")
+            continue
+        chosen.append(c)
+        taken.add(c.node)
+        noise += c.noise_ratio
+    log = [f"greedy: {len(chosen)} of {len(pool)} candidates, predicted noise ratio "
+           f"{noise:.3g} (budget {limit:.3g}), predicted gain {sum(c.gain_ms for c in chosen):.4f} ms"]
+
+    verified: Verification | None = None
+    if verify is not None:
+        for attempt in range(max_backoff + 1):
+            if cancelled is not None and cancelled():
+                raise Cancelled()
+            if not chosen:
+                verified = None
+                log.append("nothing left to apply within the budget")
+                break
+            if progress is not None:
+                progress(min(0.99, attempt / (max_backoff + 1)),
+                         f"verifying a plan of {len(chosen)} rewrites")
+            verified = verify(recipe_for(chosen))
+            log.append(f"verify #{attempt + 1}: {len(chosen)} rewrites → cosine "
+                       f"{_fmt(verified.cosine)}, SNR {_fmt(verified.snr_db)} dB")
+            if budget.holds(verified.cosine, verified.snr_db):
+                break
+            # Errors did not add up as predicted: drop the least efficient rewrite.
+            worst = min(chosen, key=lambda c: (score(c), c.node))
+            chosen.remove(worst)
+            rejected[f"{worst.node}/{worst.technique}"] = (
+                "dropped in back-off: the combined plan broke the budget")
+            log.append(f"back-off: dropped {worst.node}/{worst.technique}")
+        else:
+            raise OpstudioError("could not find a plan within the accuracy budget "
+                                f"after {max_backoff} back-off steps")
+    return PlanResult(budget=budget, chosen=chosen, recipe=recipe_for(chosen),
+                      verified=verified, log=log, rejected=rejected)
+
+
+def measured_verifier(model: Any, inputs: Mapping[str, Any],
+                      timeout_s: float = 600.0,
+                      cancelled: Callable[[], bool] | None = None
+                      ) -> Callable[[Recipe], Verification]:
+    """A ``verify`` for ``greedy_plan``: apply the recipe and measure the outputs' error, in a
+    child process (a rewrite that crashes onnxruntime must not take the caller down)."""
+    from opstudio.core.isolation import call_isolated
+
+    def verify(recipe: Recipe) -> Verification:
+        cosine, snr = call_isolated(_verify_in_child, model, recipe.to_json(), dict(inputs),
+                                    timeout=timeout_s, cancelled=cancelled)
+        return Verification(cosine, snr)
+
+    return verify
+
+
+def _verify_in_child(model_path: str, recipe_json: Mapping[str, Any],
+                     inputs: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    from opstudio.core.accuracy import compare_outputs, run_outputs
+    from opstudio.core.model_io import load_model
+    from opstudio.core.optimize import optimize
+    from opstudio.core.sensitivity import worst_output_error
+
+    model = load_model(model_path)
+    optimized = optimize(model, Recipe.from_json(recipe_json), inputs=dict(inputs)).model
+    report = compare_outputs(run_outputs(model, inputs), run_outputs(optimized, inputs))
+    return worst_output_error(report)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "?"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.6g}"

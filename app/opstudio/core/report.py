@@ -1,0 +1,247 @@
+"""Reports of a comparison: JSON, CSV and a self-contained HTML page.
+
+The HTML page has no scripts and no external resources (it is opened from disk, mailed around,
+attached to CI runs): the charts are inline SVG drawn here, the tables plain HTML.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opstudio import __version__
+from opstudio.core.fileio import write_text_atomic
+
+if TYPE_CHECKING:
+    from opstudio.core.compare import Comparison
+    from opstudio.core.optimize import StepReport
+
+BEFORE_COLOUR = "#8c9bb0"
+AFTER_COLOUR = "#2f7ed8"
+
+
+def comparison_json(comparison: Comparison, steps: Sequence[StepReport] = ()) -> dict[str, Any]:
+    data = comparison.to_json()
+    if steps:
+        data["steps"] = [_step_json(s) for s in steps]
+    return data
+
+
+def write_json(comparison: Comparison, path: str | Path, steps: Sequence[StepReport] = (), *,
+               overwrite: bool = True) -> Path:
+    text = json.dumps(comparison_json(comparison, steps), indent=2, default=_json_default)
+    return write_text_atomic(path, text + "\n", overwrite=overwrite)
+
+
+def nodes_csv(comparison: Comparison) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "op_type", "before_ms", "after_ms", "speedup", "group"])
+    for row in comparison.nodes:
+        writer.writerow([row.name, row.op_type, f"{row.before_ms:.6f}", f"{row.after_ms:.6f}",
+                         "" if row.speedup is None else f"{row.speedup:.4f}",
+                         " ".join(row.group)])
+    return buf.getvalue()
+
+
+def write_csv(comparison: Comparison, path: str | Path, *, overwrite: bool = True) -> Path:
+    return write_text_atomic(path, nodes_csv(comparison), overwrite=overwrite)
+
+
+def write_html(comparison: Comparison, path: str | Path, steps: Sequence[StepReport] = (), *,
+               title: str = "", overwrite: bool = True) -> Path:
+    return write_text_atomic(path, render_html(comparison, steps, title=title),
+                             overwrite=overwrite)
+
+
+def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, title: str = "",
+                top: int = 15) -> str:
+    c = comparison
+    title = title or f"opstudio report: {Path(c.before_path).name or 'model'}"
+    tb, ta = c.before.total_ms, c.after.total_ms
+    speed = c.speedup
+    size_b, size_a = c.size_bytes.get("before", 0), c.size_bytes.get("after", 0)
+    rows = c.nodes[:top]
+    bars = _bar_chart(
+        [r.name for r in rows], [r.before_ms for r in rows], [r.after_ms for r in rows],
+        "Per-operator latency (ms, mean per run)")
+    ops = c.op_types()[:top]
+    op_bars = _bar_chart([r["op_type"] for r in ops], [r["before_ms"] for r in ops],
+                         [r["after_ms"] for r in ops], "Latency per op type (ms)")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p class='meta'>before: <code>{_e(c.before_path or '(in memory)')}</code> &nbsp; "
+        f"after: <code>{_e(c.after_path or '(in memory)')}</code> &nbsp; opstudio {__version__}</p>",
+        "<div class='cards'>",
+        _card("Run time before", f"{_fmt_ms(tb.get('p50'))}", "median per run, profiled"),
+        _card("Run time after", f"{_fmt_ms(ta.get('p50'))}", "median per run, profiled"),
+        _card("Speedup", "n/a" if speed is None else f"{speed:.2f}×",
+              _plain_note(c)),
+        _card("Model size", f"{_fmt_bytes(size_b)} → {_fmt_bytes(size_a)}",
+              "" if not size_b else f"{size_a / size_b:.0%} of before"),
+        "</div>",
+        "<h2>Accuracy</h2>", _accuracy_table(c),
+        "<h2>Where the time went</h2>", bars, op_bars,
+        "<h2>Operators</h2>", _nodes_table(c.nodes),
+    ]
+    if steps:
+        parts += ["<h2>Recipe steps</h2>", _steps_table(steps)]
+    parts += [
+        "<h2>Settings</h2>",
+        f"<pre>{_e(json.dumps(c.before.settings.to_json(), indent=2, default=_json_default))}</pre>",
+        "<p class='meta'>Per-operator times come from onnxruntime's profiler and are reported "
+        "against the original model's nodes; the profiler adds a small cost per kernel, so "
+        "plain (unprofiled) run times are shown next to the totals.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _plain_note(c: Comparison) -> str:
+    ps = c.plain_speedup
+    return "" if ps is None else f"{ps:.2f}× unprofiled"
+
+
+def _card(label: str, value: str, note: str) -> str:
+    return (f"<div class='card'><div class='label'>{_e(label)}</div>"
+            f"<div class='value'>{_e(value)}</div><div class='note'>{_e(note)}</div></div>")
+
+
+def _accuracy_table(c: Comparison) -> str:
+    head = "<tr><th>output</th><th>max abs err</th><th>mean abs err</th><th>cosine</th>" \
+           "<th>SNR (dB)</th><th>top-1 agreement</th></tr>"
+    body = []
+    for o in c.accuracy.outputs:
+        body.append(
+            f"<tr><td>{_e(o.name)}</td><td>{_num(o.max_abs_err)}</td><td>{_num(o.mean_abs_err)}</td>"
+            f"<td>{_num(o.cosine, 6)}</td><td>{_num(o.snr_db, 1)}</td>"
+            f"<td>{'' if o.top1_agreement is None else f'{o.top1_agreement:.1%}'}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _nodes_table(nodes: Sequence[Any]) -> str:
+    head = "<tr><th>operator</th><th>op type</th><th>before (ms)</th><th>after (ms)</th>" \
+           "<th>speedup</th><th>group</th></tr>"
+    body = []
+    for r in nodes:
+        sp = r.speedup
+        cls = "" if sp is None else (" class='good'" if sp > 1.05 else " class='bad'" if sp < 0.95 else "")
+        body.append(
+            f"<tr><td>{_e(r.name)}</td><td>{_e(r.op_type)}</td><td>{r.before_ms:.4f}</td>"
+            f"<td>{r.after_ms:.4f}</td><td{cls}>{'' if sp is None else f'{sp:.2f}×'}</td>"
+            f"<td>{_e(', '.join(r.group))}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _steps_table(steps: Sequence[StepReport]) -> str:
+    head = "<tr><th>#</th><th>technique</th><th>params</th><th>applied</th><th>skipped</th></tr>"
+    body = []
+    for s in steps:
+        skipped = "; ".join(f"{k}: {v}" for k, v in s.skipped.items())
+        body.append(
+            f"<tr><td>{s.index}</td><td>{_e(s.technique)}</td>"
+            f"<td><code>{_e(json.dumps(s.params, default=_json_default))}</code></td>"
+            f"<td>{_e(', '.join(s.applied))}</td><td>{_e(skipped)}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _bar_chart(labels: Sequence[str], before: Sequence[float], after: Sequence[float],
+               title: str) -> str:
+    """Horizontal grouped bars (before grey, after blue) as inline SVG."""
+    if not labels:
+        return ""
+    label_w, bar_w, row_h = 260, 460, 30
+    height = 40 + row_h * len(labels) + 20
+    peak = max([*before, *after, 1e-9])
+    out = [f"<svg class='chart' viewBox='0 0 {label_w + bar_w + 120} {height}' "
+           f"width='{label_w + bar_w + 120}' height='{height}' role='img'>",
+           f"<text x='0' y='18' class='title'>{_e(title)}</text>",
+           f"<rect x='{label_w + bar_w - 130}' y='6' width='12' height='12' fill='{BEFORE_COLOUR}'/>"
+           f"<text x='{label_w + bar_w - 114}' y='17'>before</text>"
+           f"<rect x='{label_w + bar_w - 60}' y='6' width='12' height='12' fill='{AFTER_COLOUR}'/>"
+           f"<text x='{label_w + bar_w - 44}' y='17'>after</text>"]
+    for i, (name, b, a) in enumerate(zip(labels, before, after)):
+        y = 36 + i * row_h
+        short = name if len(name) <= 38 else name[:17] + "…" + name[-18:]
+        out.append(f"<text x='{label_w - 8}' y='{y + 17}' text-anchor='end'>"
+                   f"<title>{_e(name)}</title>{_e(short)}</text>")
+        wb, wa = bar_w * b / peak, bar_w * a / peak
+        out.append(f"<rect x='{label_w}' y='{y + 2}' width='{wb:.1f}' height='11' "
+                   f"fill='{BEFORE_COLOUR}'><title>before {b:.4f} ms</title></rect>")
+        out.append(f"<rect x='{label_w}' y='{y + 14}' width='{wa:.1f}' height='11' "
+                   f"fill='{AFTER_COLOUR}'><title>after {a:.4f} ms</title></rect>")
+        sp = f"{b / a:.2f}×" if a > 0 else ""
+        out.append(f"<text x='{label_w + max(wb, wa) + 6:.1f}' y='{y + 18}' class='sp'>"
+                   f"{b:.3f} → {a:.3f} ms {sp}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _step_json(step: StepReport) -> dict[str, Any]:
+    return {"index": step.index, "technique": step.technique, "params": step.params,
+            "applied": list(step.applied), "skipped": dict(step.skipped),
+            "details": step.details, "notes": list(step.notes),
+            "seconds": round(step.seconds, 3)}
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    if abs(x) != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}f}"
+
+
+def _fmt_ms(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f} ms"
+
+
+def _fmt_bytes(n: int) -> str:
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{n} B"
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;color:#1f2933;padding:0 1rem}
+h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;
+border-bottom:1px solid #e4e7eb;padding-bottom:.3rem}
+.meta{color:#616e7c;font-size:.85rem}code{font-size:.85rem}
+.cards{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
+.card{border:1px solid #e4e7eb;border-radius:8px;padding:.8rem 1rem;min-width:180px}
+.card .label{color:#616e7c;font-size:.8rem}.card .value{font-size:1.4rem;font-weight:600}
+.card .note{color:#616e7c;font-size:.8rem}
+table{border-collapse:collapse;width:100%;font-size:.85rem}
+th,td{border-bottom:1px solid #e4e7eb;padding:.3rem .5rem;text-align:left}
+th{background:#f5f7fa}td.good{color:#1b7f3b;font-weight:600}td.bad{color:#b42318;font-weight:600}
+svg.chart{display:block;margin:1rem 0;font-size:12px}svg .title{font-weight:600;font-size:13px}
+svg .sp{fill:#3e4c59;font-size:11px}pre{background:#f5f7fa;padding:.8rem;font-size:.8rem}
+"""

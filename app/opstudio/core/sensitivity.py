@@ -1,0 +1,273 @@
+"""Per-node sensitivity: what each technique, applied to one node alone, costs and buys.
+
+For every candidate node × technique (default params) we need two numbers:
+
+- the output error when only that node is rewritten (cosine and SNR of every model output
+  against the original, on the same inputs). This is measured one candidate at a time, in a
+  child process per technique, so a rewrite that crashes onnxruntime costs one candidate only;
+- the latency change of that node, as medians over the timed runs (robust to a busy machine).
+  Profiling a model per candidate would cost minutes on a real model; instead each technique is applied to *all* its candidates at once and profiled
+  once: the profiler attributes every kernel to its original node (provenance), which gives each
+  node's time after. Interactions (cache effects between neighbours) are second order and the
+  combined plan is verified end to end by the advisor anyway.
+
+Results are cached on disk per model bytes, settings and techniques.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.inputs import make_inputs
+from opstudio.core.isolation import call_isolated
+from opstudio.core.model_io import load_model
+from opstudio.core.profiler import Profile, ProfileSettings, profile_model
+
+Progress = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+# Technique -> the params a sensitivity scan tries. Kept to settings a user would start from.
+DEFAULT_TECHNIQUES: dict[str, dict[str, Any]] = {
+    "int8-dynamic": {"per_channel": False},
+    "int4-weight": {"block_size": 32, "symmetric": True},
+    "lowrank": {"energy": 0.95},
+    "fp16": {},
+}
+# Op types worth scanning: the ones that carry weights and time.
+SCANNED_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
+@dataclass
+class Candidate:
+    node: str
+    op_type: str
+    technique: str
+    params: dict[str, Any]
+    before_ms: float
+    after_ms: float | None = None
+    cosine: float | None = None  # worst over the model's float outputs
+    snr_db: float | None = None  # worst over the model's float outputs; inf = identical
+    error: str | None = None  # why the candidate could not be measured
+
+    @property
+    def gain_ms(self) -> float:
+        return 0.0 if self.after_ms is None else self.before_ms - self.after_ms
+
+    @property
+    def noise_ratio(self) -> float:
+        """Error power / signal power (10^(-SNR/10)); additive for independent errors."""
+        if self.snr_db is None:
+            return math.inf
+        return 0.0 if math.isinf(self.snr_db) else 10 ** (-self.snr_db / 10)
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.after_ms is not None and self.snr_db is not None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gain_ms"] = self.gain_ms
+        if self.snr_db is not None and math.isinf(self.snr_db):
+            data["snr_db"] = None
+            data["identical"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Candidate:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if data.get("identical"):
+            fields["snr_db"] = math.inf
+        return cls(**fields)
+
+
+@dataclass
+class Sensitivity:
+    baseline: Profile
+    candidates: list[Candidate] = field(default_factory=list)
+    techniques: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_node(self, name: str) -> list[Candidate]:
+        return [c for c in self.candidates if c.node == name]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"baseline": self.baseline.to_json(), "techniques": self.techniques,
+                "candidates": [c.to_json() for c in self.candidates]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Sensitivity:
+        return cls(baseline=Profile.from_json(data["baseline"]),
+                   candidates=[Candidate.from_json(c) for c in data["candidates"]],
+                   techniques=dict(data.get("techniques", {})))
+
+
+def worst_output_error(report: Any) -> tuple[float | None, float | None]:
+    """(min cosine, min SNR dB) over an AccuracyReport's float outputs."""
+    cosines = [o.cosine for o in report.outputs if o.cosine is not None]
+    snrs = [o.snr_db for o in report.outputs if o.snr_db is not None]
+    return (min(cosines) if cosines else None, min(snrs) if snrs else None)
+
+
+def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Mapping[str, Any],
+                    max_nodes: int = 40, coverage: float = 0.97) -> dict[str, list[str]]:
+    """Technique -> nodes worth scanning: the slowest weighted nodes that cover ``coverage`` of
+    their op types' time, at most ``max_nodes``, filtered by each pass's own check."""
+    from opstudio.core.passes import get_pass
+
+    by_name = {n.name: n for n in model.graph.node}
+    ranked = [s for s in baseline.nodes if s.name in by_name
+              and by_name[s.name].op_type in SCANNED_OP_TYPES]
+    total = sum(s.mean_ms for s in ranked) or 1.0
+    chosen: list[str] = []
+    acc = 0.0
+    for s in ranked:
+        if len(chosen) >= max_nodes or acc / total >= coverage:
+            break
+        chosen.append(s.name)
+        acc += s.mean_ms
+    out: dict[str, list[str]] = {}
+    for technique in techniques:
+        pass_ = get_pass(technique)
+        out[technique] = [n for n in chosen if pass_.check(model, by_name[n]) is None]
+    return out
+
+
+def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSettings | None = None,
+                        techniques: Mapping[str, Mapping[str, Any]] | None = None, *,
+                        max_nodes: int = 40, inputs: dict[str, np.ndarray] | None = None,
+                        baseline: Profile | None = None, use_cache: bool = True,
+                        progress: Progress | None = None,
+                        cancelled: CancelCheck | None = None) -> Sensitivity:
+    settings = settings or ProfileSettings()
+    techniques = {k: dict(v) for k, v in (techniques or DEFAULT_TECHNIQUES).items()}
+    path = Path(model_path)
+    key = _cache_key(path, settings, techniques, max_nodes)
+    cache = _cache_dir() / f"{key}.json"
+    if use_cache and cache.is_file():
+        try:
+            return Sensitivity.from_json(json.loads(cache.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+    def say(f: float, msg: str) -> None:
+        if progress is not None:
+            progress(max(0.0, min(1.0, f)), msg)
+
+    def stop() -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+
+    model = load_model(path)
+    if inputs is None:
+        inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                             npz_path=settings.inputs_path, seed=settings.seed)
+    if baseline is None:
+        say(0.0, "profiling the original model")
+        baseline = profile_model(path, settings, inputs=inputs, cancelled=cancelled,
+                                 progress=lambda f, m: say(0.2 * f, m))
+    plan = pick_candidates(model, baseline, techniques, max_nodes=max_nodes)
+    before = {s.name: s.p50_ms for s in baseline.nodes}
+    op_type = {n.name: n.op_type for n in model.graph.node}
+    result = Sensitivity(baseline=baseline, techniques=techniques)
+    n_tech = max(1, len(plan))
+    for t_index, (technique, nodes) in enumerate(plan.items()):
+        if not nodes:
+            continue
+        lo = 0.2 + 0.8 * t_index / n_tech
+        span = 0.8 / n_tech
+        stop()
+        say(lo, f"{technique}: error of {len(nodes)} nodes, one at a time")
+        errors = call_isolated(_errors_one_at_a_time, str(path), technique, techniques[technique],
+                               nodes, inputs, timeout=settings.timeout_s * 4,
+                               cancelled=cancelled,
+                               progress=lambda f, m, lo=lo, span=span: say(lo + 0.6 * span * f, m))
+        stop()
+        say(lo + 0.6 * span, f"{technique}: profiling all {len(nodes)} rewritten together")
+        after: dict[str, float] = {}
+        failure = None
+        try:
+            from opstudio.core.optimize import optimize
+            from opstudio.core.recipe import Recipe, Step
+
+            applied = [n for n in nodes if errors.get(n, {}).get("error") is None]
+            if applied:
+                combined = optimize(model, Recipe([Step(technique, techniques[technique],
+                                                        nodes=applied)]), inputs=inputs).model
+                prof = profile_model(combined, settings, inputs=inputs, cancelled=cancelled,
+                                     progress=lambda f, m, lo=lo, span=span:
+                                     say(lo + span * (0.6 + 0.4 * f), m))
+                after = {s.name: s.p50_ms for s in prof.nodes if s.name in before}
+        except Cancelled:
+            raise
+        except OpstudioError as exc:
+            failure = str(exc)
+        for name in nodes:
+            e = errors.get(name, {})
+            result.candidates.append(Candidate(
+                node=name, op_type=op_type[name], technique=technique,
+                params=dict(techniques[technique]), before_ms=before.get(name, 0.0),
+                after_ms=after.get(name) if failure is None and e.get("error") is None else None,
+                cosine=e.get("cosine"), snr_db=e.get("snr_db"),
+                error=e.get("error") or failure))
+    say(1.0, "sensitivity done")
+    if use_cache:
+        try:
+            from opstudio.core.fileio import write_text_atomic
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache, json.dumps(result.to_json()), overwrite=True)
+        except OSError:
+            pass
+    return result
+
+
+def _errors_one_at_a_time(model_path: str, technique: str, params: Mapping[str, Any],
+                          nodes: Sequence[str], inputs: Mapping[str, np.ndarray],
+                          progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Runs in a child process: output error of each node rewritten alone."""
+    from opstudio.core.accuracy import compare_outputs, run_outputs
+    from opstudio.core.optimize import optimize
+    from opstudio.core.recipe import Recipe, Step
+
+    model = load_model(model_path)
+    reference = run_outputs(model, inputs)
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(nodes):
+        if progress is not None:
+            progress(i / max(1, len(nodes)), f"{technique}: {name}")
+        try:
+            rewritten = optimize(model, Recipe([Step(technique, dict(params), nodes=[name])]),
+                                 inputs=dict(inputs)).model
+            report = compare_outputs(reference, run_outputs(rewritten, inputs))
+            cosine, snr = worst_output_error(report)
+            out[name] = {"cosine": cosine, "snr_db": snr}
+        except OpstudioError as exc:
+            out[name] = {"error": str(exc)}
+    return out
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "opstudio" / "sensitivity"
+
+
+def _cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],
+               max_nodes: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(json.dumps(settings.to_json(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(techniques, sort_keys=True).encode())
+    h.update(str(max_nodes).encode())
+    return h.hexdigest()[:32]

@@ -1,0 +1,112 @@
+"""The greedy plan and its back-off, on candidates with known sensitivities."""
+
+import math
+
+import pytest
+
+from opstudio.core.advisor import Budget, Verification, greedy_plan, recipe_for
+from opstudio.core.errors import OpstudioError
+from opstudio.core.sensitivity import Candidate
+
+
+def cand(node, technique, before, after, snr, op_type="MatMul", error=None):
+    cos = 1 - 10 ** (-snr / 10) / 2 if snr is not None and not math.isinf(snr) else 1.0
+    return Candidate(node=node, op_type=op_type, technique=technique, params={},
+                     before_ms=before, after_ms=after, cosine=cos, snr_db=snr, error=error)
+
+
+def additive_verifier(cands):
+    """The true combined error is the sum of noise ratios (what the prediction assumes)."""
+    by_key = {(c.node, c.technique): c for c in cands}
+
+    def verify(recipe):
+        noise = sum(by_key[(n, s.technique)].noise_ratio for s in recipe.steps for n in s.nodes)
+        snr = math.inf if noise == 0 else -10 * math.log10(noise)
+        return Verification(1 - noise / 2, snr)
+
+    return verify
+
+
+def test_picks_best_gain_per_error_and_one_technique_per_node():
+    cands = [
+        cand("a", "int8-dynamic", 1.0, 0.5, 40),   # gain 0.5, noise 1e-4
+        cand("a", "int4-weight", 1.0, 0.3, 25),    # gain 0.7, noise 3.2e-3
+        cand("b", "int8-dynamic", 2.0, 1.0, 45),   # gain 1.0, noise 3.2e-5
+        cand("c", "lowrank", 1.0, 0.9, 20),        # gain 0.1, noise 1e-2
+    ]
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands))
+    picked = {(c.node, c.technique) for c in plan.chosen}
+    assert picked == {("a", "int8-dynamic"), ("b", "int8-dynamic")}
+    assert plan.verified.snr_db >= 30
+    # c alone breaks the budget; a/int4 loses to a/int8 on gain per error
+    assert "alone" in plan.rejected["c/lowrank"]
+    assert plan.recipe.steps[0].technique == "int8-dynamic"
+    assert sorted(plan.recipe.steps[0].nodes) == ["a", "b"]
+
+
+def test_slower_or_unmeasured_candidates_are_rejected_with_reasons():
+    cands = [
+        cand("a", "int8-dynamic", 0.1, 0.2, 50),            # slower
+        cand("b", "fp16", 1.0, None, None, error="no kernel"),
+        cand("c", "int8-dynamic", 1.0, 0.99, 60),          # 1 % gain: noise level
+    ]
+    plan = greedy_plan(cands, Budget(min_cosine=0.99), additive_verifier(cands))
+    assert plan.chosen == []
+    assert "not faster" in plan.rejected["a/int8-dynamic"]
+    assert plan.rejected["b/fp16"] == "no kernel"
+    assert "not faster" in plan.rejected["c/int8-dynamic"]
+
+
+def test_predicted_budget_limits_the_greedy_choice():
+    # each alone fits 30 dB (noise 5.0e-4 against a budget of 1e-3), two already predict 1.002e-3
+    cands = [cand(f"n{i}", "int8-dynamic", 1.0, 0.5 - i * 0.01, 33) for i in range(5)]
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands))
+    noise = sum(c.noise_ratio for c in plan.chosen)
+    assert noise <= 10 ** (-30 / 10)
+    assert len(plan.chosen) == 1
+    assert plan.chosen[0].node == "n4"  # the largest gain among equal errors
+
+
+def test_back_off_when_errors_compound():
+    cands = [cand(f"n{i}", "int8-dynamic", 1.0, 0.5, 50 - i) for i in range(4)]
+
+    # the real model amplifies errors: combined noise is 30x the sum
+    def compounding(recipe):
+        by_node = {c.node: c for c in cands}
+        noise = 30 * sum(by_node[n].noise_ratio for s in recipe.steps for n in s.nodes)
+        return Verification(1 - noise / 2, -10 * math.log10(noise))
+
+    calls = []
+
+    def verify(recipe):
+        calls.append(sum(len(s.nodes) for s in recipe.steps))
+        return compounding(recipe)
+
+    plan = greedy_plan(cands, Budget(min_snr_db=30), verify)
+    assert calls[0] == 4 and calls == sorted(calls, reverse=True)  # one rewrite dropped per step
+    assert plan.verified.snr_db >= 30
+    assert any(line.startswith("back-off") for line in plan.log)
+    # the dropped ones were the least efficient (smallest SNR = largest noise)
+    kept = {c.node for c in plan.chosen}
+    dropped = {c.node for c in cands} - kept
+    assert max(c.snr_db for c in cands if c.node in dropped) <= min(
+        c.snr_db for c in cands if c.node in kept)
+
+
+def test_budget_validation():
+    with pytest.raises(OpstudioError):
+        Budget()
+    with pytest.raises(OpstudioError):
+        Budget(min_cosine=0.9, min_snr_db=20)
+    with pytest.raises(OpstudioError):
+        Budget(min_cosine=1.5)
+    assert Budget(min_snr_db=20).max_noise_ratio == pytest.approx(0.01)
+    assert Budget(min_cosine=0.999).max_noise_ratio == pytest.approx(0.002)
+
+
+def test_recipe_groups_by_technique_in_safe_order():
+    cands = [cand("a", "int8-dynamic", 1, 0.5, 40), cand("b", "lowrank", 1, 0.5, 40),
+             cand("c", "int8-dynamic", 1, 0.5, 40)]
+    recipe = recipe_for(cands)
+    assert [s.technique for s in recipe.steps] == ["lowrank", "int8-dynamic"]
+    assert recipe.steps[1].nodes == ["a", "c"]
