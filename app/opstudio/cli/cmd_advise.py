@@ -8,14 +8,10 @@ import sys
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import print_table, write_json
-from opstudio.core.advisor import Budget, greedy_plan, measured_verifier
+from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import analyze
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import load_model
 from opstudio.core.passes import TECHNIQUES
-from opstudio.core.roofline import analyze_roofline, dims_from_inputs, measure_machine
-from opstudio.core.sensitivity import DEFAULT_TECHNIQUES, analyze_sensitivity
+from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,17 +56,12 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise OpstudioError(f"{out}: already exists (pass --overwrite to replace it)")
     settings = settings_from_args(args)
-    model = load_model(args.model)
-    inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                         npz_path=settings.inputs_path, seed=settings.seed)
     progress = _progress()
-    sens = analyze_sensitivity(args.model, settings, techniques, max_nodes=args.max_nodes,
-                               inputs=inputs, use_cache=not args.no_cache, progress=progress)
+    advice = advise(args.model, settings, budget, techniques, max_nodes=args.max_nodes,
+                    use_cache=not args.no_cache, progress=progress)
     _clear()
-    machine = measure_machine(settings.threads)
-    graph = analyze(model, dims_from_inputs(model, inputs))
-    points = {p.name: p for p in analyze_roofline(
-        graph, {s.name: s.mean_ms for s in sens.baseline.nodes}, machine)}
+    sens, machine, points, plan = (advice.sensitivity, advice.machine, advice.roofline,
+                                   advice.plan)
 
     print(f"machine: {machine.peak_gflops:.1f} GFLOP/s peak, {machine.bandwidth_gbs:.1f} GB/s, "
           f"ridge {machine.ridge:.1f} FLOP/byte")
@@ -83,28 +74,20 @@ def run(args: argparse.Namespace) -> int:
                      (c.error or "")[:60]))
     print_table(("operator", "op", "bound", "technique", "before ms", "after ms", "cosine",
                  "SNR dB", "note"), rows, "lllllrrrrl")
-    verify = measured_verifier(args.model, inputs, timeout_s=settings.timeout_s)
-    plan = greedy_plan(sens.candidates, budget, verify, progress=progress)
-    _clear()
     print()
     for line in plan.log:
         print(line)
     print(f"\nplan ({budget.describe()}): {len(plan.chosen)} rewrites, predicted gain "
           f"{plan.predicted_gain_ms:.4f} ms of {sens.baseline.total_ms['mean']:.4f} ms")
     for c in plan.chosen:
-        pt = points.get(c.node)
-        why = f" ({pt.bound}-bound, {pt.intensity:.1f} FLOP/B)" if pt else ""
-        print(f"  {c.node}: {c.technique}{why}  -{c.gain_ms:.4f} ms, SNR {_db(c.snr_db)} dB")
+        print(f"  {c.node}: {c.technique}, SNR {_db(c.snr_db)} dB — {advice.explain(c)}")
     if plan.verified is not None:
         print(f"verified end to end: cosine {plan.verified.cosine:.6f}, "
               f"SNR {_db(plan.verified.snr_db)} dB")
     plan.recipe.save(out, overwrite=args.overwrite)
     print(f"recipe written to {out}")
     if args.json:
-        write_json({"model": args.model, "machine": machine.__dict__,
-                    "sensitivity": sens.to_json(),
-                    "roofline": [p.to_json() for p in points.values()],
-                    "plan": plan.to_json()}, args.json)
+        write_json({"model": args.model, **advice.to_json()}, args.json)
     return 0
 
 

@@ -221,3 +221,81 @@ def _fmt(x: float | None) -> str:
     if math.isinf(x):
         return "inf"
     return f"{x:.6g}"
+
+
+@dataclass
+class Advice:
+    """Everything ``advise`` measured: per-node sensitivity, the roofline and the plan."""
+
+    sensitivity: Any  # sensitivity.Sensitivity
+    plan: PlanResult
+    machine: Any  # roofline.Machine
+    roofline: dict[str, Any]  # node name -> roofline.RooflinePoint
+
+    def explain(self, candidate: Candidate) -> str:
+        return explain(candidate, self.roofline.get(candidate.node), self.machine)
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"machine": asdict(self.machine), "sensitivity": self.sensitivity.to_json(),
+                "roofline": [p.to_json() for p in self.roofline.values()],
+                "plan": self.plan.to_json(),
+                "why": {f"{c.node}/{c.technique}": self.explain(c) for c in self.plan.chosen}}
+
+
+def explain(c: Candidate, point: Any, machine: Any) -> str:
+    """One sentence on why a technique suits (or does not suit) this node on this machine."""
+    saved = f"saves {c.gain_ms:.3f} of {c.before_ms:.3f} ms"
+    if point is None:
+        return f"{c.technique} {saved} (no roofline figures: FLOPs or bytes unknown)"
+    where = (f"{point.bound}-bound ({point.intensity:.1f} FLOP/byte vs ridge "
+             f"{machine.ridge:.1f}; {point.achieved_gflops:.1f} of "
+             f"{point.attainable_gflops:.1f} GFLOP/s attainable)")
+    fits = {
+        "int4-weight": ("memory", "weight-only INT4 cuts the bytes read 8×"),
+        "lowrank": ("compute", "low-rank factorization cuts the FLOPs"),
+        "prune": ("compute", "structured pruning cuts the FLOPs"),
+        "int8-dynamic": ("compute", "INT8 kernels do more arithmetic per cycle"),
+        "int8-static": ("compute", "INT8 kernels do more arithmetic per cycle"),
+        "fp16": ("memory", "FP16 halves the bytes read where the CPU has FP16 kernels"),
+    }
+    bound, why = fits.get(c.technique, ("", ""))
+    match = "as expected" if bound == point.bound else "though the node is not " + bound + "-bound"
+    return f"{where}: {why}, {match}; measured, it {saved}"
+
+
+def advise(model_path: str, settings: Any, budget: Budget,
+           techniques: Mapping[str, Mapping[str, Any]] | None = None, *, max_nodes: int = 40,
+           use_cache: bool = True, progress: Callable[[float, str], None] | None = None,
+           cancelled: Callable[[], bool] | None = None) -> Advice:
+    """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``."""
+    from opstudio.core.graph import analyze
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.model_io import load_model
+    from opstudio.core.roofline import analyze_roofline, dims_from_inputs, measure_machine
+    from opstudio.core.sensitivity import analyze_sensitivity
+
+    def part(lo: float, hi: float) -> Callable[[float, str], None] | None:
+        if progress is None:
+            return None
+        return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
+
+    model = load_model(model_path)
+    inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                         npz_path=settings.inputs_path, seed=settings.seed)
+    sens = analyze_sensitivity(model_path, settings, techniques, max_nodes=max_nodes,
+                               inputs=inputs, use_cache=use_cache, progress=part(0.0, 0.75),
+                               cancelled=cancelled)
+    if progress is not None:
+        progress(0.75, "measuring this machine's roofline")
+    machine = measure_machine(settings.threads)
+    graph = analyze(model, dims_from_inputs(model, inputs))
+    points = {p.name: p for p in analyze_roofline(
+        graph, {s.name: s.p50_ms for s in sens.baseline.nodes}, machine)}
+    plan = greedy_plan(sens.candidates, budget,
+                       measured_verifier(str(model_path), inputs, settings.timeout_s, cancelled),
+                       progress=part(0.8, 1.0), cancelled=cancelled)
+    if progress is not None:
+        progress(1.0, "advice ready")
+    return Advice(sensitivity=sens, plan=plan, machine=machine, roofline=points)
