@@ -1,0 +1,218 @@
+"""Apply a recipe to a model, step by step.
+
+Each step runs its pass on the result of the previous step. Which nodes a step takes:
+
+- ``op_types``: every node of the current model with one of those types. Nodes the pass cannot
+  take are skipped and reported with the reason.
+- ``nodes``: names always refer to the original model. A name still present in the current model
+  is that node; a name an earlier step rewrote stands for the nodes that came from it (their
+  provenance lists it), e.g. ``mm0`` after lowrank is ``mm0_lowrank_a`` and ``mm0_lowrank_b``.
+  A named node the pass cannot take is an error; for a rewritten node it is an error only if
+  none of the nodes that came from it can take the technique (the others are skipped).
+
+After every step the model must pass ``onnx.checker`` (full check) and load in onnxruntime, so
+a failure names the step that caused it. Nothing is written unless every step succeeds;
+``optimize_file`` writes atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from opstudio.core import provenance
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
+from opstudio.core.passes import PassContext, get_pass
+from opstudio.core.recipe import Recipe, Step, validate
+
+Progress = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class StepReport:
+    index: int  # 1-based
+    technique: str
+    params: dict[str, Any]
+    applied: list[str] = field(default_factory=list)  # nodes of the step's input model rewritten
+    skipped: dict[str, str] = field(default_factory=dict)  # node -> reason
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "technique": self.technique, "params": self.params,
+                "applied": list(self.applied), "skipped": dict(self.skipped),
+                "details": {k: _json_safe(v) for k, v in self.details.items()},
+                "notes": list(self.notes), "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    steps: list[StepReport]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": [s.to_json() for s in self.steps]}
+
+
+def optimize(model: onnx.ModelProto, recipe: Recipe, *,
+             inputs: Mapping[str, np.ndarray] | None = None,
+             calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+             progress: Progress | None = None,
+             cancelled: CancelCheck | None = None) -> OptimizeResult:
+    """Apply ``recipe`` to a copy of ``model``; ``model`` itself is not changed.
+
+    ``calibration`` (or else ``inputs`` as a single sample) is what static INT8 calibrates on.
+    """
+    current = onnx.ModelProto()
+    current.CopyFrom(model)
+    ensure_node_names(current)
+    validate(recipe, current)
+    samples: list[Mapping[str, np.ndarray]] = list(calibration or ([inputs] if inputs else []))
+    reports: list[StepReport] = []
+    total = len(recipe.steps)
+    for index, step in enumerate(recipe.steps, start=1):
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        where = step.describe(index)
+        lo, span = (index - 1) / total, 1 / total
+
+        def sub(fraction: float, message: str, lo: float = lo, span: float = span) -> None:
+            if progress is not None:
+                progress(lo + span * max(0.0, min(1.0, fraction)), message)
+
+        sub(0.0, f"{where}: starting")
+        started = time.perf_counter()
+        pass_ = get_pass(step.technique)
+        params = pass_.validate_params(step.params)
+        targets, derived = _resolve(current, step, index)
+        # the pass reports 0..1 of its own work: that is the first 90 % of the step
+        ctx = PassContext(inputs=samples, progress=lambda f, m, sub=sub: sub(0.9 * f, m),
+                          cancelled=cancelled)
+        try:
+            result = pass_.apply(current, targets, params, ctx)
+        except (OpstudioError, Cancelled):
+            raise
+        except Exception as exc:
+            raise OpstudioError(f"{where}: failed ({type(exc).__name__}: {_first_line(exc)})") from None
+        _check_named(step, where, result.skipped, derived, current)
+        sub(0.9, f"{where}: checking the result")
+        _check_model(result.model, where)
+        current = result.model
+        notes = list(result.notes)
+        if not result.applied:
+            notes.append("no node could take this technique; the step changed nothing")
+        reports.append(StepReport(index=index, technique=step.technique, params=params,
+                                  applied=list(result.applied), skipped=dict(result.skipped),
+                                  details=dict(result.details), notes=notes,
+                                  seconds=time.perf_counter() - started))
+        sub(1.0, f"{where}: done")
+    return OptimizeResult(model=current, steps=reports)
+
+
+def optimize_file(in_path: str | os.PathLike[str], recipe: Recipe,
+                  out_path: str | os.PathLike[str], *, overwrite: bool = False,
+                  inputs: Mapping[str, np.ndarray] | None = None,
+                  calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+                  progress: Progress | None = None,
+                  cancelled: CancelCheck | None = None) -> OptimizeResult:
+    """Optimize the model at ``in_path`` and write it to ``out_path`` (never over the input)."""
+    src, dst = Path(in_path), Path(out_path)
+    if same_file(src, dst) or (not dst.exists() and src.resolve() == dst.resolve()):
+        raise OpstudioError(f"{dst}: is the input model; choose another output file")
+    if dst.exists() and not overwrite:
+        raise OpstudioError(f"{dst}: already exists (choose another name or allow overwriting)")
+    model = load_model(src)
+    result = optimize(model, recipe, inputs=inputs, calibration=calibration, progress=progress,
+                      cancelled=cancelled)
+    if cancelled is not None and cancelled():
+        raise Cancelled()
+    save_model(result.model, dst, overwrite=overwrite)
+    return result
+
+
+def _resolve(model: onnx.ModelProto, step: Step, index: int) -> tuple[list[str], dict[str, list[str]]]:
+    """Node names of the current model the step applies to, and for each named original node
+    that an earlier step rewrote, the nodes standing for it."""
+    where = step.describe(index)
+    if step.op_types is not None:
+        wanted = set(step.op_types)
+        return [n.name for n in model.graph.node if n.op_type in wanted], {}
+    present = {n.name for n in model.graph.node}
+    targets: list[str] = []
+    derived: dict[str, list[str]] = {}
+    for name in step.nodes or []:
+        if name in present:
+            if name not in targets:
+                targets.append(name)
+            continue
+        members = [n.name for n in model.graph.node if name in provenance.get_origin(n)]
+        if not members:
+            raise OpstudioError(f"{where}: node '{name}' is no longer in the model "
+                                "(an earlier step removed it)")
+        derived[name] = members
+        targets.extend(m for m in members if m not in targets)
+    return targets, derived
+
+
+def _check_named(step: Step, where: str, skipped: Mapping[str, str],
+                 derived: Mapping[str, list[str]], model: onnx.ModelProto) -> None:
+    if step.nodes is None:
+        return
+    op_types = {n.name: n.op_type for n in model.graph.node}
+    for name in step.nodes:
+        if name in derived:
+            members = derived[name]
+            if all(m in skipped for m in members):
+                reasons = "; ".join(f"{m} ({op_types.get(m, '?')}): {skipped[m]}"
+                                    for m in members[:3])
+                raise OpstudioError(f"{where}: none of the nodes made from '{name}' by earlier "
+                                    f"steps can take {step.technique}: {reasons}")
+        elif name in skipped:
+            raise OpstudioError(f"{where}: node '{name}' ({op_types.get(name, '?')}) cannot take "
+                                f"{step.technique}: {skipped[name]}")
+
+
+def _check_model(model: onnx.ModelProto, where: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise OpstudioError(f"{where}: the result is not a valid ONNX model "
+                            f"({_first_line(exc)})") from None
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise OpstudioError(f"{where}: onnxruntime cannot load the result "
+                            f"({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,427 @@
+"""What the passes built on onnxruntime's rewriters share.
+
+onnxruntime's quantizers and float16 converter rewrite a whole model at once and know nothing of
+opstudio's provenance. The helpers here prepare a model for them (weights held in ``Constant``
+nodes become initializers, which the quantizers require) and tidy their result: every node gets a
+unique name, every created node records the original node it came from, nodes are put back in
+topological order, and the temp files they write stay in a private folder that is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from opstudio.core import provenance
+from opstudio.core.errors import OpstudioError
+from opstudio.core.tempdir import opstudio_tempdir
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@contextlib.contextmanager
+def private_workdir(workdir: str | None = None) -> Iterator[Path]:
+    """A fresh folder for a rewriter's files, removed afterwards (even on error).
+
+    Inside ``workdir`` when the caller gives one, else in opstudio's own temp folder.
+    """
+    if workdir is None:
+        with opstudio_tempdir(prefix="pass-") as folder:
+            yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="pass-", dir=workdir) as folder:
+        yield Path(folder)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def nodes_by_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                out[name].append(node)
+    return out
+
+
+class _Index:
+    """Positions of initializers and producers by name, for checks run node after node.
+
+    Positions, not messages: the cache must not keep a large model alive.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.key = _index_key(model)
+        self.initializers = {i.name: k for k, i in enumerate(graph.initializer)}
+        self.producers = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+        self.sparse = {i.values.name for i in graph.sparse_initializer}
+        self.inputs = {i.name for i in graph.input}
+
+
+def _index_key(model: onnx.ModelProto) -> tuple:
+    graph = model.graph
+    nodes, inits = graph.node, graph.initializer
+    return (id(model), len(nodes), len(inits), len(graph.input),
+            nodes[0].name if nodes else "", nodes[-1].name if nodes else "",
+            inits[0].name if inits else "", inits[-1].name if inits else "")
+
+
+_INDEX: list[_Index] = []
+
+
+def _index(model: onnx.ModelProto) -> _Index:
+    """A cached index; rebuilt whenever the graph's size or ends change (any edit here does)."""
+    key = _index_key(model)
+    for entry in _INDEX:
+        if entry.key == key:
+            return entry
+    entry = _Index(model)
+    _INDEX.insert(0, entry)
+    del _INDEX[4:]
+    return entry
+
+
+def _index_agrees(index: _Index, graph: onnx.GraphProto, tensor: str) -> bool:
+    k = index.initializers.get(tensor)
+    if k is not None and (k >= len(graph.initializer) or graph.initializer[k].name != tensor):
+        return False
+    k = index.producers.get(tensor)
+    return k is None or (k < len(graph.node) and tensor in graph.node[k].output)
+
+
+def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | None, str | None]:
+    """The value of ``tensor`` if it is a constant (initializer or ``Constant`` node output).
+
+    Returns ``(array, None)`` or ``(None, why not)``.
+    """
+    index = _index(model)
+    graph = model.graph
+    if not _index_agrees(index, graph, tensor):  # edited in place since: start afresh
+        _INDEX.remove(index)
+        index = _index(model)
+    k = index.initializers.get(tensor)
+    if k is not None and k < len(graph.initializer) and graph.initializer[k].name == tensor:
+        return numpy_helper.to_array(graph.initializer[k]), None
+    k = index.producers.get(tensor)
+    node = graph.node[k] if k is not None and k < len(graph.node) else None
+    if node is not None and tensor in node.output:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor_proto = _constant_tensor(node)
+            if tensor_proto is None:
+                return None, f"its weight comes from Constant node '{node.name}' " \
+                             "without a tensor value"
+            return numpy_helper.to_array(tensor_proto), None
+        return None, f"its weight is computed by {node.op_type} node '{node.name}', " \
+                     "not a constant initializer"
+    if tensor in index.sparse:
+        return None, f"its weight '{tensor}' is stored as a sparse initializer"
+    if tensor in index.inputs:
+        return None, f"its weight '{tensor}' is a graph input, not a constant initializer"
+    return None, f"its weight '{tensor}' is not a constant initializer"
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            return attr.t
+    return None
+
+
+def fold_constant_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> list[str]:
+    """Turn the ``Constant`` nodes feeding ``node_names`` into initializers, in place.
+
+    onnxruntime's quantizers only take weights stored as initializers ("Expected … to be an
+    initializer"); Paddle exports keep every weight in a Constant node. The tensor keeps its name,
+    so every consumer sees the same value. Returns the names of the Constant nodes removed.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    wanted = set(node_names)
+    folded: list[str] = []
+    for node in list(model.graph.node):
+        if node.name not in wanted:
+            continue
+        for name in node.input:
+            producer = producers.get(name)
+            if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+                continue
+            tensor = _constant_tensor(producer)
+            if tensor is None or producer.name in folded:
+                continue
+            init = onnx.TensorProto()
+            init.CopyFrom(tensor)
+            init.name = name
+            model.graph.initializer.append(init)
+            model.graph.node.remove(producer)
+            folded.append(producer.name)
+    return folded
+
+
+def gemm_problem(model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    """Why ``gemm_to_matmul`` cannot rewrite this Gemm, or ``None``."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0):
+        return "Gemm with transA=1 (its input is transposed)"
+    if len(node.input) < 2:
+        return "Gemm node has no weight input"
+    value, why = constant_value(model, node.input[1])
+    if value is None:
+        return why
+    if len(node.input) > 2 and node.input[2]:
+        bias, why = constant_value(model, node.input[2])
+        if bias is None:
+            return f"its bias: {why}"
+    return None
+
+
+def gemm_to_matmul(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
+    """Rewrite the named Gemms as ``MatMul(A, alpha·op(B))`` (+ ``Add(beta·C)``), in place.
+
+    onnxruntime's dynamic and MatMulNBits quantizers only know MatMul, while exporters write
+    ``nn.Linear`` on 2-D inputs as Gemm. The new nodes carry the Gemm's name (``<gemm>_matmul``,
+    ``<gemm>_bias``) and its provenance. Returns Gemm name → MatMul name.
+    """
+    wanted = set(names)
+    taken = {n.name for n in model.graph.node} | {i.name for i in model.graph.initializer} \
+        | {o for n in model.graph.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        candidate, k = base, 2
+        while candidate in taken:
+            candidate = f"{base}_{k}"
+            k += 1
+        taken.add(candidate)
+        return candidate
+
+    done: dict[str, str] = {}
+    rebuilt: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.name not in wanted or node.op_type != "Gemm" or gemm_problem(model, node):
+            rebuilt.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight, _ = constant_value(model, node.input[1])
+        assert weight is not None
+        if attrs.get("transB", 0):
+            weight = weight.T
+        weight = (weight * np.asarray(attrs.get("alpha", 1.0), weight.dtype)).astype(weight.dtype)
+        w_name = fresh(f"{node.name}_weight")
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        origin = provenance.get_origin(node)
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        mm_out = fresh(f"{node.output[0]}_matmul") if has_bias else node.output[0]
+        matmul = onnx.helper.make_node("MatMul", [node.input[0], w_name], [mm_out],
+                                       name=fresh(f"{node.name}_matmul"))
+        provenance.set_origin(matmul, origin)
+        rebuilt.append(matmul)
+        if has_bias:
+            bias, _ = constant_value(model, node.input[2])
+            assert bias is not None
+            bias = (bias * np.asarray(attrs.get("beta", 1.0), bias.dtype)).astype(bias.dtype)
+            b_name = fresh(f"{node.name}_bias_value")
+            model.graph.initializer.append(numpy_helper.from_array(bias, b_name))
+            add = onnx.helper.make_node("Add", [mm_out, b_name], [node.output[0]],
+                                        name=fresh(f"{node.name}_bias"))
+            provenance.set_origin(add, origin)
+            rebuilt.append(add)
+        done[node.name] = matmul.name
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(rebuilt)
+        _drop_unused_initializers(model)
+    return done
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in _all_inputs(node)}
+    used |= {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    if len(keep) != len(model.graph.initializer):
+        dropped = {i.name for i in model.graph.initializer} - {i.name for i in keep}
+        keep = [_copy_tensor(t) for t in keep]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        graph_inputs = [i for i in model.graph.input if i.name not in dropped]
+        del model.graph.input[:]
+        model.graph.input.extend(graph_inputs)
+
+
+def _copy_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    out.CopyFrom(tensor)
+    return out
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def constant_bytes(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    inits = {i.name: i for i in model.graph.initializer}
+    return sum(tensor_nbytes(inits[n]) for n in dict.fromkeys(node.input) if n in inits)
+
+
+def topo_sort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` topologically, keeping the given order among ready nodes.
+
+    onnxruntime's float16 converter appends its Cast nodes at the end of the graph.
+    """
+    nodes = list(graph.node)
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    producer_index: dict[str, int] = {}
+    for k, node in enumerate(nodes):
+        for out in node.output:
+            producer_index[out] = k
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for k, node in enumerate(nodes):
+        needed = {producer_index[n] for n in _all_inputs(node)
+                  if n not in known and n in producer_index and producer_index[n] != k}
+        deps.append(needed)
+        for d in needed:
+            users[d].append(k)
+    order: list[int] = []
+    heap = [k for k in range(len(nodes)) if not deps[k]]
+    heapq.heapify(heap)
+    while heap:
+        k = heapq.heappop(heap)
+        order.append(k)
+        for u in users[k]:
+            deps[u].discard(k)
+            if not deps[u]:
+                heapq.heappush(heap, u)
+    if len(order) != len(nodes):
+        raise OpstudioError("the rewritten graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[k] for k in order)
+
+
+def _all_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs of ``node`` including names its subgraphs take from the outer scope."""
+    names = list(node.input)
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+        for sub in subgraphs:
+            local = {i.name for i in sub.input} | {i.name for i in sub.initializer}
+            for inner in sub.node:
+                for name in _all_inputs(inner):
+                    if name not in local:
+                        names.append(name)
+                local.update(inner.output)
+    return names
+
+
+def record_provenance(before: onnx.ModelProto, after: onnx.ModelProto,
+                      chosen: Sequence[str]) -> dict[str, list[str]]:
+    """Give every node of ``after`` a unique name and the original node(s) it came from.
+
+    ``before`` is the model the rewriter was given, ``chosen`` the nodes it was asked to rewrite.
+    A node of ``after`` whose name exists in ``before`` keeps that node's origin. A created node is
+    attributed, in this order, to the chosen node its name extends (``mm0_quant`` → mm0), else to
+    the chosen nodes that consume what it produces (the QuantizeLinear feeding a Conv), else to
+    the chosen nodes whose output it consumes (the Cast after a float16 node). Returns the map
+    created node → original node names of ``before`` (before their own provenance).
+    """
+    old = nodes_by_name(before)
+    chosen_set = set(chosen)
+    new_nodes = [n for n in after.graph.node if not n.name or n.name not in old]
+    source: dict[int, list[str]] = {}  # id(node) -> names of chosen nodes in `before`
+
+    by_length = sorted(chosen_set, key=lambda s: (-len(s), s))
+    for node in new_nodes:
+        for name in by_length:
+            if node.name.startswith(name + "_") or node.name == name:
+                source[id(node)] = [name]
+                break
+
+    def mapped(node: onnx.NodeProto) -> list[str]:
+        if id(node) in source:
+            return source[id(node)]
+        if node.name in old and node.name in chosen_set:
+            return [node.name]
+        return []
+
+    cons = consumers(after)
+    producers = {out: node for node in after.graph.node for out in node.output if out}
+    order = list(after.graph.node)
+    changed = True
+    while changed:
+        changed = False
+        # consumers first, they are the better evidence (a QuantizeLinear serves its consumer);
+        # sweeping backwards carries the answer up chains (Q → DQ → Conv) in one pass
+        for node in reversed(order):
+            if id(node) in source or (node.name and node.name in old):
+                continue
+            found = [o for out in node.output for user in cons.get(out, []) for o in mapped(user)]
+            if found:
+                source[id(node)] = sorted(set(found))
+                changed = True
+        for node in order:
+            if id(node) in source or (node.name and node.name in old):
+                continue
+            found = [o for name in node.input
+                     if (p := producers.get(name)) is not None for o in mapped(p)]
+            if found:
+                source[id(node)] = sorted(set(found))
+                changed = True
+    fallback = sorted(chosen_set)
+    taken = {n.name for n in after.graph.node if n.name}
+    result: dict[str, list[str]] = {}
+    for node in after.graph.node:
+        if node.name and node.name in old:
+            # a node that was there before keeps exactly what it had (rewriters drop metadata)
+            had = any(p.key == provenance.ORIGIN_KEY for p in old[node.name].metadata_props)
+            provenance.set_origin(node, provenance.get_origin(old[node.name]) if had else [])
+            continue
+        names = source.get(id(node), fallback)
+        if not node.name:
+            base = f"{names[0] if names else 'node'}_{node.op_type}"
+            candidate, k = base, 2
+            while candidate in taken:
+                candidate = f"{base}_{k}"
+                k += 1
+            node.name = candidate
+            taken.add(candidate)
+        origins: list[str] = []
+        for name in names:
+            origins.extend(provenance.get_origin(old[name]) if name in old else [name])
+        provenance.set_origin(node, origins)
+        result[node.name] = list(names)
+    return result
+
+
+def weight_bytes(before: onnx.ModelProto, after: onnx.ModelProto,
+                 created: dict[str, list[str]], applied: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Bytes of constants each applied node used before and uses after the rewrite."""
+    old = nodes_by_name(before)
+    inits_after = {i.name: i for i in after.graph.initializer}
+    used: dict[str, set[str]] = {name: set() for name in applied}
+    for node in after.graph.node:
+        owners = created.get(node.name)
+        if owners is None:
+            owners = [node.name] if node.name in used else []
+        for owner in owners:
+            if owner in used:
+                used[owner].update(n for n in node.input if n in inits_after)
+    return {name: {"bytes_before": constant_bytes(before, old[name]),
+                   "bytes_after": sum(tensor_nbytes(inits_after[t]) for t in sorted(used[name]))}
+            for name in applied}

@@ -1,0 +1,146 @@
+"""Weight-only INT4 for MatMul/Gemm with a constant weight, through onnxruntime's MatMulNBits quantizer.
+
+``MatMul(x, W)`` becomes ``MatMulNBits`` (com.microsoft) holding W as 4-bit blocks along K with
+one float scale per block (and a 4-bit zero point when not symmetric). Activations stay float.
+The quantizer pads K up to a multiple of the block size, so any K works; a K smaller than the
+block wastes most of the block and is refused. Only the chosen nodes are quantized: every other
+node goes to ``nodes_to_exclude``. A Gemm (``nn.Linear`` on 2-D inputs) is first rewritten as
+MatMul with ``alpha·op(B)`` plus an Add of ``beta·C``, since the quantizer only knows MatMul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
+
+BLOCK_SIZES = (32, 64, 128)
+
+
+class Int4WeightPass(Pass):
+    technique = "int4-weight"
+    label = "INT4 weights"
+    description = ("4-bit block-quantized weights for MatMuls with a constant weight "
+                   "(onnxruntime MatMulNBits), activations stay float")
+    params = (
+        ParamSpec("block_size", "choice", 32, "Block size",
+                  "weights along K sharing one scale", choices=BLOCK_SIZES),
+        ParamSpec("symmetric", "bool", True, "Symmetric",
+                  "no zero point (symmetric range around 0)"),
+    )
+
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
+              block_size: int = BLOCK_SIZES[0]) -> str | None:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            return f"int4-weight handles MatMul and Gemm, not {node.op_type}"
+        if len(node.input) < 2:
+            return f"{node.op_type} node has no weight input"
+        if node.op_type == "Gemm":
+            problem = ort_support.gemm_problem(model, node)
+            if problem:
+                return f"{problem}; int4-weight quantizes a Gemm as MatMul"
+        value, why = ort_support.constant_value(model, node.input[1])
+        if value is None:
+            return f"{why}; MatMulNBits needs a constant weight"
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            value = value.T
+        if value.dtype != np.float32 and value.dtype != np.float16:
+            return f"its weight is {value.dtype}, not float32/float16"
+        if value.ndim < 2:
+            return "its weight is a vector; MatMulNBits needs a 2-D weight [K, N]"
+        if any(d != 1 for d in value.shape[:-2]):
+            return f"its weight has batch dims {list(value.shape[:-2])}; MatMulNBits needs [K, N]"
+        k = value.shape[-2]
+        if k < block_size:
+            return f"K={k} is smaller than the block size {block_size}"
+        return None
+
+    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
+              ctx: PassContext) -> PassResult:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        params = self.validate_params(params)
+        block = int(params["block_size"])
+        work = ort_support.copy_model(model)
+        by_name = ort_support.nodes_by_name(work)
+        skipped: dict[str, str] = {}
+        chosen: list[str] = []
+        for name in nodes:
+            node = by_name.get(name)
+            reason = "no such node" if node is None else self.check(work, node, block)
+            if reason:
+                skipped[name] = reason
+            else:
+                chosen.append(name)
+        if not chosen:
+            return PassResult(model=work, skipped=skipped)
+        notes: list[str] = []
+        folded = ort_support.fold_constant_inputs(work, chosen)
+        if folded:
+            notes.append(f"moved {len(folded)} Constant weight(s) into initializers")
+        # MatMulNBits replaces a MatMul: a chosen Gemm becomes MatMul (+ Add) first
+        target = {name: name for name in chosen}
+        gemms = ort_support.gemm_to_matmul(work, chosen)
+        target.update(gemms)
+        if gemms:
+            notes.append(f"rewrote {len(gemms)} Gemm(s) as MatMul + Add first")
+        _unshare_weights(work, [target[n] for n in chosen])
+        ctx.report(0.1, f"int4-weight: quantizing {len(chosen)} MatMul(s)")
+        ctx.check_cancelled()
+        before = ort_support.copy_model(work)
+        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params["symmetric"],
+                                              op_types_to_quantize=("MatMul",))
+        names = {target[n] for n in chosen}
+        others = [n.name for n in work.graph.node if n.name not in names]
+        with quiet_onnxruntime_logs():
+            quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
+            quantizer.process()
+        result = quantizer.model.model
+        remaining = {n.name for n in result.graph.node}
+        applied = [n for n in chosen if target[n] not in remaining]
+        for name in chosen:
+            if name not in applied:
+                skipped[name] = "onnxruntime's MatMulNBits quantizer left it unchanged"
+        rewritten = [target[n] for n in applied]
+        created = ort_support.record_provenance(before, result, rewritten)
+        ort_support.topo_sort(result.graph)
+        by_target = ort_support.weight_bytes(before, result, created, rewritten)
+        details = {name: {**by_target[target[name]], "bits": 4, "block_size": block,
+                          "symmetric": params["symmetric"]} for name in applied}
+        ctx.report(1.0, "int4-weight: done")
+        return PassResult(model=result, applied=applied, skipped=skipped, details=details,
+                          notes=notes)
+
+
+def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:
+    """Give each chosen MatMul its own weight when several chosen ones share one.
+
+    The quantizer names the 4-bit tensor after the weight, so two MatMuls quantized from one
+    weight would produce two initializers with the same name.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    seen: set[str] = set()
+    wanted = set(chosen)
+    for node in model.graph.node:
+        if node.name not in wanted or node.input[1] not in inits:
+            continue
+        weight = node.input[1]
+        if weight in seen:
+            copy = numpy_helper.from_array(numpy_helper.to_array(inits[weight]),
+                                           f"{weight}_{node.name}")
+            model.graph.initializer.append(copy)
+            node.input[1] = copy.name
+        seen.add(weight)
+
+
+PASS = Int4WeightPass()

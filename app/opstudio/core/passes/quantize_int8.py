@@ -1,0 +1,368 @@
+"""INT8 quantization of chosen nodes through ``onnxruntime.quantization``.
+
+- ``int8-dynamic``: weights stored as int8, activations quantized at run time
+  (``quantize_dynamic``: MatMul → DynamicQuantizeLinear + MatMulInteger, Conv → ConvInteger;
+  a Gemm is first rewritten as MatMul + Add, since the dynamic quantizer has no Gemm rule).
+- ``int8-static``: QuantizeLinear/DequantizeLinear pairs around the node with activation ranges
+  measured on calibration inputs (``quantize_static``, QDQ format, uint8 activations, int8
+  weights — onnxruntime's advice for x86 CPUs); onnxruntime fuses them into QLinear kernels.
+  ``per_channel`` on a model below opset 13 raises its opset to 13 (DequantizeLinear's ``axis``).
+
+Only the chosen nodes are touched: their names go to ``nodes_to_quantize``. Weights held in
+``Constant`` nodes are moved to initializers first, since the quantizers require that. Random
+calibration uses the samples the optimizer passes in ``PassContext.inputs`` and fills up to
+``samples`` with synthetic inputs of the same shapes from ``opstudio.core.inputs.make_inputs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD
+from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+
+# What onnxruntime's registries can quantize per mode, restricted to the ops where quantizing one
+# node on its own changes the arithmetic (IntegerOpsRegistry / QDQRegistry in
+# onnxruntime/quantization/registry.py). The dynamic registry has no Gemm: a chosen Gemm is
+# first rewritten as MatMul (+ Add for its bias), which it has.
+DYNAMIC_OPS: dict[str, int] = {"MatMul": 1, "Conv": 1, "Gemm": 1}  # op -> weight input index
+STATIC_OPS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}
+
+METHODS = ("minmax", "entropy", "percentile")
+# onnx shape inference knows no types past contrib ops (MatMulNBits from an earlier int4 step,
+# fused ops from exporters); the quantizer then needs a default for tensors it cannot type.
+_EXTRA = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime_logs() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice through the root logger and its calibrators print;
+    keep both off the user's screen.
+
+    ``logging.warning`` configures a stderr handler on an unconfigured root logger, so a
+    NullHandler stands in while the quantizer runs.
+    """
+    root = logging.getLogger()
+    level = root.level
+    null = logging.NullHandler()
+    added = not root.handlers
+    if added:
+        root.addHandler(null)
+    root.setLevel(logging.ERROR)
+    try:
+        # the calibrators also print progress lines to stdout
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+        if added:
+            root.removeHandler(null)
+
+
+def _weight_reason(model: onnx.ModelProto, node: onnx.NodeProto, index: int,
+                   need_constant: bool) -> str | None:
+    if len(node.input) <= index or not node.input[index]:
+        return f"{node.op_type} node has no weight input"
+    value, why = ort_support.constant_value(model, node.input[index])
+    if value is None:
+        if need_constant:
+            return f"{why}; onnxruntime's quantizer needs it as an initializer"
+        return None
+    if value.dtype != np.float32:
+        return f"its weight is {value.dtype}, not float32"
+    if node.op_type == "MatMul" and value.ndim < 2:
+        return "its weight is a vector; MatMulInteger needs a 2-D weight"
+    return None
+
+
+class _Int8Pass(Pass):
+    ops: ClassVar[dict[str, int]] = {}
+    dynamic = True
+
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+        if node.domain not in ("", "ai.onnx"):
+            return f"{node.domain}:{node.op_type} is not a standard ONNX op"
+        if node.op_type not in self.ops:
+            supported = ", ".join(sorted(self.ops))
+            return f"{self.technique} handles {supported}, not {node.op_type}"
+        if self.dynamic and node.op_type == "Gemm":
+            problem = ort_support.gemm_problem(model, node)
+            if problem:
+                return f"{problem}; int8-dynamic quantizes a Gemm as MatMul (int8-static takes it)"
+        return _weight_reason(model, node, self.ops[node.op_type],
+                              need_constant=self.dynamic or node.op_type != "MatMul")
+
+    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
+              ctx: PassContext) -> PassResult:
+        params = self.validate_params(params)
+        work = ort_support.copy_model(model)
+        by_name = ort_support.nodes_by_name(work)
+        skipped: dict[str, str] = {}
+        chosen: list[str] = []
+        for name in nodes:
+            node = by_name.get(name)
+            reason = "no such node" if node is None else self.check(work, node)
+            if reason:
+                skipped[name] = reason
+            else:
+                chosen.append(name)
+        if not chosen:
+            return PassResult(model=work, skipped=skipped)
+        folded = ort_support.fold_constant_inputs(work, chosen)
+        ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} node(s)")
+        ctx.check_cancelled()
+        notes: list[str] = []
+        if folded:
+            notes.append(f"moved {len(folded)} Constant weight(s) into initializers")
+        # the name each chosen node has in the model handed to onnxruntime
+        target = {name: name for name in chosen}
+        if self.dynamic:
+            gemms = ort_support.gemm_to_matmul(work, chosen)
+            target.update(gemms)
+            if gemms:
+                notes.append(f"rewrote {len(gemms)} Gemm(s) as MatMul + Add first "
+                             "(the dynamic quantizer has no Gemm)")
+            by_name = ort_support.nodes_by_name(work)
+        work = self._prepare(work, params, notes)
+        with ort_support.private_workdir(ctx.workdir) as folder:
+            src, dst = folder / "input.onnx", folder / "quantized.onnx"
+            # protobuf caps one message at 2 GiB: big models go through external data
+            large = work.ByteSize() > EXTERNAL_DATA_THRESHOLD
+            onnx.save_model(work, str(src), save_as_external_data=large,
+                            all_tensors_to_one_file=True, location="input.onnx.data")
+            names = [target[n] for n in chosen]
+            op_types = sorted({by_name[n].op_type for n in names})
+            with quiet_onnxruntime_logs():
+                extra = self._run(src, dst, names, op_types, params, ctx, notes, large)
+            result = onnx.load_model(str(dst))
+        applied = [n for n in chosen if self._rewritten(result, target[n])]
+        for name in chosen:
+            if name not in applied:
+                skipped[name] = "onnxruntime's quantizer left it unchanged"
+        rewritten = [target[n] for n in applied]
+        created = ort_support.record_provenance(work, result, rewritten)
+        ort_support.topo_sort(result.graph)
+        by_target = ort_support.weight_bytes(work, result, created, rewritten)
+        details = {}
+        for name in applied:
+            details[name] = {**by_target[target[name]], **extra}
+        ctx.report(1.0, f"{self.technique}: done")
+        return PassResult(model=result, applied=applied, skipped=skipped, details=details,
+                          notes=notes)
+
+    def _run(self, src: Path, dst: Path, chosen: list[str], op_types: list[str],
+             params: Mapping[str, Any], ctx: PassContext, notes: list[str],
+             large: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _rewritten(self, result: onnx.ModelProto, name: str) -> bool:
+        raise NotImplementedError
+
+    def _prepare(self, work: onnx.ModelProto, params: Mapping[str, Any],
+                 notes: list[str]) -> onnx.ModelProto:
+        return work
+
+
+class Int8DynamicPass(_Int8Pass):
+    technique = "int8-dynamic"
+    label = "INT8 dynamic"
+    description = ("int8 weights, activations quantized at run time "
+                   "(onnxruntime quantize_dynamic: MatMulInteger / ConvInteger)")
+    params = (
+        ParamSpec("per_channel", "bool", False, "Per channel",
+                  "one scale per output channel instead of one per tensor"),
+    )
+    ops = DYNAMIC_OPS
+    dynamic = True
+
+    def _run(self, src, dst, chosen, op_types, params, ctx, notes, large):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types,
+                         per_channel=params["per_channel"], weight_type=QuantType.QInt8,
+                         nodes_to_quantize=chosen, use_external_data_format=large,
+                         extra_options={"MatMulConstBOnly": True, **_EXTRA})
+        return {"weight_type": "int8", "per_channel": params["per_channel"]}
+
+    def _rewritten(self, result, name):
+        # quantize_dynamic replaces the node by `<name>_quant` (MatMulInteger / ConvInteger).
+        names = {n.name for n in result.graph.node}
+        return name not in names
+
+
+class Int8StaticPass(_Int8Pass):
+    technique = "int8-static"
+    label = "INT8 static"
+    description = ("int8 weights and activations with ranges calibrated on sample inputs "
+                   "(onnxruntime quantize_static, QDQ format)")
+    params = (
+        ParamSpec("calibration", "path", "random", "Calibration data",
+                  "'random' for synthetic inputs, or an .npz file with one array per input "
+                  "(first axis = samples)"),
+        ParamSpec("samples", "int", 16, "Samples", "calibration samples to use",
+                  minimum=1, maximum=10000),
+        ParamSpec("method", "choice", "minmax", "Method", "how activation ranges are chosen",
+                  choices=METHODS),
+        ParamSpec("per_channel", "bool", False, "Per channel",
+                  "one weight scale per output channel instead of one per tensor"),
+    )
+    ops = STATIC_OPS
+    dynamic = False
+
+    def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = super().validate_params(params)
+        source = out["calibration"]
+        if source != "random":
+            path = Path(source)
+            if path.suffix.lower() != ".npz":
+                raise OpstudioError(
+                    f"int8-static: parameter 'calibration' must be 'random' or an .npz file, "
+                    f"not {source!r}")
+            if not path.is_file():
+                raise OpstudioError(f"int8-static: calibration file {source} does not exist")
+        return out
+
+    def _run(self, src, dst, chosen, op_types, params, ctx, notes, large):
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        model = onnx.load_model(str(src), load_external_data=False)
+        samples = calibration_samples(model, params["calibration"], params["samples"], ctx)
+        ctx.report(0.3, f"int8-static: calibrating on {len(samples)} sample(s)")
+        ctx.check_cancelled()
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[params["method"]]
+        try:
+            quantize_static(str(src), str(dst), _Reader(samples), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=op_types, per_channel=params["per_channel"],
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_quantize=chosen, calibrate_method=method,
+                            use_external_data_format=large,
+                            extra_options=dict(_EXTRA))
+        except Exception as exc:  # calibration runs the model: bad inputs surface here
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OpstudioError(f"int8-static: calibration failed ({first[:200]})") from None
+        if params["calibration"] == "random":
+            given = min(len(ctx.inputs), len(samples))
+            origin = f"{given} given, {len(samples) - given} synthetic"
+        else:
+            origin = f"from {params['calibration']}"
+        notes.append(f"calibrated on {len(samples)} sample(s) ({origin}; {params['method']})")
+        return {"weight_type": "int8", "activation_type": "uint8",
+                "per_channel": params["per_channel"], "calibration_samples": len(samples),
+                "method": params["method"]}
+
+    def _prepare(self, work, params, notes):
+        # per-channel scales need DequantizeLinear's `axis`, which exists from opset 13 on;
+        # onnxruntime's quantizer does not raise the opset itself for it
+        version = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if not params["per_channel"] or version >= 13:
+            return work
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(work, 13)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OpstudioError(
+                f"int8-static: per_channel needs opset 13 and converting this opset {version} "
+                f"model failed ({first[:150]}); use per_channel=false") from None
+        notes.append(f"raised the model's opset from {version} to 13 (per-channel "
+                     "DequantizeLinear needs it)")
+        return converted
+
+    def _rewritten(self, result, name):
+        # The QDQ quantizer keeps the node and feeds it from DequantizeLinear outputs.
+        producers = {out: n for n in result.graph.node for out in n.output}
+        for node in result.graph.node:
+            if node.name == name:
+                return any(producers.get(i) is not None
+                           and producers[i].op_type == "DequantizeLinear" for i in node.input)
+        return False
+
+
+class _Reader:
+    """The CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, samples: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self._samples = list(samples)
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self._samples):
+            return None
+        self._next += 1
+        return dict(self._samples[self._next - 1])
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._samples = self._samples[start_index:end_index]
+        self._next = 0
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def calibration_samples(model: onnx.ModelProto, source: str, count: int,
+                        ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    """Up to ``count`` feeds: from an .npz file, or the context's samples topped up at random."""
+    if source != "random":
+        return load_npz_samples(model, Path(source), count)
+    samples = [dict(s) for s in ctx.inputs][:count]
+    if len(samples) < count:
+        try:
+            from opstudio.core.inputs import make_inputs
+        except ImportError:
+            make_inputs = None
+        if make_inputs is None:
+            if not samples:
+                raise OpstudioError("int8-static: no calibration inputs were given "
+                                    "and synthetic inputs are unavailable")
+        else:
+            shapes = {k: list(v.shape) for k, v in samples[0].items()} if samples else {}
+            for seed in range(len(samples), count):
+                samples.append(dict(make_inputs(model, {}, shapes, None, seed)))
+    return samples
+
+
+def load_npz_samples(model: onnx.ModelProto, path: Path, count: int) -> list[dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise OpstudioError(f"{path}: not a readable .npz file ({exc})") from None
+    per_input: dict[str, list[np.ndarray]] = {}
+    for info in model_inputs(model):
+        if info.name not in arrays:
+            raise OpstudioError(f"{path}: no array for model input '{info.name}'")
+        array = arrays[info.name]
+        rank = len(info.type.tensor_type.shape.dim) if info.type.tensor_type.HasField("shape") else None
+        if rank is not None and array.ndim == rank + 1:
+            per_input[info.name] = [array[k] for k in range(array.shape[0])]
+        else:
+            per_input[info.name] = [array]
+    n = min(count, *(len(v) for v in per_input.values())) if per_input else 0
+    if n == 0:
+        raise OpstudioError(f"{path}: holds no calibration samples")
+    return [{name: values[k] for name, values in per_input.items()} for k in range(n)]
+
+
+PASSES = {"int8-dynamic": Int8DynamicPass(), "int8-static": Int8StaticPass()}

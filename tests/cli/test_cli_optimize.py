@@ -1,0 +1,121 @@
+"""``opstudio optimize``: exit codes, what it prints, what it writes and refuses to write."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from opstudio.cli import main
+from opstudio.core.model_io import save_model
+
+
+def mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(5)
+
+    def w(k: int, n: int, name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), name)
+
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+             helper.make_node("MatMul", ["r", "W1"], ["logits"], name="mm1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["batch", 128])],
+                              [helper.make_tensor_value_info("logits", 1, ["batch", 10])],
+                              [w(128, 64, "W0"), w(64, 10, "W1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = tmp_path / "model.onnx"
+    save_model(mlp(), model)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"nodes": ["mm0"], "technique": "int4-weight", "params": {"block_size": 32}},
+        {"op_types": ["MatMul", "Relu"], "technique": "int8-dynamic", "params": {}},
+    ]}))
+    return tmp_path, model, recipe
+
+
+def test_optimize_prints_steps_and_accuracy(files, capsys):
+    tmp, model, recipe = files
+    out = tmp / "out.onnx"
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
+                 "--dim", "batch=4", "--report", str(tmp / "report.json")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "step 1: int4-weight (block_size=32, symmetric=True) — 1 node(s) rewritten" in text
+    assert "bytes 32.0 KiB → " in text
+    # mm0 is MatMulNBits after step 1, so op type MatMul now selects only mm1
+    assert "step 2: int8-dynamic" in text and "1 node(s) rewritten, 1 skipped" in text
+    assert "skipped relu0: int8-dynamic handles Conv, Gemm, MatMul, not Relu" in text
+    assert "accuracy vs the original (synthetic inputs)" in text
+    assert "logits" in text and "[4,10]" in text and "cosine" in text
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    report = json.loads((tmp / "report.json").read_text())
+    assert [s["technique"] for s in report["steps"]] == ["int4-weight", "int8-dynamic"]
+    (acc,) = report["accuracy"]["outputs"]
+    assert acc["name"] == "logits" and 0.9 < acc["cosine"] <= 1.0
+    assert report["size_bytes"]["after"] < report["size_bytes"]["before"]
+
+
+def test_report_to_stdout_is_pure_json(files, capsys):
+    tmp, model, recipe = files
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(tmp / "o.onnx"),
+                 "--report", "-"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["output"].endswith("o.onnx")
+
+
+def test_refuses_to_overwrite_the_input(files, capsys):
+    _, model, recipe = files
+    before = model.read_bytes()
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(model), "--overwrite"])
+    assert code == 1
+    assert "is the input model" in capsys.readouterr().err
+    assert model.read_bytes() == before
+
+
+def test_existing_output_needs_overwrite(files, capsys):
+    tmp, model, recipe = files
+    out = tmp / "out.onnx"
+    out.write_bytes(b"keep me")
+    assert main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
+                 "--overwrite"]) == 0
+    onnx.checker.check_model(onnx.load(out))
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"nodes": ["nope"], "technique": "fp16"}, "error: step 1 (fp16): node 'nope' is not in the model"),
+    ({"nodes": ["relu0"], "technique": "int4-weight"},
+     "error: step 1 (int4-weight): node 'relu0' (Relu) cannot take int4-weight"),
+    ({"nodes": ["mm0"], "technique": "magic"}, "error: step 1: unknown technique 'magic'"),
+    ({"op_types": ["Conv"], "technique": "fp16"}, "error: step 1 (fp16): the model has no 'Conv' nodes"),
+    ({"nodes": ["mm0"], "technique": "fp16", "params": {"x": 1}},
+     "error: step 1 (fp16): unknown parameter(s) x"),
+])
+def test_bad_recipes_fail_cleanly_and_write_nothing(files, capsys, step, message):
+    tmp, model, _ = files
+    recipe = tmp / "bad.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [step]}))
+    out = tmp / "never.onnx"
+    assert main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not out.exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["bad.json", "model.onnx", "r.json"]
+
+
+def test_usage_errors_exit_2(files, capsys):
+    _, model, _ = files
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", str(model)])
+    assert info.value.code == 2
+    assert "--recipe" in capsys.readouterr().err

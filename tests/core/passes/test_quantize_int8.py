@@ -1,0 +1,263 @@
+"""int8-dynamic and int8-static on small models: the rewritten graph, provenance, numerics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from opstudio.core import provenance
+from opstudio.core.errors import OpstudioError
+from opstudio.core.passes import PassContext, get_pass
+
+RNG = np.random.default_rng(0)
+
+
+def cnn_mlp(opset: int = 17) -> onnx.ModelProto:
+    """x[1,4,8,8] → conv0 → relu0 → flat0 → mm0 → add0 → mm1 → y[1,6]."""
+    inits = [
+        numpy_helper.from_array(RNG.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3, "W"),
+        numpy_helper.from_array(RNG.standard_normal(8).astype(np.float32) * 0.1, "B"),
+        numpy_helper.from_array(RNG.standard_normal((288, 32)).astype(np.float32) * 0.1, "M0"),
+        numpy_helper.from_array(RNG.standard_normal(32).astype(np.float32) * 0.1, "b0"),
+        numpy_helper.from_array(RNG.standard_normal((32, 6)).astype(np.float32) * 0.3, "M1"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv0"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu0"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flat0"),
+        helper.make_node("MatMul", ["f", "M0"], ["h"], name="mm0"),
+        helper.make_node("Add", ["h", "b0"], ["h2"], name="add0"),
+        helper.make_node("MatMul", ["h2", "M1"], ["y"], name="mm1"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", 1, [1, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def sample(seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def rel_error(ref: np.ndarray, new: np.ndarray) -> float:
+    return float(np.linalg.norm(new - ref) / np.linalg.norm(ref))
+
+
+def new_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[onnx.NodeProto]:
+    names = {n.name for n in before.graph.node}
+    return [n for n in after.graph.node if n.name not in names]
+
+
+def calibration(n: int = 8) -> PassContext:
+    return PassContext(inputs=[sample(100 + k) for k in range(n)])
+
+
+def test_dynamic_rewrites_only_the_chosen_matmul():
+    model = cnn_mlp()
+    result = get_pass("int8-dynamic").apply(model, ["mm0"], {}, PassContext())
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert result.applied == ["mm0"] and result.skipped == {}
+    ops = {n.name: n.op_type for n in out.graph.node}
+    assert ops["mm0_quant"] == "MatMulInteger"
+    assert "DynamicQuantizeLinear" in ops.values()
+    # untouched nodes keep their name and type
+    for name, op in [("conv0", "Conv"), ("relu0", "Relu"), ("mm1", "MatMul"), ("add0", "Add")]:
+        assert ops[name] == op
+    created = new_nodes(model, out)
+    assert created and all(provenance.get_origin(n) == ["mm0"] for n in created)
+    assert len({n.name for n in out.graph.node}) == len(out.graph.node)
+    details = result.details["mm0"]
+    assert details["bytes_before"] == 288 * 32 * 4
+    assert details["bytes_after"] < details["bytes_before"] / 3
+    x = sample(1)
+    assert rel_error(run(model, x), run(out, x)) < 0.05
+    # the input model is untouched
+    assert [n.name for n in model.graph.node] == ["conv0", "relu0", "flat0", "mm0", "add0", "mm1"]
+
+
+def test_dynamic_conv_and_matmul_per_channel():
+    model = cnn_mlp()
+    result = get_pass("int8-dynamic").apply(model, ["conv0", "mm0"], {"per_channel": True},
+                                            PassContext())
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert "ConvInteger" in ops and "MatMulInteger" in ops
+    for node in new_nodes(model, out):
+        assert provenance.get_origin(node) in (["conv0"], ["mm0"]), node.name
+    x = sample(2)
+    assert rel_error(run(model, x), run(out, x)) < 0.05
+
+
+def test_dynamic_check_refuses_unsupported_ops():
+    model = cnn_mlp()
+    node = helper.make_node("Add", ["a", "b"], ["c"], name="n")
+    assert "handles Conv, Gemm, MatMul, not Add" in get_pass("int8-dynamic").check(model, node)
+    gemm = helper.make_node("Gemm", ["f", "M0"], ["c"], name="g", transA=1)
+    reason = get_pass("int8-dynamic").check(model, gemm)
+    assert "transA=1" in reason and "int8-static takes it" in reason
+
+
+def test_dynamic_gemm_is_quantized_as_matmul():
+    weight = RNG.standard_normal((8, 32)).astype(np.float32)  # [N, K], used with transB=1
+    bias = RNG.standard_normal(8).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "Wg", "bg"], ["y"], name="fc", transB=1, alpha=0.5,
+                            beta=2.0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [4, 32])],
+                              [helper.make_tensor_value_info("y", 1, [4, 8])],
+                              [numpy_helper.from_array(weight, "Wg"),
+                               numpy_helper.from_array(bias, "bg")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = get_pass("int8-dynamic").apply(model, ["fc"], {}, PassContext())
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert result.applied == ["fc"]
+    assert any("Gemm" in note for note in result.notes)
+    ops = [n.op_type for n in out.graph.node]
+    assert "MatMulInteger" in ops and "Gemm" not in ops
+    assert all(provenance.get_origin(n) == ["fc"] for n in out.graph.node)
+    assert result.details["fc"]["bytes_before"] == 8 * 32 * 4
+    x = {"x": RNG.standard_normal((4, 32)).astype(np.float32)}
+    assert rel_error(run(model, x), run(out, x)) < 0.05
+
+
+def test_check_refuses_a_weight_that_is_not_constant():
+    model = cnn_mlp()
+    node = helper.make_node("MatMul", ["f", "x"], ["z"], name="mm_act")
+    reason = get_pass("int8-dynamic").check(model, node)
+    assert "graph input" in reason and "initializer" in reason
+
+
+def test_weights_in_constant_nodes_are_folded_first():
+    weight = RNG.standard_normal((16, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], name="const_w",
+                         value=numpy_helper.from_array(weight, "w")),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm0"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 16])],
+                              [helper.make_tensor_value_info("y", 1, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert get_pass("int8-dynamic").check(model, model.graph.node[1]) is None
+    result = get_pass("int8-dynamic").apply(model, ["mm0"], {}, PassContext())
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.applied == ["mm0"]
+    assert any("Constant" in note for note in result.notes)
+    x = {"x": RNG.standard_normal((2, 16)).astype(np.float32)}
+    assert rel_error(run(model, x), run(result.model, x)) < 0.05
+
+
+def test_static_qdq_around_chosen_nodes():
+    model = cnn_mlp()
+    result = get_pass("int8-static").apply(model, ["conv0", "mm0"], {"samples": 8},
+                                           calibration())
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert result.applied == ["conv0", "mm0"]
+    producers = {o: n for n in out.graph.node for o in n.output}
+    conv = next(n for n in out.graph.node if n.name == "conv0")
+    assert all(producers[i].op_type == "DequantizeLinear" for i in conv.input)
+    mm1 = next(n for n in out.graph.node if n.name == "mm1")
+    assert mm1.input[1] == "M1"  # the unchosen MatMul keeps its float weight
+    created = new_nodes(model, out)
+    assert {n.op_type for n in created} == {"QuantizeLinear", "DequantizeLinear"}
+    for node in created:
+        assert provenance.get_origin(node) in (["conv0"], ["mm0"]), node.name
+    assert result.details["conv0"]["calibration_samples"] == 8
+    x = sample(3)
+    assert rel_error(run(model, x), run(out, x)) < 0.1
+
+
+def test_static_per_channel_raises_an_old_opset_to_13():
+    model = cnn_mlp(opset=12)
+    result = get_pass("int8-static").apply(model, ["conv0"], {"per_channel": True, "samples": 8},
+                                           calibration(8))
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert next(o.version for o in out.opset_import if o.domain == "") >= 13
+    assert any("opset from 12 to 13" in note for note in result.notes)
+    w_dq = next(n for n in out.graph.node if n.name == "W_DequantizeLinear")
+    assert any(a.name == "axis" for a in w_dq.attribute)
+    x = sample(4)
+    assert rel_error(run(model, x), run(out, x)) < 0.1
+
+
+def test_static_calibration_from_npz(tmp_path):
+    model = cnn_mlp()
+    stacked = np.concatenate([sample(k)["x"] for k in range(5)])[:, None]  # [5, 1, 4, 8, 8]
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=stacked)
+    result = get_pass("int8-static").apply(
+        model, ["mm0"], {"calibration": str(path), "samples": 3}, PassContext())
+    assert result.details["mm0"]["calibration_samples"] == 3
+    single = tmp_path / "one.npz"
+    np.savez(single, x=sample(9)["x"])
+    result = get_pass("int8-static").apply(model, ["mm0"], {"calibration": str(single)},
+                                           PassContext())
+    assert result.details["mm0"]["calibration_samples"] == 1
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_static_npz_without_the_input_is_an_error(tmp_path):
+    path = tmp_path / "wrong.npz"
+    np.savez(path, other=np.zeros(3, np.float32))
+    with pytest.raises(OpstudioError, match="no array for model input 'x'"):
+        get_pass("int8-static").apply(cnn_mlp(), ["mm0"], {"calibration": str(path)},
+                                      PassContext())
+
+
+@pytest.mark.parametrize(("params", "fragment"), [
+    ({"calibration": "data.txt"}, "'random' or an .npz file"),
+    ({"calibration": "/nonexistent/calib.npz"}, "does not exist"),
+    ({"method": "mse"}, "must be one of"),
+    ({"samples": 0}, "at least 1"),
+    ({"bits": 8}, "unknown parameter"),
+])
+def test_static_params_are_validated(params, fragment):
+    with pytest.raises(OpstudioError, match=fragment):
+        get_pass("int8-static").validate_params(params)
+
+
+def test_unsupported_named_nodes_are_skipped_with_reasons():
+    result = get_pass("int8-dynamic").apply(cnn_mlp(), ["relu0", "nope"], {}, PassContext())
+    assert result.applied == []
+    assert "not Relu" in result.skipped["relu0"]
+    assert result.skipped["nope"] == "no such node"
+
+
+def test_origin_of_an_already_rewritten_node_is_carried_over():
+    model = cnn_mlp()
+    for node in model.graph.node:
+        if node.name == "mm1":
+            provenance.set_origin(node, ["orig_mm"])
+    out = get_pass("int8-dynamic").apply(model, ["mm1"], {}, PassContext()).model
+    created = new_nodes(model, out)
+    assert created and all(provenance.get_origin(n) == ["orig_mm"] for n in created)
+
+
+def test_random_calibration_without_given_inputs_uses_synthetic_ones():
+    result = get_pass("int8-static").apply(cnn_mlp(), ["mm0"], {"samples": 3}, PassContext())
+    assert result.details["mm0"]["calibration_samples"] == 3
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_same_input_gives_same_bytes():
+    model = cnn_mlp()
+    params = {"method": "percentile"}
+    a = get_pass("int8-static").apply(model, ["conv0", "mm0"], params, calibration(4)).model
+    b = get_pass("int8-static").apply(model, ["conv0", "mm0"], params, calibration(4)).model
+    assert a.SerializeToString() == b.SerializeToString()
+    c = get_pass("int8-dynamic").apply(model, ["mm0"], {}, PassContext()).model
+    d = get_pass("int8-dynamic").apply(model, ["mm0"], {}, PassContext()).model
+    assert c.SerializeToString() == d.SerializeToString()

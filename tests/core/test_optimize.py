@@ -1,0 +1,249 @@
+"""The optimizer: steps in order, node addressing across steps, errors, determinism, files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import opstudio.core.optimize as optimize_module
+import opstudio.core.passes as passes_module
+from opstudio.core import provenance
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.model_io import save_model
+from opstudio.core.optimize import optimize, optimize_file
+from opstudio.core.passes import Pass, PassContext, PassResult
+from opstudio.core.recipe import Recipe
+
+RNG = np.random.default_rng(3)
+
+
+def mlp() -> onnx.ModelProto:
+    """x[2,128] → mm0 (128×64) → relu0 → mm1 (64×64) → mm2 (64×16, K=64) → y."""
+    def w(k: int, n: int, name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array((RNG.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), name)
+
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+             helper.make_node("MatMul", ["r", "W1"], ["h1"], name="mm1"),
+             helper.make_node("MatMul", ["h1", "W2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 128])],
+                              [helper.make_tensor_value_info("y", 1, [2, 16])],
+                              [w(128, 64, "W0"), w(64, 64, "W1"), w(64, 16, "W2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def feeds(seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((2, 128)).astype(np.float32)}
+
+
+def run(model: onnx.ModelProto, x: Mapping[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, dict(x))[0]
+
+
+def recipe(*steps: dict) -> Recipe:
+    return Recipe.from_json({"version": 1, "steps": list(steps)})
+
+
+def test_steps_apply_in_order_and_report():
+    model = mlp()
+    original = model.SerializeToString()
+    r = recipe({"nodes": ["mm0"], "technique": "int4-weight", "params": {"block_size": 32}},
+               {"op_types": ["MatMul"], "technique": "int8-dynamic"},
+               {"nodes": ["relu0"], "technique": "fp16"})
+    result = optimize(model, r, inputs=feeds())
+    assert model.SerializeToString() == original  # the input is never changed
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert [s.index for s in result.steps] == [1, 2, 3]
+    first, second, third = result.steps
+    assert first.applied == ["mm0"] and first.details["mm0"]["block_size"] == 32
+    # step 2 sees the result of step 1: mm0 is MatMulNBits now, only mm1/mm2 are MatMuls
+    assert second.applied == ["mm1", "mm2"] and second.skipped == {}
+    assert third.applied == ["relu0"]
+    ops = [n.op_type for n in out.graph.node]
+    assert "MatMulNBits" in ops and ops.count("MatMulInteger") == 2 and "Cast" in ops
+    origins = {o for n in out.graph.node for o in provenance.get_origin(n)}
+    assert origins == {"mm0", "relu0", "mm1", "mm2"}
+    ref, new = run(model, feeds(1)), run(out, feeds(1))
+    assert np.linalg.norm(new - ref) / np.linalg.norm(ref) < 0.25
+    as_json = result.to_json()
+    assert as_json["steps"][0]["technique"] == "int4-weight"
+    assert as_json["steps"][1]["params"] == {"per_channel": False}
+
+
+def test_op_type_selection_skips_nodes_with_reasons():
+    result = optimize(mlp(), recipe({"op_types": ["MatMul"], "technique": "int4-weight",
+                                     "params": {"block_size": 128}}))
+    step = result.steps[0]
+    assert step.applied == ["mm0"]
+    assert "K=64 is smaller than the block size 128" in step.skipped["mm1"]
+    assert set(step.skipped) == {"mm1", "mm2"}
+
+
+def test_a_named_node_that_cannot_take_it_is_an_error():
+    r = recipe({"nodes": ["mm0", "mm2"], "technique": "int4-weight", "params": {"block_size": 128}})
+    with pytest.raises(OpstudioError) as info:
+        optimize(mlp(), r)
+    assert str(info.value) == ("step 1 (int4-weight): node 'mm2' (MatMul) cannot take "
+                               "int4-weight: K=64 is smaller than the block size 128")
+
+
+def test_a_named_node_rewritten_earlier_is_addressed_through_provenance():
+    # after int4, "mm0" stands for mm0_Q4 (MatMulNBits), which int8-dynamic cannot take
+    r = recipe({"nodes": ["mm0"], "technique": "int4-weight"},
+               {"nodes": ["mm0"], "technique": "int8-dynamic"})
+    with pytest.raises(OpstudioError) as info:
+        optimize(mlp(), r)
+    message = str(info.value)
+    assert message.startswith("step 2 (int8-dynamic): none of the nodes made from 'mm0'")
+    assert "mm0_Q4 (MatMulNBits)" in message
+
+
+class SplitPass(Pass):
+    """Test double: MatMul(x, W) → MatMul(MatMul(x, W), I), both recording the original."""
+
+    technique = "split"
+    params = ()
+
+    def check(self, model, node):
+        return None if node.op_type == "MatMul" else "only MatMul"
+
+    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
+              ctx: PassContext) -> PassResult:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        new_nodes = []
+        for node in out.graph.node:
+            if node.name not in nodes:
+                new_nodes.append(node)
+                continue
+            n = next(i for i in out.graph.initializer if i.name == node.input[1]).dims[1]
+            eye = numpy_helper.from_array(np.eye(n, dtype=np.float32), f"{node.name}_eye")
+            out.graph.initializer.append(eye)
+            a = helper.make_node("MatMul", [node.input[0], node.input[1]], [f"{node.name}_t"],
+                                 name=f"{node.name}_a")
+            b = helper.make_node("MatMul", [f"{node.name}_t", eye.name], list(node.output),
+                                 name=f"{node.name}_b")
+            for created in (a, b):
+                provenance.set_origin(created, provenance.get_origin(node))
+            new_nodes += [a, b]
+        del out.graph.node[:]
+        out.graph.node.extend(new_nodes)
+        return PassResult(model=out, applied=list(nodes))
+
+
+class BrokenPass(SplitPass):
+    technique = "broken"
+
+    def apply(self, model, nodes, params, ctx):
+        result = super().apply(model, nodes, params, ctx)
+        result.model.graph.node[0].input[0] = "nowhere"
+        return result
+
+
+@pytest.fixture
+def fake_passes(monkeypatch):
+    real = passes_module.get_pass
+    fakes = {"split": SplitPass(), "broken": BrokenPass()}
+
+    def get_pass(name: str) -> Pass:
+        return fakes[name] if name in fakes else real(name)
+
+    monkeypatch.setattr(passes_module, "get_pass", get_pass)
+    monkeypatch.setattr(optimize_module, "get_pass", get_pass)
+
+
+def test_later_steps_reach_all_nodes_made_from_a_named_node(fake_passes):
+    r = recipe({"nodes": ["mm1"], "technique": "split"},
+               {"nodes": ["mm1"], "technique": "int8-dynamic"})
+    result = optimize(mlp(), r)
+    assert result.steps[0].applied == ["mm1"]
+    assert result.steps[1].applied == ["mm1_a", "mm1_b"]
+    quantized = [n for n in result.model.graph.node if n.op_type == "MatMulInteger"]
+    assert len(quantized) == 2
+    assert all(provenance.get_origin(n) == ["mm1"] for n in quantized)
+
+
+def test_a_step_producing_an_invalid_model_is_named(fake_passes):
+    with pytest.raises(OpstudioError, match=r"^step 2 \(broken\): the result is not a valid"):
+        optimize(mlp(), recipe({"nodes": ["mm2"], "technique": "fp16"},
+                               {"nodes": ["mm0"], "technique": "broken"}))
+
+
+def test_same_recipe_same_bytes():
+    r = recipe({"nodes": ["mm0"], "technique": "int8-static", "params": {"samples": 4}},
+               {"nodes": ["mm1"], "technique": "int4-weight"},
+               {"nodes": ["mm2", "relu0"], "technique": "fp16"})
+    a = optimize(mlp_fixed(), r, inputs=feeds()).model.SerializeToString()
+    b = optimize(mlp_fixed(), r, inputs=feeds()).model.SerializeToString()
+    assert a == b
+
+
+def mlp_fixed() -> onnx.ModelProto:
+    global RNG
+    saved, RNG = RNG, np.random.default_rng(99)
+    try:
+        return mlp()
+    finally:
+        RNG = saved
+
+
+def test_progress_and_cancel():
+    seen: list[float] = []
+    optimize(mlp(), recipe({"nodes": ["mm0"], "technique": "int4-weight"},
+                           {"nodes": ["mm1"], "technique": "fp16"}),
+             progress=lambda f, msg: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == 1.0 and seen[0] == 0.0
+    with pytest.raises(Cancelled):
+        optimize(mlp(), recipe({"nodes": ["mm0"], "technique": "fp16"}), cancelled=lambda: True)
+
+
+def test_optimize_file(tmp_path):
+    src = tmp_path / "in.onnx"
+    save_model(mlp(), src)
+    out = tmp_path / "out.onnx"
+    r = recipe({"nodes": ["mm0"], "technique": "int8-dynamic"})
+    with pytest.raises(OpstudioError, match="is the input model"):
+        optimize_file(src, r, src, overwrite=True)
+    result = optimize_file(src, r, out)
+    assert result.steps[0].applied == ["mm0"]
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    with pytest.raises(OpstudioError, match="already exists"):
+        optimize_file(src, r, out)
+    optimize_file(src, r, out, overwrite=True)
+    # a failing recipe writes nothing
+    failing = recipe({"nodes": ["relu0"], "technique": "int4-weight"})
+    missing = tmp_path / "never.onnx"
+    with pytest.raises(OpstudioError, match="node 'relu0'"):
+        optimize_file(src, failing, missing)
+    with pytest.raises(Cancelled):
+        optimize_file(src, r, missing, cancelled=lambda: True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]
+
+
+def test_lowrank_then_quantize_the_factors():
+    pytest.importorskip("opstudio.core.passes.lowrank")
+    r = recipe({"nodes": ["mm0"], "technique": "lowrank", "params": {"rank": 48}},
+               {"nodes": ["mm0"], "technique": "int8-dynamic"},
+               {"nodes": ["mm1"], "technique": "prune", "params": {"sparsity": 0.5}},
+               {"nodes": ["mm1"], "technique": "int4-weight"})
+    result = optimize(mlp(), r, inputs=feeds())
+    lowrank, int8, prune, int4 = result.steps
+    assert len(lowrank.applied) == 1 and sorted(int8.applied) == ["mm0_lowrank_a", "mm0_lowrank_b"]
+    assert prune.applied == ["mm1"] and int4.applied == ["mm1"]
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    quantized = [n for n in out.graph.node if n.op_type == "MatMulInteger"]
+    assert len(quantized) == 2 and all(provenance.get_origin(n) == ["mm0"] for n in quantized)
+    nbits = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and provenance.get_origin(nbits[0]) == ["mm1"]
+    assert run(out, feeds(2)).shape == (2, 16)
