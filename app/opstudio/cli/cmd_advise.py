@@ -84,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
     if plan.verified is not None:
         print(f"verified end to end: cosine {plan.verified.cosine:.6f}, "
               f"SNR {_db(plan.verified.snr_db)} dB")
-    plan.recipe.save(out, overwrite=args.overwrite)
-    print(f"recipe written to {out}")
+    if plan.recipe.steps:
+        plan.recipe.save(out, overwrite=args.overwrite)
+        print(f"recipe written to {out}")
+    else:
+        print(f"no rewrite saves time within the budget: the model is best left as it is; "
+              f"no recipe written to {out}")
     if args.json:
         write_json({"model": args.model, **advice.to_json()}, args.json)
     return 0

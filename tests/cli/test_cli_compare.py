@@ -1,0 +1,48 @@
+"""`opstudio compare`: exit codes, the JSON contract, HTML/CSV outputs."""
+
+import json
+
+import onnx
+
+from model_builders import small_mlp
+from opstudio.cli import main
+from opstudio.core.optimize import optimize
+from opstudio.core.recipe import Recipe, Step
+
+
+def test_compare_json_contract(tmp_path, capsys):
+    model = small_mlp()
+    before, after = tmp_path / "before.onnx", tmp_path / "after.onnx"
+    onnx.save(model, before)
+    optimized = optimize(model, Recipe([Step("int8-dynamic", {}, op_types=["MatMul"])])).model
+    onnx.save(optimized, after)
+    code = main(["compare", str(before), str(after), "--runs", "3", "--warmup", "1",
+                 "--threads", "1", "--dim", "batch=4", "--json", "-"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"before", "after", "speedup", "nodes", "accuracy", "size_bytes"}
+    names = {n["name"] for n in data["nodes"]}
+    assert {"fc1", "fc2"} <= names
+    out = data["accuracy"]["outputs"][0]
+    assert set(out) >= {"name", "max_abs_err", "mean_abs_err", "cosine", "snr_db"}
+    assert data["size_bytes"]["after"] < data["size_bytes"]["before"]
+
+
+def test_compare_writes_html_and_csv_and_prints_a_table(tmp_path, capsys):
+    model = small_mlp()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    html, csv = tmp_path / "r.html", tmp_path / "r.csv"
+    code = main(["compare", str(path), str(path), "--runs", "2", "--warmup", "0",
+                 "--threads", "1", "--dim", "batch=2", "--html", str(html), "--csv", str(csv)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "total (median, profiled)" in printed and "cosine" in printed
+    assert html.read_text().startswith("<!doctype html>")
+    assert csv.read_text().startswith("name,op_type")
+
+
+def test_compare_missing_file_is_one_line(tmp_path, capsys):
+    code = main(["compare", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ")
