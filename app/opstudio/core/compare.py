@@ -107,7 +107,10 @@ class Comparison:
 
 
 def match_nodes(before: Profile, after: Profile) -> list[NodeDelta]:
-    """Rows of (original node or group, time before, time after), slowest-before first."""
+    """Rows of (original node or group, time before, time after), slowest-before first.
+
+    Times are per-run medians: on a busy machine one interrupted run can triple a mean, while
+    the median of the same runs stays within a few percent."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -139,7 +142,7 @@ def match_nodes(before: Profile, after: Profile) -> list[NodeDelta]:
                 c = clusters[root] = {"name": stats.name, "op_type": stats.op_type,
                                       "before": 0.0, "after": 0.0, "members": []}
                 order.append(root)
-            c[side] += stats.mean_ms
+            c[side] += stats.p50_ms
             for m in [stats.name, *stats.group]:
                 if m not in c["members"]:
                     c["members"].append(m)

@@ -70,7 +70,7 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
     rows = c.nodes[:top]
     bars = _bar_chart(
         [r.name for r in rows], [r.before_ms for r in rows], [r.after_ms for r in rows],
-        "Per-operator latency (ms, mean per run)")
+        "Per-operator latency (ms, median per run)")
     ops = c.op_types()[:top]
     op_bars = _bar_chart([r["op_type"] for r in ops], [r["before_ms"] for r in ops],
                          [r["after_ms"] for r in ops], "Latency per op type (ms)")

@@ -1,0 +1,126 @@
+"""``opstudio profile MODEL``: per-operator latency on onnxruntime, slowest operators first."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from opstudio.cli.common import add_input_flags, parse_dims, parse_shapes, print_table, write_json
+from opstudio.core.fileio import write_text_atomic
+from opstudio.core.profiler import OPT_LEVELS, Profile, ProfileSettings, profile_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile", help="measure per-operator latency on onnxruntime",
+        description="Run MODEL on onnxruntime with profiling on, report time per original node "
+                    "(fused kernels are reported once, against all the nodes they cover), the "
+                    "whole run, and the plain (unprofiled) run time.")
+    p.add_argument("model", help="path to an .onnx file")
+    add_profile_flags(p)
+    p.add_argument("--top", type=int, default=20, metavar="N",
+                   help="operators to list (default 20, 0 = all)")
+    p.add_argument("--json", metavar="PATH|-", help="write the profile as JSON ('-' = stdout)")
+    p.add_argument("--csv", metavar="PATH", help="write the per-operator table as CSV")
+    p.add_argument("--trace", metavar="PATH",
+                   help="write one run as a Chrome/Perfetto trace (open in ui.perfetto.dev)")
+    p.set_defaults(func=run)
+
+
+def add_profile_flags(parser: argparse.ArgumentParser) -> None:
+    """Measurement flags and model-input flags; shared with ``compare``."""
+    d = ProfileSettings()
+    group = parser.add_argument_group("measurement")
+    group.add_argument("--runs", type=int, default=d.runs, metavar="N",
+                       help=f"timed runs (default {d.runs})")
+    group.add_argument("--warmup", type=int, default=d.warmup, metavar="N",
+                       help=f"untimed warm-up runs first (default {d.warmup})")
+    group.add_argument("--threads", type=int, default=d.threads, metavar="N",
+                       help="onnxruntime intra-op threads (default 0 = onnxruntime's choice)")
+    group.add_argument("--opt-level", choices=OPT_LEVELS, default=d.opt_level,
+                       help="onnxruntime graph optimization level (default: all, as deployed)")
+    group.add_argument("--provider", default=d.provider, metavar="P",
+                       help=f"onnxruntime execution provider (default {d.provider})")
+    group.add_argument("--time-budget", type=float, default=None, metavar="S",
+                       help="stop timed runs after S seconds (at least one run)")
+    group.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
+                       help=f"stop onnxruntime if it takes longer than S seconds in all "
+                            f"(default {d.timeout_s:g})")
+    group.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                       help="seed of the generated inputs (default 0)")
+    add_input_flags(parser)
+
+
+def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
+    settings = ProfileSettings(
+        runs=args.runs, warmup=args.warmup, threads=args.threads, opt_level=args.opt_level,
+        provider=args.provider, time_budget_s=args.time_budget, timeout_s=args.timeout,
+        dims=parse_dims(getattr(args, "dim", []) or []),
+        shapes=parse_shapes(getattr(args, "shape", []) or []),
+        inputs_path=getattr(args, "inputs", None), seed=getattr(args, "seed", 0))
+    settings.validate()
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    quiet = args.json == "-"
+    profile = profile_model(args.model, settings,
+                            progress=None if quiet else _progress_printer())
+    if not quiet:
+        _clear_progress()
+        print_summary(profile, args.top)
+    if args.json:
+        write_json(profile.to_json(), args.json)
+    if args.csv:
+        write_text_atomic(args.csv, profile.to_csv(), overwrite=True)
+    if args.trace:
+        write_text_atomic(args.trace, json.dumps(profile.to_chrome_trace()) + "\n",
+                          overwrite=True)
+    return 0
+
+
+def print_summary(p: Profile, top: int = 20, file=None) -> None:
+    file = file or sys.stdout
+    nodes = p.nodes if top <= 0 else p.nodes[:top]
+    rows = [(n.name, n.op_type, f"{n.mean_ms:.4f}", f"{n.p90_ms:.4f}", f"{n.share:.1%}",
+             f"{n.calls:g}", f"+{len(n.group) - 1}" if n.group else "") for n in nodes]
+    print_table(("operator", "op type", "mean ms", "p90 ms", "share", "calls", "fused"), rows,
+                "llrrrrl", file=file)
+    if len(p.nodes) > len(nodes):
+        rest = sum(n.mean_ms for n in p.nodes[len(nodes):])
+        print(f"... {len(p.nodes) - len(nodes)} more operators, {rest:.4f} ms", file=file)
+    t = p.total_ms
+    print(file=file)
+    print(f"total (profiled, model_run): mean {t['mean']:.4f} ms  p50 {t['p50']:.4f}  "
+          f"p90 {t['p90']:.4f}  min {t['min']:.4f}  std {t['std']:.4f}  ({p.runs} runs)",
+          file=file)
+    if p.plain_ms:
+        q = p.plain_ms
+        print(f"total (plain, no profiler):  mean {q['mean']:.4f} ms  p50 {q['p50']:.4f}  "
+              f"p90 {q['p90']:.4f}  min {q['min']:.4f}  std {q['std']:.4f}", file=file)
+    if p.overhead.get("ratio") is not None:
+        print(f"profiling overhead: {p.overhead['ratio']:.2f}x — {p.overhead.get('note', '')}",
+              file=file)
+    line = f"unattributed: {p.unattributed_ms:.4f} ms"
+    if p.unattributed:
+        line += " (" + ", ".join(u["kernel"] for u in p.unattributed[:5]) + \
+            (", …" if len(p.unattributed) > 5 else "") + ")"
+    print(f"{line};  between kernels (not traced): {p.untraced_ms:.4f} ms", file=file)
+
+
+def _progress_printer():
+    interactive = sys.stderr.isatty()
+
+    def show(fraction: float, message: str) -> None:
+        if interactive:
+            sys.stderr.write(f"\r{fraction:5.0%}  {message[:50]:<50}")
+            sys.stderr.flush()
+
+    return show
+
+
+def _clear_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 60 + "\r")

@@ -1,0 +1,369 @@
+"""Inputs for running a model: which shape each input gets, and what values.
+
+Shapes, in order of precedence:
+
+1. ``shapes`` (``--shape x=1,3,224,224``) gives an input's whole shape;
+2. ``dims`` (``--dim seq=128``) binds a named (symbolic) dim wherever it appears;
+3. defaults for the obvious cases:
+   - a dim named like a batch (``batch``, ``batch_size``, ``N``, ``B``, ``bs``, anything
+     containing "batch") = 1;
+   - a dim named like a past/cache length (anything containing "past" or "cache") = 0;
+   - a dim named like a sequence (``seq``, ``sequence``, ``seq_len``, ``sequence_length``,
+     ``tokens``, ``T``, anything containing "seq" or "token", ``src_len``, ``*_length``) = 128;
+   - a total length (``total_sequence_length``, …: contains "total" and "seq"/"len") =
+     past + sequence, i.e. 128 with the defaults above;
+   - a leading dim with no name (``?``, ``-1``, or a name an exporter made up: ``unk__12``,
+     ``p2o.DynamicDimension.0``) = 1 (the batch);
+4. anything still unknown is an ``OpstudioError`` naming the input, the dim and the flag to pass.
+
+Real tensors can come from an ``.npz`` (``--inputs``), loaded with ``allow_pickle=False``; each
+array must be named after a model input and match its dtype, rank and fixed dims. Inputs the
+file does not hold are generated, with named dims taken from the supplied arrays first.
+
+Values (deterministic for a given ``seed``; each input has its own generator, so adding an input
+never changes another's values):
+
+- an integer input that reaches the indices of a ``Gather`` on a weight table (directly or
+  through Cast/Unsqueeze/Squeeze/Reshape/Flatten/Identity/Expand) gets values in ``[0, rows)``;
+  ``input_ids``-like inputs (``*ids``, ``*token*``) with no table found get ``[0, 100)``;
+- ``attention_mask``/``*mask*`` ones; ``position_ids`` 0…seq−1; ``token_type_ids``,
+  ``segment_ids`` and ``past_*``/``*cache*``/``past_key_values.*`` zeros; bool inputs False;
+- scalars (rank 0): a sample rate (``sr``, ``sample_rate``, ``sampling_rate``) = 16000, any other
+  number 1;
+- other integer tensors: a ``*len*``/``*length*`` input holds the longest non-batch dim of the
+  other inputs (a sequence length), ``uint8`` uniform in [0, 256) (images), the rest zeros;
+- floating-point tensors: standard normal, in the declared precision.
+
+An input whose size exceeds ``max_bytes`` is refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.graph import TensorInfo, input_specs
+
+DEFAULT_SEQ = 128
+DEFAULT_BATCH = 1
+DEFAULT_PAST = 0
+SAMPLE_RATE = 16000
+DEFAULT_ID_RANGE = 100
+
+_BATCH_NAMES = {"batch", "batch_size", "batchsize", "n", "b", "bs", "num_batches"}
+_SEQ_NAMES = {"seq", "sequence", "seq_len", "seqlen", "sequence_length", "tokens", "num_tokens",
+              "t", "token", "seq_length", "sequence_len"}
+_PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"}
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    notes: tuple[str, ...] = field(default=())  # how defaulted dims were chosen
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def numpy_dtype(spec_dtype: str | None, input_name: str) -> np.dtype:
+    if spec_dtype is None:
+        raise OpstudioError(f"input '{input_name}' declares no element type")
+    if spec_dtype == "string":
+        raise OpstudioError(f"input '{input_name}' is a string tensor: pass real values with --inputs")
+    if spec_dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(spec_dtype)
+    except TypeError:
+        raise OpstudioError(
+            f"input '{input_name}' has element type {spec_dtype}, which opstudio cannot "
+            "generate: pass real values with --inputs") from None
+
+
+def default_dim(dim_name: str, dims: Mapping[str, int]) -> tuple[int | None, str]:
+    """The documented default for a named dim (None if there is none) and why."""
+    low = dim_name.lower()
+    if low in _BATCH_NAMES or "batch" in low:
+        return DEFAULT_BATCH, f"{dim_name}={DEFAULT_BATCH} (batch)"
+    if "past" in low or "cache" in low:
+        return DEFAULT_PAST, f"{dim_name}={DEFAULT_PAST} (past length)"
+    if "total" in low and ("seq" in low or "len" in low):
+        past = next((v for k, v in dims.items() if "past" in k.lower()), DEFAULT_PAST)
+        seq = next((v for k, v in dims.items() if _is_seq_name(k)), DEFAULT_SEQ)
+        return past + seq, f"{dim_name}={past + seq} (past + sequence)"
+    if _is_seq_name(dim_name):
+        return DEFAULT_SEQ, f"{dim_name}={DEFAULT_SEQ} (sequence)"
+    return None, ""
+
+
+def _is_seq_name(name: str) -> bool:
+    low = name.lower()
+    if "past" in low or "total" in low:
+        return False
+    return (low in _SEQ_NAMES or "seq" in low or "token" in low
+            or low.endswith(("_len", "_length")))
+
+
+_AUTO_DIM = re.compile(r"^(\?|-1|none|unk__\d+|unknown.*|p2o\.dynamicdimension\.\d+|"
+                       r"dynamicdimension.*|dim_?\d+|d\d+|s\d+|[a-z]*_dynamic_axes_\d+)$")
+
+
+def is_auto_dim_name(name: str) -> bool:
+    """Names exporters make up for a dim they know nothing about (``unk__12``,
+    ``p2o.DynamicDimension.0``, ``?``): treated like unnamed dims."""
+    return bool(_AUTO_DIM.match(name.strip().lower()))
+
+
+def _example_shape(shape: list, name_for_unknown: str = "N") -> str:
+    out = []
+    for d in shape:
+        out.append(str(d) if isinstance(d, int) and d >= 0 else name_for_unknown)
+    return ",".join(out)
+
+
+def _resolve_one(spec: TensorInfo, dims: Mapping[str, int],
+                 shapes: Mapping[str, list[int]]) -> ResolvedInput:
+    dtype = numpy_dtype(spec.dtype, spec.name)
+    declared = spec.shape
+    if spec.name in shapes:
+        given = [int(d) for d in shapes[spec.name]]
+        if declared is not None:
+            if len(given) != len(declared):
+                raise OpstudioError(
+                    f"--shape {spec.name}: gives {len(given)} dims, the model declares "
+                    f"{len(declared)} ([{_example_shape(declared, '?')}])")
+            for i, (g, d) in enumerate(zip(given, declared)):
+                if isinstance(d, int) and d > 0 and g != d:
+                    raise OpstudioError(
+                        f"--shape {spec.name}: dim {i} is fixed at {d} in the model, not {g}")
+        return ResolvedInput(spec.name, dtype, tuple(given), ("from --shape",))
+    if declared is None:
+        raise OpstudioError(
+            f"input '{spec.name}' declares no shape: pass --shape {spec.name}=D0,D1,...")
+    out: list[int] = []
+    notes: list[str] = []
+    for i, d in enumerate(declared):
+        if isinstance(d, int) and d >= 0:
+            out.append(d)
+            continue
+        if isinstance(d, str) and d in dims:
+            out.append(int(dims[d]))
+            continue
+        if isinstance(d, str) and d and not is_auto_dim_name(d):
+            value, why = default_dim(d, dims)
+            if value is not None:
+                out.append(value)
+                notes.append(why)
+                continue
+            example = _example_shape([*out, *declared[i:]])
+            raise OpstudioError(
+                f"input '{spec.name}' dim {i} ('{d}') is unknown: pass --dim {d}=N "
+                f"or --shape {spec.name}={example}")
+        if i == 0:
+            out.append(DEFAULT_BATCH)
+            notes.append(f"dim 0={DEFAULT_BATCH} (batch)")
+            continue
+        example = _example_shape([*out, *declared[i:]])
+        label = f"unnamed, '{d}'" if isinstance(d, str) and d else "unnamed"
+        raise OpstudioError(
+            f"input '{spec.name}' dim {i} ({label}) is unknown: pass --shape {spec.name}={example}")
+    return ResolvedInput(spec.name, dtype, tuple(out), tuple(notes))
+
+
+def resolve_input_specs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                        shapes: Mapping[str, list[int]] | None = None) -> list[ResolvedInput]:
+    """Concrete dtype and shape of every model input (see the module docstring for the rules)."""
+    dims = dict(dims or {})
+    shapes = dict(shapes or {})
+    specs = input_specs(model)
+    known = {s.name for s in specs}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise OpstudioError(
+            f"--shape {unknown[0]}: the model has no input of that name "
+            f"(inputs: {', '.join(sorted(known)) or 'none'})")
+    return [_resolve_one(spec, dims, shapes) for spec in specs]
+
+
+def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                shapes: Mapping[str, list[int]] | None = None,
+                npz_path: str | Path | None = None, seed: int = 0,
+                max_bytes: int = 2**31) -> dict[str, np.ndarray]:
+    """One array per model input, in the model's input order."""
+    dims = dict(dims or {})
+    shapes = dict(shapes or {})
+    specs = input_specs(model)
+    supplied: dict[str, np.ndarray] = {}
+    if npz_path is not None:
+        supplied = load_npz(model, npz_path)
+        # Named dims seen in the real tensors size the inputs still to generate.
+        for spec in specs:
+            arr = supplied.get(spec.name)
+            if arr is None or spec.shape is None:
+                continue
+            for d, n in zip(spec.shape, arr.shape):
+                if isinstance(d, str) and d:
+                    dims.setdefault(d, int(n))
+    todo = [s for s in specs if s.name not in supplied]
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        raise OpstudioError(
+            f"--shape {unknown[0]}: the model has no input of that name "
+            f"(inputs: {', '.join(s.name for s in specs) or 'none'})")
+    resolved = [_resolve_one(spec, dims, shapes) for spec in todo]
+    total = 0
+    for r in resolved:
+        if r.nbytes > max_bytes:
+            raise OpstudioError(
+                f"input '{r.name}' would take {_gib(r.nbytes)} ({r.dtype.name} "
+                f"[{','.join(map(str, r.shape))}]), over the {_gib(max_bytes)} limit; "
+                "choose smaller --dim/--shape values")
+        total += r.nbytes
+    if total > max_bytes:
+        raise OpstudioError(
+            f"the generated inputs would take {_gib(total)} together, over the "
+            f"{_gib(max_bytes)} limit; choose smaller --dim/--shape values")
+    bounds = index_bounds(model)
+    seq_guess = max((d for r in resolved for d in r.shape[1:]), default=DEFAULT_SEQ)
+    generated = {r.name: _values(r, seed, bounds.get(r.name), seq_guess) for r in resolved}
+    return {s.name: supplied[s.name] if s.name in supplied else generated[s.name] for s in specs}
+
+
+def load_npz(model: onnx.ModelProto, npz_path: str | Path) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz``, checked against the model's inputs."""
+    p = Path(npz_path)
+    if not p.is_file():
+        raise OpstudioError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        raise OpstudioError(f"{p}: cannot read as .npz ({_first_line(exc)})") from None
+    except (OSError, EOFError) as exc:
+        raise OpstudioError(f"{p}: not a valid .npz file ({_first_line(exc)})") from None
+    if not isinstance(arrays, dict):
+        raise OpstudioError(f"{p}: expected an .npz archive of named arrays")
+    specs = {s.name: s for s in input_specs(model)}
+    for name, arr in arrays.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise OpstudioError(
+                f"{p}: array '{name}' is not an input of the model "
+                f"(inputs: {', '.join(specs) or 'none'})")
+        want = numpy_dtype(spec.dtype, name)
+        if arr.dtype != want:
+            raise OpstudioError(
+                f"{p}: input '{name}' is {arr.dtype.name}, the model expects {want.name}")
+        if spec.shape is not None:
+            if arr.ndim != len(spec.shape):
+                raise OpstudioError(
+                    f"{p}: input '{name}' has {arr.ndim} dims, the model expects "
+                    f"{len(spec.shape)} ([{_example_shape(spec.shape, '?')}])")
+            for i, (d, n) in enumerate(zip(spec.shape, arr.shape)):
+                if isinstance(d, int) and d > 0 and d != n:
+                    raise OpstudioError(
+                        f"{p}: input '{name}' dim {i} is {n}, the model fixes it at {d}")
+    return arrays
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph input -> rows of the smallest weight table it indexes through a Gather."""
+    graph = model.graph
+    tables: dict[str, list[int]] = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    tables[node.output[0]] = list(attr.t.dims)
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            if i:
+                users.setdefault(i, []).append(node)
+    bounds: dict[str, int] = {}
+    inits = {t.name for t in graph.initializer}
+    for vi in graph.input:
+        if vi.name in inits:
+            continue
+        best: int | None = None
+        frontier, seen = [vi.name], {vi.name}
+        while frontier:
+            tensor = frontier.pop()
+            for node in users.get(tensor, []):
+                if node.op_type in _PASS_THROUGH and node.input and node.input[0] == tensor:
+                    for o in node.output:
+                        if o and o not in seen:
+                            seen.add(o)
+                            frontier.append(o)
+                elif (node.op_type == "Gather" and len(node.input) > 1
+                      and node.input[1] == tensor and node.input[0] in tables):
+                    shape = tables[node.input[0]]
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if shape and -len(shape) <= axis < len(shape) and shape[axis] > 0:
+                        rows = int(shape[axis])
+                        best = rows if best is None else min(best, rows)
+        if best is not None:
+            bounds[vi.name] = best
+    return bounds
+
+
+def _values(r: ResolvedInput, seed: int, bound: int | None, seq_guess: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, zlib.crc32(r.name.encode("utf-8"))])
+    low = r.name.lower()
+    words = set(re.split(r"[^a-z0-9]+", low))
+    shape, dtype = r.shape, r.dtype
+    if dtype == np.bool_:
+        return np.zeros(shape, dtype=np.bool_)
+    is_int = np.issubdtype(dtype, np.integer)
+    if "past" in low or "cache" in low or "token_type" in low or "segment" in low:
+        return np.zeros(shape, dtype=dtype)
+    if "mask" in low:
+        return np.ones(shape, dtype=dtype)
+    if "position_ids" in low or low in ("position", "positions", "pos_ids"):
+        if not shape:
+            return np.zeros(shape, dtype=dtype)
+        return np.ascontiguousarray(
+            np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype))
+    if not shape:  # scalars
+        if words & {"sr", "sample_rate", "samplerate", "sampling_rate"} or "sample_rate" in low \
+                or "sampling_rate" in low:
+            return np.array(SAMPLE_RATE, dtype=dtype)
+        return np.array(1, dtype=dtype)
+    if is_int:
+        if bound is not None:
+            return rng.integers(0, bound, size=shape).astype(dtype)
+        if low.endswith("ids") or "token" in low or "input_id" in low:
+            return rng.integers(0, DEFAULT_ID_RANGE, size=shape).astype(dtype)
+        if "len" in low:
+            return np.full(shape, seq_guess, dtype=dtype)
+        if dtype == np.uint8:
+            return rng.integers(0, 256, size=shape).astype(dtype)
+        return np.zeros(shape, dtype=dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
+def _gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n} bytes"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -1,0 +1,631 @@
+"""Per-operator latency of a model on onnxruntime, reported against the original nodes.
+
+``profile_model`` runs the model in a child process (``isolation.call_isolated``): a model that
+crashes or hangs onnxruntime cannot take the caller down, a hung run is stopped after
+``timeout_s`` and cancel stops it within a second.
+
+In the child, one session with ``enable_profiling`` does ``warmup`` runs and then ``runs`` timed
+runs (fewer if ``time_budget_s`` runs out, never fewer than one). Its trace gives, per run, the
+``model_run`` event and one event per kernel (``cat == "Node"``, ``<kernel>_kernel_time``, ``dur``
+in µs). The session also saves the graph it runs, which ``attribution`` uses to map every kernel
+back to the original nodes (if a provider cannot save it, kernels are matched by name). Then a second session, without profiling, runs the same number of
+runs: the plain run time a user would see, and the profiling overhead (profiled wall time over
+plain wall time — onnxruntime spends several µs per kernel event, so models made of many tiny
+kernels read slower when profiled; the per-node split is still the profiler's).
+
+Control flow: an ``If``/``Loop``/``Scan`` event already contains the time of the kernels of its
+subgraphs, which are also listed on their own. Those inner events are charged to the control-flow
+node for ``calls`` and ``kernels`` only; their time is counted once, in the node's own event.
+
+Statistics per node are over the timed runs of the node's summed kernel time per run: mean, p50,
+p90, min, std; ``calls`` is how many times the node ran per run: the most executions of any of
+its kernels (1 for a plain or fused node, n for a kernel in a Loop body run n times);
+``share`` is the mean over the mean ``model_run``. Time of kernels no
+node could be found for is ``unattributed_ms`` (listed in ``unattributed``); the rest of the run
+the trace does not see (the executor between kernels) is ``untraced_ms``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from opstudio.core.errors import OpstudioError
+
+Progress = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+CONTROL_FLOW = {"If", "Loop", "Scan", "BeamSearch", "GreedySearch", "Sampling",
+                "WhisperBeamSearch"}
+STAT_KEYS = ("mean", "p50", "p90", "min", "std")
+
+
+@dataclass
+class ProfileSettings:
+    runs: int = 20
+    warmup: int = 3
+    threads: int = 0  # intra-op threads; 0 = onnxruntime's default
+    opt_level: str = "all"
+    provider: str = "CPUExecutionProvider"
+    time_budget_s: float | None = None  # stop timed runs once this much time was spent
+    timeout_s: float = 600.0
+    measure_plain: bool = True
+    dims: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    inputs_path: str | None = None
+    seed: int = 0
+
+    def validate(self, check_provider: bool = True) -> None:
+        if not isinstance(self.runs, int) or self.runs < 1:
+            raise OpstudioError(f"runs must be at least 1, not {self.runs}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise OpstudioError(f"warm-up runs cannot be negative ({self.warmup})")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise OpstudioError(f"threads must be 0 (onnxruntime's default) or more, not {self.threads}")
+        if self.opt_level not in OPT_LEVELS:
+            raise OpstudioError(
+                f"optimization level {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise OpstudioError(f"time budget must be positive, not {self.time_budget_s}")
+        if not self.timeout_s > 0:
+            raise OpstudioError(f"timeout must be positive, not {self.timeout_s}")
+        if check_provider:
+            import onnxruntime as ort
+
+            available = ort.get_available_providers()
+            if self.provider not in available:
+                raise OpstudioError(
+                    f"execution provider {self.provider!r} is not available here "
+                    f"(available: {', '.join(available)})")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProfileSettings:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class NodeStats:
+    name: str  # original node name
+    op_type: str
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    min_ms: float
+    std_ms: float
+    calls: float  # times per run the node's most-run kernel executed
+    share: float  # of the mean model run
+    kernels: list[str] = field(default_factory=list)
+    group: list[str] = field(default_factory=list)  # all original nodes covered (name first)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("mean_ms", "p50_ms", "p90_ms", "min_ms", "std_ms"):
+            out[k] = round(out[k], 6)
+        out["share"] = round(out["share"], 6)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NodeStats:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Profile:
+    model: str
+    settings: ProfileSettings
+    total_ms: dict[str, float]
+    plain_ms: dict[str, float] | None
+    overhead: dict[str, Any]
+    nodes: list[NodeStats]
+    op_types: list[dict[str, Any]]
+    unattributed_ms: float = 0.0
+    unattributed: list[dict[str, Any]] = field(default_factory=list)
+    untraced_ms: float = 0.0
+    runs: int = 0  # timed runs actually done
+    kernel_events: list[dict[str, Any]] = field(default_factory=list)  # one run, for a timeline
+    attribution: str = ""  # how kernels were mapped: "optimized graph" or "names"
+    onnxruntime: str = ""
+
+    def node(self, name: str) -> NodeStats | None:
+        """The row of original node ``name`` (also when it is a member of a fused group)."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        for n in self.nodes:
+            if name in n.group:
+                return n
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "settings": self.settings.to_json(),
+            "total_ms": _rounded(self.total_ms),
+            "plain_ms": _rounded(self.plain_ms) if self.plain_ms else None,
+            "overhead": dict(self.overhead),
+            "nodes": [n.to_json() for n in self.nodes],
+            "op_types": [{"op_type": r["op_type"], "mean_ms": round(r["mean_ms"], 6),
+                          "count": r["count"]} for r in self.op_types],
+            "unattributed_ms": round(self.unattributed_ms, 6),
+            "unattributed": self.unattributed,
+            "untraced_ms": round(self.untraced_ms, 6),
+            "runs": self.runs,
+            "attribution": self.attribution,
+            "onnxruntime": self.onnxruntime,
+            "kernel_events": self.kernel_events,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Profile:
+        return cls(
+            model=data.get("model", ""),
+            settings=ProfileSettings.from_json(data.get("settings", {})),
+            total_ms=dict(data.get("total_ms", {})),
+            plain_ms=dict(data["plain_ms"]) if data.get("plain_ms") else None,
+            overhead=dict(data.get("overhead", {})),
+            nodes=[NodeStats.from_json(n) for n in data.get("nodes", [])],
+            op_types=[dict(r) for r in data.get("op_types", [])],
+            unattributed_ms=float(data.get("unattributed_ms", 0.0)),
+            unattributed=list(data.get("unattributed", [])),
+            untraced_ms=float(data.get("untraced_ms", 0.0)),
+            runs=int(data.get("runs", 0)),
+            kernel_events=list(data.get("kernel_events", [])),
+            attribution=data.get("attribution", ""),
+            onnxruntime=data.get("onnxruntime", ""),
+        )
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["name", "op_type", "mean_ms", "p50_ms", "p90_ms", "min_ms", "std_ms",
+                    "calls", "share", "kernels", "group"])
+        for n in self.nodes:
+            w.writerow([n.name, n.op_type, f"{n.mean_ms:.6f}", f"{n.p50_ms:.6f}",
+                        f"{n.p90_ms:.6f}", f"{n.min_ms:.6f}", f"{n.std_ms:.6f}", f"{n.calls:g}",
+                        f"{n.share:.6f}", ";".join(n.kernels), ";".join(n.group)])
+        if self.unattributed_ms:
+            w.writerow(["(unattributed)", "", f"{self.unattributed_ms:.6f}", "", "", "", "", "",
+                        f"{self.unattributed_ms / self.total_ms['mean']:.6f}"
+                        if self.total_ms.get("mean") else "", "", ""])
+        return buf.getvalue()
+
+    def to_chrome_trace(self) -> dict[str, Any]:
+        """One run as a Chrome/Perfetto trace (``chrome://tracing``, ui.perfetto.dev)."""
+        events: list[dict[str, Any]] = [
+            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": self.model or "model"}},
+        ]
+        run_end = max((e["start_us"] + e["dur_us"] for e in self.kernel_events), default=0.0)
+        events.append({"name": "model_run", "cat": "run", "ph": "X", "pid": 1, "tid": 0,
+                       "ts": 0, "dur": run_end, "args": {}})
+        for e in self.kernel_events:
+            events.append({
+                "name": e.get("node") or e["name"], "cat": e.get("op", ""), "ph": "X", "pid": 1,
+                "tid": 1 + int(bool(e.get("inner"))), "ts": e["start_us"], "dur": e["dur_us"],
+                "args": {"kernel": e["name"], "op": e.get("op", ""), "node": e.get("node"),
+                         "thread": e.get("tid")},
+            })
+        return {"traceEvents": events, "displayTimeUnit": "ms",
+                "otherData": {"model": self.model, "total_ms": self.total_ms}}
+
+
+def _rounded(d: Mapping[str, float] | None) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in (d or {}).items()}
+
+
+def stats_ms(values_us: list[float] | np.ndarray) -> dict[str, float]:
+    """mean/p50/p90/min/std in ms of durations in µs."""
+    a = np.asarray(values_us, dtype=np.float64) / 1000.0
+    if a.size == 0:
+        return dict.fromkeys(STAT_KEYS, 0.0)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "min": float(a.min()),
+            "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+
+def profile_model(model: str | Path | onnx.ModelProto, settings: ProfileSettings | None = None,
+                  inputs: dict[str, np.ndarray] | None = None, progress: Progress | None = None,
+                  cancelled: CancelCheck | None = None) -> Profile:
+    """Profile ``model`` (a path or a proto) on onnxruntime; see the module docstring."""
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.isolation import call_isolated
+    from opstudio.core.model_io import load_model, save_model
+    from opstudio.core.tempdir import opstudio_tempdir
+
+    settings = settings or ProfileSettings()
+    settings.validate()
+    with opstudio_tempdir(prefix="profile-") as tmp:
+        if isinstance(model, onnx.ModelProto):
+            path = tmp / "model.onnx"
+            save_model(model, path, overwrite=True)
+            label = model.graph.name or "model"
+            proto: onnx.ModelProto | None = model
+        else:
+            path = Path(model)
+            label = str(model)
+            proto = None
+            if not path.is_file():
+                raise OpstudioError(f"{path}: no such file")
+        if inputs is None:
+            if progress:
+                progress(0.0, "preparing inputs")
+            if proto is None:
+                proto = load_model(path, load_external_data=False)
+            inputs = make_inputs(proto, dims=settings.dims, shapes=settings.shapes,
+                                 npz_path=settings.inputs_path, seed=settings.seed)
+        profile = call_isolated(_profile_in_child, str(path), settings.to_json(), inputs,
+                                str(tmp), timeout=settings.timeout_s, progress=progress,
+                                cancelled=cancelled)
+    profile.model = label
+    profile.settings = settings
+    return profile
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side
+
+
+def _profile_in_child(model_path: str, settings_json: dict[str, Any],
+                      inputs: dict[str, np.ndarray], workdir: str,
+                      progress: Progress | None = None) -> Profile:
+    import onnxruntime as ort
+
+    from opstudio.core.model_io import ensure_node_names, load_model, save_model
+
+    ort.set_default_logger_severity(4)
+    settings = ProfileSettings.from_json(settings_json)
+    report = progress or (lambda f, m: None)
+    work = Path(workdir)
+    report(0.01, "loading the model")
+
+    # Every node needs a unique name for its kernel to be found again; name them as
+    # opstudio does everywhere (load_model) and run that copy if anything changed.
+    model = load_model(model_path, load_external_data=False, name_nodes=False)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.ClearField("initializer")
+    if ensure_node_names(probe):
+        model = load_model(model_path)
+        named = work / "named.onnx"
+        save_model(model, named, overwrite=True)
+        model_path = str(named)
+
+    def profiling_options(dump: bool) -> Any:
+        so = _session_options(ort, settings)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(work / "ort_profile")
+        if dump:
+            so.optimized_model_filepath = str(work / "optimized.onnx")
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        return so
+
+    dump = settings.opt_level != "disable"
+    try:
+        sess = _create_session(ort, model_path, profiling_options(dump), settings.provider)
+    except OpstudioError:
+        if not dump:
+            raise
+        # Some providers compile nodes that cannot be saved; attribute by kernel names then.
+        dump = False
+        sess = _create_session(ort, model_path, profiling_options(False), settings.provider)
+    feeds = _check_feeds(sess, inputs)
+
+    report(0.1, "warming up")
+    for _ in range(settings.warmup):
+        _run(sess, feeds)
+    profiled_wall = _timed_runs(sess, feeds, settings.runs, settings.time_budget_s,
+                                lambda i, n: report(0.15 + 0.45 * i / n, f"profiled run {i}/{n}"))
+    trace_path = sess.end_profiling()
+    del sess
+    try:
+        with open(trace_path, encoding="utf-8") as fh:
+            trace = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(trace_path)
+
+    plain_wall: list[float] = []
+    if settings.measure_plain:
+        report(0.62, "plain runs")
+        so2 = _session_options(ort, settings)
+        sess2 = _create_session(ort, model_path, so2, settings.provider)
+        for _ in range(settings.warmup):
+            _run(sess2, feeds)
+        n_plain = len(profiled_wall)
+        plain_wall = _timed_runs(sess2, feeds, n_plain, None,
+                                 lambda i, n: report(0.62 + 0.3 * i / n, f"plain run {i}/{n}"))
+        del sess2
+
+    report(0.94, "attributing kernels to nodes")
+    optimized = None
+    opt_path = work / "optimized.onnx"
+    if dump and opt_path.is_file():
+        with contextlib.suppress(Exception):
+            optimized = onnx.load_model(str(opt_path), load_external_data=False)
+    profile = build_profile(model, trace, settings.warmup, len(profiled_wall), optimized,
+                            profiled_wall, plain_wall)
+    profile.settings = settings
+    profile.onnxruntime = ort.__version__
+    report(1.0, "done")
+    return profile
+
+
+def _session_options(ort: Any, settings: ProfileSettings) -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[settings.opt_level]
+    if settings.threads:
+        so.intra_op_num_threads = settings.threads
+    # Failures come back as exceptions and are reported once, in words; keep the log quiet.
+    so.log_severity_level = 4
+    return so
+
+
+def _create_session(ort: Any, path: str, so: Any, provider: str) -> Any:
+    try:
+        return ort.InferenceSession(path, so, providers=[provider])
+    except Exception as exc:
+        raise OpstudioError(f"onnxruntime cannot load the model: {_ort_message(exc)}") from None
+
+
+def _check_feeds(sess: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise OpstudioError(f"no value for model input '{missing[0]}'")
+    return {n: inputs[n] for n in names}
+
+
+def _run(sess: Any, feeds: Mapping[str, np.ndarray]) -> None:
+    try:
+        sess.run(None, feeds)
+    except Exception as exc:
+        shapes = ", ".join(f"{k} {v.dtype.name}[{','.join(map(str, v.shape))}]"
+                           for k, v in feeds.items())
+        raise OpstudioError(
+            f"onnxruntime failed to run the model: {_ort_message(exc)} (inputs: {shapes}; "
+            "set them with --dim/--shape/--inputs)") from None
+
+
+def _timed_runs(sess: Any, feeds: Mapping[str, np.ndarray], runs: int, budget_s: float | None,
+                report: Callable[[int, int], None]) -> list[float]:
+    """Wall time (µs) of each run; stops early once ``budget_s`` is spent (≥ 1 run)."""
+    walls: list[float] = []
+    start = time.perf_counter()
+    for i in range(runs):
+        t0 = time.perf_counter()
+        _run(sess, feeds)
+        walls.append((time.perf_counter() - t0) * 1e6)
+        report(i + 1, runs)
+        if budget_s is not None and time.perf_counter() - start >= budget_s:
+            break
+    return walls
+
+
+def _ort_message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions ..." -> the last part
+    if text.startswith("[ONNXRuntimeError]"):
+        parts = text.split(" : ", 3)
+        text = parts[-1] if len(parts) == 4 else text
+    lines = text.splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:400]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace -> Profile (pure; tested on recorded traces too)
+
+
+def split_runs(trace: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """``(model_run event, its kernel events)`` for every run in the trace, in order."""
+    runs = sorted((e for e in trace if e.get("name") == "model_run" and "dur" in e),
+                  key=lambda e: e["ts"])
+    kernels = sorted((e for e in trace if e.get("cat") == "Node"
+                      and str(e.get("name", "")).endswith("_kernel_time")),
+                     key=lambda e: e["ts"])
+    starts = [r["ts"] for r in runs]
+    out: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [(r, []) for r in runs]
+    for k in kernels:
+        i = bisect.bisect_right(starts, k["ts"]) - 1
+        if i >= 0 and k["ts"] <= runs[i]["ts"] + runs[i]["dur"] + 1:
+            out[i][1].append(k)
+    return out
+
+
+def _kernel_name(event: Mapping[str, Any]) -> str:
+    return str(event["name"])[: -len("_kernel_time")]
+
+
+def _inner_flags(events: list[dict[str, Any]], containers: set[str]) -> list[int | None]:
+    """For each event, the index of the outermost control-flow event containing it (or None)."""
+    cands = sorted((i for i, e in enumerate(events)
+                    if (e.get("args") or {}).get("op_name") in CONTROL_FLOW
+                    or _kernel_name(e) in containers),
+                   key=lambda i: (events[i]["ts"], -events[i]["dur"]))
+    outer: list[int] = []
+    for i in cands:
+        e = events[i]
+        if outer:
+            o = events[outer[-1]]
+            if e["ts"] >= o["ts"] and e["ts"] + e["dur"] <= o["ts"] + o["dur"] + 1:
+                continue
+        outer.append(i)
+    starts = [events[i]["ts"] for i in outer]
+    flags: list[int | None] = []
+    for j, e in enumerate(events):
+        k = bisect.bisect_right(starts, e["ts"]) - 1
+        parent = outer[k] if k >= 0 else None
+        if parent is not None and parent != j:
+            o = events[parent]
+            if e["ts"] + e["dur"] <= o["ts"] + o["dur"] + 1:
+                flags.append(parent)
+                continue
+        flags.append(None)
+    return flags
+
+
+def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: int,
+                  timed: int, optimized: onnx.ModelProto | None = None,
+                  profiled_wall_us: list[float] | None = None,
+                  plain_wall_us: list[float] | None = None) -> Profile:
+    """Statistics per original node from an onnxruntime trace (the last ``timed`` runs)."""
+    from opstudio.core.attribution import attribute
+
+    all_runs = split_runs(trace)
+    runs = all_runs[warmup:] if len(all_runs) > warmup else all_runs
+    if timed:
+        runs = runs[-timed:]
+    if not runs:
+        raise OpstudioError("onnxruntime's profile holds no model run")
+    containers = set()
+    if optimized is not None:
+        containers = {n.name for n in optimized.graph.node if _has_graph_attr(n)}
+    else:
+        containers = {n.name for n in model.graph.node if _has_graph_attr(n)}
+
+    # Per run: top-level kernel time and kernel executions, by kernel name.
+    per_run_time: list[dict[str, float]] = []
+    per_run_calls: list[dict[str, int]] = []
+    inner_kernels: dict[str, set[str]] = defaultdict(set)  # container kernel -> inner kernels
+    ops: dict[str, str] = {}
+    parents_by_run: list[list[int | None]] = []
+    for _, events in runs:
+        flags = _inner_flags(events, containers)
+        parents_by_run.append(flags)
+        t: dict[str, float] = defaultdict(float)
+        c: dict[str, int] = defaultdict(int)
+        for e, parent in zip(events, flags):
+            name = _kernel_name(e)
+            if parent is None:
+                t[name] += float(e["dur"])
+                c[name] += 1
+                ops.setdefault(name, (e.get("args") or {}).get("op_name", ""))
+            else:
+                owner = _kernel_name(events[parent])
+                c[f"{owner}\0{name}"] += 1  # per inner kernel: a Loop body runs n times
+                inner_kernels[owner].add(name)
+        per_run_time.append(t)
+        per_run_calls.append(c)
+    n_runs = len(runs)
+    kernel_mean = {k: sum(r.get(k, 0.0) for r in per_run_time) / n_runs for k in ops}
+
+    attr = attribute(model, ops, optimized, weights=kernel_mean)
+
+    total_us = [float(r["dur"]) for r, _ in runs]
+    total = stats_ms(total_us)
+    nodes: list[NodeStats] = []
+    for group in attr.groups:
+        ks = group.kernels
+        series = [sum(r.get(k, 0.0) for k in ks) for r in per_run_time]
+        keys = set(ks) | {f"{k}\0{i}" for k in ks for i in inner_kernels.get(k, ())}
+        calls = max(sum(r.get(k, 0) for r in per_run_calls) for k in keys) / n_runs
+        st = stats_ms(series)
+        kernels = list(group.kernels)
+        for k in group.kernels:
+            kernels.extend(sorted(inner_kernels.get(k, ())))
+        nodes.append(NodeStats(
+            name=group.name, op_type=group.op_type, mean_ms=st["mean"], p50_ms=st["p50"],
+            p90_ms=st["p90"], min_ms=st["min"], std_ms=st["std"],
+            calls=round(calls, 3), share=st["mean"] / total["mean"] if total["mean"] else 0.0,
+            kernels=kernels, group=list(group.members) if len(group.members) > 1 else []))
+    nodes.sort(key=lambda n: (-n.mean_ms, n.name))
+
+    unattributed = [{"kernel": k, "op_type": ops.get(k, ""),
+                     "mean_ms": round(kernel_mean.get(k, 0.0) / 1000.0, 6)}
+                    for k in attr.unattributed]
+    unattributed.sort(key=lambda r: -r["mean_ms"])
+    unattributed_ms = sum(r["mean_ms"] for r in unattributed)
+
+    by_op: dict[str, dict[str, Any]] = {}
+    for n in nodes:
+        row = by_op.setdefault(n.op_type, {"op_type": n.op_type, "mean_ms": 0.0, "count": 0})
+        row["mean_ms"] += n.mean_ms
+        row["count"] += 1
+    op_types = sorted(by_op.values(), key=lambda r: -r["mean_ms"])
+
+    plain = stats_ms(plain_wall_us) if plain_wall_us else None
+    kernels_per_run = sum(len(ev) for _, ev in runs) / n_runs
+    overhead = _overhead(profiled_wall_us or [], plain_wall_us or [], kernels_per_run)
+
+    # Timeline of the median run.
+    order = sorted(range(n_runs), key=lambda i: total_us[i])
+    mid = order[len(order) // 2]
+    run_event, events = runs[mid]
+    group_name = {k: attr.groups[g].name for k, g in attr.kernel_group.items()}
+    timeline = []
+    for e, parent in zip(events, parents_by_run[mid]):
+        name = _kernel_name(e)
+        owner = name if parent is None else _kernel_name(events[parent])
+        timeline.append({"name": name, "op": (e.get("args") or {}).get("op_name", ""),
+                         "node": group_name.get(owner), "start_us": float(e["ts"] - run_event["ts"]),
+                         "dur_us": float(e["dur"]), "tid": e.get("tid"),
+                         "inner": parent is not None})
+
+    traced = sum(n.mean_ms for n in nodes) + unattributed_ms
+    return Profile(
+        model="", settings=ProfileSettings(), total_ms=total, plain_ms=plain, overhead=overhead,
+        nodes=nodes, op_types=op_types, unattributed_ms=unattributed_ms,
+        unattributed=unattributed, untraced_ms=max(0.0, total["mean"] - traced), runs=n_runs,
+        kernel_events=timeline, attribution=attr.method)
+
+
+def _has_graph_attr(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)
+
+
+def _overhead(profiled_us: list[float], plain_us: list[float],
+              kernels_per_run: float) -> dict[str, Any]:
+    """Profiled vs plain wall time, and what the difference costs per kernel event."""
+    if not profiled_us or not plain_us:
+        return {"ratio": None, "note": "plain runs were not measured"}
+    prof = float(np.median(profiled_us)) / 1000.0
+    plain = float(np.median(plain_us)) / 1000.0
+    ratio = prof / plain if plain > 0 else math.nan
+    if not math.isfinite(ratio):
+        return {"ratio": None, "note": "plain run time too small to compare"}
+    per_kernel_us = max(0.0, (prof - plain) * 1000.0 / kernels_per_run) if kernels_per_run else 0.0
+    if ratio <= 1.1:
+        note = "profiling adds little: per-node times reflect plain runs"
+    elif ratio <= 1.3:
+        note = "profiling adds a little per kernel; shares remain representative"
+    else:
+        note = (f"profiled runs are {ratio:.2f}x slower than plain runs: onnxruntime's profiler "
+                f"costs ~{per_kernel_us:.0f} µs per kernel over {kernels_per_run:.0f} kernels a "
+                "run, so kernels of that order read slower than they run; use the plain time "
+                "for the whole model")
+    return {"ratio": round(ratio, 4), "profiled_wall_ms": round(prof, 6),
+            "plain_wall_ms": round(plain, 6), "kernels_per_run": round(kernels_per_run, 2),
+            "per_kernel_us": round(per_kernel_us, 3), "note": note}
