@@ -1,0 +1,228 @@
+"""Constant weights as the rewriting passes see them.
+
+A weight may be an initializer, a ``Constant`` node's output (Paddle exports keep every weight
+there), a sparse constant, or computed from constants by a few pure ops (``ConstantOfShape``
+fills in older exports, ``Unsqueeze`` of a BatchNorm scale…); :func:`constant_array` reads any
+of them. Passes never edit a weight in place: they add a new tensor under a fresh name and let
+:func:`remove_unused` drop the old one once nothing reads it, so a weight shared with a node the
+pass did not touch stays intact.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def unit_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Every named input dim bound to 1, so FLOPs of a model with ``batch``/``seq`` dims are
+    concrete (per sample / per position) instead of unknown."""
+    from opstudio.core.graph import symbolic_dims
+
+    return {name: 1 for name in symbolic_dims(model)}
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0)
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read by ``node``'s subgraphs (If/Loop/Scan bodies), recursively."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for g in graphs:
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for inner in g.node:
+                names.update(n for n in list(inner.input) + sorted(subgraph_inputs(inner))
+                             if n and n not in local)
+                local.update(inner.output)
+    return names
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> top-level nodes reading it (directly or from a subgraph), in graph order."""
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in dict.fromkeys(list(node.input) + sorted(subgraph_inputs(node))):
+            if name:
+                out[name].append(node)
+    return out
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
+    dense[indices] = values
+    return dense.reshape(tuple(sparse.dims))
+
+
+# Ops that compute a constant from constants; exports often reshape or scale weights with them
+# (``Unsqueeze`` of a BatchNorm scale, ``ConstantOfShape`` fills, gamma / sqrt(var + eps)).
+FOLDABLE = {"ConstantOfShape", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Cast",
+            "Transpose", "Expand", "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg"}
+_FOLD_DEPTH = 6
+_FOLD_MAX_ELEMENTS = 64 * 2**20
+
+
+def constant_array(model: onnx.ModelProto, tensor: str,
+                   _depth: int = 0) -> tuple[np.ndarray | None, str | None]:
+    """The value of ``tensor`` if it is a constant, else ``(None, reason in words)``.
+
+    Besides initializers and ``Constant`` nodes, a tensor computed only from constants by a few
+    pure ops (:data:`FOLDABLE`) counts as constant; onnx's reference evaluator computes it.
+    """
+    graph = model.graph
+    for init in graph.initializer:
+        if init.name == tensor:
+            return numpy_helper.to_array(init), None
+    for sparse in graph.sparse_initializer:
+        if sparse.values.name == tensor:
+            return sparse_to_dense(sparse), None
+    for node in graph.node:
+        if tensor not in node.output:
+            continue
+        if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    return numpy_helper.to_array(attr.t), None
+                if attr.name == "sparse_value" and attr.HasField("sparse_tensor"):
+                    return sparse_to_dense(attr.sparse_tensor), None
+            return None, f"the weight '{tensor}' is a scalar or list Constant, not a tensor"
+        computed = (f"the weight '{tensor}' is computed at run time by {node.op_type} "
+                    f"'{node.name}', not a constant")
+        if (node.op_type not in FOLDABLE or node.domain not in _ONNX_DOMAINS
+                or _depth >= _FOLD_DEPTH or len(node.output) != 1):
+            return None, computed
+        values: dict[str, np.ndarray] = {}
+        for name in node.input:
+            if not name:
+                continue
+            value, _ = constant_array(model, name, _depth + 1)
+            if value is None:
+                return None, computed
+            values[name] = value
+        folded = _evaluate(model, node, values)
+        return (folded, None) if folded is not None else (None, computed)
+    if any(i.name == tensor for i in graph.input):
+        return None, f"the weight '{tensor}' is a graph input, computed at run time, not a constant"
+    return None, f"the weight '{tensor}' is not a constant"
+
+
+def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto,
+              values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """``node``'s output from constant inputs, by onnx's reference evaluator (None if it fails)."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = helper.make_graph(
+        [node], "fold", [], [helper.make_empty_tensor_value_info(node.output[0])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in values.items()])
+    single = helper.make_model(graph, opset_imports=list(model.opset_import),
+                               ir_version=model.ir_version)
+    try:
+        (out,) = ReferenceEvaluator(single).run(None, {})
+    except Exception:  # the evaluator raises many types; an unfoldable node is not constant
+        return None
+    out = np.asarray(out)
+    return out if out.size <= _FOLD_MAX_ELEMENTS else None
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {n.name for n in graph.node} | {i.name for i in graph.initializer}
+    names |= {s.values.name for s in graph.sparse_initializer}
+    names |= {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    """``base`` or ``base_2``, ``base_3``… whichever is free; the result is marked taken."""
+    name, k = base, 2
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+def add_initializer(model: onnx.ModelProto, array: np.ndarray, name: str) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+        model.graph.input.append(helper.make_tensor_value_info(name, dtype, list(array.shape)))
+
+
+def remove_unused(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
+    """Drop the constants among ``tensors`` that no node or graph output reads any more.
+
+    Initializers, sparse initializers and ``Constant`` nodes are removed (with their graph-input
+    and value_info entries); a tensor something still reads is kept. Returns what was removed.
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    removed: list[str] = []
+    todo = [t for t in tensors if t]
+    while todo:
+        used = set(consumers(graph)) | outputs
+        gone = {t for t in todo if t not in used}
+        todo = []
+        for init in [i for i in graph.initializer if i.name in gone]:
+            removed.append(init.name)
+            graph.initializer.remove(init)
+        for sparse in [s for s in graph.sparse_initializer if s.values.name in gone]:
+            removed.append(sparse.values.name)
+            graph.sparse_initializer.remove(sparse)
+        for node in [n for n in graph.node if (n.op_type == "Constant" or n.op_type in FOLDABLE)
+                     and len(n.output) == 1 and n.output[0] in gone]:
+            removed.append(node.output[0])
+            todo.extend(node.input)  # what a folded node read may be unused now
+            graph.node.remove(node)
+    drop_value_info(graph, removed)
+    for vi in [v for v in graph.input if v.name in set(removed)]:
+        graph.input.remove(vi)
+    return removed
+
+
+def drop_value_info(graph: onnx.GraphProto, names: Iterable[str]) -> None:
+    """Forget recorded shapes of ``names`` (stale shapes make the checker and ORT fail)."""
+    names = set(names)
+    for vi in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(vi)
+
+
+def replace_nodes(graph: onnx.GraphProto,
+                  replacements: dict[str, list[onnx.NodeProto]]) -> None:
+    """Put each node named in ``replacements`` back as its list of nodes, at the same place.
+
+    The new nodes read what the old one read and write what it wrote, so the order stays
+    topological.
+    """
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for new in replacements.get(node.name, [node]):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(new)
+            rebuilt.append(copy)
+    del graph.node[:]
+    graph.node.extend(rebuilt)

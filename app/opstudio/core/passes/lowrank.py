@@ -1,0 +1,291 @@
+"""Tensor decomposition: a constant weight W ≈ A·B by truncated SVD.
+
+- ``MatMul(X, W)`` with W [K, N] becomes ``MatMul(MatMul(X, A), B)``, A [K, r], B [r, N].
+- ``Gemm`` factorizes op(B) [K, N] the same way. The first node is a MatMul with ``alpha``
+  folded into A (a Gemm keeping ``transA`` when A is transposed); the second is a Gemm with the
+  original C and ``beta`` (a MatMul when there is no C).
+- ``Conv`` (group 1, any number of spatial dims) with W [M, C, k…] factorizes W as an
+  [M, C·k…] matrix: a k… Conv to r channels that keeps strides, pads, dilations and auto_pad,
+  then a 1×…×1 Conv back to M channels with the original bias. This is the SVD form, not
+  Tucker-2: it keeps the full input-channel dimension in the first conv.
+
+The singular values are split evenly (√S into both factors) so neither factor's range explodes.
+At full rank the result equals the original up to float rounding.
+
+Choosing the rank: ``rank`` takes that rank (capped at full rank); ``energy`` takes the smallest
+rank whose singular values keep that fraction of ΣS²; with neither, ``energy`` 0.9 is used. A
+rank whose factors hold more parameters than W is applied when asked for by ``rank`` (the details
+and notes say it grew: useful as an exactness check), and refused when it comes from ``energy``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+from threadpoolctl import threadpool_limits
+
+from opstudio.core import provenance
+from opstudio.core.errors import OpstudioError
+from opstudio.core.graph import analyze
+from opstudio.core.passes import _weights as w
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+
+DEFAULT_ENERGY = 0.9
+_FLOATS = (np.float16, np.float32, np.float64)
+
+
+@dataclass
+class _Target:
+    """What factorizing one node means: the matrix to factor and how the node uses it."""
+
+    node: onnx.NodeProto
+    weight_name: str
+    weight: np.ndarray  # as stored
+    matrix: np.ndarray  # [rows, cols] that is factored as left [rows, r] @ right [r, cols]
+    bias_elems: int
+
+
+class LowRankPass(Pass):
+    technique = "lowrank"
+    label = "Low-rank (SVD)"
+    description = ("Factorize a constant MatMul/Gemm/Conv weight into two smaller ones by "
+                   "truncated SVD: fewer parameters and FLOPs, at a reconstruction error")
+    params = (
+        ParamSpec("rank", "int", None, "Rank", "number of singular values kept "
+                  "(exclusive with energy)", minimum=1, optional=True),
+        ParamSpec("energy", "float", DEFAULT_ENERGY, "Energy",
+                  "fraction of the squared singular values kept, in (0, 1]; used when no rank "
+                  "is given", minimum=0.0, maximum=1.0, optional=True),
+    )
+
+    def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        raw = dict(params or {})
+        out = super().validate_params(raw)
+        if out["rank"] is not None:
+            if raw.get("energy") is not None:
+                raise OpstudioError("lowrank: give either 'rank' or 'energy', not both")
+            out["energy"] = None
+        elif out["energy"] is None:
+            out["energy"] = DEFAULT_ENERGY
+        elif out["energy"] <= 0.0:
+            raise OpstudioError(f"lowrank: parameter 'energy' must be above 0, not {out['energy']}")
+        return out
+
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+        target = _target(model, node)
+        return target if isinstance(target, str) else None
+
+    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
+              ctx: PassContext) -> PassResult:
+        params = self.validate_params(params)
+        nodes = list(dict.fromkeys(nodes))
+        work = w.copy_model(model)
+        result = PassResult(model=work)
+        by_name = {n.name: n for n in work.graph.node}
+        targets: list[_Target] = []
+        for name in nodes:
+            node = by_name.get(name)
+            target = "no such node" if node is None else _target(work, node)
+            if isinstance(target, str):
+                result.skipped[name] = target
+            else:
+                targets.append(target)
+        if not targets:
+            return result
+        dims = w.unit_dims(work)
+        info = analyze(work, dims)
+        taken = w.all_names(work.graph)
+        replacements: dict[str, list[onnx.NodeProto]] = {}
+        old_weights: list[str] = []
+        for k, target in enumerate(targets):
+            ctx.check_cancelled()
+            name = target.node.name
+            ctx.report(k / len(targets), f"lowrank: factorizing {name}")
+            out_shape = info.node(name).output_shapes[0] if info.has_node(name) else None
+            done = _factorize(work, target, params, taken, out_shape)
+            if isinstance(done, str):
+                result.skipped[name] = done
+                continue
+            new_nodes, details = done
+            replacements[name] = new_nodes
+            old_weights.append(target.weight_name)
+            result.applied.append(name)
+            if dims:
+                details["flops_dims"] = dims  # FLOPs are per sample: named dims set to 1
+            result.details[name] = details
+            if details["params_after"] > details["params_before"]:
+                result.notes.append(
+                    f"{name}: rank {details['rank']} keeps more parameters "
+                    f"({details['params_after']}) than the original ({details['params_before']})")
+        w.replace_nodes(work.graph, replacements)
+        w.remove_unused(work, old_weights)
+        ctx.report(1.0, "lowrank: done")
+        return result
+
+
+PASS = LowRankPass()
+
+
+def _target(model: onnx.ModelProto, node: onnx.NodeProto) -> _Target | str:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
+        return f"lowrank handles MatMul, Gemm and Conv, not {op}"
+    if len(node.input) < 2 or not node.input[1]:
+        return f"{op} '{node.name}' has no weight input"
+    weight, why = w.constant_array(model, node.input[1])
+    if weight is None:
+        return why or "its weight is not a constant"
+    if weight.dtype.type not in _FLOATS:
+        return f"its weight '{node.input[1]}' is {weight.dtype}, not a float tensor"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bias_elems = 0
+    if op == "MatMul":
+        if weight.ndim != 2:
+            return (f"its weight '{node.input[1]}' has {weight.ndim} dims; lowrank factorizes "
+                    "2-D weights")
+        matrix = weight
+    elif op == "Gemm":
+        matrix = weight.T if attrs.get("transB", 0) else weight
+        if len(node.input) > 2 and node.input[2]:
+            bias, _ = w.constant_array(model, node.input[2])
+            bias_elems = 0 if bias is None else int(bias.size)
+    else:
+        if attrs.get("group", 1) != 1:
+            return (f"it is a grouped/depthwise Conv (group={attrs['group']}); "
+                    "lowrank handles group=1")
+        if weight.ndim < 3:
+            return f"its weight '{node.input[1]}' has {weight.ndim} dims, not a Conv kernel"
+        matrix = weight.reshape(weight.shape[0], -1)
+        if len(node.input) > 2 and node.input[2]:
+            bias, _ = w.constant_array(model, node.input[2])
+            bias_elems = 0 if bias is None else int(bias.size)
+    rows, cols = matrix.shape
+    if min(rows, cols) < 2:
+        return (f"its {rows}×{cols} weight has rank 1 at most; a factorization cannot save "
+                "parameters")
+    return _Target(node, node.input[1], weight, matrix, bias_elems)
+
+
+def choose_rank(singular: np.ndarray, rank: int | None, energy: float | None) -> int:
+    """The rank to keep: ``rank`` capped at full, or the smallest keeping ``energy`` of ΣS²."""
+    full = len(singular)
+    if rank is not None:
+        return min(rank, full)
+    squares = singular.astype(np.float64) ** 2
+    total = squares.sum()
+    if total == 0.0:
+        return 1
+    kept = np.cumsum(squares) / total
+    # a small tolerance so that energy 1.0 is reached despite rounding of the cumulative sum
+    return min(full, int(np.searchsorted(kept, float(energy or DEFAULT_ENERGY) - 1e-12)) + 1)
+
+
+def _factorize(model: onnx.ModelProto, target: _Target, params: Mapping[str, Any],
+               taken: set[str], out_shape: list | None
+               ) -> tuple[list[onnx.NodeProto], dict[str, Any]] | str:
+    node = target.node
+    matrix = target.matrix.astype(np.float64)
+    # One BLAS thread: the factors then come out bit-identical on any machine (same recipe,
+    # same bytes), and a multithreaded SVD on a busy machine is many times slower, not faster.
+    with threadpool_limits(limits=1):
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    rank = choose_rank(s, params["rank"], params["energy"])
+    rows, cols = matrix.shape
+    params_before = rows * cols + target.bias_elems
+    params_after = rank * (rows + cols) + target.bias_elems
+    if params["rank"] is None and params_after >= params_before:
+        return (f"energy {params['energy']:g} needs rank {rank} of {len(s)}, and rank {rank} "
+                f"would need {rank * (rows + cols)} parameters, not fewer than the original "
+                f"{rows}×{cols} weight's {rows * cols}")
+    root = np.sqrt(s[:rank])
+    left = u[:, :rank] * root  # [rows, r]
+    right = root[:, None] * vt[:rank]  # [r, cols]
+    approx = left @ right
+    norm = float(np.linalg.norm(matrix))
+    rel_error = float(np.linalg.norm(matrix - approx) / norm) if norm > 0 else 0.0
+    total = float((s.astype(np.float64) ** 2).sum())
+    energy_kept = float((s[:rank].astype(np.float64) ** 2).sum() / total) if total > 0 else 1.0
+
+    dtype = target.weight.dtype
+    name = node.name
+    name_a = w.unique_name(taken, f"{name}_lowrank_a")
+    name_b = w.unique_name(taken, f"{name}_lowrank_b")
+    mid = w.unique_name(taken, f"{name}_lowrank_mid")
+    weight_a = w.unique_name(taken, f"{name}_lowrank_a_weight")
+    weight_b = w.unique_name(taken, f"{name}_lowrank_b_weight")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "MatMul":
+        w.add_initializer(model, left.astype(dtype), weight_a)
+        w.add_initializer(model, right.astype(dtype), weight_b)
+        first = helper.make_node("MatMul", [node.input[0], weight_a], [mid], name=name_a)
+        second = helper.make_node("MatMul", [mid, weight_b], [node.output[0]], name=name_b)
+    elif op == "Gemm":
+        alpha = float(attrs.get("alpha", 1.0))
+        w.add_initializer(model, (left * alpha).astype(dtype), weight_a)
+        w.add_initializer(model, right.astype(dtype), weight_b)
+        if attrs.get("transA", 0):
+            inputs = [node.input[0], weight_a]
+            if w.opset(model) < 11:  # C is optional only from opset 11
+                zero = w.unique_name(taken, f"{name}_lowrank_zero")
+                w.add_initializer(model, np.zeros([1], dtype=dtype), zero)
+                inputs.append(zero)
+            first = helper.make_node("Gemm", inputs, [mid], name=name_a, transA=1)
+        else:
+            first = helper.make_node("MatMul", [node.input[0], weight_a], [mid], name=name_a)
+        if len(node.input) > 2 and node.input[2]:
+            second = helper.make_node("Gemm", [mid, weight_b, node.input[2]], [node.output[0]],
+                                      name=name_b, beta=float(attrs.get("beta", 1.0)))
+        else:
+            second = helper.make_node("MatMul", [mid, weight_b], [node.output[0]], name=name_b)
+    else:
+        kernel = target.weight.shape[2:]
+        w.add_initializer(model, right.reshape((rank, *target.weight.shape[1:])).astype(dtype),
+                          weight_a)
+        w.add_initializer(model, left.reshape((rows, rank) + (1,) * len(kernel)).astype(dtype),
+                          weight_b)
+        keep = {k: v for k, v in attrs.items()
+                if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+        first = helper.make_node("Conv", [node.input[0], weight_a], [mid], name=name_a, **keep)
+        second_inputs = [mid, weight_b] + ([node.input[2]] if len(node.input) > 2
+                                           and node.input[2] else [])
+        second = helper.make_node("Conv", second_inputs, [node.output[0]], name=name_b,
+                                  kernel_shape=[1] * len(kernel))
+    origin = provenance.get_origin(node)
+    for new in (first, second):
+        provenance.set_origin(new, origin)
+    flops_before, flops_after = _flops(op, target, rank, out_shape)
+    details: dict[str, Any] = {
+        "rank": rank, "full_rank": len(s), "energy_kept": energy_kept, "rel_error": rel_error,
+        "params_before": params_before, "params_after": params_after,
+        "flops_before": flops_before, "flops_after": flops_after,
+        "nodes": [name_a, name_b],
+    }
+    if params["rank"] is not None and params["rank"] > rank:
+        details["rank_requested"] = params["rank"]
+    if params["energy"] is not None:
+        details["energy_requested"] = params["energy"]
+    return [first, second], details
+
+
+def _flops(op: str, target: _Target, rank: int, out_shape: list | None
+           ) -> tuple[int | None, int | None]:
+    """FLOPs of the node and of its two replacements (a multiply-add is 2, as in flops.py)."""
+    if not out_shape or not all(isinstance(d, int) and d >= 0 for d in out_shape):
+        return None, None
+    out_n = math.prod(out_shape)
+    rows, cols = target.matrix.shape
+    bias = out_n if target.bias_elems else 0
+    if op in ("MatMul", "Gemm"):  # matrix is [K, N]; output rows = out_n / N
+        m = out_n // cols
+        return 2 * m * rows * cols + bias, 2 * m * rows * rank + 2 * m * rank * cols + bias
+    # Conv: matrix is [M, C·k…]; out_n / M output positions
+    positions = out_n // rows
+    return (2 * out_n * cols + bias,
+            2 * positions * rank * cols + 2 * out_n * rank + bias)

@@ -1,0 +1,499 @@
+"""Sparsification: zero the smallest weights, or remove whole output channels.
+
+Unstructured (``structured: false``) zeroes the ``⌊sparsity · n + ½⌋`` weights of smallest
+magnitude in the node's constant weight (ties: the earlier element in row-major order goes
+first). The graph keeps its shapes, and onnxruntime's dense CPU kernels multiply the zeros like
+any other number: **no speedup on CPU**, only a smaller file when the weight is stored sparse.
+
+``storage: "sparse"`` stores the pruned weight as the list of its non-zeros (float values plus
+int64 linear indices, 12 bytes per float32 non-zero against 4 bytes per dense weight, so it pays
+off above ~67% sparsity). It is written as a ``Constant`` node with ``sparse_value`` (opset ≥ 11),
+which outputs the dense tensor the op expects: a ``graph.sparse_initializer`` feeding
+MatMul/Gemm/Conv directly loads in onnxruntime but fails ``onnx.checker`` full check, because
+shape inference sees a sparse tensor type where the op takes a dense one. onnxruntime expands the
+constant to a dense tensor when it loads the model.
+
+Structured (``structured: true``) removes the output channels (Conv output channels, MatMul/Gemm
+output columns) with the smallest L2 norms and shrinks everything the channels flow into so
+FLOPs really drop: the node's own bias, a BatchNormalization, elementwise ops with a per-channel
+constant (Add/Sub/Mul/Div/PRelu/Max/Min/Pow/Sum) or joining two pruned branches (x·sigmoid(x)),
+per-channel activations and pools, up to the next MatMul/Gemm/Conv, whose weight loses the
+matching input channels. Where the channels reach
+anything else (a residual Add with another branch, Reshape/Flatten, Concat, a graph output, a
+weight shared with another node…) the node is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from opstudio.core import provenance
+from opstudio.core.errors import OpstudioError
+from opstudio.core.graph import analyze
+from opstudio.core.passes import _weights as w
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+
+_FLOATS = (np.float16, np.float32, np.float64)
+# Per-element ops: output channel c depends only on input channel c.
+_UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Clip", "Elu", "Selu", "Celu",
+          "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Mish", "Erf", "Abs", "Neg",
+          "Identity", "Dropout", "Cast"}
+# Binary ops whose other operand may be a per-channel constant.
+_BINARY = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow", "Sum"}
+# Spatial ops over NC… tensors that keep channels apart.
+_POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+          "GlobalLpPool"}
+CPU_NOTE = ("unstructured sparsity does not make onnxruntime's dense CPU kernels faster: "
+            "the zeros are multiplied like any other weight")
+
+
+class PrunePass(Pass):
+    technique = "prune"
+    label = "Prune"
+    description = ("Zero the smallest weights (unstructured: no faster on CPU's dense kernels, "
+                   "smaller only with sparse storage) or remove whole output channels and shrink "
+                   "the layers they feed (structured: fewer FLOPs)")
+    params = (
+        ParamSpec("sparsity", "float", 0.5, "Sparsity",
+                  "fraction of weights (or output channels) removed, in [0, 1)",
+                  minimum=0.0, maximum=1.0),
+        ParamSpec("structured", "bool", False, "Structured",
+                  "remove whole output channels instead of single weights"),
+        ParamSpec("storage", "choice", "dense", "Storage",
+                  "how the pruned weight is written: dense, or as its list of non-zeros",
+                  choices=("dense", "sparse")),
+    )
+
+    def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = super().validate_params(params)
+        if out["sparsity"] >= 1.0:
+            raise OpstudioError("prune: parameter 'sparsity' must be below 1, not "
+                                f"{out['sparsity']}")
+        if out["structured"] and out["storage"] == "sparse":
+            raise OpstudioError("prune: storage 'sparse' applies to unstructured pruning only; "
+                                "structured pruning leaves a smaller dense weight")
+        return out
+
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
+              structured: bool = False) -> str | None:
+        found = _own_weight(model, node)
+        if isinstance(found, str):
+            return found
+        if structured:
+            plan = _plan_structured(model, node, found)
+            if isinstance(plan, str):
+                return plan
+        return None
+
+    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
+              ctx: PassContext) -> PassResult:
+        params = self.validate_params(params)
+        nodes = list(dict.fromkeys(nodes))
+        work = w.copy_model(model)
+        size_before = work.ByteSize()
+        if params["structured"]:
+            result = _apply_structured(work, nodes, params["sparsity"], ctx)
+        else:
+            result = _apply_unstructured(work, nodes, params["sparsity"], params["storage"], ctx)
+        if result.applied:
+            size_after = work.ByteSize()
+            result.notes.append(
+                f"model size {size_before:,} → {size_after:,} bytes "
+                f"({(size_after - size_before) / max(size_before, 1):+.1%}, "
+                f"{params['storage']} storage)")
+            if not params["structured"]:
+                result.notes.append(CPU_NOTE)
+        ctx.report(1.0, "prune: done")
+        return result
+
+
+PASS = PrunePass()
+
+
+def _own_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | str:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
+        return f"prune handles MatMul, Gemm and Conv, not {op}"
+    if len(node.input) < 2 or not node.input[1]:
+        return f"{op} '{node.name}' has no weight input"
+    weight, why = w.constant_array(model, node.input[1])
+    if weight is None:
+        return why or "its weight is not a constant"
+    if weight.dtype.type not in _FLOATS:
+        return f"its weight '{node.input[1]}' is {weight.dtype}, not a float tensor"
+    if weight.ndim < 2:
+        return f"its weight '{node.input[1]}' has {weight.ndim} dims; prune needs 2 or more"
+    return weight
+
+
+def _n_removed(sparsity: float, n: int) -> int:
+    return math.floor(sparsity * n + 0.5)
+
+
+def _sharers(model: onnx.ModelProto, tensor: str, node: onnx.NodeProto) -> list[str]:
+    return [u.name for u in w.consumers(model.graph).get(tensor, []) if u.name != node.name]
+
+
+# ---------------------------------------------------------------- unstructured
+
+
+def _apply_unstructured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: float,
+                        storage: str, ctx: PassContext) -> PassResult:
+    result = PassResult(model=work)
+    by_name = {n.name: n for n in work.graph.node}
+    chosen: list[onnx.NodeProto] = []
+    for name in nodes:
+        node = by_name.get(name)
+        found = "no such node" if node is None else _own_weight(work, node)
+        if isinstance(found, str):
+            result.skipped[name] = found
+        elif storage == "sparse" and w.opset(work) < 11:
+            result.skipped[name] = (f"sparse storage needs a Constant with sparse_value "
+                                    f"(opset 11); the model has opset {w.opset(work)}")
+        else:
+            chosen.append(node)
+    # A weight shared by several nodes is pruned once when all of them are chosen; shared with a
+    # node left alone it would need a second, pruned copy.
+    cons = w.consumers(work.graph)
+    chosen_names = {n.name for n in chosen}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in chosen:
+        others = [u.name for u in cons.get(node.input[1], []) if u.name not in chosen_names]
+        if others:
+            result.skipped[node.name] = (
+                f"the weight '{node.input[1]}' is also used by '{others[0]}', which is not being "
+                "pruned; pruning it here would need a second copy of the weight")
+        else:
+            groups.setdefault(node.input[1], []).append(node)
+    if not groups:
+        return result
+    taken = w.all_names(work.graph)
+    holders = _holder_bytes(work)
+    position = {n.name: k for k, n in enumerate(work.graph.node)}
+    first_user = {t: min(users, key=lambda n: position[n.name]) for t, users in groups.items()}
+    replacements: dict[str, list[onnx.NodeProto]] = {}
+    for k, (tensor, users) in enumerate(groups.items()):
+        ctx.check_cancelled()
+        ctx.report(k / len(groups), f"prune: {tensor}")
+        weight, _ = w.constant_array(work, tensor)
+        assert weight is not None
+        flat = weight.reshape(-1).copy()
+        removed = _n_removed(sparsity, flat.size)
+        order = np.argsort(np.abs(flat), kind="stable")
+        flat[order[:removed]] = 0
+        pruned = flat.reshape(weight.shape)
+        new_name = w.unique_name(taken, f"{tensor}_pruned")
+        origins: list[str] = []
+        for user in users:
+            origins.extend(provenance.get_origin(user))
+        if storage == "sparse":
+            const = _sparse_constant(pruned, new_name, w.unique_name(taken, f"{new_name}_sparse"))
+            provenance.set_origin(const, origins)
+            anchor = first_user[tensor]
+            replacements[anchor.name] = [const, anchor]
+            bytes_after = const.ByteSize()
+        else:
+            w.add_initializer(work, pruned, new_name)
+            bytes_after = work.graph.initializer[-1].ByteSize()
+        for user in users:
+            user.input[1] = new_name
+        nonzero_before = int(np.count_nonzero(weight))
+        nonzero_after = int(np.count_nonzero(pruned))
+        for user in users:
+            result.applied.append(user.name)
+            result.details[user.name] = {
+                "weight": tensor, "weights": int(flat.size), "zeroed": removed,
+                "sparsity": float(1.0 - nonzero_after / flat.size) if flat.size else 0.0,
+                "params_before": nonzero_before, "params_after": nonzero_after,
+                "storage": storage, "bytes_before": holders.get(tensor, weight.nbytes),
+                "bytes_after": bytes_after, "speed_note": CPU_NOTE,
+                "shared_with": [u.name for u in users if u is not user],
+            }
+    w.replace_nodes(work.graph, replacements)
+    w.remove_unused(work, list(groups))
+    result.applied.sort(key=list(nodes).index)
+    return result
+
+
+def _holder_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Serialized bytes of whatever holds each constant (initializer or Constant node)."""
+    sizes = {i.name: i.ByteSize() for i in model.graph.initializer}
+    sizes.update({s.values.name: s.ByteSize() for s in model.graph.sparse_initializer})
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            sizes[node.output[0]] = node.ByteSize()
+    return sizes
+
+
+def _sparse_constant(dense: np.ndarray, output: str, node_name: str) -> onnx.NodeProto:
+    flat = dense.reshape(-1)
+    indices = np.flatnonzero(flat).astype(np.int64)  # ascending, as the format requires
+    values = numpy_helper.from_array(flat[indices], output)
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(indices),
+                                       list(dense.shape))
+    return helper.make_node("Constant", [], [output], name=node_name, sparse_value=sparse)
+
+
+# ---------------------------------------------------------------- structured
+
+
+@dataclass
+class _Plan:
+    """What removing output channels of one node touches."""
+
+    node: onnx.NodeProto
+    weight_axis: int  # output-channel axis of the node's weight
+    channels: int
+    edits: list[tuple[onnx.NodeProto, int, int]] = field(default_factory=list)  # node, input, axis
+    tensors: list[str] = field(default_factory=list)  # tensors whose shape changes
+    touched: list[str] = field(default_factory=list)  # nodes whose cost changes
+
+
+def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
+                     weight: np.ndarray) -> _Plan | str:
+    op = node.op_type
+    graph = model.graph
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    sharers = _sharers(model, node.input[1], node)
+    if sharers:
+        return (f"the weight '{node.input[1]}' is shared with '{sharers[0]}'; removing channels "
+                f"of '{node.name}' alone would need a second copy of it")
+    if op == "Conv":
+        if attrs.get("group", 1) != 1:
+            return (f"it is a grouped/depthwise Conv (group={attrs['group']}); structured "
+                    "pruning handles group=1")
+        plan = _Plan(node, 0, weight.shape[0])
+        neg_axis, rank = 1 - weight.ndim, weight.ndim
+        if len(node.input) > 2 and node.input[2]:
+            plan.edits.append((node, 2, 0))
+    elif op == "MatMul":
+        if weight.ndim != 2:
+            return f"its weight '{node.input[1]}' has {weight.ndim} dims; structured pruning " \
+                   "needs a 2-D weight"
+        plan = _Plan(node, 1, weight.shape[1])
+        neg_axis, rank = -1, None
+    else:  # Gemm
+        trans_b = attrs.get("transB", 0)
+        plan = _Plan(node, 0 if trans_b else 1, weight.shape[0 if trans_b else 1])
+        neg_axis, rank = -1, 2
+        if len(node.input) > 2 and node.input[2]:
+            bias, why = w.constant_array(model, node.input[2])
+            if bias is None:
+                return f"its bias C: {why}"
+            if bias.ndim >= 1 and bias.shape[-1] == plan.channels and plan.channels > 1:
+                plan.edits.append((node, 2, bias.ndim - 1))
+    plan.touched.append(node.name)
+    if plan.channels < 2:
+        return f"it has {plan.channels} output channel; nothing to remove"
+    why = _follow(model, graph, plan, node.output[0], neg_axis, rank)
+    return why if why else plan
+
+
+def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: str,
+            neg_axis: int, start_rank: int | None) -> str | None:
+    """Collect every node the channels of ``start`` reach; a reason if one cannot shrink."""
+    cons = w.consumers(graph)
+    outputs = {o.name for o in graph.output}
+    name, n = plan.node.name, plan.channels
+    ranks: dict[str, int | None] = {start: start_rank}
+    queue = [start]
+    seen_nodes: set[str] = set()
+    deferred: list[tuple[onnx.NodeProto, str]] = []
+    late: list[str] = []
+
+    def flows(user: onnx.NodeProto, what: str = "which structured pruning cannot shrink") -> str:
+        return (f"output channels of '{name}' flow into {user.op_type} '{user.name}', {what}; "
+                "structured pruning would change its shape")
+
+    def channel_first(tensor: str) -> bool:
+        rank = ranks.get(tensor)
+        return rank is not None and neg_axis == 1 - rank
+
+    while queue:
+        t = queue.pop(0)
+        plan.tensors.append(t)
+        if t in outputs:
+            return (f"output channels of '{name}' reach the graph output '{t}'; structured "
+                    "pruning would change the model's output shape")
+        for user in cons.get(t, []):
+            if t not in user.input:
+                return (f"output channels of '{name}' are read inside the subgraph of "
+                        f"{user.op_type} '{user.name}'")
+            op = user.op_type
+            if user.domain not in ("", "ai.onnx"):
+                return flows(user)
+            if op in ("MatMul", "Gemm", "Conv") and user.input[0] == t:
+                if len(user.input) > 1 and user.input[1] in ranks:
+                    return flows(user, "which multiplies two of its branches")
+                if user.name in seen_nodes:
+                    continue
+                why = _terminal(model, user, t, n, neg_axis, channel_first(t), plan)
+                if why:  # reported after a branch that joins back in, the likelier cause
+                    late.append(why)
+                seen_nodes.add(user.name)
+                continue
+            if user.name in seen_nodes:
+                continue
+            seen_nodes.add(user.name)
+            rank = ranks.get(t)
+            if op in _UNARY or op in _POOLS or op == "BatchNormalization":
+                if user.input[0] != t:
+                    return flows(user)
+                if op in _POOLS and not channel_first(t):
+                    return flows(user, "which pools over the pruned axis")
+                if op == "MaxPool" and len(user.output) > 1 and user.output[1]:
+                    return flows(user, "whose Indices output counts the channels")
+                if op == "BatchNormalization":
+                    if not channel_first(t):
+                        return flows(user, "which normalizes axis 1, not the pruned axis")
+                    if any(user.output[1:]):
+                        return flows(user, "which also outputs running statistics")
+                    for j in range(1, 5):
+                        value, why = w.constant_array(model, user.input[j])
+                        if value is None:
+                            return f"BatchNormalization '{user.name}': {why}"
+                        plan.edits.append((user, j, 0))
+                outs = [o for o in user.output if o] if op in _UNARY else [user.output[0]]
+            elif op in _BINARY:
+                for j, other in enumerate(user.input):
+                    if other == t or not other:
+                        continue
+                    value, _ = w.constant_array(model, other)
+                    if value is None:
+                        deferred.append((user, other))
+                        continue
+                    axis = value.ndim + neg_axis
+                    if axis >= 0 and value.shape[axis] == n:
+                        plan.edits.append((user, j, axis))
+                    elif axis >= 0 and value.shape[axis] != 1:
+                        return flows(user, f"whose constant '{other}' has {value.shape[axis]} "
+                                     f"entries on the pruned axis, not {n}")
+                    if rank is not None:
+                        rank = max(rank, value.ndim)
+                outs = [user.output[0]]
+            else:
+                return flows(user)
+            plan.touched.append(user.name)
+            for out in outs:
+                ranks[out] = rank
+                queue.append(out)
+    for user, other in deferred:
+        if other not in ranks:
+            return flows(user, f"which also takes another branch ('{other}')")
+    return late[0] if late else None
+
+
+def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_axis: int,
+              channel_first: bool, plan: _Plan) -> str | None:
+    """The next MatMul/Gemm/Conv: its weight loses the pruned input channels."""
+    op = user.op_type
+    attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
+    where = f"output channels of '{plan.node.name}' feed {op} '{user.name}'"
+    weight, why = w.constant_array(model, user.input[1])
+    if weight is None:
+        return f"{where}, whose weight is not a constant ({why})"
+    sharers = _sharers(model, user.input[1], user)
+    if sharers:
+        return (f"{where}, whose weight '{user.input[1]}' is shared with '{sharers[0]}'; "
+                "slicing it would need a second copy")
+    if op == "Conv":
+        if not channel_first:
+            return f"{where} on an axis that is not its channel axis"
+        if attrs.get("group", 1) != 1:
+            return f"{where}, a grouped/depthwise Conv (group={attrs['group']})"
+        axis = 1
+    elif op == "MatMul":
+        if neg_axis != -1 or weight.ndim != 2:
+            return f"{where} on an axis that is not its reduction axis"
+        axis = 0
+    else:
+        if neg_axis != -1 or attrs.get("transA", 0):
+            return f"{where} on an axis that is not its reduction axis"
+        axis = 1 if attrs.get("transB", 0) else 0
+    if weight.shape[axis] != n:
+        return f"{where}, whose weight has {weight.shape[axis]} input channels, not {n}"
+    plan.edits.append((user, 1, axis))
+    plan.touched.append(user.name)
+    return None
+
+
+def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: float,
+                      ctx: PassContext) -> PassResult:
+    result = PassResult(model=work)
+    before = None
+    touched: dict[str, list[str]] = {}
+    for k, name in enumerate(nodes):
+        ctx.check_cancelled()
+        ctx.report(k / max(len(nodes), 1), f"prune: {name}")
+        node = next((n for n in work.graph.node if n.name == name), None)
+        found = "no such node" if node is None else _own_weight(work, node)
+        if isinstance(found, str):
+            result.skipped[name] = found
+            continue
+        assert node is not None
+        plan = _plan_structured(work, node, found)
+        if isinstance(plan, str):
+            result.skipped[name] = plan
+            continue
+        if before is None:
+            dims = w.unit_dims(work)
+            before = analyze(work, dims)
+        removed = min(_n_removed(sparsity, plan.channels), plan.channels - 1)
+        moved = np.moveaxis(found, plan.weight_axis, 0).reshape(plan.channels, -1)
+        norms = np.linalg.norm(moved.astype(np.float64), axis=1)
+        drop = np.argsort(norms, kind="stable")[:removed]
+        keep = np.setdiff1d(np.arange(plan.channels), drop)  # ascending: channel order kept
+        taken = w.all_names(work.graph)
+        edits = [(node, 1, plan.weight_axis), *plan.edits]
+        params_before = params_after = 0
+        old: list[str] = []
+        for target, j, axis in edits:
+            tensor = target.input[j]
+            value, _ = w.constant_array(work, tensor)
+            assert value is not None
+            sliced = np.take(value, keep, axis=axis)
+            new_name = w.unique_name(taken, f"{tensor}_pruned")
+            w.add_initializer(work, sliced, new_name)
+            target.input[j] = new_name
+            old.append(tensor)
+            params_before += int(value.size)
+            params_after += int(sliced.size)
+        w.drop_value_info(work.graph, plan.tensors)
+        w.remove_unused(work, old)
+        result.applied.append(name)
+        touched[name] = list(plan.touched)
+        result.details[name] = {
+            "channels_before": plan.channels, "channels_after": int(keep.size),
+            "removed_channels": [int(c) for c in np.sort(drop)],
+            "params_before": params_before, "params_after": params_after,
+            "touched": list(plan.touched),
+        }
+    if before is not None:
+        # Shape inference of a large model takes seconds: analyse once before and once after
+        # the step. A node touched by two prunings counts in both of their figures.
+        after = analyze(work, dims)
+        for name, names in touched.items():
+            result.details[name]["flops_before"] = _sum_flops(before, names)
+            result.details[name]["flops_after"] = _sum_flops(after, names)
+            if dims:
+                result.details[name]["flops_dims"] = dims  # named dims set to 1
+    return result
+
+
+def _sum_flops(info: Any, names: Sequence[str]) -> int | None:
+    total = 0
+    for name in names:
+        if not info.has_node(name):
+            return None
+        flops = info.node(name).flops
+        if flops is None:
+            return None
+        total += flops
+    return total
