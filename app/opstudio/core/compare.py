@@ -230,3 +230,25 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     if x is None or not math.isfinite(x):
         return None
     return round(x, digits)
+
+
+def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileSettings, *,
+                         progress: Progress | None = None,
+                         cancelled: CancelCheck | None = None) -> tuple[Any, Comparison]:
+    """Apply ``recipe`` to ``model``, then compare the two: what the GUI's "Optimize & compare"
+    runs. The inputs are made once and serve as calibration data and as the comparison's
+    inputs, so everything is measured on the same tensors."""
+    from opstudio.core.optimize import optimize
+
+    def part(lo: float, hi: float) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
+
+    inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                         npz_path=settings.inputs_path, seed=settings.seed)
+    result = optimize(model, recipe, inputs=inputs, progress=part(0.0, 0.25),
+                      cancelled=cancelled)
+    comparison = compare_models(model, result.model, settings, inputs=inputs,
+                                progress=part(0.25, 1.0), cancelled=cancelled)
+    return result, comparison

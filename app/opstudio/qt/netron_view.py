@@ -1,0 +1,166 @@
+"""Netron inside the app: one server process per model, shown in a QWebEngineView.
+
+netron keeps the served model in a class attribute, so two models need two processes. The child
+binds to 127.0.0.1 on a free port, prints the port, and lives until its stdin closes — which
+also happens when the app dies without cleaning up. Without QtWebEngine the page opens in the
+system browser instead, and the window says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from PySide6.QtCore import QProcess, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+
+SERVER_SCRIPT = r"""
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+import netron
+host, port = netron.serve(sys.argv[1], address=("127.0.0.1", 0), browse=False)
+print(f"PORT {port}", flush=True)
+sys.stdin.read()  # returns when the app closes the pipe or exits
+netron.stop()
+"""
+START_TIMEOUT_MS = 20000
+
+
+def webengine_available() -> bool:
+    try:
+        from PySide6 import QtWebEngineWidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prepare_webengine_environment() -> None:
+    """Chromium refuses to run as root without --no-sandbox; GPU is off for VMs and Xvfb."""
+    flags = os.environ.get("QTWEBENGINE_CHROMIUM_FLAGS", "")
+    wanted = ["--disable-gpu"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        wanted.insert(0, "--no-sandbox")
+    for f in wanted:
+        if f not in flags.split():
+            flags = f"{flags} {f}".strip()
+    os.environ["QTWEBENGINE_CHROMIUM_FLAGS"] = flags
+
+
+class NetronServer(QProcess):
+    """``netron.serve`` in a child process; ``ready(url)`` once it listens, ``failed(msg)``."""
+
+    ready = Signal(str)
+    failed = Signal(str)
+
+    def __init__(self, model_path: str | Path, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model_path = str(model_path)
+        self.url: str | None = None
+        self._buffer = b""
+        self.readyReadStandardOutput.connect(self._on_output)
+        self.errorOccurred.connect(self._on_error)
+        self.finished.connect(self._on_finished)
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(lambda: self._fail("netron did not start within 20 s"))
+
+    def begin(self) -> None:
+        self.setProcessChannelMode(QProcess.ProcessChannelMode.SeparateChannels)
+        self.start(sys.executable, ["-c", SERVER_SCRIPT, self.model_path])
+        self._timer.start(START_TIMEOUT_MS)
+
+    def stop(self) -> None:
+        self._timer.stop()
+        if self.state() != QProcess.ProcessState.NotRunning:
+            self.closeWriteChannel()  # the child's stdin.read() returns and it exits
+            if not self.waitForFinished(1500):
+                self.kill()
+                self.waitForFinished(1000)
+
+    def _on_output(self) -> None:
+        self._buffer += bytes(self.readAllStandardOutput().data())
+        for line in self._buffer.decode("utf-8", "replace").splitlines():
+            if line.startswith("PORT ") and self.url is None:
+                self._timer.stop()
+                self.url = f"http://127.0.0.1:{int(line.split()[1])}/"
+                self.ready.emit(self.url)
+
+    def _on_error(self, _error: QProcess.ProcessError) -> None:
+        self._fail(f"netron: {self.errorString()}")
+
+    def _on_finished(self, code: int, _status: QProcess.ExitStatus) -> None:
+        if self.url is None:
+            err = bytes(self.readAllStandardError().data()).decode("utf-8", "replace").strip()
+            last = err.splitlines()[-1] if err else f"exit code {code}"
+            self._fail(f"netron stopped: {last}")
+
+    def _fail(self, message: str) -> None:
+        self._timer.stop()
+        if self.url is None:
+            self.url = ""
+            self.failed.emit(message)
+
+
+def _local_only_interceptor(parent: QWidget):
+    """Keep the page on the local server: Netron's page would otherwise load analytics."""
+    from PySide6.QtWebEngineCore import QWebEngineUrlRequestInterceptor
+
+    class LocalOnly(QWebEngineUrlRequestInterceptor):
+        def interceptRequest(self, info) -> None:
+            url = info.requestUrl()
+            if url.scheme() in ("http", "https", "ws", "wss") and url.host() not in (
+                    "127.0.0.1", "localhost"):
+                info.block(True)
+
+    return LocalOnly(parent)
+
+
+class NetronWindow(QWidget):
+    """A top-level window showing one model in Netron; closing it stops the server."""
+
+    closed = Signal(object)
+
+    def __init__(self, model_path: str | Path, title: str = "",
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent, Qt.WindowType.Window)
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, True)
+        self.setWindowTitle(f"{title or Path(model_path).name} — Netron — opstudio")
+        self.resize(1100, 800)
+        self.status = QLabel(f"Starting Netron for {Path(model_path).name}…")
+        self.status.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.status.setWordWrap(True)
+        self.web = None
+        self._layout = QVBoxLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.addWidget(self.status)
+        self.server = NetronServer(model_path, self)
+        self.server.ready.connect(self._on_ready)
+        self.server.failed.connect(self._on_failed)
+        self.server.begin()
+
+    def _on_ready(self, url: str) -> None:
+        if webengine_available():
+            from PySide6.QtWebEngineWidgets import QWebEngineView
+
+            self.web = QWebEngineView(self)
+            self._interceptor = _local_only_interceptor(self.web)
+            self.web.page().profile().setUrlRequestInterceptor(self._interceptor)
+            self.web.setUrl(QUrl(url))
+            self.status.hide()
+            self._layout.addWidget(self.web)
+        else:
+            QDesktopServices.openUrl(QUrl(url))
+            self.status.setText(f"QtWebEngine is not installed, so Netron opened in your web "
+                                f"browser at {url}\nClose this window to stop the server.")
+
+    def _on_failed(self, message: str) -> None:
+        self.status.setText(message)
+
+    def closeEvent(self, event) -> None:
+        self.server.stop()
+        if self.web is not None:
+            self.web.setUrl(QUrl("about:blank"))
+        self.closed.emit(self)
+        super().closeEvent(event)

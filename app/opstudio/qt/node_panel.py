@@ -1,0 +1,479 @@
+"""The optimization panel: techniques for the selected nodes, their parameters, and the plan.
+
+Each technique comes from ``opstudio.core.passes``; it is enabled only when its ``check`` accepts
+every selected node, otherwise it stays visible, disabled, with the core's reason. Parameter
+editors are generated from the pass's ``ParamSpec``s. The plan is a ``Recipe``; every edit goes
+through a ``QUndoStack`` so it can be undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtGui import QUndoCommand, QUndoStack
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.passes import TECHNIQUES, get_pass
+from opstudio.core.passes.base import ParamSpec, Pass
+from opstudio.core.recipe import Recipe, Step
+
+MAX_CHECKED = 5000  # checking more nodes than this per selection would stall the UI
+
+
+def available_passes() -> list[Pass]:
+    """The passes that import on this machine (a missing optional dependency hides one)."""
+    out = []
+    for t in TECHNIQUES:
+        try:
+            out.append(get_pass(t))
+        except (ImportError, OpstudioError, KeyError):
+            continue
+    return out
+
+
+def describe_step(step: Step) -> str:
+    try:
+        label = get_pass(step.technique).label or step.technique
+    except (ImportError, OpstudioError, KeyError):
+        label = step.technique
+    params = ", ".join(f"{k}={v}" for k, v in (step.params or {}).items() if v is not None)
+    if step.nodes:
+        shown = ", ".join(step.nodes[:3]) + (f" +{len(step.nodes) - 3}" if len(step.nodes) > 3
+                                             else "")
+        target = f"{len(step.nodes)} node{'s' if len(step.nodes) != 1 else ''}: {shown}"
+    else:
+        target = "all " + ", ".join(step.op_types or [])
+    return f"{label}  ({params})  →  {target}" if params else f"{label}  →  {target}"
+
+
+class Plan(QObject):
+    """The list of steps being built; ``changed`` fires after every edit."""
+
+    changed = Signal()
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.steps: list[Step] = []
+        self.undo_stack = QUndoStack(self)
+
+    def recipe(self) -> Recipe:
+        return Recipe(list(self.steps))
+
+    def add(self, step: Step) -> None:
+        self.undo_stack.push(_Edit(self, [*self.steps, step], f"add {step.technique}"))
+
+    def remove(self, index: int) -> None:
+        steps = [s for i, s in enumerate(self.steps) if i != index]
+        self.undo_stack.push(_Edit(self, steps, "remove step"))
+
+    def replace(self, steps: Sequence[Step], text: str = "load plan") -> None:
+        self.undo_stack.push(_Edit(self, list(steps), text))
+
+    def techniques_by_node(self, graph: Any) -> dict[str, str]:
+        """Node name -> techniques planned for it (the table's "technique" column)."""
+        out: dict[str, list[str]] = {}
+        for step in self.steps:
+            names = list(step.nodes or [])
+            if step.op_types and graph is not None:
+                ops = set(step.op_types)
+                names += [n.name for n in graph.nodes if n.op_type in ops]
+            for name in names:
+                out.setdefault(name, [])
+                if step.technique not in out[name]:
+                    out[name].append(step.technique)
+        return {k: ", ".join(v) for k, v in out.items()}
+
+    def _set(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self.changed.emit()
+
+
+class _Edit(QUndoCommand):
+    def __init__(self, plan: Plan, steps: list[Step], text: str) -> None:
+        super().__init__(text)
+        self.plan, self.before, self.after = plan, list(plan.steps), steps
+
+    def redo(self) -> None:
+        self.plan._set(list(self.after))
+
+    def undo(self) -> None:
+        self.plan._set(list(self.before))
+
+
+class ParamEditor(QWidget):
+    """A form built from a pass's ParamSpecs; ``values()`` gives the params dict."""
+
+    def __init__(self, p: Pass, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.p = p
+        self.getters: dict[str, Any] = {}
+        self.setters: dict[str, Any] = {}
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 4, 0, 0)
+        form.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
+        if not p.params:
+            form.addRow(QLabel("No parameters."))
+        for spec in p.params:
+            editor, get, set_ = _editor(spec)
+            if spec.optional:
+                box = QCheckBox()
+                box.setToolTip("unset = let the technique choose")
+                row = QWidget()
+                h = QHBoxLayout(row)
+                h.setContentsMargins(0, 0, 0, 0)
+                h.addWidget(box)
+                h.addWidget(editor, 1)
+                box.toggled.connect(editor.setEnabled)
+                box.setChecked(spec.default is not None)
+                editor.setEnabled(spec.default is not None)
+                self.getters[spec.name] = (lambda g=get, b=box: g() if b.isChecked() else None)
+
+                def setter(v: Any, s=set_, b=box) -> None:
+                    b.setChecked(v is not None)
+                    if v is not None:
+                        s(v)
+
+                self.setters[spec.name] = setter
+                widget: QWidget = row
+            else:
+                self.getters[spec.name] = get
+                self.setters[spec.name] = set_
+                widget = editor
+            widget.setToolTip(spec.help)
+            editor.setObjectName(f"param_{spec.name}")
+            label = QLabel(spec.label or spec.name)
+            label.setToolTip(spec.help)
+            form.addRow(label, widget)
+
+    def values(self) -> dict[str, Any]:
+        return {name: get() for name, get in self.getters.items()}
+
+    def set_value(self, name: str, value: Any) -> None:
+        self.setters[name](value)
+
+
+def _editor(spec: ParamSpec) -> tuple[QWidget, Any, Any]:
+    d = spec.default
+    if spec.kind == "bool":
+        w = QCheckBox()
+        w.setChecked(bool(d))
+        return w, w.isChecked, w.setChecked
+    if spec.kind == "int":
+        w = QSpinBox()
+        w.setRange(int(spec.minimum) if spec.minimum is not None else -(2**31 - 1),
+                   int(spec.maximum) if spec.maximum is not None else 2**31 - 1)
+        if d is not None:
+            w.setValue(int(d))
+        return w, w.value, lambda v: w.setValue(int(v))
+    if spec.kind == "float":
+        w = QDoubleSpinBox()
+        w.setDecimals(4)
+        w.setRange(spec.minimum if spec.minimum is not None else -1e9,
+                   spec.maximum if spec.maximum is not None else 1e9)
+        w.setSingleStep(0.01 if (spec.maximum or 2) <= 1 else 1.0)
+        if d is not None:
+            w.setValue(float(d))
+        return w, w.value, lambda v: w.setValue(float(v))
+    if spec.kind == "choice":
+        w = QComboBox()
+        for c in spec.choices:
+            w.addItem(str(c), c)
+        if d in spec.choices:
+            w.setCurrentIndex(list(spec.choices).index(d))
+        return (w, lambda: w.currentData(),
+                lambda v: w.setCurrentIndex(max(0, list(spec.choices).index(v))))
+    # path
+    row = QWidget()
+    h = QHBoxLayout(row)
+    h.setContentsMargins(0, 0, 0, 0)
+    line = QLineEdit(str(d or ""))
+    browse = QPushButton("…")
+    browse.setFixedWidth(28)
+
+    def pick() -> None:
+        path, _ = QFileDialog.getOpenFileName(row, spec.label or spec.name)
+        if path:
+            line.setText(path)
+
+    browse.clicked.connect(pick)
+    h.addWidget(line, 1)
+    h.addWidget(browse)
+    return row, lambda: line.text() or None, lambda v: line.setText(str(v or ""))
+
+
+class NodePanel(QWidget):
+    """Technique chooser + parameters for the selection, and the plan list below it."""
+
+    stepAdded = Signal(object)
+
+    def __init__(self, plan: Plan, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.plan = plan
+        self.model: onnx.ModelProto | None = None
+        self.graph: Any = None
+        self._nodes: dict[str, onnx.NodeProto] = {}
+        self.selection: list[str] = []
+        self.passes = available_passes()
+        self.reasons: dict[str, str | None] = {}
+
+        self.header = QLabel("Select operators in the graph or the table.")
+        self.header.setWordWrap(True)
+        self.header.setObjectName("panelHeader")
+
+        tech_box = QGroupBox("Technique")
+        tech_layout = QVBoxLayout(tech_box)
+        tech_layout.setSpacing(2)
+        self.buttons = QButtonGroup(self)
+        self.buttons.setExclusive(True)
+        self.radio: dict[str, QRadioButton] = {}
+        self.reason_labels: dict[str, QLabel] = {}
+        self.editors = QStackedWidget()
+        self.editor_for: dict[str, ParamEditor] = {}
+        for i, p in enumerate(self.passes):
+            rb = QRadioButton(p.label or p.technique)
+            rb.setObjectName(f"technique_{p.technique}")
+            rb.setToolTip(p.description)
+            self.buttons.addButton(rb, i)
+            self.radio[p.technique] = rb
+            reason = QLabel()
+            reason.setWordWrap(True)
+            reason.setObjectName("reason")
+            reason.setVisible(False)
+            reason.setContentsMargins(22, 0, 0, 2)
+            self.reason_labels[p.technique] = reason
+            tech_layout.addWidget(rb)
+            tech_layout.addWidget(reason)
+            ed = ParamEditor(p)
+            self.editor_for[p.technique] = ed
+            self.editors.addWidget(ed)
+        self.buttons.idToggled.connect(self._on_technique)
+
+        params_box = QGroupBox("Parameters")
+        pl = QVBoxLayout(params_box)
+        pl.addWidget(self.editors)
+        self.param_error = QLabel()
+        self.param_error.setObjectName("error")
+        self.param_error.setWordWrap(True)
+        pl.addWidget(self.param_error)
+
+        self.apply_button = QPushButton("Add to plan for selected")
+        self.apply_button.setObjectName("primary")
+        self.apply_button.clicked.connect(self.apply_to_selected)
+
+        plan_box = QGroupBox("Plan")
+        plan_layout = QVBoxLayout(plan_box)
+        self.plan_list = QListWidget()
+        self.plan_list.setMinimumHeight(90)
+        self.plan_list.setWordWrap(True)
+        self.plan_list.setAlternatingRowColors(True)
+        plan_layout.addWidget(self.plan_list)
+        row = QHBoxLayout()
+        self.remove_button = QPushButton("Remove")
+        self.remove_button.clicked.connect(self.remove_selected_step)
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.clicked.connect(plan.undo_stack.undo)
+        self.redo_button = QPushButton("Redo")
+        self.redo_button.clicked.connect(plan.undo_stack.redo)
+        self.load_button = QPushButton("Load…")
+        self.load_button.clicked.connect(self._on_load)
+        self.save_button = QPushButton("Save…")
+        self.save_button.clicked.connect(self._on_save)
+        for b in (self.remove_button, self.undo_button, self.redo_button):
+            row.addWidget(b)
+        plan_layout.addLayout(row)
+        row2 = QHBoxLayout()
+        row2.addWidget(self.load_button)
+        row2.addWidget(self.save_button)
+        row2.addStretch(1)
+        plan_layout.addLayout(row2)
+        plan.undo_stack.canUndoChanged.connect(self.undo_button.setEnabled)
+        plan.undo_stack.canRedoChanged.connect(self.redo_button.setEnabled)
+        self.undo_button.setEnabled(False)
+        self.redo_button.setEnabled(False)
+
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 8, 8, 8)
+        lay.setSpacing(8)
+        lay.addWidget(self.header)
+        lay.addWidget(tech_box)
+        lay.addWidget(params_box)
+        lay.addWidget(self.apply_button)
+        lay.addWidget(plan_box, 1)
+        plan.changed.connect(self._refresh_plan)
+        self.set_selection([])
+        self._refresh_plan()
+
+    # --- inputs ---------------------------------------------------------------------------
+    def set_model(self, model: onnx.ModelProto | None, graph: Any = None) -> None:
+        self.model, self.graph = model, graph
+        self._nodes = {n.name: n for n in model.graph.node} if model is not None else {}
+        self.set_selection([])
+        self._refresh_plan()
+
+    def set_selection(self, names: Sequence[str]) -> None:
+        self.selection = list(names)
+        n = len(self.selection)
+        if n == 0:
+            self.header.setText("Select operators in the graph or the table.")
+        else:
+            ops: dict[str, int] = {}
+            for name in self.selection:
+                node = self._nodes.get(name)
+                if node is not None:
+                    ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            kinds = ", ".join(f"{op} ×{c}" for op, c in sorted(ops.items(), key=lambda kv: -kv[1]))
+            self.header.setText(f"<b>{n} selected</b> — {kinds}" if n > 1
+                                else f"<b>{self.selection[0]}</b> — {kinds}")
+        self.reasons = {p.technique: self._reason(p) for p in self.passes}
+        first_ok = None
+        for p in self.passes:
+            reason = self.reasons[p.technique]
+            rb, lbl = self.radio[p.technique], self.reason_labels[p.technique]
+            rb.setEnabled(reason is None)
+            rb.setToolTip(p.description if reason is None else reason)
+            lbl.setText(reason or "")
+            lbl.setVisible(bool(reason) and n > 0)
+            if reason is None and first_ok is None:
+                first_ok = p.technique
+        checked = self.current_technique()
+        if checked is None or self.reasons.get(checked) is not None:
+            if first_ok is not None:
+                self.radio[first_ok].setChecked(True)
+            elif checked is not None:
+                self.buttons.setExclusive(False)
+                self.radio[checked].setChecked(False)
+                self.buttons.setExclusive(True)
+        self._update_apply()
+
+    def _reason(self, p: Pass) -> str | None:
+        if not self.selection:
+            return "select one or more operators first"
+        if len(self.selection) > MAX_CHECKED:
+            return f"more than {MAX_CHECKED} operators selected; narrow the selection"
+        bad: dict[str, list[str]] = {}
+        for name in self.selection:
+            node = self._nodes.get(name)
+            if node is None:
+                return f"{name}: not in the model"
+            try:
+                why = p.check(self.model, node)
+            except Exception as exc:  # a check must never break the panel
+                why = f"cannot check ({type(exc).__name__}: {exc})"
+            if why:
+                bad.setdefault(why, []).append(name)
+        if not bad:
+            return None
+        why, names = next(iter(bad.items()))
+        if len(self.selection) == 1:
+            return why
+        count = sum(len(v) for v in bad.values())
+        return f"{count} of {len(self.selection)} selected cannot take it — {names[0]}: {why}"
+
+    # --- actions ------------------------------------------------------------------------------
+    def current_technique(self) -> str | None:
+        b = self.buttons.checkedButton()
+        if b is None:
+            return None
+        return self.passes[self.buttons.id(b)].technique
+
+    def select_technique(self, technique: str) -> bool:
+        rb = self.radio.get(technique)
+        if rb is None or not rb.isEnabled():
+            return False
+        rb.setChecked(True)
+        return True
+
+    def params(self) -> dict[str, Any]:
+        t = self.current_technique()
+        return {} if t is None else self.editor_for[t].values()
+
+    def apply_to_selected(self) -> Step | None:
+        t = self.current_technique()
+        if t is None or not self.selection or self.reasons.get(t) is not None:
+            return None
+        p = get_pass(t)
+        try:
+            params = p.validate_params(self.editor_for[t].values())
+        except OpstudioError as exc:
+            self.param_error.setText(str(exc))
+            return None
+        self.param_error.setText("")
+        step = Step(technique=t, params=params, nodes=list(self.selection))
+        self.plan.add(step)
+        self.stepAdded.emit(step)
+        return step
+
+    def remove_selected_step(self) -> None:
+        row = self.plan_list.currentRow()
+        if 0 <= row < len(self.plan.steps):
+            self.plan.remove(row)
+
+    def _on_technique(self, index: int, checked: bool) -> None:
+        if checked:
+            self.editors.setCurrentIndex(index)
+        self._update_apply()
+
+    def _update_apply(self) -> None:
+        t = self.current_technique()
+        ok = t is not None and bool(self.selection) and self.reasons.get(t) is None
+        self.apply_button.setEnabled(ok)
+        n = len(self.selection)
+        self.apply_button.setText(f"Add to plan for {n} selected" if n > 1
+                                  else "Add to plan for selected")
+
+    def _refresh_plan(self) -> None:
+        current = self.plan_list.currentRow()
+        self.plan_list.clear()
+        for step in self.plan.steps:
+            self.plan_list.addItem(QListWidgetItem(describe_step(step)))
+        if self.plan.steps:
+            self.plan_list.setCurrentRow(min(max(current, 0), len(self.plan.steps) - 1))
+        self.remove_button.setEnabled(bool(self.plan.steps))
+
+    def load_recipe(self, path: str | Path) -> None:
+        recipe = Recipe.load(path)
+        self.plan.replace(recipe.steps)
+
+    def save_recipe(self, path: str | Path) -> None:
+        self.plan.recipe().save(path, overwrite=True)
+
+    def _on_load(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load plan", "", "Recipe (*.json)")
+        if path:
+            try:
+                self.load_recipe(path)
+            except OpstudioError as exc:
+                QMessageBox.warning(self, "Load plan", str(exc))
+
+    def _on_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save plan", "recipe.json", "Recipe (*.json)")
+        if path:
+            try:
+                self.save_recipe(path)
+            except OpstudioError as exc:
+                QMessageBox.warning(self, "Save plan", str(exc))

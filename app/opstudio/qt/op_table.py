@@ -1,0 +1,291 @@
+"""The operator table: one row per node, sortable and filterable, selection synced by index.
+
+Row ``i`` of the source model is node ``i`` of the graph (topological order), so the graph view
+and the table exchange plain node indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QItemSelection,
+    QItemSelectionModel,
+    QModelIndex,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+    Signal,
+)
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLineEdit,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from opstudio.core.graph import GraphInfo
+
+# measured columns first: they are what one sorts by and must be visible in a narrow dock
+COLUMNS = ("name", "op type", "mean ms", "share", "after ms", "speedup", "technique",
+           "output shape", "FLOPs", "params")
+(COL_NAME, COL_OP, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_TECH, COL_SHAPE, COL_FLOPS,
+ COL_PARAMS) = range(len(COLUMNS))
+NUMERIC = {COL_FLOPS, COL_PARAMS, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP}
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+
+_Index = QModelIndex | QPersistentModelIndex
+
+
+class OpTableModel(QAbstractTableModel):
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.graph: GraphInfo | None = None
+        self.profile: dict[str, Any] = {}  # node name -> NodeStats
+        self.techniques: dict[str, str] = {}  # node name -> technique(s) planned
+        self.after: dict[str, tuple[float, float | None]] = {}  # name -> (after ms, speedup)
+
+    def set_graph(self, graph: GraphInfo | None) -> None:
+        self.beginResetModel()
+        self.graph = graph
+        self.profile, self.techniques, self.after = {}, {}, {}
+        self.endResetModel()
+
+    def set_profile(self, profile: Any | None) -> None:
+        self.profile = {} if profile is None else {s.name: s for s in profile.nodes}
+        # a fused group is reported under its first member; show it on the others too
+        if profile is not None:
+            for s in profile.nodes:
+                for member in getattr(s, "group", []) or []:
+                    self.profile.setdefault(member, s)
+        self._changed(COL_MEAN, COL_SHARE)
+
+    def set_techniques(self, techniques: Mapping[str, str]) -> None:
+        self.techniques = dict(techniques)
+        self._changed(COL_TECH, COL_TECH)
+
+    def set_comparison(self, comparison: Any | None) -> None:
+        self.after = {}
+        if comparison is not None:
+            for row in comparison.nodes:
+                for name in [row.name, *row.group]:
+                    self.after[name] = (row.after_ms, row.speedup)
+        self._changed(COL_AFTER, COL_SPEEDUP)
+
+    def _changed(self, first: int, last: int) -> None:
+        if self.rowCount():
+            self.dataChanged.emit(self.index(0, first), self.index(self.rowCount() - 1, last))
+
+    # --- Qt model -----------------------------------------------------------------------------
+    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() or self.graph is None else len(self.graph.nodes)
+
+    def columnCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation,
+                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return COLUMNS[section]
+        return None
+
+    def value(self, row: int, col: int) -> Any:
+        """The raw value of a cell (numbers stay numbers; None when unknown)."""
+        assert self.graph is not None
+        n = self.graph.nodes[row]
+        if col == COL_NAME:
+            return n.name
+        if col == COL_OP:
+            return n.op_type
+        if col == COL_SHAPE:
+            return ", ".join(_shape(s) for s in n.output_shapes)
+        if col == COL_FLOPS:
+            return n.flops
+        if col == COL_PARAMS:
+            return n.param_bytes or None
+        if col in (COL_MEAN, COL_SHARE):
+            s = self.profile.get(n.name)
+            if s is None:
+                return None
+            return s.mean_ms if col == COL_MEAN else s.share
+        if col == COL_TECH:
+            return self.techniques.get(n.name, "")
+        if col in (COL_AFTER, COL_SPEEDUP):
+            a = self.after.get(n.name)
+            if a is None:
+                return None
+            return a[0] if col == COL_AFTER else a[1]
+        return None
+
+    def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or self.graph is None:
+            return None
+        row, col = index.row(), index.column()
+        if role == SORT_ROLE:
+            v = self.value(row, col)
+            if col in NUMERIC:
+                return float("-inf") if v is None else float(v)
+            return v
+        if role == Qt.ItemDataRole.DisplayRole:
+            return _format(col, self.value(row, col))
+        if role == Qt.ItemDataRole.TextAlignmentRole and col in NUMERIC:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == Qt.ItemDataRole.ForegroundRole and col == COL_SPEEDUP:
+            v = self.value(row, col)
+            if v is not None:
+                return QColor("#1b7f3b") if v >= 1.0 else QColor("#b3261e")
+        if role == Qt.ItemDataRole.ToolTipRole and col == COL_NAME:
+            return self.graph.nodes[row].name
+        return None
+
+
+class OpFilterProxy(QSortFilterProxyModel):
+    """Filters on name, op type and technique only: formatting every number of 10k rows on each
+    keystroke is what makes a filter box feel slow."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self._needle = ""
+
+    def set_needle(self, text: str) -> None:
+        if hasattr(self, "endFilterChange"):  # Qt >= 6.10; invalidateFilter is deprecated there
+            self.beginFilterChange()
+            self._needle = text.strip().lower()
+            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+        else:
+            self._needle = text.strip().lower()
+            self.invalidateFilter()
+
+    def filterAcceptsRow(self, row: int, parent: _Index) -> bool:
+        if not self._needle:
+            return True
+        m = self.sourceModel()
+        assert isinstance(m, OpTableModel)
+        return any(self._needle in str(m.value(row, col)).lower()
+                   for col in (COL_NAME, COL_OP, COL_TECH))
+
+
+class OpTable(QWidget):
+    """Filter box + table; emits ``selectionChanged`` with node indices."""
+
+    selectionChanged = Signal(list)
+    nodeActivated = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model = OpTableModel(self)
+        self.proxy = OpFilterProxy(self)
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setSortRole(SORT_ROLE)
+        self.filter = QLineEdit(self)
+        self.filter.setPlaceholderText("Filter by name, op type, technique…")
+        self.filter.setClearButtonEnabled(True)
+        self.filter.textChanged.connect(self.proxy.set_needle)
+        self.view = QTableView(self)
+        self.view.setModel(self.proxy)
+        self.view.setSortingEnabled(True)
+        self.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # topological order first
+        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.view.setAlternatingRowColors(True)
+        self.view.setWordWrap(False)
+        self.view.verticalHeader().setVisible(False)
+        self.view.verticalHeader().setDefaultSectionSize(22)
+        header = self.view.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        for col, width in ((COL_NAME, 150), (COL_OP, 96), (COL_MEAN, 78), (COL_SHARE, 60),
+                           (COL_AFTER, 76), (COL_SPEEDUP, 74), (COL_TECH, 100), (COL_SHAPE, 120),
+                           (COL_FLOPS, 70), (COL_PARAMS, 74)):
+            self.view.setColumnWidth(col, width)
+        self.view.selectionModel().selectionChanged.connect(self._on_selection)
+        self.view.doubleClicked.connect(
+            lambda ix: self.nodeActivated.emit(self.proxy.mapToSource(ix).row()))
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(4)
+        lay.addWidget(self.filter)
+        lay.addWidget(self.view)
+        self._syncing = False
+
+    def set_graph(self, graph: GraphInfo | None) -> None:
+        self.model.set_graph(graph)
+
+    def selected(self) -> list[int]:
+        rows = {self.proxy.mapToSource(ix).row()
+                for ix in self.view.selectionModel().selectedRows()}
+        return sorted(rows)
+
+    def set_selection(self, indices: Iterable[int], scroll: bool = True) -> None:
+        """Select these node rows without emitting ``selectionChanged``."""
+        rows = sorted(set(indices))
+        selection = QItemSelection()
+        last_col = self.model.columnCount() - 1
+        for start, end in _runs(rows):
+            selection.select(self.model.index(start, 0), self.model.index(end, last_col))
+        self._syncing = True
+        try:
+            sm = self.view.selectionModel()
+            sm.select(self.proxy.mapSelectionFromSource(selection),
+                      QItemSelectionModel.SelectionFlag.ClearAndSelect)
+            if rows and scroll:
+                ix = self.proxy.mapFromSource(self.model.index(rows[0], 0))
+                if ix.isValid():
+                    self.view.scrollTo(ix)
+        finally:
+            self._syncing = False
+
+    def _on_selection(self, *_: Any) -> None:
+        if not self._syncing:
+            self.selectionChanged.emit(self.selected())
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r - 1:
+            out[-1] = (out[-1][0], r)
+        else:
+            out.append((r, r))
+    return out
+
+
+def _shape(shape: Any) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _format(col: int, v: Any) -> str:
+    if v is None:
+        return ""
+    if col == COL_FLOPS:
+        return _human(v)
+    if col == COL_PARAMS:
+        return _bytes(v)
+    if col in (COL_MEAN, COL_AFTER):
+        return f"{v:.3f}"
+    if col == COL_SHARE:
+        return f"{v * 100:.1f}%"
+    if col == COL_SPEEDUP:
+        return f"{v:.2f}×"
+    return str(v)
+
+
+def _human(n: float) -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{int(n)} B"

@@ -1,0 +1,403 @@
+"""Before/after plots (pyqtgraph): top operators, op types, total, accuracy, one run's timeline.
+
+Each plot keeps the numbers it shows in ``data`` (tests read them) and can be saved as PNG
+through pyqtgraph's exporter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from pyqtgraph import exporters
+from PySide6.QtCore import QPointF, Qt
+from PySide6.QtGui import QColor, QFont, QFontMetrics
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QToolTip,
+    QVBoxLayout,
+    QWidget,
+)
+
+BEFORE = QColor("#9aa8bb")
+AFTER = QColor("#2f7ed8")
+TEXT = QColor("#2a3240")
+TOP_N = 15
+
+
+def _elide(text: str, n: int = 34) -> str:
+    return text if len(text) <= n else text[: n // 2 - 1] + "…" + text[-(n // 2 - 1):]
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3f} ms" if v < 100 else f"{v:.1f} ms"
+
+
+class BarsPlot(pg.PlotWidget):
+    """Horizontal grouped bars, one row per label, largest first; optional "after" bars."""
+
+    def __init__(self, title: str = "", parent: QWidget | None = None,
+                 legend_in_title: bool = True) -> None:
+        super().__init__(parent=parent)
+        self.data: dict[str, Any] = {"labels": [], "before": [], "after": None, "speedup": []}
+        self._title = title
+        self._legend_in_title = legend_in_title
+        self.setMinimumSize(200, 90)
+        pi = self.getPlotItem()
+        pi.setTitle(title, color=TEXT, size="11pt")
+        pi.invertY(True)
+        pi.showGrid(x=True, y=False, alpha=0.25)
+        pi.setMenuEnabled(False)
+        pi.hideButtons()
+        pi.setLabel("bottom", "latency (ms)")
+        # every row keeps its label: pyqtgraph drops labels that fill more than 80% of the axis
+        pi.getAxis("left").setStyle(autoExpandTextSpace=True, tickTextOffset=6,
+                                    textFillLimits=[(0, 1.0)])
+        self._tick_font = QFont()
+        self._tick_font.setPixelSize(11)
+        pi.getAxis("left").setTickFont(self._tick_font)
+        pi.getAxis("bottom").enableAutoSIPrefix(False)
+        for axis in ("left", "bottom"):
+            pi.getAxis(axis).setTextPen(TEXT)
+            pi.getAxis(axis).setPen(QColor("#b8c0cc"))
+        self.setMouseEnabled(x=False, y=False)
+        self.scene().sigMouseMoved.connect(self._on_hover)
+        self._items: list[Any] = []
+
+    def set_bars(self, labels: Sequence[str], before: Sequence[float],
+                 after: Sequence[float] | None = None, speedup: Sequence[float | None] = (),
+                 names: Sequence[str] | None = None) -> None:
+        pi = self.getPlotItem()
+        for it in self._items:
+            pi.removeItem(it)
+        self._items = []
+        before_a = np.asarray(before, dtype=float)
+        after_a = None if after is None else np.asarray(after, dtype=float)
+        self.data = {"labels": list(labels), "before": before_a.tolist(),
+                     "after": None if after_a is None else after_a.tolist(),
+                     "speedup": list(speedup), "names": list(names or labels)}
+        n = len(labels)
+        if n == 0:
+            pi.getAxis("left").setTicks([[]])
+            return
+        y = np.arange(n, dtype=float)
+        h = 0.38 if after_a is not None else 0.7
+        b = pg.BarGraphItem(x0=0, y=y - (h / 2 if after_a is not None else 0), height=h,
+                            width=before_a, brush=BEFORE, pen=pg.mkPen(None))
+        self._add(b)
+        top = float(before_a.max()) if n else 1.0
+        if after_a is not None:
+            a = pg.BarGraphItem(x0=0, y=y + h / 2, height=h, width=after_a, brush=AFTER,
+                                pen=pg.mkPen(None))
+            self._add(a)
+            top = max(top, float(after_a.max()))
+        font = QFont()
+        font.setPixelSize(11)
+        for i in range(n):
+            s = speedup[i] if i < len(speedup) else None
+            if s is None:
+                continue
+            end = max(before_a[i], after_a[i] if after_a is not None else 0.0)
+            colour = "#1b7f3b" if s >= 1.0 else "#b3261e"
+            t = pg.TextItem(f"{s:.2f}×", color=colour, anchor=(0, 0.5))
+            t.setFont(font)
+            t.setPos(end + top * 0.01, y[i])
+            self._add(t)
+        ticks = [(float(i), _elide(str(lbl))) for i, lbl in enumerate(labels)]
+        pi.getAxis("left").setTicks([ticks])
+        # size the axis for its labels now: pyqtgraph widens it only after a paint, and skips
+        # the labels that do not fit until then (or forever, on a tab that is not shown)
+        fm = QFontMetrics(self._tick_font)
+        pi.getAxis("left").setWidth(max(fm.horizontalAdvance(t) for _, t in ticks) + 16)
+        pi.setXRange(0, top * 1.3 if top > 0 else 1.0, padding=0)
+        if after_a is not None and self._legend_in_title:
+            pi.setTitle(f"<span style='color:{BEFORE.name()}'>■</span> before &nbsp;"
+                        f"<span style='color:{AFTER.name()}'>■</span> after", color=TEXT,
+                        size="10pt")
+        else:
+            pi.setTitle(self._title, color=TEXT, size="11pt")
+        pi.setYRange(-0.6, n - 0.4, padding=0)
+
+    def _add(self, item: Any) -> None:
+        self.getPlotItem().addItem(item)
+        self._items.append(item)
+
+    def _on_hover(self, pos: QPointF) -> None:
+        labels = self.data.get("labels") or []
+        if not labels or not self.getPlotItem().sceneBoundingRect().contains(pos):
+            return
+        p = self.getPlotItem().vb.mapSceneToView(pos)
+        i = round(p.y())
+        if not 0 <= i < len(labels):
+            QToolTip.hideText()
+            return
+        lines = [f"<b>{self.data['names'][i]}</b>", f"before: {_ms(self.data['before'][i])}"]
+        if self.data["after"] is not None:
+            lines.append(f"after: {_ms(self.data['after'][i])}")
+            s = self.data["speedup"][i] if i < len(self.data["speedup"]) else None
+            if s is not None:
+                lines.append(f"speedup: {s:.2f}×")
+        view_pos = self.mapFromScene(pos)
+        QToolTip.showText(self.mapToGlobal(view_pos), "<br>".join(lines), self)
+
+    def save_png(self, path: str | Path, width: int | None = None) -> Path:
+        """PNG of the plot at twice its size on screen (text scales with it), or ``width``."""
+        exp = exporters.ImageExporter(self.getPlotItem())
+        exp.parameters()["width"] = int(width or max(2 * self.width(), 800))
+        exp.export(str(path))
+        return Path(path)
+
+
+class TimelinePlot(pg.PlotWidget):
+    """Kernels of one run over time, one lane per thread."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent=parent)
+        self.data: dict[str, Any] = {"events": 0, "lanes": []}
+        pi = self.getPlotItem()
+        pi.setTitle("One run: kernels over time per thread", color=TEXT, size="11pt")
+        pi.setLabel("bottom", "time (ms)")
+        pi.getAxis("bottom").enableAutoSIPrefix(False)
+        pi.getAxis("left").setStyle(autoExpandTextSpace=True)
+        pi.invertY(True)
+        pi.hideButtons()
+        self.setMouseEnabled(x=True, y=False)
+        self._events: list[dict[str, Any]] = []
+        self._bars: pg.BarGraphItem | None = None
+        self.scene().sigMouseMoved.connect(self._on_hover)
+
+    def set_events(self, events: Sequence[Any]) -> None:
+        pi = self.getPlotItem()
+        if self._bars is not None:
+            pi.removeItem(self._bars)
+            self._bars = None
+        evs = [e if isinstance(e, dict) else vars(e) for e in events]
+        self._events = evs
+        tids = sorted({e.get("tid", 0) for e in evs})
+        lane = {t: i for i, t in enumerate(tids)}
+        self.data = {"events": len(evs), "lanes": tids}
+        if not evs:
+            pi.getAxis("left").setTicks([[]])
+            return
+        t0 = min(float(e["start_us"]) for e in evs)
+        x0 = np.array([(float(e["start_us"]) - t0) / 1000 for e in evs])
+        w = np.array([max(float(e["dur_us"]), 0.5) / 1000 for e in evs])
+        y = np.array([lane[e.get("tid", 0)] for e in evs], dtype=float)
+        ops = sorted({str(e.get("op", "")) for e in evs})
+        cmap = pg.colormap.get("CET-C6")  # cyclic, distinct hues for op types
+        colour = {op: cmap.map((k + 0.5) / max(len(ops), 1), mode="qcolor")
+                  for k, op in enumerate(ops)}
+        brushes = [pg.mkBrush(colour[str(e.get("op", ""))]) for e in evs]
+        self._bars = pg.BarGraphItem(x0=x0, y=y, height=0.7, width=w, brushes=brushes,
+                                     pen=pg.mkPen(None))
+        self._x0, self._w, self._y = x0, w, y
+        pi.addItem(self._bars)
+        pi.getAxis("left").setTicks([[(float(i), f"thread {i + 1}") for i in range(len(tids))]])
+        pi.setYRange(-0.6, len(tids) - 0.4, padding=0)
+        pi.setXRange(0, float((x0 + w).max()), padding=0.02)
+
+    def _on_hover(self, pos: QPointF) -> None:
+        if not self._events:
+            return
+        p = self.getPlotItem().vb.mapSceneToView(pos)
+        hit = np.flatnonzero((self._x0 <= p.x()) & (self._x0 + self._w >= p.x())
+                             & (np.abs(self._y - p.y()) <= 0.35))
+        if hit.size:
+            e = self._events[int(hit[0])]
+            QToolTip.showText(self.mapToGlobal(self.mapFromScene(pos)),
+                              f"<b>{e.get('name')}</b><br>{e.get('op')}<br>"
+                              f"{float(e['dur_us']) / 1000:.3f} ms", self)
+
+
+class AccuracyTable(QTableWidget):
+    HEADERS = ("output", "max abs err", "cosine", "SNR dB", "top-1")
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(0, len(self.HEADERS), parent)
+        self.setHorizontalHeaderLabels(self.HEADERS)
+        self.verticalHeader().setVisible(False)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.horizontalHeader().setStretchLastSection(True)
+        self.rows: list[dict[str, Any]] = []
+
+    def set_report(self, report: Any | None) -> None:
+        outputs = list(getattr(report, "outputs", []) or [])
+        self.setRowCount(len(outputs))
+        self.rows = []
+        for r, o in enumerate(outputs):
+            vals = [o.name, _sci(o.max_abs_err), _fixed(o.cosine, 6), _fixed(o.snr_db, 1),
+                    "" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%"]
+            self.rows.append({"name": o.name, "max_abs_err": o.max_abs_err,
+                              "cosine": o.cosine, "snr_db": o.snr_db})
+            for c, v in enumerate(vals):
+                item = QTableWidgetItem(v)
+                item.setToolTip(f"{o.name}: shape {'×'.join(str(d) for d in (o.shape or []))}, "
+                                f"mean abs err {_sci(o.mean_abs_err)}")
+                if c >= 1:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(r, c, item)
+
+
+def _bytes(n: float) -> str:
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{int(n)} B"
+
+
+def _sci(v: float | None) -> str:
+    return "" if v is None else f"{v:.3g}"
+
+
+def _fixed(v: float | None, digits: int) -> str:
+    if v is None or not np.isfinite(v):
+        return "∞" if v is not None and v > 0 else ("" if v is None else str(v))
+    return f"{v:.{digits}f}"
+
+
+class PlotsPanel(QWidget):
+    """All plots in tabs; ``show_profile`` after a baseline, ``show_comparison`` after a run."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.top_n = TOP_N
+        self.profile: Any = None
+        self.comparison: Any = None
+        self.ops = BarsPlot("Slowest operators")
+        self.op_types = BarsPlot("By op type")
+        self.total = BarsPlot("Total (p50)", legend_in_title=False)
+        self.total.setMinimumHeight(90)
+        self.timeline = TimelinePlot()
+        self.timeline.setMinimumSize(200, 90)
+        self.accuracy = AccuracyTable()
+        self.summary = QLabel("Run a profile to see where the time goes.")
+        self.summary.setObjectName("summary")
+        self.summary.setWordWrap(True)
+
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(0, 0, 0, 0)
+        rl.addWidget(self.summary)
+        rl.addWidget(self.total, 2)
+        acc_label = QLabel("Accuracy per output (after vs before)")
+        acc_label.setObjectName("sectionLabel")
+        rl.addWidget(acc_label)
+        rl.addWidget(self.accuracy, 3)
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self.ops)
+        split.addWidget(right)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        split.setSizes([600, 400])
+        split.setChildrenCollapsible(False)
+        self.ops.setMinimumWidth(280)
+        right.setMinimumWidth(220)
+
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(split, "Operators")
+        self.tabs.addTab(self.op_types, "Op types")
+        self.tabs.addTab(self.timeline, "Timeline")
+
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel("Top"))
+        self.top_spin = QSpinBox()
+        self.top_spin.setRange(3, 100)
+        self.top_spin.setValue(self.top_n)
+        self.top_spin.valueChanged.connect(self._on_top_n)
+        bar.addWidget(self.top_spin)
+        bar.addWidget(QLabel("operators"))
+        bar.addStretch(1)
+        self.save_button = QPushButton("Save plot as PNG…")
+        self.save_button.clicked.connect(self._on_save)
+        bar.addWidget(self.save_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 4, 6, 6)
+        lay.addLayout(bar)
+        lay.addWidget(self.tabs, 1)
+
+    def clear(self) -> None:
+        self.profile = self.comparison = None
+        for p in (self.ops, self.op_types, self.total):
+            p.set_bars([], [])
+        self.timeline.set_events([])
+        self.accuracy.set_report(None)
+        self.summary.setText("Run a profile to see where the time goes.")
+
+    def show_profile(self, profile: Any) -> None:
+        self.profile, self.comparison = profile, None
+        nodes = sorted(profile.nodes, key=lambda s: -s.mean_ms)[: self.top_n]
+        self.ops.set_bars([s.name for s in nodes], [s.mean_ms for s in nodes])
+        ops = sorted(profile.op_types, key=lambda r: -r["mean_ms"])[: self.top_n]
+        self.op_types.set_bars([f"{r['op_type']} ×{r['count']}" for r in ops],
+                               [r["mean_ms"] for r in ops])
+        total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
+        self.total.set_bars(["model"], [total])
+        self.timeline.set_events(getattr(profile, "kernel_events", []) or [])
+        self.accuracy.set_report(None)
+        plain = (getattr(profile, "plain_ms", None) or {}).get("p50")
+        extra = f"; {_ms(plain)} without the profiler" if plain else ""
+        self.summary.setText(f"<b>{_ms(total)}</b> per run (p50, profiled){extra}; "
+                             f"{len(profile.nodes)} operators measured.")
+
+    def show_comparison(self, comparison: Any) -> None:
+        self.comparison = comparison
+        self.profile = comparison.before
+        rows = comparison.nodes[: self.top_n]
+        self.ops.set_bars([r.name for r in rows], [r.before_ms for r in rows],
+                          [r.after_ms for r in rows], [r.speedup for r in rows])
+        ops = comparison.op_types()[: self.top_n]
+        self.op_types.set_bars(
+            [r["op_type"] for r in ops], [r["before_ms"] for r in ops], [r["after_ms"] for r in ops],
+            [(r["before_ms"] / r["after_ms"]) if r["after_ms"] > 0 and r["before_ms"] > 0 else None
+             for r in ops])
+        b = comparison.before.total_ms.get("p50") or comparison.before.total_ms.get("mean", 0.0)
+        a = comparison.after.total_ms.get("p50") or comparison.after.total_ms.get("mean", 0.0)
+        self.total.set_bars(["model"], [b], [a], [comparison.speedup])
+        self.timeline.set_events(getattr(comparison.after, "kernel_events", []) or [])
+        self.accuracy.set_report(comparison.accuracy)
+        s = comparison.speedup
+        sizes = comparison.size_bytes or {}
+        size = ""
+        if sizes.get("before") and sizes.get("after"):
+            size = f"; file {_bytes(sizes['before'])} → {_bytes(sizes['after'])}"
+        self.summary.setText(
+            f"<b>{_ms(b)} → {_ms(a)}</b>  "
+            f"<span style='color:{'#1b7f3b' if (s or 0) >= 1 else '#b3261e'}'>"
+            f"<b>{s:.2f}×</b></span>{size}" if s else f"{_ms(b)} → {_ms(a)}{size}")
+
+    def _on_top_n(self, n: int) -> None:
+        self.top_n = n
+        if self.comparison is not None:
+            self.show_comparison(self.comparison)
+        elif self.profile is not None:
+            self.show_profile(self.profile)
+
+    def current_plot(self) -> pg.PlotWidget:
+        w = self.tabs.currentWidget()
+        return self.ops if isinstance(w, QSplitter) else w
+
+    def _on_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save plot", "plot.png", "PNG image (*.png)")
+        if path:
+            plot = self.current_plot()
+            if isinstance(plot, BarsPlot):
+                plot.save_png(path)
+            else:
+                exp = exporters.ImageExporter(plot.getPlotItem())
+                exp.parameters()["width"] = max(2 * plot.width(), 800)
+                exp.export(path)

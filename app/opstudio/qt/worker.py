@@ -1,0 +1,86 @@
+"""The one way the app runs long work off the UI thread.
+
+A ``Worker`` wraps a core function that takes ``progress`` and ``cancelled`` keyword callbacks
+(see docs/design.md) and runs it in a ``QThreadPool``. Its ``signals`` object lives in the UI
+thread, so connected slots run there: ``started``, ``progress(fraction, message)``,
+``result(object)`` or ``error(str)`` (or ``cancelled()``), then always ``finished``.
+``cancel()`` only sets a flag; the core function polls it and raises ``Cancelled`` within a
+fraction of a second.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+from opstudio.core.errors import Cancelled, OpstudioError
+
+
+class WorkerSignals(QObject):
+    started = Signal()
+    progress = Signal(float, str)
+    result = Signal(object)
+    error = Signal(str)
+    cancelled = Signal()
+    finished = Signal()
+
+
+class Worker(QRunnable):
+    """Runs ``fn(*args, progress=..., cancelled=..., **kwargs)`` on the global thread pool."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, name: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        self.setAutoDelete(False)  # the owner keeps a reference and may ask about it later
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.name = name or getattr(fn, "__name__", "work")
+        self.signals = WorkerSignals()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def is_cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def is_done(self) -> bool:
+        return self._done.is_set()
+
+    def start(self, pool: QThreadPool | None = None) -> Worker:
+        (pool or QThreadPool.globalInstance()).start(self)
+        return self
+
+    def run(self) -> None:  # called in a pool thread
+        s = self.signals
+        try:
+            s.started.emit()
+            value = self.fn(*self.args, progress=self._progress, cancelled=self.is_cancelled,
+                            **self.kwargs)
+            if self.is_cancelled():
+                s.cancelled.emit()
+            else:
+                s.result.emit(value)
+        except Cancelled:
+            s.cancelled.emit()
+        except OpstudioError as exc:
+            s.error.emit(_one_line(str(exc)))
+        except MemoryError:
+            s.error.emit(f"{self.name}: out of memory")
+        except Exception as exc:  # a bug must not take the app down: report it in words
+            traceback.print_exc()
+            s.error.emit(f"{self.name}: unexpected {type(exc).__name__}: {_one_line(str(exc))}")
+        finally:
+            self._done.set()
+            s.finished.emit()
+
+    def _progress(self, fraction: float, message: str = "") -> None:
+        self.signals.progress.emit(float(max(0.0, min(1.0, fraction))), str(message))
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "failed"

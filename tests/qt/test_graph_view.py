@@ -1,0 +1,113 @@
+"""The graph view: painting at every level of detail, click / Ctrl-click / rubber band, search,
+heat colouring, and edge tooltips — on synthetic graphs and a real model."""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QPoint, QPointF, Qt
+from PySide6.QtGui import QImage, QPainter
+from qt_models import synthetic_graph
+
+from opstudio.qt.graph_view import GraphView
+
+
+def make_view(qtbot, n=200):
+    view = GraphView()
+    qtbot.addWidget(view)
+    view.resize(900, 700)
+    view.show()
+    qtbot.waitExposed(view)
+    view.set_graph(synthetic_graph(n))
+    return view
+
+
+def render(view) -> QImage:
+    img = QImage(view.viewport().size(), QImage.Format.Format_ARGB32)
+    img.fill(0)
+    p = QPainter(img)
+    view.render(p)
+    p.end()
+    return img
+
+
+def test_paints_at_far_and_close_zoom(app, qtbot):
+    view = make_view(qtbot, 3000)
+    view.fit_all()
+    far = render(view)
+    view.center_on(10)
+    close = render(view)
+    # both levels of detail put something other than the background on screen
+    for img in (far, close):
+        colours = {img.pixel(x, y) for x in range(0, img.width(), 7) for y in range(0, img.height(), 7)}
+        assert len(colours) > 3
+
+
+def test_click_ctrl_click_and_background_click(app, qtbot):
+    view = make_view(qtbot)
+    got = []
+    view.selectionChanged.connect(got.append)
+    view.center_on(5)
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, pos=view.view_pos_of(5))
+    assert view.selected() == [5] and got[-1] == [5]
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton,
+                     Qt.KeyboardModifier.ControlModifier, pos=view.view_pos_of(6))
+    assert view.selected() == [5, 6]
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton,
+                     Qt.KeyboardModifier.ControlModifier, pos=view.view_pos_of(5))
+    assert view.selected() == [6]
+    lay = view.layout_
+    empty = view.mapFromScene(QPointF(float(lay.x.max() + 400), float(lay.y[6])))
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, pos=empty)
+    assert view.selected() == []
+
+
+def test_rubber_band_selects_the_boxes_inside(app, qtbot):
+    view = make_view(qtbot)
+    view.center_on(20)
+    vp = view.viewport()
+    a, b = view.view_pos_of(18), view.view_pos_of(22)
+    lay = view.layout_
+    # start outside every box, to the left of the graph
+    left = view.mapFromScene(QPointF(float(lay.x.min() - 300), float(lay.y[18] - 20))).x()
+    start = QPoint(max(left, 2), min(a.y(), b.y()) - 25)
+    end = QPoint(vp.width() - 3, max(a.y(), b.y()) + 2)
+    qtbot.mousePress(vp, Qt.MouseButton.LeftButton, pos=start)
+    qtbot.mouseMove(vp, end)
+    qtbot.mouseRelease(vp, Qt.MouseButton.LeftButton, pos=end)
+    sel = view.selected()
+    top, bottom = view.mapToScene(start).y(), view.mapToScene(end).y()
+    expected = [i for i in range(len(lay.x)) if lay.y[i] + 14 >= top and lay.y[i] - 14 <= bottom
+                and lay.x[i] + lay.width[i] / 2 >= view.mapToScene(start).x()]
+    assert sel == expected and {18, 22} <= set(sel)
+
+
+def test_search_by_op_type_and_name(app, qtbot):
+    view = make_view(qtbot, 80)
+    found = view.search("softmax")  # op type, case-insensitive
+    assert found == [i for i in range(80) if i % 8 == 6]
+    assert view.selected() == found
+    assert view.search("node_7") == [7, *range(70, 80)]
+    assert view.find("no such thing") == []
+
+
+def test_heat_colours_and_legend(app, qtbot):
+    view = make_view(qtbot, 50)
+    share = np.linspace(0, 0.2, 50)
+    share[3] = np.nan
+    view.set_heat(share)
+    item = view.item
+    assert view.legend.visible and abs(view.legend.max_share - 0.2) < 1e-12
+    assert item.colour[49] > item.colour[10]  # hotter node, later bin
+    assert item.colour[3] == len(item._palette) - 1  # not measured
+    view.set_heat(None)
+    assert not view.legend.visible and np.array_equal(item.colour, item.base_colour)
+
+
+def test_edge_tooltip_names_the_tensor(app, qtbot):
+    view = make_view(qtbot, 30)
+    view.center_on(4)
+    _s, _d, tensor = view.graph.edges[3]
+    seg = view.item.segments[view.item.segment_edge == 3][0]
+    mid = QPointF((seg[0] + seg[2]) / 2, (seg[1] + seg[3]) / 2)
+    assert view.item.edge_near(mid, 2.0) == 3
+    assert view.graph.edges[3][2] == tensor

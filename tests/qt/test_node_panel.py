@@ -1,0 +1,115 @@
+"""The optimization panel: techniques enabled by the core's check, editors from ParamSpecs,
+the plan with undo/redo, and recipe files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
+from qt_models import mlp_model
+
+from opstudio.core.model_io import ensure_node_names
+from opstudio.core.passes import get_pass
+from opstudio.core.recipe import Recipe, Step
+from opstudio.qt.node_panel import NodePanel, Plan, available_passes
+
+EDITOR_TYPES = {"int": QSpinBox, "float": QDoubleSpinBox, "bool": QCheckBox,
+                "choice": QComboBox}
+
+
+@pytest.fixture
+def panel(app, qtbot):
+    model = mlp_model()
+    ensure_node_names(model)
+    plan = Plan()
+    w = NodePanel(plan)
+    qtbot.addWidget(w)
+    w.set_model(model)
+    w.show()
+    return w
+
+
+def test_techniques_follow_the_core_check(panel):
+    panel.set_selection(["relu0"])
+    relu = next(n for n in panel.model.graph.node if n.name == "relu0")
+    for p in available_passes():
+        reason = p.check(panel.model, relu)
+        rb = panel.radio[p.technique]
+        assert rb.isEnabled() == (reason is None)
+        if reason:
+            assert rb.toolTip() == reason
+            assert panel.reason_labels[p.technique].text() == reason
+    panel.set_selection(["mm0", "mm1"])
+    assert panel.radio["int8-dynamic"].isEnabled()
+    assert "2 selected" in panel.header.text()
+    # one node that cannot take it disables it for the whole selection, with the reason
+    panel.set_selection(["mm0", "relu0"])
+    assert not panel.radio["int8-dynamic"].isEnabled()
+    assert "1 of 2 selected" in panel.reason_labels["int8-dynamic"].text()
+    assert "relu0" in panel.reason_labels["int8-dynamic"].text()
+
+
+def test_editors_are_built_from_param_specs(panel):
+    for p in available_passes():
+        editor = panel.editor_for[p.technique]
+        for spec in p.params:
+            widget = editor.findChild(EDITOR_TYPES.get(spec.kind, QLineEdit),
+                                      f"param_{spec.name}")
+            if spec.kind == "path":
+                widget = editor.findChild(QLineEdit)
+            assert widget is not None, (p.technique, spec.name)
+        # the defaults read back as the pass's own validated defaults
+        assert p.validate_params(editor.values()) == p.validate_params({
+            s.name: s.default for s in p.params})
+
+
+def test_apply_undo_redo_remove(panel, qtbot):
+    plan = panel.plan
+    panel.set_selection(["mm0", "mm1"])
+    assert panel.select_technique("lowrank")
+    panel.editor_for["lowrank"].set_value("rank", 8)
+    panel.apply_button.click()  # rank and energy together: the pass refuses, in words
+    assert plan.steps == [] and "not both" in panel.param_error.text()
+    panel.editor_for["lowrank"].set_value("energy", None)
+    panel.apply_button.click()
+    assert len(plan.steps) == 1 and panel.param_error.text() == ""
+    step = plan.steps[0]
+    assert step.technique == "lowrank" and step.nodes == ["mm0", "mm1"]
+    assert step.params == get_pass("lowrank").validate_params({"rank": 8})
+    assert panel.plan_list.count() == 1 and "2 nodes: mm0, mm1" in panel.plan_list.item(0).text()
+    panel.set_selection(["mm1"])
+    panel.select_technique("int8-dynamic")
+    panel.apply_button.click()
+    assert [s.technique for s in plan.steps] == ["lowrank", "int8-dynamic"]
+    panel.undo_button.click()
+    assert [s.technique for s in plan.steps] == ["lowrank"]
+    panel.redo_button.click()
+    assert [s.technique for s in plan.steps] == ["lowrank", "int8-dynamic"]
+    panel.plan_list.setCurrentRow(0)
+    panel.remove_button.click()
+    assert [s.technique for s in plan.steps] == ["int8-dynamic"]
+    plan.undo_stack.undo()
+    assert [s.technique for s in plan.steps] == ["lowrank", "int8-dynamic"]
+    assert plan.techniques_by_node(None) == {"mm0": "lowrank", "mm1": "lowrank, int8-dynamic"}
+
+
+def test_disabled_technique_cannot_be_applied(panel):
+    panel.set_selection(["relu0"])
+    assert not panel.select_technique("int8-dynamic")
+    assert panel.apply_to_selected() is None or panel.current_technique() == "fp16"
+    panel.set_selection([])
+    assert not panel.apply_button.isEnabled()
+
+
+def test_recipe_round_trip(panel, tmp_path):
+    panel.plan.replace([Step("int8-dynamic", {"per_channel": True}, nodes=["mm0"]),
+                        Step("fp16", {}, op_types=["Softmax"])])
+    path = tmp_path / "plan.json"
+    panel.save_recipe(path)
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and data["steps"][1]["op_types"] == ["Softmax"]
+    panel.plan.replace([])
+    panel.load_recipe(path)
+    assert panel.plan.recipe().to_json() == Recipe.load(path).to_json()
+    assert "all Softmax" in panel.plan_list.item(1).text()

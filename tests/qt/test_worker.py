@@ -1,0 +1,93 @@
+"""The worker: signals in order, errors in words, cancel within a second, UI thread slots."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from PySide6.QtCore import QThread
+
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.qt.worker import Worker
+
+
+def count_to(n: int, *, progress=None, cancelled=None) -> int:
+    for i in range(n):
+        if cancelled():
+            raise Cancelled()
+        progress((i + 1) / n, f"step {i + 1}")
+    return n * 10
+
+
+def test_result_progress_and_order(app, qtbot):
+    w = Worker(count_to, 4)
+    seen = []
+    threads = set()
+    results = []
+    w.signals.result.connect(results.append)
+    w.signals.progress.connect(lambda f, m: (seen.append((f, m)), threads.add(QThread.currentThread())))
+    with qtbot.waitSignals([w.signals.started, w.signals.result, w.signals.finished],
+                           order="strict", timeout=5000):
+        w.start()
+    assert results == [40]
+    assert seen == [(0.25, "step 1"), (0.5, "step 2"), (0.75, "step 3"), (1.0, "step 4")]
+    assert threads == {app.thread()}  # slots run in the UI thread
+    assert w.is_done()
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (OpstudioError("model.onnx: the file is empty\nmore"), "model.onnx: the file is empty"),
+    (ZeroDivisionError("division by zero"), "boom: unexpected ZeroDivisionError: division by zero"),
+])
+def test_errors_become_one_line(app, qtbot, exc, expected, capsys):
+    def boom(*, progress=None, cancelled=None):
+        raise exc
+
+    w = Worker(boom, name="boom")
+    results, errors = [], []
+    w.signals.result.connect(results.append)
+    w.signals.error.connect(errors.append)
+    with qtbot.waitSignals([w.signals.error, w.signals.finished], order="strict", timeout=5000):
+        w.start()
+    assert errors == [expected]
+    assert results == []
+
+
+def test_cancel_stops_within_a_second(app, qtbot):
+    started = threading.Event()
+
+    def forever(*, progress=None, cancelled=None):
+        started.set()
+        while True:
+            if cancelled():
+                raise Cancelled()
+            time.sleep(0.01)
+
+    w = Worker(forever)
+    w.start()
+    assert started.wait(5)
+    t = time.perf_counter()
+    with qtbot.waitSignals([w.signals.cancelled, w.signals.finished], order="strict",
+                           timeout=1000):
+        w.cancel()
+    assert time.perf_counter() - t < 1.0
+    assert w.is_cancelled() and w.is_done()
+
+
+def test_result_after_cancel_counts_as_cancelled(app, qtbot):
+    # a function that ignores the flag and returns: its late result must not be shown
+    gate = threading.Event()
+
+    def slow(*, progress=None, cancelled=None):
+        gate.wait(5)
+        return 1
+
+    w = Worker(slow)
+    results = []
+    w.signals.result.connect(results.append)
+    w.start()
+    w.cancel()
+    with qtbot.waitSignal(w.signals.cancelled, timeout=5000):
+        gate.set()
+    assert results == []
