@@ -128,3 +128,58 @@ def nested(a, b):
 
 def test_nested_calls_run_in_the_child():
     assert call_isolated(nested, 4, 5, timeout=60) == 9
+
+
+ORPHAN_SCRIPT = '''
+import os, sys, time
+from opstudio.core.isolation import call_isolated
+
+def linger(path):
+    with open(path, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    call_isolated(linger, sys.argv[1], timeout=120)
+'''
+
+
+def test_child_exits_when_its_caller_is_killed(tmp_path):
+    """A caller killed outright (no chance to clean up) must not leave onnxruntime running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "caller.py"
+    script.write_text(ORPHAN_SCRIPT)
+    pid_file = tmp_path / "child.pid"
+    caller = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        os.kill(caller.pid, signal.SIGKILL)
+        caller.wait(5)
+        deadline = time.monotonic() + 5
+        while _alive(child):
+            assert time.monotonic() < deadline, "the child outlived its caller"
+            time.sleep(0.1)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by the fork server) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

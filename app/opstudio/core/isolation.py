@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +50,11 @@ CancelCheck = Callable[[], bool]
 POLL_S = 0.05
 _PRELOAD = ["numpy", "onnx", "onnxruntime", "opstudio.core.isolation"]
 _context: Any = None
+
+
+# how often an isolated child checks that its caller is still alive, and its exit code if not
+PARENT_POLL_S = 0.5
+EXIT_ORPHANED = 75
 
 
 def start_method() -> str:
@@ -91,7 +97,8 @@ def call_isolated(func: Callable[..., T], *args: Any, timeout: float | None = 60
         return func(*args, **kwargs)
     ctx = _get_context()
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(sender, func, args, kwargs, wants_progress),
+    proc = ctx.Process(target=_child_main,
+                       args=(sender, func, args, kwargs, wants_progress, os.getpid()),
                        daemon=True, name=f"opstudio-{getattr(func, '__name__', 'task')}")
     proc.start()
     sender.close()  # the parent keeps only the reading end, so EOF means the child is gone
@@ -183,8 +190,25 @@ class _ChildProgress:
             self._conn.send(("progress", (float(fraction), str(message))))
 
 
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the caller is gone. A caller killed outright (SIGKILL, a crash) cannot stop
+    its children, and with the forkserver start method the child's parent process is the fork
+    server, not the caller, so PR_SET_PDEATHSIG would not help: poll the caller's pid."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(EXIT_ORPHANED)
+        except PermissionError:
+            pass  # the pid exists (reused by another user's process is not worth guarding)
+
+
 def _child_main(conn: Any, func: Callable[..., Any], args: tuple, kwargs: dict,
-                wants_progress: bool) -> None:
+                wants_progress: bool, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                         name="opstudio-parent-watch").start()
     try:
         if wants_progress:
             kwargs = {**kwargs, "progress": _ChildProgress(conn)}
