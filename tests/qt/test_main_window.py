@@ -279,3 +279,11 @@ def test_advisor_in_the_window(window, qtbot, mlp_path, tmp_path, monkeypatch):
         assert window.plan.recipe().to_json() == advice.plan.recipe.to_json()
         window.plan.undo_stack.undo()
         assert window.plan.recipe().to_json() == before
+
+
+def test_about_names_the_version(window):
+    from opstudio import __version__
+
+    assert f"opstudio {__version__}" in window.about_text()
+    assert any(a.text() == "About opstudio" for m in window.menuBar().actions()
+               for a in (m.menu().actions() if m.menu() else []))

@@ -273,6 +273,8 @@ class MainWindow(QMainWindow):
         tools = mb.addMenu("&Tools")
         tools.addAction(self.netron_action)
         tools.addAction(self.netron_opt_action)
+        help_menu = mb.addMenu("&Help")
+        help_menu.addAction(self._action("About opstudio", self.show_about))
 
         tb = QToolBar("Main")
         tb.setObjectName("mainToolbar")
@@ -604,6 +606,23 @@ class MainWindow(QMainWindow):
         self.graph_view.set_heat(share)
         if np.isfinite(share).any():
             self.graph_view.center_on(int(np.nanargmax(share)), zoom_in=False)
+
+    def about_text(self) -> str:
+        import onnxruntime
+        from PySide6 import __version__ as pyside_version
+
+        from opstudio import __version__
+
+        return (f"<h3>opstudio {__version__}</h3>"
+                "<p>Operator-level profiling and optimization of ONNX models: low-rank "
+                "factorization, pruning and quantization, measured per operator.</p>"
+                f"<p>onnx {onnx.__version__} · onnxruntime {onnxruntime.__version__} · "
+                f"PySide6 {pyside_version}</p>")
+
+    def show_about(self) -> None:
+        from PySide6.QtWidgets import QMessageBox
+
+        QMessageBox.about(self, "About opstudio", self.about_text())
 
     def show_error(self, message: str) -> None:
         self.banner_text.setText(message)
