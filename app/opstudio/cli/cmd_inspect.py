@@ -10,6 +10,7 @@ from opstudio.cli.common import (
     human_bytes,
     human_count,
     parse_dims,
+    parse_shapes,
     print_table,
     write_json,
 )
@@ -24,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH|-", help="also write the analysis as JSON ('-' = stdout)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
                    help="bind a symbolic dim for FLOP counts, e.g. --dim seq=128")
+    p.add_argument("--shape", action="append", default=[], metavar="INPUT=D0,D1,...",
+                   help="whole shape of one input (for dims without names), "
+                        "e.g. --shape x=1,3,224,224")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="print only the first N operators (0 = all)")
     p.set_defaults(func=run)
@@ -47,7 +51,7 @@ def to_json(path: str, info: GraphInfo) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    info = analyze(model, parse_dims(args.dim))
+    info = analyze(model, parse_dims(args.dim), shapes=parse_shapes(args.shape))
     if args.json == "-":
         write_json(to_json(args.model, info), "-")
         return 0

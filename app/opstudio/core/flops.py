@@ -17,13 +17,14 @@ ELEMENTWISE = {
     "LessOrEqual", "And", "Or", "Xor", "Not", "ThresholdedRelu", "Mish", "BitShift",
     "QuickGelu", "BiasAdd", "IsNaN", "IsInf",
 }
-# Ops that do no arithmetic worth counting.
+# Ops that do no arithmetic worth counting. (If/Loop/Scan are not here: their work is in their
+# bodies, which a static count cannot attribute, so they report None rather than 0.)
 DATA_MOVEMENT = {
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice",
     "Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND", "Expand",
     "Tile", "Pad", "Shape", "Size", "Identity", "Cast", "CastLike", "Constant", "ConstantOfShape",
     "Range", "Dropout", "DepthToSpace", "SpaceToDepth", "NonZero", "OneHot", "Trilu",
-    "EyeLike", "TopK", "ArgMax", "ArgMin", "If", "Loop", "Scan", "SequenceConstruct",
+    "EyeLike", "TopK", "ArgMax", "ArgMin", "SequenceConstruct",
     "SplitToSequence", "ConcatFromSequence", "SequenceAt", "Compress", "Resize", "Upsample",
 }
 # Approximate FLOPs per element for composite ops (as they are computed in practice).

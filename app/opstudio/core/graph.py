@@ -8,18 +8,24 @@ shape they need is unknown or symbolic; :func:`analyze` accepts ``dims`` to bind
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
+import multiprocessing
+import os
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import external_data_helper, helper, numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
 
-from opstudio.core.errors import GraphError
+from opstudio.core.errors import Cancelled, GraphError
 from opstudio.core.flops import node_flops
+from opstudio.core.isolation import call_isolated
 
 Dim = int | str | None
 Shape = list[Dim] | None
@@ -94,7 +100,7 @@ class GraphInfo:
             for out in n.outputs:
                 if out:
                     self._producer[out] = n.index
-            for inp in n.inputs:
+            for inp in dict.fromkeys(n.inputs):  # Add(a, a) consumes a once
                 if inp:
                     self._consumers[inp].append(n.index)
 
@@ -104,7 +110,9 @@ class GraphInfo:
     def has_node(self, name: str) -> bool:
         return name in self._by_name
 
-    def producer(self, tensor: str) -> NodeInfo | None:
+    # (``producer`` is the field naming the exporting tool, so this one has its own name)
+    def producer_of(self, tensor: str) -> NodeInfo | None:
+        """The node that writes ``tensor``; None for graph inputs and initializers."""
         i = self._producer.get(tensor)
         return None if i is None else self.nodes[i]
 
@@ -201,7 +209,14 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
             t = attr.t if attr.type == onnx.AttributeProto.TENSOR else attr.sparse_tensor.values
             out[attr.name] = f"<tensor {dtype_name(t.data_type)} {list(t.dims)}>"
             continue
-        value = helper.get_attribute_value(attr)
+        if attr.ref_attr_name:  # only meaningful inside a function body; keep the reference
+            out[attr.name] = f"<ref {attr.ref_attr_name}>"
+            continue
+        try:
+            value = helper.get_attribute_value(attr)
+        except ValueError:  # an attribute whose type field matches none of its values
+            out[attr.name] = "<malformed>"
+            continue
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         elif isinstance(value, list):
@@ -247,26 +262,331 @@ def topological_order(graph: onnx.GraphProto) -> list[int]:
     return order
 
 
-def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    """Shape-inferred copy of ``model`` (or the model itself and the reason inference failed)."""
+# Initializers bigger than this are handed to shape inference as dims + type only: inference needs
+# the values of small shape tensors, never of weights, and skipping them keeps a model with
+# gigabytes of weights from being serialised again (or hitting protobuf's 2 GiB limit).
+_STUB_ABOVE_ELEMENTS = 4096
+# Constant folding before inference only evaluates shape arithmetic: small in, small out.
+_FOLD_MAX_ELEMENTS = 4096
+_FOLD_ROUNDS = 4
+INFERENCE_TIMEOUT_S = 30.0
+_FOLDABLE = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Min", "Max", "Mod", "Floor", "Ceil", "Sqrt",
+    "Cast", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
+    "Where", "Identity", "Concat", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose",
+    "Slice", "Gather", "Shape", "Size", "Range", "ConstantOfShape", "Expand", "Tile", "ReduceProd",
+    "ReduceSum", "ReduceMax", "ReduceMin", "CumSum", "Sign", "Split",
+}
+
+
+def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None,
+                 ) -> tuple[onnx.ModelProto, str | None]:
+    """Shape-inferred stand-in for ``model``: same tensor names, types and shapes (weights left out).
+
+    ``dims`` / ``shapes`` make input dims concrete *before* inference, so computed shapes
+    (``Range(0, seq)``, Pad amounts…) come out as numbers. Small constant subgraphs (shape
+    arithmetic) are folded between rounds of inference so that shapes computed from constants
+    resolve too. On failure returns the best model so far and the first line of the reason.
+    """
+    work = _inference_copy(model, dims or {}, shapes or {})
+    error: str | None = None
+    folded: set[str] = set()
+    inferred = work
+    for _ in range(_FOLD_ROUNDS):
+        try:
+            # In a child process: onnx's C++ inference aborts the whole process on some hostile
+            # attribute values (a huge kernel_shape trips an assertion) and can crawl for minutes.
+            data = call_isolated(_infer_serialized, work.SerializeToString(),
+                                 timeout=INFERENCE_TIMEOUT_S, label="onnx shape inference",
+                                 task="inferring shapes")
+            inferred = onnx.ModelProto()
+            inferred.ParseFromString(data)
+        except Cancelled:
+            raise
+        except Exception as exc:  # onnx raises many types here (InferenceError, ValueError, …)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            error = first[:300]
+            break
+        if not _fold_constants(work, inferred, folded):
+            break
+    _merge_generated_dims(inferred, {d for d in _input_dim_names(model)})
+    return inferred, error
+
+
+def _infer_serialized(data: bytes) -> bytes:
+    if multiprocessing.current_process().name == "opstudio-_infer_serialized":
+        # our own child: an assertion onnx prints before aborting is not for the user's
+        # terminal (the parent reports the crash in words)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    model = onnx.ModelProto()
+    model.ParseFromString(data)
+    return shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                        data_prop=True).SerializeToString()
+
+
+def _input_dim_names(model: onnx.ModelProto) -> list[str]:
+    names = []
+    for vi in model.graph.input:
+        _, shape = _shape_from_type(vi.type)
+        names.extend(d for d in shape or [] if isinstance(d, str))
+    return names
+
+
+def _inference_copy(model: onnx.ModelProto, dims: Mapping[str, int],
+                    shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.ir_version = model.ir_version
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
+    src, g = model.graph, copy.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for vi in list(g.output) + list(g.value_info):
+        _drop_implausible_shape(vi)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    for init in src.initializer:
+        # integer tensors are kept whole: shape arithmetic (data propagation) may read them
+        if (_numel_dims(init.dims) > _STUB_ABOVE_ELEMENTS
+                and init.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)) \
+                or external_data_helper.uses_external_data(init):
+            g.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        else:
+            g.initializer.append(init)
+    for vi in src.input:
+        new = g.input.add()
+        new.CopyFrom(vi)
+        tt = new.type.tensor_type if new.type.HasField("tensor_type") else None
+        if tt is None:
+            continue
+        if vi.name in shapes:
+            tt.shape.Clear()
+            for d in shapes[vi.name]:
+                tt.shape.dim.add(dim_value=int(d))
+        elif dims and tt.HasField("shape"):
+            for d in tt.shape.dim:
+                if d.HasField("dim_param") and d.dim_param in dims:
+                    d.dim_value = int(dims[d.dim_param])
+    return copy
+
+
+def _drop_implausible_shape(vi: onnx.ValueInfoProto) -> None:
+    """Forget a declared shape that would make data propagation crawl.
+
+    onnx's data propagation walks vectors element by element and takes their length from the
+    declared shape: a file claiming ``[2147483648]`` for a 1-D tensor stalls inference for
+    minutes. Inference recomputes these shapes anyway, so the claim is dropped.
+    """
+    if not vi.type.HasField("tensor_type"):
+        return
+    tt = vi.type.tensor_type
+    if tt.HasField("shape") and len(tt.shape.dim) <= 1 \
+            and any(d.dim_value > _STUB_ABOVE_ELEMENTS for d in tt.shape.dim):
+        tt.ClearField("shape")
+
+
+def _numel_dims(dims: Sequence[int]) -> int:
+    return math.prod(dims) if dims else 1
+
+
+def _static_shape(vi: onnx.ValueInfoProto) -> list[int] | None:
+    _, shape = _shape_from_type(vi.type)
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return shape  # type: ignore[return-value]
+
+
+def _fold_constants(work: onnx.ModelProto, inferred: onnx.ModelProto, folded: set[str]) -> bool:
+    """Replace small computable nodes of ``work`` by Constant nodes; True if any changed."""
+    static: dict[str, list[int]] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info):
+        s = _static_shape(vi)
+        if s is not None:
+            static[vi.name] = s
+    values: dict[str, np.ndarray] = {}
+    for init in work.graph.initializer:
+        static.setdefault(init.name, list(init.dims))
+        if _numel_dims(init.dims) <= _FOLD_MAX_ELEMENTS \
+                and not external_data_helper.uses_external_data(init):
+            with contextlib.suppress(Exception):  # a malformed tensor is just not foldable
+                values[init.name] = numpy_helper.to_array(init)
     try:
-        inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                data_prop=True)
-        return inferred, None
-    except Exception as exc:  # onnx raises many types here (InferenceError, ValueError, …)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return model, first[:300]
+        order = topological_order(work.graph)
+    except GraphError:
+        return False
+    opset = min(next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0)
+                or onnx.defs.onnx_opset_version(), onnx.defs.onnx_opset_version())
+    replacements: dict[int, list[onnx.NodeProto]] = {}
+    for i in order:
+        node = work.graph.node[i]
+        if node.domain not in ("", "ai.onnx") or not node.output or not node.output[0]:
+            continue
+        if node.op_type == "Constant":
+            t = next((a.t for a in node.attribute
+                      if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+            if t is not None and _numel_dims(t.dims) <= _FOLD_MAX_ELEMENTS:
+                with contextlib.suppress(Exception):
+                    values[node.output[0]] = numpy_helper.to_array(t)
+            continue
+        if node.op_type not in _FOLDABLE or node.name in folded:
+            continue
+        out = _evaluate(node, values, static, opset)
+        if out is None:
+            continue
+        reps = []
+        for k, (name, arr) in enumerate(zip(node.output, out)):
+            if name:
+                values[name] = arr
+                static[name] = list(arr.shape)
+                reps.append(helper.make_node("Constant", [], [name], name=f"{node.name}__folded{k}",
+                                             value=numpy_helper.from_array(arr, name)))
+        folded.add(node.name)
+        replacements[i] = reps
+    if not replacements:
+        return False
+    nodes = list(work.graph.node)
+    del work.graph.node[:]
+    for i, node in enumerate(nodes):
+        work.graph.node.extend(replacements.get(i, [node]))
+    return True
 
 
-def analyze(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> GraphInfo:
-    """Analyse ``model`` (node names must be unique: see ``model_io.ensure_node_names``)."""
+def _evaluate(node: onnx.NodeProto, values: Mapping[str, np.ndarray],
+              static: Mapping[str, list[int]], opset: int) -> list[np.ndarray] | None:
+    if node.op_type in ("Shape", "Size"):
+        shape = static.get(node.input[0]) if node.input else None
+        if shape is None:
+            return None
+        if node.op_type == "Size":
+            return [np.asarray(math.prod(shape), dtype=np.int64)]
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+        return [np.asarray(shape[start:end], dtype=np.int64)]
+    if any(x and x not in values for x in node.input):
+        return None
+    ins = [values[x] if x else None for x in node.input]
+    if not _fold_output_small(node.op_type, ins):
+        return None
+    try:
+        graph = helper.make_graph(
+            [node], "fold", [],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+             for o in node.output if o],
+            [numpy_helper.from_array(a, x) for a, x in zip(ins, node.input) if x])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        outs = ReferenceEvaluator(m).run(None, {})
+    except Exception:  # whatever the reference ops reject is simply not folded
+        return None
+    arrays = [np.asarray(o) for o in outs]
+    if len(arrays) != len(node.output) or any(a.size > _FOLD_MAX_ELEMENTS for a in arrays):
+        return None
+    return arrays
+
+
+def _fold_output_small(op: str, ins: list[Any]) -> bool:
+    """Refuse before evaluating anything whose output could be large (hostile files)."""
+    if any(a is not None and np.asarray(a).size > _FOLD_MAX_ELEMENTS for a in ins):
+        return False
+    try:
+        if op == "Range":
+            start, limit, delta = (float(np.asarray(a).reshape(-1)[0]) for a in ins[:3])
+            return delta != 0 and 0 <= math.ceil((limit - start) / delta) <= _FOLD_MAX_ELEMENTS
+        if op == "ConstantOfShape":
+            shape = np.asarray(ins[0]).reshape(-1)
+            return bool(np.all(shape >= 0)) and math.prod(int(d) for d in shape) <= _FOLD_MAX_ELEMENTS
+        if op == "Expand":
+            target = [int(d) for d in np.asarray(ins[1]).reshape(-1)]
+            if any(d < 0 for d in target):
+                return False
+            out = np.broadcast_shapes(np.asarray(ins[0]).shape, tuple(target))
+            return math.prod(out) <= _FOLD_MAX_ELEMENTS
+        if op == "Tile":
+            reps = [int(d) for d in np.asarray(ins[1]).reshape(-1)]
+            return all(r >= 0 for r in reps) and \
+                np.asarray(ins[0]).size * math.prod(reps) <= _FOLD_MAX_ELEMENTS
+        if op in ("Gather", "Where", "Add", "Sub", "Mul", "Div", "Min", "Max", "Mod", "Equal",
+                  "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or"):
+            if op == "Gather":
+                return np.asarray(ins[0]).size * max(np.asarray(ins[1]).size, 1) <= _FOLD_MAX_ELEMENTS
+            out = np.broadcast_shapes(*(np.asarray(a).shape for a in ins if a is not None))
+            return math.prod(out) <= _FOLD_MAX_ELEMENTS
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return False
+    return True
+
+
+def _merge_generated_dims(model: onnx.ModelProto, declared: set[str]) -> None:
+    """Rename dims that shape inference made up (``unk__3``) to the declared dim they must equal.
+
+    Broadcasting ``[batch, seq, d] + [unk__1, d]`` forces ``unk__1 == seq`` in a valid model;
+    onnx keeps whichever name it met first, which would hide ``seq`` from everything downstream
+    (and from ``--dim seq=…``). Two declared names are never merged.
+    """
+    shapes: dict[str, onnx.TensorShapeProto] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = vi.type.tensor_type.shape
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra == rb or (ra in declared and rb in declared):
+            return
+        if rb in declared or (not rb.startswith("unk__") and ra.startswith("unk__")):
+            ra, rb = rb, ra
+        parent[rb] = ra  # keep the declared (or human-made) name
+
+    for node in model.graph.node:
+        if node.op_type not in BROADCASTING or node.domain not in ("", "ai.onnx"):
+            continue
+        tensors = [shapes.get(x) for x in list(node.input) + list(node.output[:1]) if x]
+        if any(t is None for t in tensors) or len(tensors) < 2:
+            continue
+        rank = max(len(t.dim) for t in tensors)
+        for pos in range(1, rank + 1):
+            names = {t.dim[-pos].dim_param for t in tensors
+                     if len(t.dim) >= pos and t.dim[-pos].dim_param}
+            if len(names) > 1 and any(n not in declared for n in names):
+                first, *rest = sorted(names)
+                for other in rest:
+                    union(first, other)
+    if not parent:
+        return
+    for shape in shapes.values():
+        for d in shape.dim:
+            if d.dim_param and find(d.dim_param) != d.dim_param:
+                d.dim_param = find(d.dim_param)
+
+
+BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less",
+                "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "PRelu",
+                "Mod", "Sum", "Mean", "BitShift"}
+
+
+def analyze(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, *,
+            shapes: Mapping[str, Sequence[int]] | None = None) -> GraphInfo:
+    """Analyse ``model`` (node names must be unique: see ``model_io.ensure_node_names``).
+
+    ``dims`` binds named dims (``{"seq": 128}``); ``shapes`` gives whole input shapes
+    (``{"x": [1, 3, 224, 224]}``), for inputs whose dims have no names.
+    """
     dims = dict(dims or {})
-    inferred, error = infer_shapes(model)
-    g = inferred.graph
+    inferred, error = infer_shapes(model, dims, shapes)
+    g = model.graph
 
     tensors: dict[str, TensorInfo] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
+    ig = inferred.graph
+    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
         dtype, shape = _shape_from_type(vi.type)
+        if vi.name in tensors and shape is None:
+            continue
         tensors[vi.name] = TensorInfo(vi.name, dtype, _bind(shape, dims))
     constants: dict[str, onnx.TensorProto] = {}
     for init in g.initializer:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
@@ -62,6 +63,13 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
             f"{p}: not a valid ONNX file (truncated or corrupt protobuf: {_short(exc)})") from None
     except RecursionError:
         raise ModelLoadError(f"{p}: not a valid ONNX file (nested too deeply)") from None
+    try:
+        bad_text = _bad_text(model)
+    except UnicodeDecodeError:
+        bad_text = True
+    if bad_text:
+        raise ModelLoadError(f"{p}: not a valid ONNX file (a name or text field is not "
+                             "valid UTF-8)")
     _check_is_model(p, model)
     _check_versions(p, model)
     _check_external_data(p, model)
@@ -70,6 +78,7 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelLoadError(f"{p}: cannot read external data ({_short(exc)})") from None
+    _check_tensors(p, model)
     if name_nodes:
         ensure_node_names(model)
     return model
@@ -171,6 +180,44 @@ def _check_versions(p: Path, model: onnx.ModelProto) -> None:
         uses_default = any(n.domain in ("", "ai.onnx") for n in model.graph.node)
         if uses_default:
             raise ModelLoadError(f"{p}: the model uses standard ops but imports no ONNX opset")
+
+
+def _bad_text(message) -> bool:
+    """True if a text field is not valid UTF-8. protobuf hands such a field back as ``bytes``
+    (or raises on first access), which would break whatever reads the name later."""
+    if isinstance(message, onnx.TensorProto):
+        # never list a tensor's fields: that would copy its data
+        texts = [message.name, message.doc_string,
+                 *(x for e in message.external_data for x in (e.key, e.value))]
+        return any(not isinstance(t, str) for t in texts)
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            items = value if _is_repeated(field) else [value]
+            if any(_bad_text(item) for item in items):
+                return True
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            texts = list(value) if _is_repeated(field) else [value]
+            if any(not isinstance(t, str) for t in texts):
+                return True
+    return False
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; older ones only have .label
+    return bool(flag) if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _check_tensors(p: Path, model: onnx.ModelProto) -> None:
+    # A tensor whose data does not fill its declared shape ([2147483647] holding 8 bytes) would
+    # otherwise surface much later: shape inference crawls for minutes over such a claim.
+    for tensor in iter_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            continue  # not loaded: its size was checked against the side file above
+        try:
+            onnx.checker.check_tensor(tensor)
+        except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+            what = f"tensor '{tensor.name}'" if tensor.name else "a constant tensor"
+            raise ModelLoadError(f"{p}: {what} is malformed ({_short(exc)})") from None
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
