@@ -110,3 +110,34 @@ def test_recipe_groups_by_technique_in_safe_order():
     recipe = recipe_for(cands)
     assert [s.technique for s in recipe.steps] == ["lowrank", "int8-dynamic"]
     assert recipe.steps[1].nodes == ["a", "c"]
+
+
+def test_a_node_is_upgraded_to_the_technique_that_saves_more_within_budget():
+    # fp16 is nearly exact but saves almost nothing; int8 saves much more and still fits
+    cands = [cand("a", "fp16", 1.0, 0.9, 80), cand("a", "int8-dynamic", 1.0, 0.3, 40)]
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands))
+    assert [(c.node, c.technique) for c in plan.chosen] == [("a", "int8-dynamic")]
+    assert "saves more" in plan.rejected["a/fp16"]
+
+
+def test_no_upgrade_past_the_budget():
+    cands = [cand("a", "fp16", 1.0, 0.9, 80), cand("b", "int8-dynamic", 1.0, 0.5, 31),
+             cand("a", "int8-dynamic", 1.0, 0.3, 31)]
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands))
+    picked = {(c.node, c.technique) for c in plan.chosen}
+    # a/int8 (the best gain per error) upgrades a; a second int8 at 31 dB would predict 28 dB
+    assert picked == {("a", "int8-dynamic")}
+    assert "over budget" in plan.rejected["b/int8-dynamic"]
+    assert sum(c.noise_ratio for c in plan.chosen) <= Budget(min_snr_db=30).max_noise_ratio
+
+
+def test_savings_are_discounted_to_what_the_whole_model_gained():
+    from opstudio.core.sensitivity import end_to_end
+
+    assert end_to_end(model_gain_ms=1.0, node_gain_ms=2.0) == 0.5  # costs landed elsewhere
+    assert end_to_end(model_gain_ms=-0.3, node_gain_ms=2.0) == 0.0  # the model got slower
+    assert end_to_end(model_gain_ms=5.0, node_gain_ms=2.0) == 1.0  # never scaled up
+    c = cand("a", "fp16", 1.0, 0.5, 80)
+    c.discount = 0.0
+    plan = greedy_plan([c], Budget(min_snr_db=30), additive_verifier([c]))
+    assert plan.chosen == [] and "not faster" in plan.rejected["a/fp16"]

@@ -122,8 +122,9 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
                 max_backoff: int = 50,
                 progress: Callable[[float, str], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> PlanResult:
-    """Choose at most one technique per node, greedily by gain per error, then back off until
-    ``verify`` (the measured end-to-end error of the plan) meets ``budget``."""
+    """Choose at most one technique per node, greedily by gain per error (upgrading a node to a
+    technique that saves more while the budget allows), then back off until ``verify`` (the
+    measured end-to-end error of the plan) meets ``budget``."""
     rejected: dict[str, str] = {}
     pool: list[Candidate] = []
     for c in candidates:
@@ -140,19 +141,28 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
     pool.sort(key=lambda c: (-score(c), c.node, c.technique))
 
     limit = budget.max_noise_ratio
-    chosen: list[Candidate] = []
-    taken: set[str] = set()
+    by_node: dict[str, Candidate] = {}
     noise = 0.0
     for c in pool:
-        if c.node in taken:
-            continue
-        if noise + c.noise_ratio > limit:
+        current = by_node.get(c.node)
+        if current is None:
+            if noise + c.noise_ratio > limit:
+                rejected.setdefault(f"{c.node}/{c.technique}",
+                                    "would push the predicted error over budget")
+                continue
+            by_node[c.node] = c
+            noise += c.noise_ratio
+        elif c.gain_ms > current.gain_ms and noise - current.noise_ratio + c.noise_ratio <= limit:
+            # A nearly exact technique ranks first but may save little; a later, less exact
+            # one that saves more takes its place while the budget allows.
+            rejected[f"{current.node}/{current.technique}"] = (
+                f"{c.technique} saves more on this node within the budget")
+            by_node[c.node] = c
+            noise += c.noise_ratio - current.noise_ratio
+        else:
             rejected.setdefault(f"{c.node}/{c.technique}",
-                                "would push the predicted error over budget")
-            continue
-        chosen.append(c)
-        taken.add(c.node)
-        noise += c.noise_ratio
+                                f"{current.technique} is chosen for this node")
+    chosen = sorted(by_node.values(), key=lambda c: (-score(c), c.node, c.technique))
     log = [f"greedy: {len(chosen)} of {len(pool)} candidates, predicted noise ratio "
            f"{noise:.3g} (budget {limit:.3g}), predicted gain {sum(c.gain_ms for c in chosen):.4f} ms"]
 
