@@ -141,3 +141,19 @@ def test_savings_are_discounted_to_what_the_whole_model_gained():
     c.discount = 0.0
     plan = greedy_plan([c], Budget(min_snr_db=30), additive_verifier([c]))
     assert plan.chosen == [] and "not faster" in plan.rejected["a/fp16"]
+
+
+def test_fill_adds_back_what_the_measurement_allows():
+    # the prediction (sum of noise ratios) keeps the third rewrite out, but the measured errors
+    # partly cancel: the fill step measures it and keeps it
+    cands = [cand(f"n{i}", "int8-dynamic", 1.0, 0.5, 33) for i in range(3)]
+
+    def cancelling(recipe):
+        n = sum(len(s.nodes) for s in recipe.steps)
+        noise = 10 ** -3.3 * n / 2.5
+        return Verification(1 - noise / 2, -10 * math.log10(noise))
+
+    plan = greedy_plan(cands, Budget(min_snr_db=30), cancelling)
+    assert len(plan.chosen) == 3
+    assert any(line.startswith("fill:") for line in plan.log)
+    assert plan.verified.snr_db >= 30

@@ -75,14 +75,15 @@ def _cache_key(threads: int) -> str:
     return f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|{threads}|{ort.__version__}"
 
 
-def measure_machine(threads: int = 0, *, use_cache: bool = True, gemm_n: int = 1024,
-                    stream_mb: int = 128, repeats: int = 7) -> Machine:
-    """Peak GEMM GFLOP/s and elementwise bandwidth through onnxruntime, cached on disk."""
+def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool = False,
+                    gemm_n: int = 1024, stream_mb: int = 128, repeats: int = 7) -> Machine:
+    """Peak GEMM GFLOP/s and elementwise bandwidth through onnxruntime, cached on disk
+    (``refresh`` measures again and replaces the cached figures)."""
     import onnxruntime as ort
 
     key = _cache_key(threads)
     cache = _cache_file()
-    if use_cache and cache.is_file():
+    if use_cache and not refresh and cache.is_file():
         try:
             entry = json.loads(cache.read_text()).get(key)
             if entry:

@@ -131,7 +131,8 @@ def end_to_end(model_gain_ms: float, node_gain_ms: float) -> float:
     the model got slower); never up, since the model's gain also holds untouched nodes' noise.
     """
     if node_gain_ms <= 0:
-        return 1.0
+        # the nodes did not gain in sum: a lone node's "saving" is then most likely noise
+        return 1.0 if model_gain_ms > 0 else 0.0
     return max(0.0, min(1.0, model_gain_ms / node_gain_ms))
 
 
