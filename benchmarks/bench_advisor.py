@@ -42,6 +42,10 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # The variants run interleaved in one process: a session's worker threads spin for a while
+    # after each run and would steal the cores from the next session's run (measured here: the
+    # same graph timed 1.7× apart depending on its neighbour). No spinning, fair turns.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
