@@ -119,7 +119,7 @@ def recipe_for(chosen: Sequence[Candidate]) -> Recipe:
 
 def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
                 verify: Callable[[Recipe], Verification] | None = None, *,
-                max_backoff: int = 50, max_fill: int = 4,
+                max_backoff: int = 50, max_fill: int = 8,
                 progress: Callable[[float, str], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> PlanResult:
     """Choose at most one technique per node, greedily by gain per error (upgrading a node to a
@@ -203,26 +203,36 @@ def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
           verify: Callable[[Recipe], Verification], verified: Verification,
           rejected: dict[str, str], log: list[str], max_fill: int,
           cancelled: Callable[[], bool] | None) -> Verification:
-    """Errors often add up to less than predicted (they partly cancel): try the best rewrites
-    the prediction kept out, one at a time, and keep each that the measurement allows."""
+    """Errors often add up to less than predicted (they partly cancel, or one node dominates):
+    measure whether the rewrites the prediction kept out fit after all. All of them are tried
+    at once, then, if that breaks the budget, each half (better half first), and so on, so a
+    few measurements settle many candidates."""
     taken = {c.node for c in chosen}
-    tries = 0
+    waiting: list[Candidate] = []
     for c in pool:
-        if tries >= max_fill:
-            break
-        if c.node in taken or "over budget" not in rejected.get(f"{c.node}/{c.technique}", ""):
-            continue
+        if c.node not in taken and "over budget" in rejected.get(f"{c.node}/{c.technique}", ""):
+            waiting.append(c)
+            taken.add(c.node)  # the best-scoring candidate of each node only
+    groups = [waiting] if waiting else []
+    tries = 0
+    while groups and tries < max_fill:
         if cancelled is not None and cancelled():
             raise Cancelled()
+        group = groups.pop(0)
         tries += 1
-        trial = verify(recipe_for([*chosen, c]))
-        log.append(f"fill: with {c.node}/{c.technique} → cosine {_fmt(trial.cosine)}, "
+        trial = verify(recipe_for([*chosen, *group]))
+        names = ", ".join(f"{c.node}/{c.technique}" for c in group[:3])
+        more = f" (+{len(group) - 3})" if len(group) > 3 else ""
+        log.append(f"fill: with {names}{more} → cosine {_fmt(trial.cosine)}, "
                    f"SNR {_fmt(trial.snr_db)} dB")
         if budget.holds(trial.cosine, trial.snr_db):
-            chosen.append(c)
-            taken.add(c.node)
-            rejected.pop(f"{c.node}/{c.technique}", None)
+            chosen.extend(group)
+            for c in group:
+                rejected.pop(f"{c.node}/{c.technique}", None)
             verified = trial
+        elif len(group) > 1:
+            half = (len(group) + 1) // 2
+            groups[:0] = [group[:half], group[half:]]
     return verified
 
 
