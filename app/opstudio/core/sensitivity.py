@@ -115,6 +115,28 @@ class Sensitivity:
                    techniques=dict(data.get("techniques", {})))
 
 
+def split_rows(before: Profile, after: Profile,
+               weighted: set[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-node times before and after, when kernels cover several nodes.
+
+    A rewrite often changes how onnxruntime groups nodes: INT8 on three projections that read
+    the same activation shares one quantization of it, which the profile reports with one of
+    them. The before/after rows are matched as groups (``compare.match_nodes``) and each
+    group's time is split evenly over its weighted nodes, so the shared cost is shared too and
+    no node's time goes missing because another node heads its group."""
+    from opstudio.core.compare import match_nodes
+
+    split_b: dict[str, float] = {}
+    split_a: dict[str, float] = {}
+    for row in match_nodes(before, after):
+        members = row.group or [row.name]
+        owners = [m for m in members if m in weighted] or members
+        for m in owners:
+            split_b[m] = row.before_ms / len(owners)
+            split_a[m] = row.after_ms / len(owners)
+    return split_b, split_a
+
+
 def run_time(profile: Profile) -> float:
     """Median time of one run: unprofiled when it was measured, else profiled."""
     plain = (profile.plain_ms or {}).get("p50")
@@ -202,6 +224,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                                  progress=lambda f, m: say(0.2 * f, m))
     plan = pick_candidates(model, baseline, techniques, max_nodes=max_nodes)
     before = {s.name: s.p50_ms for s in baseline.nodes}
+    weighted = {n.name for n in model.graph.node if n.op_type in SCANNED_OP_TYPES}
     op_type = {n.name: n.op_type for n in model.graph.node}
     result = Sensitivity(baseline=baseline, techniques=techniques)
     n_tech = max(1, len(plan))
@@ -219,6 +242,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
         stop()
         say(lo + 0.6 * span, f"{technique}: profiling all {len(nodes)} rewritten together")
         after: dict[str, float] = {}
+        split_before: dict[str, float] = {}
         discount = 1.0
         failure = None
         try:
@@ -232,8 +256,8 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                 prof = profile_model(combined, settings, inputs=inputs, cancelled=cancelled,
                                      progress=lambda f, m, lo=lo, span=span:
                                      say(lo + span * (0.6 + 0.4 * f), m))
-                after = {s.name: s.p50_ms for s in prof.nodes if s.name in before}
-                node_gain = sum(before[n] - after[n] for n in applied if n in after)
+                split_before, after = split_rows(baseline, prof, weighted)
+                node_gain = sum(split_before[n] - after[n] for n in applied if n in after)
                 discount = end_to_end(run_time(baseline) - run_time(prof), node_gain)
         except Cancelled:
             raise
@@ -243,7 +267,8 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
             e = errors.get(name, {})
             result.candidates.append(Candidate(
                 node=name, op_type=op_type[name], technique=technique,
-                params=dict(techniques[technique]), before_ms=before.get(name, 0.0),
+                params=dict(techniques[technique]),
+                before_ms=split_before.get(name, before.get(name, 0.0)),
                 after_ms=after.get(name) if failure is None and e.get("error") is None else None,
                 cosine=e.get("cosine"), snr_db=e.get("snr_db"),
                 error=e.get("error") or failure, discount=discount))
