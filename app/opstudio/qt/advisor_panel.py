@@ -82,14 +82,16 @@ class AdvisorPanel(QWidget):
         self.accept_button.setEnabled(False)
         self.accept_button.clicked.connect(self._on_accept)
 
+        # two short rows rather than one long one: the panel shares its dock area with the
+        # results, and its minimum width would otherwise squeeze the operator table
         top = QHBoxLayout()
         top.addWidget(QLabel("Accuracy budget:"))
         top.addWidget(self.kind)
         top.addWidget(self.value)
-        top.addSpacing(12)
-        top.addLayout(techniques, 1)
+        top.addStretch(1)
         top.addWidget(self.analyze_button)
         top.addWidget(self.accept_button)
+        techniques.insertWidget(0, QLabel("Try:"))
 
         self.summary = QLabel("Run the advisor to measure, per operator, what each technique "
                               "saves and what it costs in accuracy.")
@@ -130,6 +132,7 @@ class AdvisorPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 6, 6)
         layout.addLayout(top)
+        layout.addLayout(techniques)
         layout.addWidget(self.summary)
         layout.addWidget(split, 1)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -120,10 +120,6 @@ class MainWindow(QMainWindow):
         self.table_dock = self._dock("Operators", self.table, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.plots_dock = self._dock("Results", self.plots, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.splitDockWidget(self.table_dock, self.plots_dock, Qt.Orientation.Horizontal)
-        self.advisor_dock = self._dock("Advisor", self.advisor,
-                                       Qt.DockWidgetArea.BottomDockWidgetArea)
-        self.tabifyDockWidget(self.plots_dock, self.advisor_dock)
-        self.plots_dock.raise_()
         scroll = QScrollArea()
         scroll.setWidget(self.panel)
         scroll.setWidgetResizable(True)
@@ -135,6 +131,11 @@ class MainWindow(QMainWindow):
         self.resizeDocks([self.panel_dock], [360], Qt.Orientation.Horizontal)
         self.resizeDocks([self.table_dock, self.plots_dock], [440, 440], Qt.Orientation.Vertical)
         self.resizeDocks([self.table_dock, self.plots_dock], [470, 770], Qt.Orientation.Horizontal)
+        # added last, as a tab behind the results, so it does not take a share of the width
+        self.advisor_dock = self._dock("Advisor", self.advisor,
+                                       Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.tabifyDockWidget(self.plots_dock, self.advisor_dock)
+        self.plots_dock.raise_()
 
         self.progress = QProgressBar()
         self.progress.setFixedWidth(220)
@@ -154,7 +155,14 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(geometry)
         if state is not None:
             self.restoreState(state)
+        else:
+            # tabbed docks only take their sizes once the window is laid out
+            QTimer.singleShot(0, self._default_dock_sizes)
         self._show_welcome()
+
+    def _default_dock_sizes(self) -> None:
+        self.resizeDocks([self.table_dock, self.plots_dock], [560, 740],
+                         Qt.Orientation.Horizontal)
 
     # --- construction -------------------------------------------------------------------------
     def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
@@ -719,6 +727,8 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:
         if self.worker is not None and not self.worker.is_done():
             self.worker.cancel()
+            # cancelling stops the child within a second; let the worker see it through
+            QThreadPool.globalInstance().waitForDone(3000)
         for w in list(self.netron_windows):
             w.close()
         self.session.save_window(self.saveGeometry(), self.saveState())

@@ -10,6 +10,7 @@ fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
 from collections.abc import Callable
@@ -73,9 +74,12 @@ class Worker(QRunnable):
         except Exception as exc:  # a bug must not take the app down: report it in words
             traceback.print_exc()
             s.error.emit(f"{self.name}: unexpected {type(exc).__name__}: {_one_line(str(exc))}")
+        except RuntimeError:
+            pass  # the signals object is gone: the app quit while this ran; no one to tell
         finally:
             self._done.set()
-            s.finished.emit()
+            with contextlib.suppress(RuntimeError):
+                s.finished.emit()
 
     def _progress(self, fraction: float, message: str = "") -> None:
         self.signals.progress.emit(float(max(0.0, min(1.0, fraction))), str(message))
