@@ -34,7 +34,7 @@ from opstudio.core.inputs import make_inputs
 from opstudio.core.model_io import load_model, save_model
 from opstudio.core.optimize import optimize
 from opstudio.core.profiler import ProfileSettings
-from opstudio.core.sensitivity import analyze_sensitivity, worst_output_error
+from opstudio.core.sensitivity import analyze_sensitivity, run_time, worst_output_error
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -83,7 +83,8 @@ def bench(name: str, src: Path, work: Path, args: argparse.Namespace) -> list[tu
     sens = analyze_sensitivity(fp32, settings, inputs=inputs, use_cache=False,
                                max_nodes=args.max_nodes)
     budget = Budget(min_snr_db=qd_snr)
-    plan = greedy_plan(sens.candidates, budget, measured_verifier(str(fp32), inputs))
+    plan = greedy_plan(sens.candidates, budget, measured_verifier(str(fp32), inputs),
+                       run_ms=run_time(sens.baseline))
     auto = work / f"{name}.auto.onnx"
     save_model(optimize(model, plan.recipe, inputs=inputs).model, auto, overwrite=True)
     advise_s = time.perf_counter() - t0

@@ -157,3 +157,11 @@ def test_fill_adds_back_what_the_measurement_allows():
     assert len(plan.chosen) == 3
     assert any(line.startswith("fill:") for line in plan.log)
     assert plan.verified.snr_db >= 30
+
+
+def test_savings_below_a_percent_of_the_run_are_not_worth_any_error():
+    c = cand("a", "fp16", 0.2, 0.1, 80)  # halves its node, but the run takes 20 ms
+    plan = greedy_plan([c], Budget(min_snr_db=30), additive_verifier([c]), run_ms=20.0)
+    assert plan.chosen == [] and "not faster" in plan.rejected["a/fp16"]
+    plan = greedy_plan([c], Budget(min_snr_db=30), additive_verifier([c]), run_ms=2.0)
+    assert [x.node for x in plan.chosen] == ["a"]

@@ -26,6 +26,8 @@ from opstudio.core.sensitivity import Candidate
 # to be worth any error at all (below it the gain is within run-to-run noise).
 MIN_GAIN_SHARE = 0.05
 MIN_GAIN_MS = 0.002
+# ... and at least this share of the whole run: below it a saving is within the run's noise.
+MIN_RUN_SHARE = 0.01
 # Error floor so that exact rewrites (noise 0) rank by gain rather than dividing by zero.
 NOISE_FLOOR = 1e-12
 # Technique order inside a recipe: structural rewrites first, then quantizers on what is left.
@@ -119,7 +121,7 @@ def recipe_for(chosen: Sequence[Candidate]) -> Recipe:
 
 def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
                 verify: Callable[[Recipe], Verification] | None = None, *,
-                max_backoff: int = 50, max_fill: int = 8,
+                max_backoff: int = 50, max_fill: int = 8, run_ms: float | None = None,
                 progress: Callable[[float, str], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> PlanResult:
     """Choose at most one technique per node, greedily by gain per error (upgrading a node to a
@@ -131,7 +133,8 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
         key = f"{c.node}/{c.technique}"
         if not c.usable:
             rejected[key] = c.error or "not measured"
-        elif c.gain_ms <= max(MIN_GAIN_MS, MIN_GAIN_SHARE * c.before_ms):
+        elif c.gain_ms <= max(MIN_GAIN_MS, MIN_GAIN_SHARE * c.before_ms,
+                              MIN_RUN_SHARE * (run_ms or 0.0)):
             rejected[key] = (f"saves {c.gain_ms:.4f} ms of {c.before_ms:.4f} ms: "
                              "not faster enough to be worth any error")
         elif not budget.holds(c.cosine, c.snr_db):
@@ -347,9 +350,12 @@ def advise(model_path: str, settings: Any, budget: Budget,
         # a kernel beat the cached ceiling: it was measured on a busy machine; measure again
         machine = measure_machine(settings.threads, use_cache=True, refresh=True)
         points = {p.name: p for p in analyze_roofline(graph, node_ms, machine)}
+    from opstudio.core.sensitivity import run_time
+
     plan = greedy_plan(sens.candidates, budget,
                        measured_verifier(str(model_path), inputs, settings.timeout_s, cancelled),
-                       progress=part(0.8, 1.0), cancelled=cancelled)
+                       progress=part(0.8, 1.0), cancelled=cancelled,
+                       run_ms=run_time(sens.baseline))
     if progress is not None:
         progress(1.0, "advice ready")
     return Advice(sensitivity=sens, plan=plan, machine=machine, roofline=points)
