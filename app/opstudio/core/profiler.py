@@ -345,7 +345,7 @@ def _profile_in_child(model_path: str, settings_json: dict[str, Any],
     del sess
     try:
         with open(trace_path, encoding="utf-8") as fh:
-            trace = json.load(fh)
+            trace = json.load(fh, object_hook=_slim_event)
     except (OSError, ValueError) as exc:
         raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
     finally:
@@ -446,6 +446,23 @@ def _ort_message(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Trace -> Profile (pure; tested on recorded traces too)
+
+
+# What the profile reads of an onnxruntime trace event; the rest (input/output shapes, thread
+# scheduling statistics) can be most of a trace's size: a 10k-kernel model run 100 times
+# writes a million events.
+_EVENT_KEYS = frozenset({"cat", "name", "ph", "ts", "dur", "tid", "pid", "args"})
+_ARGS_KEYS = frozenset({"op_name", "provider"})
+
+
+def _slim_event(obj: dict[str, Any]) -> dict[str, Any]:
+    if "dur" in obj and "ts" in obj:
+        args = obj.get("args")
+        slim = {k: v for k, v in obj.items() if k in _EVENT_KEYS}
+        if isinstance(args, dict):
+            slim["args"] = {k: v for k, v in args.items() if k in _ARGS_KEYS}
+        return slim
+    return obj
 
 
 def split_runs(trace: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
