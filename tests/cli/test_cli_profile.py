@@ -92,3 +92,25 @@ def test_exit_codes(model_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["profile", str(model_path), "--opt-level", "max"])
     assert info.value.code == 2
+
+
+def test_unknown_custom_op_is_named_and_the_graph_still_inspects(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from opstudio.cli import main
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="r0"),
+         helper.make_node("FancyOp", ["a"], ["b"], name="fancy", domain="com.acme"),
+         helper.make_node("Relu", ["b"], ["y"], name="r1")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.acme", 1)]), path)
+    assert main(["inspect", str(path)]) == 0
+    assert "com.acme:FancyOp" in capsys.readouterr().out
+    assert main(["profile", str(path), "--runs", "1", "--warmup", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "com.acme:FancyOp" in err[0]
