@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
-from opstudio.cli.common import print_table, write_json
+from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
 from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
 from opstudio.core.passes import TECHNIQUES
@@ -56,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise OpstudioError(f"{out}: already exists (pass --overwrite to replace it)")
     settings = settings_from_args(args)
-    progress = _progress()
+    progress = progress_printer()
     advice = advise(args.model, settings, budget, techniques, max_nodes=args.max_nodes,
                     use_cache=not args.no_cache, progress=progress)
-    _clear()
+    clear_progress()
     sens, machine, points, plan = (advice.sensitivity, advice.machine, advice.roofline,
                                    advice.plan)
 
@@ -101,17 +100,5 @@ def _db(x: float | None) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
-def _progress():
-    if not sys.stderr.isatty():
-        return None
-
-    def show(fraction: float, message: str) -> None:
-        sys.stderr.write(f"\r{fraction:5.0%}  {message[:60]:<60}")
-        sys.stderr.flush()
-
-    return show
 
 
-def _clear() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + " " * 70 + "\r")

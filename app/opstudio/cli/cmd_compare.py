@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
-from opstudio.cli.common import print_table, write_json
+from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
 from opstudio.core import report
 from opstudio.core.compare import Comparison, compare_models
 
@@ -31,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     quiet = args.json == "-"
     result = compare_models(args.before, args.after, settings,
-                            progress=None if quiet else _progress_printer())
+                            progress=None if quiet else progress_printer())
     if not quiet:
-        sys.stderr.write("\r" + " " * 60 + "\r")
+        clear_progress()
         print_summary(result, args.top)
     if args.json:
         write_json(report.comparison_json(result), args.json)
@@ -76,12 +75,3 @@ def _f(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
 
 
-def _progress_printer():
-    interactive = sys.stderr.isatty()
-
-    def show(fraction: float, message: str) -> None:
-        if interactive:
-            sys.stderr.write(f"\r{fraction:5.0%}  {message[:50]:<50}")
-            sys.stderr.flush()
-
-    return show

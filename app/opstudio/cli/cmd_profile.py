@@ -6,7 +6,15 @@ import argparse
 import json
 import sys
 
-from opstudio.cli.common import add_input_flags, parse_dims, parse_shapes, print_table, write_json
+from opstudio.cli.common import (
+    add_input_flags,
+    clear_progress,
+    parse_dims,
+    parse_shapes,
+    print_table,
+    progress_printer,
+    write_json,
+)
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.profiler import OPT_LEVELS, Profile, ProfileSettings, profile_model
 
@@ -67,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     quiet = args.json == "-"
     profile = profile_model(args.model, settings,
-                            progress=None if quiet else _progress_printer())
+                            progress=None if quiet else progress_printer())
     if not quiet:
-        _clear_progress()
+        clear_progress()
         print_summary(profile, args.top)
     if args.json:
         write_json(profile.to_json(), args.json)
@@ -110,17 +118,5 @@ def print_summary(p: Profile, top: int = 20, file=None) -> None:
     print(f"{line};  between kernels (not traced): {p.untraced_ms:.4f} ms", file=file)
 
 
-def _progress_printer():
-    interactive = sys.stderr.isatty()
-
-    def show(fraction: float, message: str) -> None:
-        if interactive:
-            sys.stderr.write(f"\r{fraction:5.0%}  {message[:50]:<50}")
-            sys.stderr.flush()
-
-    return show
 
 
-def _clear_progress() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + " " * 60 + "\r")

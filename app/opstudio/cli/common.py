@@ -11,6 +11,7 @@ from typing import Any
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.fileio import write_text_atomic
+from opstudio.core.report import json_default
 
 
 def add_input_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,23 +59,28 @@ def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
 
 def write_json(data: Any, target: str) -> None:
     """Write ``data`` as JSON to a path, or to stdout when ``target`` is ``-``."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    text = json.dumps(data, indent=2, sort_keys=False, default=json_default)
     if target == "-":
         sys.stdout.write(text + "\n")
         return
     write_text_atomic(Path(target), text + "\n", overwrite=True)
 
 
-def _json_default(obj: Any) -> Any:
-    import numpy as np
+def progress_printer():
+    """A progress callback that redraws one stderr line, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
 
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    def show(fraction: float, message: str) -> None:
+        sys.stderr.write(f"\r{fraction:5.0%}  {message[:60]:<60}")
+        sys.stderr.flush()
+
+    return show
+
+
+def clear_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 70 + "\r")
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],

@@ -41,6 +41,12 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
           "GlobalMaxPool", "GlobalLpPool"}
 
 
+def _numel_of(shape: list | None) -> int | None:
+    from opstudio.core.graph import numel
+
+    return numel(shape)
+
+
 def _numel(t: TensorInfo | None) -> int | None:
     return None if t is None else t.numel()
 
@@ -85,7 +91,7 @@ def node_flops(node: NodeInfo, ins: list[TensorInfo | None],
         return 2 * out_n * k + bias
     if op in ("Conv", "QLinearConv", "ConvInteger", "FusedConv"):
         w = ins[3] if op == "QLinearConv" and len(ins) > 3 else (ins[1] if len(ins) > 1 else None)
-        if w is None or w.shape is None or out_n is None or numel_known(w.shape[1:]) is None:
+        if w is None or w.shape is None or out_n is None or _numel_of(w.shape[1:]) is None:
             return None
         per_out = math.prod(w.shape[1:])  # (C_in / group) * prod(kernel)
         bias = out_n if op == "Conv" and len(ins) > 2 and node.inputs[2] else 0
@@ -93,7 +99,7 @@ def node_flops(node: NodeInfo, ins: list[TensorInfo | None],
     if op == "ConvTranspose":
         w = ins[1] if len(ins) > 1 else None
         in_n = _numel(first_in)
-        if w is None or w.shape is None or in_n is None or numel_known(w.shape[1:]) is None:
+        if w is None or w.shape is None or in_n is None or _numel_of(w.shape[1:]) is None:
             return None
         # each input element scatters into (C_out / group) * prod(kernel) outputs
         return 2 * in_n * math.prod(w.shape[1:])
@@ -111,13 +117,3 @@ def node_flops(node: NodeInfo, ins: list[TensorInfo | None],
         return out_n
     return None
 
-
-def numel_known(shape: list | None) -> int | None:
-    if shape is None:
-        return None
-    total = 1
-    for d in shape:
-        if not isinstance(d, int) or d < 0:
-            return None
-        total *= d
-    return total

@@ -35,7 +35,7 @@ def comparison_json(comparison: Comparison, steps: Sequence[StepReport] = ()) ->
 
 def write_json(comparison: Comparison, path: str | Path, steps: Sequence[StepReport] = (), *,
                overwrite: bool = True) -> Path:
-    text = json.dumps(comparison_json(comparison, steps), indent=2, default=_json_default)
+    text = json.dumps(comparison_json(comparison, steps), indent=2, default=json_default)
     return write_text_atomic(path, text + "\n", overwrite=overwrite)
 
 
@@ -96,7 +96,7 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
         parts += ["<h2>Recipe steps</h2>", _steps_table(steps)]
     parts += [
         "<h2>Settings</h2>",
-        f"<pre>{_e(json.dumps(c.before.settings.to_json(), indent=2, default=_json_default))}</pre>",
+        f"<pre>{_e(json.dumps(c.before.settings.to_json(), indent=2, default=json_default))}</pre>",
         "<p class='meta'>Per-operator times come from onnxruntime's profiler and are reported "
         "against the original model's nodes; the profiler adds a small cost per kernel, so "
         "plain (unprofiled) run times are shown next to the totals.</p>",
@@ -148,7 +148,7 @@ def _steps_table(steps: Sequence[StepReport]) -> str:
         skipped = "; ".join(f"{k}: {v}" for k, v in s.skipped.items())
         body.append(
             f"<tr><td>{s.index}</td><td>{_e(s.technique)}</td>"
-            f"<td><code>{_e(json.dumps(s.params, default=_json_default))}</code></td>"
+            f"<td><code>{_e(json.dumps(s.params, default=json_default))}</code></td>"
             f"<td>{_e(', '.join(s.applied))}</td><td>{_e(skipped)}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -192,7 +192,7 @@ def _step_json(step: StepReport) -> dict[str, Any]:
             "seconds": round(step.seconds, 3)}
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     import numpy as np
 
     if isinstance(obj, np.generic):
