@@ -13,7 +13,7 @@ import contextlib
 import heapq
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -425,3 +425,19 @@ def weight_bytes(before: onnx.ModelProto, after: onnx.ModelProto,
     return {name: {"bytes_before": constant_bytes(before, old[name]),
                    "bytes_after": sum(tensor_nbytes(inits_after[t]) for t in sorted(used[name]))}
             for name in applied}
+
+
+def partition(model: onnx.ModelProto, names: Sequence[str],
+              check: Callable[[onnx.NodeProto], str | None]) -> tuple[list[str], dict[str, str]]:
+    """The asked-for nodes a pass can take, and the others with the reason."""
+    by_name = nodes_by_name(model)
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        node = by_name.get(name)
+        reason = "no such node" if node is None else check(node)
+        if reason:
+            skipped[name] = reason
+        else:
+            chosen.append(name)
+    return chosen, skipped

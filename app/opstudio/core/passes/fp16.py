@@ -86,16 +86,9 @@ class Fp16Pass(Pass):
 
         self.validate_params(params)
         work = ort_support.copy_model(model)
+        chosen, skipped = ort_support.partition(
+            work, nodes, lambda node: self.check(work, node))
         by_name = ort_support.nodes_by_name(work)
-        skipped: dict[str, str] = {}
-        chosen: list[str] = []
-        for name in nodes:
-            node = by_name.get(name)
-            reason = "no such node" if node is None else self.check(work, node)
-            if reason:
-                skipped[name] = reason
-            else:
-                chosen.append(name)
         if not chosen:
             return PassResult(model=work, skipped=skipped)
         ctx.report(0.1, f"fp16: converting {len(chosen)} node(s)")

@@ -72,16 +72,8 @@ class Int4WeightPass(Pass):
         params = self.validate_params(params)
         block = int(params["block_size"])
         work = ort_support.copy_model(model)
-        by_name = ort_support.nodes_by_name(work)
-        skipped: dict[str, str] = {}
-        chosen: list[str] = []
-        for name in nodes:
-            node = by_name.get(name)
-            reason = "no such node" if node is None else self.check(work, node, block)
-            if reason:
-                skipped[name] = reason
-            else:
-                chosen.append(name)
+        chosen, skipped = ort_support.partition(
+            work, nodes, lambda node: self.check(work, node, block))
         if not chosen:
             return PassResult(model=work, skipped=skipped)
         notes: list[str] = []

@@ -106,16 +106,8 @@ class _Int8Pass(Pass):
               ctx: PassContext) -> PassResult:
         params = self.validate_params(params)
         work = ort_support.copy_model(model)
-        by_name = ort_support.nodes_by_name(work)
-        skipped: dict[str, str] = {}
-        chosen: list[str] = []
-        for name in nodes:
-            node = by_name.get(name)
-            reason = "no such node" if node is None else self.check(work, node)
-            if reason:
-                skipped[name] = reason
-            else:
-                chosen.append(name)
+        chosen, skipped = ort_support.partition(
+            work, nodes, lambda node: self.check(work, node))
         if not chosen:
             return PassResult(model=work, skipped=skipped)
         folded = ort_support.fold_constant_inputs(work, chosen)
@@ -132,7 +124,7 @@ class _Int8Pass(Pass):
             if gemms:
                 notes.append(f"rewrote {len(gemms)} Gemm(s) as MatMul + Add first "
                              "(the dynamic quantizer has no Gemm)")
-            by_name = ort_support.nodes_by_name(work)
+        by_name = ort_support.nodes_by_name(work)
         work = self._prepare(work, params, notes)
         with ort_support.private_workdir(ctx.workdir) as folder:
             src, dst = folder / "input.onnx", folder / "quantized.onnx"
