@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
+from opstudio.core.passes._weights import all_names, unique_name
 from opstudio.core.tempdir import opstudio_tempdir
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -198,16 +199,10 @@ def gemm_to_matmul(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, st
     ``<gemm>_bias``) and its provenance. Returns Gemm name → MatMul name.
     """
     wanted = set(names)
-    taken = {n.name for n in model.graph.node} | {i.name for i in model.graph.initializer} \
-        | {o for n in model.graph.node for o in n.output}
+    taken = all_names(model.graph)
 
     def fresh(base: str) -> str:
-        candidate, k = base, 2
-        while candidate in taken:
-            candidate = f"{base}_{k}"
-            k += 1
-        taken.add(candidate)
-        return candidate
+        return unique_name(taken, base)
 
     done: dict[str, str] = {}
     rebuilt: list[onnx.NodeProto] = []

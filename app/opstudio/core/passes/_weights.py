@@ -156,6 +156,25 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+def float_weight(model: onnx.ModelProto, node: onnx.NodeProto,
+                 technique: str) -> np.ndarray | str:
+    """The constant float weight (input 1) of a MatMul, Gemm or Conv, or why there is none."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
+        return f"{technique} handles MatMul, Gemm and Conv, not {op}"
+    if len(node.input) < 2 or not node.input[1]:
+        return f"{op} '{node.name}' has no weight input"
+    weight, why = constant_array(model, node.input[1])
+    if weight is None:
+        return why or "its weight is not a constant"
+    if weight.dtype.type not in FLOAT_TYPES:
+        return f"its weight '{node.input[1]}' is {weight.dtype}, not a float tensor"
+    return weight
+
+
 def unique_name(taken: set[str], base: str) -> str:
     """``base`` or ``base_2``, ``base_3``… whichever is free; the result is marked taken."""
     name, k = base, 2

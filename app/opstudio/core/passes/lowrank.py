@@ -37,7 +37,6 @@ from opstudio.core.passes import _weights as w
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 
 DEFAULT_ENERGY = 0.9
-_FLOATS = (np.float16, np.float32, np.float64)
 
 
 @dataclass
@@ -134,15 +133,9 @@ PASS = LowRankPass()
 
 def _target(model: onnx.ModelProto, node: onnx.NodeProto) -> _Target | str:
     op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
-        return f"lowrank handles MatMul, Gemm and Conv, not {op}"
-    if len(node.input) < 2 or not node.input[1]:
-        return f"{op} '{node.name}' has no weight input"
-    weight, why = w.constant_array(model, node.input[1])
-    if weight is None:
-        return why or "its weight is not a constant"
-    if weight.dtype.type not in _FLOATS:
-        return f"its weight '{node.input[1]}' is {weight.dtype}, not a float tensor"
+    weight = w.float_weight(model, node, "lowrank")
+    if isinstance(weight, str):
+        return weight
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bias_elems = 0
     if op == "MatMul":

@@ -40,7 +40,6 @@ from opstudio.core.graph import analyze
 from opstudio.core.passes import _weights as w
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 
-_FLOATS = (np.float16, np.float32, np.float64)
 # Per-element ops: output channel c depends only on input channel c.
 _UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Clip", "Elu", "Selu", "Celu",
           "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Mish", "Erf", "Abs", "Neg",
@@ -118,16 +117,9 @@ PASS = PrunePass()
 
 
 def _own_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | str:
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
-        return f"prune handles MatMul, Gemm and Conv, not {op}"
-    if len(node.input) < 2 or not node.input[1]:
-        return f"{op} '{node.name}' has no weight input"
-    weight, why = w.constant_array(model, node.input[1])
-    if weight is None:
-        return why or "its weight is not a constant"
-    if weight.dtype.type not in _FLOATS:
-        return f"its weight '{node.input[1]}' is {weight.dtype}, not a float tensor"
+    weight = w.float_weight(model, node, "prune")
+    if isinstance(weight, str):
+        return weight
     if weight.ndim < 2:
         return f"its weight '{node.input[1]}' has {weight.ndim} dims; prune needs 2 or more"
     return weight
