@@ -17,3 +17,25 @@ def small_mlp(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict) -> list:
+    """All outputs of one single-threaded onnxruntime run."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def apply_pass(pass_, model: onnx.ModelProto, nodes: list, params: dict):
+    """Run a pass as the optimizer does, checking it left its input alone and made a valid model."""
+    from opstudio.core.passes import PassContext
+
+    before = model.SerializeToString()
+    result = pass_.apply(model, nodes, pass_.validate_params(params), PassContext())
+    assert model.SerializeToString() == before, "the input model was mutated"
+    onnx.checker.check_model(result.model, full_check=True)
+    return result

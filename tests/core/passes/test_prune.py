@@ -6,14 +6,14 @@ import math
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+from model_builders import apply_pass, run_ort
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import analyze
-from opstudio.core.passes import PassContext, get_pass
+from opstudio.core.passes import get_pass
 from opstudio.core.passes.prune import PASS
 
 RNG = np.random.default_rng(11)
@@ -35,20 +35,11 @@ def make(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+run = run_ort
 
 
 def apply(model: onnx.ModelProto, nodes: list[str], params: dict):
-    before = model.SerializeToString()
-    result = PASS.apply(model, nodes, PASS.validate_params(params), PassContext())
-    assert model.SerializeToString() == before, "the input model was mutated"
-    onnx.checker.check_model(result.model, full_check=True)
-    return result
+    return apply_pass(PASS, model, nodes, params)
 
 
 def weight_of(model: onnx.ModelProto, node_name: str) -> np.ndarray:
