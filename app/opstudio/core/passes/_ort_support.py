@@ -436,3 +436,13 @@ def partition(model: onnx.ModelProto, names: Sequence[str],
         else:
             chosen.append(name)
     return chosen, skipped
+
+
+def settle(before: onnx.ModelProto, result: onnx.ModelProto,
+           rewritten: Sequence[str]) -> dict[str, dict[str, int]]:
+    """After onnxruntime rewrote ``rewritten`` nodes of ``before`` into ``result``: record
+    where every new node came from, restore topological order, and return the weight bytes
+    before/after per rewritten node."""
+    created = record_provenance(before, result, rewritten)
+    topo_sort(result.graph)
+    return weight_bytes(before, result, created, rewritten)

@@ -104,9 +104,7 @@ class Int4WeightPass(Pass):
             if name not in applied:
                 skipped[name] = "onnxruntime's MatMulNBits quantizer left it unchanged"
         rewritten = [target[n] for n in applied]
-        created = ort_support.record_provenance(before, result, rewritten)
-        ort_support.topo_sort(result.graph)
-        by_target = ort_support.weight_bytes(before, result, created, rewritten)
+        by_target = ort_support.settle(before, result, rewritten)
         details = {name: {**by_target[target[name]], "bits": 4, "block_size": block,
                           "symmetric": params["symmetric"]} for name in applied}
         ctx.report(1.0, "int4-weight: done")

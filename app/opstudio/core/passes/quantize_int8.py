@@ -142,9 +142,7 @@ class _Int8Pass(Pass):
             if name not in applied:
                 skipped[name] = "onnxruntime's quantizer left it unchanged"
         rewritten = [target[n] for n in applied]
-        created = ort_support.record_provenance(work, result, rewritten)
-        ort_support.topo_sort(result.graph)
-        by_target = ort_support.weight_bytes(work, result, created, rewritten)
+        by_target = ort_support.settle(work, result, rewritten)
         details = {}
         for name in applied:
             details[name] = {**by_target[target[name]], **extra}
