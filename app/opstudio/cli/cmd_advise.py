@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
@@ -49,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
             raise OpstudioError(f"--techniques: unknown technique {name!r}; "
                                 f"expected some of {', '.join(TECHNIQUES)}")
         techniques[name] = DEFAULT_TECHNIQUES.get(name, {})
-    from pathlib import Path
-
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise OpstudioError(f"{out}: already exists (pass --overwrite to replace it)")

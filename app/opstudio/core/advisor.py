@@ -244,28 +244,35 @@ def measured_verifier(model: Any, inputs: Mapping[str, Any],
                       cancelled: Callable[[], bool] | None = None
                       ) -> Callable[[Recipe], Verification]:
     """A ``verify`` for ``greedy_plan``: apply the recipe and measure the outputs' error, in a
-    child process (a rewrite that crashes onnxruntime must not take the caller down)."""
+    child process (a rewrite that crashes onnxruntime must not take the caller down). The
+    original model's outputs are computed once, on the first call, and reused."""
+    from opstudio.core.accuracy import run_outputs
     from opstudio.core.isolation import call_isolated
 
+    reference: dict[str, Any] = {}
+
     def verify(recipe: Recipe) -> Verification:
+        if not reference:
+            reference.update(call_isolated(run_outputs, model, dict(inputs),
+                                           timeout=timeout_s, cancelled=cancelled))
         cosine, snr = call_isolated(_verify_in_child, model, recipe.to_json(), dict(inputs),
-                                    timeout=timeout_s, cancelled=cancelled)
+                                    reference, timeout=timeout_s, cancelled=cancelled)
         return Verification(cosine, snr)
 
     return verify
 
 
 def _verify_in_child(model_path: str, recipe_json: Mapping[str, Any],
-                     inputs: Mapping[str, Any]) -> tuple[float | None, float | None]:
+                     inputs: Mapping[str, Any],
+                     reference: Mapping[str, Any]) -> tuple[float | None, float | None]:
     from opstudio.core.accuracy import compare_outputs, run_outputs
     from opstudio.core.model_io import load_model
     from opstudio.core.optimize import optimize
     from opstudio.core.sensitivity import worst_output_error
 
-    model = load_model(model_path)
-    optimized = optimize(model, Recipe.from_json(recipe_json), inputs=dict(inputs)).model
-    report = compare_outputs(run_outputs(model, inputs), run_outputs(optimized, inputs))
-    return worst_output_error(report)
+    optimized = optimize(load_model(model_path), Recipe.from_json(recipe_json),
+                         inputs=dict(inputs)).model
+    return worst_output_error(compare_outputs(reference, run_outputs(optimized, inputs)))
 
 
 def _fmt(x: float | None) -> str:
