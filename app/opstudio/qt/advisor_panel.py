@@ -37,8 +37,10 @@ TECHNIQUE_COLOURS = {
     "int8-dynamic": "#2f7ed8", "int8-static": "#1b5fa8", "int4-weight": "#8e44ad",
     "lowrank": "#e67e22", "prune": "#16a085", "fp16": "#c0392b",
 }
-COLUMNS = ("operator", "op type", "bound", "technique", "before ms", "after ms", "saved ms",
-           "cosine", "SNR dB", "in plan", "note")
+# what a user compares first comes first: which technique, what it saves, what it costs
+COLUMNS = ("operator", "technique", "saved ms", "SNR dB", "cosine", "in plan", "op type",
+           "bound", "before ms", "after ms", "note")
+COL_TECHNIQUE, COL_SNR, COL_COSINE, COL_NOTE = 1, 3, 4, 10
 
 
 def noise_db(snr_db: float | None) -> float | None:
@@ -110,9 +112,11 @@ class AdvisorPanel(QWidget):
 
         self.plot = pg.PlotWidget()
         pi = self.plot.getPlotItem()
-        pi.setTitle("Latency saved vs output error", color="#2a3240", size="11pt")
-        pi.setLabel("bottom", "output error, −SNR (dB) — right is worse")
-        pi.setLabel("left", "latency saved (ms)")
+        pi.setTitle("Saved vs error", color="#2a3240", size="11pt")
+        pi.setLabel("bottom", "−SNR (dB), right is worse")
+        pi.setLabel("left", "saved (ms)")
+        for axis in ("left", "bottom"):
+            pi.getAxis(axis).enableAutoSIPrefix(False)
         pi.showGrid(x=True, y=True, alpha=0.2)
         pi.setMenuEnabled(False)
         pi.hideButtons()
@@ -128,7 +132,7 @@ class AdvisorPanel(QWidget):
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.table)
         split.addWidget(self.plot)
-        split.setSizes([620, 420])
+        split.setSizes([500, 500])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 6, 6)
         layout.addLayout(top)
@@ -151,10 +155,12 @@ class AdvisorPanel(QWidget):
 
     def _on_kind(self, index: int) -> None:
         if index == 0:
+            self.value.setDecimals(4)
             self.value.setRange(0.5, 1.0)
             self.value.setSingleStep(0.0005)
             self.value.setValue(0.999)
         else:
+            self.value.setDecimals(1)
             self.value.setRange(0.0, 120.0)
             self.value.setSingleStep(1.0)
             self.value.setValue(30.0)
@@ -183,22 +189,23 @@ class AdvisorPanel(QWidget):
             note = c.error or plan.rejected.get(f"{c.node}/{c.technique}", "")
             if (c.node, c.technique) in chosen:
                 note = advice.explain(c)
-            values = (c.node, c.op_type, point.bound if point else "", c.technique,
-                      c.before_ms, c.after_ms, c.gain_ms if c.after_ms is not None else None,
-                      c.cosine, c.snr_db, "✓" if (c.node, c.technique) in chosen else "", note)
+            values = (c.node, c.technique,
+                      c.gain_ms if c.after_ms is not None else None, c.snr_db, c.cosine,
+                      "✓" if (c.node, c.technique) in chosen else "", c.op_type,
+                      point.bound if point else "", c.before_ms, c.after_ms, note)
             for col, v in enumerate(values):
                 item = QTableWidgetItem()
                 if isinstance(v, float):
-                    text = "inf" if math.isinf(v) else (f"{v:.6f}" if col == 7 else
-                                                        f"{v:.1f}" if col == 8 else f"{v:.4f}")
+                    text = "inf" if math.isinf(v) else (f"{v:.6f}" if col == COL_COSINE else
+                                                        f"{v:.1f}" if col == COL_SNR else f"{v:.4f}")
                     item.setData(Qt.ItemDataRole.DisplayRole, text)
                     item.setData(Qt.ItemDataRole.UserRole, v)
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 else:
                     item.setText("" if v is None else str(v))
-                if col == 10 and note:
+                if col == COL_NOTE and note:
                     item.setToolTip(note)
-                if col == 3:
+                if col == COL_TECHNIQUE:
                     item.setForeground(QColor(TECHNIQUE_COLOURS.get(c.technique, "#2a3240")))
                 self.table.setItem(row, col, item)
         self.table.setSortingEnabled(True)
