@@ -132,6 +132,49 @@ def test_dynamic_gemm_is_quantized_as_matmul():
     assert rel_error(run(model, x), run(out, x)) < 0.05
 
 
+def test_dynamic_leaves_the_gemms_it_was_not_asked_to_quantize_alone():
+    # onnxruntime's dynamic quantizer rewrites every plain Gemm as MatMul + Add; the ones not
+    # chosen must come back as they were, with their names, so that a later step (here the
+    # per-channel variant on the other projections) still finds them and profiles charge their
+    # time to them, not to the quantized node
+    rng = np.random.default_rng(1)
+    inits, nodes = [], []
+    for i, trans in enumerate((0, 1, 1)):
+        shape = (16, 32) if trans else (32, 16)
+        inits += [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", ["x", f"W{i}", f"b{i}"], [f"y{i}"], name=f"g{i}",
+                                      transB=trans))
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", 1, [4, 32])],
+                              [helper.make_tensor_value_info(f"y{i}", 1, [4, 16])
+                               for i in range(3)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    first = get_pass("int8-dynamic").apply(model, ["g0"], {}, PassContext()).model
+    onnx.checker.check_model(first, full_check=True)
+    by_name = {n.name: n for n in first.graph.node}
+    assert by_name["g1"].op_type == "Gemm" and by_name["g2"].op_type == "Gemm"
+    assert provenance.get_origin(by_name["g1"]) == ["g1"]
+    assert not any(n.name.startswith(("g1_", "g2_")) for n in first.graph.node)
+    second = get_pass("int8-dynamic").apply(first, ["g1", "g2"], {"per_channel": True},
+                                            PassContext())
+    assert second.applied == ["g1", "g2"]
+    out = second.model
+    onnx.checker.check_model(out, full_check=True)
+    assert "Gemm" not in {n.op_type for n in out.graph.node}
+    # the same arithmetic as each variant applied on its own
+    x = {"x": rng.standard_normal((4, 32)).astype(np.float32)}
+    alone = get_pass("int8-dynamic").apply(model, ["g1", "g2"], {"per_channel": True},
+                                           PassContext()).model
+    got, want_first, want_rest = run_all(out, x), run_all(first, x), run_all(alone, x)
+    np.testing.assert_allclose(got[0], want_first[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1:], want_rest[1:], rtol=1e-5, atol=1e-5)
+
+
+def run_all(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
 def test_check_refuses_a_weight_that_is_not_constant():
     model = cnn_mlp()
     node = helper.make_node("MatMul", ["f", "x"], ["z"], name="mm_act")

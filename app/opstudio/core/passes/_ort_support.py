@@ -243,6 +243,50 @@ def gemm_to_matmul(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, st
     return done
 
 
+def restore_gemms(before: onnx.ModelProto, result: onnx.ModelProto,
+                  keep: Iterable[str]) -> list[str]:
+    """Put back the Gemm nodes of ``before`` that the quantizer rewrote without being asked.
+
+    onnxruntime's dynamic quantizer turns *every* plain Gemm of the model into ``<name>_MatMul``
+    (+ ``<name>_Add``, + ``<name>_Transpose`` or a transposed weight), not only the nodes it
+    quantizes. Those stay float and compute the same, but they lose their names, so a later step
+    naming them finds nothing and a profile charges their time to the quantized node. Each Gemm
+    in ``keep`` (the ones not chosen) is restored in place of its replacement when that
+    replacement is still float and untouched. Returns the names restored."""
+    keep = set(keep)
+    present = {n.name for n in result.graph.node}
+    restored: list[str] = []
+    for gemm in before.graph.node:
+        if gemm.op_type != "Gemm" or gemm.name not in keep or gemm.name in present:
+            continue
+        parts = {f"{gemm.name}_MatMul": "MatMul", f"{gemm.name}_Add": "Add",
+                 f"{gemm.name}_Transpose": "Transpose"}
+        hits = [i for i, n in enumerate(result.graph.node) if parts.get(n.name) == n.op_type]
+        if not any(result.graph.node[i].op_type == "MatMul" for i in hits):
+            continue  # rewritten in some other way: leave it
+        drop = set(hits)
+        kept = [n for i, n in enumerate(result.graph.node) if i not in drop]
+        first = hits[0] - sum(1 for i in hits if i < hits[0])
+        original = onnx.NodeProto()
+        original.CopyFrom(gemm)
+        kept.insert(first, original)
+        result.graph.ClearField("node")
+        result.graph.node.extend(kept)
+        restored.append(gemm.name)
+    if restored:
+        # the quantizer dropped the weights only the replacements' transposed copies used
+        have = {i.name for i in result.graph.initializer}
+        have |= {o for n in result.graph.node for o in n.output}
+        have |= {i.name for i in result.graph.input}
+        originals = {i.name: i for i in before.graph.initializer}
+        wanted = {name for n in result.graph.node if n.name in restored for name in n.input}
+        for name in sorted(wanted - have):
+            if name in originals:
+                result.graph.initializer.append(_copy_tensor(originals[name]))
+        _drop_unused_initializers(result)
+    return restored
+
+
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in _all_inputs(node)}
     used |= {o.name for o in model.graph.output}

@@ -137,6 +137,8 @@ class _Int8Pass(Pass):
             with quiet_onnxruntime_logs():
                 extra = self._run(src, dst, names, op_types, params, ctx, notes, large)
             result = onnx.load_model(str(dst))
+        if self.dynamic:
+            ort_support.restore_gemms(work, result, set(by_name) - set(names))
         applied = [n for n in chosen if self._rewritten(result, target[n])]
         for name in chosen:
             if name not in applied:
