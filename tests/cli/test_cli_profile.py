@@ -114,3 +114,22 @@ def test_unknown_custom_op_is_named_and_the_graph_still_inspects(tmp_path, capsy
     assert main(["profile", str(path), "--runs", "1", "--warmup", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "com.acme:FancyOp" in err[0]
+
+
+def test_roofline_places_the_operators_under_this_machines_ceilings(model_path, tmp_path,
+                                                                     capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out_json = tmp_path / "p.json"
+    code = main(["profile", str(model_path), *FAST, "--dim", "batch=2", "--dim", "seq=16",
+                 "--roofline", "--json", str(out_json)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "roofline:" in text and "FLOP/byte" in text and "bound" in text
+    roof = json.loads(out_json.read_text())["roofline"]
+    assert roof["machine"]["peak_gflops"] > 0 and roof["machine"]["bandwidth_gbs"] > 0
+    points = {p["name"]: p for p in roof["points"]}
+    mm = next(p for name, p in points.items() if "mm0" in name)
+    assert mm["flops"] >= 2 * 2 * 16 * 64 * 64  # the MatMul's FLOPs at batch 2, seq 16
+    assert mm["bound"] in ("memory", "compute")
+    assert mm["intensity"] == pytest.approx(mm["flops"] / mm["bytes_moved"])
+    assert mm["achieved_gflops"] > 0

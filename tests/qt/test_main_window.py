@@ -20,7 +20,15 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.model_io import load_model
 from opstudio.core.recipe import Step
 from opstudio.qt.main_window import MainWindow
-from opstudio.qt.op_table import COL_AFTER, COL_MEAN, COL_SPEEDUP, COL_TECH
+from opstudio.qt.op_table import (
+    COL_AFTER,
+    COL_BOUND,
+    COL_GFLOPS,
+    COL_INTENSITY,
+    COL_MEAN,
+    COL_SPEEDUP,
+    COL_TECH,
+)
 
 
 def click_node(qtbot, window, name):
@@ -94,6 +102,17 @@ def test_whole_path(window, qtbot, mlp_path, tmp_path):
     mm0 = profile.node("mm0") or next(s for s in profile.nodes if "mm0" in s.group)
     assert tm.value(window.graph.node("mm0").index, COL_MEAN) == mm0.mean_ms
     assert window.graph_view.legend.visible
+    # the profile also placed the operators on this machine's roofline
+    roof = window.plots.roofline.data
+    assert roof["machine"] is not None and roof["machine"].peak_gflops > 0
+    point = next(p for p in roof["points"] if p.name == mm0.name)
+    i0 = window.graph.node("mm0").index
+    assert tm.value(i0, COL_INTENSITY) == pytest.approx(point.intensity)
+    assert tm.value(i0, COL_GFLOPS) == pytest.approx(point.achieved_gflops)
+    assert tm.value(i0, COL_BOUND) in ("memory", "compute")
+    spot = window.plots.roofline.scatter.points()[0]
+    window.plots.roofline.scatter.sigClicked.emit(window.plots.roofline.scatter, [spot], None)
+    assert window.selected_names() == [spot.data()]
 
     # optimize & compare in the worker
     run_and_wait(qtbot, window, window.run_compare)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from opstudio.cli.common import (
     add_input_flags,
@@ -33,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="PATH", help="write the per-operator table as CSV")
     p.add_argument("--trace", metavar="PATH",
                    help="write one run as a Chrome/Perfetto trace (open in ui.perfetto.dev)")
+    p.add_argument("--roofline", action="store_true",
+                   help="also place the operators on this machine's roofline (arithmetic "
+                        "intensity, achieved vs attainable GFLOP/s, compute- or memory-bound; "
+                        "the machine's ceilings are measured once and cached)")
     p.set_defaults(func=run)
 
 
@@ -76,11 +81,34 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json == "-"
     profile = profile_model(args.model, settings,
                             progress=None if quiet else progress_printer())
+    roofline = None
+    if args.roofline:
+        from opstudio.core.graph import analyze
+        from opstudio.core.inputs import make_inputs
+        from opstudio.core.model_io import load_model
+        from opstudio.core.roofline import dims_from_inputs, measure_machine, profile_roofline
+
+        model = load_model(args.model, load_external_data=False)
+        inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                             npz_path=settings.inputs_path, seed=settings.seed)
+        machine = measure_machine(settings.threads)
+        points = profile_roofline(analyze(model, dims_from_inputs(model, inputs)), profile,
+                                  machine)
+        roofline = (machine, points)
     if not quiet:
         clear_progress()
         print_summary(profile, args.top)
+        if roofline is not None:
+            print()
+            print_roofline(*roofline, top=args.top)
     if args.json:
-        write_json(profile.to_json(), args.json)
+        data = profile.to_json()
+        if roofline is not None:
+            from dataclasses import asdict
+
+            data["roofline"] = {"machine": asdict(roofline[0]),
+                                "points": [p.to_json() for p in roofline[1]]}
+        write_json(data, args.json)
     if args.csv:
         write_text_atomic(args.csv, profile.to_csv(), overwrite=True)
     if args.trace:
@@ -120,3 +148,15 @@ def print_summary(p: Profile, top: int = 20, file=None) -> None:
 
 
 
+
+
+def print_roofline(machine: Any, points: list[Any], top: int = 20, file=None) -> None:
+    """Operators on this machine's roofline, slowest first."""
+    file = file or sys.stdout
+    print(f"roofline: {machine.peak_gflops:.1f} GFLOP/s peak, {machine.bandwidth_gbs:.1f} GB/s, "
+          f"ridge {machine.ridge:.1f} FLOP/byte (operators with known FLOPs)", file=file)
+    shown = points if top <= 0 else points[:top]
+    rows = [(p.name, p.op_type, f"{p.ms:.4f}", f"{p.intensity:.2f}", f"{p.achieved_gflops:.1f}",
+             f"{p.attainable_gflops:.1f}", f"{p.efficiency:.0%}", p.bound) for p in shown]
+    print_table(("operator", "op type", "p50 ms", "FLOP/byte", "GFLOP/s", "attainable",
+                 "of roof", "bound"), rows, "llrrrrrl", file=file)

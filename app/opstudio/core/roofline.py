@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,13 +83,10 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
 
     key = _cache_key(threads)
     cache = _cache_file()
-    if use_cache and not refresh and cache.is_file():
-        try:
-            entry = json.loads(cache.read_text()).get(key)
-            if entry:
-                return Machine(**entry)
-        except (OSError, ValueError, TypeError):
-            pass  # a broken cache is simply measured again
+    if use_cache and not refresh:
+        known = cached_machine(threads)
+        if known is not None:
+            return known
 
     opts = ort.SessionOptions()
     if threads > 0:
@@ -114,8 +111,13 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     machine = Machine(round(peak, 2), round(bandwidth, 2), threads, ort.__version__, time.time())
     if use_cache:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
             data = json.loads(cache.read_text()) if cache.is_file() else {}
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError):
+            data = {}  # a broken cache is replaced, not kept
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
             data[key] = asdict(machine)
             from opstudio.core.fileio import write_text_atomic
 
@@ -125,22 +127,75 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     return machine
 
 
+def cached_machine(threads: int = 0) -> Machine | None:
+    """This machine's ceilings if they were measured before, without measuring."""
+    cache = _cache_file()
+    try:
+        entry = json.loads(cache.read_text()).get(_cache_key(threads)) if cache.is_file() else None
+        return Machine(**entry) if entry else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # a broken cache is simply measured again
+
+
+def profile_with_machine(model_path: str | Path, settings: Any, *,
+                         progress: Callable[[float, str], None] | None = None,
+                         cancelled: Callable[[], bool] | None = None) -> tuple[Any, Machine]:
+    """A profile plus this machine's ceilings (measured once, then read from the cache), so the
+    operators can be placed on the roofline."""
+    from opstudio.core.profiler import profile_model
+
+    machine = cached_machine(settings.threads)
+    scale = 1.0 if machine is not None else 0.9
+
+    def part(f: float, m: str) -> None:
+        if progress is not None:
+            progress(f * scale, m)
+
+    profile = profile_model(model_path, settings, progress=part, cancelled=cancelled)
+    if machine is None:
+        if progress is not None:
+            progress(0.9, "measuring this machine's peak GFLOP/s and memory bandwidth (once)")
+        machine = measure_machine(settings.threads)
+    return profile, machine
+
+
+def profile_roofline(graph: GraphInfo, profile: Any, machine: Machine) -> list[RooflinePoint]:
+    """Roofline figures per profiled operator (p50 times). A group of nodes that run as one
+    fused kernel is one point: the FLOPs and bytes of all its members against their one time."""
+    by_name = {n.name: n for n in graph.nodes}
+    points: list[RooflinePoint] = []
+    for stats in profile.nodes:
+        members = [by_name[m] for m in (stats.group or [stats.name]) if m in by_name]
+        flops = sum(m.flops or 0 for m in members)
+        moved = sum(m.bytes_moved or 0 for m in members)
+        point = _point(stats.name, stats.op_type, flops, moved, stats.p50_ms, machine)
+        if point is not None:
+            points.append(point)
+    points.sort(key=lambda p: -p.ms)
+    return points
+
+
+def _point(name: str, op_type: str, flops: int, moved: int, ms: float,
+           machine: Machine) -> RooflinePoint | None:
+    if not ms or ms <= 0 or not flops or not moved:
+        return None
+    intensity = flops / moved
+    return RooflinePoint(
+        name=name, op_type=op_type, flops=flops, bytes_moved=moved, ms=ms,
+        intensity=intensity, achieved_gflops=flops / (ms * 1e-3) / 1e9,
+        attainable_gflops=min(machine.peak_gflops, intensity * machine.bandwidth_gbs),
+        bound="compute" if intensity >= machine.ridge else "memory")
+
+
 def analyze_roofline(graph: GraphInfo, node_ms: Mapping[str, float],
                      machine: Machine) -> list[RooflinePoint]:
     """Roofline figures for every node with known FLOPs, bytes and a measured time."""
     points: list[RooflinePoint] = []
     for node in graph.nodes:
-        ms = node_ms.get(node.name)
-        if not ms or ms <= 0 or not node.flops or not node.bytes_moved:
-            continue
-        intensity = node.flops / node.bytes_moved
-        achieved = node.flops / (ms * 1e-3) / 1e9
-        attainable = min(machine.peak_gflops, intensity * machine.bandwidth_gbs)
-        points.append(RooflinePoint(
-            name=node.name, op_type=node.op_type, flops=node.flops,
-            bytes_moved=node.bytes_moved, ms=ms, intensity=intensity,
-            achieved_gflops=achieved, attainable_gflops=attainable,
-            bound="compute" if intensity >= machine.ridge else "memory"))
+        point = _point(node.name, node.op_type, node.flops or 0, node.bytes_moved or 0,
+                       node_ms.get(node.name) or 0.0, machine)
+        if point is not None:
+            points.append(point)
     points.sort(key=lambda p: -p.ms)
     return points
 

@@ -38,8 +38,9 @@ from opstudio.core.graph import GraphInfo, analyze, symbolic_dims
 from opstudio.core.inputs import default_dim
 from opstudio.core.layout import compute_layout
 from opstudio.core.model_io import load_model, save_model
-from opstudio.core.profiler import ProfileSettings, profile_model
+from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Recipe
+from opstudio.core.roofline import cached_machine, profile_roofline, profile_with_machine
 from opstudio.qt.advisor_panel import AdvisorPanel
 from opstudio.qt.graph_view import GraphView
 from opstudio.qt.netron_view import NetronWindow
@@ -62,6 +63,7 @@ class MainWindow(QMainWindow):
         self.profile: Any = None
         self.comparison: Any = None
         self.optimized: Any = None  # OptimizeResult
+        self.machine: Any = None  # roofline.Machine, once measured
         self.worker: Worker | None = None
         self.netron_windows: list[NetronWindow] = []
         self._tmpdir = Path(tempfile.mkdtemp(prefix="opstudio-gui-"))
@@ -78,6 +80,7 @@ class MainWindow(QMainWindow):
         self.advisor.analyzeRequested.connect(self.run_advise)
         self.advisor.nodeClicked.connect(self.select_node_named)
         self.advisor.planAccepted.connect(self._on_plan_accepted)
+        self.plots.roofline.nodeClicked.connect(self.select_node_named)
         self.welcome = WelcomePage()
         self.welcome.openRequested.connect(self.open_dialog)
         self.welcome.fileChosen.connect(self.open_model)
@@ -500,8 +503,8 @@ class MainWindow(QMainWindow):
     def run_profile(self) -> Worker | None:
         if self.model_path is None or self.is_running():
             return None
-        return self._start(Worker(profile_model, str(self.model_path), self.run_settings,
-                                  name="profile"), self._on_profile, "Profiling")
+        return self._start(Worker(profile_with_machine, str(self.model_path), self.run_settings,
+                                  name="profile"), self._on_profiled, "Profiling")
 
     def run_compare(self) -> Worker | None:
         if self.model is None or self.is_running():
@@ -531,11 +534,14 @@ class MainWindow(QMainWindow):
         self.run_advise()
 
     def _on_advice(self, advice: Any) -> None:
+        self.machine = advice.machine
         self.advisor.set_advice(advice)
         self.advisor_dock.show()
         self.advisor_dock.raise_()
         if self.profile is None:
             self._on_profile(advice.sensitivity.baseline)
+        else:
+            self._show_roofline(self.profile)
         n = len(advice.plan.chosen)
         self.statusBar().showMessage(f"Advice ready: {n} rewrite(s) within the budget", 10000)
 
@@ -582,12 +588,27 @@ class MainWindow(QMainWindow):
         self.progress.hide()
         self._update_actions()
 
+    def _on_profiled(self, value: tuple[Any, Any]) -> None:
+        profile, self.machine = value
+        self._on_profile(profile)
+
+    def _show_roofline(self, profile: Any) -> None:
+        """Operators on this machine's roofline, once its ceilings are known (a profile from
+        the toolbar measures them; otherwise they come from the cache or the advisor)."""
+        machine = cached_machine(self.run_settings.threads) or self.machine
+        if machine is None or self.graph is None:
+            return
+        points = profile_roofline(self.graph, profile, machine)
+        self.plots.show_roofline(points, machine)
+        self.table.model.set_roofline(points)
+
     def _on_profile(self, profile: Any) -> None:
         self.profile = profile
         self.comparison = None
         self.table.model.set_profile(profile)
         self.table.model.set_comparison(None)
         self.plots.show_profile(profile)
+        self._show_roofline(profile)
         self._show_heat(profile)
         total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
         self.statusBar().showMessage(f"Profiled: {total:.3f} ms per run (p50)", 8000)
@@ -598,6 +619,7 @@ class MainWindow(QMainWindow):
         self.table.model.set_profile(self.comparison.before)
         self.table.model.set_comparison(self.comparison)
         self.plots.show_comparison(self.comparison)
+        self._show_roofline(self.comparison.before)
         self._show_heat(self.comparison.before)
         s = self.comparison.speedup
         self.statusBar().showMessage(

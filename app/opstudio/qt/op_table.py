@@ -33,10 +33,12 @@ from opstudio.core.graph import GraphInfo
 
 # measured columns first: they are what one sorts by and must be visible in a narrow dock
 COLUMNS = ("name", "op type", "mean ms", "share", "after ms", "speedup", "technique",
-           "output shape", "FLOPs", "params")
+           "output shape", "FLOPs", "params", "FLOP/byte", "GFLOP/s", "bound")
 (COL_NAME, COL_OP, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_TECH, COL_SHAPE, COL_FLOPS,
- COL_PARAMS) = range(len(COLUMNS))
-NUMERIC = {COL_FLOPS, COL_PARAMS, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP}
+ COL_PARAMS, COL_INTENSITY, COL_GFLOPS, COL_BOUND) = range(len(COLUMNS))
+NUMERIC = {COL_FLOPS, COL_PARAMS, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_INTENSITY,
+           COL_GFLOPS}
+ROOFLINE_COLUMNS = (COL_INTENSITY, COL_GFLOPS, COL_BOUND)
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
 _Index = QModelIndex | QPersistentModelIndex
@@ -49,11 +51,12 @@ class OpTableModel(QAbstractTableModel):
         self.profile: dict[str, Any] = {}  # node name -> NodeStats
         self.techniques: dict[str, str] = {}  # node name -> technique(s) planned
         self.after: dict[str, tuple[float, float | None]] = {}  # name -> (after ms, speedup)
+        self.roofline: dict[str, Any] = {}  # node name -> roofline.RooflinePoint
 
     def set_graph(self, graph: GraphInfo | None) -> None:
         self.beginResetModel()
         self.graph = graph
-        self.profile, self.techniques, self.after = {}, {}, {}
+        self.profile, self.techniques, self.after, self.roofline = {}, {}, {}, {}
         self.endResetModel()
 
     def set_profile(self, profile: Any | None) -> None:
@@ -64,6 +67,14 @@ class OpTableModel(QAbstractTableModel):
                 for member in getattr(s, "group", []) or []:
                     self.profile.setdefault(member, s)
         self._changed(COL_MEAN, COL_SHARE)
+
+    def set_roofline(self, points: Iterable[Any]) -> None:
+        by_stats = {p.name: p for p in points}
+        # a fused group is one point, shown on every member as its time is
+        self.roofline = {name: by_stats[s.name] for name, s in self.profile.items()
+                         if s.name in by_stats}
+        self.roofline.update(by_stats)
+        self._changed(COL_INTENSITY, COL_BOUND)
 
     def set_techniques(self, techniques: Mapping[str, str]) -> None:
         self.techniques = dict(techniques)
@@ -120,6 +131,12 @@ class OpTableModel(QAbstractTableModel):
             if a is None:
                 return None
             return a[0] if col == COL_AFTER else a[1]
+        if col in ROOFLINE_COLUMNS:
+            p = self.roofline.get(n.name)
+            if p is None:
+                return None
+            return {COL_INTENSITY: p.intensity, COL_GFLOPS: p.achieved_gflops,
+                    COL_BOUND: p.bound}[col]
         return None
 
     def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
@@ -141,6 +158,11 @@ class OpTableModel(QAbstractTableModel):
                 return QColor("#1b7f3b") if v >= 1.0 else QColor("#b3261e")
         if role == Qt.ItemDataRole.ToolTipRole and col == COL_NAME:
             return self.graph.nodes[row].name
+        if role == Qt.ItemDataRole.ToolTipRole and col in ROOFLINE_COLUMNS:
+            p = self.roofline.get(self.graph.nodes[row].name)
+            if p is not None:
+                return (f"{p.achieved_gflops:.1f} of {p.attainable_gflops:.1f} GFLOP/s attainable "
+                        f"at {p.intensity:.2f} FLOP/byte ({p.efficiency:.0%}); {p.bound}-bound")
         return None
 
 
@@ -201,7 +223,8 @@ class OpTable(QWidget):
         header.setStretchLastSection(True)
         for col, width in ((COL_NAME, 150), (COL_OP, 96), (COL_MEAN, 78), (COL_SHARE, 60),
                            (COL_AFTER, 76), (COL_SPEEDUP, 74), (COL_TECH, 100), (COL_SHAPE, 120),
-                           (COL_FLOPS, 70), (COL_PARAMS, 74)):
+                           (COL_FLOPS, 70), (COL_PARAMS, 74), (COL_INTENSITY, 74),
+                           (COL_GFLOPS, 70), (COL_BOUND, 70)):
             self.view.setColumnWidth(col, width)
         self.view.selectionModel().selectionChanged.connect(self._on_selection)
         self.view.doubleClicked.connect(
@@ -274,6 +297,10 @@ def _format(col: int, v: Any) -> str:
         return f"{v * 100:.1f}%"
     if col == COL_SPEEDUP:
         return f"{v:.2f}×"
+    if col == COL_INTENSITY:
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    if col == COL_GFLOPS:
+        return f"{v:.1f}"
     return str(v)
 
 

@@ -312,6 +312,10 @@ class PlotsPanel(QWidget):
         self.tabs.addTab(split, "Operators")
         self.tabs.addTab(self.op_types, "Op types")
         self.tabs.addTab(self.timeline, "Timeline")
+        from opstudio.qt.roofline_plot import RooflinePlot  # it imports this module's colours
+
+        self.roofline = RooflinePlot()
+        self.tabs.addTab(self.roofline, "Roofline")
 
         bar = QHBoxLayout()
         bar.addWidget(QLabel("Top"))
@@ -335,8 +339,12 @@ class PlotsPanel(QWidget):
         for p in (self.ops, self.op_types, self.total):
             p.set_bars([], [])
         self.timeline.set_events([])
+        self.roofline.clear_points()
         self.accuracy.set_report(None)
         self.summary.setText("Run a profile to see where the time goes.")
+
+    def show_roofline(self, points: Sequence[Any], machine: Any) -> None:
+        self.roofline.set_points(points, machine)
 
     def show_profile(self, profile: Any) -> None:
         self.profile, self.comparison = profile, None

@@ -1,0 +1,117 @@
+"""The roofline chart: every profiled operator at its arithmetic intensity and achieved GFLOP/s,
+under this machine's two ceilings (memory bandwidth × intensity, and peak GFLOP/s).
+
+Both axes are logarithmic, as rooflines are read: a point far below the roof is a kernel that
+neither ceiling explains (overheads, poor kernels); a point near the sloped part is limited by
+memory, near the flat part by arithmetic. Clicking a point selects its operator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QWidget
+
+from opstudio.qt.plots import TEXT
+
+MEMORY = "#2f7ed8"
+COMPUTE = "#e07b39"
+ROOF = "#1f2933"
+
+
+class RooflinePlot(pg.PlotWidget):
+    nodeClicked = Signal(str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent=parent)
+        self.data: dict[str, Any] = {"points": [], "machine": None}
+        self.setMinimumSize(200, 90)
+        pi = self.getPlotItem()
+        pi.setTitle("Roofline: run a profile to place the operators", color=TEXT, size="11pt")
+        pi.setLabel("bottom", "arithmetic intensity (FLOP / byte)")
+        pi.setLabel("left", "achieved GFLOP/s")
+        pi.setLogMode(x=True, y=True)
+        pi.showGrid(x=True, y=True, alpha=0.15)
+        pi.hideButtons()
+        for axis in ("bottom", "left"):
+            pi.getAxis(axis).enableAutoSIPrefix(False)
+        self.roof = pg.PlotDataItem(pen=pg.mkPen(ROOF, width=2))
+        pi.addItem(self.roof)
+        self.scatter = pg.ScatterPlotItem(hoverable=True, tip=self._tip)
+        self.scatter.sigClicked.connect(self._on_click)
+        pi.addItem(self.scatter)
+        self.legend = pi.addLegend(offset=(-10, 10))
+        self.labels: list[pg.TextItem] = []
+
+    def clear_points(self) -> None:
+        self.scatter.clear()
+        self.roof.setData([], [])
+        self.legend.clear()
+        for item in self.labels:
+            self.getPlotItem().removeItem(item)
+        self.labels = []
+        self.data = {"points": [], "machine": None}
+        self.getPlotItem().setTitle("Roofline: run a profile to place the operators",
+                                    color=TEXT, size="11pt")
+
+    def set_points(self, points: Sequence[Any], machine: Any) -> None:
+        self.clear_points()
+        if machine is None:
+            return
+        self.data = {"points": list(points), "machine": machine}
+        pi = self.getPlotItem()
+        pi.setTitle(f"Roofline: {machine.peak_gflops:.0f} GFLOP/s peak, "
+                    f"{machine.bandwidth_gbs:.1f} GB/s, ridge {machine.ridge:.1f} FLOP/byte",
+                    color=TEXT, size="11pt")
+        if points:
+            lo = min(p.intensity for p in points) / 2
+            hi = max(p.intensity for p in points) * 2
+        else:
+            lo, hi = machine.ridge / 100, machine.ridge * 100
+        lo, hi = min(lo, machine.ridge / 4), max(hi, machine.ridge * 4)
+        xs = np.array([lo, machine.ridge, hi])
+        self.roof.setData(xs, np.minimum(machine.peak_gflops, xs * machine.bandwidth_gbs))
+        if not points:
+            return
+        total = sum(p.ms for p in points) or 1.0
+        spots = []
+        for p in points:
+            colour = COMPUTE if p.bound == "compute" else MEMORY
+            size = 6 + 18 * math.sqrt(p.ms / total)  # area ~ share of the time
+            spots.append({"pos": (math.log10(p.intensity), math.log10(max(p.achieved_gflops,
+                                                                         1e-6))),
+                          "data": p.name, "size": size, "brush": pg.mkBrush(colour + "b0"),
+                          "pen": pg.mkPen(colour)})
+        self.scatter.addPoints(spots)
+        for bound, colour in (("memory", MEMORY), ("compute", COMPUTE)):
+            if any(p.bound == bound for p in points):
+                sample = pg.ScatterPlotItem(brush=pg.mkBrush(colour), pen=pg.mkPen(None), size=9)
+                self.legend.addItem(sample, f"{bound}-bound")
+        # name the few operators that take the most time
+        for p in sorted(points, key=lambda p: -p.ms)[:5]:
+            label = pg.TextItem(p.name if len(p.name) <= 24 else p.name[:23] + "…",
+                                color=TEXT, anchor=(0, 1))
+            label.setPos(math.log10(p.intensity), math.log10(max(p.achieved_gflops, 1e-6)))
+            pi.addItem(label)
+            self.labels.append(label)
+        pi.autoRange()
+
+    def _point(self, name: str) -> Any:
+        return next((p for p in self.data["points"] if p.name == name), None)
+
+    def _tip(self, x: float, y: float, data: Any) -> str:
+        p = self._point(str(data))
+        if p is None:
+            return str(data)
+        return (f"{p.name} ({p.op_type})\n{p.ms:.4f} ms, {p.intensity:.2f} FLOP/byte\n"
+                f"{p.achieved_gflops:.1f} of {p.attainable_gflops:.1f} GFLOP/s attainable "
+                f"({p.efficiency:.0%})\n{p.bound}-bound")
+
+    def _on_click(self, _item: Any, points: Any, *_: Any) -> None:
+        if len(points):
+            self.nodeClicked.emit(str(points[0].data()))
