@@ -165,3 +165,81 @@ def test_savings_below_a_percent_of_the_run_are_not_worth_any_error():
     assert plan.chosen == [] and "not faster" in plan.rejected["a/fp16"]
     plan = greedy_plan([c], Budget(min_snr_db=30), additive_verifier([c]), run_ms=2.0)
     assert [x.node for x in plan.chosen] == ["a"]
+
+
+def ratio_timer(step_ratios):
+    """A timer that says how much faster the model is with each technique's step: with/without
+    time ratios per technique, their product over the steps that differ."""
+    from opstudio.core.timing import Ratio
+
+    calls = []
+
+    def timer(a, b):
+        calls.append((a, b))
+        in_a = {s.technique for s in a.steps}
+        in_b = {s.technique for s in b.steps}
+        r = 1.0
+        for t in in_a - in_b:
+            r *= step_ratios[t]
+        return Ratio(r, r - 0.01, r + 0.01, 30)
+
+    timer.calls = calls
+    return timer
+
+
+def test_steps_the_whole_model_is_not_faster_with_are_dropped():
+    # per-node profiles promised savings from fp16, but timed end to end the model is not
+    # faster with it; int8 pays. Only int8 stays, and the log says why.
+    cands = [cand("a", "int8-dynamic", 2.0, 1.0, 45), cand("b", "fp16", 2.0, 1.5, 80)]
+    timer = ratio_timer({"int8-dynamic": 0.7, "fp16": 1.02})
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands), timer=timer)
+    assert [(c.node, c.technique) for c in plan.chosen] == [("a", "int8-dynamic")]
+    assert "not measurably faster" in plan.rejected["b/fp16"]
+    assert any(line.startswith("timing: dropped fp16") for line in plan.log)
+    assert len(timer.calls) == 2  # one timing per step
+    assert plan.verified.snr_db >= 30  # the smaller plan was verified again
+
+
+def test_a_single_step_plan_is_timed_against_the_original_model():
+    cands = [cand("a", "fp16", 2.0, 1.5, 80)]
+    timer = ratio_timer({"fp16": 0.999})  # within noise of the original: not worth it
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands), timer=timer)
+    assert plan.chosen == [] and plan.recipe.steps == []
+    (a, b), = timer.calls
+    assert [s.technique for s in a.steps] == ["fp16"] and b.steps == []
+
+
+def test_variants_of_one_technique_are_chosen_per_node_by_accuracy():
+    # both INT8 variants save the same; per channel is more accurate on one node, per tensor
+    # on the other: the plan takes the better one for each node, in two steps
+    def variant(node, per_channel, snr):
+        c = cand(node, "int8-dynamic", 2.0, 1.0, snr)
+        c.params = {"per_channel": per_channel}
+        c.variant = f"per_channel={'true' if per_channel else 'false'}"
+        return c
+
+    cands = [variant("a", False, 45), variant("a", True, 48),
+             variant("b", False, 50), variant("b", True, 44)]
+    plan = greedy_plan(cands, Budget(min_snr_db=30), additive_verifier(cands))
+    assert {(c.node, c.params["per_channel"]) for c in plan.chosen} == {("a", True), ("b", False)}
+    assert sorted((s.params["per_channel"], s.nodes) for s in plan.recipe.steps) == [
+        (False, ["b"]), (True, ["a"])]
+    assert "per_channel=true" in cands[1].key
+    assert "is chosen for this node" in plan.rejected["a/int8-dynamic (per_channel=false)"]
+
+
+def test_an_upgrade_must_save_clearly_more_than_noise():
+    exact = cand("a", "fp16", 2.0, 1.0, 90)
+    barely = cand("a", "int8-dynamic", 2.0, 0.99, 40)  # 0.01 ms more: noise, not worth 40 dB
+    plan = greedy_plan([exact, barely], Budget(min_snr_db=30), additive_verifier([exact, barely]))
+    assert [c.technique for c in plan.chosen] == ["fp16"]
+
+
+def test_scan_entries_name_variants_by_what_differs():
+    from opstudio.core.sensitivity import scan_entries
+
+    entries = scan_entries({"int8-dynamic": [{"per_channel": False}, {"per_channel": True}],
+                            "fp16": {}})
+    assert entries == [("int8-dynamic", {"per_channel": False}, "per_channel=false"),
+                       ("int8-dynamic", {"per_channel": True}, "per_channel=true"),
+                       ("fp16", {}, "")]

@@ -72,3 +72,23 @@ def test_budget_and_techniques_from_the_controls(qtbot):
     with qtbot.waitSignal(panel.analyzeRequested) as blocker:
         panel.analyze_button.click()
     assert "fp16" not in blocker.args[1] and "int8-dynamic" in blocker.args[1]
+
+
+def test_numeric_columns_sort_by_value_not_text(qtbot, advice):
+    import copy
+
+    from PySide6.QtCore import Qt
+
+    from opstudio.qt.advisor_panel import COL_BEFORE, AdvisorPanel
+
+    advice = copy.deepcopy(advice)
+    # as text, "10.0000" would sort before "9.0000"
+    for c, ms in zip(advice.sensitivity.candidates, (10.0, 9.0, 100.0)):
+        c.before_ms = ms
+    panel = AdvisorPanel()
+    qtbot.addWidget(panel)
+    panel.set_advice(advice)
+    panel.table.sortItems(COL_BEFORE, Qt.SortOrder.AscendingOrder)
+    texts = [panel.table.item(r, COL_BEFORE).text() for r in range(panel.table.rowCount())]
+    assert len(texts) >= 3
+    assert [float(t) for t in texts] == sorted(float(t) for t in texts)

@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
+from opstudio.cli.cmd_profile import add_profile_flags, print_roofline, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
 from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
@@ -61,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     sens, machine, points, plan = (advice.sensitivity, advice.machine, advice.roofline,
                                    advice.plan)
 
-    print(f"machine: {machine.peak_gflops:.1f} GFLOP/s peak, {machine.bandwidth_gbs:.1f} GB/s, "
-          f"ridge {machine.ridge:.1f} FLOP/byte")
+    print_roofline(machine, sorted(points.values(), key=lambda p: -p.ms), top=15)
+    print()
     rows = []
-    for c in sorted(sens.candidates, key=lambda c: (-c.before_ms, c.node, c.technique)):
+    for c in sorted(sens.candidates, key=lambda c: (-c.before_ms, c.key)):
         pt = points.get(c.node)
-        rows.append((c.node, c.op_type, pt.bound if pt else "", c.technique,
+        rows.append((c.node, c.op_type, pt.bound if pt else "", c.label,
                      f"{c.before_ms:.4f}", "" if c.after_ms is None else f"{c.after_ms:.4f}",
                      "" if c.cosine is None else f"{c.cosine:.6f}", _db(c.snr_db),
                      (c.error or "")[:60]))
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nplan ({budget.describe()}): {len(plan.chosen)} rewrites, predicted gain "
           f"{plan.predicted_gain_ms:.4f} ms of {sens.baseline.total_ms['mean']:.4f} ms")
     for c in plan.chosen:
-        print(f"  {c.node}: {c.technique}, SNR {_db(c.snr_db)} dB — {advice.explain(c)}")
+        print(f"  {c.node}: {c.label}, SNR {_db(c.snr_db)} dB — {advice.explain(c)}")
     if plan.verified is not None:
         print(f"verified end to end: cosine {plan.verified.cosine:.6f}, "
               f"SNR {_db(plan.verified.snr_db)} dB")

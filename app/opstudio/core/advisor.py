@@ -21,6 +21,7 @@ from typing import Any
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.recipe import Recipe, Step
 from opstudio.core.sensitivity import Candidate
+from opstudio.core.timing import Ratio
 
 # A candidate must save at least this share of its node's time, and this much absolutely,
 # to be worth any error at all (below it the gain is within run-to-run noise).
@@ -121,27 +122,27 @@ def recipe_for(chosen: Sequence[Candidate]) -> Recipe:
 
 def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
                 verify: Callable[[Recipe], Verification] | None = None, *,
+                timer: Callable[[Recipe, Recipe], Ratio] | None = None,
                 max_backoff: int = 50, max_fill: int = 8, run_ms: float | None = None,
                 progress: Callable[[float, str], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> PlanResult:
     """Choose at most one technique per node, greedily by gain per error (upgrading a node to a
-    technique that saves more while the budget allows), then back off until ``verify`` (the
-    measured end-to-end error of the plan) meets ``budget``."""
+    technique that saves clearly more while the budget allows), then back off until ``verify``
+    (the measured end-to-end error of the plan) meets ``budget``, and, with ``timer``, keep only
+    the steps that make the whole model measurably faster."""
     rejected: dict[str, str] = {}
     pool: list[Candidate] = []
     for c in candidates:
-        key = f"{c.node}/{c.technique}"
         if not c.usable:
-            rejected[key] = c.error or "not measured"
-        elif c.gain_ms <= max(MIN_GAIN_MS, MIN_GAIN_SHARE * c.before_ms,
-                              MIN_RUN_SHARE * (run_ms or 0.0)):
-            rejected[key] = (f"saves {c.gain_ms:.4f} ms of {c.before_ms:.4f} ms: "
-                             "not faster enough to be worth any error")
+            rejected[c.key] = c.error or "not measured"
+        elif c.gain_ms <= _noise_margin(c, run_ms):
+            rejected[c.key] = (f"saves {c.gain_ms:.4f} ms of {c.before_ms:.4f} ms: "
+                               "not faster enough to be worth any error")
         elif not budget.holds(c.cosine, c.snr_db):
-            rejected[key] = "alone it already breaks the accuracy budget"
+            rejected[c.key] = "alone it already breaks the accuracy budget"
         else:
             pool.append(c)
-    pool.sort(key=lambda c: (-score(c), c.node, c.technique))
+    pool.sort(key=lambda c: (-score(c), c.key))
 
     limit = budget.max_noise_ratio
     by_node: dict[str, Candidate] = {}
@@ -150,56 +151,112 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
         current = by_node.get(c.node)
         if current is None:
             if noise + c.noise_ratio > limit:
-                rejected.setdefault(f"{c.node}/{c.technique}",
-                                    "would push the predicted error over budget")
+                rejected.setdefault(c.key, "would push the predicted error over budget")
                 continue
             by_node[c.node] = c
             noise += c.noise_ratio
-        elif c.gain_ms > current.gain_ms and noise - current.noise_ratio + c.noise_ratio <= limit:
+        elif (c.gain_ms > current.gain_ms + _noise_margin(c)
+              and noise - current.noise_ratio + c.noise_ratio <= limit):
             # A nearly exact technique ranks first but may save little; a later, less exact
-            # one that saves more takes its place while the budget allows.
-            rejected[f"{current.node}/{current.technique}"] = (
-                f"{c.technique} saves more on this node within the budget")
+            # one that saves clearly more (not just by measurement noise) takes its place
+            # while the budget allows.
+            rejected[current.key] = f"{c.label} saves more on this node within the budget"
             by_node[c.node] = c
             noise += c.noise_ratio - current.noise_ratio
         else:
-            rejected.setdefault(f"{c.node}/{c.technique}",
-                                f"{current.technique} is chosen for this node")
-    chosen = sorted(by_node.values(), key=lambda c: (-score(c), c.node, c.technique))
+            rejected.setdefault(c.key, f"{current.label} is chosen for this node")
+    chosen = sorted(by_node.values(), key=lambda c: (-score(c), c.key))
     log = [f"greedy: {len(chosen)} of {len(pool)} candidates, predicted noise ratio "
            f"{noise:.3g} (budget {limit:.3g}), predicted gain {sum(c.gain_ms for c in chosen):.4f} ms"]
 
     verified: Verification | None = None
     if verify is not None:
-        for attempt in range(max_backoff + 1):
-            if cancelled is not None and cancelled():
-                raise Cancelled()
-            if not chosen:
-                verified = None
-                log.append("nothing left to apply within the budget")
-                break
-            if progress is not None:
-                progress(min(0.99, attempt / (max_backoff + 1)),
-                         f"verifying a plan of {len(chosen)} rewrites")
-            verified = verify(recipe_for(chosen))
-            log.append(f"verify #{attempt + 1}: {len(chosen)} rewrites → cosine "
-                       f"{_fmt(verified.cosine)}, SNR {_fmt(verified.snr_db)} dB")
-            if budget.holds(verified.cosine, verified.snr_db):
-                break
-            # Errors did not add up as predicted: drop the least efficient rewrite.
-            worst = min(chosen, key=lambda c: (score(c), c.node))
-            chosen.remove(worst)
-            rejected[f"{worst.node}/{worst.technique}"] = (
-                "dropped in back-off: the combined plan broke the budget")
-            log.append(f"back-off: dropped {worst.node}/{worst.technique}")
-        else:
-            raise OpstudioError("could not find a plan within the accuracy budget "
-                                f"after {max_backoff} back-off steps")
+        verified = _back_off(chosen, budget, verify, rejected, log, max_backoff, progress,
+                             cancelled)
         if verified is not None and chosen:
             verified = _fill(chosen, pool, budget, verify, verified, rejected, log, max_fill,
                              cancelled)
+        if timer is not None and chosen and _keep_what_pays(chosen, timer, rejected, log,
+                                                            progress, cancelled):
+            # fewer rewrites rarely cost accuracy, but errors can cancel: measure again
+            verified = _back_off(chosen, budget, verify, rejected, log, max_backoff, progress,
+                                 cancelled)
     return PlanResult(budget=budget, chosen=chosen, recipe=recipe_for(chosen),
                       verified=verified, log=log, rejected=rejected)
+
+
+def _noise_margin(c: Candidate, run_ms: float | None = None) -> float:
+    """A saving smaller than this is within run-to-run noise."""
+    return max(MIN_GAIN_MS, MIN_GAIN_SHARE * c.before_ms, MIN_RUN_SHARE * (run_ms or 0.0))
+
+
+def _back_off(chosen: list[Candidate], budget: Budget,
+              verify: Callable[[Recipe], Verification], rejected: dict[str, str],
+              log: list[str], max_backoff: int,
+              progress: Callable[[float, str], None] | None,
+              cancelled: Callable[[], bool] | None) -> Verification | None:
+    """Measure the plan; while it breaks the budget, drop its least efficient rewrite."""
+    for attempt in range(max_backoff + 1):
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        if not chosen:
+            log.append("nothing left to apply within the budget")
+            return None
+        if progress is not None:
+            progress(min(0.99, attempt / (max_backoff + 1)),
+                     f"verifying a plan of {len(chosen)} rewrites")
+        verified = verify(recipe_for(chosen))
+        log.append(f"verify: {len(chosen)} rewrites → cosine {_fmt(verified.cosine)}, "
+                   f"SNR {_fmt(verified.snr_db)} dB")
+        if budget.holds(verified.cosine, verified.snr_db):
+            return verified
+        # Errors did not add up as predicted: drop the least efficient rewrite.
+        worst = min(chosen, key=lambda c: (score(c), c.key))
+        chosen.remove(worst)
+        rejected[worst.key] = "dropped in back-off: the combined plan broke the budget"
+        log.append(f"back-off: dropped {worst.key}")
+    raise OpstudioError("could not find a plan within the accuracy budget "
+                        f"after {max_backoff} back-off steps")
+
+
+def _keep_what_pays(chosen: list[Candidate], timer: Callable[[Recipe, Recipe], Ratio],
+                    rejected: dict[str, str], log: list[str],
+                    progress: Callable[[float, str], None] | None,
+                    cancelled: Callable[[], bool] | None) -> bool:
+    """Time the plan with and without each of its steps, whole model against whole model, and
+    drop the steps the model is not measurably faster with.
+
+    Per-node savings come from profiles taken at different moments and a rewrite's costs can
+    land outside its node (casts, lost fusions); a step is only worth its error if the whole
+    model gains. Returns whether anything was dropped."""
+    dropped = False
+    steps = sorted(recipe_for(chosen).steps,
+                   key=lambda st: sum(c.gain_ms for c in chosen if _in_step(c, st)))
+    for i, step in enumerate(steps):
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        members = [c for c in chosen if _in_step(c, step)]
+        if not members:
+            continue
+        without = [c for c in chosen if not _in_step(c, step)]
+        if progress is not None:
+            progress(0.99, f"timing the plan with and without {step.technique} "
+                           f"({i + 1}/{len(steps)})")
+        ratio = timer(recipe_for(chosen), recipe_for(without))
+        what = f"{step.technique} ×{len(members)}"
+        log.append(f"timing: with/without {what} = {ratio.describe()}")
+        if not ratio.faster:
+            for c in members:
+                chosen.remove(c)
+                rejected[c.key] = ("dropped: timed end to end, the model was not measurably "
+                                   f"faster with {what} ({ratio.median:.3f}× the time)")
+            log.append(f"timing: dropped {what}")
+            dropped = True
+    return dropped
+
+
+def _in_step(c: Candidate, step: Step) -> bool:
+    return c.technique == step.technique and c.params == step.params and c.node in step.nodes
 
 
 def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
@@ -213,7 +270,7 @@ def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
     taken = {c.node for c in chosen}
     waiting: list[Candidate] = []
     for c in pool:
-        if c.node not in taken and "over budget" in rejected.get(f"{c.node}/{c.technique}", ""):
+        if c.node not in taken and "over budget" in rejected.get(c.key, ""):
             waiting.append(c)
             taken.add(c.node)  # the best-scoring candidate of each node only
     groups = [waiting] if waiting else []
@@ -224,14 +281,14 @@ def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
         group = groups.pop(0)
         tries += 1
         trial = verify(recipe_for([*chosen, *group]))
-        names = ", ".join(f"{c.node}/{c.technique}" for c in group[:3])
+        names = ", ".join(c.key for c in group[:3])
         more = f" (+{len(group) - 3})" if len(group) > 3 else ""
         log.append(f"fill: with {names}{more} → cosine {_fmt(trial.cosine)}, "
                    f"SNR {_fmt(trial.snr_db)} dB")
         if budget.holds(trial.cosine, trial.snr_db):
             chosen.extend(group)
             for c in group:
-                rejected.pop(f"{c.node}/{c.technique}", None)
+                rejected.pop(c.key, None)
             verified = trial
         elif len(group) > 1:
             half = (len(group) + 1) // 2
@@ -260,6 +317,46 @@ def measured_verifier(model: Any, inputs: Mapping[str, Any],
         return Verification(cosine, snr)
 
     return verify
+
+
+def measured_timer(model: Any, inputs: Mapping[str, Any], threads: int = 0,
+                   time_budget_s: float = 4.0, timeout_s: float = 600.0,
+                   cancelled: Callable[[], bool] | None = None
+                   ) -> Callable[[Recipe, Recipe], Ratio]:
+    """A ``timer`` for ``greedy_plan``: the model under recipe A against the model under recipe
+    B (an empty recipe is the original), timed in alternation in a child process."""
+    from opstudio.core.isolation import call_isolated
+    from opstudio.core.timing import paired_ratio
+
+    def timer(a: Recipe, b: Recipe) -> Ratio:
+        ta, tb = call_isolated(_time_in_child, model, a.to_json() if a.steps else None,
+                               b.to_json() if b.steps else None, dict(inputs),
+                               threads, time_budget_s, timeout=timeout_s, cancelled=cancelled,
+                               task="timing the plan")
+        return paired_ratio(ta, tb)
+
+    return timer
+
+
+def _time_in_child(model_path: str, a_json: Mapping[str, Any] | None,
+                   b_json: Mapping[str, Any] | None,
+                   inputs: Mapping[str, Any], threads: int,
+                   time_budget_s: float) -> tuple[list[float], list[float]]:
+    from opstudio.core.model_io import load_model
+    from opstudio.core.optimize import optimize
+    from opstudio.core.timing import interleaved_times, session
+
+    model = load_model(model_path)
+
+    def build(recipe_json: Mapping[str, Any] | None) -> Any:
+        if recipe_json is None:
+            return model
+        return optimize(model, Recipe.from_json(recipe_json), inputs=dict(inputs)).model
+
+    sessions = {"a": session(build(a_json), threads), "b": session(build(b_json), threads)}
+    times = interleaved_times(sessions, inputs, rounds=200, min_rounds=15,
+                              time_budget_s=time_budget_s)
+    return times["a"].tolist(), times["b"].tolist()
 
 
 def _verify_in_child(model_path: str, recipe_json: Mapping[str, Any],
@@ -301,7 +398,7 @@ class Advice:
         return {"machine": asdict(self.machine), "sensitivity": self.sensitivity.to_json(),
                 "roofline": [p.to_json() for p in self.roofline.values()],
                 "plan": self.plan.to_json(),
-                "why": {f"{c.node}/{c.technique}": self.explain(c) for c in self.plan.chosen}}
+                "why": {c.key: self.explain(c) for c in self.plan.chosen}}
 
 
 def explain(c: Candidate, point: Any, machine: Any) -> str:
@@ -361,6 +458,8 @@ def advise(model_path: str, settings: Any, budget: Budget,
 
     plan = greedy_plan(sens.candidates, budget,
                        measured_verifier(str(model_path), inputs, settings.timeout_s, cancelled),
+                       timer=measured_timer(str(model_path), inputs, settings.threads,
+                                            timeout_s=settings.timeout_s, cancelled=cancelled),
                        progress=part(0.8, 1.0), cancelled=cancelled,
                        run_ms=run_time(sens.baseline))
     if progress is not None:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,15 @@ from opstudio.core.profiler import Profile, ProfileSettings, profile_model
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
 
-# Technique -> the params a sensitivity scan tries. Kept to settings a user would start from.
-DEFAULT_TECHNIQUES: dict[str, dict[str, Any]] = {
-    "int8-dynamic": {"per_channel": False},
+# Technique -> the params a sensitivity scan tries (a list: each variant is measured as its own
+# candidate). Kept to settings a user would start from. Both INT8 variants run the same kernels
+# at the same speed, but which one is more accurate differs from node to node (measured on a
+# GPT-2-sized block: per-channel was 1.7 dB better on the second MLP projection and 3.9 dB worse
+# on the QKV projection; on x86 without VNNI the u8×s8 kernels saturate more often when every
+# column uses the full int8 range), so the plan picks per node.
+ScanParams = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+DEFAULT_TECHNIQUES: dict[str, ScanParams] = {
+    "int8-dynamic": [{"per_channel": False}, {"per_channel": True}],
     "int4-weight": {"block_size": 32, "symmetric": True},
     "lowrank": {"energy": 0.95},
     "fp16": {},
@@ -61,6 +67,17 @@ class Candidate:
     error: str | None = None  # why the candidate could not be measured
     # Share of the node's measured saving that the whole model kept (see ``end_to_end``).
     discount: float = 1.0
+    # Which of several param sets of one technique this is ("" when there is only one).
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.technique} ({self.variant})" if self.variant else self.technique
+
+    @property
+    def key(self) -> str:
+        """Unique per node, technique and variant: ``node/technique (variant)``."""
+        return f"{self.node}/{self.label}"
 
     @property
     def gain_ms(self) -> float:
@@ -95,11 +112,30 @@ class Candidate:
         return cls(**fields)
 
 
+def scan_entries(techniques: Mapping[str, ScanParams]) -> list[tuple[str, dict[str, Any], str]]:
+    """``(technique, params, variant label)`` for every param set to measure.
+
+    A variant is named by the params in which it differs from the technique's other variants
+    (``per_channel=true``); a technique with one param set has no variant label."""
+    entries: list[tuple[str, dict[str, Any], str]] = []
+    for technique, value in techniques.items():
+        sets = [dict(v) for v in value] if isinstance(value, (list, tuple)) else [dict(value)]
+        if len(sets) == 1:
+            entries.append((technique, sets[0], ""))
+            continue
+        keys = sorted({k for p in sets for k in p})
+        differ = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in sets}) > 1]
+        for params in sets:
+            label = ", ".join(f"{k}={json.dumps(params.get(k))}" for k in differ)
+            entries.append((technique, params, label))
+    return entries
+
+
 @dataclass
 class Sensitivity:
     baseline: Profile
     candidates: list[Candidate] = field(default_factory=list)
-    techniques: dict[str, dict[str, Any]] = field(default_factory=dict)
+    techniques: dict[str, Any] = field(default_factory=dict)
 
     def for_node(self, name: str) -> list[Candidate]:
         return [c for c in self.candidates if c.node == name]
@@ -165,7 +201,7 @@ def worst_output_error(report: Any) -> tuple[float | None, float | None]:
     return (min(cosines) if cosines else None, min(snrs) if snrs else None)
 
 
-def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Mapping[str, Any],
+def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Iterable[str],
                     max_nodes: int = 40, coverage: float = 0.97) -> dict[str, list[str]]:
     """Technique -> nodes worth scanning: the slowest weighted nodes that cover ``coverage`` of
     their op types' time, at most ``max_nodes``, filtered by each pass's own check."""
@@ -196,7 +232,9 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                         progress: Progress | None = None,
                         cancelled: CancelCheck | None = None) -> Sensitivity:
     settings = settings or ProfileSettings()
-    techniques = {k: dict(v) for k, v in (techniques or DEFAULT_TECHNIQUES).items()}
+    techniques = {k: (dict(v) if isinstance(v, Mapping) else [dict(x) for x in v])
+                  for k, v in (techniques or DEFAULT_TECHNIQUES).items()}
+    entries = scan_entries(techniques)
     path = Path(model_path)
     key = _cache_key(path, settings, techniques, max_nodes)
     cache = _cache_dir() / f"{key}.json"
@@ -227,20 +265,22 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
     weighted = {n.name for n in model.graph.node if n.op_type in SCANNED_OP_TYPES}
     op_type = {n.name: n.op_type for n in model.graph.node}
     result = Sensitivity(baseline=baseline, techniques=techniques)
-    n_tech = max(1, len(plan))
-    for t_index, (technique, nodes) in enumerate(plan.items()):
+    n_tech = max(1, len(entries))
+    for t_index, (technique, params, variant) in enumerate(entries):
+        nodes = plan.get(technique) or []
         if not nodes:
             continue
         lo = 0.2 + 0.8 * t_index / n_tech
         span = 0.8 / n_tech
+        name = f"{technique} ({variant})" if variant else technique
         stop()
-        say(lo, f"{technique}: error of {len(nodes)} nodes, one at a time")
-        errors = call_isolated(_errors_one_at_a_time, str(path), technique, techniques[technique],
+        say(lo, f"{name}: error of {len(nodes)} nodes, one at a time")
+        errors = call_isolated(_errors_one_at_a_time, str(path), technique, params,
                                nodes, inputs, timeout=settings.timeout_s * 4,
                                cancelled=cancelled,
                                progress=lambda f, m, lo=lo, span=span: say(lo + 0.6 * span * f, m))
         stop()
-        say(lo + 0.6 * span, f"{technique}: profiling all {len(nodes)} rewritten together")
+        say(lo + 0.6 * span, f"{name}: profiling all {len(nodes)} rewritten together")
         after: dict[str, float] = {}
         split_before: dict[str, float] = {}
         discount = 1.0
@@ -251,8 +291,8 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
 
             applied = [n for n in nodes if errors.get(n, {}).get("error") is None]
             if applied:
-                combined = optimize(model, Recipe([Step(technique, techniques[technique],
-                                                        nodes=applied)]), inputs=inputs).model
+                combined = optimize(model, Recipe([Step(technique, params, nodes=applied)]),
+                                    inputs=inputs).model
                 prof = profile_model(combined, settings, inputs=inputs, cancelled=cancelled,
                                      progress=lambda f, m, lo=lo, span=span:
                                      say(lo + span * (0.6 + 0.4 * f), m))
@@ -263,15 +303,14 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
             raise
         except OpstudioError as exc:
             failure = str(exc)
-        for name in nodes:
-            e = errors.get(name, {})
+        for node in nodes:
+            e = errors.get(node, {})
             result.candidates.append(Candidate(
-                node=name, op_type=op_type[name], technique=technique,
-                params=dict(techniques[technique]),
-                before_ms=split_before.get(name, before.get(name, 0.0)),
-                after_ms=after.get(name) if failure is None and e.get("error") is None else None,
+                node=node, op_type=op_type[node], technique=technique, params=dict(params),
+                before_ms=split_before.get(node, before.get(node, 0.0)),
+                after_ms=after.get(node) if failure is None and e.get("error") is None else None,
                 cosine=e.get("cosine"), snr_db=e.get("snr_db"),
-                error=e.get("error") or failure, discount=discount))
+                error=e.get("error") or failure, discount=discount, variant=variant))
     say(1.0, "sensitivity done")
     if use_cache:
         try:

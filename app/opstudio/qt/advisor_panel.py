@@ -8,6 +8,7 @@ hands the proposed plan to the plan editor, where it can be edited and undone li
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -40,7 +41,7 @@ TECHNIQUE_COLOURS = {
 # what a user compares first comes first: which technique, what it saves, what it costs
 COLUMNS = ("operator", "technique", "saved ms", "SNR dB", "cosine", "in plan", "op type",
            "bound", "before ms", "after ms", "note")
-COL_TECHNIQUE, COL_SNR, COL_COSINE, COL_NOTE = 1, 3, 4, 10
+COL_TECHNIQUE, COL_SNR, COL_COSINE, COL_BEFORE, COL_NOTE = 1, 3, 4, 8, 10
 
 
 def noise_db(snr_db: float | None) -> float | None:
@@ -48,6 +49,21 @@ def noise_db(snr_db: float | None) -> float | None:
     if snr_db is None:
         return None
     return -min(snr_db, 120.0) if not math.isinf(snr_db) else -120.0
+
+
+class _SortItem(QTableWidgetItem):
+    """Sorts by the number behind the text (UserRole) where there is one, so "10.5" comes
+    after "9.2" and empty cells (not measured) sort below every number."""
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        a = self.data(Qt.ItemDataRole.UserRole)
+        b = other.data(Qt.ItemDataRole.UserRole)
+        if isinstance(a, float) or isinstance(b, float):
+            a = a if isinstance(a, float) else -math.inf
+            b = b if isinstance(b, float) else -math.inf
+            return a < b
+        # (QTableWidgetItem.__lt__ would call back into this override)
+        return self.text().lower() < other.text().lower()
 
 
 class AdvisorPanel(QWidget):
@@ -146,8 +162,8 @@ class AdvisorPanel(QWidget):
             return Budget(min_cosine=self.value.value())
         return Budget(min_snr_db=self.value.value())
 
-    def techniques(self) -> dict[str, dict[str, Any]]:
-        return {t: dict(DEFAULT_TECHNIQUES[t]) for t, box in self.checks.items()
+    def techniques(self) -> dict[str, Any]:
+        return {t: copy.deepcopy(DEFAULT_TECHNIQUES[t]) for t, box in self.checks.items()
                 if box.isChecked()}
 
     def set_running(self, running: bool) -> None:
@@ -179,22 +195,22 @@ class AdvisorPanel(QWidget):
     def set_advice(self, advice: Advice) -> None:
         self.advice = advice
         plan = advice.plan
-        chosen = {(c.node, c.technique) for c in plan.chosen}
+        chosen = {c.key for c in plan.chosen}
         self.table.setSortingEnabled(False)
         cands = sorted(advice.sensitivity.candidates,
-                       key=lambda c: (-c.before_ms, c.node, c.technique))
+                       key=lambda c: (-c.before_ms, c.key))
         self.table.setRowCount(len(cands))
         for row, c in enumerate(cands):
             point = advice.roofline.get(c.node)
-            note = c.error or plan.rejected.get(f"{c.node}/{c.technique}", "")
-            if (c.node, c.technique) in chosen:
+            note = c.error or plan.rejected.get(c.key, "")
+            if c.key in chosen:
                 note = advice.explain(c)
-            values = (c.node, c.technique,
+            values = (c.node, c.label,
                       c.gain_ms if c.after_ms is not None else None, c.snr_db, c.cosine,
-                      "✓" if (c.node, c.technique) in chosen else "", c.op_type,
+                      "✓" if c.key in chosen else "", c.op_type,
                       point.bound if point else "", c.before_ms, c.after_ms, note)
             for col, v in enumerate(values):
-                item = QTableWidgetItem()
+                item = _SortItem()
                 if isinstance(v, float):
                     text = "inf" if math.isinf(v) else (f"{v:.6f}" if col == COL_COSINE else
                                                         f"{v:.1f}" if col == COL_SNR else f"{v:.4f}")
@@ -225,7 +241,7 @@ class AdvisorPanel(QWidget):
         self.summary.setText(text)
         self.accept_button.setEnabled(bool(plan.recipe.steps))
 
-    def _plot(self, advice: Advice, chosen: set[tuple[str, str]]) -> None:
+    def _plot(self, advice: Advice, chosen: set[str]) -> None:
         self.scatter.clear()
         self.legend.clear()
         self.points = []
@@ -234,9 +250,9 @@ class AdvisorPanel(QWidget):
             x = noise_db(c.snr_db)
             if x is None or c.after_ms is None:
                 continue
-            in_plan = (c.node, c.technique) in chosen
+            in_plan = c.key in chosen
             colour = TECHNIQUE_COLOURS.get(c.technique, "#2a3240")
-            self.points.append({"node": c.node, "technique": c.technique, "x": x,
+            self.points.append({"node": c.node, "technique": c.technique, "key": c.key, "x": x,
                                 "y": c.gain_ms, "in_plan": in_plan})
             spots.append({"pos": (x, c.gain_ms), "data": c.node, "size": 13 if in_plan else 9,
                           "brush": pg.mkBrush(colour),

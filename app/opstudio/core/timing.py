@@ -1,0 +1,84 @@
+"""Is model A faster than model B? Paired, interleaved timing that a busy machine cannot fool.
+
+Two models timed one after the other see different machines (another process wakes up, the
+CPU clocks down). Timed in alternation, run i of A and run i of B are moments apart, so the
+ratio of the two is nearly free of that drift; the median of those ratios, with a bootstrap
+interval, says whether A is faster, slower or equally fast within what was measured.
+
+Sessions run without spinning worker threads: a session whose threads spin after its run
+steals the cores from the next session's run (measured here: the same graph timed 1.7× apart
+depending on its neighbour).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Median of time(A) / time(B) over paired runs, with its 95 % bootstrap interval."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def faster(self) -> bool:
+        """A is faster than B beyond the noise of this measurement."""
+        return self.high < 1.0
+
+    def describe(self) -> str:
+        return f"{self.median:.3f}× [{self.low:.3f}, {self.high:.3f}] over {self.rounds} rounds"
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float], seed: int = 0,
+                 resamples: int = 2000) -> Ratio:
+    r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(r, size=(resamples, r.size), replace=True), axis=1)
+    return Ratio(float(np.median(r)), float(np.percentile(boots, 2.5)),
+                 float(np.percentile(boots, 97.5)), int(r.size))
+
+
+def session(model: Any, threads: int = 0) -> Any:
+    """An onnxruntime CPU session for a path or ModelProto, set up for fair alternation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, str) else (
+        str(model) if hasattr(model, "__fspath__") else model.SerializeToString())
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def interleaved_times(sessions: Mapping[str, Any], feeds: Mapping[str, Any], *,
+                      rounds: int = 40, warmup: int = 3, min_rounds: int = 10,
+                      time_budget_s: float | None = None) -> dict[str, np.ndarray]:
+    """Milliseconds per run of each session, the sessions taking turns round by round.
+
+    With ``time_budget_s`` the rounds stop once the budget is spent (never below
+    ``min_rounds``)."""
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, dict(feeds))
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    start = time.perf_counter()
+    for i in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, dict(feeds))
+            times[k].append((time.perf_counter() - t0) * 1e3)
+        if (time_budget_s is not None and i + 1 >= min_rounds
+                and time.perf_counter() - start > time_budget_s):
+            break
+    return {k: np.asarray(v) for k, v in times.items()}

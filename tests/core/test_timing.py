@@ -1,0 +1,41 @@
+"""Paired, interleaved timing: the ratio, its interval, and the timer the advisor uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from model_builders import small_mlp
+from opstudio.core.advisor import measured_timer
+from opstudio.core.recipe import Recipe, Step
+from opstudio.core.timing import interleaved_times, paired_ratio, session
+
+
+def test_a_clear_difference_is_faster_and_noise_is_not():
+    rng = np.random.default_rng(0)
+    drift = rng.uniform(1.0, 3.0, 50)  # the machine's load, shared by both in each round
+    fast = paired_ratio(drift * 0.8 * rng.uniform(0.99, 1.01, 50), drift)
+    assert fast.median == pytest.approx(0.8, abs=0.01) and fast.faster
+    same = paired_ratio(drift * rng.uniform(0.98, 1.02, 50), drift)
+    assert same.low <= 1.0 <= same.high and not same.faster
+    assert same.rounds == 50 and "over 50 rounds" in same.describe()
+
+
+def test_interleaved_times_take_turns_and_respect_the_time_budget(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(small_mlp(), path)
+    feeds = {"x": np.zeros((8, 64), np.float32)}
+    sessions = {"a": session(str(path), threads=1), "b": session(onnx.load(path), threads=1)}
+    times = interleaved_times(sessions, feeds, rounds=1000, min_rounds=12, time_budget_s=0.0)
+    assert len(times["a"]) == len(times["b"]) == 12
+    assert (times["a"] > 0).all()
+
+
+def test_measured_timer_compares_two_recipes_of_the_real_model(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(small_mlp(), path)
+    timer = measured_timer(str(path), {"x": np.zeros((8, 64), np.float32)}, threads=1,
+                           time_budget_s=0.2)
+    ratio = timer(Recipe([Step("fp16", {}, nodes=["fc1"])]), Recipe([]))
+    assert ratio.rounds >= 15 and ratio.low <= ratio.median <= ratio.high
