@@ -87,6 +87,8 @@ def bench(name: str, src: Path, work: Path, args: argparse.Namespace,
     plan = greedy_plan(sens.candidates, budget, measured_verifier(str(fp32), inputs),
                        timer=measured_timer(str(fp32), inputs, args.threads),
                        run_ms=run_time(sens.baseline))
+    for line in plan.log:  # how the plan came about, for the reader of the table
+        print(f"  {name}: {line}", file=sys.stderr, flush=True)
     auto = work / f"{name}.auto.onnx"
     save_model(optimize(model, plan.recipe, inputs=inputs).model, auto, overwrite=True)
     advise_s = time.perf_counter() - t0

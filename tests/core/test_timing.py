@@ -7,9 +7,8 @@ import onnx
 import pytest
 
 from model_builders import small_mlp
-from opstudio.core.advisor import measured_timer
 from opstudio.core.recipe import Recipe, Step
-from opstudio.core.timing import interleaved_times, paired_ratio, session
+from opstudio.core.timing import interleaved_times, measured_timer, paired_ratio, session
 
 
 def test_a_clear_difference_is_faster_and_noise_is_not():

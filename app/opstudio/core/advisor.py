@@ -21,7 +21,7 @@ from typing import Any
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.recipe import Recipe, Step
 from opstudio.core.sensitivity import Candidate
-from opstudio.core.timing import Ratio
+from opstudio.core.timing import Ratio, measured_timer
 
 # A candidate must save at least this share of its node's time, and this much absolutely,
 # to be worth any error at all (below it the gain is within run-to-run noise).
@@ -29,6 +29,8 @@ MIN_GAIN_SHARE = 0.05
 MIN_GAIN_MS = 0.002
 # ... and at least this share of the whole run: below it a saving is within the run's noise.
 MIN_RUN_SHARE = 0.01
+# Savings of two variants of one technique on one node this close (relative) count as equal.
+VARIANT_TOLERANCE = 0.25
 # Error floor so that exact rewrites (noise 0) rank by gain rather than dividing by zero.
 NOISE_FLOOR = 1e-12
 # Technique order inside a recipe: structural rewrites first, then quantizers on what is left.
@@ -132,17 +134,25 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
     the steps that make the whole model measurably faster."""
     rejected: dict[str, str] = {}
     pool: list[Candidate] = []
+    small: list[Candidate] = []  # saves something, but less than one node's noise
     for c in candidates:
         if not c.usable:
             rejected[c.key] = c.error or "not measured"
         elif c.gain_ms <= _noise_margin(c, run_ms):
             rejected[c.key] = (f"saves {c.gain_ms:.4f} ms of {c.before_ms:.4f} ms: "
                                "not faster enough to be worth any error")
+            if c.gain_ms > 0 and budget.holds(c.cosine, c.snr_db):
+                small.append(c)
         elif not budget.holds(c.cosine, c.snr_db):
             rejected[c.key] = "alone it already breaks the accuracy budget"
         else:
             pool.append(c)
-    pool.sort(key=lambda c: (-score(c), c.key))
+    gain = _pooled_gains(pool)
+
+    def rank(c: Candidate) -> float:
+        return gain[c.key] / max(c.noise_ratio, NOISE_FLOOR)
+
+    pool.sort(key=lambda c: (-rank(c), c.key))
 
     limit = budget.max_noise_ratio
     by_node: dict[str, Candidate] = {}
@@ -155,7 +165,7 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
                 continue
             by_node[c.node] = c
             noise += c.noise_ratio
-        elif (c.gain_ms > current.gain_ms + _noise_margin(c)
+        elif (gain[c.key] > gain[current.key] + _noise_margin(c)
               and noise - current.noise_ratio + c.noise_ratio <= limit):
             # A nearly exact technique ranks first but may save little; a later, less exact
             # one that saves clearly more (not just by measurement noise) takes its place
@@ -165,7 +175,7 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
             noise += c.noise_ratio - current.noise_ratio
         else:
             rejected.setdefault(c.key, f"{current.label} is chosen for this node")
-    chosen = sorted(by_node.values(), key=lambda c: (-score(c), c.key))
+    chosen = sorted(by_node.values(), key=lambda c: (-rank(c), c.key))
     log = [f"greedy: {len(chosen)} of {len(pool)} candidates, predicted noise ratio "
            f"{noise:.3g} (budget {limit:.3g}), predicted gain {sum(c.gain_ms for c in chosen):.4f} ms"]
 
@@ -176,6 +186,9 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
         if verified is not None and chosen:
             verified = _fill(chosen, pool, budget, verify, verified, rejected, log, max_fill,
                              cancelled)
+        if timer is not None and small:
+            verified = _sweep(chosen, small, budget, verify, timer, verified, rejected, log,
+                              cancelled)
         if timer is not None and chosen and _keep_what_pays(chosen, timer, rejected, log,
                                                             progress, cancelled):
             # fewer rewrites rarely cost accuracy, but errors can cancel: measure again
@@ -183,6 +196,27 @@ def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
                                  cancelled)
     return PlanResult(budget=budget, chosen=chosen, recipe=recipe_for(chosen),
                       verified=verified, log=log, rejected=rejected)
+
+
+def _pooled_gains(pool: Sequence[Candidate]) -> dict[str, float]:
+    """Gains to rank by: the variants of one technique on one node (INT8 per tensor and per
+    channel) whose measured savings are close get their mean, so that accuracy, not the luck
+    of two profiles taken at different moments, decides between them. Close is within the
+    noise margin or a quarter of the larger saving: variants mostly run the same kernels, so
+    such a difference says more about the machine than about them (and the plan is timed end
+    to end afterwards anyway)."""
+    gain = {c.key: c.gain_ms for c in pool}
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in pool:
+        groups.setdefault((c.node, c.technique), []).append(c)
+    for members in groups.values():
+        gains = [c.gain_ms for c in members]
+        close = max(_noise_margin(members[0]), VARIANT_TOLERANCE * max(gains))
+        if len(members) > 1 and max(gains) - min(gains) <= close:
+            mean = sum(gains) / len(gains)
+            for c in members:
+                gain[c.key] = mean
+    return gain
 
 
 def _noise_margin(c: Candidate, run_ms: float | None = None) -> float:
@@ -255,6 +289,43 @@ def _keep_what_pays(chosen: list[Candidate], timer: Callable[[Recipe, Recipe], R
     return dropped
 
 
+def _sweep(chosen: list[Candidate], small: Sequence[Candidate], budget: Budget,
+           verify: Callable[[Recipe], Verification], timer: Callable[[Recipe, Recipe], Ratio],
+           verified: Verification | None, rejected: dict[str, str], log: list[str],
+           cancelled: Callable[[], bool] | None, max_tries: int = 3) -> Verification | None:
+    """Many small nodes can add up to a saving that none of them shows alone above its noise
+    (what whole-model quantization gets by quantizing everything). Try them together, the
+    candidate that saves most on each node not yet in the plan, then the better half: kept
+    only if the budget holds and the whole model is measurably faster with them."""
+    taken = {c.node for c in chosen}
+    group: list[Candidate] = []
+    # per node the one that saves the most (an exact rewrite that saves next to nothing would
+    # rank first by gain per error and add nothing), best gain per error first
+    best: dict[str, Candidate] = {}
+    for c in sorted(small, key=lambda c: (-c.gain_ms, c.key)):
+        if c.node not in taken:
+            best.setdefault(c.node, c)
+    group = sorted(best.values(), key=lambda c: (-score(c), c.key))
+    for _ in range(max_tries):
+        if not group:
+            break
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        trial = verify(recipe_for([*chosen, *group]))
+        what = f"{len(group)} small rewrite(s)"
+        fits = budget.holds(trial.cosine, trial.snr_db)
+        ratio = timer(recipe_for([*chosen, *group]), recipe_for(chosen)) if fits else None
+        log.append(f"sweep: with {what} → cosine {_fmt(trial.cosine)}, SNR "
+                   f"{_fmt(trial.snr_db)} dB" + (f", time {ratio.describe()}" if ratio else ""))
+        if fits and ratio is not None and ratio.faster:
+            chosen.extend(group)
+            for c in group:
+                rejected.pop(c.key, None)
+            return trial
+        group = group[: len(group) // 2]
+    return verified
+
+
 def _in_step(c: Candidate, step: Step) -> bool:
     return c.technique == step.technique and c.params == step.params and c.node in step.nodes
 
@@ -317,46 +388,6 @@ def measured_verifier(model: Any, inputs: Mapping[str, Any],
         return Verification(cosine, snr)
 
     return verify
-
-
-def measured_timer(model: Any, inputs: Mapping[str, Any], threads: int = 0,
-                   time_budget_s: float = 4.0, timeout_s: float = 600.0,
-                   cancelled: Callable[[], bool] | None = None
-                   ) -> Callable[[Recipe, Recipe], Ratio]:
-    """A ``timer`` for ``greedy_plan``: the model under recipe A against the model under recipe
-    B (an empty recipe is the original), timed in alternation in a child process."""
-    from opstudio.core.isolation import call_isolated
-    from opstudio.core.timing import paired_ratio
-
-    def timer(a: Recipe, b: Recipe) -> Ratio:
-        ta, tb = call_isolated(_time_in_child, model, a.to_json() if a.steps else None,
-                               b.to_json() if b.steps else None, dict(inputs),
-                               threads, time_budget_s, timeout=timeout_s, cancelled=cancelled,
-                               task="timing the plan")
-        return paired_ratio(ta, tb)
-
-    return timer
-
-
-def _time_in_child(model_path: str, a_json: Mapping[str, Any] | None,
-                   b_json: Mapping[str, Any] | None,
-                   inputs: Mapping[str, Any], threads: int,
-                   time_budget_s: float) -> tuple[list[float], list[float]]:
-    from opstudio.core.model_io import load_model
-    from opstudio.core.optimize import optimize
-    from opstudio.core.timing import interleaved_times, session
-
-    model = load_model(model_path)
-
-    def build(recipe_json: Mapping[str, Any] | None) -> Any:
-        if recipe_json is None:
-            return model
-        return optimize(model, Recipe.from_json(recipe_json), inputs=dict(inputs)).model
-
-    sessions = {"a": session(build(a_json), threads), "b": session(build(b_json), threads)}
-    times = interleaved_times(sessions, inputs, rounds=200, min_rounds=15,
-                              time_budget_s=time_budget_s)
-    return times["a"].tolist(), times["b"].tolist()
 
 
 def _verify_in_child(model_path: str, recipe_json: Mapping[str, Any],

@@ -33,6 +33,7 @@ from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
 from opstudio.core.profiler import Profile, ProfileSettings, profile_model
+from opstudio.core.timing import measured_timer
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -297,8 +298,20 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                                      progress=lambda f, m, lo=lo, span=span:
                                      say(lo + span * (0.6 + 0.4 * f), m))
                 split_before, after = split_rows(baseline, prof, weighted)
+                # The two profiles were taken at different moments; if the machine got busier
+                # or quieter in between, every node moved with it. Timed in alternation, the
+                # whole-model ratio is free of that drift: scale the after-profile to it.
+                say(lo + span * 0.95, f"{name}: timing the model with and without it")
+                ratio = measured_timer(str(path), inputs, settings.threads, time_budget_s=3.0,
+                                       timeout_s=settings.timeout_s, cancelled=cancelled)(
+                    Recipe([Step(technique, params, nodes=applied)]), Recipe([]))
+                base_total = baseline.total_ms.get("p50") or 0.0
+                after_total = prof.total_ms.get("p50") or 0.0
+                if base_total > 0 and after_total > 0:
+                    scale = base_total * ratio.median / after_total
+                    after = {k: v * scale for k, v in after.items()}
                 node_gain = sum(split_before[n] - after[n] for n in applied if n in after)
-                discount = end_to_end(run_time(baseline) - run_time(prof), node_gain)
+                discount = end_to_end(run_time(baseline) * (1.0 - ratio.median), node_gain)
         except Cancelled:
             raise
         except OpstudioError as exc:

@@ -90,6 +90,12 @@ def create_app(argv: list[str] | None = None) -> QApplication:
 
 
 def _configure(app: QApplication) -> None:
+    # Once per application: a style sheet set again re-polishes every live widget, and doing
+    # that while a worker thread emits its last signal has deadlocked (seen in the tests,
+    # where each test asks for the application again).
+    if app.property("opstudio_configured"):
+        return
+    app.setProperty("opstudio_configured", True)
     app.setApplicationName("opstudio")
     app.setOrganizationName("opstudio")
     app.setApplicationVersion(__version__)
