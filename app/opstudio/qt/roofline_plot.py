@@ -45,7 +45,8 @@ class RooflinePlot(pg.PlotWidget):
         self.scatter = pg.ScatterPlotItem(hoverable=True, tip=self._tip)
         self.scatter.sigClicked.connect(self._on_click)
         pi.addItem(self.scatter)
-        self.legend = pi.addLegend(offset=(-10, 10))
+        # bottom right: high intensity at low GFLOP/s, the corner no kernel sits in
+        self.legend = pi.addLegend(offset=(-10, -10))
         self.labels: list[pg.TextItem] = []
 
     def clear_points(self) -> None:
@@ -92,10 +93,11 @@ class RooflinePlot(pg.PlotWidget):
             if any(p.bound == bound for p in points):
                 sample = pg.ScatterPlotItem(brush=pg.mkBrush(colour), pen=pg.mkPen(None), size=9)
                 self.legend.addItem(sample, f"{bound}-bound")
-        # name the few operators that take the most time
-        for p in sorted(points, key=lambda p: -p.ms)[:5]:
+        # name the operator that takes the most time (more names pile up: MatMuls of one
+        # model sit close together; hovering names every point)
+        for p in sorted(points, key=lambda p: -p.ms)[:1]:
             label = pg.TextItem(p.name if len(p.name) <= 24 else p.name[:23] + "…",
-                                color=TEXT, anchor=(0, 1))
+                                color=TEXT, anchor=(1, 1))
             label.setPos(math.log10(p.intensity), math.log10(max(p.achieved_gflops, 1e-6)))
             pi.addItem(label)
             self.labels.append(label)
