@@ -306,3 +306,43 @@ def test_about_names_the_version(window):
     assert f"opstudio {__version__}" in window.about_text()
     assert any(a.text() == "About opstudio" for m in window.menuBar().actions()
                for a in (m.menu().actions() if m.menu() else []))
+
+
+def chain_model(path, n):
+    """n Relu/Add nodes in a chain: big enough that opening takes a while."""
+    from onnx import TensorProto, helper
+
+    nodes, prev = [], "x"
+    for i in range(n):
+        op = "Relu" if i % 2 else "Neg"
+        nodes.append(helper.make_node(op, [prev], [f"t{i}"], name=f"n{i}"))
+        prev = f"t{i}"
+    g = helper.make_graph(nodes, "chain",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 8])])
+    import onnx
+
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_opening_runs_off_the_ui_thread_and_can_be_cancelled(window, qtbot, mlp_path, tmp_path):
+    from PySide6.QtCore import QTimer
+
+    big = chain_model(tmp_path / "chain.onnx", 3000)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(window.is_running()))
+    timer.start(5)
+    assert window.open_model(big)
+    timer.stop()
+    assert len(window.graph.nodes) == 3000
+    assert any(ticks), "the event loop did not run while the model was loading"
+
+    # Cancel while opening: the model that was open stays open
+    assert window.open_model(mlp_path)
+    QTimer.singleShot(0, window.cancel_run)
+    assert not window.open_model(big)
+    assert window.model_path == mlp_path.resolve() and len(window.graph.nodes) == 6
+    assert "cancelled" in window.statusBar().currentMessage()
+    assert not window.is_running()

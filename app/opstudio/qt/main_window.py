@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer
+from PySide6.QtCore import QEventLoop, QSettings, Qt, QThreadPool, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -34,10 +34,9 @@ from PySide6.QtWidgets import (
 from opstudio.core.advisor import Budget, advise
 from opstudio.core.compare import optimize_and_compare
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import GraphInfo, analyze, symbolic_dims
-from opstudio.core.inputs import default_dim
-from opstudio.core.layout import compute_layout
-from opstudio.core.model_io import load_model, save_model
+from opstudio.core.graph import GraphInfo, symbolic_dims
+from opstudio.core.model_io import save_model
+from opstudio.core.opening import open_for_display
 from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Recipe
 from opstudio.core.roofline import cached_machine, profile_roofline, profile_with_machine
@@ -311,22 +310,33 @@ class MainWindow(QMainWindow):
             self.open_model(path)
 
     def open_model(self, path: str | Path) -> bool:
-        """Load, analyse and show ``path``; errors are shown and the current model stays."""
+        """Load, analyse and show ``path``; errors are shown and the current model stays.
+
+        The loading runs in the worker (a 10k-node model takes seconds) while a local event
+        loop keeps the window painting and Cancel working; callers still get the outcome."""
         if self.is_running():
             self.show_error("wait for the current run to finish (or cancel it) first")
             return False
         p = Path(path)
+        outcome: dict[str, Any] = {}
+        worker = Worker(open_for_display, str(p), dict(self.run_settings.dims), name="open")
+        worker.signals.result.connect(lambda opened: outcome.update(opened=opened))
+        loop = QEventLoop()
         QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
         try:
-            model = load_model(p)
-            graph = analyze(model, self._dims_for(model))
-            layout = compute_layout(graph)
-        except OpstudioError as exc:
-            self.show_error(str(exc))
-            return False
+            self._start(worker, lambda _: None, f"Opening {p.name}", start=False)
+            # connected last, so every other slot of the worker has run when the loop ends
+            worker.signals.finished.connect(loop.quit)
+            worker.start()
+            self._update_actions()
+            loop.exec()
         finally:
             QApplication.restoreOverrideCursor()
-        self.model_path, self.model, self.graph = p.resolve(), model, graph
+        opened = outcome.get("opened")
+        if opened is None:
+            return False  # the error (or the cancel) is already on screen
+        model, graph, layout = opened.model, opened.graph, opened.layout
+        self.model_path, self.model, self.graph = opened.path, model, graph
         self.profile = self.comparison = self.optimized = None
         self.graph_view.set_graph(graph, layout)
         self.table.set_graph(graph)
@@ -352,16 +362,6 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Opened {p}", 5000)
         self._update_actions()
         return True
-
-    def _dims_for(self, model: onnx.ModelProto) -> dict[str, int]:
-        """The dims a run will use (chosen ones, else the documented defaults), so that shapes
-        and FLOPs in the table are concrete."""
-        dims = {}
-        for name in symbolic_dims(model):
-            value = self.run_settings.dims.get(name) or default_dim(name, self.run_settings.dims)[0]
-            if value:
-                dims[name] = int(value)
-        return dims
 
     def _restore_plan(self) -> None:
         data = self.session.plan_json(self.model_path)
@@ -563,7 +563,7 @@ class MainWindow(QMainWindow):
             self.worker.cancel()
             self.statusBar().showMessage("Cancelling…")
 
-    def _start(self, worker: Worker, on_result: Any, what: str) -> Worker:
+    def _start(self, worker: Worker, on_result: Any, what: str, start: bool = True) -> Worker:
         self.banner.hide()
         self.worker = worker
         s = worker.signals
@@ -575,8 +575,9 @@ class MainWindow(QMainWindow):
         self.progress.setValue(0)
         self.progress.show()
         self.statusBar().showMessage(f"{what}…")
-        worker.start()
-        self._update_actions()
+        if start:
+            worker.start()
+            self._update_actions()
         return worker
 
     def _on_progress(self, fraction: float, message: str) -> None:

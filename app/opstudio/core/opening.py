@@ -1,0 +1,58 @@
+"""Opening a model for display: load it, analyse it with the dims a run will use, lay it out.
+
+On a 10k-node model this takes seconds, so the app runs it in its worker (progress, cancel)
+instead of on the UI thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from opstudio.core.errors import Cancelled
+from opstudio.core.graph import GraphInfo, analyze, symbolic_dims
+from opstudio.core.inputs import default_dim
+from opstudio.core.layout import Layout, compute_layout
+from opstudio.core.model_io import load_model
+
+
+@dataclass
+class Opened:
+    path: Path
+    model: onnx.ModelProto
+    graph: GraphInfo
+    layout: Layout
+
+
+def display_dims(model: onnx.ModelProto, chosen: Mapping[str, int]) -> dict[str, int]:
+    """The dims a run will use (the chosen ones, else the documented defaults), so that shapes
+    and FLOPs shown are concrete."""
+    dims: dict[str, int] = {}
+    for name in symbolic_dims(model):
+        value = chosen.get(name) or default_dim(name, chosen)[0]
+        if value:
+            dims[name] = int(value)
+    return dims
+
+
+def open_for_display(path: str | Path, chosen_dims: Mapping[str, int] | None = None, *,
+                     progress: Callable[[float, str], None] | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> Opened:
+    def step(fraction: float, message: str) -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        if progress is not None:
+            progress(fraction, message)
+
+    p = Path(path)
+    step(0.0, f"reading {p.name}")
+    model = load_model(p)
+    step(0.3, "analysing the graph")
+    graph = analyze(model, display_dims(model, chosen_dims or {}))
+    step(0.7, "laying out the graph")
+    layout = compute_layout(graph)
+    step(1.0, "opened")
+    return Opened(p.resolve(), model, graph, layout)
