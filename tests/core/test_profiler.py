@@ -264,3 +264,56 @@ def test_folders_of_dead_processes_are_swept(private_tmp):
     assert tempdir.sweep_stale(root) == 1
     assert not stale.exists() and mine.exists()
     mine.rmdir()
+
+
+def test_trace_is_read_a_line_at_a_time_keeping_only_runs_and_kernels(tmp_path):
+    import json as _json
+
+    from opstudio.core.profiler import read_trace
+
+    events = [
+        {"cat": "Session", "pid": 1, "tid": 1, "dur": 5, "ts": 0, "ph": "X",
+         "name": "session_initialization", "args": {}},
+        {"cat": "Node", "pid": 1, "tid": 1, "dur": 0, "ts": 10, "ph": "X",
+         "name": "mm0_fence_before", "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "pid": 1, "tid": 1, "dur": 7, "ts": 11, "ph": "X",
+         "name": "mm0_kernel_time",
+         "args": {"op_name": "MatMul", "provider": "CPUExecutionProvider",
+                  "input_type_shape": [{"float": [1, 64]}], "thread_scheduling_stats": {}}},
+        {"cat": "Session", "pid": 1, "tid": 1, "dur": 20, "ts": 9, "ph": "X",
+         "name": "model_run", "args": {}},
+    ]
+    per_line = tmp_path / "lines.json"
+    per_line.write_text("[\n" + ",\n".join(_json.dumps(e) for e in events) + "\n]\n")
+    one_line = tmp_path / "whole.json"
+    one_line.write_text(_json.dumps(events, indent=2))
+    got = read_trace(per_line)
+    assert got == read_trace(one_line)
+    assert [e["name"] for e in got] == ["mm0_kernel_time", "model_run"]
+    assert got[0] == {"cat": "Node", "tid": 1, "dur": 7, "ts": 11, "name": "mm0_kernel_time",
+                      "args": {"op_name": "MatMul", "provider": "CPUExecutionProvider"}}
+
+
+def test_fast_trace_reading_gives_what_the_json_parser_gives(tmp_path):
+    """On a real onnxruntime trace (fused MatMul+Add kernels, Tanh), the regular-expression
+    reader and the JSON parser agree event for event."""
+    import glob
+
+    import onnxruntime as ort
+
+    from opstudio.core.profiler import read_trace
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "trace")
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(mlp().SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.zeros((2, 256), np.float32)
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    path = sess.end_profiling()
+    assert glob.glob(str(tmp_path / "trace*.json"))
+    fast, slow = read_trace(path), read_trace(path, fast=False)
+    assert fast == slow
+    assert sum(e["name"] == "model_run" for e in fast) == 3
+    assert any(e["args"].get("op_name") for e in fast if e["name"] != "model_run")

@@ -34,6 +34,8 @@ import io
 import json
 import math
 import os
+import re
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -344,8 +346,7 @@ def _profile_in_child(model_path: str, settings_json: dict[str, Any],
     trace_path = sess.end_profiling()
     del sess
     try:
-        with open(trace_path, encoding="utf-8") as fh:
-            trace = json.load(fh, object_hook=_slim_event)
+        trace = read_trace(trace_path)
     except (OSError, ValueError) as exc:
         raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
     finally:
@@ -451,7 +452,7 @@ def _ort_message(exc: BaseException) -> str:
 # What the profile reads of an onnxruntime trace event; the rest (input/output shapes, thread
 # scheduling statistics) can be most of a trace's size: a 10k-kernel model run 100 times
 # writes a million events.
-_EVENT_KEYS = frozenset({"cat", "name", "ph", "ts", "dur", "tid", "pid", "args"})
+_EVENT_KEYS = frozenset({"cat", "name", "ts", "dur", "tid", "args"})
 _ARGS_KEYS = frozenset({"op_name", "provider"})
 
 
@@ -463,6 +464,80 @@ def _slim_event(obj: dict[str, Any]) -> dict[str, Any]:
             slim["args"] = {k: v for k, v in args.items() if k in _ARGS_KEYS}
         return slim
     return obj
+
+
+def _wanted(event: Mapping[str, Any]) -> bool:
+    """The events a profile is built from: runs and kernel executions (not the fences and
+    session events around them, two thirds of a trace)."""
+    name = event.get("name")
+    if not isinstance(name, str):
+        return False
+    return name == "model_run" or (event.get("cat") == "Node" and name.endswith("_kernel_time"))
+
+
+# One event as onnxruntime writes it: fixed key order, then "args" (checked against its output;
+# a line that does not match goes to the JSON parser).
+_EVENT_LINE = re.compile(
+    r'\{"cat" : "(?P<cat>\w+)","pid" :-?\d+,"tid" :(?P<tid>-?\d+),"dur" :(?P<dur>-?\d+),'
+    r'"ts" :(?P<ts>-?\d+),"ph" : "X","name" :"(?P<name>[^"\\]*)","args" : \{')
+_ARG = {key: re.compile(f'"{key}"' + r' : "([^"\\]*)"') for key in _ARGS_KEYS}
+
+
+def _fast_event(text: str) -> dict[str, Any] | None:
+    m = _EVENT_LINE.match(text)
+    if m is None or not text.endswith("}}"):
+        return None
+    name = m.group("name")
+    if name != "model_run" and not name.endswith("_kernel_time"):
+        return {"name": name}  # not wanted: no need to read the rest
+    args: dict[str, Any] = {}
+    rest = text[m.end():]
+    for key, pattern in _ARG.items():
+        found = pattern.findall(rest)
+        if len(found) > 1:
+            return None  # the key also occurs nested: leave it to the JSON parser
+        if found:
+            args[key] = found[0]
+    return {"cat": m.group("cat"), "tid": int(m.group("tid")), "dur": int(m.group("dur")),
+            "ts": int(m.group("ts")), "name": name, "args": args}
+
+
+def read_trace(path: str | os.PathLike[str], fast: bool = True) -> list[dict[str, Any]]:
+    """The wanted events of an onnxruntime trace file, slimmed.
+
+    onnxruntime writes one event per line, so the file is read a line at a time and only
+    what the profile needs is kept, with repeated names interned: a 10k-kernel model run
+    100 times writes a million events, and parsing the whole file at once held several GiB.
+    Lines in onnxruntime's usual layout are read with one regular expression (``fast``; a
+    full JSON parse of a million lines took 28 s here), any other line with the JSON parser;
+    a file in any other layout is parsed whole."""
+    events: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            text = line.strip().rstrip(",")
+            if text in ("", "[", "]"):
+                continue
+            event = _fast_event(text) if fast else None
+            if event is None:
+                try:
+                    event = json.loads(text, object_hook=_slim_event)
+                except ValueError:
+                    break  # not one event per line
+            if isinstance(event, dict) and _wanted(event):
+                event["name"] = sys.intern(event["name"])
+                if isinstance(event.get("cat"), str):
+                    event["cat"] = sys.intern(event["cat"])
+                args = event.get("args")
+                if isinstance(args, dict):
+                    for key in ("op_name", "provider"):
+                        if isinstance(args.get(key), str):
+                            args[key] = sys.intern(args[key])
+                events.append(event)
+        else:
+            return events
+    with open(path, encoding="utf-8") as fh:
+        whole = json.load(fh, object_hook=_slim_event)
+    return [e for e in whole if isinstance(e, dict) and _wanted(e)]
 
 
 def split_runs(trace: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
