@@ -223,6 +223,13 @@ def test_build_profile_skips_warmup_and_nests_control_flow():
     assert p.node("if0").calls == 1
     assert p.total_ms["mean"] == pytest.approx(0.1)
     assert p.untraced_ms == pytest.approx(0.1 - 0.07)
+    assert p.notes == []
+
+    # onnxruntime stops tracing at a million events: the runs it dropped are said, not hidden.
+    short = build_profile(m, trace, warmup=1, timed=5)
+    assert short.runs == 2
+    assert len(short.notes) == 1 and "3 of the 6 runs" in short.notes[0]
+    assert Profile.from_json(short.to_json()).notes == short.notes
 
 
 def test_nodestats_json_keys():

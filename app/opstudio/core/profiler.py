@@ -147,6 +147,7 @@ class Profile:
     kernel_events: list[dict[str, Any]] = field(default_factory=list)  # one run, for a timeline
     attribution: str = ""  # how kernels were mapped: "optimized graph" or "names"
     onnxruntime: str = ""
+    notes: list[str] = field(default_factory=list)  # what a reader of the numbers must know
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -175,6 +176,7 @@ class Profile:
             "attribution": self.attribution,
             "onnxruntime": self.onnxruntime,
             "kernel_events": self.kernel_events,
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -194,6 +196,7 @@ class Profile:
             kernel_events=list(data.get("kernel_events", [])),
             attribution=data.get("attribution", ""),
             onnxruntime=data.get("onnxruntime", ""),
+            notes=[str(n) for n in data.get("notes", [])],
         )
 
     def to_csv(self) -> str:
@@ -452,6 +455,7 @@ def _ort_message(exc: BaseException) -> str:
 # What the profile reads of an onnxruntime trace event; the rest (input/output shapes, thread
 # scheduling statistics) can be most of a trace's size: a 10k-kernel model run 100 times
 # writes a million events.
+TRACE_EVENT_CAP = 1_000_000
 _EVENT_KEYS = frozenset({"cat", "name", "ts", "dur", "tid", "args"})
 _ARGS_KEYS = frozenset({"op_name", "provider"})
 
@@ -601,6 +605,12 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         runs = runs[-timed:]
     if not runs:
         raise OpstudioError("onnxruntime's profile holds no model run")
+    notes = []
+    if timed and len(all_runs) < warmup + timed:
+        # onnxruntime stops recording once its trace holds a million events, silently.
+        notes.append(f"onnxruntime's trace holds {len(all_runs)} of the {warmup + timed} runs "
+                     f"(it stops recording at {TRACE_EVENT_CAP:,} events): statistics are over "
+                     f"the last {len(runs)}; ask for fewer runs to profile them all")
     containers = set()
     if optimized is not None:
         containers = {n.name for n in optimized.graph.node if _has_graph_attr(n)}
@@ -690,7 +700,7 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         model="", settings=ProfileSettings(), total_ms=total, plain_ms=plain, overhead=overhead,
         nodes=nodes, op_types=op_types, unattributed_ms=unattributed_ms,
         unattributed=unattributed, untraced_ms=max(0.0, total["mean"] - traced), runs=n_runs,
-        kernel_events=timeline, attribution=attr.method)
+        kernel_events=timeline, attribution=attr.method, notes=notes)
 
 
 def _has_graph_attr(node: onnx.NodeProto) -> bool:

@@ -612,7 +612,10 @@ class MainWindow(QMainWindow):
         self._show_roofline(profile)
         self._show_heat(profile)
         total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
-        self.statusBar().showMessage(f"Profiled: {total:.3f} ms per run (p50)", 8000)
+        message = f"Profiled: {total:.3f} ms per run (p50)"
+        if profile.notes:
+            message += " — " + profile.notes[0]
+        self.statusBar().showMessage(message, 8000 if not profile.notes else 30000)
 
     def _on_compare(self, value: tuple[Any, Any]) -> None:
         self.optimized, self.comparison = value
