@@ -271,3 +271,67 @@ def test_variants_that_save_the_same_within_noise_are_decided_by_accuracy():
     plan = greedy_plan([tensor, channel], Budget(min_snr_db=30),
                        additive_verifier([tensor, channel]))
     assert [c.params for c in plan.chosen] == [{"per_channel": True}]
+
+
+def _variant_cands(snr_tensor, snr_channel):
+    out = []
+    for node in ("a", "b"):
+        for per_channel, snr in ((False, snr_tensor), (True, snr_channel)):
+            c = cand(node, "int8-dynamic", 2.0, 1.0, snr)
+            c.params = {"per_channel": per_channel}
+            c.variant = f"per_channel={'true' if per_channel else 'false'}"
+            out.append(c)
+    return out
+
+
+def _variant_model(cands, per_channel_cost):
+    """A model where each INT8 node saves 1 ms and a per-channel node costs ``per_channel_cost``
+    ms more: a timer and a verifier that know the variants apart."""
+    from opstudio.core.timing import Ratio
+
+    by_key = {(c.node, c.params["per_channel"]): c for c in cands}
+    calls = []
+
+    def nodes(recipe):
+        return [(n, s.params["per_channel"]) for s in recipe.steps for n in s.nodes]
+
+    def time_of(recipe):
+        return 10.0 - sum(1.0 - per_channel_cost * pc for _, pc in nodes(recipe))
+
+    def timer(a, b):
+        calls.append((a, b))
+        r = time_of(a) / time_of(b)
+        return Ratio(r, r - 0.005, r + 0.005, 100)
+
+    def verify(recipe):
+        noise = sum(by_key[key].noise_ratio for key in nodes(recipe))
+        return Verification(1 - noise / 2, math.inf if noise == 0 else -10 * math.log10(noise))
+
+    timer.calls = calls
+    return timer, verify
+
+
+def test_a_variant_that_runs_the_whole_model_faster_replaces_the_more_accurate_one():
+    # per channel is more accurate on both nodes, so it ranks first; timed end to end the
+    # per-tensor plan is 3 % faster and still within budget: the plan switches
+    cands = _variant_cands(snr_tensor=44, snr_channel=47)
+    timer, verify = _variant_model(cands, per_channel_cost=0.15)
+    plan = greedy_plan(cands, Budget(min_snr_db=30), verify, timer=timer)
+    assert {(c.node, c.params["per_channel"]) for c in plan.chosen} == {("a", False),
+                                                                         ("b", False)}
+    assert any(line.startswith("variants: int8-dynamic ×2 as (per_channel=false)")
+               for line in plan.log)
+    assert "runs the whole model measurably faster" in \
+        plan.rejected["a/int8-dynamic (per_channel=true)"]
+    assert plan.verified.snr_db == pytest.approx(-10 * math.log10(2 * 10 ** -4.4))
+
+    # the same speed: accuracy keeps per channel
+    timer, verify = _variant_model(cands, per_channel_cost=0.0)
+    plan = greedy_plan(cands, Budget(min_snr_db=30), verify, timer=timer)
+    assert {c.params["per_channel"] for c in plan.chosen} == {True}
+
+    # faster, but the per-tensor plan breaks the budget: per channel stays
+    timer, verify = _variant_model(cands, per_channel_cost=0.15)
+    plan = greedy_plan(cands, Budget(min_snr_db=43.5), verify, timer=timer)
+    assert {c.params["per_channel"] for c in plan.chosen} == {True}
+    assert any("variants:" in line and "SNR 40.9" in line for line in plan.log)
