@@ -51,9 +51,12 @@ def matmul_model(k: int = 24, n: int = 16, constant_node: bool = False) -> onnx.
 
 def test_registered_and_params() -> None:
     assert get_pass("lowrank") is PASS
-    assert PASS.validate_params({}) == {"rank": None, "energy": 0.9}
-    assert PASS.validate_params({"rank": 4}) == {"rank": 4, "energy": None}
-    assert PASS.validate_params({"energy": 0.5}) == {"rank": None, "energy": 0.5}
+    assert PASS.validate_params({}) == {"rank": None, "energy": 0.9, "method": "svd"}
+    assert PASS.validate_params({"rank": 4}) == {"rank": 4, "energy": None, "method": "svd"}
+    assert PASS.validate_params({"energy": 0.5, "method": "tucker2"}) == {
+        "rank": None, "energy": 0.5, "method": "tucker2"}
+    with pytest.raises(OpstudioError, match="method"):
+        PASS.validate_params({"method": "cp"})
     with pytest.raises(OpstudioError, match="not both"):
         PASS.validate_params({"rank": 4, "energy": 0.5})
     with pytest.raises(OpstudioError, match="energy"):
@@ -259,3 +262,84 @@ def test_flops_with_a_symbolic_batch_are_per_sample() -> None:
     details = apply(model, ["mm0"], {"rank": 4}).details["mm0"]
     assert details["flops_dims"] == {"batch": 1}
     assert (details["flops_before"], details["flops_after"]) == (2 * 32 * 16, 2 * 4 * 48)
+
+
+def channel_conv_model(m: int = 12, c: int = 10) -> onnx.ModelProto:
+    inits = {"K": arr(m, c, 3, 3), "kb": arr(m)}
+    conv = helper.make_node("Conv", ["img", "K", "kb"], ["y"], name="conv",
+                            strides=[2, 2], pads=[1, 0, 1, 2], dilations=[1, 1])
+    return make([conv], [("img", [2, c, 9, 9])], [("y", [2, m, 5, 5])], inits)
+
+
+def _kernel_from_tucker_nodes(model: onnx.ModelProto) -> np.ndarray:
+    """The kernel the three convs of a Tucker-2 rewrite compute together, as [M, C, kh, kw]."""
+    weights = {i.name: numpy_helper.to_array(i).astype(np.float64)
+               for i in model.graph.initializer}
+    first, core, last = model.graph.node
+    u_in = weights[first.input[1]][:, :, 0, 0]  # [r_in, C]
+    g = weights[core.input[1]]  # [r_out, r_in, kh, kw]
+    u_out = weights[last.input[1]][:, :, 0, 0]  # [M, r_out]
+    return np.einsum("mo,oihw,ic->mchw", u_out, g, u_in)
+
+
+def test_tucker2_full_rank_is_exact_and_keeps_the_geometry_on_the_core() -> None:
+    model = channel_conv_model()
+    feeds = {"img": arr(2, 10, 9, 9)}
+    result = apply(model, ["conv"], {"rank": 12, "method": "tucker2"})
+    first, core, last = result.model.graph.node
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in (first, core, last)]
+    assert attrs[0] == {"kernel_shape": [1, 1]} and attrs[2] == {"kernel_shape": [1, 1]}
+    assert attrs[1]["strides"] == [2, 2] and attrs[1]["pads"] == [1, 0, 1, 2]
+    assert list(last.input)[2] == "kb"
+    shapes = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert shapes[first.input[1]] == [10, 10, 1, 1]
+    assert shapes[core.input[1]] == [12, 10, 3, 3]
+    assert shapes[last.input[1]] == [12, 12, 1, 1]
+    details = result.details["conv"]
+    assert (details["method"], details["rank_out"], details["rank_in"]) == ("tucker2", 12, 10)
+    assert details["rel_error"] < 1e-6
+    assert {tuple(provenance.get_origin(n)) for n in result.model.graph.node} == {("conv",)}
+    np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_tucker2_low_rank_beats_truncated_hosvd_and_reports_what_the_graph_holds() -> None:
+    model = channel_conv_model()
+    kernel = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    result = apply(model, ["conv"], {"rank": 4, "method": "tucker2"})
+    details = result.details["conv"]
+    approx = _kernel_from_tucker_nodes(result.model)
+    error = np.linalg.norm(approx - kernel) / np.linalg.norm(kernel)
+    assert details["rel_error"] == pytest.approx(error, rel=1e-4)
+    # the refined factors are no worse than the plain truncated HOSVD they start from
+    u_out = np.linalg.svd(kernel.reshape(12, -1), full_matrices=False)[0][:, :4]
+    u_in = np.linalg.svd(kernel.transpose(1, 0, 2, 3).reshape(10, -1),
+                         full_matrices=False)[0][:, :4]
+    core = np.einsum("mchw,mo,ci->oihw", kernel, u_out, u_in)
+    hosvd = np.einsum("oihw,mo,ci->mchw", core, u_out, u_in)
+    assert error <= np.linalg.norm(hosvd - kernel) / np.linalg.norm(kernel) + 1e-9
+    # the rewritten model computes exactly the conv with that kernel
+    feeds = {"img": arr(2, 10, 9, 9)}
+    reference = make([model.graph.node[0]], [("img", [2, 10, 9, 9])], [("y", [2, 12, 5, 5])],
+                     {"K": approx.astype(np.float32),
+                      "kb": numpy_helper.to_array(model.graph.initializer[1])})
+    np.testing.assert_allclose(run(result.model, feeds)[0], run(reference, feeds)[0],
+                               rtol=1e-4, atol=1e-4)
+    assert details["flops_before"] == analyze(model).total_flops()
+    assert details["flops_after"] == analyze(result.model).total_flops()
+    assert details["params_after"] == 10 * 4 + 4 * 4 * 9 + 4 * 12 + 12
+    # at equal rank, fewer FLOPs than the SVD form, which keeps every input channel
+    svd = apply(model, ["conv"], {"rank": 4}).details["conv"]
+    assert details["flops_after"] < svd["flops_after"]
+
+
+def test_tucker2_leaves_matrices_to_svd_and_refuses_energy_that_would_grow() -> None:
+    mm = apply(matmul_model(k=32, n=32), ["mm0"], {"rank": 8, "method": "tucker2"})
+    assert mm.details["mm0"]["method"] == "svd" and mm.details["mm0"]["rank"] == 8
+    pointwise = make([helper.make_node("Conv", ["img", "P"], ["y"], name="pw")],
+                     [("img", [1, 16, 4, 4])], [("y", [1, 16, 4, 4])], {"P": arr(16, 16, 1, 1)})
+    assert apply(pointwise, ["pw"], {"rank": 4, "method": "tucker2"}
+                 ).details["pw"]["method"] == "svd"
+    grown = apply(channel_conv_model(4, 3), ["conv"], {"energy": 0.99, "method": "tucker2"})
+    assert grown.applied == [] and "channel ranks" in grown.skipped["conv"]
