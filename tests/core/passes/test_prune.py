@@ -238,7 +238,7 @@ def test_structured_gemm_with_bias_into_gemm() -> None:
 
 def test_structured_skip_reasons() -> None:
     inits = {"W1": arr(8, 4, 3, 3), "W2": arr(8, 8, 3, 3), "W3": arr(8, 8, 1, 1),
-             "W4": arr(8, 8, 1, 1), "shape": np.array([1, 288], np.int64)}
+             "W4": arr(8, 8, 1, 1), "shape": np.array([1, 8, 36], np.int64)}
     nodes = [
         helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
@@ -251,7 +251,7 @@ def test_structured_skip_reasons() -> None:
         helper.make_node("Conv", ["c4", "dynw"], ["c6"], name="dynamic"),
     ]
     model = make(nodes, [("x", [1, 4, 6, 6]), ("dynw", [4, 8, 1, 1])],
-                 [("flat", [1, 288]), ("c6", [1, 4, 6, 6])], inits)
+                 [("flat", [1, 8, 36]), ("c6", [1, 4, 6, 6])], inits)
     params = {"structured": True}
     result = apply(model, ["conv2", "conv3", "conv5", "dynamic", "conv1"], params)
     assert result.applied == []
@@ -260,7 +260,7 @@ def test_structured_skip_reasons() -> None:
                                 "takes another branch ('r1'); structured pruning would change "
                                 "its shape")
     assert "shared with 'conv4'" in reasons["conv3"]
-    assert "Reshape 'reshape'" in reasons["conv5"]
+    assert "Reshape 'reshape', which does not reshape them to [batch, channels" in reasons["conv5"]
     assert "computed at run time" in reasons["dynamic"] or "graph input" in reasons["dynamic"]
     assert "Add 'add3'" in reasons["conv1"]
     by_name = {n.name: n for n in model.graph.node}
@@ -308,3 +308,54 @@ def test_deterministic_bytes() -> None:
         first = apply(model, ["conv1", "conv2"], params).model.SerializeToString()
         second = apply(model, ["conv1", "conv2"], params).model.SerializeToString()
         assert first == second
+
+
+def cnn_head(fold: str) -> onnx.ModelProto:
+    """Conv → Relu → fold to [N, C·H·W] → Gemm, the head of the article's CNN."""
+    inits = {"W1": arr(6, 3, 3, 3), "b1": arr(6), "F": arr(6 * 4 * 4, 5), "fb": arr(5)}
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    if fold == "flatten":
+        nodes.append(helper.make_node("Flatten", ["r1"], ["flat"], name="fold", axis=1))
+    else:
+        inits["shape"] = np.array([0, -1] if fold == "reshape-1" else [2, 96], np.int64)
+        nodes.append(helper.make_node("Reshape", ["r1", "shape"], ["flat"], name="fold"))
+    nodes.append(helper.make_node("Gemm", ["flat", "F", "fb"], ["y"], name="fc"))
+    return make(nodes, [("x", [2, 3, 6, 6])], [("y", [2, 5])], inits)
+
+
+@pytest.mark.parametrize("fold", ["flatten", "reshape-1", "reshape-static"])
+def test_structured_conv_through_flatten_into_the_head(fold: str) -> None:
+    model = cnn_head(fold)
+    feeds = {"x": arr(2, 3, 6, 6)}
+    result = apply(model, ["conv1"], {"sparsity": 0.5, "structured": True})
+    details = result.details["conv1"]
+    assert (details["channels_before"], details["channels_after"]) == (6, 3)
+    assert details["touched"] == ["conv1", "relu1", "fold", "fc"]
+    shapes = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert [3 * 16, 5] in shapes.values()  # the head lost the 16 features of each channel
+    if fold == "reshape-static":
+        new_shape = next(numpy_helper.to_array(i) for i in result.model.graph.initializer
+                         if i.name.startswith("shape"))
+        assert new_shape.tolist() == [2, 48]
+    assert details["flops_after"] < details["flops_before"]
+    # the same as the original with the removed channels' weights and bias zeroed
+    zeroed = weight_of(model, "conv1").copy()
+    zeroed[details["removed_channels"]] = 0
+    bias = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b1"))
+    bias = bias.copy()
+    bias[details["removed_channels"]] = 0
+    reference = run(with_weight(with_weight(model, "W1", zeroed), "b1", bias), feeds)[0]
+    np.testing.assert_allclose(run(result.model, feeds)[0], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_structured_flatten_that_splits_the_channel_axis_is_refused() -> None:
+    model = cnn_head("flatten")
+    for node in model.graph.node:
+        if node.name == "fold":
+            node.attribute[0].i = 2  # [N·C, H·W]: the batch and channels mixed
+    model.graph.node[-1].input[1] = "F2"
+    model.graph.initializer.append(numpy_helper.from_array(arr(16, 5), "F2"))
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 12
+    reason = PASS.check(model, model.graph.node[0], structured=True)
+    assert "Flatten 'fold', which does not start its flattened dims at the channel axis" in reason

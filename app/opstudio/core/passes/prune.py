@@ -18,15 +18,18 @@ output columns) with the smallest L2 norms and shrinks everything the channels f
 FLOPs really drop: the node's own bias, a BatchNormalization, elementwise ops with a per-channel
 constant (Add/Sub/Mul/Div/PRelu/Max/Min/Pow/Sum) or joining two pruned branches (x·sigmoid(x)),
 per-channel activations and pools, up to the next MatMul/Gemm/Conv, whose weight loses the
-matching input channels. Where the channels reach
-anything else (a residual Add with another branch, Reshape/Flatten, Concat, a graph output, a
-weight shared with another node…) the node is skipped with the reason.
+matching input channels. A Flatten (or a Reshape to [batch, -1 | C·H·W]) between a Conv and
+the next MatMul/Gemm, as in a classic CNN head, is followed too: channel c is then the block of
+H·W consecutive features c·H·W … (c+1)·H·W − 1, and the head's weight loses those rows (the
+dims after the channel must be static; a constant Reshape shape is rewritten). Where the
+channels reach anything else (a residual Add with another branch, a Reshape that splits them,
+Concat, a graph output, a weight shared with another node…) the node is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +246,10 @@ class _Plan:
     node: onnx.NodeProto
     weight_axis: int  # output-channel axis of the node's weight
     channels: int
-    edits: list[tuple[onnx.NodeProto, int, int]] = field(default_factory=list)  # node, input, axis
+    # node, input, axis, block: the input loses ``block`` consecutive entries per pruned channel
+    edits: list[tuple[onnx.NodeProto, int, int, int]] = field(default_factory=list)
+    # Reshape node, shape input, position, block: that entry becomes channels kept × block
+    shape_edits: list[tuple[onnx.NodeProto, int, int, int]] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # tensors whose shape changes
     touched: list[str] = field(default_factory=list)  # nodes whose cost changes
 
@@ -264,7 +270,7 @@ def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
         plan = _Plan(node, 0, weight.shape[0])
         neg_axis, rank = 1 - weight.ndim, weight.ndim
         if len(node.input) > 2 and node.input[2]:
-            plan.edits.append((node, 2, 0))
+            plan.edits.append((node, 2, 0, 1))
     elif op == "MatMul":
         if weight.ndim != 2:
             return f"its weight '{node.input[1]}' has {weight.ndim} dims; structured pruning " \
@@ -280,7 +286,7 @@ def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
             if bias is None:
                 return f"its bias C: {why}"
             if bias.ndim >= 1 and bias.shape[-1] == plan.channels and plan.channels > 1:
-                plan.edits.append((node, 2, bias.ndim - 1))
+                plan.edits.append((node, 2, bias.ndim - 1, 1))
     plan.touched.append(node.name)
     if plan.channels < 2:
         return f"it has {plan.channels} output channel; nothing to remove"
@@ -295,6 +301,11 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
     outputs = {o.name for o in graph.output}
     name, n = plan.node.name, plan.channels
     ranks: dict[str, int | None] = {start: start_rank}
+    # Where the channels are in each tensor (counted from the end) and how many consecutive
+    # entries each channel spans there (1 until a Flatten folds the spatial dims in).
+    axes: dict[str, int] = {start: neg_axis}
+    blocks: dict[str, int] = {start: 1}
+    shapes: dict[str, Any] = {}
     queue = [start]
     seen_nodes: set[str] = set()
     deferred: list[tuple[onnx.NodeProto, str]] = []
@@ -306,7 +317,15 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
 
     def channel_first(tensor: str) -> bool:
         rank = ranks.get(tensor)
-        return rank is not None and neg_axis == 1 - rank
+        return rank is not None and axes[tensor] == 1 - rank and blocks[tensor] == 1
+
+    def static_shape(tensor: str) -> list[int] | None:
+        if "info" not in shapes:  # shape inference only when a Flatten/Reshape is met
+            shapes["info"] = analyze(model, w.unit_dims(model))
+        found = shapes["info"].tensors.get(tensor)
+        dims = None if found is None else found.shape
+        return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) \
+            else None
 
     while queue:
         t = queue.pop(0)
@@ -326,7 +345,7 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
                     return flows(user, "which multiplies two of its branches")
                 if user.name in seen_nodes:
                     continue
-                why = _terminal(model, user, t, n, neg_axis, channel_first(t), plan)
+                why = _terminal(model, user, t, n, axes[t], blocks[t], channel_first(t), plan)
                 if why:  # reported after a branch that joins back in, the likelier cause
                     late.append(why)
                 seen_nodes.add(user.name)
@@ -335,6 +354,7 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
                 continue
             seen_nodes.add(user.name)
             rank = ranks.get(t)
+            axis_out, block_out = axes[t], blocks[t]
             if op in _UNARY or op in _POOLS or op == "BatchNormalization":
                 if user.input[0] != t:
                     return flows(user)
@@ -351,7 +371,7 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
                         value, why = w.constant_array(model, user.input[j])
                         if value is None:
                             return f"BatchNormalization '{user.name}': {why}"
-                        plan.edits.append((user, j, 0))
+                        plan.edits.append((user, j, 0, 1))
                 outs = [o for o in user.output if o] if op in _UNARY else [user.output[0]]
             elif op in _BINARY:
                 for j, other in enumerate(user.input):
@@ -361,20 +381,30 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
                     if value is None:
                         deferred.append((user, other))
                         continue
-                    axis = value.ndim + neg_axis
-                    if axis >= 0 and value.shape[axis] == n:
-                        plan.edits.append((user, j, axis))
+                    axis = value.ndim + axes[t]
+                    if axis >= 0 and value.shape[axis] == n * blocks[t]:
+                        plan.edits.append((user, j, axis, blocks[t]))
                     elif axis >= 0 and value.shape[axis] != 1:
                         return flows(user, f"whose constant '{other}' has {value.shape[axis]} "
-                                     f"entries on the pruned axis, not {n}")
+                                     f"entries on the pruned axis, not {n * blocks[t]}")
                     if rank is not None:
                         rank = max(rank, value.ndim)
+                outs = [user.output[0]]
+            elif op in ("Flatten", "Reshape"):
+                if user.input[0] != t:
+                    return flows(user, "which takes them as its shape")
+                folded = _fold_channels(model, user, axes[t], blocks[t],
+                                        lambda t=t: static_shape(t), plan)
+                if isinstance(folded, str):
+                    return flows(user, folded)
+                rank, axis_out, block_out = 2, -1, folded
                 outs = [user.output[0]]
             else:
                 return flows(user)
             plan.touched.append(user.name)
             for out in outs:
                 ranks[out] = rank
+                axes[out], blocks[out] = axis_out, block_out
                 queue.append(out)
     for user, other in deferred:
         if other not in ranks:
@@ -382,8 +412,48 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
     return late[0] if late else None
 
 
+def _fold_channels(model: onnx.ModelProto, user: onnx.NodeProto, neg_axis: int, block: int,
+                   shape_of: Callable[[], list[int] | None], plan: _Plan) -> int | str:
+    """How many consecutive features each channel becomes when ``user`` (Flatten or Reshape)
+    folds [N, C, d…] into [N, C·d…]; a reason in words when it does anything else. The input's
+    shape (``shape_of``, shape inference: seconds on a large model) is asked for last."""
+    not_a_fold = "which does not reshape them to [batch, channels × the rest]"
+    if block != 1:
+        return "which folds the channels a second time"
+    target: list[int] = []
+    if user.op_type == "Reshape":
+        value, why = w.constant_array(model, user.input[1])
+        if value is None:
+            return f"whose shape is not a constant ({why})"
+        target = [int(v) for v in np.asarray(value).reshape(-1)]
+        if len(target) != 2:
+            return not_a_fold
+    shape = shape_of()
+    if shape is None:
+        return "whose input shape is not static, so the pruned features cannot be located"
+    rank = len(shape)
+    channel = rank + neg_axis
+    spatial = math.prod(shape[channel + 1:])
+    if user.op_type == "Flatten":
+        attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
+        axis = attrs.get("axis", 1)
+        axis = axis + rank if axis < 0 else axis
+        if axis != channel:
+            return "which does not start its flattened dims at the channel axis"
+        return spatial
+    allowzero = any(a.name == "allowzero" and a.i for a in user.attribute)
+    lead = math.prod(shape[:channel])
+    if channel != 1 or target[0] not in ((lead,) if allowzero else (0, lead)):
+        return not_a_fold
+    if target[1] == math.prod(shape[channel:]):
+        plan.shape_edits.append((user, 1, 1, spatial))
+    elif target[1] != -1:
+        return not_a_fold
+    return spatial
+
+
 def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_axis: int,
-              channel_first: bool, plan: _Plan) -> str | None:
+              block: int, channel_first: bool, plan: _Plan) -> str | None:
     """The next MatMul/Gemm/Conv: its weight loses the pruned input channels."""
     op = user.op_type
     attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
@@ -409,9 +479,9 @@ def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_
         if neg_axis != -1 or attrs.get("transA", 0):
             return f"{where} on an axis that is not its reduction axis"
         axis = 1 if attrs.get("transB", 0) else 0
-    if weight.shape[axis] != n:
-        return f"{where}, whose weight has {weight.shape[axis]} input channels, not {n}"
-    plan.edits.append((user, 1, axis))
+    if weight.shape[axis] != n * block:
+        return f"{where}, whose weight has {weight.shape[axis]} input channels, not {n * block}"
+    plan.edits.append((user, 1, axis, block))
     plan.touched.append(user.name)
     return None
 
@@ -443,20 +513,30 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: flo
         drop = np.argsort(norms, kind="stable")[:removed]
         keep = np.setdiff1d(np.arange(plan.channels), drop)  # ascending: channel order kept
         taken = w.all_names(work.graph)
-        edits = [(node, 1, plan.weight_axis), *plan.edits]
+        edits = [(node, 1, plan.weight_axis, 1), *plan.edits]
         params_before = params_after = 0
         old: list[str] = []
-        for target, j, axis in edits:
+        for target, j, axis, block in edits:
             tensor = target.input[j]
             value, _ = w.constant_array(work, tensor)
             assert value is not None
-            sliced = np.take(value, keep, axis=axis)
+            rows = (keep[:, None] * block + np.arange(block)).reshape(-1)
+            sliced = np.take(value, rows, axis=axis)
             new_name = w.unique_name(taken, f"{tensor}_pruned")
             w.add_initializer(work, sliced, new_name)
             target.input[j] = new_name
             old.append(tensor)
             params_before += int(value.size)
             params_after += int(sliced.size)
+        for target, j, position, block in plan.shape_edits:
+            value, _ = w.constant_array(work, target.input[j])
+            assert value is not None
+            shape = np.array(value, dtype=np.int64).reshape(-1)
+            shape[position] = keep.size * block
+            new_name = w.unique_name(taken, f"{target.input[j]}_pruned")
+            w.add_initializer(work, shape, new_name)
+            old.append(target.input[j])
+            target.input[j] = new_name
         w.drop_value_info(work.graph, plan.tensors)
         w.remove_unused(work, old)
         result.applied.append(name)
