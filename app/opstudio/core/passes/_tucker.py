@@ -26,7 +26,7 @@ class Tucker2:
 
     def reconstruct(self) -> np.ndarray:
         """The approximated kernel as [M, C, S]."""
-        return np.einsum("ois,mo,ci->mcs", self.core, self.u_out, self.u_in)
+        return np.einsum("ois,mo,ci->mcs", self.core, self.u_out, self.u_in, optimize=True)
 
 
 def unfoldings(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,9 +56,9 @@ def decompose(kernel: np.ndarray, r_out: int, r_in: int, sweeps: int = HOOI_SWEE
     u_out, u_in = u_out_full[:, :r_out], u_in_full[:, :r_in]
     for _ in range(sweeps):
         # Each factor is the leading subspace of the kernel projected on the other one.
-        y = np.einsum("mcs,ci->mis", kernel, u_in)
+        y = np.einsum("mcs,ci->mis", kernel, u_in, optimize=True)
         u_out = _leading(y.reshape(y.shape[0], -1), r_out)
-        z = np.einsum("mcs,mo->cos", kernel, u_out)
+        z = np.einsum("mcs,mo->cos", kernel, u_out, optimize=True)
         u_in = _leading(z.reshape(z.shape[0], -1), r_in)
-    core = np.einsum("mcs,mo,ci->ois", kernel, u_out, u_in)
+    core = np.einsum("mcs,mo,ci->ois", kernel, u_out, u_in, optimize=True)
     return Tucker2(core, u_out, u_in, s_out, s_in)
