@@ -610,7 +610,7 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         # onnxruntime stops recording once its trace holds a million events, silently.
         notes.append(f"onnxruntime's trace holds {len(all_runs)} of the {warmup + timed} runs "
                      f"(it stops recording at {TRACE_EVENT_CAP:,} events): statistics are over "
-                     f"the last {len(runs)}; ask for fewer runs to profile them all")
+                     f"the {len(runs)} timed runs it holds; ask for fewer runs to profile them all")
     containers = set()
     if optimized is not None:
         containers = {n.name for n in optimized.graph.node if _has_graph_attr(n)}
