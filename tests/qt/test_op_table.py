@@ -12,8 +12,8 @@ from opstudio.core.model_io import ensure_node_names
 from opstudio.qt.op_table import (
     COL_AFTER,
     COL_FLOPS,
-    COL_MEAN,
     COL_NAME,
+    COL_P50,
     COL_PARAMS,
     COL_SHAPE,
     COL_SHARE,
@@ -48,12 +48,12 @@ def test_cells_show_graph_profile_plan_and_comparison(app, qtbot):
     assert m.value(mm0, COL_PARAMS) == 32 * 64 * 4
     assert m.data(m.index(mm0, COL_PARAMS)) == "8.0 KiB"
     profile = SimpleNamespace(nodes=[
-        SimpleNamespace(name="mm0", mean_ms=0.5, share=0.5, group=["mm0", "add0"]),
-        SimpleNamespace(name="softmax", mean_ms=0.25, share=0.25, group=[])])
+        SimpleNamespace(name="mm0", mean_ms=0.6, p50_ms=0.5, share=0.5, group=["mm0", "add0"]),
+        SimpleNamespace(name="softmax", mean_ms=0.3, p50_ms=0.25, share=0.25, group=[])])
     m.set_profile(profile)
-    assert m.value(mm0, COL_MEAN) == 0.5 and m.data(m.index(mm0, COL_SHARE)) == "50.0%"
-    assert m.value(graph.node("add0").index, COL_MEAN) == 0.5  # fused with mm0
-    assert m.value(graph.node("relu0").index, COL_MEAN) is None
+    assert m.value(mm0, COL_P50) == 0.5 and m.data(m.index(mm0, COL_SHARE)) == "50.0%"
+    assert m.value(graph.node("add0").index, COL_P50) == 0.5  # fused with mm0
+    assert m.value(graph.node("relu0").index, COL_P50) is None
     m.set_techniques({"mm0": "int8-dynamic"})
     assert m.data(m.index(mm0, COL_TECH)) == "int8-dynamic"
     comparison = SimpleNamespace(nodes=[SimpleNamespace(name="mm0", group=[], after_ms=0.25,

@@ -12,7 +12,8 @@ from opstudio.qt.plots import PlotsPanel
 
 
 def fake_profile(scale=1.0):
-    nodes = [SimpleNamespace(name=n, op_type=op, mean_ms=ms * scale, share=0.0, group=[])
+    nodes = [SimpleNamespace(name=n, op_type=op, mean_ms=ms * scale * 1.1, p50_ms=ms * scale,
+                             share=0.0, group=[])
              for n, op, ms in (("a", "MatMul", 1.0), ("b", "Add", 3.0), ("c", "MatMul", 2.0))]
     return SimpleNamespace(
         nodes=nodes, total_ms={"p50": 6.5 * scale, "mean": 6.6 * scale}, plain_ms={"p50": 5.0},
@@ -32,6 +33,7 @@ def fake_comparison():
                                                    snr_db=40.0, top1_agreement=1.0)])
     return SimpleNamespace(
         before=fake_profile(), after=fake_profile(0.5), nodes=rows, accuracy=acc, speedup=2.0,
+        plain_speedup=None,
         size_bytes={"before": 4096, "after": 2048},
         op_types=lambda: [{"op_type": "Add", "before_ms": 3.0, "after_ms": 1.0},
                           {"op_type": "MatMul", "before_ms": 3.0, "after_ms": 1.5}])
@@ -50,7 +52,15 @@ def test_profile_then_comparison(app, qtbot, tmp_path):
     assert panel.ops.data["after"] == [1.0, 2.5] and panel.ops.data["speedup"] == [3.0, 0.8]
     assert panel.op_types.data["speedup"] == [3.0, 2.0]
     assert panel.total.data["before"] == [6.5] and panel.total.data["after"] == [3.25]
-    assert "2.00×" in panel.summary.text()
+    assert "2.00×" in panel.summary.text() and "without the profiler" not in panel.summary.text()
+    # on a sub-millisecond model the plain runs tell more than the profiled ones: both shown
+    tiny = fake_comparison()
+    tiny.before.plain_ms, tiny.after.plain_ms, tiny.plain_speedup = (
+        {"p50": 0.080}, {"p50": 0.082}, 0.97)
+    panel.show_comparison(tiny)
+    assert "without the profiler 0.080 ms → 0.082 ms" in panel.summary.text()
+    assert "0.97×" in panel.summary.text()
+    panel.show_comparison(fake_comparison())
     assert panel.accuracy.rowCount() == 1 and panel.accuracy.item(0, 2).text() == "0.999900"
     panel.top_spin.setValue(3)
     assert panel.ops.data["labels"] == ["b", "c"]

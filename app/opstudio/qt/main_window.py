@@ -425,7 +425,7 @@ class MainWindow(QMainWindow):
         if self.graph is None or self.profile is None:
             self.statusBar().showMessage("Profile first to know which operators are slowest", 5000)
             return []
-        ranked = sorted(self.profile.nodes, key=lambda s: -s.mean_ms)
+        ranked = sorted(self.profile.nodes, key=lambda s: -s.p50_ms)
         idx: list[int] = []
         for s in ranked:
             if self.graph.has_node(s.name):
@@ -470,7 +470,7 @@ class MainWindow(QMainWindow):
         parts = []
         s = self.table.model.profile.get(name)
         if s is not None:
-            parts.append(f"mean {s.mean_ms:.3f} ms ({s.share * 100:.1f}% of the run)")
+            parts.append(f"p50 {s.p50_ms:.3f} ms ({s.share * 100:.1f}% of the run)")
         after = self.table.model.after.get(name)
         if after is not None and after[1] is not None:
             parts.append(f"after {after[0]:.3f} ms, {after[1]:.2f}×")
@@ -625,9 +625,11 @@ class MainWindow(QMainWindow):
         self.plots.show_comparison(self.comparison)
         self._show_roofline(self.comparison.before)
         self._show_heat(self.comparison.before)
-        s = self.comparison.speedup
-        self.statusBar().showMessage(
-            f"Optimized: {s:.2f}× overall" if s else "Optimized", 10000)
+        s, plain = self.comparison.speedup, self.comparison.plain_speedup
+        message = f"Optimized: {s:.2f}× overall (profiled)" if s else "Optimized"
+        if plain:
+            message += f", {plain:.2f}× without the profiler"
+        self.statusBar().showMessage(message, 10000)
 
     def _show_heat(self, profile: Any) -> None:
         if self.graph is None:

@@ -32,11 +32,13 @@ from PySide6.QtWidgets import (
 from opstudio.core.graph import GraphInfo
 
 # measured columns first: they are what one sorts by and must be visible in a narrow dock
-COLUMNS = ("name", "op type", "mean ms", "share", "after ms", "speedup", "technique",
+# times are medians over the timed runs, as in a comparison's before/after (robust to the odd
+# slow run that drags a mean)
+COLUMNS = ("name", "op type", "p50 ms", "share", "after ms", "speedup", "technique",
            "output shape", "FLOPs", "params", "FLOP/byte", "GFLOP/s", "bound")
-(COL_NAME, COL_OP, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_TECH, COL_SHAPE, COL_FLOPS,
+(COL_NAME, COL_OP, COL_P50, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_TECH, COL_SHAPE, COL_FLOPS,
  COL_PARAMS, COL_INTENSITY, COL_GFLOPS, COL_BOUND) = range(len(COLUMNS))
-NUMERIC = {COL_FLOPS, COL_PARAMS, COL_MEAN, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_INTENSITY,
+NUMERIC = {COL_FLOPS, COL_PARAMS, COL_P50, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_INTENSITY,
            COL_GFLOPS}
 ROOFLINE_COLUMNS = (COL_INTENSITY, COL_GFLOPS, COL_BOUND)
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -66,7 +68,7 @@ class OpTableModel(QAbstractTableModel):
             for s in profile.nodes:
                 for member in getattr(s, "group", []) or []:
                     self.profile.setdefault(member, s)
-        self._changed(COL_MEAN, COL_SHARE)
+        self._changed(COL_P50, COL_SHARE)
 
     def set_roofline(self, points: Iterable[Any]) -> None:
         by_stats = {p.name: p for p in points}
@@ -119,11 +121,11 @@ class OpTableModel(QAbstractTableModel):
             return n.flops
         if col == COL_PARAMS:
             return n.param_bytes or None
-        if col in (COL_MEAN, COL_SHARE):
+        if col in (COL_P50, COL_SHARE):
             s = self.profile.get(n.name)
             if s is None:
                 return None
-            return s.mean_ms if col == COL_MEAN else s.share
+            return s.p50_ms if col == COL_P50 else s.share
         if col == COL_TECH:
             return self.techniques.get(n.name, "")
         if col in (COL_AFTER, COL_SPEEDUP):
@@ -221,7 +223,7 @@ class OpTable(QWidget):
         header = self.view.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setStretchLastSection(True)
-        for col, width in ((COL_NAME, 150), (COL_OP, 96), (COL_MEAN, 78), (COL_SHARE, 60),
+        for col, width in ((COL_NAME, 150), (COL_OP, 96), (COL_P50, 78), (COL_SHARE, 60),
                            (COL_AFTER, 76), (COL_SPEEDUP, 74), (COL_TECH, 100), (COL_SHAPE, 120),
                            (COL_FLOPS, 70), (COL_PARAMS, 74), (COL_INTENSITY, 74),
                            (COL_GFLOPS, 70), (COL_BOUND, 70)):
@@ -291,7 +293,7 @@ def _format(col: int, v: Any) -> str:
         return _human(v)
     if col == COL_PARAMS:
         return _bytes(v)
-    if col in (COL_MEAN, COL_AFTER):
+    if col in (COL_P50, COL_AFTER):
         return f"{v:.3f}"
     if col == COL_SHARE:
         return f"{v * 100:.1f}%"
