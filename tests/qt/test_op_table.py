@@ -56,10 +56,13 @@ def test_cells_show_graph_profile_plan_and_comparison(app, qtbot):
     assert m.value(graph.node("relu0").index, COL_P50) is None
     m.set_techniques({"mm0": "int8-dynamic"})
     assert m.data(m.index(mm0, COL_TECH)) == "int8-dynamic"
-    comparison = SimpleNamespace(nodes=[SimpleNamespace(name="mm0", group=[], after_ms=0.25,
-                                                        speedup=2.0)])
+    # after the rewrite mm0 and relu0 run as one kernel: they are compared as one group, and
+    # the group's before time stands beside its after time
+    comparison = SimpleNamespace(nodes=[SimpleNamespace(
+        name="mm0", group=["mm0", "add0", "relu0"], before_ms=0.6, after_ms=0.3, speedup=2.0)])
     m.set_comparison(comparison)
-    assert m.value(mm0, COL_AFTER) == 0.25
+    assert m.value(mm0, COL_AFTER) == 0.3 and m.value(mm0, COL_P50) == 0.6
+    assert m.value(graph.node("relu0").index, COL_P50) == 0.6
     assert m.data(m.index(mm0, COL_SPEEDUP)) == "2.00×"
 
 

@@ -472,8 +472,8 @@ class MainWindow(QMainWindow):
         if s is not None:
             parts.append(f"p50 {s.p50_ms:.3f} ms ({s.share * 100:.1f}% of the run)")
         after = self.table.model.after.get(name)
-        if after is not None and after[1] is not None:
-            parts.append(f"after {after[0]:.3f} ms, {after[1]:.2f}×")
+        if after is not None and after[2] is not None:
+            parts.append(f"{after[0]:.3f} ms → {after[1]:.3f} ms, {after[2]:.2f}×")
         tech = self.table.model.techniques.get(name)
         if tech:
             parts.append(f"plan: {tech}")

@@ -52,7 +52,10 @@ class OpTableModel(QAbstractTableModel):
         self.graph: GraphInfo | None = None
         self.profile: dict[str, Any] = {}  # node name -> NodeStats
         self.techniques: dict[str, str] = {}  # node name -> technique(s) planned
-        self.after: dict[str, tuple[float, float | None]] = {}  # name -> (after ms, speedup)
+        # name -> (before ms, after ms, speedup) of the comparison row holding the node: nodes
+        # that fuse differently before and after are compared as one group, so the group's
+        # before time is shown beside its after time
+        self.after: dict[str, tuple[float, float, float | None]] = {}
         self.roofline: dict[str, Any] = {}  # node name -> roofline.RooflinePoint
 
     def set_graph(self, graph: GraphInfo | None) -> None:
@@ -87,8 +90,8 @@ class OpTableModel(QAbstractTableModel):
         if comparison is not None:
             for row in comparison.nodes:
                 for name in [row.name, *row.group]:
-                    self.after[name] = (row.after_ms, row.speedup)
-        self._changed(COL_AFTER, COL_SPEEDUP)
+                    self.after[name] = (row.before_ms, row.after_ms, row.speedup)
+        self._changed(COL_P50, COL_SPEEDUP)
 
     def _changed(self, first: int, last: int) -> None:
         if self.rowCount():
@@ -121,6 +124,8 @@ class OpTableModel(QAbstractTableModel):
             return n.flops
         if col == COL_PARAMS:
             return n.param_bytes or None
+        if col == COL_P50 and n.name in self.after:
+            return self.after[n.name][0]
         if col in (COL_P50, COL_SHARE):
             s = self.profile.get(n.name)
             if s is None:
@@ -132,7 +137,7 @@ class OpTableModel(QAbstractTableModel):
             a = self.after.get(n.name)
             if a is None:
                 return None
-            return a[0] if col == COL_AFTER else a[1]
+            return a[1] if col == COL_AFTER else a[2]
         if col in ROOFLINE_COLUMNS:
             p = self.roofline.get(n.name)
             if p is None:
