@@ -7,6 +7,11 @@ original node, medians over the timed runs. The table lists, per technique, each
 time before and after, and the whole-model result with the output accuracy.
 
     python benchmarks/bench_techniques.py [--runs 30] [--threads 0] [--only gpt2_block]
+        [--seq 128]
+
+``--seq 1`` gives the block's decode shape, where the weight MatMuls are memory-bound: INT4
+weight-only, which does not beat the fp32 kernels at seq 128 here, then pays (per node 1.3–1.5×
+on a 2-core machine, against 0.96–1.02× at seq 128).
 
 Expect, on a CPU: INT8 helps the large GEMMs, FP16 and unstructured sparsity do not (no FP16
 kernels, dense kernels ignore zeros), low-rank and structured pruning help in proportion to the
@@ -52,9 +57,10 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--only", choices=["gpt2_block", "resnet_like"])
+    p.add_argument("--seq", type=int, default=128, help="the GPT-2 block's sequence length")
     args = p.parse_args()
     settings = ProfileSettings(runs=args.runs, warmup=5, threads=args.threads)
-    models = {"gpt2_block": gpt2_block(), "resnet_like": resnet_like()}
+    models = {"gpt2_block": gpt2_block(seq=args.seq), "resnet_like": resnet_like()}
     if args.only:
         models = {args.only: models[args.only]}
     print(f"{'model':<12} {'technique':<36} {'node':<18} {'before ms':>10} {'after ms':>9} "
