@@ -91,3 +91,37 @@ def test_result_after_cancel_counts_as_cancelled(app, qtbot):
     with qtbot.waitSignal(w.signals.cancelled, timeout=5000):
         gate.set()
     assert results == []
+
+
+def test_garbage_is_collected_in_the_ui_thread_never_in_a_worker(app, qtbot):
+    """A Qt object in a reference cycle destroyed by the collector in a worker thread has
+    deadlocked the app: automatic collection is off, and a UI-thread timer collects."""
+    import gc
+    import weakref
+
+    from PySide6.QtWidgets import QMenu
+
+    assert not gc.isenabled()
+    collected_in = []
+
+    class Cycle:
+        pass
+
+    def make_garbage():
+        holder = Cycle()
+        holder.menu = QMenu()
+        holder.self = holder
+        weakref.finalize(holder, lambda: collected_in.append(threading.get_ident()))
+
+    make_garbage()
+
+    def churn(*, progress=None, cancelled=None):
+        # enough allocations to have triggered an automatic collection many times over
+        junk = [[i] for i in range(200_000)]
+        return len(junk)
+
+    w = Worker(churn)
+    with qtbot.waitSignal(w.signals.finished, timeout=10000):
+        w.start()
+    gc.collect()  # what the UI-thread timer does when the counts call for it
+    assert collected_in and set(collected_in) == {threading.main_thread().ident}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pyqtgraph as pg
+from pyqtgraph.util.garbage_collector import GarbageCollector
 from PySide6.QtCore import QCoreApplication, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QIcon, QPainter, QPalette, QPixmap
 from PySide6.QtWidgets import QApplication
@@ -89,6 +90,9 @@ def create_app(argv: list[str] | None = None) -> QApplication:
     return app
 
 
+_GARBAGE_COLLECTOR: GarbageCollector | None = None
+
+
 def _configure(app: QApplication) -> None:
     # Once per application: a style sheet set again re-polishes every live widget, and doing
     # that while a worker thread emits its last signal has deadlocked (seen in the tests,
@@ -96,6 +100,13 @@ def _configure(app: QApplication) -> None:
     if app.property("opstudio_configured"):
         return
     app.setProperty("opstudio_configured", True)
+    # Python's cyclic garbage collector runs in whichever thread allocates when its threshold
+    # is reached. Run in a worker thread, it destroyed a QMenu left in a reference cycle there
+    # and deadlocked against the UI thread (seen in the tests: the QMenu's destructor waited
+    # for the GIL while holding a Qt lock the UI thread wanted). pyqtgraph's collector turns
+    # automatic collection off and collects on a UI-thread timer instead.
+    global _GARBAGE_COLLECTOR
+    _GARBAGE_COLLECTOR = GarbageCollector(interval=1.0)
     app.setApplicationName("opstudio")
     app.setOrganizationName("opstudio")
     app.setApplicationVersion(__version__)
