@@ -18,7 +18,7 @@ from opstudio.core.roofline import (
 )
 
 MACHINE = Machine(peak_gflops=100.0, bandwidth_gbs=10.0, threads=1, onnxruntime="x",
-                  measured_at=0.0)  # ridge at 10 FLOP/byte
+                  measured_at=0.0, peak_int8_gops=400.0)  # ridge at 10 FLOP/byte (INT8: 40)
 
 
 def matmul_relu(m: int, k: int, n: int):
@@ -83,6 +83,7 @@ def test_the_machine_is_measured_once_and_then_read_from_the_cache(tmp_path, mon
     assert cached_machine(1) is None
     first = measure_machine(1, gemm_n=128, stream_mb=4, repeats=2)
     assert first.peak_gflops > 0 and first.bandwidth_gbs > 0 and first.ridge > 0
+    assert first.peak_int8_gops > 0
     assert cached_machine(1) == first
     assert measure_machine(1, gemm_n=128, stream_mb=4, repeats=2) == first  # no new measure
     again = measure_machine(1, refresh=True, gemm_n=128, stream_mb=4, repeats=2)
@@ -93,3 +94,45 @@ def test_the_machine_is_measured_once_and_then_read_from_the_cache(tmp_path, mon
     assert cached_machine(1) is None
     assert measure_machine(1, gemm_n=128, stream_mb=4, repeats=2).peak_gflops > 0
     assert json.loads((tmp_path / "opstudio" / "roofline.json").read_text())
+    # figures cached before the INT8 roof existed are measured again
+    cache = tmp_path / "opstudio" / "roofline.json"
+    data = json.loads(cache.read_text())
+    for entry in data.values():
+        del entry["peak_int8_gops"]
+    cache.write_text(json.dumps(data))
+    assert cached_machine(1) is None
+
+
+def test_an_int8_model_is_placed_per_original_node_under_the_int8_roof():
+    from opstudio.core.optimize import optimize
+    from opstudio.core.provenance import origin_map
+    from opstudio.core.recipe import Recipe, Step
+
+    model = matmul_relu(64, 256, 256)
+    model.graph.initializer[0].CopyFrom(helper.make_tensor(
+        "w", TensorProto.FLOAT, [256, 256], [((i * 7) % 13 - 6) / 6.0 for i in range(256 * 256)]))
+    quantized = optimize(model, Recipe([Step("int8-dynamic", {}, nodes=["mm"])])).model
+    graph = analyze(quantized)
+    assert "mm" not in {n.name for n in graph.nodes}  # the MatMul is now other nodes
+    prof = profile_of(stats("mm", "MatMulInteger", 0.05), stats("relu", "Relu", 0.01))
+    points = {p.name: p for p in profile_roofline(graph, prof, MACHINE, origin_map(quantized))}
+    mm = points["mm"]
+    integer = [n for n in graph.nodes if n.op_type == "MatMulInteger"]
+    assert len(integer) == 1 and mm.flops >= integer[0].flops == 2 * 64 * 256 * 256
+    assert mm.precision == "int8"
+    assert mm.attainable_gflops == pytest.approx(min(400.0, mm.intensity * 10.0))
+    assert points["relu"].precision == "fp32"
+    from opstudio.core.provenance import derived_nodes
+
+    assert integer[0].name in derived_nodes(quantized)["mm"]
+    assert "relu" not in derived_nodes(quantized)  # untouched nodes stand for themselves
+    # without the provenance the row finds none of the nodes that stand for it
+    assert "mm" not in {p.name for p in profile_roofline(graph, prof, MACHINE)}
+
+
+def test_a_memory_bound_point_above_the_dram_roof_is_read_from_cache():
+    graph = analyze(matmul_relu(256, 256, 256))
+    fast = {p.name: p for p in analyze_roofline(graph, {"relu": 1e-4}, MACHINE)}["relu"]
+    slow = {p.name: p for p in analyze_roofline(graph, {"relu": 1.0}, MACHINE)}["relu"]
+    assert fast.from_cache and fast.describe_bound() == "memory (cache)"
+    assert not slow.from_cache and slow.describe_bound() == "memory"

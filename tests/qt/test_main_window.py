@@ -346,3 +346,32 @@ def test_opening_runs_off_the_ui_thread_and_can_be_cancelled(window, qtbot, mlp_
     assert window.model_path == mlp_path.resolve() and len(window.graph.nodes) == 6
     assert "cancelled" in window.statusBar().currentMessage()
     assert not window.is_running()
+
+
+def test_an_optimized_file_shows_its_profile_on_the_nodes_that_run(window, qtbot, tmp_path):
+    """A file opstudio wrote: its profile is reported per original node (mm0), which is no node
+    of this graph any more; the table, the heat map and "slowest N" put it on the nodes that
+    stand for mm0 now (its MatMulInteger and scale nodes)."""
+    from qt_models import mlp_model
+
+    from opstudio.core.model_io import save_model
+    from opstudio.core.optimize import optimize
+    from opstudio.core.recipe import Recipe
+
+    quantized = optimize(mlp_model(hidden=256), Recipe([Step("int8-dynamic", {},
+                                                             nodes=["mm0"])])).model
+    path = tmp_path / "mlp.int8.onnx"
+    save_model(quantized, path)
+    assert window.open_model(path)
+    assert not window.graph.has_node("mm0")
+    integer = next(n for n in window.graph.nodes if n.op_type == "MatMulInteger")
+    run_and_wait(qtbot, window, window.run_profile)
+    row = window.profile.node("mm0")
+    assert row is not None
+    tm = window.table.model
+    assert tm.value(integer.index, COL_P50) == row.p50_ms
+    item = window.graph_view.item
+    unmeasured = len(item._palette) - 1  # the grey of nodes without a time
+    assert item.colour[integer.index] != unmeasured
+    selected = window.select_slowest(len(window.profile.nodes))
+    assert integer.index in selected

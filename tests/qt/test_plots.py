@@ -83,3 +83,26 @@ def test_hover_shows_values(app, qtbot, monkeypatch):
     panel.ops._on_hover(scene_pos)
     assert shown and "<b>c</b>" in shown[-1] and "0.80×" in shown[-1]
     assert "2.500 ms" in shown[-1]
+
+
+def test_roofline_draws_the_int8_roof_only_for_integer_kernels(app, qtbot):
+    from opstudio.core.roofline import Machine, RooflinePoint
+    from opstudio.qt.roofline_plot import RooflinePlot
+
+    machine = Machine(peak_gflops=100.0, bandwidth_gbs=10.0, threads=1, onnxruntime="x",
+                      measured_at=0.0, peak_int8_gops=400.0)
+
+    def point(name, precision, intensity, gflops):
+        return RooflinePoint(name, "MatMul", 1000, int(1000 / intensity), 0.1, intensity,
+                             gflops, 100.0, "compute", precision)
+
+    plot = RooflinePlot()
+    qtbot.addWidget(plot)
+    plot.set_points([point("fp", "fp32", 20.0, 80.0)], machine)
+    assert plot.int8_roof.xData is None or len(plot.int8_roof.xData) == 0
+    plot.set_points([point("fp", "fp32", 20.0, 80.0), point("q", "int8", 60.0, 350.0)], machine)
+    assert max(plot.int8_roof.yData) == 400.0 and max(plot.roof.yData) == 100.0
+    symbols = {s.data(): s.symbol() for s in plot.scatter.points()}
+    assert symbols == {"fp": "o", "q": "s"}
+    assert "INT8 400 GOP/s" in plot.getPlotItem().titleLabel.text
+    assert "of the INT8 roof" in plot._tip(0, 0, "q")

@@ -36,6 +36,19 @@ def set_origin(node: onnx.NodeProto, origins: Iterable[str]) -> None:
         entry.value = ",".join(names)
 
 
+def derived_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Original node name -> the top-level nodes of ``model`` that stand for it now (only for
+    nodes a pass rewrote: every other node stands for itself). Profiles of an optimized model
+    are reported per original node; this puts their rows back on the nodes a user sees."""
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        origins = get_origin(node)
+        if origins != [node.name]:
+            for origin in origins:
+                out.setdefault(origin, []).append(node.name)
+    return out
+
+
 def origin_map(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Node name -> original node names, for every top-level node of ``model``."""
     return {node.name: get_origin(node) for node in model.graph.node}

@@ -6,6 +6,11 @@ onnxruntime version. For each profiled operator, arithmetic intensity (FLOPs per
 against the ridge point (peak / bandwidth) says which ceiling applies, and achieved GFLOP/s
 against the attainable one says how close the kernel gets.
 
+Integer kernels (MatMulInteger, ConvInteger, QLinear*, the fused DynamicQuantizeMatMul) have a
+roof of their own, measured the same way with an INT8 GEMM: against the fp32 peak, an INT8
+MatMul would sit at 300 % of "its" roof. A memory-bound operator above the DRAM roof is one whose
+data came from cache (the bandwidth is measured on arrays far larger than any cache).
+
 This is what the advice rests on: weight-only INT4 cuts the bytes of memory-bound MatMuls
 (decode-style, few tokens), low-rank factorization cuts the FLOPs of compute-bound ones.
 """
@@ -16,6 +21,7 @@ import json
 import os
 import platform
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +33,10 @@ from onnx import TensorProto, helper
 
 from opstudio.core.graph import GraphInfo
 
+# Op types whose arithmetic runs on 8-bit integers (on the CPU provider).
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm",
+                         "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -35,11 +45,18 @@ class Machine:
     threads: int
     onnxruntime: str
     measured_at: float
+    peak_int8_gops: float = 0.0  # integer GEMM ops per second, 0 when not measured
 
     @property
     def ridge(self) -> float:
         """FLOPs per byte above which the compute ceiling, not memory, limits a kernel."""
         return self.peak_gflops / self.bandwidth_gbs
+
+    def peak(self, precision: str) -> float:
+        """The compute roof for ``precision`` ("fp32" or "int8")."""
+        if precision == "int8" and self.peak_int8_gops > 0:
+            return self.peak_int8_gops
+        return self.peak_gflops
 
 
 @dataclass(frozen=True)
@@ -53,14 +70,24 @@ class RooflinePoint:
     achieved_gflops: float
     attainable_gflops: float
     bound: str  # "compute" | "memory"
+    precision: str = "fp32"  # "int8" for integer kernels, against the INT8 roof
 
     @property
     def efficiency(self) -> float:
         return self.achieved_gflops / self.attainable_gflops if self.attainable_gflops else 0.0
 
+    @property
+    def from_cache(self) -> bool:
+        """Memory-bound yet above the DRAM roof: its data was served from cache."""
+        return self.bound == "memory" and self.efficiency > 1.0
+
+    def describe_bound(self) -> str:
+        return "memory (cache)" if self.from_cache else self.bound
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["efficiency"] = round(self.efficiency, 4)
+        data["from_cache"] = self.from_cache
         return data
 
 
@@ -76,7 +103,7 @@ def _cache_key(threads: int) -> str:
 
 
 def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool = False,
-                    gemm_n: int = 1024, stream_mb: int = 128, repeats: int = 7) -> Machine:
+                    gemm_n: int = 1024, stream_mb: int = 128, repeats: int = 25) -> Machine:
     """Peak GEMM GFLOP/s and elementwise bandwidth through onnxruntime, cached on disk
     (``refresh`` measures again and replaces the cached figures)."""
     import onnxruntime as ort
@@ -97,18 +124,28 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     sess = ort.InferenceSession(gemm.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
-    t = _median_time(lambda: sess.run(None, {"a": a, "b": b}), repeats)
+    t = _best_time(lambda: sess.run(None, {"a": a, "b": b}), repeats)
     peak = 2.0 * gemm_n**3 / t / 1e9
+
+    # uint8 activations × int8 weights: what onnxruntime's dynamic quantization runs
+    int8 = _single_op_model("MatMulInteger", [gemm_n, gemm_n], [gemm_n, gemm_n],
+                            (TensorProto.UINT8, TensorProto.INT8), TensorProto.INT32)
+    sess = ort.InferenceSession(int8.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    qa = rng.integers(0, 256, (gemm_n, gemm_n), dtype=np.uint8)
+    qb = rng.integers(-128, 128, (gemm_n, gemm_n), dtype=np.int8)
+    t = _best_time(lambda: sess.run(None, {"a": qa, "b": qb}), repeats)
+    peak_int8 = 2.0 * gemm_n**3 / t / 1e9
 
     n = stream_mb * 2**20 // 4
     add = _single_op_model("Add", [n], [n])
     sess = ort.InferenceSession(add.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = rng.standard_normal(n, dtype=np.float32)
     y = rng.standard_normal(n, dtype=np.float32)
-    t = _median_time(lambda: sess.run(None, {"a": x, "b": y}), repeats)
+    t = _best_time(lambda: sess.run(None, {"a": x, "b": y}), repeats)
     bandwidth = 3.0 * n * 4 / t / 1e9  # two reads, one write
 
-    machine = Machine(round(peak, 2), round(bandwidth, 2), threads, ort.__version__, time.time())
+    machine = Machine(round(peak, 2), round(bandwidth, 2), threads, ort.__version__, time.time(),
+                      round(peak_int8, 2))
     if use_cache:
         try:
             data = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -132,7 +169,9 @@ def cached_machine(threads: int = 0) -> Machine | None:
     cache = _cache_file()
     try:
         entry = json.loads(cache.read_text()).get(_cache_key(threads)) if cache.is_file() else None
-        return Machine(**entry) if entry else None
+        machine = Machine(**entry) if entry else None
+        # figures cached before the INT8 roof was measured are measured again, all of them
+        return machine if machine is not None and machine.peak_int8_gops > 0 else None
     except (OSError, ValueError, TypeError, AttributeError):
         return None  # a broken cache is simply measured again
 
@@ -159,16 +198,29 @@ def profile_with_machine(model_path: str | Path, settings: Any, *,
     return profile, machine
 
 
-def profile_roofline(graph: GraphInfo, profile: Any, machine: Machine) -> list[RooflinePoint]:
+def profile_roofline(graph: GraphInfo, profile: Any, machine: Machine,
+                     origins: Mapping[str, Sequence[str]] | None = None) -> list[RooflinePoint]:
     """Roofline figures per profiled operator (p50 times). A group of nodes that run as one
-    fused kernel is one point: the FLOPs and bytes of all its members against their one time."""
-    by_name = {n.name: n for n in graph.nodes}
+    fused kernel is one point: the FLOPs and bytes of all its members against their one time.
+
+    The profile of an optimized model is reported per original node; ``origins``
+    (``provenance.origin_map`` of the model ``graph`` was analysed from) leads each row to the
+    nodes that stand for it now (``fc1`` → ``fc1_quant`` MatMulInteger and its scale Muls)."""
+    derived: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.nodes:
+        for origin in (origins or {}).get(node.name, [node.name]):
+            derived[origin].append(node)
     points: list[RooflinePoint] = []
     for stats in profile.nodes:
-        members = [by_name[m] for m in (stats.group or [stats.name]) if m in by_name]
-        flops = sum(m.flops or 0 for m in members)
-        moved = sum(m.bytes_moved or 0 for m in members)
-        point = _point(stats.name, stats.op_type, flops, moved, stats.p50_ms, machine)
+        members: dict[str, Any] = {}
+        for name in stats.group or [stats.name]:
+            for node in derived.get(name, []):
+                members.setdefault(node.name, node)
+        flops = sum(m.flops or 0 for m in members.values())
+        moved = sum(m.bytes_moved or 0 for m in members.values())
+        integer = any(m.op_type in INTEGER_OPS for m in members.values())
+        point = _point(stats.name, stats.op_type, flops, moved, stats.p50_ms, machine,
+                       "int8" if integer else "fp32")
         if point is not None:
             points.append(point)
     points.sort(key=lambda p: -p.ms)
@@ -176,15 +228,17 @@ def profile_roofline(graph: GraphInfo, profile: Any, machine: Machine) -> list[R
 
 
 def _point(name: str, op_type: str, flops: int, moved: int, ms: float,
-           machine: Machine) -> RooflinePoint | None:
+           machine: Machine, precision: str = "fp32") -> RooflinePoint | None:
     if not ms or ms <= 0 or not flops or not moved:
         return None
     intensity = flops / moved
+    peak = machine.peak(precision)
     return RooflinePoint(
         name=name, op_type=op_type, flops=flops, bytes_moved=moved, ms=ms,
         intensity=intensity, achieved_gflops=flops / (ms * 1e-3) / 1e9,
-        attainable_gflops=min(machine.peak_gflops, intensity * machine.bandwidth_gbs),
-        bound="compute" if intensity >= machine.ridge else "memory")
+        attainable_gflops=min(peak, intensity * machine.bandwidth_gbs),
+        bound="compute" if intensity >= peak / machine.bandwidth_gbs else "memory",
+        precision="int8" if precision == "int8" and machine.peak_int8_gops > 0 else "fp32")
 
 
 def analyze_roofline(graph: GraphInfo, node_ms: Mapping[str, float],
@@ -193,7 +247,8 @@ def analyze_roofline(graph: GraphInfo, node_ms: Mapping[str, float],
     points: list[RooflinePoint] = []
     for node in graph.nodes:
         point = _point(node.name, node.op_type, node.flops or 0, node.bytes_moved or 0,
-                       node_ms.get(node.name) or 0.0, machine)
+                       node_ms.get(node.name) or 0.0, machine,
+                       "int8" if node.op_type in INTEGER_OPS else "fp32")
         if point is not None:
             points.append(point)
     points.sort(key=lambda p: -p.ms)
@@ -215,21 +270,25 @@ def dims_from_inputs(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -
     return dims
 
 
-def _single_op_model(op: str, a_shape: Sequence[int], b_shape: Sequence[int]) -> onnx.ModelProto:
-    out_shape = [a_shape[0], b_shape[1]] if op == "MatMul" else list(a_shape)
+def _single_op_model(op: str, a_shape: Sequence[int], b_shape: Sequence[int],
+                     in_types: tuple[int, int] = (TensorProto.FLOAT, TensorProto.FLOAT),
+                     out_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    out_shape = [a_shape[0], b_shape[1]] if op.startswith("MatMul") else list(a_shape)
     graph = helper.make_graph(
         [helper.make_node(op, ["a", "b"], ["y"])], "roofline",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape)),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+        [helper.make_tensor_value_info("a", in_types[0], list(a_shape)),
+         helper.make_tensor_value_info("b", in_types[1], list(b_shape))],
+        [helper.make_tensor_value_info("y", out_type, out_shape)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _median_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` runs: a ceiling is the best the machine does, and on a busy
+    machine a median ceiling sat below what profiled kernels then reached."""
     fn()  # warm-up: allocations, thread pool start
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.min(times))

@@ -38,6 +38,7 @@ from opstudio.core.graph import GraphInfo, symbolic_dims
 from opstudio.core.model_io import save_model
 from opstudio.core.opening import open_for_display
 from opstudio.core.profiler import ProfileSettings
+from opstudio.core.provenance import derived_nodes, origin_map
 from opstudio.core.recipe import Recipe
 from opstudio.core.roofline import cached_machine, profile_roofline, profile_with_machine
 from opstudio.qt.advisor_panel import AdvisorPanel
@@ -339,7 +340,7 @@ class MainWindow(QMainWindow):
         self.model_path, self.model, self.graph = opened.path, model, graph
         self.profile = self.comparison = self.optimized = None
         self.graph_view.set_graph(graph, layout)
-        self.table.set_graph(graph)
+        self.table.set_graph(graph, derived_nodes(model))
         self.panel.set_model(model, graph)
         self.plots.clear()
         ops = graph.op_type_counts()
@@ -427,10 +428,17 @@ class MainWindow(QMainWindow):
             return []
         ranked = sorted(self.profile.nodes, key=lambda s: -s.p50_ms)
         idx: list[int] = []
+        rows = 0
         for s in ranked:
-            if self.graph.has_node(s.name):
-                idx.append(self.graph.node(s.name).index)
-            if len(idx) >= n:
+            # in a file an optimization wrote, a row names the original node: select the
+            # nodes standing for it
+            shown = [self.graph.node(name).index
+                     for name in self.table.model.shown_as([s.name])
+                     if self.graph.has_node(name)]
+            if shown:
+                idx.extend(shown)
+                rows += 1
+            if rows >= n:
                 break
         self.set_selection(idx)
         return idx
@@ -599,7 +607,8 @@ class MainWindow(QMainWindow):
         machine = cached_machine(self.run_settings.threads) or self.machine
         if machine is None or self.graph is None:
             return
-        points = profile_roofline(self.graph, profile, machine)
+        origins = origin_map(self.model) if self.model is not None else None
+        points = profile_roofline(self.graph, profile, machine, origins)
         self.plots.show_roofline(points, machine)
         self.table.model.set_roofline(points)
 
@@ -636,7 +645,7 @@ class MainWindow(QMainWindow):
             return
         share = np.full(len(self.graph.nodes), np.nan)
         for s in profile.nodes:
-            for name in [s.name, *(getattr(s, "group", None) or [])]:
+            for name in self.table.model.shown_as([s.name, *(getattr(s, "group", None) or [])]):
                 if self.graph.has_node(name):
                     share[self.graph.node(name).index] = s.share
         self.graph_view.set_heat(share)

@@ -57,20 +57,37 @@ class OpTableModel(QAbstractTableModel):
         # before time is shown beside its after time
         self.after: dict[str, tuple[float, float, float | None]] = {}
         self.roofline: dict[str, Any] = {}  # node name -> roofline.RooflinePoint
+        # original node name -> nodes of this model standing for it (a file an optimization
+        # wrote: its profile rows are named after the original nodes)
+        self.derived: dict[str, list[str]] = {}
 
-    def set_graph(self, graph: GraphInfo | None) -> None:
+    def set_graph(self, graph: GraphInfo | None,
+                  derived: dict[str, list[str]] | None = None) -> None:
         self.beginResetModel()
         self.graph = graph
+        self.derived = dict(derived or {})
         self.profile, self.techniques, self.after, self.roofline = {}, {}, {}, {}
         self.endResetModel()
 
+    def shown_as(self, names: Iterable[str]) -> list[str]:
+        """The nodes of this graph that rows naming ``names`` are shown on."""
+        out: list[str] = []
+        for name in names:
+            for node in self.derived.get(name, [name]):
+                if node not in out:
+                    out.append(node)
+        return out
+
     def set_profile(self, profile: Any | None) -> None:
-        self.profile = {} if profile is None else {s.name: s for s in profile.nodes}
+        self.profile = {}
         # a fused group is reported under its first member; show it on the others too
         if profile is not None:
             for s in profile.nodes:
-                for member in getattr(s, "group", []) or []:
-                    self.profile.setdefault(member, s)
+                for name in self.shown_as([s.name]):
+                    self.profile[name] = s
+            for s in profile.nodes:
+                for name in self.shown_as(getattr(s, "group", []) or []):
+                    self.profile.setdefault(name, s)
         self._changed(COL_P50, COL_SHARE)
 
     def set_roofline(self, points: Iterable[Any]) -> None:
@@ -89,7 +106,7 @@ class OpTableModel(QAbstractTableModel):
         self.after = {}
         if comparison is not None:
             for row in comparison.nodes:
-                for name in [row.name, *row.group]:
+                for name in self.shown_as([row.name, *row.group]):
                     self.after[name] = (row.before_ms, row.after_ms, row.speedup)
         self._changed(COL_P50, COL_SPEEDUP)
 
@@ -143,7 +160,7 @@ class OpTableModel(QAbstractTableModel):
             if p is None:
                 return None
             return {COL_INTENSITY: p.intensity, COL_GFLOPS: p.achieved_gflops,
-                    COL_BOUND: p.bound}[col]
+                    COL_BOUND: p.describe_bound()}[col]
         return None
 
     def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
@@ -168,8 +185,10 @@ class OpTableModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.ToolTipRole and col in ROOFLINE_COLUMNS:
             p = self.roofline.get(self.graph.nodes[row].name)
             if p is not None:
+                roof = "the INT8 roof" if p.precision == "int8" else "the fp32 roof"
                 return (f"{p.achieved_gflops:.1f} of {p.attainable_gflops:.1f} GFLOP/s attainable "
-                        f"at {p.intensity:.2f} FLOP/byte ({p.efficiency:.0%}); {p.bound}-bound")
+                        f"at {p.intensity:.2f} FLOP/byte ({p.efficiency:.0%} of {roof}); "
+                        f"{p.describe_bound()}-bound")
         return None
 
 
@@ -243,8 +262,9 @@ class OpTable(QWidget):
         lay.addWidget(self.view)
         self._syncing = False
 
-    def set_graph(self, graph: GraphInfo | None) -> None:
-        self.model.set_graph(graph)
+    def set_graph(self, graph: GraphInfo | None,
+                  derived: dict[str, list[str]] | None = None) -> None:
+        self.model.set_graph(graph, derived)
 
     def selected(self) -> list[int]:
         rows = {self.proxy.mapToSource(ix).row()

@@ -3,7 +3,8 @@ under this machine's two ceilings (memory bandwidth × intensity, and peak GFLOP
 
 Both axes are logarithmic, as rooflines are read: a point far below the roof is a kernel that
 neither ceiling explains (overheads, poor kernels); a point near the sloped part is limited by
-memory, near the flat part by arithmetic. Clicking a point selects its operator.
+memory, near the flat part by arithmetic. Integer kernels (squares) sit under the INT8 roof,
+drawn dashed when there are any. Clicking a point selects its operator.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QWidget
 
 from opstudio.qt.plots import TEXT
@@ -42,6 +43,9 @@ class RooflinePlot(pg.PlotWidget):
             pi.getAxis(axis).enableAutoSIPrefix(False)
         self.roof = pg.PlotDataItem(pen=pg.mkPen(ROOF, width=2))
         pi.addItem(self.roof)
+        self.int8_roof = pg.PlotDataItem(pen=pg.mkPen(ROOF, width=1.5,
+                                                      style=Qt.PenStyle.DashLine))
+        pi.addItem(self.int8_roof)
         self.scatter = pg.ScatterPlotItem(hoverable=True, tip=self._tip)
         self.scatter.sigClicked.connect(self._on_click)
         pi.addItem(self.scatter)
@@ -52,6 +56,7 @@ class RooflinePlot(pg.PlotWidget):
     def clear_points(self) -> None:
         self.scatter.clear()
         self.roof.setData([], [])
+        self.int8_roof.setData([], [])
         self.legend.clear()
         for item in self.labels:
             self.getPlotItem().removeItem(item)
@@ -77,6 +82,15 @@ class RooflinePlot(pg.PlotWidget):
         lo, hi = min(lo, machine.ridge / 4), max(hi, machine.ridge * 4)
         xs = np.array([lo, machine.ridge, hi])
         self.roof.setData(xs, np.minimum(machine.peak_gflops, xs * machine.bandwidth_gbs))
+        int8_peak = getattr(machine, "peak_int8_gops", 0.0)
+        integer = [p for p in points if getattr(p, "precision", "fp32") == "int8"]
+        if integer and int8_peak:
+            ridge8 = int8_peak / machine.bandwidth_gbs
+            xs8 = np.array([min(lo, ridge8 / 4), ridge8, max(hi, ridge8 * 4)])
+            self.int8_roof.setData(xs8, np.minimum(int8_peak, xs8 * machine.bandwidth_gbs))
+            pi.setTitle(f"Roofline: {machine.peak_gflops:.0f} GFLOP/s peak (INT8 "
+                        f"{int8_peak:.0f} GOP/s), {machine.bandwidth_gbs:.1f} GB/s",
+                        color=TEXT, size="11pt")
         if not points:
             return
         total = sum(p.ms for p in points) or 1.0
@@ -87,12 +101,15 @@ class RooflinePlot(pg.PlotWidget):
             spots.append({"pos": (math.log10(p.intensity), math.log10(max(p.achieved_gflops,
                                                                          1e-6))),
                           "data": p.name, "size": size, "brush": pg.mkBrush(colour + "b0"),
-                          "pen": pg.mkPen(colour)})
+                          "pen": pg.mkPen(colour),
+                          "symbol": "s" if getattr(p, "precision", "fp32") == "int8" else "o"})
         self.scatter.addPoints(spots)
         for bound, colour in (("memory", MEMORY), ("compute", COMPUTE)):
             if any(p.bound == bound for p in points):
                 sample = pg.ScatterPlotItem(brush=pg.mkBrush(colour), pen=pg.mkPen(None), size=9)
                 self.legend.addItem(sample, f"{bound}-bound")
+        if integer and int8_peak:
+            self.legend.addItem(self.int8_roof, "INT8 roof (squares)")
         # name the operator that takes the most time (more names pile up: MatMuls of one
         # model sit close together; hovering names every point)
         for p in sorted(points, key=lambda p: -p.ms)[:1]:
@@ -112,7 +129,8 @@ class RooflinePlot(pg.PlotWidget):
             return str(data)
         return (f"{p.name} ({p.op_type})\n{p.ms:.4f} ms, {p.intensity:.2f} FLOP/byte\n"
                 f"{p.achieved_gflops:.1f} of {p.attainable_gflops:.1f} GFLOP/s attainable "
-                f"({p.efficiency:.0%})\n{p.bound}-bound")
+                f"({p.efficiency:.0%}{' of the INT8 roof' if p.precision == 'int8' else ''})"
+                f"\n{p.describe_bound()}-bound")
 
     def _on_click(self, _item: Any, points: Any, *_: Any) -> None:
         if len(points):
