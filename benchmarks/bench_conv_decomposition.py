@@ -34,6 +34,7 @@ from opstudio.core.inputs import make_inputs
 from opstudio.core.model_io import load_model
 from opstudio.core.passes import PassContext, _weights
 from opstudio.core.passes.lowrank import PASS as LOWRANK
+from opstudio.core.roofline import dims_from_inputs
 from opstudio.core.timing import interleaved_times, paired_ratio, session
 
 METHODS = ("svd", "tucker2")
@@ -75,14 +76,7 @@ def worst(report, only: str | None) -> tuple[float, float]:
 def bench(name: str, model, args: argparse.Namespace) -> list[tuple]:
     names = {i.name for i in model.graph.input}
     inputs = make_inputs(model, shapes={k: v for k, v in args.shape.items() if k in names})
-    # the dims the generated inputs have, so that FLOPs are concrete
-    dims = {}
-    for graph_input in model.graph.input:
-        if graph_input.name in inputs:
-            for d, size in zip(graph_input.type.tensor_type.shape.dim,
-                               inputs[graph_input.name].shape):
-                if d.dim_param:
-                    dims[d.dim_param] = int(size)
+    dims = dims_from_inputs(model, inputs)  # so that FLOPs are concrete
     info = analyze(model, dims)
     flops0 = info.total_flops() or 0
     params0 = info.total_param_bytes()

@@ -105,7 +105,7 @@ def test_the_machine_is_measured_once_and_then_read_from_the_cache(tmp_path, mon
 
 def test_an_int8_model_is_placed_per_original_node_under_the_int8_roof():
     from opstudio.core.optimize import optimize
-    from opstudio.core.provenance import origin_map
+    from opstudio.core.provenance import derived_nodes
     from opstudio.core.recipe import Recipe, Step
 
     model = matmul_relu(64, 256, 256)
@@ -115,15 +115,13 @@ def test_an_int8_model_is_placed_per_original_node_under_the_int8_roof():
     graph = analyze(quantized)
     assert "mm" not in {n.name for n in graph.nodes}  # the MatMul is now other nodes
     prof = profile_of(stats("mm", "MatMulInteger", 0.05), stats("relu", "Relu", 0.01))
-    points = {p.name: p for p in profile_roofline(graph, prof, MACHINE, origin_map(quantized))}
+    points = {p.name: p for p in profile_roofline(graph, prof, MACHINE, derived_nodes(quantized))}
     mm = points["mm"]
     integer = [n for n in graph.nodes if n.op_type == "MatMulInteger"]
     assert len(integer) == 1 and mm.flops >= integer[0].flops == 2 * 64 * 256 * 256
     assert mm.precision == "int8"
     assert mm.attainable_gflops == pytest.approx(min(400.0, mm.intensity * 10.0))
     assert points["relu"].precision == "fp32"
-    from opstudio.core.provenance import derived_nodes
-
     assert integer[0].name in derived_nodes(quantized)["mm"]
     assert "relu" not in derived_nodes(quantized)  # untouched nodes stand for themselves
     # without the provenance the row finds none of the nodes that stand for it

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from opstudio.core.graph import analyze
         from opstudio.core.inputs import make_inputs
         from opstudio.core.model_io import load_model
-        from opstudio.core.provenance import origin_map
+        from opstudio.core.provenance import derived_nodes
         from opstudio.core.roofline import dims_from_inputs, measure_machine, profile_roofline
 
         model = load_model(args.model, load_external_data=False)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                              npz_path=settings.inputs_path, seed=settings.seed)
         machine = measure_machine(settings.threads)
         points = profile_roofline(analyze(model, dims_from_inputs(model, inputs)), profile,
-                                  machine, origin_map(model))
+                                  machine, derived_nodes(model))
         roofline = (machine, points)
     if not quiet:
         clear_progress()
@@ -152,8 +152,7 @@ def print_summary(p: Profile, top: int = 20, file=None) -> None:
 def print_roofline(machine: Any, points: list[Any], top: int = 20, file=None) -> None:
     """Operators on this machine's roofline, slowest first."""
     file = file or sys.stdout
-    int8 = (f", INT8 {machine.peak_int8_gops:.1f} GOP/s peak"
-            if getattr(machine, "peak_int8_gops", 0) else "")
+    int8 = f", INT8 {machine.peak_int8_gops:.1f} GOP/s peak" if machine.peak_int8_gops else ""
     print(f"roofline: {machine.peak_gflops:.1f} GFLOP/s peak{int8}, {machine.bandwidth_gbs:.1f} "
           f"GB/s, ridge {machine.ridge:.1f} FLOP/byte (operators with known FLOPs; integer "
           "kernels against the INT8 peak; 'cache': above the DRAM roof, data from cache)",

@@ -110,6 +110,12 @@ class GraphInfo:
     def has_node(self, name: str) -> bool:
         return name in self._by_name
 
+    def static_shape(self, tensor: str) -> list[int] | None:
+        """The shape of ``tensor`` when every dim is a known number, else None."""
+        found = self.tensors.get(tensor)
+        dims = None if found is None else found.shape
+        return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) else None
+
     # (``producer`` is the field naming the exporting tool, so this one has its own name)
     def producer_of(self, tensor: str) -> NodeInfo | None:
         """The node that writes ``tensor``; None for graph inputs and initializers."""

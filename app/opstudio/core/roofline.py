@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -199,23 +198,21 @@ def profile_with_machine(model_path: str | Path, settings: Any, *,
 
 
 def profile_roofline(graph: GraphInfo, profile: Any, machine: Machine,
-                     origins: Mapping[str, Sequence[str]] | None = None) -> list[RooflinePoint]:
+                     derived: Mapping[str, Sequence[str]] | None = None) -> list[RooflinePoint]:
     """Roofline figures per profiled operator (p50 times). A group of nodes that run as one
     fused kernel is one point: the FLOPs and bytes of all its members against their one time.
 
-    The profile of an optimized model is reported per original node; ``origins``
-    (``provenance.origin_map`` of the model ``graph`` was analysed from) leads each row to the
-    nodes that stand for it now (``fc1`` → ``fc1_quant`` MatMulInteger and its scale Muls)."""
-    derived: dict[str, list[Any]] = defaultdict(list)
-    for node in graph.nodes:
-        for origin in (origins or {}).get(node.name, [node.name]):
-            derived[origin].append(node)
+    The profile of an optimized model is reported per original node; ``derived``
+    (``provenance.derived_nodes`` of the model ``graph`` was analysed from) leads each row to
+    the nodes that stand for it now (``fc1`` → ``fc1_quant`` MatMulInteger and its scale Muls)."""
+    by_name = {n.name: n for n in graph.nodes}
     points: list[RooflinePoint] = []
     for stats in profile.nodes:
         members: dict[str, Any] = {}
         for name in stats.group or [stats.name]:
-            for node in derived.get(name, []):
-                members.setdefault(node.name, node)
+            for node in (derived or {}).get(name, [name]):
+                if node in by_name:
+                    members.setdefault(node, by_name[node])
         flops = sum(m.flops or 0 for m in members.values())
         moved = sum(m.bytes_moved or 0 for m in members.values())
         integer = any(m.op_type in INTEGER_OPS for m in members.values())

@@ -38,7 +38,7 @@ from opstudio.core.graph import GraphInfo, symbolic_dims
 from opstudio.core.model_io import save_model
 from opstudio.core.opening import open_for_display
 from opstudio.core.profiler import ProfileSettings
-from opstudio.core.provenance import derived_nodes, origin_map
+from opstudio.core.provenance import derived_nodes
 from opstudio.core.recipe import Recipe
 from opstudio.core.roofline import cached_machine, profile_roofline, profile_with_machine
 from opstudio.qt.advisor_panel import AdvisorPanel
@@ -607,8 +607,7 @@ class MainWindow(QMainWindow):
         machine = cached_machine(self.run_settings.threads) or self.machine
         if machine is None or self.graph is None:
             return
-        origins = origin_map(self.model) if self.model is not None else None
-        points = profile_roofline(self.graph, profile, machine, origins)
+        points = profile_roofline(self.graph, profile, machine, self.table.model.derived)
         self.plots.show_roofline(points, machine)
         self.table.model.set_roofline(points)
 

@@ -82,8 +82,8 @@ class RooflinePlot(pg.PlotWidget):
         lo, hi = min(lo, machine.ridge / 4), max(hi, machine.ridge * 4)
         xs = np.array([lo, machine.ridge, hi])
         self.roof.setData(xs, np.minimum(machine.peak_gflops, xs * machine.bandwidth_gbs))
-        int8_peak = getattr(machine, "peak_int8_gops", 0.0)
-        integer = [p for p in points if getattr(p, "precision", "fp32") == "int8"]
+        int8_peak = machine.peak_int8_gops
+        integer = [p for p in points if p.precision == "int8"]
         if integer and int8_peak:
             ridge8 = int8_peak / machine.bandwidth_gbs
             xs8 = np.array([min(lo, ridge8 / 4), ridge8, max(hi, ridge8 * 4)])
@@ -102,7 +102,7 @@ class RooflinePlot(pg.PlotWidget):
                                                                          1e-6))),
                           "data": p.name, "size": size, "brush": pg.mkBrush(colour + "b0"),
                           "pen": pg.mkPen(colour),
-                          "symbol": "s" if getattr(p, "precision", "fp32") == "int8" else "o"})
+                          "symbol": "s" if p.precision == "int8" else "o"})
         self.scatter.addPoints(spots)
         for bound, colour in (("memory", MEMORY), ("compute", COMPUTE)):
             if any(p.bound == bound for p in points):

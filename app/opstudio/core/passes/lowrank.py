@@ -122,7 +122,7 @@ class LowRankPass(Pass):
             ctx.report(k / len(targets), f"lowrank: factorizing {name}")
             out_shape = info.node(name).output_shapes[0] if info.has_node(name) else None
             if params["method"] == "tucker2" and _has_spatial_extent(target):
-                in_shape = _shape_of(info, target.node.input[0])
+                in_shape = info.static_shape(target.node.input[0])
                 done = _factorize_tucker2(work, target, params, taken, in_shape, out_shape)
             else:
                 done = _factorize(work, target, params, taken, out_shape)
@@ -274,7 +274,8 @@ def _factorize(model: onnx.ModelProto, target: _Target, params: Mapping[str, Any
         provenance.set_origin(new, origin)
     flops_before, flops_after = _flops(op, target, rank, out_shape)
     details: dict[str, Any] = {
-        "method": "svd", "rank": rank, "full_rank": len(s), "energy_kept": energy_kept, "rel_error": rel_error,
+        "method": "svd", "rank": rank, "full_rank": len(s), "energy_kept": energy_kept,
+        "rel_error": rel_error,
         "params_before": params_before, "params_after": params_after,
         "flops_before": flops_before, "flops_after": flops_after,
         "nodes": [name_a, name_b],
@@ -290,15 +291,6 @@ def _has_spatial_extent(target: _Target) -> bool:
     return target.node.op_type == "Conv" and math.prod(target.weight.shape[2:]) > 1
 
 
-def _shape_of(info: Any, tensor: str) -> list | None:
-    found = info.tensors.get(tensor)
-    return None if found is None or found.shape is None else list(found.shape)
-
-
-def _mode_rank(singular: np.ndarray, params: Mapping[str, Any]) -> int:
-    return choose_rank(singular, params["rank"], None if params["rank"] else params["energy"])
-
-
 def _factorize_tucker2(model: onnx.ModelProto, target: _Target, params: Mapping[str, Any],
                        taken: set[str], in_shape: list | None, out_shape: list | None
                        ) -> tuple[list[onnx.NodeProto], dict[str, Any]] | str:
@@ -308,9 +300,9 @@ def _factorize_tucker2(model: onnx.ModelProto, target: _Target, params: Mapping[
     spatial = math.prod(kernel)
     k3 = target.weight.astype(np.float64).reshape(m, c, spatial)
     with threadpool_limits(limits=1):  # bit-identical factors, as in _factorize
-        out_spectrum, in_spectrum = _tucker.spectra(k3)
-        r_out = _mode_rank(out_spectrum, params)
-        r_in = _mode_rank(in_spectrum, params)
+        start = _tucker.hosvd(k3)
+        r_out = choose_rank(start.out_spectrum, params["rank"], params["energy"])
+        r_in = choose_rank(start.in_spectrum, params["rank"], params["energy"])
         # A factor cannot have more columns than the projected unfolding has rows of rank.
         r_out = min(r_out, r_in * spatial)
         r_in = min(r_in, r_out * spatial)
@@ -320,7 +312,7 @@ def _factorize_tucker2(model: onnx.ModelProto, target: _Target, params: Mapping[
             return (f"energy {params['energy']:g} needs channel ranks {r_out} (of {m}) and "
                     f"{r_in} (of {c}), which would need {params_after - target.bias_elems} "
                     f"parameters, not fewer than the original kernel's {m * c * spatial}")
-        t = _tucker.decompose(k3, r_out, r_in)
+        t = _tucker.decompose(k3, r_out, r_in, start)
     r_out, r_in = t.core.shape[:2]
     norm = float(np.linalg.norm(k3))
     rel_error = float(np.linalg.norm(k3 - t.reconstruct()) / norm) if norm > 0 else 0.0
@@ -353,8 +345,7 @@ def _factorize_tucker2(model: onnx.ModelProto, target: _Target, params: Mapping[
         provenance.set_origin(new, origin)
 
     flops_before = flops_after = None
-    if (out_shape and in_shape and all(isinstance(d, int) and d >= 0 for d in out_shape)
-            and all(isinstance(d, int) and d >= 0 for d in in_shape)):
+    if out_shape and in_shape and all(isinstance(d, int) and d >= 0 for d in out_shape):
         out_positions = math.prod(out_shape) // m
         in_positions = math.prod(in_shape) // c
         bias_flops = math.prod(out_shape) if bias else 0
@@ -369,7 +360,8 @@ def _factorize_tucker2(model: onnx.ModelProto, target: _Target, params: Mapping[
     details: dict[str, Any] = {
         "method": "tucker2", "rank_out": int(r_out), "rank_in": int(r_in),
         "full_rank_out": int(m), "full_rank_in": int(c),
-        "energy_kept_out": kept(t.out_spectrum, r_out), "energy_kept_in": kept(t.in_spectrum, r_in),
+        "energy_kept_out": kept(start.out_spectrum, r_out),
+        "energy_kept_in": kept(start.in_spectrum, r_in),
         "rel_error": rel_error, "params_before": params_before, "params_after": params_after,
         "flops_before": flops_before, "flops_after": flops_after, "nodes": names,
     }

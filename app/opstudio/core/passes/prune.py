@@ -305,7 +305,7 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
     # entries each channel spans there (1 until a Flatten folds the spatial dims in).
     axes: dict[str, int] = {start: neg_axis}
     blocks: dict[str, int] = {start: 1}
-    shapes: dict[str, Any] = {}
+    inferred: list[Any] = []  # the graph analysis, run once if a Flatten/Reshape is met
     queue = [start]
     seen_nodes: set[str] = set()
     deferred: list[tuple[onnx.NodeProto, str]] = []
@@ -320,12 +320,9 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
         return rank is not None and axes[tensor] == 1 - rank and blocks[tensor] == 1
 
     def static_shape(tensor: str) -> list[int] | None:
-        if "info" not in shapes:  # shape inference only when a Flatten/Reshape is met
-            shapes["info"] = analyze(model, w.unit_dims(model))
-        found = shapes["info"].tensors.get(tensor)
-        dims = None if found is None else found.shape
-        return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) \
-            else None
+        if not inferred:
+            inferred.append(analyze(model, w.unit_dims(model)))
+        return inferred[0].static_shape(tensor)
 
     while queue:
         t = queue.pop(0)
