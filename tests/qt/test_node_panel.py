@@ -113,3 +113,26 @@ def test_recipe_round_trip(panel, tmp_path):
     panel.load_recipe(path)
     assert panel.plan.recipe().to_json() == Recipe.load(path).to_json()
     assert "all Softmax" in panel.plan_list.item(1).text()
+
+
+def test_planned_nodes_show_their_steps_technique_and_params(panel):
+    """Selecting nodes already in a step shows that step, not the defaults of the technique
+    checked last (which read as if the nodes were planned that way)."""
+    panel.set_selection(["mm1"])
+    panel.select_technique("lowrank")
+    panel.apply_button.click()
+    panel.set_selection(["mm0"])
+    panel.select_technique("int8-dynamic")
+    panel.editor_for["int8-dynamic"].set_value("per_channel", True)
+    panel.apply_button.click()
+    panel.set_selection(["relu0"])
+    assert panel.select_technique("fp16")  # another technique checked meanwhile
+    panel.editor_for["int8-dynamic"].set_value("per_channel", False)
+    panel.set_selection(["mm0"])
+    assert panel.current_technique() == "int8-dynamic"
+    assert panel.editor_for["int8-dynamic"].values()["per_channel"] is True
+    assert panel.plan_list.currentRow() == 1  # the step mm0 is in: Remove takes it
+    # a selection no single step covers keeps whatever is checked
+    panel.select_technique("prune")
+    panel.set_selection(["mm0", "mm1"])
+    assert panel.current_technique() == "prune"  # mm0 and mm1 are in different steps

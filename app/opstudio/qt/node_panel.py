@@ -360,6 +360,18 @@ class NodePanel(QWidget):
             lbl.setVisible(bool(reason) and n > 0)
             if reason is None and first_ok is None:
                 first_ok = p.technique
+        # Nodes already in a step show that step's technique and params, not the defaults of
+        # whatever was checked last (which read as if the node were planned that way).
+        index = self._planned_step()
+        planned = None if index is None else self.plan.steps[index]
+        if index is not None:
+            self.plan_list.setCurrentRow(index)  # and Remove takes that step
+        if planned is not None and self.reasons.get(planned.technique) is None:
+            self.radio[planned.technique].setChecked(True)
+            editor = self.editor_for[planned.technique]
+            for name, value in planned.params.items():
+                if name in editor.setters:
+                    editor.set_value(name, value)
         checked = self.current_technique()
         if checked is None or self.reasons.get(checked) is not None:
             if first_ok is not None:
@@ -369,6 +381,15 @@ class NodePanel(QWidget):
                 self.radio[checked].setChecked(False)
                 self.buttons.setExclusive(True)
         self._update_apply()
+
+    def _planned_step(self) -> int | None:
+        """The index of the last step that names every selected node, if any."""
+        chosen = set(self.selection)
+        for i in reversed(range(len(self.plan.steps))):
+            nodes = self.plan.steps[i].nodes
+            if chosen and nodes and chosen <= set(nodes):
+                return i
+        return None
 
     def _reason(self, p: Pass) -> str | None:
         if not self.selection:
