@@ -8,7 +8,7 @@ Nodes without the key are their own origin.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
 
@@ -46,6 +46,17 @@ def derived_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
         if origins != [node.name]:
             for origin in origins:
                 out.setdefault(origin, []).append(node.name)
+    return out
+
+
+def standing_for(derived: Mapping[str, Sequence[str]], names: Iterable[str]) -> list[str]:
+    """The nodes that now stand for ``names`` (each name itself when no pass rewrote it), in
+    order and once each; ``derived`` is ``derived_nodes`` of the model."""
+    out: list[str] = []
+    for name in names:
+        for node in derived.get(name, [name]):
+            if node not in out:
+                out.append(node)
     return out
 
 

@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from opstudio.core.graph import GraphInfo
+from opstudio.core.provenance import standing_for
 
 # Op types whose arithmetic runs on 8-bit integers (on the CPU provider).
 INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm",
@@ -208,14 +209,11 @@ def profile_roofline(graph: GraphInfo, profile: Any, machine: Machine,
     by_name = {n.name: n for n in graph.nodes}
     points: list[RooflinePoint] = []
     for stats in profile.nodes:
-        members: dict[str, Any] = {}
-        for name in stats.group or [stats.name]:
-            for node in (derived or {}).get(name, [name]):
-                if node in by_name:
-                    members.setdefault(node, by_name[node])
-        flops = sum(m.flops or 0 for m in members.values())
-        moved = sum(m.bytes_moved or 0 for m in members.values())
-        integer = any(m.op_type in INTEGER_OPS for m in members.values())
+        members = [by_name[n] for n in standing_for(derived or {}, stats.group or [stats.name])
+                   if n in by_name]
+        flops = sum(m.flops or 0 for m in members)
+        moved = sum(m.bytes_moved or 0 for m in members)
+        integer = any(m.op_type in INTEGER_OPS for m in members)
         point = _point(stats.name, stats.op_type, flops, moved, stats.p50_ms, machine,
                        "int8" if integer else "fp32")
         if point is not None:

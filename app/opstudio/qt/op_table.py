@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.graph import GraphInfo
+from opstudio.core.provenance import standing_for
 
 # measured columns first: they are what one sorts by and must be visible in a narrow dock
 # times are medians over the timed runs, as in a comparison's before/after (robust to the odd
@@ -71,12 +72,7 @@ class OpTableModel(QAbstractTableModel):
 
     def shown_as(self, names: Iterable[str]) -> list[str]:
         """The nodes of this graph that rows naming ``names`` are shown on."""
-        out: list[str] = []
-        for name in names:
-            for node in self.derived.get(name, [name]):
-                if node not in out:
-                    out.append(node)
-        return out
+        return standing_for(self.derived, names)
 
     def set_profile(self, profile: Any | None) -> None:
         self.profile = {}
