@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
 from opstudio.core.errors import ModelLoadError, OpstudioError
@@ -122,12 +122,52 @@ def _save_with_external_data(model: onnx.ModelProto, p: Path) -> None:
     data_name = p.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".opstudio-save-", dir=p.parent) as tmpdir:
         staged = Path(tmpdir) / p.name
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(staged), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        write_external(model, staged, data_name)
         os.replace(Path(tmpdir) / data_name, p.parent / data_name)
         os.replace(staged, p)
+
+
+_EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 4096  # page-aligned offsets let onnxruntime map big weights instead of copying them
+
+
+def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write ``model`` to ``path`` with its top-level initializers in ``data_name`` beside it.
+
+    Tensors are streamed one at a time into the data file and the model file holds only their
+    references, so no second copy of the weights is ever built (onnx's own external-data saver
+    rewrites the model in place, which would need a copy to keep ``model`` intact).
+    """
+    skeleton = without_initializers(model)
+    initializers = model.graph.initializer
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in initializers:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise OpstudioError(f"tensor '{tensor.name}' still lives in another file; "
+                                    "load the model with its external data first")
+            out = skeleton.graph.initializer.add()
+            if tensor.ByteSize() < _EXTERNAL_MIN_BYTES:
+                out.CopyFrom(tensor)
+                continue
+            out.name = tensor.name
+            out.data_type = tensor.data_type
+            out.dims.extend(tensor.dims)
+            out.doc_string = tensor.doc_string
+            payload = (tensor.raw_data if tensor.HasField("raw_data")
+                       else onnx.numpy_helper.to_array(tensor).tobytes())
+            if len(payload) >= 2**20 and offset % _ALIGN:
+                pad = _ALIGN - offset % _ALIGN
+                data.write(b"\0" * pad)
+                offset += pad
+            data.write(payload)
+            out.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)),
+                               ("length", str(len(payload)))):
+                entry = out.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(payload)
+    write_bytes_atomic(path, skeleton.SerializeToString(), overwrite=True)
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -136,6 +176,26 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
     except OSError:
         return pa.resolve() == pb.resolve()
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose top-level graph has no initializers (their data is not copied)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def _copy_fields(src: Message, dst: Message, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if _is_repeated(field):
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

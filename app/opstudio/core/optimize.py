@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from opstudio.core import provenance
+from opstudio.core import provenance, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
 from opstudio.core.passes import PassContext, get_pass
@@ -184,21 +184,9 @@ def _check_named(step: Step, where: str, skipped: Mapping[str, str],
 
 def _check_model(model: onnx.ModelProto, where: str) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-        raise OpstudioError(f"{where}: the result is not a valid ONNX model "
-                            f"({_first_line(exc)})") from None
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        ort.InferenceSession(model.SerializeToString(), options,
-                             providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OpstudioError(f"{where}: onnxruntime cannot load the result "
-                            f"({_first_line(exc)})") from None
+        validity.check_model(model)
+    except validity.InvalidModel as exc:
+        raise OpstudioError(f"{where}: the result is {exc}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

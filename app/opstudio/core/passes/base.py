@@ -7,7 +7,8 @@ builds its editor from these), and the optimizer asks it to rewrite a set of nod
 Rules every pass keeps:
 - ``apply`` works on its own copy of the model and never mutates the one passed in;
 - every node it creates records its original node with ``provenance.set_origin``;
-- the result passes ``onnx.checker.check_model(full_check=True)`` and is deterministic: the same
+- the result is valid as ``validity.check_model`` sees it (onnxruntime loads it; onnx's full check
+  passes for the ops onnx knows) and is deterministic: the same
   model, nodes and params give the same bytes;
 - nodes it cannot take are not an exception: they are listed in ``PassResult.skipped`` with the
   reason, and the optimizer decides whether that is an error (a node the user named) or not

@@ -1,0 +1,127 @@
+"""Is a rewritten model valid? As onnxruntime sees it.
+
+A result is valid when onnxruntime loads it and onnx's checker (with shape inference) passes for the
+ops onnx knows. Exporters write ops onnx has never heard of: onnxruntime's contrib ops
+(``com.microsoft``), and ops that onnxruntime-genai's builder puts in the *default* domain
+(``SimplifiedLayerNormalization``). onnx's checker refuses the latter ("No Op registered for …"),
+onnxruntime runs them: they are never a reason to refuse a model.
+
+The checker runs on a skeleton of the model: the same nodes, with every initializer declared as a
+typed graph input instead of carrying its data. It sees the whole structure and infers every shape
+without a second copy of gigabytes of weights; the data itself is onnxruntime's to check when it
+loads the model. Nodes of the default domain that onnx does not register are moved to a private
+domain in the skeleton, so the checker skips them as it skips ``com.microsoft`` nodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD, without_initializers, write_external
+from opstudio.core.tempdir import opstudio_tempdir
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+# where the skeleton puts default-domain ops onnx does not know (onnxruntime's, by exporters)
+_FOREIGN_DOMAIN = "opstudio.unregistered"
+
+
+class InvalidModel(OpstudioError):
+    """The model breaks onnx's rules or onnxruntime cannot load it."""
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """Raise :class:`InvalidModel` with onnx's or onnxruntime's first line if ``model`` is not valid."""
+    check_structure(model)
+    check_loads(model)
+
+
+def unregistered_ops(model: onnx.ModelProto) -> set[str]:
+    """Op types of the default domain that onnx's checker does not know (in any subgraph too)."""
+    version = _onnx_opset(model)
+    found: set[str] = set()
+    for node in _all_nodes(model.graph):
+        if node.domain in _ONNX_DOMAINS and not _onnx_knows(node.op_type, version):
+            found.add(node.op_type)
+    return found
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """onnx's full check (with strict-enough shape inference) of the model's skeleton."""
+    skeleton = _skeleton(model)
+    try:
+        onnx.checker.check_model(skeleton, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise InvalidModel(f"not a valid ONNX model ({first_line(exc)})") from exc
+
+
+def check_loads(model: onnx.ModelProto) -> None:
+    """onnxruntime (CPU) creates a session for ``model``: every op is registered, types agree.
+
+    A model too big for one protobuf is written with its weights as external data in opstudio's
+    temp folder and loaded from there, as it will be after saving.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    try:
+        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+            ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return
+        with opstudio_tempdir(prefix="check-") as folder:
+            path = Path(folder) / "model.onnx"
+            write_external(model, path, "model.onnx.data")
+            ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InvalidModel(f"not loadable by onnxruntime ({first_line(exc)})") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its initializers as typed graph inputs and the default-domain ops onnx does
+    not know moved to a private domain; built field by field so no weight data is copied."""
+    out = without_initializers(model)
+    graph, src = out.graph, model.graph
+    declared = {i.name for i in src.input}
+    for init in src.initializer:
+        if init.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type,
+                                                             list(init.dims)))
+    unknown = unregistered_ops(model)
+    if unknown:
+        for node in _all_nodes(graph):
+            if node.domain in _ONNX_DOMAINS and node.op_type in unknown:
+                node.domain = _FOREIGN_DOMAIN
+        out.opset_import.append(helper.make_opsetid(_FOREIGN_DOMAIN, 1))
+    return out
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+                yield from _all_nodes(sub)
+
+
+def _onnx_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS),
+                onnx.defs.onnx_opset_version())
+
+
+def _onnx_knows(op_type: str, version: int) -> bool:
+    try:
+        onnx.defs.get_schema(op_type, version, "")
+    except onnx.defs.SchemaError:
+        return False
+    return True
