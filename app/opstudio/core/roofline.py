@@ -91,12 +91,12 @@ class RooflinePoint:
         return data
 
 
-def _cache_file() -> Path:
+def cache_file() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "opstudio" / "roofline.json"
 
 
-def _cache_key(threads: int) -> str:
+def machine_key(threads: int) -> str:
     import onnxruntime as ort
 
     return f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|{threads}|{ort.__version__}"
@@ -108,8 +108,8 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     (``refresh`` measures again and replaces the cached figures)."""
     import onnxruntime as ort
 
-    key = _cache_key(threads)
-    cache = _cache_file()
+    key = machine_key(threads)
+    cache = cache_file()
     if use_cache and not refresh:
         known = cached_machine(threads)
         if known is not None:
@@ -124,7 +124,7 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     sess = ort.InferenceSession(gemm.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
-    t = _best_time(lambda: sess.run(None, {"a": a, "b": b}), repeats)
+    t = best_time(lambda: sess.run(None, {"a": a, "b": b}), repeats)
     peak = 2.0 * gemm_n**3 / t / 1e9
 
     # uint8 activations × int8 weights: what onnxruntime's dynamic quantization runs
@@ -133,7 +133,7 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     sess = ort.InferenceSession(int8.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     qa = rng.integers(0, 256, (gemm_n, gemm_n), dtype=np.uint8)
     qb = rng.integers(-128, 128, (gemm_n, gemm_n), dtype=np.int8)
-    t = _best_time(lambda: sess.run(None, {"a": qa, "b": qb}), repeats)
+    t = best_time(lambda: sess.run(None, {"a": qa, "b": qb}), repeats)
     peak_int8 = 2.0 * gemm_n**3 / t / 1e9
 
     n = stream_mb * 2**20 // 4
@@ -141,7 +141,7 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
     sess = ort.InferenceSession(add.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = rng.standard_normal(n, dtype=np.float32)
     y = rng.standard_normal(n, dtype=np.float32)
-    t = _best_time(lambda: sess.run(None, {"a": x, "b": y}), repeats)
+    t = best_time(lambda: sess.run(None, {"a": x, "b": y}), repeats)
     bandwidth = 3.0 * n * 4 / t / 1e9  # two reads, one write
 
     machine = Machine(round(peak, 2), round(bandwidth, 2), threads, ort.__version__, time.time(),
@@ -166,9 +166,9 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
 
 def cached_machine(threads: int = 0) -> Machine | None:
     """This machine's ceilings if they were measured before, without measuring."""
-    cache = _cache_file()
+    cache = cache_file()
     try:
-        entry = json.loads(cache.read_text()).get(_cache_key(threads)) if cache.is_file() else None
+        entry = json.loads(cache.read_text()).get(machine_key(threads)) if cache.is_file() else None
         machine = Machine(**entry) if entry else None
         # figures cached before the INT8 roof was measured are measured again, all of them
         return machine if machine is not None and machine.peak_int8_gops > 0 else None
@@ -277,7 +277,7 @@ def _single_op_model(op: str, a_shape: Sequence[int], b_shape: Sequence[int],
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
     """The fastest of ``repeats`` runs: a ceiling is the best the machine does, and on a busy
     machine a median ceiling sat below what profiled kernels then reached."""
     fn()  # warm-up: allocations, thread pool start

@@ -145,7 +145,30 @@ def test_block_size_128_skips_a_matmul_with_smaller_k():
 def test_params_are_validated():
     with pytest.raises(OpstudioError, match="block_size' must be one of"):
         get_pass("int4-weight").validate_params({"block_size": 48})
-    assert get_pass("int4-weight").validate_params({}) == {"block_size": 32, "symmetric": True}
+    assert get_pass("int4-weight").validate_params({}) == {
+        "block_size": 32, "symmetric": True, "accuracy_level": "auto"}
+    with pytest.raises(OpstudioError, match="accuracy_level' must be one of"):
+        get_pass("int4-weight").validate_params({"accuracy_level": 5})
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_accuracy_level_is_written_on_the_node(level):
+    result = get_pass("int4-weight").apply(mlp(), ["mm0"], {"accuracy_level": level},
+                                           PassContext())
+    (node,) = [n for n in result.model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["accuracy_level"] == level
+    assert result.details["mm0"]["accuracy_level"] == level
+
+
+def test_auto_level_is_the_measured_fastest_and_says_so():
+    from opstudio.core.passes._nbits import fastest_level
+
+    result = get_pass("int4-weight").apply(mlp(), ["mm0"], {}, PassContext())
+    expected = fastest_level(4, 32)
+    assert result.details["mm0"]["accuracy_level"] == expected.level
+    assert any("fastest on this machine" in note for note in result.notes)
+    assert set(expected.times_ms) >= {1, 4}
 
 
 def test_deterministic():

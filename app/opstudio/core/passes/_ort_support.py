@@ -22,7 +22,13 @@ from onnx import numpy_helper
 
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
-from opstudio.core.passes._weights import all_names, unique_name
+from opstudio.core.passes._weights import (
+    FOLDABLE,
+    all_names,
+    constant_array,
+    remove_unused,
+    unique_name,
+)
 from opstudio.core.tempdir import opstudio_tempdir
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -129,8 +135,13 @@ def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | No
                 return None, f"its weight comes from Constant node '{node.name}' " \
                              "without a tensor value"
             return numpy_helper.to_array(tensor_proto), None
-        return None, f"its weight is computed by {node.op_type} node '{node.name}', " \
-                     "not a constant initializer"
+        if node.op_type in FOLDABLE and node.domain in ("", "ai.onnx"):
+            # fp16 storage + Cast, a tied embedding's Transpose, DequantizeLinear: constant too
+            value, _ = constant_array(model, tensor)
+            if value is not None:
+                return value, None
+        return None, f"its weight is computed by {node.op_type} node '{node.name}' " \
+                     "from something that is not a constant"
     if tensor in index.sparse:
         return None, f"its weight '{tensor}' is stored as a sparse initializer"
     if tensor in index.inputs:
@@ -146,31 +157,56 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 
 def fold_constant_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> list[str]:
-    """Turn the ``Constant`` nodes feeding ``node_names`` into initializers, in place.
+    """Give the named nodes their constant inputs as initializers, in place.
 
     onnxruntime's quantizers only take weights stored as initializers ("Expected … to be an
-    initializer"); Paddle exports keep every weight in a Constant node. The tensor keeps its name,
-    so every consumer sees the same value. Returns the names of the Constant nodes removed.
+    initializer"). A ``Constant`` node's tensor becomes an initializer under the same name (Paddle
+    exports keep every weight in one). A weight computed from constants (fp16 storage + ``Cast``,
+    a tied embedding's ``Transpose``, ``DequantizeLinear``, ``Reshape``/``Identity`` chains) is
+    computed once into a fresh initializer that only the named nodes read: a source other nodes
+    still read (the embedding ``Gather`` of a tied lm_head) stays as it was, and a chain nothing
+    reads any more is removed. Returns the names of the tensors folded.
     """
-    producers = {out: node for node in model.graph.node for out in node.output}
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
     wanted = set(node_names)
+    taken = all_names(graph)
     folded: list[str] = []
-    for node in list(model.graph.node):
+    fresh: dict[str, str] = {}  # computed tensor -> its new initializer
+    for node in list(graph.node):
         if node.name not in wanted:
             continue
-        for name in node.input:
+        for k, name in enumerate(node.input):
             producer = producers.get(name)
-            if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+            if not name or name in initializers or producer is None \
+                    or producer.domain not in ("", "ai.onnx"):
                 continue
-            tensor = _constant_tensor(producer)
-            if tensor is None or producer.name in folded:
+            if producer.op_type == "Constant":
+                tensor = _constant_tensor(producer)
+                if tensor is None:
+                    continue
+                init = onnx.TensorProto()
+                init.CopyFrom(tensor)
+                init.name = name
+                graph.initializer.append(init)
+                initializers.add(name)
+                graph.node.remove(producer)
+                folded.append(name)
                 continue
-            init = onnx.TensorProto()
-            init.CopyFrom(tensor)
-            init.name = name
-            model.graph.initializer.append(init)
-            model.graph.node.remove(producer)
-            folded.append(producer.name)
+            if producer.op_type not in FOLDABLE:
+                continue
+            if name not in fresh:
+                value, _ = constant_array(model, name)
+                if value is None:
+                    continue
+                fresh[name] = unique_name(taken, f"{name}_folded")
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value),
+                                                                 fresh[name]))
+                folded.append(name)
+            node.input[k] = fresh[name]
+    if fresh:
+        remove_unused(model, list(fresh))
     return folded
 
 

@@ -78,10 +78,15 @@ def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 
 # Ops that compute a constant from constants; exports often reshape or scale weights with them
 # (``Unsqueeze`` of a BatchNorm scale, ``ConstantOfShape`` fills, gamma / sqrt(var + eps)).
+# LLM exports store weights as fp16/bf16 + Cast, tie the lm_head to the embedding through a
+# Transpose, or keep them quantized behind DequantizeLinear.
 FOLDABLE = {"ConstantOfShape", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Cast",
-            "Transpose", "Expand", "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg"}
+            "Transpose", "Expand", "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg",
+            "DequantizeLinear"}
 _FOLD_DEPTH = 6
-_FOLD_MAX_ELEMENTS = 64 * 2**20
+# an LLM's tied vocabulary projection (151936 × 896) must fold; a ConstantOfShape of a
+# billion elements must not
+_FOLD_MAX_ELEMENTS = 256 * 2**20
 
 
 def constant_array(model: onnx.ModelProto, tensor: str,
@@ -133,6 +138,10 @@ def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto,
     """``node``'s output from constant inputs, by onnx's reference evaluator (None if it fails)."""
     from onnx.reference import ReferenceEvaluator
 
+    if node.op_type == "DequantizeLinear":
+        # the reference evaluator implements it only from opset 19 on; exports use 10–13
+        return _dequantize(node, [values.get(name) if name else None for name in node.input])
+
     graph = helper.make_graph(
         [node], "fold", [], [helper.make_empty_tensor_value_info(node.output[0])],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in values.items()])
@@ -144,6 +153,29 @@ def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto,
         return None
     out = np.asarray(out)
     return out if out.size <= _FOLD_MAX_ELEMENTS else None
+
+
+def _dequantize(node: onnx.NodeProto, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """``(x - zero_point) * scale``, per tensor, per axis or per block along ``axis``."""
+    x, scale = args[0], args[1] if len(args) > 1 else None
+    if x is None or scale is None:
+        return None
+    zero = args[2] if len(args) > 2 and args[2] is not None else np.zeros((), x.dtype)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
+    block = int(attrs.get("block_size", 0))
+    out_type = np.asarray(scale).dtype
+    scale, zero = np.asarray(scale, np.float32), np.asarray(zero)
+    if scale.ndim and block:  # blocked: scale has x's shape with axis divided into blocks
+        scale = np.repeat(scale, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+        zero = (np.repeat(zero, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+                if zero.ndim else zero)
+    elif scale.ndim == 1:  # per axis
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero = zero.reshape(shape) if zero.ndim == 1 else zero
+    return ((x.astype(np.float32) - zero.astype(np.float32)) * scale).astype(out_type)
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:

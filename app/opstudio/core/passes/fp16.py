@@ -97,7 +97,8 @@ class Fp16Pass(Pass):
         # weights in Constant nodes (Paddle exports) would stay float32 behind a Cast
         folded = ort_support.fold_constant_inputs(work, chosen)
         if folded:
-            notes.append(f"moved {len(folded)} Constant weight(s) into initializers")
+            notes.append(f"made {len(folded)} constant weight(s) initializers "
+                         "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
         _unshare_initializers(work, chosen)
         before = ort_support.copy_model(work)
         chosen_set = set(chosen)

@@ -3,7 +3,9 @@
 ``MatMul(x, W)`` becomes ``MatMulNBits`` (com.microsoft) holding W as 4-bit blocks along K with
 one float scale per block (and a 4-bit zero point when not symmetric). Activations stay float.
 The quantizer pads K up to a multiple of the block size, so any K works; a K smaller than the
-block wastes most of the block and is refused. Only the chosen nodes are quantized: every other
+block wastes most of the block and is refused. The ``accuracy_level`` (compute precision) is by
+default the one measured fastest on this machine (``_nbits``): on x86 that is 4, int8 activations,
+as onnxruntime-genai's builder writes. Only the chosen nodes are quantized: every other
 node goes to ``nodes_to_exclude``. A Gemm (``nn.Linear`` on 2-D inputs) is first rewritten as
 MatMul with ``alpha·op(B)`` plus an Add of ``beta·C``, since the quantizer only knows MatMul.
 """
@@ -18,10 +20,12 @@ import onnx
 from onnx import numpy_helper
 
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes._nbits import fastest_level
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
 
-BLOCK_SIZES = (32, 64, 128)
+BLOCK_SIZES = (32, 16, 64, 128, 256)
+ACCURACY_LEVELS = ("auto", 0, 1, 2, 3, 4)
 
 
 class Int4WeightPass(Pass):
@@ -34,6 +38,10 @@ class Int4WeightPass(Pass):
                   "weights along K sharing one scale", choices=BLOCK_SIZES),
         ParamSpec("symmetric", "bool", True, "Symmetric",
                   "no zero point (symmetric range around 0)"),
+        ParamSpec("accuracy_level", "choice", "auto", "Accuracy level",
+                  "MatMulNBits compute precision: 1 float32, 2 float16, 3 bfloat16, 4 int8 "
+                  "activations; auto = the level measured fastest on this machine",
+                  choices=ACCURACY_LEVELS),
     )
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
@@ -79,7 +87,8 @@ class Int4WeightPass(Pass):
         notes: list[str] = []
         folded = ort_support.fold_constant_inputs(work, chosen)
         if folded:
-            notes.append(f"moved {len(folded)} Constant weight(s) into initializers")
+            notes.append(f"made {len(folded)} constant weight(s) initializers "
+                         "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
         # MatMulNBits replaces a MatMul: a chosen Gemm becomes MatMul (+ Add) first
         target = {name: name for name in chosen}
         gemms = ort_support.gemm_to_matmul(work, chosen)
@@ -89,8 +98,14 @@ class Int4WeightPass(Pass):
         _unshare_weights(work, [target[n] for n in chosen])
         ctx.report(0.1, f"int4-weight: quantizing {len(chosen)} MatMul(s)")
         ctx.check_cancelled()
+        level = params["accuracy_level"]
+        if level == "auto":
+            choice = fastest_level(4, block)
+            level = choice.level
+            notes.append(choice.describe())
         before = ort_support.copy_model(work)
         config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params["symmetric"],
+                                              accuracy_level=level,
                                               op_types_to_quantize=("MatMul",))
         names = {target[n] for n in chosen}
         others = [n.name for n in work.graph.node if n.name not in names]
@@ -106,7 +121,8 @@ class Int4WeightPass(Pass):
         rewritten = [target[n] for n in applied]
         by_target = ort_support.settle(before, result, rewritten)
         details = {name: {**by_target[target[name]], "bits": 4, "block_size": block,
-                          "symmetric": params["symmetric"]} for name in applied}
+                          "symmetric": params["symmetric"], "accuracy_level": level}
+                   for name in applied}
         ctx.report(1.0, "int4-weight: done")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)

@@ -115,7 +115,8 @@ class _Int8Pass(Pass):
         ctx.check_cancelled()
         notes: list[str] = []
         if folded:
-            notes.append(f"moved {len(folded)} Constant weight(s) into initializers")
+            notes.append(f"made {len(folded)} constant weight(s) initializers "
+                         "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
         # the name each chosen node has in the model handed to onnxruntime
         target = {name: name for name in chosen}
         if self.dynamic:
