@@ -36,6 +36,7 @@ from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
 
 TECHNIQUE_COLOURS = {
     "int8-dynamic": "#2f7ed8", "int8-static": "#1b5fa8", "int4-weight": "#8e44ad",
+    "int8-weight": "#b07cc6",
     "lowrank": "#e67e22", "prune": "#16a085", "fp16": "#c0392b",
 }
 # what a user compares first comes first: which technique, what it saves, what it costs

@@ -14,6 +14,7 @@ _MODULES = {
     "int8-dynamic": "opstudio.core.passes.quantize_int8",
     "int8-static": "opstudio.core.passes.quantize_int8",
     "int4-weight": "opstudio.core.passes.quantize_int4",
+    "int8-weight": "opstudio.core.passes.quantize_int8_weight",
     "fp16": "opstudio.core.passes.fp16",
 }
 

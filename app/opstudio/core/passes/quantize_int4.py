@@ -30,6 +30,7 @@ ACCURACY_LEVELS = ("auto", 0, 1, 2, 3, 4)
 
 class Int4WeightPass(Pass):
     technique = "int4-weight"
+    bits = 4
     label = "INT4 weights"
     description = ("4-bit block-quantized weights for MatMuls with a constant weight "
                    "(onnxruntime MatMulNBits), activations stay float")
@@ -47,13 +48,13 @@ class Int4WeightPass(Pass):
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               block_size: int = BLOCK_SIZES[0]) -> str | None:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-            return f"int4-weight handles MatMul and Gemm, not {node.op_type}"
+            return f"{self.technique} handles MatMul and Gemm, not {node.op_type}"
         if len(node.input) < 2:
             return f"{node.op_type} node has no weight input"
         if node.op_type == "Gemm":
             problem = ort_support.gemm_problem(model, node)
             if problem:
-                return f"{problem}; int4-weight quantizes a Gemm as MatMul"
+                return f"{problem}; {self.technique} quantizes a Gemm as MatMul"
         value, why = ort_support.constant_value(model, node.input[1])
         if value is None:
             return f"{why}; MatMulNBits needs a constant weight"
@@ -96,16 +97,16 @@ class Int4WeightPass(Pass):
         if gemms:
             notes.append(f"rewrote {len(gemms)} Gemm(s) as MatMul + Add first")
         _unshare_weights(work, [target[n] for n in chosen])
-        ctx.report(0.1, f"int4-weight: quantizing {len(chosen)} MatMul(s)")
+        ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} MatMul(s)")
         ctx.check_cancelled()
         level = params["accuracy_level"]
         if level == "auto":
-            choice = fastest_level(4, block)
+            choice = fastest_level(self.bits, block)
             level = choice.level
             notes.append(choice.describe())
         before = ort_support.copy_model(work)
         config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params["symmetric"],
-                                              accuracy_level=level,
+                                              accuracy_level=level, bits=self.bits,
                                               op_types_to_quantize=("MatMul",))
         names = {target[n] for n in chosen}
         others = [n.name for n in work.graph.node if n.name not in names]
@@ -120,10 +121,10 @@ class Int4WeightPass(Pass):
                 skipped[name] = "onnxruntime's MatMulNBits quantizer left it unchanged"
         rewritten = [target[n] for n in applied]
         by_target = ort_support.settle(before, result, rewritten)
-        details = {name: {**by_target[target[name]], "bits": 4, "block_size": block,
+        details = {name: {**by_target[target[name]], "bits": self.bits, "block_size": block,
                           "symmetric": params["symmetric"], "accuracy_level": level}
                    for name in applied}
-        ctx.report(1.0, "int4-weight: done")
+        ctx.report(1.0, f"{self.technique}: done")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
