@@ -29,6 +29,11 @@ import onnx
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes._calibration import (
+    calibration_params,
+    calibration_samples,
+    check_calibration,
+)
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 
 # What onnxruntime's registries can quantize per mode, restricted to the ops where quantizing one
@@ -199,11 +204,7 @@ class Int8StaticPass(_Int8Pass):
     description = ("int8 weights and activations with ranges calibrated on sample inputs "
                    "(onnxruntime quantize_static, QDQ format)")
     params = (
-        ParamSpec("calibration", "path", "random", "Calibration data",
-                  "'random' for synthetic inputs, or an .npz file with one array per input "
-                  "(first axis = samples)"),
-        ParamSpec("samples", "int", 16, "Samples", "calibration samples to use",
-                  minimum=1, maximum=10000),
+        *calibration_params(16),
         ParamSpec("method", "choice", "minmax", "Method", "how activation ranges are chosen",
                   choices=METHODS),
         ParamSpec("per_channel", "bool", False, "Per channel",
@@ -213,17 +214,7 @@ class Int8StaticPass(_Int8Pass):
     dynamic = False
 
     def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        out = super().validate_params(params)
-        source = out["calibration"]
-        if source != "random":
-            path = Path(source)
-            if path.suffix.lower() != ".npz":
-                raise OpstudioError(
-                    f"int8-static: parameter 'calibration' must be 'random' or an .npz file, "
-                    f"not {source!r}")
-            if not path.is_file():
-                raise OpstudioError(f"int8-static: calibration file {source} does not exist")
-        return out
+        return check_calibration(self.technique, super().validate_params(params))
 
     def _run(self, src, dst, chosen, op_types, params, ctx, notes, large):
         from onnxruntime.quantization import (
@@ -307,55 +298,6 @@ class _Reader:
     def set_range(self, start_index: int, end_index: int) -> None:
         self._samples = self._samples[start_index:end_index]
         self._next = 0
-
-
-def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def calibration_samples(model: onnx.ModelProto, source: str, count: int,
-                        ctx: PassContext) -> list[dict[str, np.ndarray]]:
-    """Up to ``count`` feeds: from an .npz file, or the context's samples topped up at random."""
-    if source != "random":
-        return load_npz_samples(model, Path(source), count)
-    samples = [dict(s) for s in ctx.inputs][:count]
-    if len(samples) < count:
-        try:
-            from opstudio.core.inputs import make_inputs
-        except ImportError:
-            make_inputs = None
-        if make_inputs is None:
-            if not samples:
-                raise OpstudioError("int8-static: no calibration inputs were given "
-                                    "and synthetic inputs are unavailable")
-        else:
-            shapes = {k: list(v.shape) for k, v in samples[0].items()} if samples else {}
-            for seed in range(len(samples), count):
-                samples.append(dict(make_inputs(model, {}, shapes, None, seed)))
-    return samples
-
-
-def load_npz_samples(model: onnx.ModelProto, path: Path, count: int) -> list[dict[str, np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise OpstudioError(f"{path}: not a readable .npz file ({exc})") from None
-    per_input: dict[str, list[np.ndarray]] = {}
-    for info in model_inputs(model):
-        if info.name not in arrays:
-            raise OpstudioError(f"{path}: no array for model input '{info.name}'")
-        array = arrays[info.name]
-        rank = len(info.type.tensor_type.shape.dim) if info.type.tensor_type.HasField("shape") else None
-        if rank is not None and array.ndim == rank + 1:
-            per_input[info.name] = [array[k] for k in range(array.shape[0])]
-        else:
-            per_input[info.name] = [array]
-    n = min(count, *(len(v) for v in per_input.values())) if per_input else 0
-    if n == 0:
-        raise OpstudioError(f"{path}: holds no calibration samples")
-    return [{name: values[k] for name, values in per_input.items()} for k in range(n)]
 
 
 PASSES = {"int8-dynamic": Int8DynamicPass(), "int8-static": Int8StaticPass()}
