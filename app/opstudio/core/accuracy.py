@@ -5,6 +5,13 @@ arrays in float64), the rate of exactly equal elements, and top-1 agreement for 
 outputs (a float output whose last dim has ≥ 2 entries: ``[batch, classes]`` or
 ``[batch, seq, vocab]``; the share of rows whose argmax is the same).
 
+A language model's *logits* (a float output of rank ≥ 2 named ``…logits…``, or whose last axis
+has ≥ 1000 entries: the vocabulary) also get the mean KL divergence ``KL(p_before ‖ p_after)``
+in nats of the next-token distributions, over every position; the report sums them up in one
+line ("next-token agreement 0.94, KL 0.031 nats on logits"). A KV-cache output (``present.*``,
+``*key*``/``*value*``, ``*cache*``) is a tensor of keys and values, not a distribution: it gets
+neither top-1 nor KL.
+
 ``snr_db = 10·log10(Σ ref² / Σ (new − ref)²)`` is ``inf`` when the outputs are identical; JSON has
 no infinity, so ``to_json`` writes ``null`` there (and ``"identical": true`` says why). Outputs
 that are not floating point (ids, masks, counts) get only the absolute errors and the equality
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +31,16 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+
+# Exporters name logits "logits"; a differently named rank ≥ 2 float output at least this wide is
+# taken for a vocabulary unless its name says it holds states or embeddings (a 1024-wide
+# last_hidden_state is no distribution).
+VOCAB_MIN = 1000
+_KV_NAME = re.compile(r"present|past|cache|key_values|(^|[._/-])(key|value)s?([._/-]|\d|$)",
+                      re.IGNORECASE)
+_NOT_VOCAB_NAME = re.compile(r"hidden|state|embed|feature|pool", re.IGNORECASE)
+# Rows of log-softmax computed at a time: bounds the float64 copies of a [seq, 150k] output.
+_KL_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -35,6 +53,8 @@ class OutputAccuracy:
     snr_db: float | None  # inf when identical
     top1_agreement: float | None
     equal_rate: float = 1.0  # share of elements exactly equal
+    kl_divergence: float | None = None  # mean over positions, nats; logits outputs only
+    kind: str = ""  # "logits", "kv_cache" or "" (anything else)
 
     @property
     def identical(self) -> bool:
@@ -44,8 +64,9 @@ class OutputAccuracy:
         return {"name": self.name, "shape": list(self.shape),
                 "max_abs_err": _finite(self.max_abs_err), "mean_abs_err": _finite(self.mean_abs_err),
                 "cosine": _finite(self.cosine), "snr_db": _finite(self.snr_db),
-                "top1_agreement": self.top1_agreement, "equal_rate": self.equal_rate,
-                "identical": self.identical}
+                "top1_agreement": self.top1_agreement,
+                "kl_divergence": _finite(self.kl_divergence), "kind": self.kind,
+                "equal_rate": self.equal_rate, "identical": self.identical}
 
 
 @dataclass
@@ -53,7 +74,32 @@ class AccuracyReport:
     outputs: list[OutputAccuracy] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"outputs": [o.to_json() for o in self.outputs]}
+        return {"outputs": [o.to_json() for o in self.outputs], "next_token": self.next_token()}
+
+    def logits(self) -> list[OutputAccuracy]:
+        return [o for o in self.outputs if o.kind == "logits"]
+
+    def next_token(self) -> dict[str, Any] | None:
+        """Model-level next-token figures over the logits outputs (the worst of them when there
+        are several), or None for a model without logits."""
+        outs = self.logits()
+        if not outs:
+            return None
+        top1 = [o.top1_agreement for o in outs if o.top1_agreement is not None]
+        kl = [o.kl_divergence for o in outs if o.kl_divergence is not None]
+        return {"outputs": [o.name for o in outs],
+                "top1_agreement": min(top1) if top1 else None,
+                "kl_divergence": _finite(max(kl)) if kl else None}
+
+    def summary(self) -> str:
+        """One line for a terminal or a status bar; "" for a model without logits."""
+        nt = self.next_token()
+        if nt is None:
+            return ""
+        top1, kl = nt["top1_agreement"], nt["kl_divergence"]
+        names = ", ".join(nt["outputs"])
+        return (f"next-token agreement {'n/a' if top1 is None else f'{top1:.2f}'}, "
+                f"KL {'n/a' if kl is None else f'{kl:.3g}'} nats on {names}")
 
     def worst_cosine(self) -> float | None:
         values = [o.cosine for o in self.outputs if o.cosine is not None]
@@ -75,9 +121,10 @@ def _compare_one(name: str, a: np.ndarray, b: np.ndarray) -> OutputAccuracy:
         raise OpstudioError(f"output '{name}': shape {list(b.shape)} differs from the "
                             f"original's {list(a.shape)}")
     shape = [int(d) for d in a.shape]
-    if a.size == 0:
-        return OutputAccuracy(name, shape, 0.0, 0.0, None, None, None, 1.0)
     is_float = np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)
+    kind = output_kind(name, a) if is_float else ""
+    if a.size == 0:
+        return OutputAccuracy(name, shape, 0.0, 0.0, None, None, None, 1.0, kind=kind)
     equal_rate = float(np.mean(a == b)) if not is_float else float(
         np.mean((a == b) | (np.isnan(a) & np.isnan(b))))
     numeric = np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_
@@ -104,12 +151,65 @@ def _compare_one(name: str, a: np.ndarray, b: np.ndarray) -> OutputAccuracy:
         snr = -math.inf
     else:
         snr = 10.0 * math.log10(signal / noise)
-    top1 = None
-    if a.ndim >= 1 and a.shape[-1] >= 2:
-        rows_a = a.reshape(-1, a.shape[-1])
-        rows_b = b.reshape(-1, b.shape[-1])
-        top1 = float(np.mean(np.argmax(rows_a, axis=-1) == np.argmax(rows_b, axis=-1)))
-    return OutputAccuracy(name, shape, max_abs, mean_abs, cosine, snr, top1, equal_rate)
+    top1 = kl = None
+    if kind != "kv_cache" and a.ndim >= 1 and a.shape[-1] >= 2:
+        top1 = top1_agreement(a, b)
+    if kind == "logits":
+        kl = mean_kl_divergence(a, b)
+    return OutputAccuracy(name, shape, max_abs, mean_abs, cosine, snr, top1, equal_rate,
+                          kl_divergence=kl, kind=kind)
+
+
+def output_kind(name: str, value: np.ndarray) -> str:
+    """What a float output holds, from its name and shape: "kv_cache", "logits" or "" (other)."""
+    if _KV_NAME.search(name):
+        return "kv_cache"
+    if value.ndim < 2 or value.shape[-1] < 2:
+        return ""
+    if "logit" in name.lower() or (value.shape[-1] >= VOCAB_MIN
+                                   and not _NOT_VOCAB_NAME.search(name)):
+        return "logits"
+    return ""
+
+
+def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float:
+    """Share of positions (all but the last axis) whose argmax over the last axis agrees."""
+    rows_a = ref.reshape(-1, ref.shape[-1])
+    rows_b = new.reshape(-1, new.shape[-1])
+    return float(np.mean(np.argmax(rows_a, axis=-1) == np.argmax(rows_b, axis=-1)))
+
+
+def mean_kl_divergence(ref: np.ndarray, new: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) ‖ softmax(new)) along the last axis, in nats.
+
+    Log-softmax in float64 with the row maximum subtracted, so logits of any size are safe;
+    tokens the reference gives probability 0 (logit -inf) add nothing, tokens only the
+    reference can emit make it infinite."""
+    vocab = ref.shape[-1]
+    rows_a = ref.reshape(-1, vocab)
+    rows_b = new.reshape(-1, vocab)
+    n = rows_a.shape[0]
+    if n == 0:
+        return 0.0
+    step = max(1, _KL_CHUNK_ELEMENTS // max(vocab, 1))
+    total = 0.0
+    for start in range(0, n, step):
+        lp = _log_softmax(rows_a[start:start + step])
+        lq = _log_softmax(rows_b[start:start + step])
+        p = np.exp(lp)
+        with np.errstate(invalid="ignore"):
+            terms = np.where(p > 0, p * (lp - lq), 0.0)
+        total += float(np.maximum(terms.sum(axis=-1), 0.0).sum())
+    return total / n
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    peak = np.max(x, axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    shifted = x - peak
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
 def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
