@@ -89,6 +89,51 @@ def test_symbolic_dims_kept_without_binding(tmp_path, capsys):
     assert data["nodes"][0]["flops"] is None
 
 
+def test_footer_says_which_dims_the_flops_need(tmp_path, capsys):
+    p = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), str(p))
+    code, out, _ = run(capsys, str(p))
+    assert code == 0
+    footer = out.strip().splitlines()[-3:]
+    assert "0 FLOPs" not in out
+    assert "FLOPs unknown" in footer[0]
+    assert footer[1] == "FLOPs need dims: pass --dim batch=N"
+    code, out, _ = run(capsys, str(p), "--json", "-")
+    totals = json.loads(out)["totals"]
+    assert totals["nodes_without_flops"] == 3 and totals["unbound_dims"] == ["batch"]
+
+
+def test_footer_counts_ops_of_unknown_cost_when_dims_are_given(tmp_path, capsys):
+    m = mlp_model()
+    m.graph.node.append(helper.make_node("Mystery", ["y"], ["z"], name="odd", domain="com.example"))
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    p = tmp_path / "odd.onnx"
+    onnx.save(m, str(p))
+    code, out, _ = run(capsys, str(p), "--dim", "batch=2")
+    assert code == 0
+    assert "2.62 kFLOPs + 1 operator of unknown cost" in out
+    assert "need dims" not in out
+
+
+def test_shared_weight_counted_once_in_totals(tmp_path, capsys):
+    table = numpy_helper.from_array(np.ones((16, 16), np.float32), "table")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "table"], ["h"], name="mm"),
+             helper.make_node("MatMul", ["h", "table"], ["y"], name="head")]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], [table])
+    p = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(p))
+    code, out, _ = run(capsys, str(p))
+    assert code == 0 and "1.0 KiB of weights" in out
+    code, out, _ = run(capsys, str(p), "--json", "-")
+    data = json.loads(out)
+    assert [n["param_bytes"] for n in data["nodes"]] == [1024] * 3
+    assert data["totals"]["param_bytes"] == 1024
+
+
 def test_json_file_and_shape_flag(tmp_path, capsys):
     p = tmp_path / "mlp.onnx"
     onnx.save(mlp_model(), str(p))

@@ -44,9 +44,33 @@ def to_json(path: str, info: GraphInfo) -> dict[str, Any]:
         "nodes": [n.to_json() for n in info.nodes],
         "op_types": info.op_type_counts(),
         "totals": {"nodes": len(info.nodes), "flops": info.total_flops(),
+                   "nodes_without_flops": info.flops_unknown(),
+                   "unbound_dims": unbound_dims(info),
                    "param_bytes": info.total_param_bytes()},
         "shape_inference_error": info.shape_inference_error,
     }
+
+
+def unbound_dims(info: GraphInfo) -> list[str]:
+    """Named input dims no ``--dim`` gave a value, in first-seen order."""
+    names: list[str] = []
+    for t in info.inputs:
+        names.extend(d for d in t.shape or [] if isinstance(d, str) and d not in names)
+    return names
+
+
+def flops_summary(info: GraphInfo) -> tuple[str, str | None]:
+    """The footer's FLOPs and, when they are incomplete for want of dims, a line saying which
+    to pass: a partial sum over the shape-free nodes would read as a bare "0 FLOPs"."""
+    total, unknown = info.total_flops(), info.flops_unknown()
+    if not unknown:
+        return human_count(total or 0, "FLOPs"), None
+    dims = unbound_dims(info)
+    if dims:
+        flags = " ".join(f"--dim {d}=N" for d in dims)
+        return "FLOPs unknown", f"FLOPs need dims: pass {flags}"
+    plural = "s" if unknown > 1 else ""
+    return f"{human_count(total or 0, 'FLOPs')} + {unknown} operator{plural} of unknown cost", None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
     print_table(("op type", "count", "FLOPs", ""), summary, "lrrl")
     print()
     ins = ", ".join(f"{t.name}: {t.dtype} {format_shape(t.shape)}" for t in info.inputs)
-    print(f"{len(info.nodes)} operators, {human_count(info.total_flops(), 'FLOPs')}, "
-          f"{human_bytes(info.total_param_bytes())} of weights; opset {info.opset}")
+    flops, need = flops_summary(info)
+    print(f"{len(info.nodes)} operators, {flops}, "
+          f"{human_bytes(info.total_param_bytes())} of weights (each tensor once); "
+          f"opset {info.opset}")
+    if need:
+        print(need)
     print(f"inputs: {ins or '(none)'}")
     if info.shape_inference_error:
         print(f"note: shape inference stopped early ({info.shape_inference_error})")

@@ -24,8 +24,9 @@ from onnx import external_data_helper, helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
 from opstudio.core.errors import Cancelled, GraphError
-from opstudio.core.flops import node_flops
+from opstudio.core.flops import node_bytes, node_flops
 from opstudio.core.isolation import call_isolated
+from opstudio.core.tensors import DTYPE_SIZES, nbytes, numel
 
 Dim = int | str | None
 Shape = list[Dim] | None
@@ -46,8 +47,8 @@ class TensorInfo:
         return numel(self.shape)
 
     def nbytes(self) -> int | None:
-        n, size = self.numel(), self.itemsize
-        return None if n is None or size is None else n * size
+        n = self.numel()
+        return None if n is None else nbytes(self.dtype, n)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class GraphInfo:
     ir_version: int
     producer: str
     shape_inference_error: str | None = None
+    # bytes of each constant tensor (initializer or Constant node output), for totals that
+    # count a weight once however many nodes read it
+    constant_bytes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}
@@ -132,21 +136,21 @@ class GraphInfo:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def total_flops(self) -> int | None:
-        """Sum of known FLOPs (nodes with unknown FLOPs are left out)."""
+        """Sum of known FLOPs (nodes with unknown FLOPs are left out: see ``flops_unknown``)."""
         known = [n.flops for n in self.nodes if n.flops is not None]
         return sum(known) if known else None
 
+    def flops_unknown(self) -> int:
+        """How many nodes have no FLOP count (a shape they need is unknown or symbolic)."""
+        return sum(1 for n in self.nodes if n.flops is None)
+
     def total_param_bytes(self) -> int:
-        return sum(n.param_bytes for n in self.nodes)
-
-
-DTYPE_SIZES = {
-    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
-    "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
-    "int64": 8, "uint64": 8, "bool": 1, "int4": 1, "uint4": 1,
-    "float8e4m3fn": 1, "float8e4m3fnuz": 1, "float8e5m2": 1, "float8e5m2fnuz": 1,
-    "complex64": 8, "complex128": 16,
-}
+        """Bytes of the weights the nodes read, each tensor once however many nodes read it
+        (a tied embedding, rotary caches shared by every attention node)."""
+        if not self.constant_bytes:  # built without sizes: what the nodes say they read
+            return sum(n.param_bytes for n in self.nodes)
+        read = {x for n in self.nodes for x in n.inputs if x in self.constant_bytes}
+        return sum(self.constant_bytes[x] for x in read)
 
 
 def dtype_name(elem_type: int) -> str | None:
@@ -157,17 +161,6 @@ def dtype_name(elem_type: int) -> str | None:
     except ValueError:
         return None
     return {"float": "float32", "double": "float64"}.get(name, name)
-
-
-def numel(shape: Shape) -> int | None:
-    if shape is None:
-        return None
-    total = 1
-    for d in shape:
-        if not isinstance(d, int) or d < 0:
-            return None
-        total *= d
-    return total
 
 
 def _shape_from_type(tp: onnx.TypeProto) -> tuple[str | None, Shape]:
@@ -612,6 +605,7 @@ def analyze(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, *,
                     if i.name not in constants]
     graph_outputs = [tensors.get(o.name) or TensorInfo(o.name) for o in g.output]
 
+    constant_bytes = {name: _tensor_bytes(t) for name, t in constants.items()}
     order = topological_order(g)
     nodes: list[NodeInfo] = []
     for new_index, old_index in enumerate(order):
@@ -629,11 +623,10 @@ def analyze(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, *,
             attributes=_attributes(node),
             subgraph_nodes=count_subgraph_nodes(node),
         )
-        info.param_bytes = sum(_tensor_bytes(constants[x]) for x in set(node.input)
-                               if x in constants)
+        info.param_bytes = sum(constant_bytes[x] for x in set(node.input) if x in constant_bytes)
         if node.op_type != "Constant":
             info.flops = node_flops(info, in_infos, out_infos)
-            info.bytes_moved = _bytes_moved(in_infos, out_infos)
+            info.bytes_moved = node_bytes(info, in_infos, out_infos)
         else:
             info.flops = 0
         nodes.append(info)
@@ -656,25 +649,14 @@ def analyze(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, *,
         nodes=nodes, edges=edges, inputs=graph_inputs, outputs=graph_outputs, tensors=tensors,
         opset=opset, ir_version=model.ir_version,
         producer=f"{model.producer_name} {model.producer_version}".strip(),
-        shape_inference_error=error,
+        shape_inference_error=error, constant_bytes=constant_bytes,
     )
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
-    size = DTYPE_SIZES.get(dtype_name(t.data_type) or "", 4)
-    return math.prod(t.dims) * size if t.dims else size
-
-
-def _bytes_moved(ins: list[TensorInfo | None], outs: list[TensorInfo | None]) -> int | None:
-    total = 0
-    for t in ins + outs:
-        if t is None:
-            continue
-        b = t.nbytes()
-        if b is None:
-            return None
-        total += b
-    return total
+    count = math.prod(t.dims) if t.dims else 1
+    found = nbytes(dtype_name(t.data_type), count)
+    return count * 4 if found is None else found
 
 
 def input_specs(model: onnx.ModelProto) -> list[TensorInfo]:
