@@ -526,3 +526,15 @@ def settle(before: onnx.ModelProto, result: onnx.ModelProto,
     created = record_provenance(before, result, rewritten)
     topo_sort(result.graph)
     return weight_bytes(before, result, created, rewritten)
+
+
+def shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with initializers reduced to name, type and dims: enough for provenance and
+    byte counts after a rewrite, without a second copy of the weights."""
+    from opstudio.core.model_io import without_initializers
+
+    out = without_initializers(model)
+    for init in model.graph.initializer:
+        out.graph.initializer.append(
+            onnx.TensorProto(name=init.name, data_type=init.data_type, dims=list(init.dims)))
+    return out

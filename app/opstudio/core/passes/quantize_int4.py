@@ -12,20 +12,38 @@ MatMul with ``alpha·op(B)`` plus an Add of ``beta·C``, since the quantizer onl
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
+from opstudio.core.errors import OpstudioError
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes._calibration import (
+    calibration_params,
+    calibration_samples,
+    check_calibration,
+)
 from opstudio.core.passes._nbits import fastest_level
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
 
 BLOCK_SIZES = (32, 16, 64, 128, 256)
 ACCURACY_LEVELS = ("auto", 0, 1, 2, 3, 4)
+ALGORITHMS = ("rtn", "gptq", "hqq")
+LEVEL_PARAMS = (
+    ParamSpec("block_size", "choice", 32, "Block size",
+              "weights along K sharing one scale", choices=BLOCK_SIZES),
+    ParamSpec("symmetric", "bool", True, "Symmetric",
+              "no zero point (symmetric range around 0)"),
+    ParamSpec("accuracy_level", "choice", "auto", "Accuracy level",
+              "MatMulNBits compute precision: 1 float32, 2 float16, 3 bfloat16, 4 int8 "
+              "activations; auto = the level measured fastest on this machine",
+              choices=ACCURACY_LEVELS),
+)
 
 
 class Int4WeightPass(Pass):
@@ -35,15 +53,25 @@ class Int4WeightPass(Pass):
     description = ("4-bit block-quantized weights for MatMuls with a constant weight "
                    "(onnxruntime MatMulNBits), activations stay float")
     params = (
-        ParamSpec("block_size", "choice", 32, "Block size",
-                  "weights along K sharing one scale", choices=BLOCK_SIZES),
-        ParamSpec("symmetric", "bool", True, "Symmetric",
-                  "no zero point (symmetric range around 0)"),
-        ParamSpec("accuracy_level", "choice", "auto", "Accuracy level",
-                  "MatMulNBits compute precision: 1 float32, 2 float16, 3 bfloat16, 4 int8 "
-                  "activations; auto = the level measured fastest on this machine",
-                  choices=ACCURACY_LEVELS),
+        *LEVEL_PARAMS,
+        ParamSpec("algorithm", "choice", "rtn", "Algorithm",
+                  "rtn: round to nearest; gptq: error-compensating rounding on calibration "
+                  "inputs; hqq: half-quadratic, calibration-free (gptq and hqq need torch: "
+                  "opstudio[llm])",
+                  choices=ALGORITHMS),
+        *calibration_params(8),
     )
+
+    def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = super().validate_params(params)
+        if "calibration" in out:
+            check_calibration(self.technique, out)
+        algorithm = out.get("algorithm", "rtn")
+        if algorithm != "rtn" and importlib.util.find_spec("torch") is None:
+            # onnxruntime's HQQ and GPTQ quantizers compute with torch
+            raise OpstudioError(f"{self.technique}: algorithm '{algorithm}' needs PyTorch, which "
+                                "is not installed: pip install 'opstudio[llm]'")
+        return out
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               block_size: int = BLOCK_SIZES[0]) -> str | None:
@@ -73,11 +101,6 @@ class Int4WeightPass(Pass):
 
     def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
               ctx: PassContext) -> PassResult:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
-
         params = self.validate_params(params)
         block = int(params["block_size"])
         work = ort_support.copy_model(model)
@@ -104,16 +127,18 @@ class Int4WeightPass(Pass):
             choice = fastest_level(self.bits, block)
             level = choice.level
             notes.append(choice.describe())
-        before = ort_support.copy_model(work)
-        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params["symmetric"],
-                                              accuracy_level=level, bits=self.bits,
-                                              op_types_to_quantize=("MatMul",))
-        names = {target[n] for n in chosen}
-        others = [n.name for n in work.graph.node if n.name not in names]
+        before = ort_support.shape_only_copy(work)
+        names = [target[n] for n in chosen]
+        algorithm = params.get("algorithm", "rtn")
         with quiet_onnxruntime_logs():
-            quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
-            quantizer.process()
-        result = quantizer.model.model
+            if algorithm == "gptq":
+                samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
+                notes.append(f"GPTQ calibrated on {len(samples)} sample(s)")
+                result = _gptq(work, names, samples, block, params["symmetric"], level)
+            else:
+                result = _nbits_quantizer(work, names, self.bits, block, params["symmetric"],
+                                          level, algorithm)
+        _set_accuracy_level(result, level)
         remaining = {n.name for n in result.graph.node}
         applied = [n for n in chosen if target[n] not in remaining]
         for name in chosen:
@@ -122,11 +147,68 @@ class Int4WeightPass(Pass):
         rewritten = [target[n] for n in applied]
         by_target = ort_support.settle(before, result, rewritten)
         details = {name: {**by_target[target[name]], "bits": self.bits, "block_size": block,
-                          "symmetric": params["symmetric"], "accuracy_level": level}
+                          "symmetric": params["symmetric"], "accuracy_level": level,
+                          "algorithm": algorithm}
                    for name in applied}
         ctx.report(1.0, f"{self.technique}: done")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
+
+
+def _nbits_quantizer(work: onnx.ModelProto, names: Sequence[str], bits: int, block: int,
+                     symmetric: bool, level: int, algorithm: str) -> onnx.ModelProto:
+    """Round-to-nearest or HQQ through onnxruntime's MatMulNBits quantizer, on ``names`` only."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config: Any
+    if algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=block, bits=bits,
+                                          op_types_to_quantize=("MatMul",))
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric,
+                                              accuracy_level=level, bits=bits,
+                                              op_types_to_quantize=("MatMul",))
+    wanted = set(names)
+    others = [n.name for n in work.graph.node if n.name not in wanted]
+    quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _gptq(work: onnx.ModelProto, names: Sequence[str], samples: Sequence[Mapping[str, Any]],
+          block: int, symmetric: bool, level: int) -> onnx.ModelProto:
+    """GPTQ (onnxruntime's port of Intel Neural Compressor's) on ``names`` only.
+
+    Called directly: through ``MatMulNBitsQuantizer`` every MatMul with a constant weight would
+    be quantized, whatever ``nodes_to_exclude`` says.
+    """
+    from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+    scheme = "sym" if symmetric else "asym"
+    wanted = set(names)
+    config: dict[str, Any] = {
+        n.name: ({"bits": 4, "group_size": block, "scheme": scheme, "algorithm": "GPTQ"}
+                 if n.name in wanted else "fp32")
+        for n in work.graph.node if n.op_type == "MatMul"}
+    loader = ((dict(feeds), None) for feeds in samples)
+    result = gptq_quantize(work, loader, weight_config=config, num_bits=4, group_size=block,
+                           scheme=scheme, n_samples=-1, accuracy_level=level)
+    return result.model if hasattr(result, "model") else result
+
+
+def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    """Every MatMulNBits computes at ``level`` (HQQ's quantizer does not write the attribute)."""
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or not level:
+            continue
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(helper.make_attribute("accuracy_level", level))
 
 
 def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:

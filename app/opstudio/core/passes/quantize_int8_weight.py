@@ -10,7 +10,7 @@ at level 1 it runs many times slower than float32 (measured in ``_nbits``), so `
 
 from __future__ import annotations
 
-from opstudio.core.passes.quantize_int4 import Int4WeightPass
+from opstudio.core.passes.quantize_int4 import LEVEL_PARAMS, Int4WeightPass
 
 
 class Int8WeightPass(Int4WeightPass):
@@ -19,6 +19,7 @@ class Int8WeightPass(Int4WeightPass):
     label = "INT8 weights"
     description = ("8-bit block-quantized weights for MatMuls with a constant weight "
                    "(onnxruntime MatMulNBits, bits=8), activations stay float")
+    params = LEVEL_PARAMS  # round to nearest: at 8 bits it loses next to nothing
 
 
 PASS = Int8WeightPass()
