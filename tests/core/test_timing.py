@@ -38,3 +38,33 @@ def test_measured_timer_compares_two_recipes_of_the_real_model(tmp_path):
                            time_budget_s=0.2)
     ratio = timer(Recipe([Step("fp16", {}, nodes=["fc1"])]), Recipe([]))
     assert ratio.rounds >= 15 and ratio.low <= ratio.median <= ratio.high
+
+
+def test_verdict_on_synthetic_samples_equal_shifted_and_heavy_tailed():
+    from opstudio.core.timing import spread
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(10.0, 0.3, 60)
+    same = paired_ratio(base, rng.normal(10.0, 0.3, 60))
+    assert not same.significant and same.label() == "≈ 1×"
+    halved = paired_ratio(base, rng.normal(5.0, 0.15, 60))
+    assert halved.significant and halved.label() == f"{halved.median:.2f}×"
+    assert 1.9 < halved.median < 2.1
+    # a busy machine: a third of the runs of both sides hit by another process
+    tail_a = base * np.where(rng.random(60) < 0.3, rng.uniform(1.5, 4.0, 60), 1.0)
+    tail_b = rng.normal(10.0, 0.3, 60) * np.where(rng.random(60) < 0.3,
+                                                  rng.uniform(1.5, 4.0, 60), 1.0)
+    assert not paired_ratio(tail_a, tail_b).significant
+    busy = spread(tail_a)
+    assert busy.busy and "of 60 runs disturbed" in busy.describe()
+    assert abs(busy.median_ms - 10.0) < 0.3
+    steady = spread(base)
+    assert not steady.busy and steady.describe().startswith("steady")
+
+
+def test_median_interval_holds_the_median():
+    from opstudio.core.timing import median_interval
+
+    t = np.random.default_rng(1).normal(3.0, 0.1, 40)
+    lo, hi = median_interval(t)
+    assert lo <= float(np.median(t)) <= hi and hi - lo < 0.2

@@ -34,8 +34,72 @@ class Ratio:
         """A is faster than B beyond the noise of this measurement."""
         return self.high < 1.0
 
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 1: A and B differ beyond the noise of this measurement."""
+        return self.high < 1.0 or self.low > 1.0
+
     def describe(self) -> str:
         return f"{self.median:.3f}× [{self.low:.3f}, {self.high:.3f}] over {self.rounds} rounds"
+
+    def label(self, digits: int = 2) -> str:
+        """How a ratio is shown: "≈ 1×" when the interval holds 1, else the median."""
+        return f"{self.median:.{digits}f}×" if self.significant else "≈ 1×"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Run times of one model on a machine that may have been busy.
+
+    Another process waking up only ever slows a run down, so disturbed runs are the slow
+    outliers: more than ``_MAD_LIMIT`` robust deviations (1.4826·MAD) above the median. The
+    figures a user sees come from the quiet runs.
+    """
+
+    runs: int
+    disturbed: int
+    median_ms: float
+    mad_ms: float
+    cv: float  # coefficient of variation of the quiet runs
+    quiet_ms: tuple[float, ...]
+
+    @property
+    def busy(self) -> bool:
+        return self.disturbed > max(1, self.runs // 20)
+
+    def describe(self) -> str:
+        if not self.busy:
+            return f"steady: {self.runs} runs, spread {self.cv:.1%}"
+        return (f"the machine was busy: {self.disturbed} of {self.runs} runs disturbed; "
+                "figures from the quiet runs")
+
+
+_MAD_LIMIT = 3.5
+
+
+def spread(times_ms: Sequence[float]) -> Spread:
+    t = np.asarray(times_ms, dtype=float)
+    if t.size == 0:
+        return Spread(0, 0, float("nan"), float("nan"), float("nan"), ())
+    median = float(np.median(t))
+    mad = float(np.median(np.abs(t - median)))
+    # a perfectly steady sample has MAD 0: allow 1 % before calling a run disturbed
+    limit = median + max(_MAD_LIMIT * 1.4826 * mad, 0.01 * median)
+    quiet = t[t <= limit]
+    cv = float(np.std(quiet) / np.mean(quiet)) if quiet.size > 1 and np.mean(quiet) > 0 else 0.0
+    return Spread(int(t.size), int(t.size - quiet.size), float(np.median(quiet)), mad, cv,
+                  tuple(float(x) for x in quiet))
+
+
+def median_interval(times_ms: Sequence[float], seed: int = 0,
+                    resamples: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of the median of ``times_ms``."""
+    t = np.asarray(times_ms, dtype=float)
+    if t.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(t, size=(resamples, t.size), replace=True), axis=1)
+    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float], seed: int = 0,
@@ -64,7 +128,8 @@ def session(model: Any, threads: int = 0) -> Any:
 def interleaved_times(sessions: Mapping[str, Any], feeds: Mapping[str, Any], *,
                       rounds: int = 40, warmup: int = 3, min_rounds: int = 10,
                       time_budget_s: float | None = None) -> dict[str, np.ndarray]:
-    """Milliseconds per run of each session, the sessions taking turns round by round.
+    """Milliseconds per run of each session, the sessions taking turns round by round (in
+    alternating order).
 
     With ``time_budget_s`` the rounds stop once the budget is spent (never below
     ``min_rounds``)."""
@@ -73,8 +138,10 @@ def interleaved_times(sessions: Mapping[str, Any], feeds: Mapping[str, Any], *,
             s.run(None, dict(feeds))
     times: dict[str, list[float]] = {k: [] for k in sessions}
     start = time.perf_counter()
+    order = list(sessions.items())
     for i in range(rounds):
-        for k, s in sessions.items():
+        # alternate who goes first: the second run of a round may inherit the first's caches
+        for k, s in (order if i % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
             s.run(None, dict(feeds))
             times[k].append((time.perf_counter() - t0) * 1e3)
