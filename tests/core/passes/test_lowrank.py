@@ -51,10 +51,13 @@ def matmul_model(k: int = 24, n: int = 16, constant_node: bool = False) -> onnx.
 
 def test_registered_and_params() -> None:
     assert get_pass("lowrank") is PASS
-    assert PASS.validate_params({}) == {"rank": None, "energy": 0.9, "method": "svd"}
-    assert PASS.validate_params({"rank": 4}) == {"rank": 4, "energy": None, "method": "svd"}
+    calibration = {"calibration": "random", "samples": 8, "alpha": 0.5}
+    assert PASS.validate_params({}) == {"rank": None, "energy": 0.9, "method": "svd",
+                                        **calibration}
+    assert PASS.validate_params({"rank": 4}) == {"rank": 4, "energy": None, "method": "svd",
+                                                 **calibration}
     assert PASS.validate_params({"energy": 0.5, "method": "tucker2"}) == {
-        "rank": None, "energy": 0.5, "method": "tucker2"}
+        "rank": None, "energy": 0.5, "method": "tucker2", **calibration}
     with pytest.raises(OpstudioError, match="method"):
         PASS.validate_params({"method": "cp"})
     with pytest.raises(OpstudioError, match="not both"):

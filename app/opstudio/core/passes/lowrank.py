@@ -23,6 +23,27 @@ rank whose factors hold more parameters than W is applied when asked for by ``ra
 and notes say it grew: useful as an exactness check), and refused when it comes from ``energy``.
 With tucker2 the same rule picks each channel rank from the singular values of that channel
 mode's unfolding, and ``rank`` caps both.
+
+Activation-aware methods (MatMul and Gemm weights only) run the model on calibration inputs
+(``calibration``: ``"random"`` or an ``.npz`` of model inputs; ``samples``) and take the
+statistics of each node's input X, so that the truncation drops what matters least *for the
+outputs* XW rather than for W itself. Trained LLM weights are not low-rank in the weight norm
+(keeping 90 % of ΣS² of an MLP projection can need 70 % of its rank), but their inputs occupy
+few directions, and XW is.
+
+- ``svd-llm`` (Wang et al. 2024, truncation-aware data whitening): with L the Cholesky factor
+  of the Gram matrix XᵀX = L·Lᵀ, ‖XW‖ = ‖LᵀW‖, and truncating the SVD of LᵀW = UΣVᵀ to rank r
+  minimizes ‖XW − X·A·B‖ over rank-r products: A = L⁻ᵀ·U_r·√Σ_r, B = √Σ_r·V_rᵀ. The discarded
+  singular values are then exactly the output error on the calibration data, so ``energy``
+  is measured on this whitened spectrum: it is the fraction of ‖XW‖² kept. A Gram matrix that is
+  singular (fewer calibration positions than input features, a feature that is always zero)
+  gets a ridge of 1e-6 × its mean diagonal first; the details say so.
+- ``asvd`` (Yuan et al. 2023): each input row of W is scaled by mean|x|^alpha before the SVD and
+  the scale is undone in A. Cheaper statistics, weaker than svd-llm.
+
+Besides the weight error (``rel_error``) these report ``output_rel_error``, ‖XW − X·A·B‖/‖XW‖
+on the calibration activations. The factorization is computed in float64; the factors are
+stored in the weight's float type, as for svd.
 """
 
 from __future__ import annotations
@@ -40,12 +61,22 @@ from threadpoolctl import threadpool_limits
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import analyze
-from opstudio.core.passes import _tucker
+from opstudio.core.passes import _activations, _tucker
 from opstudio.core.passes import _weights as w
+from opstudio.core.passes._calibration import (
+    calibration_params,
+    calibration_samples,
+    check_calibration,
+)
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 
 DEFAULT_ENERGY = 0.9
-METHODS = ("svd", "tucker2")
+ACTIVATION_METHODS = ("svd-llm", "asvd")
+METHODS = ("svd", "tucker2", *ACTIVATION_METHODS)
+DEFAULT_SAMPLES = 8
+# Added to a singular Gram matrix, relative to its mean diagonal: small enough not to change a
+# well-measured direction, large enough that L⁻ᵀ stays representable in float32 factors.
+RIDGE = 1e-6
 
 
 @dataclass
@@ -63,18 +94,25 @@ class LowRankPass(Pass):
     technique = "lowrank"
     label = "Low-rank (SVD, Tucker-2)"
     description = ("Factorize a constant MatMul/Gemm/Conv weight into smaller ones by "
-                   "truncated SVD, or a Conv kernel by Tucker-2: fewer parameters and FLOPs, "
-                   "at a reconstruction error")
+                   "truncated SVD (optionally weighted by calibration activations, SVD-LLM or "
+                   "ASVD), or a Conv kernel by Tucker-2: fewer parameters and FLOPs, at a "
+                   "reconstruction error")
     params = (
         ParamSpec("rank", "int", None, "Rank", "number of singular values kept "
                   "(exclusive with energy)", minimum=1, optional=True),
         ParamSpec("energy", "float", DEFAULT_ENERGY, "Energy",
                   "fraction of the squared singular values kept, in (0, 1]; used when no rank "
-                  "is given", minimum=0.0, maximum=1.0, optional=True),
+                  "is given (svd-llm: of the whitened ones, i.e. of ‖XW‖² on the calibration "
+                  "data)", minimum=0.0, maximum=1.0, optional=True),
         ParamSpec("method", "choice", "svd", "Method",
                   "svd: W ≈ A·B, two nodes; tucker2: a k×k Conv kernel reduced along input and "
-                  "output channels, 1×1 → k×k → 1×1 (MatMul, Gemm and 1×1 Conv use svd)",
+                  "output channels, 1×1 → k×k → 1×1 (MatMul, Gemm and 1×1 Conv use svd); "
+                  "svd-llm: SVD whitened by the calibration inputs' Gram matrix, keeps what "
+                  "matters for the outputs (LLMs); asvd: SVD of W scaled by mean |x|^alpha",
                   choices=METHODS),
+        *calibration_params(DEFAULT_SAMPLES),
+        ParamSpec("alpha", "float", 0.5, "ASVD alpha",
+                  "asvd: exponent of mean |x| in the row scaling", minimum=0.0, maximum=2.0),
     )
 
     def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -88,7 +126,7 @@ class LowRankPass(Pass):
             out["energy"] = DEFAULT_ENERGY
         elif out["energy"] <= 0.0:
             raise OpstudioError(f"lowrank: parameter 'energy' must be above 0, not {out['energy']}")
-        return out
+        return check_calibration(self.technique, out)
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
         target = _target(model, node)
@@ -111,6 +149,11 @@ class LowRankPass(Pass):
                 targets.append(target)
         if not targets:
             return result
+        stats: dict[str, _activations.InputStats] = {}
+        if params["method"] in ACTIVATION_METHODS:
+            targets, stats = _measure(work, targets, params, ctx, result)
+            if not targets:
+                return result
         dims = w.unit_dims(work)
         info = analyze(work, dims)
         taken = w.all_names(work.graph)
@@ -119,13 +162,14 @@ class LowRankPass(Pass):
         for k, target in enumerate(targets):
             ctx.check_cancelled()
             name = target.node.name
-            ctx.report(k / len(targets), f"lowrank: factorizing {name}")
+            ctx.report(0.5 + 0.5 * k / len(targets) if stats else k / len(targets),
+                       f"lowrank: factorizing {name}")
             out_shape = info.node(name).output_shapes[0] if info.has_node(name) else None
             if params["method"] == "tucker2" and _has_spatial_extent(target):
                 in_shape = info.static_shape(target.node.input[0])
                 done = _factorize_tucker2(work, target, params, taken, in_shape, out_shape)
             else:
-                done = _factorize(work, target, params, taken, out_shape)
+                done = _factorize(work, target, params, taken, out_shape, stats.get(name))
             if isinstance(done, str):
                 result.skipped[name] = done
                 continue
@@ -136,6 +180,11 @@ class LowRankPass(Pass):
             if dims:
                 details["flops_dims"] = dims  # FLOPs are per sample: named dims set to 1
             result.details[name] = details
+            if details.get("ridge"):
+                result.notes.append(
+                    f"{name}: its inputs' Gram matrix is singular on the calibration data "
+                    f"({details['calibration_rows']} positions for {target.matrix.shape[0]} "
+                    f"features); a ridge of {details['ridge']:.3g} was added before whitening")
             if details["params_after"] > details["params_before"]:
                 rank = details.get("rank") or f"{details['rank_out']}×{details['rank_in']}"
                 result.notes.append(
@@ -184,6 +233,111 @@ def _target(model: onnx.ModelProto, node: onnx.NodeProto) -> _Target | str:
     return _Target(node, node.input[1], weight, matrix, bias_elems)
 
 
+def _measure(model: onnx.ModelProto, targets: list[_Target], params: Mapping[str, Any],
+             ctx: PassContext, result: PassResult
+             ) -> tuple[list[_Target], dict[str, _activations.InputStats]]:
+    """The targets an activation-aware method can take, and their inputs' statistics."""
+    method = params["method"]
+    kept: list[_Target] = []
+    for target in targets:
+        node = target.node
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            result.skipped[node.name] = (f"{method} factorizes MatMul and Gemm weights; a Conv "
+                                         "takes method svd or tucker2")
+        elif node.op_type == "Gemm" and attrs.get("transA", 0):
+            result.skipped[node.name] = (f"its Gemm reads its input transposed (transA=1); "
+                                         f"{method} needs the input's features on its last axis")
+        else:
+            kept.append(target)
+    if not kept:
+        return kept, {}
+    samples = calibration_samples(model, params["calibration"], params["samples"], ctx)
+    # measuring is the first half of the pass's progress, factorizing the second
+    sub = PassContext(inputs=ctx.inputs, workdir=ctx.workdir, cancelled=ctx.cancelled,
+                      progress=lambda f, m: ctx.report(0.5 * f, f"lowrank: {m}"))
+    # asvd needs only mean |x|; the Gram matrix also gives it the output error to report
+    stats = _activations.input_stats(model, [t.node.name for t in kept], samples, gram=True,
+                                     ctx=sub)
+    usable: list[_Target] = []
+    for target in kept:
+        name, entry = target.node.name, stats[target.node.name]
+        features = target.matrix.shape[0]
+        if entry.sq_norm.shape[0] != features:
+            result.skipped[name] = (f"its input has {entry.sq_norm.shape[0]} features on its last "
+                                    f"axis, not the weight's {features} rows")
+        elif not np.any(entry.sq_norm > 0):
+            result.skipped[name] = ("its input is zero on every calibration sample; "
+                                    f"{method} has nothing to weigh the weight by")
+        else:
+            usable.append(target)
+    return usable, stats
+
+
+def _whitening(gram: np.ndarray) -> tuple[np.ndarray, float]:
+    """L with L·Lᵀ = gram (+ a ridge when gram is singular), and that ridge (0.0 if none)."""
+    gram = (gram + gram.T) / 2  # exactly symmetric
+    ridge = RIDGE * float(np.mean(np.diag(gram)))
+    try:
+        lower = np.linalg.cholesky(gram)
+        # the i-th pivot is diag(L)_i²: one far below the ridge is a direction the data does
+        # not span, and inverting it would blow A's entries past float32
+        if float(np.min(np.diag(lower))) ** 2 >= ridge:
+            return lower, 0.0
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.cholesky(gram + ridge * np.eye(len(gram))), ridge
+
+
+def _split(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def _factors(target: _Target, params: Mapping[str, Any],
+             stats: _activations.InputStats | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """``left`` [rows, r], ``right`` [r, cols], the spectrum the rank was chosen from, extras."""
+    matrix = target.matrix.astype(np.float64)
+    method = params["method"] if stats is not None else "svd"
+    extra: dict[str, Any] = {}
+    # One BLAS thread: the factors then come out bit-identical on any machine (same recipe,
+    # same bytes), and a multithreaded SVD on a busy machine is many times slower, not faster.
+    with threadpool_limits(limits=1):
+        if method == "svd-llm":
+            assert stats is not None and stats.gram is not None
+            lower, ridge = _whitening(stats.gram)
+            u, s, vt = np.linalg.svd(lower.T @ matrix, full_matrices=False)
+            rank = choose_rank(s, params["rank"], params["energy"])
+            left, right = _split(u, s, vt, rank)
+            left = np.linalg.solve(lower.T, left)  # undo the whitening: A = L⁻ᵀ·U_r·√Σ_r
+            extra["ridge"] = ridge
+        elif method == "asvd":
+            assert stats is not None
+            scale = stats.abs_mean ** params["alpha"]
+            # a feature that is always zero does not matter; keep its row at the smallest weight
+            floor = float(scale[scale > 0].min()) if np.any(scale > 0) else 1.0
+            scale = np.where(scale > 0, scale, floor)
+            u, s, vt = np.linalg.svd(scale[:, None] * matrix, full_matrices=False)
+            rank = choose_rank(s, params["rank"], params["energy"])
+            left, right = _split(u, s, vt, rank)
+            left = left / scale[:, None]
+            extra["alpha"] = params["alpha"]
+        else:
+            u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+            rank = choose_rank(s, params["rank"], params["energy"])
+            left, right = _split(u, s, vt, rank)
+        if stats is not None and stats.gram is not None:
+            # ‖XD‖² = tr(Dᵀ·XᵀX·D) for the error D, with the Gram matrix as measured
+            diff = matrix - left @ right
+            error = float(np.sum(diff * (stats.gram @ diff)))
+            total = float(np.sum(matrix * (stats.gram @ matrix)))
+            extra["output_rel_error"] = math.sqrt(max(error, 0.0) / total) if total > 0 else 0.0
+            extra["calibration_rows"] = stats.rows
+    return left, right, s, extra
+
+
 def choose_rank(singular: np.ndarray, rank: int | None, energy: float | None) -> int:
     """The rank to keep: ``rank`` capped at full, or the smallest keeping ``energy`` of ΣS²."""
     full = len(singular)
@@ -199,15 +353,13 @@ def choose_rank(singular: np.ndarray, rank: int | None, energy: float | None) ->
 
 
 def _factorize(model: onnx.ModelProto, target: _Target, params: Mapping[str, Any],
-               taken: set[str], out_shape: list | None
+               taken: set[str], out_shape: list | None,
+               stats: _activations.InputStats | None = None
                ) -> tuple[list[onnx.NodeProto], dict[str, Any]] | str:
     node = target.node
     matrix = target.matrix.astype(np.float64)
-    # One BLAS thread: the factors then come out bit-identical on any machine (same recipe,
-    # same bytes), and a multithreaded SVD on a busy machine is many times slower, not faster.
-    with threadpool_limits(limits=1):
-        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    rank = choose_rank(s, params["rank"], params["energy"])
+    left, right, s, extra = _factors(target, params, stats)  # [rows, r], [r, cols]
+    rank = left.shape[1]
     rows, cols = matrix.shape
     params_before = rows * cols + target.bias_elems
     params_after = rank * (rows + cols) + target.bias_elems
@@ -215,9 +367,6 @@ def _factorize(model: onnx.ModelProto, target: _Target, params: Mapping[str, Any
         return (f"energy {params['energy']:g} needs rank {rank} of {len(s)}, and rank {rank} "
                 f"would need {rank * (rows + cols)} parameters, not fewer than the original "
                 f"{rows}×{cols} weight's {rows * cols}")
-    root = np.sqrt(s[:rank])
-    left = u[:, :rank] * root  # [rows, r]
-    right = root[:, None] * vt[:rank]  # [r, cols]
     approx = left @ right
     norm = float(np.linalg.norm(matrix))
     rel_error = float(np.linalg.norm(matrix - approx) / norm) if norm > 0 else 0.0
@@ -274,8 +423,8 @@ def _factorize(model: onnx.ModelProto, target: _Target, params: Mapping[str, Any
         provenance.set_origin(new, origin)
     flops_before, flops_after = _flops(op, target, rank, out_shape)
     details: dict[str, Any] = {
-        "method": "svd", "rank": rank, "full_rank": len(s), "energy_kept": energy_kept,
-        "rel_error": rel_error,
+        "method": params["method"] if stats is not None else "svd", "rank": rank,
+        "full_rank": len(s), "energy_kept": energy_kept, "rel_error": rel_error, **extra,
         "params_before": params_before, "params_after": params_after,
         "flops_before": flops_before, "flops_after": flops_after,
         "nodes": [name_a, name_b],
