@@ -47,7 +47,9 @@ def test_optimize_prints_steps_and_accuracy(files, capsys):
                  "--dim", "batch=4", "--report", str(tmp / "report.json")])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert "step 1: int4-weight (block_size=32, symmetric=True) — 1 node(s) rewritten" in text
+    first = next(line for line in text.splitlines() if line.startswith("step 1:"))
+    assert first.startswith("step 1: int4-weight (block_size=32, symmetric=True")
+    assert "— 1 node(s) rewritten, 0 skipped" in first
     assert "bytes 32.0 KiB → " in text
     # mm0 is MatMulNBits after step 1, so op type MatMul now selects only mm1
     assert "step 2: int8-dynamic" in text and "1 node(s) rewritten, 1 skipped" in text
@@ -97,7 +99,12 @@ def test_existing_output_needs_overwrite(files, capsys):
     ({"nodes": ["relu0"], "technique": "int4-weight"},
      "error: step 1 (int4-weight): node 'relu0' (Relu) cannot take int4-weight"),
     ({"nodes": ["mm0"], "technique": "magic"}, "error: step 1: unknown technique 'magic'"),
-    ({"op_types": ["Conv"], "technique": "fp16"}, "error: step 1 (fp16): the model has no 'Conv' nodes"),
+    ({"op_types": ["Conv"], "technique": "fp16"},
+     "error: step 1 (fp16): selects no node: the model has no 'Conv' nodes"),
+    ({"op_types": ["Relu", "Conv"], "technique": "int4-weight"},
+     "error: the recipe rewrote no node, so there is nothing to write — step 1 (int4-weight): "
+     "the model has no 'Conv' nodes (skipped); 1 node(s) cannot take it: int4-weight handles "
+     "MatMul and Gemm, not Relu"),
     ({"nodes": ["mm0"], "technique": "fp16", "params": {"x": 1}},
      "error: step 1 (fp16): unknown parameter(s) x"),
 ])
@@ -119,3 +126,39 @@ def test_usage_errors_exit_2(files, capsys):
         main(["optimize", str(model)])
     assert info.value.code == 2
     assert "--recipe" in capsys.readouterr().err
+
+
+def test_a_portable_recipe_runs_on_a_model_lacking_some_op_types(files, capsys):
+    tmp, model, _ = files
+    recipe = tmp / "portable.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["MatMul", "Gemm", "Conv"], "technique": "int8-dynamic"}]}))
+    out = tmp / "out.onnx"
+    assert main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 node(s) rewritten" in text
+    assert "note: the model has no 'Gemm' nodes (skipped)" in text
+    assert "note: the model has no 'Conv' nodes (skipped)" in text
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_zero_rewrites_exit_1_and_write_nothing(tmp_path, capsys):
+    # weights fed as graph inputs: no MatMul can take a weight technique
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm0")], "g",
+        [helper.make_tensor_value_info("x", 1, [2, 8]), helper.make_tensor_value_info("w", 1, [8, 4])],
+        [helper.make_tensor_value_info("y", 1, [2, 4])])
+    model = tmp_path / "inputs.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["MatMul", "Gemm"], "technique": "int8-dynamic"},
+        {"op_types": ["MatMul"], "technique": "int4-weight"}]}))
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the recipe rewrote no node") and err.count("\n") == 1
+    assert "step 1 (int8-dynamic): the model has no 'Gemm' nodes (skipped); 1 node(s) cannot " \
+           "take it: its weight 'w' is a graph input" in err
+    assert "step 2 (int4-weight): 1 node(s) cannot take it: its weight 'w' is a graph input" in err
+    assert not out.exists()

@@ -16,7 +16,7 @@ import opstudio.core.passes as passes_module
 from opstudio.core import provenance
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.model_io import save_model
-from opstudio.core.optimize import optimize, optimize_file
+from opstudio.core.optimize import NothingRewritten, optimize, optimize_file
 from opstudio.core.passes import Pass, PassContext, PassResult
 from opstudio.core.recipe import Recipe
 
@@ -247,3 +247,111 @@ def test_lowrank_then_quantize_the_factors():
     nbits = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 1 and provenance.get_origin(nbits[0]) == ["mm1"]
     assert run(out, feeds(2)).shape == (2, 16)
+
+
+def test_a_portable_recipe_skips_op_types_the_model_lacks():
+    model = mlp()
+    r = recipe({"op_types": ["MatMul", "Gemm", "Conv"], "technique": "int8-dynamic"})
+    (step,) = optimize(model, r).steps
+    assert step.applied == ["mm0", "mm1", "mm2"]
+    assert "the model has no 'Gemm' nodes (skipped)" in step.notes
+    assert "the model has no 'Conv' nodes (skipped)" in step.notes
+    ref, new = run(model, feeds(1)), run(optimize(model, r).model, feeds(1))
+    assert np.linalg.norm(new - ref) / np.linalg.norm(ref) < 0.1
+
+
+def test_a_selector_step_that_selects_nothing_is_an_error_naming_it():
+    r = recipe({"nodes": ["mm0"], "technique": "fp16"},
+               {"op_types": ["Conv", "Gemm"], "technique": "int8-dynamic"})
+    with pytest.raises(OpstudioError, match=r"^step 2 \(int8-dynamic\): selects no node: "
+                                            r"the model has no 'Conv' or 'Gemm' nodes$"):
+        optimize(mlp(), r)
+
+
+def scoped() -> onnx.ModelProto:
+    """Two layers named like an exporter's: attn/q_proj, mlp/up_proj, mlp/down_proj each."""
+    nodes, inits, x = [], [], "x"
+    for layer in range(2):
+        for module, proj in (("attn", "q_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
+            name = f"/model/layers.{layer}/{module}/{proj}/MatMul"
+            w = f"w{layer}{proj}"
+            inits.append(numpy_helper.from_array(
+                (RNG.standard_normal((64, 64)) / 8).astype(np.float32), w))
+            nodes.append(helper.make_node("MatMul", [x, w], [name + "_out"], name=name))
+            x = name + "_out"
+    nodes.append(helper.make_node("Relu", [x], ["y"], name="/model/mlp_out/Relu"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 64])],
+                              [helper.make_tensor_value_info("y", 1, [2, 64])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_name_pattern_selects_nodes_by_name_alone_or_with_op_types():
+    mlp_nodes = [f"/model/layers.{i}/mlp/{p}/MatMul" for i in range(2)
+                 for p in ("up_proj", "down_proj")]
+    (step,) = optimize(scoped(), recipe({"name_pattern": "*/mlp/*_proj/MatMul",
+                                         "technique": "int8-dynamic"})).steps
+    assert step.applied == mlp_nodes and step.skipped == {}
+    # a list of patterns: any may match; with op_types a node must match both
+    (step,) = optimize(scoped(), recipe({"name_pattern": ["*/layers.1/*", "*mlp*"],
+                                         "op_types": ["MatMul"], "technique": "fp16"})).steps
+    assert sorted(step.applied) == sorted([*mlp_nodes, "/model/layers.1/attn/q_proj/MatMul"])
+    assert "/model/mlp_out/Relu" not in step.applied and not step.skipped
+
+
+def test_name_pattern_reaches_nodes_an_earlier_step_made_through_their_origin():
+    pytest.importorskip("opstudio.core.passes.lowrank")
+    r = recipe({"nodes": ["/model/layers.0/mlp/up_proj/MatMul"], "technique": "lowrank",
+                "params": {"rank": 16}},
+               {"name_pattern": "*/layers.0/mlp/up_proj/MatMul", "technique": "int8-dynamic"})
+    _, second = optimize(scoped(), r).steps
+    assert second.applied == ["/model/layers.0/mlp/up_proj/MatMul_lowrank_a",
+                              "/model/layers.0/mlp/up_proj/MatMul_lowrank_b"]
+
+
+def test_a_node_a_later_step_names_is_left_to_that_step():
+    model = mlp()
+    r = recipe({"op_types": ["MatMul"], "technique": "int8-dynamic"},
+               {"nodes": ["mm0"], "technique": "int4-weight", "params": {"block_size": 32}})
+    first, second = optimize(model, r, inputs=feeds()).steps
+    assert first.applied == ["mm1", "mm2"]
+    assert "left mm0 to step 2 (int4-weight), which names it" in first.notes
+    assert second.applied == ["mm0"]
+    out = optimize(model, r).model
+    kinds = {provenance.get_origin(n)[0]: n.op_type for n in out.graph.node
+             if n.op_type in ("MatMulNBits", "MatMulInteger")}
+    assert kinds == {"mm0": "MatMulNBits", "mm1": "MatMulInteger", "mm2": "MatMulInteger"}
+    ref, new = run(model, feeds(1)), run(out, feeds(1))
+    assert np.linalg.norm(new - ref) / np.linalg.norm(ref) < 0.25
+
+
+def weights_as_inputs() -> onnx.ModelProto:
+    """MatMuls whose weights are graph inputs: no weight technique can take them."""
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+             helper.make_node("MatMul", ["r", "w1"], ["y"], name="mm1")]
+    inputs = [helper.make_tensor_value_info("x", 1, [2, 64]),
+              helper.make_tensor_value_info("w0", 1, [64, 64]),
+              helper.make_tensor_value_info("w1", 1, [64, 16])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", 1, [2, 16])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_recipe_that_rewrites_nothing_is_an_error_that_says_why(tmp_path):
+    r = recipe({"op_types": ["MatMul", "Conv"], "technique": "int8-dynamic"},
+               {"op_types": ["Relu"], "technique": "int4-weight"})
+    with pytest.raises(NothingRewritten) as info:
+        optimize(weights_as_inputs(), r)
+    message = str(info.value)
+    assert message.startswith("the recipe rewrote no node, so there is nothing to write — ")
+    assert "step 1 (int8-dynamic): the model has no 'Conv' nodes (skipped); 2 node(s) cannot " \
+           "take it: its weight '…' is a graph input" in message
+    assert "×2" in message
+    assert "step 2 (int4-weight): 1 node(s) cannot take it: int4-weight handles MatMul and " \
+           "Gemm, not Relu" in message
+    assert "\n" not in message
+    assert [s.index for s in info.value.steps] == [1, 2]
+    src = tmp_path / "in.onnx"
+    save_model(weights_as_inputs(), src)
+    with pytest.raises(NothingRewritten):
+        optimize_file(src, r, tmp_path / "out.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["in.onnx"]

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.recipe import Recipe, Step, step_from_parts, validate
+from opstudio.core.recipe import Recipe, Step, named_later, step_from_parts, validate
 
 
 def model() -> onnx.ModelProto:
@@ -66,9 +66,18 @@ def test_save_and_load(tmp_path):
     ({"version": 1, "steps": ["fp16"]}, "step 1: expected an object, not a string"),
     ({"version": 1, "steps": [{"nodes": ["a"]}]}, "step 1: missing 'technique'"),
     ({"version": 1, "steps": [{"nodes": ["a"], "technique": 3}]}, "'technique' must be a name"),
-    ({"version": 1, "steps": [{"technique": "fp16"}]}, "step 1 (fp16): missing 'nodes' or 'op_types'"),
+    ({"version": 1, "steps": [{"technique": "fp16"}]},
+     "step 1 (fp16): missing 'nodes', 'op_types' or 'name_pattern'"),
     ({"version": 1, "steps": [{"technique": "fp16", "nodes": ["a"], "op_types": ["Relu"]}]},
      "step 1 (fp16): give either 'nodes' or 'op_types', not both"),
+    ({"version": 1, "steps": [{"technique": "fp16", "nodes": ["a"], "name_pattern": "a*"}]},
+     "step 1 (fp16): give either 'nodes' or 'name_pattern', not both"),
+    ({"version": 1, "steps": [{"technique": "fp16", "name_pattern": []}]},
+     "step 1 (fp16): 'name_pattern' is empty"),
+    ({"version": 1, "steps": [{"technique": "fp16", "name_pattern": 3}]},
+     "'name_pattern' must be a glob or a list of globs, not a number"),
+    ({"version": 1, "steps": [{"technique": "fp16", "name_pattern": ""}]},
+     "'name_pattern' holds ''; expected non-empty names"),
     ({"version": 1, "steps": [{"technique": "fp16", "nodes": []}]}, "step 1 (fp16): 'nodes' is empty"),
     ({"version": 1, "steps": [{"technique": "fp16", "op_types": "Relu"}]},
      "'op_types' must be a list of names, not a string"),
@@ -107,7 +116,13 @@ def steps(*items: dict) -> Recipe:
     (steps(GOOD["steps"][0], {"nodes": ["mm9"], "technique": "int8-dynamic"}),
      "step 2 (int8-dynamic): node 'mm9' is not in the model"),
     (steps({"op_types": ["Conv"], "technique": "int8-dynamic"}),
-     "step 1 (int8-dynamic): the model has no 'Conv' nodes"),
+     "step 1 (int8-dynamic): selects no node: the model has no 'Conv' nodes"),
+    (steps(GOOD["steps"][0], {"op_types": ["Conv", "Gemm"], "technique": "fp16"}),
+     "step 2 (fp16): selects no node: the model has no 'Conv' or 'Gemm' nodes"),
+    (steps({"name_pattern": "*/mlp/*", "technique": "fp16"}),
+     "step 1 (fp16): selects no node: no node name matches '*/mlp/*'"),
+    (steps({"name_pattern": ["relu*", "mm9"], "op_types": ["MatMul"], "technique": "fp16"}),
+     "step 1 (fp16): selects no node: no 'MatMul' node has a name matching 'relu*' or 'mm9'"),
     (steps(GOOD["steps"][0], {"nodes": ["mm1"], "technique": "sharpen"}),
      "step 2: unknown technique 'sharpen'; expected one of"),
     (steps({"nodes": ["mm0"], "technique": "int4-weight", "params": {"block_size": 48}}),
@@ -138,3 +153,53 @@ def test_step_from_parts_uses_the_same_rules():
     assert step_from_parts("fp16", nodes=["mm0"]).nodes == ["mm0"]
     with pytest.raises(OpstudioError, match="not both"):
         step_from_parts("fp16", nodes=["mm0"], op_types=["MatMul"])
+
+
+def test_a_portable_step_lists_op_types_the_model_lacks():
+    # only a step that selects no node at all is an error
+    validate(steps({"op_types": ["MatMul", "Gemm", "Conv"], "technique": "int8-dynamic"}), model())
+
+
+def test_name_pattern_round_trip_and_selection():
+    data = {"version": 1, "steps": [
+        {"name_pattern": "mm*", "technique": "fp16", "params": {}},
+        {"op_types": ["MatMul", "Relu"], "name_pattern": ["*0", "relu?"], "technique": "fp16",
+         "params": {}}]}
+    recipe = Recipe.from_json(data)
+    assert recipe.steps[0].name_pattern == ["mm*"] and recipe.steps[0].op_types is None
+    assert recipe.to_json() == data  # one pattern is written back as a string
+    one, both = recipe.steps
+    assert one.is_selector and both.is_selector
+    assert one.selects("MatMul", ["mm0"]) and one.selects("Relu", ["mm0"])
+    assert not one.selects("MatMul", ["relu0"])
+    # both keys: one of the types AND one of the patterns
+    assert both.selects("MatMul", ["mm0"]) and both.selects("Relu", ["relu0"])
+    assert not both.selects("MatMul", ["mm1"]) and not both.selects("Add", ["x0"])
+    # a rewritten node is matched by the original name it stands for
+    assert one.selects("MatMulNBits", ["q4_node", "mm1"])
+    # '*' crosses '/' and matching is case-sensitive
+    slash = step_from_parts("fp16", name_pattern="*/mlp/*_proj/MatMul")
+    assert slash.selects("MatMul", ["/model/layers.3/mlp/up_proj/MatMul"])
+    assert not slash.selects("MatMul", ["/model/layers.3/attn/q_proj/MatMul"])
+    assert not slash.selects("MatMul", ["/model/layers.3/MLP/up_proj/MatMul"])
+    assert not Step("fp16", nodes=["mm0"]).selects("MatMul", ["mm0"])
+    validate(recipe, model())
+
+
+def test_named_later_maps_names_to_the_first_later_step_naming_them():
+    recipe = steps({"op_types": ["MatMul"], "technique": "int8-dynamic"},
+                   {"nodes": ["mm1"], "technique": "fp16"},
+                   {"name_pattern": "mm*", "technique": "fp16"},
+                   {"nodes": ["mm1", "mm0"], "technique": "int4-weight"})
+    assert named_later(recipe) == [{"mm1": 2, "mm0": 4}, {"mm1": 4, "mm0": 4},
+                                   {"mm1": 4, "mm0": 4}, {}]
+
+
+def test_a_node_named_later_is_checked_on_the_original_model():
+    # step 1 leaves mm1 to step 2, so step 2's check sees mm1 as it is in the file
+    validate(steps({"op_types": ["MatMul"], "technique": "int4-weight"},
+                   {"nodes": ["mm1"], "technique": "int8-dynamic"}), model())
+    with pytest.raises(OpstudioError, match=r"step 2 \(int4-weight\): node 'relu0' \(Relu\) "
+                                            "cannot take int4-weight"):
+        validate(steps({"op_types": ["MatMul", "Relu"], "technique": "fp16"},
+                       {"nodes": ["relu0"], "technique": "int4-weight"}), model())

@@ -2,17 +2,21 @@
 
 Each step runs its pass on the result of the previous step. Which nodes a step takes:
 
-- ``op_types``: every node of the current model with one of those types. Nodes the pass cannot
-  take are skipped and reported with the reason.
+- a selector (``op_types`` and/or ``name_pattern``): every node of the current model of one of
+  those types whose name, or the original name it stands for, matches a pattern. Nodes the pass
+  cannot take are skipped and reported with the reason; op types the model lacks are noted and
+  skipped. A node that a *later* step names explicitly is left to that step (with a note): an
+  explicit name says more about that node than a type does.
 - ``nodes``: names always refer to the original model. A name still present in the current model
   is that node; a name an earlier step rewrote stands for the nodes that came from it (their
   provenance lists it), e.g. ``mm0`` after lowrank is ``mm0_lowrank_a`` and ``mm0_lowrank_b``.
   A named node the pass cannot take is an error; for a rewritten node it is an error only if
   none of the nodes that came from it can take the technique (the others are skipped).
 
-After every step the model must pass ``onnx.checker`` (full check) and load in onnxruntime, so
-a failure names the step that caused it. Nothing is written unless every step succeeds;
-``optimize_file`` writes atomically.
+After every step the model must be valid as onnxruntime sees it (``validity``), so a failure
+names the step that caused it. A recipe that rewrites nothing at all is an error
+(``NothingRewritten``) that says why each step changed nothing. Nothing is written unless every
+step succeeds; ``optimize_file`` writes atomically.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from opstudio.core import provenance, validity
+from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
 from opstudio.core.passes import PassContext, get_pass
-from opstudio.core.recipe import Recipe, Step, validate
+from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -64,6 +68,22 @@ class OptimizeResult:
         return {"steps": [s.to_json() for s in self.steps]}
 
 
+class NothingRewritten(OpstudioError):
+    """No step of the recipe rewrote any node; ``steps`` holds each step's report."""
+
+    def __init__(self, steps: Sequence[StepReport]) -> None:
+        self.steps = list(steps)
+        parts = []
+        for s in self.steps:
+            why = [n for n in s.notes if not n.endswith("the step changed nothing")]
+            if s.skipped:
+                why.append(f"{len(s.skipped)} node(s) cannot take it: "
+                           + reasons.summarise(s.skipped.values()))
+            parts.append(f"step {s.index} ({s.technique}): " + ("; ".join(why) or "no node"))
+        super().__init__("the recipe rewrote no node, so there is nothing to write — "
+                         + " / ".join(parts))
+
+
 def optimize(model: onnx.ModelProto, recipe: Recipe, *,
              inputs: Mapping[str, np.ndarray] | None = None,
              calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
@@ -77,6 +97,8 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
     current.CopyFrom(model)
     ensure_node_names(current)
     validate(recipe, current)
+    later = named_later(recipe)
+    original_types = {n.op_type for n in current.graph.node}
     samples: list[Mapping[str, np.ndarray]] = list(calibration or ([inputs] if inputs else []))
     reports: list[StepReport] = []
     total = len(recipe.steps)
@@ -94,28 +116,42 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         started = time.perf_counter()
         pass_ = get_pass(step.technique)
         params = pass_.validate_params(step.params)
-        targets, derived = _resolve(current, step, index)
-        # the pass reports 0..1 of its own work: that is the first 90 % of the step
-        ctx = PassContext(inputs=samples, progress=lambda f, m, sub=sub: sub(0.9 * f, m),
-                          cancelled=cancelled)
-        try:
-            result = pass_.apply(current, targets, params, ctx)
-        except (OpstudioError, Cancelled):
-            raise
-        except Exception as exc:
-            raise OpstudioError(f"{where}: failed ({type(exc).__name__}: {_first_line(exc)})") from None
-        _check_named(step, where, result.skipped, derived, current)
-        sub(0.9, f"{where}: checking the result")
-        _check_model(result.model, where)
-        current = result.model
-        notes = list(result.notes)
-        if not result.applied:
-            notes.append("no node could take this technique; the step changed nothing")
+        if step.is_selector:
+            targets, derived = _select(current, step, later[index - 1])
+            notes = _selector_notes(current, step, recipe, later[index - 1], original_types)
+        else:
+            targets, derived = _resolve(current, step, index)
+            notes = []
+        applied: list[str] = []
+        skipped: dict[str, str] = {}
+        details: dict[str, dict[str, Any]] = {}
+        if targets:
+            # the pass reports 0..1 of its own work: that is the first 90 % of the step
+            ctx = PassContext(inputs=samples, progress=lambda f, m, sub=sub: sub(0.9 * f, m),
+                              cancelled=cancelled)
+            try:
+                result = pass_.apply(current, targets, params, ctx)
+            except (OpstudioError, Cancelled):
+                raise
+            except Exception as exc:
+                raise OpstudioError(f"{where}: failed ({type(exc).__name__}: "
+                                    f"{_first_line(exc)})") from None
+            _check_named(step, where, result.skipped, derived, current)
+            sub(0.9, f"{where}: checking the result")
+            _check_model(result.model, where)
+            current = result.model
+            applied, skipped, details = (list(result.applied), dict(result.skipped),
+                                         dict(result.details))
+            notes.extend(result.notes)
+        if not applied:
+            notes.append("no node could take this technique; the step changed nothing" if targets
+                         else "no node left to rewrite; the step changed nothing")
         reports.append(StepReport(index=index, technique=step.technique, params=params,
-                                  applied=list(result.applied), skipped=dict(result.skipped),
-                                  details=dict(result.details), notes=notes,
+                                  applied=applied, skipped=skipped, details=details, notes=notes,
                                   seconds=time.perf_counter() - started))
         sub(1.0, f"{where}: done")
+    if reports and not any(r.applied for r in reports):
+        raise NothingRewritten(reports)
     return OptimizeResult(model=current, steps=reports)
 
 
@@ -140,13 +176,44 @@ def optimize_file(in_path: str | os.PathLike[str], recipe: Recipe,
     return result
 
 
+def _select(model: onnx.ModelProto, step: Step,
+            later: Mapping[str, int]) -> tuple[list[str], dict[str, list[str]]]:
+    """Nodes of the current model a selector step takes: those it selects, less those a later
+    step names (by their own or their original name)."""
+    return [n.name for n in model.graph.node
+            if step.selects(n.op_type, known_as(n)) and not _named_later(n, later)], {}
+
+
+def _named_later(node: onnx.NodeProto, later: Mapping[str, int]) -> int | None:
+    steps = [later[name] for name in known_as(node) if name in later]
+    return min(steps) if steps else None
+
+
+def _selector_notes(model: onnx.ModelProto, step: Step, recipe: Recipe,
+                    later: Mapping[str, int], original_types: set[str]) -> list[str]:
+    notes: list[str] = []
+    present = {n.op_type for n in model.graph.node}
+    for op_type in step.op_types or []:
+        if op_type not in present:
+            notes.append(f"the model has no '{op_type}' nodes (skipped)"
+                         if op_type not in original_types else
+                         f"no '{op_type}' nodes are left (earlier steps rewrote them)")
+    left: dict[int, list[str]] = {}
+    for n in model.graph.node:
+        owner = _named_later(n, later) if step.selects(n.op_type, known_as(n)) else None
+        if owner is not None:
+            left.setdefault(owner, []).append(n.name)
+    for owner, names in sorted(left.items()):
+        shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+        notes.append(f"left {shown} to step {owner} ({recipe.steps[owner - 1].technique}), "
+                     f"which names {'it' if len(names) == 1 else 'them'}")
+    return notes
+
+
 def _resolve(model: onnx.ModelProto, step: Step, index: int) -> tuple[list[str], dict[str, list[str]]]:
-    """Node names of the current model the step applies to, and for each named original node
-    that an earlier step rewrote, the nodes standing for it."""
+    """Node names of the current model a ``nodes`` step applies to, and for each named original
+    node that an earlier step rewrote, the nodes standing for it."""
     where = step.describe(index)
-    if step.op_types is not None:
-        wanted = set(step.op_types)
-        return [n.name for n in model.graph.node if n.op_type in wanted], {}
     present = {n.name for n in model.graph.node}
     targets: list[str] = []
     derived: dict[str, list[str]] = {}

@@ -4,36 +4,54 @@ A recipe is JSON, shared by the GUI, the CLI and files::
 
     {"version": 1,
      "steps": [{"nodes": ["mm0", "mm1"], "technique": "lowrank", "params": {"rank": 32}},
-               {"op_types": ["Conv"], "technique": "int8-dynamic", "params": {}}]}
+               {"op_types": ["MatMul", "Gemm", "Conv"], "technique": "int8-dynamic"},
+               {"name_pattern": "*/mlp/*_proj/MatMul", "technique": "int4-weight"}]}
 
-Each step names its nodes either explicitly (``nodes``) or by operator type (``op_types``), never
-both. Node names are those of the model as opstudio loads it (``model_io.load_model`` names
-unnamed nodes ``<OpType>_<index>``) and always refer to the *original* model: a step that
-addresses a node an earlier step rewrote acts on the nodes that came from it (see
-``optimize.py``). Steps run in order, each on the result of the previous one.
+Each step says which nodes it rewrites in one of two ways:
+
+- ``nodes``: names, explicitly. Every name must be in the model, and a named node the technique
+  cannot take is an error.
+- a selector: ``op_types`` (a list of operator types), ``name_pattern`` (a glob, or a list of
+  globs, on node names: ``*`` matches any run of characters including ``/``, ``?`` one
+  character, ``[…]`` a set; case-sensitive), or both, in which case a node must match both (one
+  of the types *and* one of the patterns). Selected nodes the technique cannot take are
+  skipped with the reason. So that one recipe serves many models, op types the model does not
+  have are skipped with a note; only a step that selects no node of the model at all is an
+  error.
+
+``nodes`` and a selector never go together in one step. Node names are those of the model as
+opstudio loads it (``model_io.load_model`` names unnamed nodes ``<OpType>_<index>``) and always
+refer to the *original* model: a step that addresses a node an earlier step rewrote acts on the
+nodes that came from it, and a name pattern matches a rewritten node by its original name too
+(see ``optimize.py``). Steps run in order, each on the result of the previous one, except that
+a node some *later* step names explicitly is left to that step by selector steps before it (so
+"INT8 on every MatMul, INT4 on ``lm_head``" does what it says).
 
 ``load``/``from_json`` check the shape of the file; ``validate`` checks it against a model: every
-named node and op type exists, the technique is known, its parameters are valid, and each named
-node can take the technique (for nodes no earlier step rewrote). Errors name the step (1-based)
-and the node: ``step 2 (lowrank): node 'mm9' is not in the model``.
+named node exists, every selector selects at least one node, the technique is known, its
+parameters are valid, and each named node can take the technique (for nodes no earlier step
+rewrote). Errors name the step (1-based) and the node: ``step 2 (lowrank): node 'mm9' is not in
+the model``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
 from opstudio.core.fileio import write_text_atomic
 
 VERSION = 1
-_STEP_KEYS = {"technique", "params", "nodes", "op_types"}
+_STEP_KEYS = {"technique", "params", "nodes", "op_types", "name_pattern"}
 _RECIPE_KEYS = {"version", "steps"}
 
 
@@ -43,6 +61,7 @@ class Step:
     params: dict[str, Any] = field(default_factory=dict)
     nodes: list[str] | None = None
     op_types: list[str] | None = None
+    name_pattern: list[str] | None = None  # globs on node names; any one may match
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -50,12 +69,43 @@ class Step:
             out["nodes"] = list(self.nodes)
         if self.op_types is not None:
             out["op_types"] = list(self.op_types)
+        if self.name_pattern is not None:
+            patterns = list(self.name_pattern)
+            out["name_pattern"] = patterns[0] if len(patterns) == 1 else patterns
         out["technique"] = self.technique
         out["params"] = dict(self.params)
         return out
 
     def describe(self, index: int) -> str:
         return f"step {index} ({self.technique})"
+
+    @property
+    def is_selector(self) -> bool:
+        """Whether the step picks nodes by op type and/or name pattern rather than by name."""
+        return self.nodes is None
+
+    def selects(self, op_type: str, names: Iterable[str]) -> bool:
+        """Whether a node of ``op_type`` known by ``names`` (its own name and the original
+        names it stands for) is one this selector step takes; never true for a ``nodes`` step."""
+        if self.nodes is not None:
+            return False
+        if self.op_types is not None and op_type not in self.op_types:
+            return False
+        if self.name_pattern is not None:
+            return any(fnmatch.fnmatchcase(name, pattern)
+                       for name in names for pattern in self.name_pattern)
+        return self.op_types is not None
+
+    def describe_target(self) -> str:
+        """What the step addresses, in words: ``2 nodes: a, b`` or ``all MatMul named */mlp/*``."""
+        if self.nodes is not None:
+            shown = ", ".join(self.nodes[:3]) + (f" +{len(self.nodes) - 3}"
+                                                 if len(self.nodes) > 3 else "")
+            return f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}: {shown}"
+        what = "all " + ", ".join(self.op_types) if self.op_types else "all nodes"
+        if self.name_pattern:
+            what += " named " + " or ".join(self.name_pattern)
+        return what
 
 
 @dataclass
@@ -126,7 +176,8 @@ def _step_from_json(index: int, data: Any) -> Step:
     unknown = sorted(set(data) - _STEP_KEYS)
     if unknown:
         raise OpstudioError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                            "expected 'technique', 'params' and 'nodes' or 'op_types'")
+                            "expected 'technique', 'params' and 'nodes', or 'op_types' "
+                            "and/or 'name_pattern'")
     if technique is None:
         raise OpstudioError(f"{where}: missing 'technique'")
     if not isinstance(technique, str) or not technique:
@@ -136,20 +187,29 @@ def _step_from_json(index: int, data: Any) -> Step:
         params = {}
     if not isinstance(params, dict):
         raise OpstudioError(f"{where}: 'params' must be an object, not {_kind(params)}")
-    has_nodes, has_types = "nodes" in data, "op_types" in data
-    if has_nodes and has_types:
-        raise OpstudioError(f"{where}: give either 'nodes' or 'op_types', not both")
-    if not has_nodes and not has_types:
-        raise OpstudioError(f"{where}: missing 'nodes' or 'op_types' (which nodes to rewrite)")
-    key = "nodes" if has_nodes else "op_types"
-    names = _name_list(where, key, data[key])
-    return Step(technique=technique, params=dict(params),
-                nodes=names if has_nodes else None, op_types=names if has_types else None)
+    has_nodes = "nodes" in data
+    selector = [k for k in ("op_types", "name_pattern") if k in data]
+    if has_nodes and selector:
+        raise OpstudioError(f"{where}: give either 'nodes' or '{selector[0]}', not both")
+    if not has_nodes and not selector:
+        raise OpstudioError(f"{where}: missing 'nodes', 'op_types' or 'name_pattern' "
+                            "(which nodes to rewrite)")
+    if has_nodes:
+        return Step(technique=technique, params=dict(params),
+                    nodes=_name_list(where, "nodes", data["nodes"]))
+    op_types = _name_list(where, "op_types", data["op_types"]) if "op_types" in data else None
+    patterns = None
+    if "name_pattern" in data:
+        value = data["name_pattern"]
+        patterns = _name_list(where, "name_pattern", [value] if isinstance(value, str) else value,
+                              what="a glob or a list of globs")
+    return Step(technique=technique, params=dict(params), op_types=op_types,
+                name_pattern=patterns)
 
 
-def _name_list(where: str, key: str, value: Any) -> list[str]:
+def _name_list(where: str, key: str, value: Any, what: str = "a list of names") -> list[str]:
     if not isinstance(value, list):
-        raise OpstudioError(f"{where}: '{key}' must be a list of names, not {_kind(value)}")
+        raise OpstudioError(f"{where}: '{key}' must be {what}, not {_kind(value)}")
     if not value:
         raise OpstudioError(f"{where}: '{key}' is empty")
     seen: set[str] = set()
@@ -176,7 +236,7 @@ def validate(recipe: Recipe, model: onnx.ModelProto) -> None:
     from opstudio.core.passes import get_pass
 
     by_name = {n.name: n for n in model.graph.node}
-    op_types = {n.op_type for n in model.graph.node}
+    later = named_later(recipe)
     touched: set[str] = set()
     for index, step in enumerate(recipe.steps, start=1):
         where = step.describe(index)
@@ -201,10 +261,41 @@ def validate(recipe: Recipe, model: onnx.ModelProto) -> None:
                                         f"{step.technique}: {reason}")
             touched.update(step.nodes)
         else:
-            for op_type in step.op_types or []:
-                if op_type not in op_types:
-                    raise OpstudioError(f"{where}: the model has no {op_type!r} nodes")
-            touched.update(n.name for n in model.graph.node if n.op_type in (step.op_types or []))
+            selected = [n.name for n in model.graph.node if step.selects(n.op_type, known_as(n))]
+            if not selected:
+                raise OpstudioError(f"{where}: selects no node: {no_match_reason(step, model)}")
+            touched.update(n for n in selected if n not in later[index - 1])
+
+
+def named_later(recipe: Recipe) -> list[dict[str, int]]:
+    """Per step (0-based list), original node name -> the first later step (1-based) that names
+    it explicitly: the nodes a selector step leaves to that later step."""
+    out: list[dict[str, int]] = []
+    after: dict[str, int] = {}
+    for index in range(len(recipe.steps), 0, -1):
+        out.append(dict(after))
+        for name in recipe.steps[index - 1].nodes or []:
+            after[name] = index
+    return out[::-1]
+
+
+def known_as(node: onnx.NodeProto) -> list[str]:
+    """The names a name pattern is matched against: the node's own and, for a node a pass
+    made, the original nodes it stands for."""
+    origins = provenance.get_origin(node)
+    return [node.name, *(o for o in origins if o != node.name)]
+
+
+def no_match_reason(step: Step, model: onnx.ModelProto) -> str:
+    """Why a selector step selects nothing in ``model``, in words."""
+    present = {n.op_type for n in model.graph.node}
+    types = [t for t in step.op_types or [] if t in present]
+    if step.op_types is not None and not types:
+        return f"the model has no {' or '.join(map(repr, step.op_types))} nodes"
+    patterns = " or ".join(map(repr, step.name_pattern or []))
+    if step.op_types is None:
+        return f"no node name matches {patterns}"
+    return f"no {' or '.join(map(repr, types))} node has a name matching {patterns}"
 
 
 def _strip_prefix(message: str, technique: str) -> str:
@@ -213,11 +304,14 @@ def _strip_prefix(message: str, technique: str) -> str:
 
 
 def step_from_parts(technique: str, params: Mapping[str, Any] | None = None, *,
-                    nodes: list[str] | None = None, op_types: list[str] | None = None) -> Step:
+                    nodes: list[str] | None = None, op_types: list[str] | None = None,
+                    name_pattern: str | list[str] | None = None) -> Step:
     """A checked ``Step`` built in code (the GUI), with the same rules as a file."""
     data: dict[str, Any] = {"technique": technique, "params": dict(params or {})}
     if nodes is not None:
         data["nodes"] = nodes
     if op_types is not None:
         data["op_types"] = op_types
+    if name_pattern is not None:
+        data["name_pattern"] = name_pattern
     return _step_from_json(1, data)

@@ -62,12 +62,7 @@ def describe_step(step: Step) -> str:
     except (ImportError, OpstudioError, KeyError):
         label = step.technique
     params = ", ".join(f"{k}={v}" for k, v in (step.params or {}).items() if v is not None)
-    if step.nodes:
-        shown = ", ".join(step.nodes[:3]) + (f" +{len(step.nodes) - 3}" if len(step.nodes) > 3
-                                             else "")
-        target = f"{len(step.nodes)} node{'s' if len(step.nodes) != 1 else ''}: {shown}"
-    else:
-        target = "all " + ", ".join(step.op_types or [])
+    target = step.describe_target()
     return f"{label}  ({params})  →  {target}" if params else f"{label}  →  {target}"
 
 
@@ -99,9 +94,8 @@ class Plan(QObject):
         out: dict[str, list[str]] = {}
         for step in self.steps:
             names = list(step.nodes or [])
-            if step.op_types and graph is not None:
-                ops = set(step.op_types)
-                names += [n.name for n in graph.nodes if n.op_type in ops]
+            if step.is_selector and graph is not None:
+                names += [n.name for n in graph.nodes if step.selects(n.op_type, [n.name])]
             for name in names:
                 out.setdefault(name, [])
                 if step.technique not in out[name]:
