@@ -89,7 +89,7 @@ def main() -> int:
                     continue
                 sp = "" if row.speedup is None else f"{row.speedup:.2f}x"
                 print(f"{name:<12} {tag:<36} {row.name:<18} {row.before_ms:>10.3f} "
-                      f"{row.after_ms:>9.3f} {sp:>8}")
+                      f"{row.after_ms or 0.0:>9.3f} {sp:>8}")
             plain = c.plain_speedup
             print(f"{name:<12} {tag:<36} {'= whole model':<18} "
                   f"{c.before.plain_ms['p50']:>10.3f} {c.after.plain_ms['p50']:>9.3f} "

@@ -7,7 +7,7 @@ import argparse
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
 from opstudio.core import report
-from opstudio.core.compare import Comparison, compare_models
+from opstudio.core.compare import Comparison, NodeDelta, compare_models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,11 +46,17 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(c: Comparison, top: int = 15) -> None:
     rows = []
     for r in c.nodes[:top]:
-        rows.append((r.name, r.op_type, f"{r.before_ms:.4f}", f"{r.after_ms:.4f}",
+        rows.append((r.name, r.op_type, "-" if r.before_ms is None else f"{r.before_ms:.4f}",
+                     "-" if r.after_ms is None else f"{r.after_ms:.4f}",
                      "" if r.speedup is None else f"{r.speedup:.2f}x",
-                     f"+{len(r.group) - 1}" if r.group else ""))
-    print_table(("operator", "op type", "before ms", "after ms", "speedup", "group"), rows,
-                "llrrrl")
+                     f"+{len(r.group) - 1}" if r.group else "", _change(r)))
+    print_table(("operator", "op type", "before ms", "after ms", "speedup", "group", "change"),
+                rows, "llrrrll")
+    changes = c.changes()
+    if any(changes.values()):
+        print(f"AFTER's nodes: {changes['mapped']} renamed or replaced (matched to the originals "
+              f"by provenance, weight or name), {changes['removed']} removed, "
+              f"{changes['added']} added")
     tb, ta = c.before.total_ms, c.after.total_ms
     sp = "n/a" if c.speedup is None else f"{c.speedup:.2f}x"
     print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp})")
@@ -61,10 +67,20 @@ def print_summary(c: Comparison, top: int = 15) -> None:
     print(f"size: {sb:,} -> {sa:,} bytes ({(sa / sb if sb else 0):.0%})")
     print()
     acc = [(o.name, _f(o.max_abs_err), _f(o.mean_abs_err), _f(o.cosine, 6), _f(o.snr_db, 1),
-            "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}")
+            "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
+            "" if o.kl_divergence is None else _f(o.kl_divergence))
            for o in c.accuracy.outputs]
-    print_table(("output", "max abs err", "mean abs err", "cosine", "SNR dB", "top-1"), acc,
-                "lrrrrr")
+    print_table(("output", "max abs err", "mean abs err", "cosine", "SNR dB", "top-1", "KL nats"),
+                acc, "lrrrrrr")
+    if c.accuracy.summary():
+        print(c.accuracy.summary())
+
+
+def _change(row: NodeDelta) -> str:
+    if row.status == "mapped":
+        # the last path element is enough: "/model/layers.0/mlp/up_proj/MatMul_Q4" → "MatMul_Q4"
+        return "as " + ", ".join(n.rsplit("/", 1)[-1] for n in row.after_names)
+    return "" if row.status == "same" else row.status
 
 
 def _f(x: float | None, digits: int = 4) -> str:

@@ -5,12 +5,20 @@ from the user's ``.npz``). Rows are keyed by original node names: the profile of
 model already reports kernels against the node they came from (provenance). When onnxruntime
 fuses nodes differently in the two models (``mm0`` alone before, ``mm0`` + ``add0`` fused after),
 the rows are merged into one group so that no time is compared against the wrong thing.
+
+An AFTER made by another tool carries no provenance: onnxruntime's quantizers rename what they
+replace (``…/up_proj/MatMul`` → ``…/up_proj/MatMul_Q4`` reading ``W_Q4``, ``fc2`` → ``fc2_quant``).
+``map_nodes`` then finds each AFTER node's original from the weight it reads (the same
+initializer, or one named from it: ``W_Q4``, ``W_scales`` → ``W``), else from its name stem
+(``X_Q4``, ``X_quant``, ``X_Q4_shape_a`` → ``X``). An original with no counterpart in AFTER is
+*removed* (it has no after time, which is not the same as 0 ms), a node only in AFTER *added*.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,30 +32,66 @@ from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
 from opstudio.core.profiler import Profile, ProfileSettings, profile_model
+from opstudio.core.provenance import get_origin
 from opstudio.core.tempdir import opstudio_tempdir
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
+
+# What quantizers and exporters append to the name of a node they replace (``X_Q4``, ``X_quant``,
+# helper nodes ``X_Q4_shape_a``) and of a weight they rewrite (``W_Q4``, ``W_scales``,
+# ``W_zero_points``, ``W_DQ_Q4``). Cut at a marker, the name is the original's.
+_NODE_MARKERS = re.compile(r"_(Q\d+|quant|quantized|MatMulNBits|MatMul|int[48]|fp16|bf16)(?=_|$)")
+_WEIGHT_MARKERS = re.compile(
+    r"_(Q\d+|DQ|quant|quantized|scales?|zero_points?|zp|int[48]|fp16|bf16)(?=_|$)")
+# A tensor smaller than this is a constant (axes, shapes, epsilon) many unrelated nodes may
+# share, not a weight that says which node it belongs to.
+_MIN_WEIGHT_ELEMENTS = 16
+# Nodes that compute a weight from constants (fp16 storage, a tied embedding's transpose):
+# followed back to the initializers they read.
+_CONST_DEPTH = 4
+
+SAME, MAPPED, REMOVED, ADDED = "same", "mapped", "removed", "added"
 
 
 @dataclass
 class NodeDelta:
     name: str
     op_type: str
-    before_ms: float
-    after_ms: float
+    before_ms: float | None  # None: the node is not in BEFORE (added)
+    after_ms: float | None  # None: no node of AFTER stands for it (removed)
     group: list[str] = field(default_factory=list)
+    status: str = SAME  # same, mapped (renamed or replaced in AFTER), removed, added
+    after_names: list[str] = field(default_factory=list)  # AFTER's nodes when renamed
 
     @property
     def speedup(self) -> float | None:
-        if self.after_ms <= 0:
+        if self.after_ms is None or self.before_ms is None or self.after_ms <= 0:
             return None
         return self.before_ms / self.after_ms
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "op_type": self.op_type,
-                "before_ms": round(self.before_ms, 6), "after_ms": round(self.after_ms, 6),
-                "speedup": _round(self.speedup), "group": self.group}
+                "before_ms": _ms(self.before_ms), "after_ms": _ms(self.after_ms),
+                "speedup": _round(self.speedup), "group": self.group, "status": self.status,
+                "after_names": list(self.after_names)}
+
+
+@dataclass
+class NodeMap:
+    """Which nodes of BEFORE each node of AFTER stands for, and how that was found."""
+    origins: dict[str, list[str]] = field(default_factory=dict)  # AFTER node -> BEFORE nodes
+    how: dict[str, str] = field(default_factory=dict)  # AFTER node -> same/provenance/weight/name
+    removed: list[str] = field(default_factory=list)  # BEFORE nodes nothing stands for
+    added: list[str] = field(default_factory=list)  # AFTER nodes standing for nothing
+
+    def renamed(self) -> dict[str, list[str]]:
+        """AFTER node -> originals, for the nodes found by weight or name (the profiler already
+        reports provenance-carrying nodes against their originals)."""
+        return {a: self.origins[a] for a, how in self.how.items() if how in ("weight", "name")}
+
+    def claimed(self) -> set[str]:
+        return {b for names in self.origins.values() for b in names}
 
 
 @dataclass
@@ -84,6 +128,14 @@ class Comparison:
         rows.sort(key=lambda r: -max(r["before_ms"], r["after_ms"]))
         return rows
 
+    def changes(self) -> dict[str, int]:
+        """How many rows were matched by weight or name, removed or added."""
+        counts = {MAPPED: 0, REMOVED: 0, ADDED: 0}
+        for row in self.nodes:
+            if row.status in counts:
+                counts[row.status] += 1
+        return counts
+
     def node(self, name: str) -> NodeDelta | None:
         for row in self.nodes:
             if row.name == name or name in row.group:
@@ -99,6 +151,7 @@ class Comparison:
             "speedup": _round(self.speedup),
             "plain_speedup": _round(self.plain_speedup),
             "nodes": [n.to_json() for n in self.nodes],
+            "node_changes": self.changes(),
             "op_types": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                          for r in self.op_types()],
             "accuracy": self.accuracy.to_json(),
@@ -106,11 +159,128 @@ class Comparison:
         }
 
 
-def match_nodes(before: Profile, after: Profile) -> list[NodeDelta]:
+def map_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMap:
+    """Each top-level node of ``after`` to the nodes of ``before`` it stands for: the node of the
+    same name, else its provenance, else the node reading the same weight (or the weight it was
+    made from), else the node its name was made from. Models need no weights loaded."""
+    b_names = [n.name for n in before.graph.node if n.name]
+    b_set = set(b_names)
+    out = NodeMap()
+    pending: list[onnx.NodeProto] = []
+    for node in after.graph.node:
+        origins = get_origin(node)
+        if origins == [node.name] and node.name in b_set:
+            out.origins[node.name], out.how[node.name] = [node.name], "same"
+        elif [o for o in origins if o in b_set]:
+            out.origins[node.name] = [o for o in origins if o in b_set]
+            out.how[node.name] = "provenance"
+        else:
+            pending.append(node)
+    # Only originals no node of AFTER kept by name or provenance can be stood for by a renamed
+    # node: a tied embedding's Gather, still there, must not take the renamed lm_head.
+    kept = out.claimed()
+    readers: dict[str, list[str]] = {}
+    for node, weights in _weights_read(before).items():
+        if node not in kept:
+            for w in weights:
+                readers.setdefault(w, []).append(node)
+    after_weights = _weights_read(after)
+    for node in pending:
+        found = _by_weight(node.name, after_weights.get(node.name, []), readers)
+        how = "weight"
+        if not found:
+            found = [s for s in _stems(node.name, _NODE_MARKERS) if s in b_set and s not in kept][:1]
+            how = "name"
+        if found:
+            out.origins[node.name], out.how[node.name] = found, how
+        else:
+            out.origins[node.name], out.how[node.name] = [], ""
+            out.added.append(node.name)
+    claimed = out.claimed()
+    out.removed = [n for n in b_names if n not in claimed]
+    return out
+
+
+def _by_weight(name: str, weights: list[str], readers: Mapping[str, list[str]]) -> list[str]:
+    """The one original reading ``weights`` (or the tensors they were made from); when several
+    do, the one ``name`` was made from, else none (no guessing)."""
+    for w in weights:
+        for key in [w, *_stems(w, _WEIGHT_MARKERS)]:
+            found = readers.get(key)
+            if not found:
+                continue
+            if len(set(found)) == 1:
+                return [found[0]]
+            stems = [s for s in _stems(name, _NODE_MARKERS) if s in found]
+            return stems[:1]
+    return []
+
+
+def _stems(name: str, markers: re.Pattern[str]) -> list[str]:
+    """``name`` cut at each marker, the longest first: ``X_Q4_shape_a`` → [``X``]."""
+    return [name[:m.start()] for m in reversed(list(markers.finditer(name))) if m.start() > 0]
+
+
+def _weights_read(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Node name -> the weight initializers it reads, directly or through nodes computing from
+    constants only (Cast of fp16 storage, Transpose, DequantizeLinear). Those nodes themselves
+    are left out: they are how a weight is stored, not what reads it."""
+    sizes = {}
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        sizes[t.name] = n
+    producer = {o: node for node in model.graph.node for o in node.output if o}
+    memo: dict[str, list[str] | None] = {}
+
+    def sources(tensor: str, depth: int) -> list[str] | None:
+        """Initializers ``tensor`` is computed from, or None if it depends on a run's data."""
+        if tensor in sizes:
+            return [tensor]
+        if tensor in memo:
+            return memo[tensor]
+        node = producer.get(tensor)
+        found: list[str] | None = None
+        if node is not None and depth < _CONST_DEPTH and node.op_type != "Shape":
+            found = []
+            for i in node.input:
+                if not i:
+                    continue
+                src = sources(i, depth + 1)
+                if src is None:
+                    found = None
+                    break
+                found.extend(src)
+        memo[tensor] = found
+        return found
+
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        inputs = [sources(i, 0) if i else [] for i in node.input]
+        if node.input and all(src is not None for src in inputs):
+            continue  # computes a constant
+        weights = [w for src in inputs if src for w in src
+                   if sizes.get(w, 0) >= _MIN_WEIGHT_ELEMENTS]
+        if weights:
+            out[node.name] = list(dict.fromkeys(weights))
+    return out
+
+
+def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None) -> list[NodeDelta]:
     """Rows of (original node or group, time before, time after), slowest-before first.
 
     Times are per-run medians: on a busy machine one interrupted run can triple a mean, while
-    the median of the same runs stays within a few percent."""
+    the median of the same runs stays within a few percent. With ``mapping`` (``map_nodes`` of
+    the two models) AFTER's renamed nodes are put on their originals' rows, and removed/added
+    are decided by the models; without, a node missing from one profile is removed/added."""
+    renamed = mapping.renamed() if mapping is not None else {}
+    claimed = mapping.claimed() if mapping is not None else set()
+    b_known = {m for s in before.nodes for m in (s.name, *s.group)}
+
+    def translate(name: str) -> list[str]:
+        return renamed.get(name) or [name]
+
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -127,7 +297,7 @@ def match_nodes(before: Profile, after: Profile) -> list[NodeDelta]:
 
     for prof in (before, after):
         for stats in prof.nodes:
-            members = [stats.name, *stats.group]
+            members = _members(stats, translate if prof is after else None)
             for m in members:
                 union(members[0], m)
 
@@ -136,21 +306,48 @@ def match_nodes(before: Profile, after: Profile) -> list[NodeDelta]:
     order: list[str] = []
     for side, prof in (("before", before), ("after", after)):
         for stats in prof.nodes:
-            root = find(stats.name)
+            members = _members(stats, translate if side == "after" else None)
+            root = find(members[0])
             c = clusters.get(root)
             if c is None:
-                c = clusters[root] = {"name": stats.name, "op_type": stats.op_type,
-                                      "before": 0.0, "after": 0.0, "members": []}
+                c = clusters[root] = {"name": members[0], "op_type": stats.op_type,
+                                      "before": 0.0, "after": 0.0, "members": [],
+                                      "sides": set(), "renamed": []}
                 order.append(root)
             c[side] += stats.p50_ms
-            for m in [stats.name, *stats.group]:
+            c["sides"].add(side)
+            if side == "after":
+                c["renamed"] += [m for m in (stats.name, *stats.group) if m in renamed]
+            for m in members:
                 if m not in c["members"]:
                     c["members"].append(m)
-    rows = [NodeDelta(c["name"], c["op_type"], c["before"], c["after"],
-                      group=c["members"] if len(c["members"]) > 1 else [])
-            for c in (clusters[r] for r in order)]
-    rows.sort(key=lambda r: (-r.before_ms, r.name))
+    rows = []
+    for c in (clusters[r] for r in order):
+        before_ms: float | None = c["before"]
+        after_ms: float | None = c["after"]
+        status = MAPPED if c["renamed"] else SAME
+        if "after" not in c["sides"]:
+            # in AFTER but not run (onnxruntime folded it) costs 0 ms; not in AFTER at all, nothing
+            gone = mapping is None or not any(m in claimed for m in c["members"])
+            if gone:
+                after_ms, status = None, REMOVED
+        elif "before" not in c["sides"]:
+            new = (not any(m in b_known for m in c["members"]) if mapping is None
+                   else not any(m in claimed for m in c["members"]))
+            if new:
+                before_ms, status = None, ADDED
+        rows.append(NodeDelta(c["name"], c["op_type"], before_ms, after_ms,
+                              group=c["members"] if len(c["members"]) > 1 else [],
+                              status=status, after_names=list(dict.fromkeys(c["renamed"]))))
+    rows.sort(key=lambda r: (-(r.before_ms if r.before_ms is not None else -1.0), r.name))
     return rows
+
+
+def _members(stats: Any, translate: Callable[[str], list[str]] | None) -> list[str]:
+    names = [stats.name, *stats.group]
+    if translate is None:
+        return names
+    return list(dict.fromkeys(t for n in names for t in translate(n)))
 
 
 def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onnx.ModelProto,
@@ -184,10 +381,13 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
         accuracy = call_isolated(evaluate, str(before_path), str(after_path), inputs,
                                  timeout=settings.timeout_s, cancelled=cancelled)
         sizes = {"before": _model_size(before_path), "after": _model_size(after_path)}
+        mapping = map_nodes(load_model(before_path, load_external_data=False),
+                            load_model(after_path, load_external_data=False))
     if progress:
         progress(1.0, "done")
     return Comparison(
-        before=prof_before, after=prof_after, nodes=match_nodes(prof_before, prof_after),
+        before=prof_before, after=prof_after,
+        nodes=match_nodes(prof_before, prof_after, mapping),
         accuracy=accuracy, size_bytes=sizes,
         before_path=str(before) if not isinstance(before, onnx.ModelProto) else "",
         after_path=str(after) if not isinstance(after, onnx.ModelProto) else "",
@@ -224,6 +424,10 @@ def _model_size(path: Path) -> int:
                 if side.is_file():
                     total += side.stat().st_size
     return total
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:

@@ -42,11 +42,12 @@ def write_json(comparison: Comparison, path: str | Path, steps: Sequence[StepRep
 def nodes_csv(comparison: Comparison) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["name", "op_type", "before_ms", "after_ms", "speedup", "group"])
+    writer.writerow(["name", "op_type", "before_ms", "after_ms", "speedup", "group", "status",
+                     "after_names"])
     for row in comparison.nodes:
-        writer.writerow([row.name, row.op_type, f"{row.before_ms:.6f}", f"{row.after_ms:.6f}",
+        writer.writerow([row.name, row.op_type, _csv_ms(row.before_ms), _csv_ms(row.after_ms),
                          "" if row.speedup is None else f"{row.speedup:.4f}",
-                         " ".join(row.group)])
+                         " ".join(row.group), row.status, " ".join(row.after_names)])
     return buf.getvalue()
 
 
@@ -69,8 +70,8 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
     size_b, size_a = c.size_bytes.get("before", 0), c.size_bytes.get("after", 0)
     rows = c.nodes[:top]
     bars = _bar_chart(
-        [r.name for r in rows], [r.before_ms for r in rows], [r.after_ms for r in rows],
-        "Per-operator latency (ms, median per run)")
+        [r.name for r in rows], [r.before_ms or 0.0 for r in rows],
+        [r.after_ms or 0.0 for r in rows], "Per-operator latency (ms, median per run)")
     ops = c.op_types()[:top]
     op_bars = _bar_chart([r["op_type"] for r in ops], [r["before_ms"] for r in ops],
                          [r["after_ms"] for r in ops], "Latency per op type (ms)")
@@ -87,10 +88,11 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
               _plain_note(c)),
         _card("Model size", f"{_fmt_bytes(size_b)} → {_fmt_bytes(size_a)}",
               "" if not size_b else f"{size_a / size_b:.0%} of before"),
+        *_next_token_card(c),
         "</div>",
         "<h2>Accuracy</h2>", _accuracy_table(c),
         "<h2>Where the time went</h2>", bars, op_bars,
-        "<h2>Operators</h2>", _nodes_table(c.nodes),
+        "<h2>Operators</h2>", _changes_note(c), _nodes_table(c.nodes),
     ]
     if steps:
         parts += ["<h2>Recipe steps</h2>", _steps_table(steps)]
@@ -115,29 +117,58 @@ def _card(label: str, value: str, note: str) -> str:
             f"<div class='value'>{_e(value)}</div><div class='note'>{_e(note)}</div></div>")
 
 
+def _next_token_card(c: Comparison) -> list[str]:
+    nt = c.accuracy.next_token()
+    if nt is None:
+        return []
+    top1, kl = nt["top1_agreement"], nt["kl_divergence"]
+    return [_card("Next-token agreement", "n/a" if top1 is None else f"{top1:.1%}",
+                  f"KL {'n/a' if kl is None else f'{kl:.3g}'} nats on {', '.join(nt['outputs'])}")]
+
+
 def _accuracy_table(c: Comparison) -> str:
     head = "<tr><th>output</th><th>max abs err</th><th>mean abs err</th><th>cosine</th>" \
-           "<th>SNR (dB)</th><th>top-1 agreement</th></tr>"
+           "<th>SNR (dB)</th><th>top-1 agreement</th><th>KL (nats)</th></tr>"
     body = []
     for o in c.accuracy.outputs:
+        kl = getattr(o, "kl_divergence", None)
         body.append(
             f"<tr><td>{_e(o.name)}</td><td>{_num(o.max_abs_err)}</td><td>{_num(o.mean_abs_err)}</td>"
             f"<td>{_num(o.cosine, 6)}</td><td>{_num(o.snr_db, 1)}</td>"
-            f"<td>{'' if o.top1_agreement is None else f'{o.top1_agreement:.1%}'}</td></tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+            f"<td>{'' if o.top1_agreement is None else f'{o.top1_agreement:.1%}'}</td>"
+            f"<td>{'' if kl is None else _num(kl)}</td></tr>")
+    summary = c.accuracy.summary()
+    note = f"<p class='meta'>{_e(summary)} (mean over all positions)</p>" if summary else ""
+    return f"{note}<table>{head}{''.join(body)}</table>"
+
+
+def _changes_note(c: Comparison) -> str:
+    counts = c.changes()
+    if not any(counts.values()):
+        return ""
+    return (f"<p class='meta'>{counts['mapped']} node(s) of the optimized model renamed or "
+            f"replaced, matched to their originals by provenance, weight or name; "
+            f"{counts['removed']} removed (no counterpart after); {counts['added']} added.</p>")
 
 
 def _nodes_table(nodes: Sequence[Any]) -> str:
     head = "<tr><th>operator</th><th>op type</th><th>before (ms)</th><th>after (ms)</th>" \
-           "<th>speedup</th><th>group</th></tr>"
+           "<th>speedup</th><th>group</th><th>change</th></tr>"
     body = []
     for r in nodes:
         sp = r.speedup
         cls = "" if sp is None else (" class='good'" if sp > 1.05 else " class='bad'" if sp < 0.95 else "")
+        status = getattr(r, "status", "same")
+        after_names = getattr(r, "after_names", [])
+        name = _e(r.name) + (f" <span class='meta'>→ {_e(', '.join(after_names))}</span>"
+                             if after_names else "")
+        before = "added" if r.before_ms is None else f"{r.before_ms:.4f}"
+        after = "removed" if r.after_ms is None else f"{r.after_ms:.4f}"
         body.append(
-            f"<tr><td>{_e(r.name)}</td><td>{_e(r.op_type)}</td><td>{r.before_ms:.4f}</td>"
-            f"<td>{r.after_ms:.4f}</td><td{cls}>{'' if sp is None else f'{sp:.2f}×'}</td>"
-            f"<td>{_e(', '.join(r.group))}</td></tr>")
+            f"<tr><td>{name}</td><td>{_e(r.op_type)}</td><td>{before}</td>"
+            f"<td>{after}</td><td{cls}>{'' if sp is None else f'{sp:.2f}×'}</td>"
+            f"<td>{_e(', '.join(r.group))}</td><td>{'' if status == 'same' else _e(status)}</td>"
+            "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
@@ -178,7 +209,7 @@ def _bar_chart(labels: Sequence[str], before: Sequence[float], after: Sequence[f
                    f"fill='{BEFORE_COLOUR}'><title>before {b:.4f} ms</title></rect>")
         out.append(f"<rect x='{label_w}' y='{y + 14}' width='{wa:.1f}' height='11' "
                    f"fill='{AFTER_COLOUR}'><title>after {a:.4f} ms</title></rect>")
-        sp = f"{b / a:.2f}×" if a > 0 else ""
+        sp = f"{b / a:.2f}×" if a > 0 and b > 0 else ""
         out.append(f"<text x='{label_w + max(wb, wa) + 6:.1f}' y='{y + 18}' class='sp'>"
                    f"{b:.3f} → {a:.3f} ms {sp}</text>")
     out.append("</svg>")
@@ -212,6 +243,10 @@ def _num(x: float | None, digits: int = 4) -> str:
     if abs(x) != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
         return f"{x:.{max(digits - 1, 1)}e}"
     return f"{x:.{digits}f}"
+
+
+def _csv_ms(x: float | None) -> str:
+    return "" if x is None else f"{x:.6f}"
 
 
 def _fmt_ms(x: float | None) -> str:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from opstudio.core import reasons
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
@@ -53,6 +55,8 @@ DEFAULT_TECHNIQUES: dict[str, ScanParams] = {
 }
 # Op types worth scanning: the ones that carry weights and time.
 SCANNED_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# Bumped when what a cached scan holds changes (2: refusals are kept).
+CACHE_FORMAT = "2"
 
 
 @dataclass
@@ -137,19 +141,45 @@ class Sensitivity:
     baseline: Profile
     candidates: list[Candidate] = field(default_factory=list)
     techniques: dict[str, Any] = field(default_factory=dict)
+    # Slow weighted nodes a technique's own check refused, never tried: "node/technique" -> why.
+    refused: dict[str, str] = field(default_factory=dict)
 
     def for_node(self, name: str) -> list[Candidate]:
         return [c for c in self.candidates if c.node == name]
 
+    def why_nothing_applies(self) -> str | None:
+        """When no candidate could be applied at all (each was refused, or failed when tried),
+        the reasons, grouped per technique with counts; else None. This is not "nothing pays":
+        there, rewrites were made and measured, and none was worth it."""
+        if any(c.error is None for c in self.candidates):
+            return None
+        why = [f"{key.split('/', 1)[1] if '/' in key else key}: {reason}"
+               for key, reason in self.refused.items()]
+        why += [f"{c.label}: {_bare(c.error or '')}" for c in self.candidates]
+        if not why:
+            return ("the model has no " + ", ".join(SCANNED_OP_TYPES[:-1])
+                    + f" or {SCANNED_OP_TYPES[-1]} node to rewrite")
+        return f"{len(why)} tries — " + reasons.summarise(why, limit=4)
+
     def to_json(self) -> dict[str, Any]:
         return {"baseline": self.baseline.to_json(), "techniques": self.techniques,
-                "candidates": [c.to_json() for c in self.candidates]}
+                "candidates": [c.to_json() for c in self.candidates],
+                "refused": dict(self.refused)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Sensitivity:
         return cls(baseline=Profile.from_json(data["baseline"]),
                    candidates=[Candidate.from_json(c) for c in data["candidates"]],
-                   techniques=dict(data.get("techniques", {})))
+                   techniques=dict(data.get("techniques", {})),
+                   refused=dict(data.get("refused", {})))
+
+
+_STEP_PREFIX = re.compile(r"^step \d+ \([^)]*\): (node '[^']*' \([^)]*\) cannot take [\w-]+: )?")
+
+
+def _bare(error: str) -> str:
+    """An optimizer error without the step and node it names: the cause alone."""
+    return _STEP_PREFIX.sub("", error)
 
 
 def split_rows(before: Profile, after: Profile,
@@ -169,8 +199,9 @@ def split_rows(before: Profile, after: Profile,
         members = row.group or [row.name]
         owners = [m for m in members if m in weighted] or members
         for m in owners:
-            split_b[m] = row.before_ms / len(owners)
-            split_a[m] = row.after_ms / len(owners)
+            # a node only one side has (removed/added) costs nothing on the other
+            split_b[m] = (row.before_ms or 0.0) / len(owners)
+            split_a[m] = (row.after_ms or 0.0) / len(owners)
     return split_b, split_a
 
 
@@ -203,9 +234,11 @@ def worst_output_error(report: Any) -> tuple[float | None, float | None]:
 
 
 def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Iterable[str],
-                    max_nodes: int = 40, coverage: float = 0.97) -> dict[str, list[str]]:
+                    max_nodes: int = 40, coverage: float = 0.97
+                    ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Technique -> nodes worth scanning: the slowest weighted nodes that cover ``coverage`` of
-    their op types' time, at most ``max_nodes``, filtered by each pass's own check."""
+    their op types' time, at most ``max_nodes``, filtered by each pass's own check; and the
+    refusals of that check, ``"node/technique"`` -> why."""
     from opstudio.core.passes import get_pass
 
     by_name = {n.name: n for n in model.graph.node}
@@ -220,10 +253,17 @@ def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Itera
         chosen.append(s.name)
         acc += s.mean_ms
     out: dict[str, list[str]] = {}
+    refused: dict[str, str] = {}
     for technique in techniques:
         pass_ = get_pass(technique)
-        out[technique] = [n for n in chosen if pass_.check(model, by_name[n]) is None]
-    return out
+        out[technique] = []
+        for name in chosen:
+            why = pass_.check(model, by_name[name])
+            if why is None:
+                out[technique].append(name)
+            else:
+                refused[f"{name}/{technique}"] = why
+    return out, refused
 
 
 def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSettings | None = None,
@@ -261,11 +301,11 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
         say(0.0, "profiling the original model")
         baseline = profile_model(path, settings, inputs=inputs, cancelled=cancelled,
                                  progress=lambda f, m: say(0.2 * f, m))
-    plan = pick_candidates(model, baseline, techniques, max_nodes=max_nodes)
+    plan, refused = pick_candidates(model, baseline, techniques, max_nodes=max_nodes)
     before = {s.name: s.p50_ms for s in baseline.nodes}
     weighted = {n.name for n in model.graph.node if n.op_type in SCANNED_OP_TYPES}
     op_type = {n.name: n.op_type for n in model.graph.node}
-    result = Sensitivity(baseline=baseline, techniques=techniques)
+    result = Sensitivity(baseline=baseline, techniques=techniques, refused=refused)
     n_tech = max(1, len(entries))
     for t_index, (technique, params, variant) in enumerate(entries):
         nodes = plan.get(technique) or []
@@ -368,7 +408,7 @@ def _cache_dir() -> Path:
 
 def _cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],
                max_nodes: int) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(CACHE_FORMAT.encode())
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
