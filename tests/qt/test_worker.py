@@ -125,3 +125,47 @@ def test_garbage_is_collected_in_the_ui_thread_never_in_a_worker(app, qtbot):
         w.start()
     gc.collect()  # what the UI-thread timer does when the counts call for it
     assert collected_in and set(collected_in) == {threading.main_thread().ident}
+
+
+def test_failure_carries_the_traceback_with_its_cause(app, qtbot):
+    def wrapped(*, progress=None, cancelled=None):
+        try:
+            raise ValueError("onnxruntime: Node (mm) Op (MatMul) [ShapeInferenceError]")
+        except ValueError as exc:
+            raise OpstudioError("cannot load the model") from exc
+
+    w = Worker(wrapped, name="load")
+    failures = []
+    w.signals.failed.connect(failures.append)
+    with qtbot.waitSignals([w.signals.failed, w.signals.error, w.signals.finished],
+                           order="strict", timeout=5000):
+        w.start()
+    (failure,) = failures
+    assert failure.message == "cannot load the model"
+    assert "ShapeInferenceError" in failure.details and "Traceback" in failure.details
+
+
+def test_a_deleted_signals_object_does_not_raise_out_of_run(app):
+    from shiboken6 import delete
+
+    w = Worker(count_to, 3)
+    delete(w.signals)  # what happens to it when the app quits while work runs
+    w.run()  # in this thread: must return quietly
+    assert w.is_done()
+
+
+def test_the_window_shows_details_of_a_failure(app, qtbot):
+    from opstudio.qt.main_window import MainWindow
+
+    window = MainWindow()
+    qtbot.addWidget(window)
+
+    def boom(*, progress=None, cancelled=None):
+        raise OpstudioError("profiling failed: onnxruntime crashed")
+
+    worker = window._start(Worker(boom, name="profile"), lambda value: None, "Profiling")
+    qtbot.waitUntil(worker.is_done, timeout=5000)
+    qtbot.waitUntil(lambda: not window.banner.isHidden(), timeout=5000)
+    assert window.banner.text.text() == "profiling failed: onnxruntime crashed"
+    assert "OpstudioError" in window.banner.details
+    assert not window.banner.details_button.isHidden()

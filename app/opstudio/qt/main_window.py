@@ -42,6 +42,7 @@ from opstudio.core.provenance import derived_nodes
 from opstudio.core.recipe import Recipe
 from opstudio.core.roofline import cached_machine, profile_roofline, profile_with_machine
 from opstudio.qt.advisor_panel import AdvisorPanel
+from opstudio.qt.banner import ErrorBanner
 from opstudio.qt.graph_view import GraphView
 from opstudio.qt.netron_view import NetronWindow
 from opstudio.qt.node_panel import NodePanel, Plan
@@ -85,19 +86,8 @@ class MainWindow(QMainWindow):
         self.welcome.openRequested.connect(self.open_dialog)
         self.welcome.fileChosen.connect(self.open_model)
 
-        self.banner = QFrame()
-        self.banner.setObjectName("banner")
-        bl = QHBoxLayout(self.banner)
-        bl.setContentsMargins(10, 4, 4, 4)
-        self.banner_text = QLabel()
-        self.banner_text.setWordWrap(True)
-        close = QPushButton("×")
-        close.setFlat(True)
-        close.setFixedWidth(26)
-        close.clicked.connect(self.banner.hide)
-        bl.addWidget(self.banner_text, 1)
-        bl.addWidget(close)
-        self.banner.hide()
+        self.banner = ErrorBanner()
+        self.banner_text = self.banner.text
 
         graph_page = QWidget()
         gl = QVBoxLayout(graph_page)
@@ -577,7 +567,7 @@ class MainWindow(QMainWindow):
         s = worker.signals
         s.progress.connect(self._on_progress)
         s.result.connect(on_result)
-        s.error.connect(self.show_error)
+        s.failed.connect(lambda failure: self.show_error(failure.message, failure.details))
         s.cancelled.connect(lambda: self.statusBar().showMessage(f"{what}: cancelled", 6000))
         s.finished.connect(self._on_finished)
         self.progress.setValue(0)
@@ -668,9 +658,8 @@ class MainWindow(QMainWindow):
 
         QMessageBox.about(self, "About opstudio", self.about_text())
 
-    def show_error(self, message: str) -> None:
-        self.banner_text.setText(message)
-        self.banner.show()
+    def show_error(self, message: str, details: str = "") -> None:
+        self.banner.show_message(message, details)
         self.statusBar().showMessage(message.splitlines()[0] if message else "", 10000)
 
     def _update_actions(self) -> None:

@@ -3,7 +3,9 @@
 A ``Worker`` wraps a core function that takes ``progress`` and ``cancelled`` keyword callbacks
 (see docs/design.md) and runs it in a ``QThreadPool``. Its ``signals`` object lives in the UI
 thread, so connected slots run there: ``started``, ``progress(fraction, message)``,
-``result(object)`` or ``error(str)`` (or ``cancelled()``), then always ``finished``.
+``result(object)`` or ``error(str)`` (or ``cancelled()``), then always ``finished``. An error
+also comes as ``failed(WorkerFailure)``: the same one-line message plus the traceback (with the
+chain of causes, e.g. onnxruntime's own error), which the app shows under "Details".
 ``cancel()`` only sets a flag; the core function polls it and raises ``Cancelled`` within a
 fraction of a second.
 """
@@ -14,6 +16,7 @@ import contextlib
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
@@ -21,11 +24,18 @@ from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 from opstudio.core.errors import Cancelled, OpstudioError
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    message: str  # one line, in words a user understands
+    details: str  # the traceback, causes included
+
+
 class WorkerSignals(QObject):
     started = Signal()
     progress = Signal(float, str)
     result = Signal(object)
     error = Signal(str)
+    failed = Signal(object)  # WorkerFailure
     cancelled = Signal()
     finished = Signal()
 
@@ -56,33 +66,39 @@ class Worker(QRunnable):
         return self
 
     def run(self) -> None:  # called in a pool thread
-        s = self.signals
         try:
-            s.started.emit()
+            self._emit("started")
             value = self.fn(*self.args, progress=self._progress, cancelled=self.is_cancelled,
                             **self.kwargs)
             if self.is_cancelled():
-                s.cancelled.emit()
+                self._emit("cancelled")
             else:
-                s.result.emit(value)
+                self._emit("result", value)
         except Cancelled:
-            s.cancelled.emit()
+            self._emit("cancelled")
         except OpstudioError as exc:
-            s.error.emit(_one_line(str(exc)))
-        except MemoryError:
-            s.error.emit(f"{self.name}: out of memory")
+            self._fail(_one_line(str(exc)), exc)
+        except MemoryError as exc:
+            self._fail(f"{self.name}: out of memory", exc)
         except Exception as exc:  # a bug must not take the app down: report it in words
             traceback.print_exc()
-            s.error.emit(f"{self.name}: unexpected {type(exc).__name__}: {_one_line(str(exc))}")
-        except RuntimeError:
-            pass  # the signals object is gone: the app quit while this ran; no one to tell
+            self._fail(f"{self.name}: unexpected {type(exc).__name__}: {_one_line(str(exc))}", exc)
         finally:
             self._done.set()
-            with contextlib.suppress(RuntimeError):
-                s.finished.emit()
+            self._emit("finished")
+
+    def _fail(self, message: str, exc: BaseException) -> None:
+        details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self._emit("failed", WorkerFailure(message, details))
+        self._emit("error", message)
+
+    def _emit(self, signal: str, *args: Any) -> None:
+        # the app may quit while this runs and delete the signals object: no one to tell then
+        with contextlib.suppress(RuntimeError):
+            getattr(self.signals, signal).emit(*args)
 
     def _progress(self, fraction: float, message: str = "") -> None:
-        self.signals.progress.emit(float(max(0.0, min(1.0, fraction))), str(message))
+        self._emit("progress", float(max(0.0, min(1.0, fraction))), str(message))
 
 
 def _one_line(text: str) -> str:
