@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
+from llm_builders import decoder_inputs, tiny_decoder
 from opstudio.core.accuracy import compare_outputs, evaluate, mean_kl_divergence, output_kind
 
 
@@ -83,43 +84,6 @@ def test_small_classifier_output_keeps_top1_without_kl():
     ref = np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)
     (o,) = compare_outputs({"y": ref}, {"y": ref[:, ::-1].copy()}).outputs
     assert o.kind == "" and o.top1_agreement == 0.0 and o.kl_divergence is None
-
-
-def tiny_decoder(vocab=32, hidden=8, heads=2, seed=0, noise=0.0):
-    """input_ids + past key → logits [1, seq, vocab] and present.0.key [1, heads, past+seq, d]."""
-    rng = np.random.default_rng(seed)
-    head = hidden // heads
-    emb = rng.normal(size=(vocab, hidden)).astype(np.float32)
-    w_k = rng.normal(size=(hidden, hidden)).astype(np.float32)
-    w_out = rng.normal(size=(hidden, vocab)).astype(np.float32)
-    w_out += noise * rng.normal(size=w_out.shape).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
-        helper.make_node("MatMul", ["h", "w_k"], ["k"], name="k_proj"),
-        helper.make_node("Reshape", ["k", "kv_shape"], ["k4"], name="k_reshape"),
-        helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 1, 3], name="k_transpose"),
-        helper.make_node("Concat", ["past_key_values.0.key", "kt"], ["present.0.key"], axis=2,
-                         name="k_concat"),
-        helper.make_node("MatMul", ["h", "w_out"], ["logits"], name="lm_head"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_decoder",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"]),
-         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT,
-                                       [1, heads, "past", head])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", vocab]),
-         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT,
-                                       [1, heads, "total", head])],
-        [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w_k, "w_k"),
-         numpy_helper.from_array(w_out, "w_out"),
-         numpy_helper.from_array(np.array([1, -1, heads, head], np.int64), "kv_shape")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def decoder_inputs(seq=6, past=3, vocab=32):
-    rng = np.random.default_rng(7)
-    return {"input_ids": rng.integers(0, vocab, size=(1, seq)).astype(np.int64),
-            "past_key_values.0.key": rng.normal(size=(1, 2, past, 4)).astype(np.float32)}
 
 
 def test_tiny_decoder_against_itself_agrees_fully():

@@ -73,10 +73,13 @@ def run(args: argparse.Namespace) -> int:
               f"({'inputs from ' + args.inputs if args.inputs else 'synthetic inputs'}):")
         rows = [(o.name, "[" + ",".join(map(str, o.shape)) + "]", _num(o.max_abs_err),
                  _num(o.mean_abs_err), _num(o.cosine, 6), _snr(o.snr_db),
-                 "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}")
+                 "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
+                 _num(o.kl_divergence) if o.kl_divergence is not None else "")
                 for o in accuracy.outputs]
         print_table(("output", "shape", "max abs err", "mean abs err", "cosine", "SNR dB",
-                     "top-1"), rows, "llrrrrr")
+                     "top-1", "KL nats"), rows, "llrrrrrr")
+        if accuracy.summary():
+            print(accuracy.summary())
         size_before, size_after = model.ByteSize(), result.model.ByteSize()
         print(f"wrote {dst} ({human_bytes(size_after)}, was {human_bytes(size_before)})")
     if args.report:
