@@ -228,7 +228,7 @@ class TimelinePlot(pg.PlotWidget):
 
 
 class AccuracyTable(QTableWidget):
-    HEADERS = ("output", "max abs err", "cosine", "SNR dB", "top-1")
+    HEADERS = ("output", "max abs err", "cosine", "SNR dB", "top-1", "KL nats")
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(0, len(self.HEADERS), parent)
@@ -244,10 +244,13 @@ class AccuracyTable(QTableWidget):
         self.setRowCount(len(outputs))
         self.rows = []
         for r, o in enumerate(outputs):
+            kl = getattr(o, "kl_divergence", None)  # logits outputs only
             vals = [o.name, _sci(o.max_abs_err), _fixed(o.cosine, 6), _fixed(o.snr_db, 1),
-                    "" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%"]
+                    "" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%",
+                    "" if kl is None else _sci(kl)]
             self.rows.append({"name": o.name, "max_abs_err": o.max_abs_err,
-                              "cosine": o.cosine, "snr_db": o.snr_db})
+                              "cosine": o.cosine, "snr_db": o.snr_db,
+                              "top1_agreement": o.top1_agreement, "kl_divergence": kl})
             for c, v in enumerate(vals):
                 item = QTableWidgetItem(v)
                 item.setToolTip(f"{o.name}: shape {'×'.join(str(d) for d in (o.shape or []))}, "
@@ -371,8 +374,9 @@ class PlotsPanel(QWidget):
         self.comparison = comparison
         self.profile = comparison.before
         rows = comparison.nodes[: self.top_n]
-        self.ops.set_bars([r.name for r in rows], [r.before_ms for r in rows],
-                          [r.after_ms for r in rows], [r.speedup for r in rows])
+        # a removed node has no after time, an added one no before time: no bar
+        self.ops.set_bars([r.name for r in rows], [r.before_ms or 0.0 for r in rows],
+                          [r.after_ms or 0.0 for r in rows], [r.speedup for r in rows])
         ops = comparison.op_types()[: self.top_n]
         self.op_types.set_bars(
             [r["op_type"] for r in ops], [r["before_ms"] for r in ops], [r["after_ms"] for r in ops],
@@ -395,9 +399,11 @@ class PlotsPanel(QWidget):
             # into more kernels looks slower profiled than it runs: show the plain runs too.
             plain = (f"; without the profiler {_ms(comparison.before.plain_ms['p50'])} → "
                      f"{_ms(comparison.after.plain_ms['p50'])} {_coloured(ps)}")
+        summary = getattr(comparison.accuracy, "summary", None)
+        tokens = f"; {summary()}" if callable(summary) and summary() else ""
         self.summary.setText(
-            f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s)}{plain}{size}" if s
-            else f"{_ms(b)} → {_ms(a)}{plain}{size}")
+            f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s)}{plain}{size}{tokens}" if s
+            else f"{_ms(b)} → {_ms(a)}{plain}{size}{tokens}")
 
     def _on_top_n(self, n: int) -> None:
         self.top_n = n
