@@ -100,7 +100,14 @@ def cnn() -> onnx.ModelProto:
 
 def test_registered_and_params() -> None:
     assert get_pass("prune") is PASS
-    assert PASS.validate_params({}) == {"sparsity": 0.5, "structured": False, "storage": "dense"}
+    assert PASS.validate_params({}) == {"sparsity": 0.5, "structured": False, "storage": "dense",
+                                        "importance": "magnitude", "calibration": "random",
+                                        "samples": 8}
+    with pytest.raises(OpstudioError, match="structured"):
+        PASS.validate_params({"importance": "activation"})
+    with pytest.raises(OpstudioError, match="does not exist"):
+        PASS.validate_params({"structured": True, "importance": "activation",
+                              "calibration": "/nonexistent/prompt.npz"})
     with pytest.raises(OpstudioError, match="below 1"):
         PASS.validate_params({"sparsity": 1.0})
     with pytest.raises(OpstudioError, match="unstructured"):

@@ -24,6 +24,20 @@ H·W consecutive features c·H·W … (c+1)·H·W − 1, and the head's weight l
 dims after the channel must be static; a constant Reshape shape is rewritten). Where the
 channels reach anything else (a residual Add with another branch, a Reshape that splits them,
 Concat, a graph output, a weight shared with another node…) the node is skipped with the reason.
+
+LLM MLPs are pruned jointly. In a gated MLP (SwiGLU/GeGLU: ``down(act(gate(x)) · up(x))``) the
+intermediate channels of gate_proj and up_proj meet channel by channel (act: x·Sigmoid(x), Gelu,
+FastGelu, QuickGelu, Relu…) before down_proj, so the same channels must leave the output
+columns of both and the input rows of down_proj. Selecting any one projection of such an MLP
+(or the second layer of a plain fc1 → act → fc2 MLP, whose own outputs reach the residual)
+rewrites the whole MLP; the notes and details name its members. ``importance`` ranks the
+channels: ``"magnitude"`` by the L2 norm of each channel's weights across every matrix that
+loses it (a Conv, or a node whose channels reach no MatMul/Gemm MLP, by its own output channel
+as before), ``"activation"`` Wanda-style (Sun et al. 2023, S = |W|·‖X‖, summed over the
+channel's weights): |W| of each source column times the norms of that projection's input
+features, plus the intermediate activation's norm ‖z_j‖ times down_proj's row j, measured on
+``calibration`` samples (``"random"`` or an .npz of model inputs, as for int8-static).
+Weights behind fp16 + Cast are read folded; the pruned ones are fresh float initializers.
 """
 
 from __future__ import annotations
@@ -41,17 +55,27 @@ from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import analyze
 from opstudio.core.passes import _weights as w
+from opstudio.core.passes._calibration import (
+    calibration_params,
+    calibration_samples,
+    check_calibration,
+)
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
 
 # Per-element ops: output channel c depends only on input channel c.
 _UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Clip", "Elu", "Selu", "Celu",
           "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Mish", "Erf", "Abs", "Neg",
           "Identity", "Dropout", "Cast"}
+# onnxruntime's fused activations (com.microsoft), per element like _UNARY; FastGelu and BiasGelu
+# take an optional per-channel bias as input 1.
+_CONTRIB_UNARY = {"Gelu", "FastGelu", "QuickGelu", "BiasGelu"}
 # Binary ops whose other operand may be a per-channel constant.
 _BINARY = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow", "Sum"}
 # Spatial ops over NC… tensors that keep channels apart.
 _POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
           "GlobalLpPool"}
+_MATMULS = ("MatMul", "Gemm")
+IMPORTANCE = ("magnitude", "activation")
 CPU_NOTE = ("unstructured sparsity does not make onnxruntime's dense CPU kernels faster: "
             "the zeros are multiplied like any other weight")
 
@@ -71,6 +95,11 @@ class PrunePass(Pass):
         ParamSpec("storage", "choice", "dense", "Storage",
                   "how the pruned weight is written: dense, or as its list of non-zeros",
                   choices=("dense", "sparse")),
+        ParamSpec("importance", "choice", "magnitude", "Importance",
+                  "how structured pruning ranks channels: weight norms, or Wanda-style "
+                  "|weight| × input activation norm on calibration samples",
+                  choices=IMPORTANCE),
+        *calibration_params(8),
     )
 
     def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -81,6 +110,11 @@ class PrunePass(Pass):
         if out["structured"] and out["storage"] == "sparse":
             raise OpstudioError("prune: storage 'sparse' applies to unstructured pruning only; "
                                 "structured pruning leaves a smaller dense weight")
+        if out["importance"] == "activation":
+            if not out["structured"]:
+                raise OpstudioError("prune: importance 'activation' applies to structured "
+                                    "pruning (structured: true)")
+            check_calibration(self.technique, out)
         return out
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
@@ -89,10 +123,28 @@ class PrunePass(Pass):
         if isinstance(found, str):
             return found
         if structured:
-            plan = _plan_structured(model, node, found)
+            plan = _plan_any(model, node, found)
             if isinstance(plan, str):
                 return plan
         return None
+
+    def remark(self, model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> str | None:
+        """What structured pruning of ``nodes`` would rewrite besides them, in words: the whole
+        MLP a selected projection belongs to (shown next to the technique)."""
+        seen: set[str] = set()
+        lines: list[str] = []
+        for node in [n for n in nodes if n.op_type in _MATMULS][:_REMARKED]:
+            if node.name in seen:
+                continue
+            found = _own_weight(model, node)
+            plan = found if isinstance(found, str) else _plan_any(model, node, found)
+            if isinstance(plan, str) or not _is_mlp(plan):
+                continue
+            seen.update(_members(plan))
+            lines.append(_joint_remark(plan))
+        if not lines:
+            return None
+        return "structured: " + "; ".join(lines)
 
     def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
               ctx: PassContext) -> PassResult:
@@ -101,7 +153,7 @@ class PrunePass(Pass):
         work = w.copy_model(model)
         size_before = work.ByteSize()
         if params["structured"]:
-            result = _apply_structured(work, nodes, params["sparsity"], ctx)
+            result = _apply_structured(work, nodes, params, ctx)
         else:
             result = _apply_unstructured(work, nodes, params["sparsity"], params["storage"], ctx)
         if result.applied:
@@ -117,6 +169,7 @@ class PrunePass(Pass):
 
 
 PASS = PrunePass()
+_REMARKED = 4  # selected projections described in the remark (each is planned: keep it cheap)
 
 
 def _own_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | str:
@@ -252,6 +305,11 @@ class _Plan:
     shape_edits: list[tuple[onnx.NodeProto, int, int, int]] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # tensors whose shape changes
     touched: list[str] = field(default_factory=list)  # nodes whose cost changes
+    # nodes whose weight loses output channels (node, axis) and input channels (node, axis,
+    # block): the matrices that rank the channels
+    sources: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)
+    terminals: list[tuple[onnx.NodeProto, int, int]] = field(default_factory=list)
+    joined_at: str = ""  # the node where the branches of several sources meet
 
 
 def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
@@ -288,6 +346,8 @@ def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
             if bias.ndim >= 1 and bias.shape[-1] == plan.channels and plan.channels > 1:
                 plan.edits.append((node, 2, bias.ndim - 1, 1))
     plan.touched.append(node.name)
+    plan.edits.insert(0, (node, 1, plan.weight_axis, 1))
+    plan.sources.append((node, plan.weight_axis))
     if plan.channels < 2:
         return f"it has {plan.channels} output channel; nothing to remove"
     why = _follow(model, graph, plan, node.output[0], neg_axis, rank)
@@ -479,15 +539,327 @@ def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_
     if weight.shape[axis] != n * block:
         return f"{where}, whose weight has {weight.shape[axis]} input channels, not {n * block}"
     plan.edits.append((user, 1, axis, block))
+    plan.terminals.append((user, axis, block))
     plan.touched.append(user.name)
     return None
 
 
-def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: float,
+# ---------------------------------------------------------------- joint (MLPs)
+
+
+def _plan_any(model: onnx.ModelProto, node: onnx.NodeProto,
+              weight: np.ndarray) -> _Plan | str:
+    """The node's own output channels if they can go; else the MLP it belongs to, pruned
+    jointly; else the reason in words."""
+    plan = _plan_structured(model, node, weight)
+    if not isinstance(plan, str) or node.op_type not in _MATMULS:
+        return plan
+    as_source, _ = _plan_joint(model, node, weight, as_source=True)
+    if not isinstance(as_source, str):
+        return as_source
+    as_terminal, reached = _plan_joint(model, node, weight, as_source=False)
+    if not isinstance(as_terminal, str):
+        return as_terminal
+    if "also takes another branch" in plan:  # a gated MLP that cannot be pruned: say why
+        return as_source
+    if reached:  # it is the second layer of an MLP that cannot be pruned: say why
+        return f"{plan}; pruned jointly with its MLP, {as_terminal}"
+    return plan
+
+
+def _plan_joint(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray,
+                as_source: bool) -> tuple[_Plan | str, int]:
+    """The channels shared by MatMul/Gemm projections through per-element ops: every
+    projection producing them (sources) and every one reading them (terminals), found from
+    ``node``'s output (``as_source``) or its input. Also how many nodes besides ``node`` the
+    search reached (none: ``node`` is not part of an MLP at all)."""
+    graph = model.graph
+    cons, prods = w.consumers(graph), w.producers(graph)
+    outputs = {o.name for o in graph.output}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if weight.ndim != 2:
+        return f"its weight '{node.input[1]}' has {weight.ndim} dims, not 2", 0
+    trans_b = node.op_type == "Gemm" and attrs.get("transB", 0)
+    if as_source:
+        n = weight.shape[0 if trans_b else 1]
+    else:
+        if node.op_type == "Gemm" and attrs.get("transA", 0):
+            return f"Gemm '{node.name}' transposes its input (transA)", 0
+        n = weight.shape[1 if trans_b else 0]
+    plan = _Plan(node, 1, n)
+    region: set[str] = set()
+    queue: list[str] = []
+    visited: set[str] = set()
+    terminal_names: set[str] = set()
+    joins: list[str] = []  # binary nodes taking two branches of the channels
+    where = f"the channels of '{node.name}'" if as_source else "its input channels"
+
+    def flows(user: onnx.NodeProto, what: str = "which structured pruning cannot shrink") -> str:
+        return f"{where} flow into {user.op_type} '{user.name}', {what}"
+
+    def add(tensor: str) -> None:
+        if tensor not in region:
+            region.add(tensor)
+            queue.append(tensor)
+
+    def add_source(p: onnx.NodeProto) -> str | None:
+        found = w.float_weight(model, p, "prune")
+        if isinstance(found, str):
+            return f"{where} come from {p.op_type} '{p.name}': {found}"
+        p_attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
+        if found.ndim != 2:
+            return f"{where} come from '{p.name}', whose weight has {found.ndim} dims, not 2"
+        sharers = _sharers(model, p.input[1], p)
+        if sharers:
+            return (f"{where} come from '{p.name}', whose weight '{p.input[1]}' is shared with "
+                    f"'{sharers[0]}'; slicing it would need a second copy")
+        axis = 0 if p.op_type == "Gemm" and p_attrs.get("transB", 0) else 1
+        if found.shape[axis] != n:
+            return (f"{where} come from '{p.name}', whose weight has {found.shape[axis]} output "
+                    f"channels, not {n}")
+        plan.edits.append((p, 1, axis, 1))
+        if p.op_type == "Gemm" and len(p.input) > 2 and p.input[2]:
+            bias, why = w.constant_array(model, p.input[2])
+            if bias is None:
+                return f"the bias C of '{p.name}': {why}"
+            if bias.ndim >= 1 and bias.shape[-1] == n:
+                plan.edits.append((p, 2, bias.ndim - 1, 1))
+        plan.sources.append((p, axis))
+        plan.touched.append(p.name)
+        visited.add(p.name)
+        return None
+
+    def per_element(u: onnx.NodeProto) -> str | None:
+        if u.name in visited:
+            return None
+        visited.add(u.name)
+        contrib = u.domain == "com.microsoft"
+        binary = u.op_type in _BINARY and not contrib
+        live = 0
+        for j, name in enumerate(u.input):
+            if not name:
+                continue
+            if name in region:
+                live += 1
+                continue
+            value, _ = w.constant_array(model, name)
+            if value is None:
+                if j > 0 and not binary:
+                    return flows(u, f"whose input '{name}' is computed at run time")
+                add(name)  # another branch: its channels must be the same ones
+                live += 1
+                continue
+            if not binary and (j == 0 or not contrib):
+                continue  # Clip bounds, Dropout ratio: scalars
+            axis = value.ndim - 1
+            if axis >= 0 and value.shape[axis] == n:
+                plan.edits.append((u, j, axis, 1))
+            elif axis >= 0 and value.shape[axis] != 1:
+                return flows(u, f"whose constant '{name}' has {value.shape[axis]} entries on "
+                             f"the pruned axis, not {n}")
+        if binary and live > 1:
+            joins.append(u.name)
+        for out in (u.output if not binary else u.output[:1]):
+            if out:
+                add(out)
+        plan.touched.append(u.name)
+        return None
+
+    def is_per_element(u: onnx.NodeProto) -> bool:
+        if u.domain == "com.microsoft":
+            return u.op_type in _CONTRIB_UNARY
+        return u.domain in ("", "ai.onnx") and (u.op_type in _UNARY or u.op_type in _BINARY)
+
+    if as_source:
+        why = add_source(node)
+        if why:
+            return why, 0
+        add(node.output[0])
+    else:
+        visited.add(node.name)
+        terminal_names.add(node.name)
+        why = _terminal(model, node, node.input[0], n, -1, 1, False, plan)
+        if why:
+            return why, 0
+        add(node.input[0])
+    while queue:
+        t = queue.pop(0)
+        plan.tensors.append(t)
+        if t in outputs:
+            return (f"{where} reach the graph output '{t}'; structured pruning would change "
+                    "the model's output shape"), len(plan.touched) - 1
+        for user in cons.get(t, []):
+            if t not in user.input:
+                return (f"{where} are read inside the subgraph of {user.op_type} "
+                        f"'{user.name}'"), len(plan.touched) - 1
+            if user.op_type in _MATMULS and user.domain in ("", "ai.onnx") \
+                    and user.input[0] == t and user.input[1] not in region:
+                if user.name in terminal_names:
+                    continue
+                if any(user is p for p, _ in plan.sources):
+                    return flows(user, "which both produces and reads them"), len(plan.touched) - 1
+                why = _terminal(model, user, t, n, -1, 1, False, plan)
+                if why:
+                    return why, len(plan.touched) - 1
+                terminal_names.add(user.name)
+                visited.add(user.name)
+            elif is_per_element(user):
+                why = per_element(user)
+                if why:
+                    return why, len(plan.touched) - 1
+            else:
+                return flows(user), len(plan.touched) - 1
+        producer = prods.get(t)
+        if producer is None:
+            return (f"{where} come from the graph input '{t}', not from a projection "
+                    "structured pruning can shrink"), len(plan.touched) - 1
+        if producer.name in visited:
+            continue
+        if is_per_element(producer):
+            why = per_element(producer)
+        elif producer.op_type in _MATMULS and producer.domain in ("", "ai.onnx") \
+                and producer.output[0] == t:
+            why = add_source(producer)
+        else:
+            why = (f"{where} come from {producer.op_type} '{producer.name}', which structured "
+                   "pruning cannot shrink")
+        if why:
+            return why, len(plan.touched) - 1
+    if not plan.sources or not plan.terminals:
+        return f"{where} do not pass from one projection to another", len(plan.touched) - 1
+    if n < 2:
+        return f"it has {n} intermediate channel; nothing to remove", len(plan.touched) - 1
+    position = {n.name: k for k, n in enumerate(graph.node)}
+    plan.sources.sort(key=lambda s: position.get(s[0].name, -1))  # named in graph order
+    plan.terminals.sort(key=lambda t: position.get(t[0].name, -1))
+    if joins:  # the last join before the terminals is where the sources meet (x·σ(x) is earlier)
+        plan.joined_at = max(joins, key=lambda name: position.get(name, -1))
+    return plan, len(plan.touched) - 1
+
+
+def _is_mlp(plan: _Plan) -> bool:
+    """Channels made by MatMul/Gemm and read by MatMul/Gemm, one row each: an MLP's."""
+    return (all(p.op_type in _MATMULS for p, _ in plan.sources) and bool(plan.terminals)
+            and all(t.op_type in _MATMULS and block == 1 for t, _, block in plan.terminals))
+
+
+def _members(plan: _Plan) -> list[str]:
+    return [p.name for p, _ in plan.sources] + [t.name for t, _, _ in plan.terminals]
+
+
+def _mlp_label(names: Sequence[str]) -> tuple[str, list[str]]:
+    """'layers.3's MLP' and ['gate_proj', 'up_proj', 'down_proj'] from scoped node names."""
+    parts = [name.split("/") for name in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    scope = [p for p in parts[0][:common] if p]
+    short = [p[common] if common else "/".join(p) for p in parts]
+    if len(set(short)) < len(short):
+        short = list(names)
+    if scope and scope[-1].lower() in ("mlp", "ffn", "feed_forward", "feedforward") \
+            and len(scope) > 1:
+        return f"{scope[-2]}'s MLP", short
+    if scope:
+        return f"the MLP in '{'/'.join(scope)}'", short
+    return "the MLP", short
+
+
+def _joint_remark(plan: _Plan) -> str:
+    label, short = _mlp_label(_members(plan))
+    n_src = len(plan.sources)
+    srcs, terms = short[:n_src], short[n_src:]
+    if n_src > 1:
+        why = (f"the outputs of {' and '.join(srcs)} meet channel by channel in "
+               f"'{plan.joined_at}' before {', '.join(terms)}")
+    else:
+        why = f"{srcs[0]}'s output channels are {', '.join(terms)}'s input rows"
+    return (f"prunes {label} jointly ({', '.join(short)}): the same intermediate channels "
+            f"leave all of them, because {why}")
+
+
+def _channel_scores(work: onnx.ModelProto, plan: _Plan, importance: str,
+                    norms: Mapping[str, np.ndarray]) -> np.ndarray | str:
+    """Per channel of ``plan``: the larger, the more it matters."""
+    n = plan.channels
+
+    def moved(node: onnx.NodeProto, axis: int) -> np.ndarray:
+        value, _ = w.constant_array(work, node.input[1])
+        assert value is not None
+        return np.moveaxis(value.astype(np.float64), axis, 0)
+
+    if importance == "magnitude":
+        if not _is_mlp(plan):  # a Conv's filters, as always: the node's own output channels
+            node, axis = plan.sources[0]
+            return np.linalg.norm(moved(node, axis).reshape(n, -1), axis=1)
+        sq = np.zeros(n)
+        for node, axis in plan.sources:
+            sq += np.square(moved(node, axis).reshape(n, -1)).sum(axis=1)
+        for node, axis, _ in plan.terminals:
+            sq += np.square(moved(node, axis).reshape(n, -1)).sum(axis=1)
+        return np.sqrt(sq)
+    if not _is_mlp(plan):
+        return ("importance 'activation' handles channels from MatMul/Gemm to MatMul/Gemm "
+                f"(an MLP); these reach {', '.join(_members(plan))}")
+    score = np.zeros(n)
+    for node, axis in plan.sources:
+        weight = np.abs(moved(node, axis).reshape(n, -1))  # [channels, input features]
+        x = norms.get(node.name)
+        if x is None or x.size != weight.shape[1]:
+            return (f"the input of '{node.name}' has {None if x is None else x.size} measured "
+                    f"features, its weight {weight.shape[1]}")
+        score += weight @ x
+    for node, axis, _ in plan.terminals:
+        rows = np.abs(moved(node, axis).reshape(n, -1)).sum(axis=1)  # [channels]
+        z = norms.get(node.name)
+        if z is None or z.size != n:
+            return (f"the input of '{node.name}' has {None if z is None else z.size} measured "
+                    f"features, not {n}")
+        score += z * rows
+    return score
+
+
+def _activation_norms(work: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
+                      ctx: PassContext) -> tuple[dict[str, np.ndarray], int]:
+    """Input feature norms of every projection the chosen nodes' plans rank channels by,
+    measured once on the unpruned model; and the number of calibration samples."""
+    from opstudio.core.passes._activations import input_stats
+
+    by_name = {n.name: n for n in work.graph.node}
+    wanted: list[str] = []
+    for name in nodes:
+        node = by_name.get(name)
+        found = "no such node" if node is None else _own_weight(work, node)
+        if isinstance(found, str):
+            continue
+        assert node is not None
+        plan = _plan_any(work, node, found)
+        if not isinstance(plan, str) and _is_mlp(plan):
+            wanted.extend(m for m in _members(plan) if m not in wanted)
+    if not wanted:
+        return {}, 0
+    samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
+    stats = input_stats(work, wanted, samples, ctx=ctx)
+    return {name: s.norm for name, s in stats.items()}, len(samples)
+
+
+def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
                       ctx: PassContext) -> PassResult:
     result = PassResult(model=work)
+    sparsity, importance = params["sparsity"], params["importance"]
+    norms: dict[str, np.ndarray] = {}
+    if importance == "activation":
+        norms, count = _activation_norms(work, nodes, params, ctx)
+        if count:
+            result.notes.append(f"channels ranked by |weight| × input activation norm on "
+                                f"{count} calibration sample(s) ({params['calibration']})")
     before = None
     touched: dict[str, list[str]] = {}
+    # a projection already rewritten with its MLP in this step: the node that led the rewrite
+    done_with: dict[str, str] = {}
+    # second layers (terminals) of channels pruned here: pruned again only for their own outputs
+    fed_by: dict[str, str] = {}
+    joint_notes: list[str] = []
     for k, name in enumerate(nodes):
         ctx.check_cancelled()
         ctx.report(k / max(len(nodes), 1), f"prune: {name}")
@@ -497,23 +869,32 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: flo
             result.skipped[name] = found
             continue
         assert node is not None
+        if name in done_with:
+            _record_part_of(result, name, done_with[name])
+            continue
         plan = _plan_structured(work, node, found)
+        if isinstance(plan, str) and name in fed_by:
+            _record_part_of(result, name, fed_by[name])
+            continue
+        if isinstance(plan, str):
+            plan = _plan_any(work, node, found)
         if isinstance(plan, str):
             result.skipped[name] = plan
+            continue
+        scores = _channel_scores(work, plan, importance, norms)
+        if isinstance(scores, str):
+            result.skipped[name] = scores
             continue
         if before is None:
             dims = w.unit_dims(work)
             before = analyze(work, dims)
         removed = min(_n_removed(sparsity, plan.channels), plan.channels - 1)
-        moved = np.moveaxis(found, plan.weight_axis, 0).reshape(plan.channels, -1)
-        norms = np.linalg.norm(moved.astype(np.float64), axis=1)
-        drop = np.argsort(norms, kind="stable")[:removed]
+        drop = np.argsort(scores, kind="stable")[:removed]
         keep = np.setdiff1d(np.arange(plan.channels), drop)  # ascending: channel order kept
         taken = w.all_names(work.graph)
-        edits = [(node, 1, plan.weight_axis, 1), *plan.edits]
         params_before = params_after = 0
         old: list[str] = []
-        for target, j, axis, block in edits:
+        for target, j, axis, block in plan.edits:
             tensor = target.input[j]
             value, _ = w.constant_array(work, tensor)
             assert value is not None
@@ -536,14 +917,31 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: flo
             target.input[j] = new_name
         w.drop_value_info(work.graph, plan.tensors)
         w.remove_unused(work, old)
+        for terminal, _, block in plan.terminals:
+            fed_by[terminal.name] = name
+            if terminal.name in norms:  # its input lost the pruned features
+                rows = (keep[:, None] * block + np.arange(block)).reshape(-1)
+                norms[terminal.name] = norms[terminal.name][rows]
         result.applied.append(name)
         touched[name] = list(plan.touched)
         result.details[name] = {
             "channels_before": plan.channels, "channels_after": int(keep.size),
             "removed_channels": [int(c) for c in np.sort(drop)],
             "params_before": params_before, "params_after": params_after,
-            "touched": list(plan.touched),
+            "touched": list(plan.touched), "importance": importance,
         }
+        if _is_mlp(plan):
+            members = _members(plan)
+            label, short = _mlp_label(members)
+            note = (f"pruned {removed / plan.channels:.0%} of the {plan.channels} intermediate "
+                    f"channels of {label} jointly: {', '.join(short)}")
+            result.details[name]["joint"] = members
+            result.details[name]["note"] = note
+            joint_notes.append(note)
+            for member in members:
+                if member != name and any(member == p.name for p, _ in plan.sources):
+                    done_with[member] = name
+    result.notes.extend(_summarize(joint_notes))
     if before is not None:
         # Shape inference of a large model takes seconds: analyse once before and once after
         # the step. A node touched by two prunings counts in both of their figures.
@@ -554,6 +952,23 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: flo
             if dims:
                 result.details[name]["flops_dims"] = dims  # named dims set to 1
     return result
+
+
+def _record_part_of(result: PassResult, name: str, leader: str) -> None:
+    """A selected projection rewritten with its MLP when ``leader`` was."""
+    result.applied.append(name)
+    result.details[name] = {"joint_with": leader,
+                            "note": result.details[leader].get("note", "")}
+
+
+_NOTED = 3  # joint rewrites listed one by one in the notes; more are summed up
+
+
+def _summarize(notes: list[str]) -> list[str]:
+    if len(notes) <= _NOTED:
+        return notes
+    return [*notes[:_NOTED - 1], f"… and {len(notes) - _NOTED + 1} more MLPs the same way "
+                                 "(see each node's details)"]
 
 
 def _sum_flops(info: Any, names: Sequence[str]) -> int | None:
