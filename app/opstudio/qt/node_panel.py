@@ -350,8 +350,10 @@ class NodePanel(QWidget):
             rb, lbl = self.radio[p.technique], self.reason_labels[p.technique]
             rb.setEnabled(reason is None)
             rb.setToolTip(p.description if reason is None else reason)
-            lbl.setText(reason or "")
-            lbl.setVisible(bool(reason) and n > 0)
+            # what else a technique rewrites with the selection (a pruned MLP's other layers)
+            remark = self._remark(p) if reason is None else None
+            lbl.setText(reason or remark or "")
+            lbl.setVisible(bool(reason or remark) and n > 0)
             if reason is None and first_ok is None:
                 first_ok = p.technique
         # Nodes already in a step show that step's technique and params, not the defaults of
@@ -408,6 +410,15 @@ class NodePanel(QWidget):
             return why
         count = sum(len(v) for v in bad.values())
         return f"{count} of {len(self.selection)} selected cannot take it — {names[0]}: {why}"
+
+    def _remark(self, p: Pass) -> str | None:
+        remark = getattr(p, "remark", None)
+        if remark is None:
+            return None
+        try:
+            return remark(self.model, [self._nodes[n] for n in self.selection if n in self._nodes])
+        except Exception:  # a remark is a courtesy: it must never break the panel
+            return None
 
     # --- actions ------------------------------------------------------------------------------
     def current_technique(self) -> str | None:
