@@ -106,6 +106,15 @@ def test_weights_behind_cast_and_a_kept_tied_embedding():
     m = map_nodes(before, after)
     assert m.origins["head"] == ["lm_head"] and m.how["head"] == "weight"
     assert m.origins["embed"] == ["embed"] and m.removed == ["tie"]
+    # both readers replaced, as onnxruntime-genai's int4 does (GatherBlockQuantized + MatMulNBits
+    # on one quantized tensor): each goes to the original whose op it extends
+    del after.graph.node[1]
+    after.graph.node.append(helper.make_node(
+        "GatherBlockQuantized", ["emb_Q4", "ids", "emb_scales"], ["h"], name="lookup",
+        domain="com.microsoft"))
+    m = map_nodes(before, after)
+    assert m.origins["head"] == ["lm_head"] and m.origins["lookup"] == ["embed"]
+    assert m.how["lookup"] == "weight" and m.added == []
 
 
 def stats(name, ms, op="MatMul"):

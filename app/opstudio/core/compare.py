@@ -185,8 +185,9 @@ def map_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMap:
             for w in weights:
                 readers.setdefault(w, []).append(node)
     after_weights = _weights_read(after)
+    b_ops = {n.name: n.op_type for n in before.graph.node}
     for node in pending:
-        found = _by_weight(node.name, after_weights.get(node.name, []), readers)
+        found = _by_weight(node, after_weights.get(node.name, []), readers, b_ops)
         how = "weight"
         if not found:
             found = [s for s in _stems(node.name, _NODE_MARKERS) if s in b_set and s not in kept][:1]
@@ -201,18 +202,26 @@ def map_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMap:
     return out
 
 
-def _by_weight(name: str, weights: list[str], readers: Mapping[str, list[str]]) -> list[str]:
-    """The one original reading ``weights`` (or the tensors they were made from); when several
-    do, the one ``name`` was made from, else none (no guessing)."""
+def _by_weight(node: onnx.NodeProto, weights: list[str], readers: Mapping[str, list[str]],
+               ops: Mapping[str, str]) -> list[str]:
+    """The one original reading ``weights`` (or the tensors they were made from). When several
+    do (a tied embedding: its Gather and the lm_head), the one ``node``'s name was made from,
+    else the one in the same name scope, else the one whose op it extends (``Gather`` →
+    ``GatherBlockQuantized``, ``MatMul`` → ``MatMulNBits``); else none, rather than a guess."""
+    scope = node.name.rsplit("/", 1)[0] if "/" in node.name else None
     for w in weights:
         for key in [w, *_stems(w, _WEIGHT_MARKERS)]:
-            found = readers.get(key)
+            found = list(dict.fromkeys(readers.get(key, [])))
             if not found:
                 continue
-            if len(set(found)) == 1:
-                return [found[0]]
-            stems = [s for s in _stems(name, _NODE_MARKERS) if s in found]
-            return stems[:1]
+            if len(found) == 1:
+                return found
+            for pick in ([s for s in _stems(node.name, _NODE_MARKERS) if s in found],
+                         [f for f in found if scope and f.rsplit("/", 1)[0] == scope],
+                         [f for f in found if f in ops and ops[f] in node.op_type]):
+                if len(pick) == 1:
+                    return pick
+            return []
     return []
 
 
