@@ -53,3 +53,36 @@ def test_advise_rejects_unknown_technique(tmp_path, capsys):
     code = main(["advise", str(model), "--techniques", "magic", "-o", str(tmp_path / "r.json")])
     assert code == 1
     assert "unknown technique 'magic'" in capsys.readouterr().err
+
+
+def test_advise_says_nothing_could_be_applied_and_exits_1(tmp_path, capsys, monkeypatch):
+    # MatMuls whose weights are graph inputs: every weight technique refuses them
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="act"),
+         helper.make_node("MatMul", ["r", "w1"], ["y"], name="fc2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64]),
+         helper.make_tensor_value_info("w0", TensorProto.FLOAT, [64, 128]),
+         helper.make_tensor_value_info("w1", TensorProto.FLOAT, [128, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])])
+    model = tmp_path / "inputs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    recipe_path, report = tmp_path / "plan.json", tmp_path / "advice.json"
+    code = main(["advise", str(model), "--runs", "3", "--warmup", "1", "--threads", "1",
+                 "--techniques", "int8-dynamic,int4-weight,lowrank", "-o", str(recipe_path),
+                 "--json", str(report)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.startswith("error: nothing could be applied (6 tries — ") and err.count("\n") == 1
+    assert "int8-dynamic: its weight '…' is a graph input, not a constant initializer; " \
+           "onnxruntime's quantizer needs it as an initializer ×2" in err
+    assert "int4-weight: its weight '…' is a graph input" in err and "lowrank: " in err
+    assert err.rstrip().endswith(f"no recipe written to {recipe_path}")
+    assert "best left as it is" not in out  # that is "nothing pays", a different answer
+    assert not recipe_path.exists()
+    data = json.loads(report.read_text())
+    assert data["nothing_applies"] and data["plan"]["chosen"] == []
+    assert set(data["sensitivity"]["refused"]) == {"int8-dynamic", "int4-weight", "lowrank"}

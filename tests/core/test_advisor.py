@@ -335,3 +335,44 @@ def test_a_variant_that_runs_the_whole_model_faster_replaces_the_more_accurate_o
     plan = greedy_plan(cands, Budget(min_snr_db=43.5), verify, timer=timer)
     assert {c.params["per_channel"] for c in plan.chosen} == {True}
     assert any("variants:" in line and "SNR 40.9" in line for line in plan.log)
+
+
+def sensitivity(candidates, refused=None):
+    from opstudio.core.profiler import Profile
+    from opstudio.core.sensitivity import Sensitivity
+
+    return Sensitivity(baseline=Profile.from_json(BASELINE), candidates=candidates,
+                       refused=refused or {})
+
+
+BASELINE = {"model": "m.onnx", "settings": {}, "total_ms": {"mean": 1.0, "p50": 1.0},
+            "nodes": [], "op_types": []}
+
+
+def test_nothing_applies_groups_refusals_and_failures_with_counts():
+    refused = {"int4-weight": {
+        "/model/layers.0/mlp/MatMul": "its weight 'w0' is a graph input, not a constant initializer",
+        "/model/layers.1/mlp/MatMul": "its weight 'w1' is a graph input, not a constant initializer"}}
+    failed = [cand(f"mm{i}", "int8-dynamic", 1.0, None, None,
+                   error=f"step 1 (int8-dynamic): node 'mm{i}' (MatMul) cannot take int8-dynamic: "
+                         f"its weight 'w{i}' is a graph input")
+              for i in range(3)]
+    failed.append(cand("mm0", "lowrank", 1.0, None, None,
+                       error="step 1 (lowrank): the result is not a valid ONNX model (bad)"))
+    why = sensitivity(failed, refused).why_nothing_applies()
+    assert why == ("6 tries — int8-dynamic: its weight '…' is a graph input ×3 | int4-weight: "
+                   "its weight '…' is a graph input, not a constant initializer ×2 | lowrank: "
+                   "the result is not a valid ONNX model (bad)")
+    # the reasons survive the cache's JSON round trip
+    from opstudio.core.sensitivity import Sensitivity
+
+    again = Sensitivity.from_json(sensitivity(failed, refused).to_json())
+    assert again.why_nothing_applies() == why
+
+
+def test_nothing_applies_is_none_when_any_candidate_was_applied():
+    applied = cand("mm0", "int8-dynamic", 1.0, 0.99, 40.0)  # applied, just not worth it
+    refused = {"int4-weight": {"mm0": "no"}}
+    assert sensitivity([applied], refused).why_nothing_applies() is None
+    assert sensitivity([], {}).why_nothing_applies() == (
+        "the model has no MatMul, Gemm, Conv or ConvTranspose node to rewrite")

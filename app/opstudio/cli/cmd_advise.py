@@ -1,4 +1,8 @@
-"""``opstudio advise MODEL``: measure per-node sensitivity and propose a plan within a budget."""
+"""``opstudio advise MODEL``: measure per-node sensitivity and propose a plan within a budget.
+
+Exits 1 when no candidate could be applied at all (each was refused or failed: the reasons are
+printed, grouped), and 0 when rewrites were measured but none pays within the budget.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 from opstudio.cli.cmd_profile import add_profile_flags, print_roofline, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
+from opstudio.core import reasons
 from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
 from opstudio.core.passes import TECHNIQUES
@@ -72,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
                      (c.error or "")[:60]))
     print_table(("operator", "op", "bound", "technique", "before ms", "after ms", "cosine",
                  "SNR dB", "note"), rows, "lllllrrrrl")
+    refused = [f"{t}: {why}" for t, nodes in sens.refused.items() for why in nodes.values()]
+    if refused:
+        print(f"not tried ({len(refused)}, the technique cannot take the node): "
+              + reasons.summarise(refused, limit=4))
     print()
     for line in plan.log:
         print(line)
@@ -82,14 +91,18 @@ def run(args: argparse.Namespace) -> int:
     if plan.verified is not None:
         print(f"verified end to end: cosine {plan.verified.cosine:.6f}, "
               f"SNR {_db(plan.verified.snr_db)} dB")
+    nothing = advice.nothing_applies
     if plan.recipe.steps:
         plan.recipe.save(out, overwrite=args.overwrite)
         print(f"recipe written to {out}")
-    else:
+    elif nothing is None:
         print(f"no rewrite saves time within the budget: the model is best left as it is; "
               f"no recipe written to {out}")
     if args.json:
         write_json({"model": args.model, **advice.to_json()}, args.json)
+    if nothing is not None:
+        # not "nothing pays": nothing was even tried successfully, which the user must hear
+        raise OpstudioError(f"nothing could be applied ({nothing}); no recipe written to {out}")
     return 0
 
 

@@ -472,13 +472,20 @@ class Advice:
     def explain(self, candidate: Candidate) -> str:
         return explain(candidate, self.roofline.get(candidate.node), self.machine)
 
+    @property
+    def nothing_applies(self) -> str | None:
+        """Why no candidate could be applied at all (grouped reasons), or None when some
+        could: an empty plan then means that nothing paid within the budget."""
+        return None if self.plan.chosen else self.sensitivity.why_nothing_applies()
+
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         return {"machine": asdict(self.machine), "sensitivity": self.sensitivity.to_json(),
                 "roofline": [p.to_json() for p in self.roofline.values()],
                 "plan": self.plan.to_json(),
-                "why": {c.key: self.explain(c) for c in self.plan.chosen}}
+                "why": {c.key: self.explain(c) for c in self.plan.chosen},
+                "nothing_applies": self.nothing_applies}
 
 
 def explain(c: Candidate, point: Any, machine: Any) -> str:

@@ -141,8 +141,8 @@ class Sensitivity:
     baseline: Profile
     candidates: list[Candidate] = field(default_factory=list)
     techniques: dict[str, Any] = field(default_factory=dict)
-    # Slow weighted nodes a technique's own check refused, never tried: "node/technique" -> why.
-    refused: dict[str, str] = field(default_factory=dict)
+    # Slow weighted nodes a technique's own check refused, never tried: technique -> node -> why.
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def for_node(self, name: str) -> list[Candidate]:
         return [c for c in self.candidates if c.node == name]
@@ -153,8 +153,8 @@ class Sensitivity:
         there, rewrites were made and measured, and none was worth it."""
         if any(c.error is None for c in self.candidates):
             return None
-        why = [f"{key.split('/', 1)[1] if '/' in key else key}: {reason}"
-               for key, reason in self.refused.items()]
+        why = [f"{technique}: {reason}" for technique, nodes in self.refused.items()
+               for reason in nodes.values()]
         why += [f"{c.label}: {_bare(c.error or '')}" for c in self.candidates]
         if not why:
             return ("the model has no " + ", ".join(SCANNED_OP_TYPES[:-1])
@@ -164,14 +164,14 @@ class Sensitivity:
     def to_json(self) -> dict[str, Any]:
         return {"baseline": self.baseline.to_json(), "techniques": self.techniques,
                 "candidates": [c.to_json() for c in self.candidates],
-                "refused": dict(self.refused)}
+                "refused": {t: dict(n) for t, n in self.refused.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Sensitivity:
         return cls(baseline=Profile.from_json(data["baseline"]),
                    candidates=[Candidate.from_json(c) for c in data["candidates"]],
                    techniques=dict(data.get("techniques", {})),
-                   refused=dict(data.get("refused", {})))
+                   refused={t: dict(n) for t, n in data.get("refused", {}).items()})
 
 
 _STEP_PREFIX = re.compile(r"^step \d+ \([^)]*\): (node '[^']*' \([^)]*\) cannot take [\w-]+: )?")
@@ -235,10 +235,10 @@ def worst_output_error(report: Any) -> tuple[float | None, float | None]:
 
 def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Iterable[str],
                     max_nodes: int = 40, coverage: float = 0.97
-                    ) -> tuple[dict[str, list[str]], dict[str, str]]:
+                    ) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
     """Technique -> nodes worth scanning: the slowest weighted nodes that cover ``coverage`` of
     their op types' time, at most ``max_nodes``, filtered by each pass's own check; and the
-    refusals of that check, ``"node/technique"`` -> why."""
+    refusals of that check, technique -> node -> why."""
     from opstudio.core.passes import get_pass
 
     by_name = {n.name: n for n in model.graph.node}
@@ -253,7 +253,7 @@ def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Itera
         chosen.append(s.name)
         acc += s.mean_ms
     out: dict[str, list[str]] = {}
-    refused: dict[str, str] = {}
+    refused: dict[str, dict[str, str]] = {}
     for technique in techniques:
         pass_ = get_pass(technique)
         out[technique] = []
@@ -262,7 +262,7 @@ def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Itera
             if why is None:
                 out[technique].append(name)
             else:
-                refused[f"{name}/{technique}"] = why
+                refused.setdefault(technique, {})[name] = why
     return out, refused
 
 

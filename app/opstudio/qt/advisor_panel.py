@@ -232,6 +232,8 @@ class AdvisorPanel(QWidget):
         total = advice.sensitivity.baseline.total_ms.get("p50") or 0.0
         text = (f"Plan within {plan.budget.describe()}: {len(plan.chosen)} rewrite(s), predicted "
                 f"saving {plan.predicted_gain_ms:.3f} ms of {total:.3f} ms per run")
+        if advice.nothing_applies is not None:
+            text = f"Nothing could be applied: {advice.nothing_applies}"
         if verified is not None:
             snr = "inf" if verified.snr_db is None or math.isinf(verified.snr_db) \
                 else f"{verified.snr_db:.1f}"
