@@ -3,7 +3,8 @@
 Prints, per step, the nodes rewritten with their key figures and the nodes skipped with the
 reason, then the accuracy of the result against the original on the same inputs (synthetic,
 or ``--inputs``). The input model is never overwritten, an existing output only with
-``--overwrite``, and nothing is written when a step fails.
+``--overwrite``, and nothing is written when a step fails or when the recipe rewrites no node
+at all (exit 1, with each step's reasons summarised).
 """
 
 from __future__ import annotations
