@@ -10,7 +10,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+from PySide6.QtCore import QCoreApplication, Qt
 from qt_models import mlp_model
+
+from opstudio.qt.netron_view import prepare_webengine_environment
+
+# as the app does before its QApplication exists: QtWebEngine (the Netron view) needs both
+prepare_webengine_environment()
+QCoreApplication.setAttribute(Qt.ApplicationAttribute.AA_ShareOpenGLContexts, True)
 
 
 @pytest.fixture(autouse=True, scope="session")

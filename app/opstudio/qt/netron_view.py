@@ -103,18 +103,52 @@ class NetronServer(QProcess):
             self.failed.emit(message)
 
 
-def _local_only_interceptor(parent: QWidget):
-    """Keep the page on the local server: Netron's page would otherwise load analytics."""
-    from PySide6.QtWebEngineCore import QWebEngineUrlRequestInterceptor
+# Schemes a page uses for what it holds itself; anything fetched from elsewhere is refused.
+_INNER_SCHEMES = {"data", "blob", "about", "qrc"}
+_LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+def is_local_request(url: QUrl) -> bool:
+    """Whether the embedded page may load ``url``: its own 127.0.0.1 server, never the network.
+
+    Netron's page asks ipinfo.io where the user is and reports usage to Google Analytics once
+    consent is given; a tool that promises to keep models local lets neither through."""
+    scheme = url.scheme().lower()
+    if scheme in _INNER_SCHEMES:
+        return True
+    return scheme in ("http", "ws") and url.host().lower() in _LOCAL_HOSTS
+
+
+def _local_only_profile(parent: QWidget):
+    """An off-the-record web profile that refuses every request off this machine and already
+    holds Netron's consent cookie, so the page opens on the graph, not on a cookie banner."""
+    from PySide6.QtWebEngineCore import QWebEngineProfile, QWebEngineUrlRequestInterceptor
 
     class LocalOnly(QWebEngineUrlRequestInterceptor):
+        def __init__(self, owner: QWidget) -> None:
+            super().__init__(owner)
+            self.blocked: list[str] = []
+
         def interceptRequest(self, info) -> None:
             url = info.requestUrl()
-            if url.scheme() in ("http", "https", "ws", "wss") and url.host() not in (
-                    "127.0.0.1", "localhost"):
+            if not is_local_request(url):
+                self.blocked.append(url.toString())
                 info.block(True)
 
-    return LocalOnly(parent)
+    profile = QWebEngineProfile(parent)  # no storage name: off the record, nothing on disk
+    interceptor = LocalOnly(parent)
+    profile.setUrlRequestInterceptor(interceptor)
+    return profile, interceptor
+
+
+def _consent_cookie(profile, url: str) -> None:
+    import time
+
+    from PySide6.QtNetwork import QNetworkCookie
+
+    cookie = QNetworkCookie(b"consent", str(int(time.time() * 1000)).encode())
+    cookie.setPath("/")
+    profile.cookieStore().setCookie(cookie, QUrl(url))
 
 
 class NetronWindow(QWidget):
@@ -142,11 +176,13 @@ class NetronWindow(QWidget):
 
     def _on_ready(self, url: str) -> None:
         if webengine_available():
+            from PySide6.QtWebEngineCore import QWebEnginePage
             from PySide6.QtWebEngineWidgets import QWebEngineView
 
             self.web = QWebEngineView(self)
-            self._interceptor = _local_only_interceptor(self.web)
-            self.web.page().profile().setUrlRequestInterceptor(self._interceptor)
+            self.profile, self.interceptor = _local_only_profile(self)  # outlives the page
+            _consent_cookie(self.profile, url)
+            self.web.setPage(QWebEnginePage(self.profile, self.web))
             self.web.setUrl(QUrl(url))
             self.status.hide()
             self._layout.addWidget(self.web)
