@@ -7,7 +7,7 @@ ops onnx knows. Exporters write ops onnx has never heard of: onnxruntime's contr
 onnxruntime runs them: they are never a reason to refuse a model.
 
 The checker runs on a skeleton of the model: the same nodes, with every initializer declared as a
-typed graph input instead of carrying its data. It sees the whole structure and infers every shape
+typed graph input instead of carrying its data, and without the recorded intermediate shapes. It sees the whole structure and infers every shape
 without a second copy of gigabytes of weights; the data itself is onnxruntime's to check when it
 loads the model. Nodes of the default domain that onnx does not register are moved to a private
 domain in the skeleton, so the checker skips them as it skips ``com.microsoft`` nodes.
@@ -92,6 +92,9 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     not know moved to a private domain; built field by field so no weight data is copied."""
     out = without_initializers(model)
     graph, src = out.graph, model.graph
+    # Recorded intermediate shapes are the exporter's notes, sometimes wrong (onnxruntime-genai
+    # annotates a [1] constant as a scalar) and ignored by onnxruntime: shapes are inferred anew.
+    graph.ClearField("value_info")
     declared = {i.name for i in src.input}
     for init in src.initializer:
         if init.name not in declared:
