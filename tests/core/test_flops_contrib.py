@@ -366,3 +366,19 @@ def test_four_bit_tensors_take_half_a_byte_an_element():
     run_on_ort(model, {})
     info = analyze(model)
     assert info.total_param_bytes() == 10 + 4 * 4
+
+
+def test_nonsense_attributes_give_unknown_not_a_crash():
+    model = gqa_model()
+    attrs = model.graph.node[0].attribute
+    for attr in attrs:
+        if attr.name == "kv_num_heads":
+            attr.i = -2
+    assert analyze(model).node("gqa").flops is None
+    node = helper.make_node("Attention", ["x", "w"], ["o"], name="att", domain=MS, num_heads=0)
+    model = build([node], [("x", F32, [B, S, 12])], [("o", None)], [("w", floats(12, 24))])
+    assert analyze(model).node("att").flops is None
+    node = helper.make_node("MatMulNBits", ["a", "qw", "scales"], ["y"], name="mm", domain=MS,
+                            K=0, N=N, bits=4, block_size=BLOCK)
+    model = build([node], [("a", F32, [B, S, K])], [("y", None)], nbits_weights(4)[:2])
+    assert analyze(model).node("mm").flops is None

@@ -238,7 +238,9 @@ def _contrib_attention(node: NodeInfo, ins: list[TensorInfo | None],
     if not _known(h, b, s, c, cols):
         return None
     sizes = a.get("qkv_hidden_sizes")
-    hq, _, hv = sizes if isinstance(sizes, list) and len(sizes) == 3 else [cols // 3] * 3
+    if not (isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(x, int) for x in sizes)):
+        sizes = [cols // 3] * 3
+    hq, _, hv = sizes
     d, dv = hq // h, hv // h
     t = _total_length(node, ins, outs, s, past_at=4, past_axis=3, present_axis=3)
     if not _known(d, dv, t):
@@ -322,8 +324,8 @@ def _gathered_elements(node: NodeInfo, ins: list[TensorInfo | None]) -> int | No
     rows = _dim(data, axis)
     if n is None or picks is None or not rows:
         return None
-    bits = _int_attr(node.attributes, "bits", 4) or 4
-    per_byte = 8 // bits if data is not None and data.dtype == "uint8" else 1
+    bits = _int_attr(node.attributes, "bits", 4)
+    per_byte = 8 // bits if bits in (2, 4, 8) and data is not None and data.dtype == "uint8" else 1
     return picks * (n // rows) * per_byte
 
 
