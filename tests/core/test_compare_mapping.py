@@ -175,3 +175,21 @@ def test_compare_profiles_renamed_nodes_against_their_originals(tmp_path):
     assert "removed" in page and "added" in page and "mm0_Q4" in page
     csv_rows = report.nodes_csv(c).splitlines()
     assert any(r.startswith("tanh0,Tanh,") and ",removed" in r for r in csv_rows)
+
+
+def test_before_rows_named_by_provenance():
+    """BEFORE itself optimized by opstudio: its rows carry original names ("layer_mm" for node
+    mm0); AFTER's renamed node still lands on that row."""
+    before = before_model()
+    for node in before.graph.node:
+        if node.name in ("mm0", "tanh0"):
+            entry = node.metadata_props.add()
+            entry.key, entry.value = "opstudio.origin", {"mm0": "layer_mm", "tanh0": "act"}[
+                node.name]
+    rows = {r.name: r for r in match_nodes(
+        profile_of(stats("layer_mm", 2.0), stats("act", 0.3, "Tanh")),
+        profile_of(stats("mm0_Q4", 0.5, "MatMulNBits")),
+        map_nodes(before, after_model()))}
+    assert rows["layer_mm"].status == "mapped" and rows["layer_mm"].after_ms == pytest.approx(0.5)
+    assert rows["act"].status == "removed" and rows["act"].after_ms is None
+    assert "mm0_Q4" not in rows

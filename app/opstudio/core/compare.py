@@ -84,14 +84,26 @@ class NodeMap:
     how: dict[str, str] = field(default_factory=dict)  # AFTER node -> same/provenance/weight/name
     removed: list[str] = field(default_factory=list)  # BEFORE nodes nothing stands for
     added: list[str] = field(default_factory=list)  # AFTER nodes standing for nothing
+    # Profile rows are named by provenance (an optimized BEFORE reports "mm0" for the node
+    # "mm0_lowrank_a"): the names rows of each side carry, per node
+    before_rows: dict[str, list[str]] = field(default_factory=dict)
+    after_rows: dict[str, list[str]] = field(default_factory=dict)
 
     def renamed(self) -> dict[str, list[str]]:
-        """AFTER node -> originals, for the nodes found by weight or name (the profiler already
-        reports provenance-carrying nodes against their originals)."""
-        return {a: self.origins[a] for a, how in self.how.items() if how in ("weight", "name")}
+        """AFTER's row name -> BEFORE's row names, for the nodes found by weight or name (the
+        profiler already reports provenance-carrying nodes against their originals)."""
+        out: dict[str, list[str]] = {}
+        for a, how in self.how.items():
+            if how in ("weight", "name"):
+                targets = [r for b in self.origins[a] for r in self.before_rows.get(b, [b])]
+                for row in self.after_rows.get(a, [a]):
+                    out[row] = list(dict.fromkeys([*out.get(row, []), *targets]))
+        return out
 
     def claimed(self) -> set[str]:
-        return {b for names in self.origins.values() for b in names}
+        """BEFORE's nodes some node of AFTER stands for, and the row names they carry."""
+        nodes = {b for names in self.origins.values() for b in names}
+        return nodes | {r for b in nodes for r in self.before_rows.get(b, [])}
 
 
 @dataclass
@@ -165,10 +177,11 @@ def map_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMap:
     made from), else the node its name was made from. Models need no weights loaded."""
     b_names = [n.name for n in before.graph.node if n.name]
     b_set = set(b_names)
-    out = NodeMap()
+    out = NodeMap(before_rows={n.name: get_origin(n) for n in before.graph.node},
+                  after_rows={n.name: get_origin(n) for n in after.graph.node})
     pending: list[onnx.NodeProto] = []
     for node in after.graph.node:
-        origins = get_origin(node)
+        origins = out.after_rows[node.name]
         if origins == [node.name] and node.name in b_set:
             out.origins[node.name], out.how[node.name] = [node.name], "same"
         elif [o for o in origins if o in b_set]:
