@@ -277,3 +277,17 @@ def test_save_big_model_writes_external_data(tmp_path, monkeypatch):
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]),
                                   numpy_helper.to_array(small_model().graph.initializer[0]))
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".opstudio-save")]
+
+
+def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    import os
+
+    from opstudio.core import fileio
+
+    target = tmp_path / "report.json"
+    fileio.write_text_atomic(target, "{}")
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~fileio._UMASK
+    assert os.access(target, os.R_OK)

@@ -59,7 +59,7 @@ def test_checker_sees_no_weight_data_and_leaves_the_model_alone() -> None:
 
 
 def test_big_model_is_loaded_from_external_data(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setattr(validity, "EXTERNAL_DATA_THRESHOLD", 10)
+    monkeypatch.setattr(validity, "_IN_MEMORY_LIMIT", 10)
     written: list[str] = []
 
     def spy(model: onnx.ModelProto, path, data_name: str) -> None:

@@ -10,6 +10,16 @@ from pathlib import Path
 from opstudio.core.errors import OpstudioError
 
 
+def _read_umask() -> int:
+    # the only way to read it is to set it: done once, at import, before any worker thread
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
 
@@ -25,6 +35,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: 
         raise OpstudioError(f"{p}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes the file 0600; give it what a plain open() would (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -88,13 +88,20 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
              inputs: Mapping[str, np.ndarray] | None = None,
              calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
              progress: Progress | None = None,
-             cancelled: CancelCheck | None = None) -> OptimizeResult:
+             cancelled: CancelCheck | None = None,
+             consume: bool = False) -> OptimizeResult:
     """Apply ``recipe`` to a copy of ``model``; ``model`` itself is not changed.
 
     ``calibration`` (or else ``inputs`` as a single sample) is what static INT8 calibrates on.
+    With ``consume`` the caller hands ``model`` over (it may be changed) and no copy of the
+    weights is made: what a big model needs to be optimized within about twice its size.
     """
-    current = onnx.ModelProto()
-    current.CopyFrom(model)
+    if consume:
+        current = model
+    else:
+        current = onnx.ModelProto()
+        current.CopyFrom(model)
+    del model
     ensure_node_names(current)
     validate(recipe, current)
     later = named_later(recipe)
@@ -137,12 +144,14 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                 raise OpstudioError(f"{where}: failed ({type(exc).__name__}: "
                                     f"{_first_line(exc)})") from None
             _check_named(step, where, result.skipped, derived, current)
-            sub(0.9, f"{where}: checking the result")
-            _check_model(result.model, where)
+            # the step's input is dropped before the check loads its output in onnxruntime
             current = result.model
             applied, skipped, details = (list(result.applied), dict(result.skipped),
                                          dict(result.details))
             notes.extend(result.notes)
+            del result
+            sub(0.9, f"{where}: checking the result")
+            _check_model(current, where)
         if not applied:
             notes.append("no node could take this technique; the step changed nothing" if targets
                          else "no node left to rewrite; the step changed nothing")
@@ -167,9 +176,8 @@ def optimize_file(in_path: str | os.PathLike[str], recipe: Recipe,
         raise OpstudioError(f"{dst}: is the input model; choose another output file")
     if dst.exists() and not overwrite:
         raise OpstudioError(f"{dst}: already exists (choose another name or allow overwriting)")
-    model = load_model(src)
-    result = optimize(model, recipe, inputs=inputs, calibration=calibration, progress=progress,
-                      cancelled=cancelled)
+    result = optimize(load_model(src), recipe, inputs=inputs, calibration=calibration,
+                      progress=progress, cancelled=cancelled, consume=True)
     if cancelled is not None and cancelled():
         raise Cancelled()
     save_model(result.model, dst, overwrite=overwrite)

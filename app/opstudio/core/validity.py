@@ -21,10 +21,12 @@ import onnx
 from onnx import helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD, without_initializers, write_external
+from opstudio.core.model_io import without_initializers, write_external
 from opstudio.core.tempdir import opstudio_tempdir
 
 _ONNX_DOMAINS = ("", "ai.onnx")
+# above this, onnxruntime loads the model from a temp file, not from serialized bytes
+_IN_MEMORY_LIMIT = 64 * 2**20
 # where the skeleton puts default-domain ops onnx does not know (onnxruntime's, by exporters)
 _FOREIGN_DOMAIN = "opstudio.unregistered"
 
@@ -61,8 +63,9 @@ def check_structure(model: onnx.ModelProto) -> None:
 def check_loads(model: onnx.ModelProto) -> None:
     """onnxruntime (CPU) creates a session for ``model``: every op is registered, types agree.
 
-    A model too big for one protobuf is written with its weights as external data in opstudio's
-    temp folder and loaded from there, as it will be after saving.
+    A big model is written with its weights as external data in opstudio's temp folder and
+    loaded from there: onnxruntime then maps the weights from the file instead of holding a
+    serialized copy and its own copy of them beside the model.
     """
     import onnxruntime as ort
 
@@ -71,7 +74,7 @@ def check_loads(model: onnx.ModelProto) -> None:
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     try:
-        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+        if model.ByteSize() <= _IN_MEMORY_LIMIT:
             ort.InferenceSession(model.SerializeToString(), options, providers=providers)
             return
         with opstudio_tempdir(prefix="check-") as folder:
