@@ -133,11 +133,13 @@ class PrunePass(Pass):
         MLP a selected projection belongs to (shown next to the technique)."""
         seen: set[str] = set()
         lines: list[str] = []
-        for node in [n for n in nodes if n.op_type in _MATMULS][:_REMARKED]:
+        chosen = [n for n in nodes if n.op_type in _MATMULS][:_REMARKED]
+        cons = w.consumers(model.graph) if chosen else {}
+        for node in chosen:
             if node.name in seen:
                 continue
             found = _own_weight(model, node)
-            plan = found if isinstance(found, str) else _plan_any(model, node, found)
+            plan = found if isinstance(found, str) else _plan_any(model, node, found, cons)
             if isinstance(plan, str) or not _is_mlp(plan):
                 continue
             seen.update(_members(plan))
@@ -185,8 +187,10 @@ def _n_removed(sparsity: float, n: int) -> int:
     return math.floor(sparsity * n + 0.5)
 
 
-def _sharers(model: onnx.ModelProto, tensor: str, node: onnx.NodeProto) -> list[str]:
-    return [u.name for u in w.consumers(model.graph).get(tensor, []) if u.name != node.name]
+def _sharers(model: onnx.ModelProto, tensor: str, node: onnx.NodeProto,
+             cons: dict[str, list[onnx.NodeProto]] | None = None) -> list[str]:
+    cons = w.consumers(model.graph) if cons is None else cons
+    return [u.name for u in cons.get(tensor, []) if u.name != node.name]
 
 
 # ---------------------------------------------------------------- unstructured
@@ -312,12 +316,14 @@ class _Plan:
     joined_at: str = ""  # the node where the branches of several sources meet
 
 
-def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
-                     weight: np.ndarray) -> _Plan | str:
+def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray,
+                     cons: dict[str, list[onnx.NodeProto]] | None = None) -> _Plan | str:
     op = node.op_type
     graph = model.graph
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    sharers = _sharers(model, node.input[1], node)
+    # reading who consumes what walks the whole graph (7000 nodes in an LLM): once per plan
+    cons = w.consumers(graph) if cons is None else cons
+    sharers = _sharers(model, node.input[1], node, cons)
     if sharers:
         return (f"the weight '{node.input[1]}' is shared with '{sharers[0]}'; removing channels "
                 f"of '{node.name}' alone would need a second copy of it")
@@ -350,14 +356,13 @@ def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto,
     plan.sources.append((node, plan.weight_axis))
     if plan.channels < 2:
         return f"it has {plan.channels} output channel; nothing to remove"
-    why = _follow(model, graph, plan, node.output[0], neg_axis, rank)
+    why = _follow(model, graph, plan, node.output[0], neg_axis, rank, cons)
     return why if why else plan
 
 
 def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: str,
-            neg_axis: int, start_rank: int | None) -> str | None:
+            neg_axis: int, start_rank: int | None, cons: dict[str, list[onnx.NodeProto]]) -> str | None:
     """Collect every node the channels of ``start`` reach; a reason if one cannot shrink."""
-    cons = w.consumers(graph)
     outputs = {o.name for o in graph.output}
     name, n = plan.node.name, plan.channels
     ranks: dict[str, int | None] = {start: start_rank}
@@ -402,7 +407,8 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
                     return flows(user, "which multiplies two of its branches")
                 if user.name in seen_nodes:
                     continue
-                why = _terminal(model, user, t, n, axes[t], blocks[t], channel_first(t), plan)
+                why = _terminal(model, user, t, n, axes[t], blocks[t], channel_first(t), plan,
+                                cons)
                 if why:  # reported after a branch that joins back in, the likelier cause
                     late.append(why)
                 seen_nodes.add(user.name)
@@ -510,7 +516,7 @@ def _fold_channels(model: onnx.ModelProto, user: onnx.NodeProto, neg_axis: int, 
 
 
 def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_axis: int,
-              block: int, channel_first: bool, plan: _Plan) -> str | None:
+              block: int, channel_first: bool, plan: _Plan, cons: dict[str, list[onnx.NodeProto]]) -> str | None:
     """The next MatMul/Gemm/Conv: its weight loses the pruned input channels."""
     op = user.op_type
     attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
@@ -518,7 +524,7 @@ def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_
     weight, why = w.constant_array(model, user.input[1])
     if weight is None:
         return f"{where}, whose weight is not a constant ({why})"
-    sharers = _sharers(model, user.input[1], user)
+    sharers = _sharers(model, user.input[1], user, cons)
     if sharers:
         return (f"{where}, whose weight '{user.input[1]}' is shared with '{sharers[0]}'; "
                 "slicing it would need a second copy")
@@ -547,17 +553,19 @@ def _terminal(model: onnx.ModelProto, user: onnx.NodeProto, t: str, n: int, neg_
 # ---------------------------------------------------------------- joint (MLPs)
 
 
-def _plan_any(model: onnx.ModelProto, node: onnx.NodeProto,
-              weight: np.ndarray) -> _Plan | str:
+def _plan_any(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray,
+              cons: dict[str, list[onnx.NodeProto]] | None = None) -> _Plan | str:
     """The node's own output channels if they can go; else the MLP it belongs to, pruned
     jointly; else the reason in words."""
-    plan = _plan_structured(model, node, weight)
+    cons = w.consumers(model.graph) if cons is None else cons
+    plan = _plan_structured(model, node, weight, cons)
     if not isinstance(plan, str) or node.op_type not in _MATMULS:
         return plan
-    as_source, _ = _plan_joint(model, node, weight, as_source=True)
+    prods = w.producers(model.graph)
+    as_source, _ = _plan_joint(model, node, weight, True, cons, prods)
     if not isinstance(as_source, str):
         return as_source
-    as_terminal, reached = _plan_joint(model, node, weight, as_source=False)
+    as_terminal, reached = _plan_joint(model, node, weight, False, cons, prods)
     if not isinstance(as_terminal, str):
         return as_terminal
     if "also takes another branch" in plan:  # a gated MLP that cannot be pruned: say why
@@ -568,13 +576,13 @@ def _plan_any(model: onnx.ModelProto, node: onnx.NodeProto,
 
 
 def _plan_joint(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray,
-                as_source: bool) -> tuple[_Plan | str, int]:
+                as_source: bool, cons: dict[str, list[onnx.NodeProto]],
+                prods: dict[str, onnx.NodeProto]) -> tuple[_Plan | str, int]:
     """The channels shared by MatMul/Gemm projections through per-element ops: every
     projection producing them (sources) and every one reading them (terminals), found from
     ``node``'s output (``as_source``) or its input. Also how many nodes besides ``node`` the
     search reached (none: ``node`` is not part of an MLP at all)."""
     graph = model.graph
-    cons, prods = w.consumers(graph), w.producers(graph)
     outputs = {o.name for o in graph.output}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if weight.ndim != 2:
@@ -609,7 +617,7 @@ def _plan_joint(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray
         p_attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
         if found.ndim != 2:
             return f"{where} come from '{p.name}', whose weight has {found.ndim} dims, not 2"
-        sharers = _sharers(model, p.input[1], p)
+        sharers = _sharers(model, p.input[1], p, cons)
         if sharers:
             return (f"{where} come from '{p.name}', whose weight '{p.input[1]}' is shared with "
                     f"'{sharers[0]}'; slicing it would need a second copy")
@@ -678,7 +686,7 @@ def _plan_joint(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray
     else:
         visited.add(node.name)
         terminal_names.add(node.name)
-        why = _terminal(model, node, node.input[0], n, -1, 1, False, plan)
+        why = _terminal(model, node, node.input[0], n, -1, 1, False, plan, cons)
         if why:
             return why, 0
         add(node.input[0])
@@ -698,7 +706,7 @@ def _plan_joint(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray
                     continue
                 if any(user is p for p, _ in plan.sources):
                     return flows(user, "which both produces and reads them"), len(plan.touched) - 1
-                why = _terminal(model, user, t, n, -1, 1, False, plan)
+                why = _terminal(model, user, t, n, -1, 1, False, plan, cons)
                 if why:
                     return why, len(plan.touched) - 1
                 terminal_names.add(user.name)
@@ -826,6 +834,7 @@ def _activation_norms(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
     from opstudio.core.passes._activations import input_stats
 
     by_name = {n.name: n for n in work.graph.node}
+    cons = w.consumers(work.graph)
     wanted: list[str] = []
     for name in nodes:
         node = by_name.get(name)
@@ -833,7 +842,7 @@ def _activation_norms(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         if isinstance(found, str):
             continue
         assert node is not None
-        plan = _plan_any(work, node, found)
+        plan = _plan_any(work, node, found, cons)
         if not isinstance(plan, str) and _is_mlp(plan):
             wanted.extend(m for m in _members(plan) if m not in wanted)
     if not wanted:
@@ -860,6 +869,7 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
     # second layers (terminals) of channels pruned here: pruned again only for their own outputs
     fed_by: dict[str, str] = {}
     joint_notes: list[str] = []
+    replaced: list[str] = []  # dropped once at the end: each sweep walks the whole graph
     for k, name in enumerate(nodes):
         ctx.check_cancelled()
         ctx.report(k / max(len(nodes), 1), f"prune: {name}")
@@ -872,12 +882,13 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         if name in done_with:
             _record_part_of(result, name, done_with[name])
             continue
-        plan = _plan_structured(work, node, found)
+        cons = w.consumers(work.graph)  # the graph changed with the previous node
+        plan = _plan_structured(work, node, found, cons)
         if isinstance(plan, str) and name in fed_by:
             _record_part_of(result, name, fed_by[name])
             continue
         if isinstance(plan, str):
-            plan = _plan_any(work, node, found)
+            plan = _plan_any(work, node, found, cons)
         if isinstance(plan, str):
             result.skipped[name] = plan
             continue
@@ -916,7 +927,7 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
             old.append(target.input[j])
             target.input[j] = new_name
         w.drop_value_info(work.graph, plan.tensors)
-        w.remove_unused(work, old)
+        replaced.extend(old)
         for terminal, _, block in plan.terminals:
             fed_by[terminal.name] = name
             if terminal.name in norms:  # its input lost the pruned features
@@ -941,6 +952,7 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
             for member in members:
                 if member != name and any(member == p.name for p, _ in plan.sources):
                     done_with[member] = name
+    w.remove_unused(work, replaced)
     result.notes.extend(_summarize(joint_notes))
     if before is not None:
         # Shape inference of a large model takes seconds: analyse once before and once after
