@@ -107,7 +107,7 @@ def test_check_reasons():
     small = mlp(k=16, n=8)
     assert "K=16 is smaller than the block size 32" in p.check(small, small.graph.node[0])
     model = mlp()
-    assert "handles MatMul and Gemm, not Relu" in p.check(model, model.graph.node[1])
+    assert "handles MatMul, Gemm and embedding Gathers, not Relu" in p.check(model, model.graph.node[1])
     act = helper.make_node("MatMul", ["h", "r"], ["z"], name="act")
     assert "MatMulNBits needs a constant weight" in p.check(model, act)
     batched = onnx.ModelProto()

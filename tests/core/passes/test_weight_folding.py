@@ -140,3 +140,25 @@ def test_dequantize_fold_matches_onnxruntime(opset, scale_shape, attrs):
     assert why is None
     (expected,) = run_ort(model, {})
     np.testing.assert_allclose(folded, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_embedding_table_is_block_quantized_too():
+    model = hf_style_decoder()
+    result = apply_pass(get_pass("int4-weight"), model, ["embed_tokens", "lm_head"],
+                        {"accuracy_level": 1})
+    assert sorted(result.applied) == ["embed_tokens", "lm_head"]
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    # nothing reads the fp16 table any more: it is gone, not kept beside its quantized copy
+    assert "embed.fp16" not in {t.name for t in result.model.graph.initializer}
+    (before,), (after,) = run_ort(model, FEEDS), run_ort(result.model, FEEDS)
+    assert _cosine(before, after) > 0.97
+    gather = next(n for n in model.graph.node if n.name == "embed_tokens")
+    assert "4 bits only" in get_pass("int8-weight").check(model, gather)
+
+
+def test_gather_along_another_axis_is_refused_with_the_reason():
+    model = hf_style_decoder()
+    gather = next(n for n in model.graph.node if n.name == "embed_tokens")
+    gather.attribute.append(helper.make_attribute("axis", 1))
+    assert "axis other than 0" in get_pass("int4-weight").check(model, gather)

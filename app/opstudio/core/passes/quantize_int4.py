@@ -50,7 +50,8 @@ class Int4WeightPass(Pass):
     technique = "int4-weight"
     bits = 4
     label = "INT4 weights"
-    description = ("4-bit block-quantized weights for MatMuls with a constant weight "
+    description = ("4-bit block-quantized weights for MatMuls with a constant weight and "
+                   "embedding tables (GatherBlockQuantized) "
                    "(onnxruntime MatMulNBits), activations stay float")
     params = (
         *LEVEL_PARAMS,
@@ -75,8 +76,10 @@ class Int4WeightPass(Pass):
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               block_size: int = BLOCK_SIZES[0]) -> str | None:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-            return f"{self.technique} handles MatMul and Gemm, not {node.op_type}"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
+            return f"{self.technique} handles MatMul, Gemm and embedding Gathers, not {node.op_type}"
+        if node.op_type == "Gather":
+            return self._check_embedding(model, node, block_size)
         if len(node.input) < 2:
             return f"{node.op_type} node has no weight input"
         if node.op_type == "Gemm":
@@ -99,13 +102,34 @@ class Int4WeightPass(Pass):
             return f"K={k} is smaller than the block size {block_size}"
         return None
 
+    def _check_embedding(self, model: onnx.ModelProto, node: onnx.NodeProto,
+                         block_size: int) -> str | None:
+        """A Gather from a constant [vocab, hidden] table becomes GatherBlockQuantized: the
+        embedding of an LLM, often the biggest tensor it has (tied to the lm_head or not)."""
+        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            return "it gathers along an axis other than 0; only a table of rows can be quantized"
+        value, why = ort_support.constant_value(model, node.input[0])
+        if value is None:
+            return f"{why}; GatherBlockQuantized needs a constant table"
+        if value.dtype not in (np.float32, np.float16) or value.ndim != 2:
+            return f"its table is {value.dtype} of rank {value.ndim}, not a 2-D float table"
+        if value.shape[1] < block_size:
+            return f"rows of {value.shape[1]} are shorter than the block size {block_size}"
+        return None
+
     def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
               ctx: PassContext) -> PassResult:
         params = self.validate_params(params)
         block = int(params["block_size"])
+        algorithm = params.get("algorithm", "rtn")
         work = ort_support.copy_model(model)
-        chosen, skipped = ort_support.partition(
-            work, nodes, lambda node: self.check(work, node, block))
+
+        def check(node: onnx.NodeProto) -> str | None:
+            if node.op_type == "Gather" and algorithm != "rtn":
+                return f"only round-to-nearest quantizes embeddings, not {algorithm}"
+            return self.check(work, node, block)
+
+        chosen, skipped = ort_support.partition(work, nodes, check)
         if not chosen:
             return PassResult(model=work, skipped=skipped)
         notes: list[str] = []
@@ -120,7 +144,7 @@ class Int4WeightPass(Pass):
         if gemms:
             notes.append(f"rewrote {len(gemms)} Gemm(s) as MatMul + Add first")
         _unshare_weights(work, [target[n] for n in chosen])
-        ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} MatMul(s)")
+        ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} node(s)")
         ctx.check_cancelled()
         level = params["accuracy_level"]
         if level == "auto":
@@ -129,7 +153,6 @@ class Int4WeightPass(Pass):
             notes.append(choice.describe())
         before = ort_support.shape_only_copy(work)
         names = [target[n] for n in chosen]
-        algorithm = params.get("algorithm", "rtn")
         with quiet_onnxruntime_logs():
             if algorithm == "gptq":
                 samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
@@ -165,14 +188,17 @@ def _nbits_quantizer(work: onnx.ModelProto, names: Sequence[str], bits: int, blo
     )
 
     config: Any
+    wanted = set(names)
+    ops = ("MatMul", "Gather") if any(n.op_type == "Gather" and n.name in wanted
+                                      for n in work.graph.node) else ("MatMul",)
     if algorithm == "hqq":
-        config = HQQWeightOnlyQuantConfig(block_size=block, bits=bits,
-                                          op_types_to_quantize=("MatMul",))
+        config = HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=ops)
     else:
+        # a table is quantized along its rows (axis 1): one scale per block of a token's vector
         config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric,
                                               accuracy_level=level, bits=bits,
-                                              op_types_to_quantize=("MatMul",))
-    wanted = set(names)
+                                              op_types_to_quantize=ops,
+                                              quant_axes=(("MatMul", 0), ("Gather", 1)))
     others = [n.name for n in work.graph.node if n.name not in wanted]
     quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
     quantizer.process()

@@ -10,6 +10,8 @@ at level 1 it runs many times slower than float32 (measured in ``_nbits``), so `
 
 from __future__ import annotations
 
+import onnx
+
 from opstudio.core.passes.quantize_int4 import LEVEL_PARAMS, Int4WeightPass
 
 
@@ -20,6 +22,10 @@ class Int8WeightPass(Int4WeightPass):
     description = ("8-bit block-quantized weights for MatMuls with a constant weight "
                    "(onnxruntime MatMulNBits, bits=8), activations stay float")
     params = LEVEL_PARAMS  # round to nearest: at 8 bits it loses next to nothing
+
+    def _check_embedding(self, model: onnx.ModelProto, node: onnx.NodeProto,
+                         block_size: int) -> str | None:
+        return "onnxruntime block-quantizes embedding tables to 4 bits only (use int4-weight)"
 
 
 PASS = Int8WeightPass()
