@@ -37,7 +37,8 @@ as before), ``"activation"`` Wanda-style (Sun et al. 2023, S = |W|·‖X‖, sum
 channel's weights): |W| of each source column times the norms of that projection's input
 features, plus the intermediate activation's norm ‖z_j‖ times down_proj's row j, measured on
 ``calibration`` samples (``"random"`` or an .npz of model inputs, as for int8-static).
-Weights behind fp16 + Cast are read folded; the pruned ones are fresh float initializers.
+Weights behind fp16 + Cast are read folded; a pruned one is a fresh initializer, stored
+in float16 behind a new Cast when its original was.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
@@ -870,6 +871,7 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
     fed_by: dict[str, str] = {}
     joint_notes: list[str] = []
     replaced: list[str] = []  # dropped once at the end: each sweep walks the whole graph
+    kept_half = 0  # pruned weights stored in float16 behind a Cast, as their originals
     for k, name in enumerate(nodes):
         ctx.check_cancelled()
         ctx.report(k / max(len(nodes), 1), f"prune: {name}")
@@ -905,6 +907,8 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         taken = w.all_names(work.graph)
         params_before = params_after = 0
         old: list[str] = []
+        prods = w.producers(work.graph)
+        inits = {i.name: i for i in work.graph.initializer}
         for target, j, axis, block in plan.edits:
             tensor = target.input[j]
             value, _ = w.constant_array(work, tensor)
@@ -912,7 +916,18 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
             rows = (keep[:, None] * block + np.arange(block)).reshape(-1)
             sliced = np.take(value, rows, axis=axis)
             new_name = w.unique_name(taken, f"{tensor}_pruned")
-            w.add_initializer(work, sliced, new_name)
+            half = _half_precision(prods.get(tensor), inits)
+            if half is None:
+                w.add_initializer(work, sliced, new_name)
+            else:  # stored as it was: fp16 + Cast, half the bytes of a float32 copy
+                stored = w.unique_name(taken, f"{half.name}_pruned")
+                w.add_initializer(work, np.take(numpy_helper.to_array(half), rows, axis=axis),
+                                  stored)
+                cast = helper.make_node("Cast", [stored], [new_name], to=TensorProto.FLOAT,
+                                        name=w.unique_name(taken, f"{new_name}_Cast"))
+                provenance.set_origin(cast, provenance.get_origin(target))
+                work.graph.node.insert(0, cast)  # reads only an initializer: first is in order
+                kept_half += 1
             target.input[j] = new_name
             old.append(tensor)
             params_before += int(value.size)
@@ -954,6 +969,9 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
                     done_with[member] = name
     w.remove_unused(work, replaced)
     result.notes.extend(_summarize(joint_notes))
+    if kept_half:
+        result.notes.append(f"{kept_half} pruned weight(s) kept in float16 behind a Cast, as "
+                            "the originals were")
     if before is not None:
         # Shape inference of a large model takes seconds: analyse once before and once after
         # the step. A node touched by two prunings counts in both of their figures.
@@ -964,6 +982,19 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
             if dims:
                 result.details[name]["flops_dims"] = dims  # named dims set to 1
     return result
+
+
+def _half_precision(producer: onnx.NodeProto | None,
+                    inits: Mapping[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    """The float16 initializer a weight is cast to float32 from, as HF-style exports store
+    them; None for any other weight."""
+    if producer is None or producer.op_type != "Cast" or producer.domain not in ("", "ai.onnx"):
+        return None
+    to = next((a.i for a in producer.attribute if a.name == "to"), None)
+    source = inits.get(producer.input[0])
+    if to != TensorProto.FLOAT or source is None or source.data_type != TensorProto.FLOAT16:
+        return None
+    return source
 
 
 def _record_part_of(result: PassResult, name: str, leader: str) -> None:
