@@ -111,3 +111,41 @@ def test_edge_tooltip_names_the_tensor(app, qtbot):
     mid = QPointF((seg[0] + seg[2]) / 2, (seg[1] + seg[3]) / 2)
     assert view.item.edge_near(mid, 2.0) == 3
     assert view.graph.edges[3][2] == tensor
+
+
+def test_layer_frames_and_label_click_select_a_layer(app, qtbot):
+    from layer_models import layered_decoder
+    from opstudio.core.graph import analyze
+    from opstudio.core.layers import group_layers
+
+    graph = analyze(layered_decoder(layers=3), {"batch": 1, "seq": 4})
+    view = GraphView()
+    qtbot.addWidget(view)
+    view.resize(900, 700)
+    view.show()
+    qtbot.waitExposed(view)
+    view.set_graph(graph)
+    grouping = group_layers(n.name for n in graph.nodes)
+    plain = render(view)
+    view.show_layers(grouping)
+    frames = view.layer_frames()
+    assert [f.label for f in frames] == ["layer 0", "layer 1", "layer 2"]
+    lay = view.layout_
+    for f, key in zip(frames, grouping.layers(), strict=True):
+        idx = grouping.layer_nodes(key)
+        assert f.nodes.tolist() == idx
+        # the frame holds every box of its layer, and no box of another layer's nodes
+        for i in range(len(graph.nodes)):
+            inside = f.rect.contains(QPointF(float(lay.x[i]), float(lay.y[i])))
+            assert inside == (i in idx), graph.nodes[i].name
+    view.fit_all()
+    framed = render(view)
+    assert framed != plain  # tints and labels drawn
+    label = frames[1].label_rect
+    assert not label.isEmpty() and view.viewport().rect().contains(label)
+    got = []
+    view.selectionChanged.connect(got.append)
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, pos=label.center())
+    assert got[-1] == grouping.layer_nodes(("model.layers", 1)) == view.selected()
+    view.show_layers(None)
+    assert view.layer_frames() == []

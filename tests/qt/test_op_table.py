@@ -13,12 +13,14 @@ from opstudio.qt.op_table import (
     COL_AFTER,
     COL_FLOPS,
     COL_NAME,
+    COL_OP,
     COL_P50,
     COL_PARAMS,
     COL_SHAPE,
     COL_SHARE,
     COL_SPEEDUP,
     COL_TECH,
+    SORT_ROLE,
     OpTable,
 )
 
@@ -91,3 +93,198 @@ def test_selection_sync_both_ways(app, qtbot):
     # selection survives sorting: rows are node indices, not view positions
     table.view.sortByColumn(COL_NAME, Qt.SortOrder.DescendingOrder)
     assert table.selected() == [4]
+
+
+# --- grouped by layer ---------------------------------------------------------------------------
+
+def make_layer_table(qtbot, layers=3):
+    from layer_models import layered_decoder
+
+    graph = analyze(layered_decoder(layers=layers), {"batch": 1, "seq": 4})
+    table = OpTable()
+    qtbot.addWidget(table)
+    table.resize(900, 500)
+    table.show()
+    table.set_graph(graph)
+    return table, graph
+
+
+def tree_rows(table, parent=None):
+    from PySide6.QtCore import QModelIndex
+
+    p = table.tree_proxy
+    parent = parent or QModelIndex()
+    return [p.index(r, 0, parent) for r in range(p.rowCount(parent))]
+
+
+def test_layer_tree_rows_and_totals(app, qtbot):
+    from layer_models import PER_LAYER
+
+    table, graph = make_layer_table(qtbot)
+    assert table.group_box.isEnabled() and not table.grouped()
+    shown = []
+    table.layersShown.connect(shown.append)
+    table.group_box.setChecked(True)
+    assert table.grouped() and table.stack.currentWidget() is table.tree
+    assert shown == [table.grouping]
+    p = table.tree_proxy
+    top = tree_rows(table)
+    assert [ix.data() for ix in top] == ["layer 0", "layer 1", "layer 2", "not in a layer"]
+    assert p.index(0, COL_OP).data() == f"{PER_LAYER} ops"
+    assert [ix.data() for ix in tree_rows(table, top[1])] == ["norms", "attention", "MLP",
+                                                              "other"]
+    assert [ix.data() for ix in tree_rows(table, top[3])] == ["embedding", "norms", "lm_head"]
+    mlp = tree_rows(table, top[1])[2]
+    assert [ix.data() for ix in tree_rows(table, mlp)] == [
+        "/model/layers.1/mlp/gate_proj/MatMul", "/model/layers.1/mlp/up_proj/MatMul",
+        "/model/layers.1/mlp/Mul", "/model/layers.1/mlp/down_proj/MatMul"]
+    # FLOPs and bytes: sums of the operators below
+    layer1 = table.grouping.layer_nodes(("model.layers", 1))
+    flops = sum(graph.nodes[i].flops for i in layer1)
+    m = table.tree_model
+    assert m.group_value(p.mapToSource(top[1]).internalId(), COL_FLOPS) == flops
+    assert p.index(1, COL_FLOPS).data() == f"{flops / 1e3:.2f}k"
+    mlp_params = sum(graph.nodes[i].param_bytes for i in
+                     table.grouping.module_nodes(("model.layers", 1), "mlp"))
+    assert p.data(p.index(2, COL_PARAMS, top[1])) == f"{mlp_params / 1024:.1f} KiB"
+    # time: a fused group is one measurement shown on both members, counted once
+    up, mul = graph.node("/model/layers.1/mlp/up_proj/MatMul"), graph.node("/model/layers.1/mlp/Mul")
+    q = graph.node("/model/layers.1/self_attn/q_proj/MatMul")
+    table.model.set_profile(SimpleNamespace(nodes=[
+        SimpleNamespace(name=up.name, p50_ms=0.5, share=0.25, group=[up.name, mul.name]),
+        SimpleNamespace(name=q.name, p50_ms=0.25, share=0.125, group=[])]))
+    assert table.model.value(mul.index, COL_P50) == 0.5
+    assert p.index(1, COL_P50).data() == "0.750"
+    assert p.data(p.index(2, COL_P50, top[1])) == "0.500"  # MLP
+    assert p.data(p.index(1, COL_SHARE, top[1])) == "12.5%"  # attention
+    assert p.index(0, COL_P50).data() == ""  # layer 0 was not measured
+    # a comparison: before/after sums and their ratio on group rows
+    table.model.set_comparison(SimpleNamespace(nodes=[SimpleNamespace(
+        name=up.name, group=[mul.name], before_ms=0.5, after_ms=0.25, speedup=2.0)]))
+    assert p.data(p.index(2, COL_AFTER, top[1])) == "0.250"
+    assert p.data(p.index(2, COL_SPEEDUP, top[1])) == "2.00×"
+    # the filter keeps matching operators and the groups holding them
+    table.filter.setText("up_proj")
+    assert [ix.data() for ix in tree_rows(table)] == ["layer 0", "layer 1", "layer 2"]
+    assert [ix.data() for ix in tree_rows(table, tree_rows(table)[0])] == ["MLP"]
+    table.filter.setText("")
+    table.group_box.setChecked(False)
+    assert shown[-1] is None and table.stack.currentWidget() is table.view
+
+
+def test_layer_and_module_rows_select_their_operators(app, qtbot):
+    table, graph = make_layer_table(qtbot)
+    table.set_grouped(True)
+    got = []
+    table.selectionChanged.connect(got.append)
+    top = tree_rows(table)
+    rect = table.tree.visualRect(top[2])
+    qtbot.mouseClick(table.tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    layer2 = table.grouping.layer_nodes(("model.layers", 2))
+    assert got[-1] == layer2 and table.selected() == layer2
+    table.tree.expand(top[0])
+    attention = tree_rows(table, top[0])[1]
+    table.tree.selectionModel().select(
+        attention, QItemSelectionModel.SelectionFlag.ClearAndSelect
+        | QItemSelectionModel.SelectionFlag.Rows)
+    assert [graph.nodes[i].name for i in got[-1]] == [
+        f"/model/layers.0/self_attn/{n}" for n in
+        ("q_proj/MatMul", "v_proj/MatMul", "Softmax", "Mul", "o_proj/MatMul")]
+    # from the graph: operator rows get selected, their layer opened, nothing echoed back
+    n = len(got)
+    down = graph.node("/model/layers.1/mlp/down_proj/MatMul").index
+    table.set_selection([down])
+    assert table.selected() == [down] and len(got) == n
+    assert table.tree.isExpanded(top[1])
+    # switching back to the flat table keeps the selection
+    table.set_grouped(False)
+    assert table.selected() == [down]
+
+
+def test_role_selected_across_layers_from_menu_and_picker(app, qtbot):
+    table, graph = make_layer_table(qtbot)
+    got = []
+    table.selectionChanged.connect(got.append)
+    ups = [graph.node(f"/model/layers.{i}/mlp/up_proj/MatMul").index for i in range(3)]
+    # flat table: the row's context menu
+    menu = table.menu_for(table.view, table.proxy.mapFromSource(table.model.index(ups[1], 0)))
+    texts = [a.text() for a in menu.actions()]
+    assert texts == ["Select every …/mlp/up_proj/MatMul (3 layers)", "Select layer 1 (13 ops)"]
+    menu.actions()[0].trigger()
+    assert got[-1] == ups and table.selected() == ups
+    # tree: a module row offers that module in every layer
+    table.set_grouped(True)
+    module = tree_rows(table, tree_rows(table)[0])[2]
+    menu = table.menu_for(table.tree, module)
+    assert [a.text() for a in menu.actions()] == ["Select the MLP of every layer (12 ops)"]
+    menu.actions()[0].trigger()
+    assert got[-1] == table.grouping.module_everywhere("mlp") and len(got[-1]) == 12
+    # rows outside the layers have no role to offer
+    outside = tree_rows(table, tree_rows(table)[3])[2]  # lm_head
+    assert table.menu_for(table.tree, outside) is None
+    # the picker lists the weight-bearing roles; picking one selects it in every layer
+    combo = table.role_combo
+    roles = [combo.itemData(i) for i in range(1, combo.count())]
+    assert "mlp/up_proj/MatMul" in roles and "self_attn/Softmax" not in roles
+    combo.activated.emit(combo.findData("mlp/down_proj/MatMul"))
+    assert [graph.nodes[i].name for i in got[-1]] == [
+        f"/model/layers.{i}/mlp/down_proj/MatMul" for i in range(3)]
+    assert combo.currentIndex() == 0
+    assert table.selected() == got[-1]
+
+
+def test_no_layers_no_grouping(app, qtbot):
+    table, _graph = make_table(qtbot)
+    assert not table.group_box.isEnabled() and not table.role_combo.isEnabled()
+    table.set_grouped(True)
+    assert not table.grouped() and table.stack.currentWidget() is table.view
+
+
+def test_main_window_layer_view(window, qtbot, tmp_path):
+    """Open a 3-layer model in the real window, group by layer, select a layer, then a role."""
+    import dataclasses
+
+    import onnx
+    import pytest
+
+    from layer_models import layered_decoder
+
+    path = tmp_path / "decoder.onnx"
+    onnx.save(layered_decoder(layers=3), path)
+    window.set_run_settings(dataclasses.replace(window.run_settings, dims={"batch": 1, "seq": 8}))
+    assert window.open_model(path)
+    table = window.table
+    qtbot.mouseClick(table.group_box, Qt.MouseButton.LeftButton,
+                     pos=table.group_box.rect().center())
+    assert table.grouped()
+    assert [f.label for f in window.graph_view.layer_frames()] == ["layer 0", "layer 1",
+                                                                   "layer 2"]
+    # a click on a layer row selects its operators, in the graph and the Optimize panel too
+    top = tree_rows(table)
+    qtbot.mouseClick(table.tree.viewport(), Qt.MouseButton.LeftButton,
+                     pos=table.tree.visualRect(top[1]).center())
+    layer1 = [n.name for n in window.graph.nodes if n.name.startswith("/model/layers.1/")]
+    assert window.selected_names() == layer1 and len(layer1) == 13
+    assert window.panel.selection == layer1
+    # every up_proj of every layer: one pick
+    combo = table.role_combo
+    combo.activated.emit(combo.findData("mlp/up_proj/MatMul"))
+    ups = [f"/model/layers.{i}/mlp/up_proj/MatMul" for i in range(3)]
+    assert window.selected_names() == ups and window.panel.selection == ups
+    # after a profile, layer rows carry the time of their operators
+    worker = window.run_profile()
+    qtbot.waitUntil(lambda: worker.is_done() and window.progress.isHidden(), timeout=60000)
+    assert window.profile is not None, window.banner_text.text()
+    p = table.tree_proxy
+    layer_ms = p.index(1, COL_P50).data(SORT_ROLE)
+    measured = {s.name: s.p50_ms for s in window.profile.nodes}
+    expected = sum(ms for name, ms in measured.items() if name.startswith("/model/layers.1/"))
+    assert layer_ms == pytest.approx(expected) and layer_ms > 0
+    # the graph's layer label selects the same layer
+    window.graph_view.fit_all()
+    window.graph_view.viewport().repaint()
+    label = window.graph_view.layer_frames()[2].label_rect
+    qtbot.mouseClick(window.graph_view.viewport(), Qt.MouseButton.LeftButton,
+                     pos=label.center())
+    assert window.selected_names() == [n.name for n in window.graph.nodes
+                                       if n.name.startswith("/model/layers.2/")]

@@ -43,6 +43,7 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.graph import GraphInfo
+from opstudio.core.layers import LayerGrouping
 from opstudio.core.layout import Layout, compute_layout
 
 # op type -> palette slot; a restrained, light palette so heat colours stand out later
@@ -70,6 +71,10 @@ NO_DATA_COLOUR = "#f0f0f0"
 SELECT_COLOUR = QColor("#1f6fd1")
 EDGE_COLOUR = QColor("#9aa3ad")
 BORDER_COLOUR = QColor("#7b8594")
+# layer frames: two alternating tints so neighbouring layers read apart, even zoomed far out
+FRAME_FILLS = (QColor(70, 110, 190, 22), QColor(120, 90, 170, 30))
+FRAME_BORDER = QColor("#a3adbf")
+FRAME_PAD = 10.0
 
 DETAIL_PX = 9.0  # below this box height on screen, boxes are drawn as plain filled shapes
 LABEL_PX = 15.0  # from this box height the op type is written in the box
@@ -103,6 +108,7 @@ class GraphItem(QGraphicsObject):
         self.names = [n.name for n in graph.nodes]
         self.selected = np.zeros(lay.n_nodes, dtype=bool)
         self.dimmed: np.ndarray | None = None
+        self.frames: list[LayerFrame] = []
         self._palette = [QColor(c) for c in CATEGORY_COLOURS] + heat_colours() + [
             QColor(NO_DATA_COLOUR)]
         self._text_colour = [QColor("#1d2430")] * len(self._palette)
@@ -136,6 +142,20 @@ class GraphItem(QGraphicsObject):
         self._colour_version += 1
         self.update()
 
+    def set_layers(self, grouping: LayerGrouping | None) -> None:
+        """Frame each layer's nodes (None: no frames)."""
+        self.frames = []
+        if grouping is not None and len(grouping.scopes) == self.layout.n_nodes:
+            for k, key in enumerate(grouping.layers()):
+                idx = np.array(grouping.layer_nodes(key), dtype=np.int64)
+                rect = QRectF(QPointF(float(self._left[idx].min()), float(self._top[idx].min())),
+                              QPointF(float(self._right[idx].max()),
+                                      float(self._bottom[idx].max())))
+                self.frames.append(LayerFrame(
+                    grouping.layer_label(key), idx,
+                    rect.adjusted(-FRAME_PAD, -FRAME_PAD, FRAME_PAD, FRAME_PAD), k % 2))
+        self.update()
+
     def boundingRect(self) -> QRectF:
         return self._bounds
 
@@ -156,12 +176,24 @@ class GraphItem(QGraphicsObject):
         box_px = float(self.layout.height[0]) * scale if self.layout.n_nodes else 0.0
         detail = box_px >= DETAIL_PX
         painter.setRenderHint(QPainter.RenderHint.Antialiasing, detail)
+        self._paint_frames(painter, rect)
         self._paint_edges(painter, rect, detail)
         nodes = self.visible_nodes(rect)
         if detail:
             self._paint_boxes(painter, nodes, box_px)
         else:
             self._paint_coarse(painter, nodes)
+
+    def _paint_frames(self, painter: QPainter, rect: QRectF) -> None:
+        if not self.frames:
+            return
+        pen = QPen(FRAME_BORDER, 1.0, Qt.PenStyle.DashLine)
+        pen.setCosmetic(True)
+        painter.setPen(pen)
+        for f in self.frames:
+            if f.rect.intersects(rect):
+                painter.setBrush(FRAME_FILLS[f.tint])
+                painter.drawRect(f.rect)
 
     def _paint_edges(self, painter: QPainter, rect: QRectF, detail: bool) -> None:
         scale = painter.worldTransform().m22()
@@ -296,6 +328,16 @@ class GraphItem(QGraphicsObject):
         return int(self.segment_edge[idx[k]]) if dist[k] <= tolerance else None
 
 
+class LayerFrame:
+    """One layer's box in the scene: its label, its nodes and where its label was drawn."""
+
+    __slots__ = ("label", "label_rect", "nodes", "rect", "tint")
+
+    def __init__(self, label: str, nodes: np.ndarray, rect: QRectF, tint: int) -> None:
+        self.label, self.nodes, self.rect, self.tint = label, nodes, rect, tint
+        self.label_rect = QRect()  # viewport pixels, set on each paint
+
+
 class HeatLegend:
     """The colour scale drawn in the corner of the view once a profile is shown."""
 
@@ -378,6 +420,15 @@ class GraphView(QGraphicsView):
         if share is not None and np.isfinite(share).any():
             self.legend.max_share = float(np.nanmax(share))
         self.viewport().update()
+
+    def show_layers(self, grouping: LayerGrouping | None) -> None:
+        """Frame and label each layer (a click on a label selects the layer), or stop."""
+        if self.item is not None:
+            self.item.set_layers(grouping)
+            self.viewport().update()
+
+    def layer_frames(self) -> list[LayerFrame]:
+        return [] if self.item is None else list(self.item.frames)
 
     # --- selection ----------------------------------------------------------------------------
     def selected(self) -> list[int]:
@@ -464,6 +515,11 @@ class GraphView(QGraphicsView):
         if event.button() != Qt.MouseButton.LeftButton or self.item is None:
             return super().mousePressEvent(event)
         self._press_pos = pos
+        frame = self.layer_label_at(pos)
+        if frame is not None:
+            self.set_selection(frame.nodes.tolist(), emit=True)
+            event.accept()
+            return
         hit = self.node_at_view(pos)
         ctrl = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier
                                          | Qt.KeyboardModifier.MetaModifier))
@@ -564,11 +620,44 @@ class GraphView(QGraphicsView):
         else:
             QToolTip.hideText()
 
+    def layer_label_at(self, pos: QPoint) -> LayerFrame | None:
+        if self.item is None:
+            return None
+        return next((f for f in self.item.frames if f.label_rect.contains(pos)), None)
+
     def drawForeground(self, painter: QPainter, rect: QRectF) -> None:
         painter.save()
         painter.resetTransform()
+        self._paint_layer_labels(painter)
         self.legend.paint(painter, self.viewport().rect())
         painter.restore()
+
+    def _paint_layer_labels(self, painter: QPainter) -> None:
+        """Labels at a constant size beside each layer's frame (inside it when the frame
+        reaches the left edge), so they read at any zoom."""
+        if self.item is None or not self.item.frames:
+            return
+        f = QFont()
+        f.setPixelSize(12)
+        f.setBold(True)
+        painter.setFont(f)
+        fm = QFontMetricsF(f)
+        port = self.viewport().rect()
+        for frame in self.item.frames:
+            box = self.mapFromScene(frame.rect).boundingRect()
+            frame.label_rect = QRect()
+            if not box.intersects(port) or box.height() < 14:
+                continue
+            w, h = int(fm.horizontalAdvance(frame.label)) + 10, 18
+            x = box.left() - w - 6 if box.left() - w - 6 >= port.left() else box.left() + 4
+            y = max(box.top() + 2, port.top() + 2)
+            y = min(y, box.bottom() - h)
+            frame.label_rect = QRect(x, y, w, h)
+            painter.setPen(QPen(FRAME_BORDER))
+            painter.setBrush(QColor(255, 255, 255, 230))
+            painter.drawRoundedRect(frame.label_rect, 4, 4)
+            painter.setPen(QColor("#2a3240"))
+            painter.drawText(frame.label_rect, Qt.AlignmentFlag.AlignCenter, frame.label)
 
 
 def _clip_segments(seg: np.ndarray, rect: QRectF) -> np.ndarray:

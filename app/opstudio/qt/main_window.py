@@ -140,6 +140,7 @@ class MainWindow(QMainWindow):
         self.graph_view.selectionChanged.connect(self._on_graph_selection)
         self.table.selectionChanged.connect(self._on_table_selection)
         self.table.nodeActivated.connect(lambda i: self.graph_view.center_on(i))
+        self.table.layersShown.connect(self.graph_view.show_layers)
         self.graph_view.nodeActivated.connect(self._on_node_activated)
         self.setAcceptDrops(True)
         self.resize(1560, 980)

@@ -22,14 +22,21 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QHBoxLayout,
     QHeaderView,
     QLineEdit,
+    QMenu,
+    QStackedWidget,
     QTableView,
+    QTreeView,
     QVBoxLayout,
     QWidget,
 )
 
 from opstudio.core.graph import GraphInfo
+from opstudio.core.layers import MODULE_LABELS, LayerGrouping, group_layers
 from opstudio.core.provenance import standing_for
 
 # measured columns first: they are what one sorts by and must be visible in a narrow dock
@@ -45,6 +52,10 @@ ROOFLINE_COLUMNS = (COL_INTENSITY, COL_GFLOPS, COL_BOUND)
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
 _Index = QModelIndex | QPersistentModelIndex
+# what the role picker offers: the projections, attention and norms one optimizes, not the
+# shape arithmetic around them (a layer of a torch export holds 200 such roles)
+_ROLE_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "Conv",
+             "Attention", "MultiHeadAttention", "GroupQueryAttention", "GatherBlockQuantized"}
 
 
 class OpTableModel(QAbstractTableModel):
@@ -102,8 +113,10 @@ class OpTableModel(QAbstractTableModel):
         self.after = {}
         if comparison is not None:
             for row in comparison.nodes:
+                # one tuple per row: layer totals count a group's time once by its identity
+                times = (row.before_ms, row.after_ms, row.speedup)
                 for name in self.shown_as([row.name, *row.group]):
-                    self.after[name] = (row.before_ms, row.after_ms, row.speedup)
+                    self.after[name] = times
         self._changed(COL_P50, COL_SPEEDUP)
 
     def _changed(self, first: int, last: int) -> None:
@@ -215,54 +228,210 @@ class OpFilterProxy(QSortFilterProxyModel):
 
 
 class OpTable(QWidget):
-    """Filter box + table; emits ``selectionChanged`` with node indices."""
+    """Filter box + table (or, grouped by layer, a tree); emits ``selectionChanged`` with node
+    indices."""
 
     selectionChanged = Signal(list)
     nodeActivated = Signal(int)
+    layersShown = Signal(object)  # the LayerGrouping while grouped by layer, else None
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        # imported here: the tree reads this module's columns and formats
+        from opstudio.qt.layer_tree import LayerFilterProxy, LayerTreeModel
+
         self.model = OpTableModel(self)
         self.proxy = OpFilterProxy(self)
         self.proxy.setSourceModel(self.model)
         self.proxy.setSortRole(SORT_ROLE)
+        self.grouping: LayerGrouping | None = None
+        self.tree_model = LayerTreeModel(self.model, self)
+        self.tree_proxy = LayerFilterProxy(self)
+        self.tree_proxy.setSourceModel(self.tree_model)
+        self.tree_proxy.setSortRole(SORT_ROLE)
         self.filter = QLineEdit(self)
         self.filter.setPlaceholderText("Filter by name, op type, technique…")
         self.filter.setClearButtonEnabled(True)
         self.filter.textChanged.connect(self.proxy.set_needle)
+        self.filter.textChanged.connect(self.tree_proxy.set_needle)
+        self.group_box = QCheckBox("Group by layer", self)
+        self.group_box.setToolTip("Operators by layer and module (attention, MLP, norms…), "
+                                  "with per-layer and per-module totals")
+        self.group_box.setEnabled(False)
+        self.group_box.toggled.connect(self.set_grouped)
+        self.role_combo = QComboBox(self)
+        self.role_combo.setToolTip("Select one operator in every layer: the same projection "
+                                   "of each block")
+        self.role_combo.setMinimumContentsLength(14)
+        self.role_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.role_combo.activated.connect(self._on_role_combo)
+        self.role_combo.setEnabled(False)
         self.view = QTableView(self)
         self.view.setModel(self.proxy)
-        self.view.setSortingEnabled(True)
-        self.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # topological order first
-        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.view.setAlternatingRowColors(True)
-        self.view.setWordWrap(False)
         self.view.verticalHeader().setVisible(False)
         self.view.verticalHeader().setDefaultSectionSize(22)
-        header = self.view.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
-        for col, width in ((COL_NAME, 150), (COL_OP, 96), (COL_P50, 78), (COL_SHARE, 60),
-                           (COL_AFTER, 76), (COL_SPEEDUP, 74), (COL_TECH, 100), (COL_SHAPE, 120),
-                           (COL_FLOPS, 70), (COL_PARAMS, 74), (COL_INTENSITY, 74),
-                           (COL_GFLOPS, 70), (COL_BOUND, 70)):
-            self.view.setColumnWidth(col, width)
-        self.view.selectionModel().selectionChanged.connect(self._on_selection)
+        self.tree = QTreeView(self)
+        self.tree.setModel(self.tree_proxy)
+        self.tree.setUniformRowHeights(True)
+        self.tree.setIndentation(14)
+        for v in (self.view, self.tree):
+            v.setSortingEnabled(True)
+            v.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # topological order first
+            v.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+            v.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+            v.setAlternatingRowColors(True)
+            v.setWordWrap(False)
+            header = v.horizontalHeader() if isinstance(v, QTableView) else v.header()
+            header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+            header.setStretchLastSection(True)
+            for col, width in ((COL_NAME, 150), (COL_OP, 96), (COL_P50, 78), (COL_SHARE, 60),
+                               (COL_AFTER, 76), (COL_SPEEDUP, 74), (COL_TECH, 100),
+                               (COL_SHAPE, 120), (COL_FLOPS, 70), (COL_PARAMS, 74),
+                               (COL_INTENSITY, 74), (COL_GFLOPS, 70), (COL_BOUND, 70)):
+                v.setColumnWidth(col, width)
+            v.selectionModel().selectionChanged.connect(self._on_selection)
+            v.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+            v.customContextMenuRequested.connect(
+                lambda pos, v=v: self._show_menu(v, pos))
+        self.tree.setColumnWidth(COL_NAME, 190)
         self.view.doubleClicked.connect(
             lambda ix: self.nodeActivated.emit(self.proxy.mapToSource(ix).row()))
+        self.tree.doubleClicked.connect(self._on_tree_activated)
+        self.stack = QStackedWidget(self)
+        self.stack.addWidget(self.view)
+        self.stack.addWidget(self.tree)
+        bar = QHBoxLayout()
+        bar.setContentsMargins(0, 0, 0, 0)
+        bar.addWidget(self.filter, 1)
+        bar.addWidget(self.group_box)
+        bar.addWidget(self.role_combo)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(4)
-        lay.addWidget(self.filter)
-        lay.addWidget(self.view)
+        lay.addLayout(bar)
+        lay.addWidget(self.stack)
         self._syncing = False
 
     def set_graph(self, graph: GraphInfo | None,
                   derived: dict[str, list[str]] | None = None) -> None:
         self.model.set_graph(graph, derived)
+        grouping = group_layers(n.name for n in graph.nodes) if graph is not None else None
+        self.grouping = grouping if grouping is not None and grouping.has_layers() else None
+        self.tree_model.set_grouping(self.grouping)
+        self._fill_roles()
+        self.group_box.setEnabled(self.grouping is not None)
+        if self.grouping is None:
+            self.set_grouped(False)  # back to the flat table
+        elif self.grouped():
+            self.layersShown.emit(self.grouping)
 
+    # --- grouping -----------------------------------------------------------------------------
+    def grouped(self) -> bool:
+        return self.stack.currentWidget() is self.tree
+
+    def set_grouped(self, on: bool) -> None:
+        """Show the operators grouped by layer (a tree) or flat (the table)."""
+        on = bool(on) and self.grouping is not None
+        if self.group_box.isChecked() != on:
+            self.group_box.setChecked(on)  # comes back here through toggled
+            return
+        if on == self.grouped():
+            return
+        selected = self.selected()
+        self.stack.setCurrentWidget(self.tree if on else self.view)
+        self.set_selection(selected)
+        self.layersShown.emit(self.grouping if on else None)
+
+    def _fill_roles(self) -> None:
+        self.role_combo.clear()
+        self.role_combo.addItem("Select in every layer…", None)
+        g, graph = self.grouping, self.model.graph
+        if g is not None and graph is not None:
+            for role in g.roles():
+                idx = g.role_indices(role)
+                if any(graph.nodes[i].op_type in _ROLE_OPS or graph.nodes[i].param_bytes
+                       or "Normalization" in graph.nodes[i].op_type for i in idx):
+                    self.role_combo.addItem(f"{role}  ×{len(idx)}", role)
+        self.role_combo.setEnabled(self.role_combo.count() > 1)
+
+    def _on_role_combo(self, index: int) -> None:
+        role = self.role_combo.itemData(index)
+        if role:
+            self.select_role(role)
+        self.role_combo.setCurrentIndex(0)
+
+    def select_role(self, role: str) -> list[int]:
+        """Select the node playing ``role`` (``mlp/up_proj/MatMul``) in every layer."""
+        idx = self.grouping.role_indices(role) if self.grouping is not None else []
+        self.select_nodes(idx)
+        return idx
+
+    def select_nodes(self, indices: Iterable[int]) -> None:
+        """Select these nodes and tell the rest of the app, as a click would."""
+        rows = sorted(set(indices))
+        self.set_selection(rows)
+        self.selectionChanged.emit(rows)
+
+    def menu_for(self, view: QAbstractItemView, index: QModelIndex) -> QMenu | None:
+        """The context menu of a row: select its role, module or layer in every layer."""
+        g = self.grouping
+        if g is None or not index.isValid():
+            return None
+        from opstudio.qt.layer_tree import LAYER, MODULE, OP
+
+        menu = QMenu(self)
+        node: int | None = None
+        if view is self.tree:
+            it = self.tree_model.item(self.tree_proxy.mapToSource(index))
+            if it is None:
+                return None
+            if it.kind == OP:
+                node = it.node
+            elif it.kind == MODULE and it.key is not None:
+                everywhere = g.module_everywhere(it.module)
+                menu.addAction(f"Select the {MODULE_LABELS[it.module]} of every layer "
+                               f"({len(everywhere)} ops)",
+                               lambda: self.select_nodes(everywhere))
+            elif it.kind == LAYER:
+                nodes = it.nodes.tolist()
+                menu.addAction(f"Select {it.label} ({len(nodes)} ops)",
+                               lambda: self.select_nodes(nodes))
+        else:
+            node = self.proxy.mapToSource(index).row()
+        if node is not None:
+            role = g.role_of(node)
+            if role is not None and len(g.role_indices(role)) > 1:
+                n = len(g.role_indices(role))
+                menu.addAction(f"Select every …/{role} ({n} layers)",
+                               lambda: self.select_role(role))
+            key = g.layer_of(node)
+            if key is not None:
+                nodes = g.layer_nodes(key)
+                menu.addAction(f"Select {g.layer_label(key)} ({len(nodes)} ops)",
+                               lambda: self.select_nodes(nodes))
+        if not menu.actions():
+            menu.deleteLater()
+            return None
+        return menu
+
+    def _show_menu(self, view: QAbstractItemView, pos: Any) -> None:
+        menu = self.menu_for(view, view.indexAt(pos))
+        if menu is not None:
+            menu.popup(view.viewport().mapToGlobal(pos))
+
+    def _on_tree_activated(self, ix: QModelIndex) -> None:
+        nodes = self.tree_model.nodes_under(self.tree_proxy.mapToSource(ix))
+        if len(nodes) == 1:
+            self.nodeActivated.emit(nodes[0])
+
+    # --- selection ----------------------------------------------------------------------------
     def selected(self) -> list[int]:
+        if self.grouped():
+            nodes: set[int] = set()
+            for ix in self.tree.selectionModel().selectedRows():
+                nodes.update(self.tree_model.nodes_under(self.tree_proxy.mapToSource(ix)))
+            return sorted(nodes)
         rows = {self.proxy.mapToSource(ix).row()
                 for ix in self.view.selectionModel().selectedRows()}
         return sorted(rows)
@@ -270,6 +439,9 @@ class OpTable(QWidget):
     def set_selection(self, indices: Iterable[int], scroll: bool = True) -> None:
         """Select these node rows without emitting ``selectionChanged``."""
         rows = sorted(set(indices))
+        if self.grouped():
+            self._set_tree_selection(rows, scroll)
+            return
         selection = QItemSelection()
         last_col = self.model.columnCount() - 1
         for start, end in _runs(rows):
@@ -283,6 +455,31 @@ class OpTable(QWidget):
                 ix = self.proxy.mapFromSource(self.model.index(rows[0], 0))
                 if ix.isValid():
                     self.view.scrollTo(ix)
+        finally:
+            self._syncing = False
+
+    def _set_tree_selection(self, rows: list[int], scroll: bool) -> None:
+        tm, last_col = self.tree_model, self.tree_model.columnCount() - 1
+        selection = QItemSelection()
+        by_parent: dict[int, list[int]] = {}
+        for node in rows:
+            item = tm.node_item.get(node)
+            if item is not None:
+                by_parent.setdefault(tm.items[item].parent, []).append(tm.items[item].row)
+        for parent, children in by_parent.items():
+            p = tm.item_index(parent)
+            for start, end in _runs(sorted(children)):
+                selection.select(tm.index(start, 0, p), tm.index(end, last_col, p))
+        self._syncing = True
+        try:
+            self.tree.selectionModel().select(
+                self.tree_proxy.mapSelectionFromSource(selection),
+                QItemSelectionModel.SelectionFlag.ClearAndSelect)
+            first = tm.node_item.get(rows[0]) if rows else None
+            if first is not None and scroll:
+                ix = self.tree_proxy.mapFromSource(tm.item_index(first))
+                if ix.isValid():
+                    self.tree.scrollTo(ix)  # opens its layer and module
         finally:
             self._syncing = False
 
