@@ -44,3 +44,172 @@ def decoder_inputs(seq: int = 6, past: int = 3, vocab: int = 32,
     rng = np.random.default_rng(7)
     return {"input_ids": rng.integers(0, vocab, size=(1, seq)).astype(np.int64),
             "past_key_values.0.key": rng.normal(size=(1, 2, past, head)).astype(np.float32)}
+
+
+def kv_decoder(style: str = "gqa", *, layers: int = 2, vocab: int = 64, hidden: int = 64,
+               heads: int = 4, kv_heads: int = 2, head_dim_name: str | None = None,
+               max_positions: int = 1024, seed: int = 0) -> onnx.ModelProto:
+    """A tiny decoder with a KV cache, shaped like the exports LLM users run.
+
+    ``style="gqa"`` is an onnxruntime-genai export: input_ids, attention_mask and
+    past_key_values.N.key/value [batch_size, kv_heads, past_sequence_length, head]; seqlens_k and
+    the total length are computed in-graph from attention_mask (ReduceSum/Sub/Cast and
+    Shape/Gather) for com.microsoft GroupQueryAttention with rotary embeddings.
+    ``style="hf"`` is an HF/optimum export: position_ids too, MatMul/Softmax attention over the
+    Concat of past and new keys, a causal and padding mask, learned positions, fp16 weights each
+    behind a Cast to float (one KV head per query head). Both tie the embedding to the lm_head
+    through a Transpose and give logits [batch_size, sequence_length, vocab] and present.N.*.
+    ``head_dim_name`` makes the KV inputs' and outputs' head size symbolic."""
+    if style not in ("gqa", "hf"):
+        raise ValueError(style)
+    rng = np.random.default_rng(seed)
+    head = hidden // heads
+    kv_heads = heads if style == "hf" else kv_heads
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def weight(name: str, shape: tuple[int, ...], scale: float = 0.3) -> str:
+        w = (scale * rng.standard_normal(shape)).astype(np.float32)
+        if style == "gqa":
+            return const(name, w)
+        const(name + ".fp16", w.astype(np.float16))
+        nodes.append(helper.make_node("Cast", [name + ".fp16"], [name], to=TensorProto.FLOAT,
+                                      name=f"/{name}/Cast"))
+        return name
+
+    def node(op: str, inputs: list[str], name: str, domain: str = "", outputs: int = 1,
+             **attrs) -> list[str]:
+        outs = [f"{name}/output_{i}" for i in range(outputs)]
+        nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None,
+                                      **attrs))
+        return outs
+
+    d_name = head_dim_name or head
+    kv_shape = ["batch_size", kv_heads, "past_sequence_length", d_name]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                            ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"])]
+    if style == "hf":
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                    ["batch_size", "sequence_length"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", vocab])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}",
+                                                        TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kind}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "total_sequence_length", d_name]))
+
+    emb = weight("model.embed_tokens.weight", (vocab, hidden), 1.0)
+    x = node("Gather", [emb, "input_ids"], "/model/embed_tokens/Gather")[0]
+    one = const("/model/constants/INT64/[1]", np.array([1], np.int64))
+    if style == "gqa":
+        summed = node("ReduceSum", ["attention_mask", one], "/model/attn_mask/ReduceSum",
+                      keepdims=0)[0]
+        less = node("Sub", [summed, one], "/model/attn_mask/Sub")[0]
+        seqlens_k = node("Cast", [less], "/model/attn_mask/Sub/Cast", to=TensorProto.INT32)[0]
+        shape = node("Shape", ["attention_mask"], "/model/attn_mask/Shape")[0]
+        total = node("Gather", [shape, const("/model/constants/INT64/1", np.array(1, np.int64))],
+                     "/model/attn_mask/Gather", axis=0)[0]
+        total32 = node("Cast", [total], "/model/attn_mask/Gather/Cast", to=TensorProto.INT32)[0]
+        inv = 1.0 / 10000.0 ** (np.arange(0, head, 2, dtype=np.float64) / head)
+        angles = np.outer(np.arange(max_positions), inv)
+        cos = const("cos_cache", np.cos(angles).astype(np.float32))
+        sin = const("sin_cache", np.sin(angles).astype(np.float32))
+    else:
+        pos = weight("model.embed_positions.weight", (max_positions, hidden), 1.0)
+        x = node("Add", [x, node("Gather", [pos, "position_ids"],
+                                 "/model/embed_positions/Gather")[0]], "/model/embed/Add")[0]
+        qkv_shape = const("/model/constants/INT64/qkv_shape", np.array([0, 0, heads, head],
+                                                                         np.int64))
+        out_shape = const("/model/constants/INT64/out_shape", np.array([0, 0, hidden], np.int64))
+        scale = const("/model/constants/FLOAT/scale", np.array(head ** -0.5, np.float32))
+        neg = const("/model/constants/FLOAT/neg", np.array(-1e9, np.float32))
+        zero = const("/model/constants/INT64/0", np.array(0, np.int64))
+        two = const("/model/constants/INT64/2", np.array(2, np.int64))
+        axes12 = const("/model/constants/INT64/[1,2]", np.array([1, 2], np.int64))
+        axes0 = const("/model/constants/INT64/[0]", np.array([0], np.int64))
+        pad = node("Cast", ["attention_mask"], "/model/attn_mask/Cast", to=TensorProto.BOOL)[0]
+        pad = node("Unsqueeze", [pad, axes12], "/model/attn_mask/Unsqueeze")[0]
+    for i in range(layers):
+        p = f"/model/layers.{i}/attn"
+        w = f"model.layers.{i}.attn"
+        q = node("MatMul", [x, weight(f"{w}.q_proj.weight", (hidden, heads * head))],
+                 f"{p}/q_proj/MatMul")[0]
+        k = node("MatMul", [x, weight(f"{w}.k_proj.weight", (hidden, kv_heads * head))],
+                 f"{p}/k_proj/MatMul")[0]
+        v = node("MatMul", [x, weight(f"{w}.v_proj.weight", (hidden, kv_heads * head))],
+                 f"{p}/v_proj/MatMul")[0]
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        if style == "gqa":
+            q = node("Add", [q, const(f"{w}.q_proj.bias",
+                                      (0.1 * rng.standard_normal(heads * head)).astype(
+                                          np.float32))], f"{p}/q_proj/Add")[0]
+            nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total32, cos, sin],
+                [f"{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                name=f"{p}/GroupQueryAttention", domain="com.microsoft", num_heads=heads,
+                kv_num_heads=kv_heads, do_rotary=1, scale=head ** -0.5))
+            attn = f"{p}/GroupQueryAttention/output_0"
+        else:
+            def split(t: str, scope: str) -> str:
+                r = node("Reshape", [t, qkv_shape], f"{scope}/Reshape")[0]
+                return node("Transpose", [r], f"{scope}/Transpose", perm=[0, 2, 1, 3])[0]
+
+            q4, k4, v4 = split(q, f"{p}/q"), split(k, f"{p}/k"), split(v, f"{p}/v")
+            nodes.append(helper.make_node("Concat", [past_k, k4], [f"present.{i}.key"], axis=2,
+                                          name=f"{p}/k/Concat"))
+            nodes.append(helper.make_node("Concat", [past_v, v4], [f"present.{i}.value"],
+                                          axis=2, name=f"{p}/v/Concat"))
+            kt = node("Transpose", [f"present.{i}.key"], f"{p}/k/Transpose_T",
+                      perm=[0, 1, 3, 2])[0]
+            scores = node("Mul", [node("MatMul", [q4, kt], f"{p}/qk/MatMul")[0], scale],
+                          f"{p}/qk/Mul")[0]
+            total_len = node("Gather", [node("Shape", [f"present.{i}.key"],
+                                             f"{p}/mask/Shape_k")[0], two],
+                             f"{p}/mask/Gather_total", axis=0)[0]
+            seq_len = node("Gather", [node("Shape", [q4], f"{p}/mask/Shape_q")[0], two],
+                           f"{p}/mask/Gather_seq", axis=0)[0]
+            past_len = node("Sub", [total_len, seq_len], f"{p}/mask/Sub")[0]
+            one_s = const(f"{p}/one", np.array(1, np.int64))
+            rows = node("Range", [past_len, total_len, one_s], f"{p}/mask/Range_rows")[0]
+            rows = node("Unsqueeze", [rows, one], f"{p}/mask/Unsqueeze_rows")[0]
+            cols = node("Range", [zero, total_len, one_s], f"{p}/mask/Range_cols")[0]
+            cols = node("Unsqueeze", [cols, axes0], f"{p}/mask/Unsqueeze_cols")[0]
+            causal = node("LessOrEqual", [cols, rows], f"{p}/mask/LessOrEqual")[0]
+            allowed = node("And", [causal, pad], f"{p}/mask/And")[0]
+            scores = node("Where", [allowed, scores, neg], f"{p}/mask/Where")[0]
+            probs = node("Softmax", [scores], f"{p}/Softmax", axis=-1)[0]
+            ctx = node("MatMul", [probs, f"present.{i}.value"], f"{p}/pv/MatMul")[0]
+            ctx = node("Transpose", [ctx], f"{p}/ctx/Transpose", perm=[0, 2, 1, 3])[0]
+            attn = node("Reshape", [ctx, out_shape], f"{p}/ctx/Reshape")[0]
+        o = node("MatMul", [attn, weight(f"{w}.o_proj.weight", (heads * head, hidden))],
+                 f"{p}/o_proj/MatMul")[0]
+        x = node("Add", [x, o], f"/model/layers.{i}/residual/Add")[0]
+    lm = node("Transpose", [emb], "/lm_head/Transpose", perm=[1, 0])[0]
+    nodes.append(helper.make_node("MatMul", [x, lm], ["logits"], name="/lm_head/MatMul"))
+    graph = helper.make_graph(nodes, f"kv_decoder_{style}", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17)]
+    if style == "gqa":
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def prompt_inputs(length: int = 5, vocab: int = 64, seed: int = 3,
+                  position_ids: bool = False) -> dict[str, np.ndarray]:
+    """A prompt as a user would save it for --inputs: token ids, mask, no past."""
+    rng = np.random.default_rng(seed)
+    out = {"input_ids": rng.integers(0, vocab, size=(1, length)).astype(np.int64),
+           "attention_mask": np.ones((1, length), np.int64)}
+    if position_ids:
+        out["position_ids"] = np.arange(length, dtype=np.int64).reshape(1, -1)
+    return out

@@ -18,6 +18,7 @@ from opstudio.cli.common import (
     human_bytes,
     human_count,
     parse_dims,
+    parse_phase,
     parse_shapes,
     print_table,
     write_json,
@@ -60,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise OpstudioError(f"{dst}: already exists (use --overwrite to replace it)")
     recipe = Recipe.load(args.recipe)
     model = load_model(src)
+    phase, past = parse_phase(args)
     inputs = make_inputs(model, dims=parse_dims(args.dim), shapes=parse_shapes(args.shape),
-                         npz_path=args.inputs, seed=args.seed)
+                         npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
+                         model_path=src)
     result = optimize(model, recipe, inputs=inputs)
     accuracy = evaluate(model, result.model, inputs)
     save_model(result.model, dst, overwrite=args.overwrite)

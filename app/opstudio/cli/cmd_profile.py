@@ -11,6 +11,7 @@ from opstudio.cli.common import (
     add_input_flags,
     clear_progress,
     parse_dims,
+    parse_phase,
     parse_shapes,
     print_table,
     progress_printer,
@@ -72,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
         dims=parse_dims(getattr(args, "dim", []) or []),
         shapes=parse_shapes(getattr(args, "shape", []) or []),
         inputs_path=getattr(args, "inputs", None), seed=getattr(args, "seed", 0))
+    settings.phase, settings.past = parse_phase(args)
     settings.validate()
     return settings
 
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, load_external_data=False)
         inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                             npz_path=settings.inputs_path, seed=settings.seed)
+                             npz_path=settings.inputs_path, seed=settings.seed,
+                             phase=settings.phase, past=settings.past, model_path=args.model)
         machine = measure_machine(settings.threads)
         points = profile_roofline(analyze(model, dims_from_inputs(model, inputs)), profile,
                                   machine, derived_nodes(model))

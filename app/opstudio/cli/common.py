@@ -11,6 +11,7 @@ from typing import Any
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.fileio import write_text_atomic
+from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, check_phase, is_past_length_name
 from opstudio.core.report import json_default
 
 
@@ -23,6 +24,14 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
                        help="whole shape of one input, e.g. --shape x=1,3,224,224; repeatable")
     group.add_argument("--inputs", metavar="FILE.npz",
                        help="real input tensors, one array per input name")
+    group.add_argument("--phase", choices=PHASES, default=None,
+                       help="step of a decoder with a KV cache: 'prefill' runs the prompt "
+                            "(past 0, sequence 128 or the prompt's length), 'decode' one new "
+                            "token after a past of --past tokens (with a prompt in --inputs: "
+                            "after that prompt's real KV cache); default: as the dims say")
+    group.add_argument("--past", type=int, default=None, metavar="N",
+                       help=f"past (KV cache) length for --phase decode "
+                            f"(default {DEFAULT_DECODE_PAST}); implies --phase decode")
 
 
 def parse_dims(items: Sequence[str]) -> dict[str, int]:
@@ -35,10 +44,20 @@ def parse_dims(items: Sequence[str]) -> dict[str, int]:
             n = int(value)
         except ValueError:
             raise OpstudioError(f"--dim {item!r}: {value!r} is not a whole number") from None
-        if n <= 0:
-            raise OpstudioError(f"--dim {item!r}: a dim must be at least 1")
+        if n < 0 or (n == 0 and not is_past_length_name(name.strip())):
+            raise OpstudioError(f"--dim {item!r}: a dim must be at least 1 "
+                                "(0 only for a past/cache length)")
         dims[name.strip()] = n
     return dims
+
+
+def parse_phase(args: argparse.Namespace) -> tuple[str | None, int | None]:
+    """``--phase`` and ``--past``, checked together (``--past`` alone means decode)."""
+    phase, past = getattr(args, "phase", None), getattr(args, "past", None)
+    if past is not None and phase is None:
+        phase = "decode"
+    check_phase(phase, past)
+    return phase, past
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:

@@ -527,7 +527,8 @@ def advise(model_path: str, settings: Any, budget: Budget,
 
     model = load_model(model_path)
     inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                         npz_path=settings.inputs_path, seed=settings.seed)
+                         npz_path=settings.inputs_path, seed=settings.seed,
+                         phase=settings.phase, past=settings.past, model_path=model_path)
     sens = analyze_sensitivity(model_path, settings, techniques, max_nodes=max_nodes,
                                inputs=inputs, use_cache=use_cache, progress=part(0.0, 0.75),
                                cancelled=cancelled)

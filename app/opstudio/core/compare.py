@@ -393,7 +393,8 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                 progress(0.0, "preparing inputs")
             inputs = make_inputs(load_model(before_path, load_external_data=False),
                                  dims=settings.dims, shapes=settings.shapes,
-                                 npz_path=settings.inputs_path, seed=settings.seed)
+                                 npz_path=settings.inputs_path, seed=settings.seed,
+                                 phase=settings.phase, past=settings.past, model_path=before_path)
         prof_before = profile_model(before_path, settings, inputs=inputs,
                                     progress=report(0.0, 0.45), cancelled=cancelled)
         prof_after = profile_model(after_path, settings, inputs=inputs,
@@ -472,7 +473,8 @@ def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileS
         return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
 
     inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                         npz_path=settings.inputs_path, seed=settings.seed)
+                         npz_path=settings.inputs_path, seed=settings.seed,
+                         phase=settings.phase, past=settings.past)
     result = optimize(model, recipe, inputs=inputs, progress=part(0.0, 0.25),
                       cancelled=cancelled)
     comparison = compare_models(model, result.model, settings, inputs=inputs,

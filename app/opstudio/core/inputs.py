@@ -7,14 +7,20 @@ Shapes, in order of precedence:
 3. defaults for the obvious cases:
    - a dim named like a batch (``batch``, ``batch_size``, ``N``, ``B``, ``bs``, anything
      containing "batch") = 1;
-   - a dim named like a past/cache length (anything containing "past" or "cache") = 0;
+   - a dim named like a past/cache length (containing "past" or "cache", but not a size of the
+     cached vectors such as ``kv_cache_dim``) = 0;
    - a dim named like a sequence (``seq``, ``sequence``, ``seq_len``, ``sequence_length``,
      ``tokens``, ``T``, anything containing "seq" or "token", ``src_len``, ``*_length``) = 128;
-   - a total length (``total_sequence_length``, …: contains "total" and "seq"/"len") =
-     past + sequence, i.e. 128 with the defaults above;
+   - a total length (``total_sequence_length``, …: contains "total" and "seq"/"len"; or a sum
+     such as ``past_sequence_length + 1``) = past + sequence, i.e. 128 with the defaults above;
    - a leading dim with no name (``?``, ``-1``, or a name an exporter made up: ``unk__12``,
      ``p2o.DynamicDimension.0``) = 1 (the batch);
 4. anything still unknown is an ``OpstudioError`` naming the input, the dim and the flag to pass.
+
+A KV-cache decoder can be run in a ``phase`` (``opstudio.core.phases``): ``prefill`` (past 0,
+sequence = the prompt's length) or ``decode`` (one token after a past of ``past`` tokens, 512 by
+default). With or without a phase, the KV head size and head count are derived from the model,
+never defaulted, and a total length is past + sequence.
 
 Real tensors can come from an ``.npz`` (``--inputs``), loaded with ``allow_pickle=False``; each
 array must be named after a model input and match its dtype, rank and fixed dims. Inputs the
@@ -26,7 +32,7 @@ never changes another's values):
 - an integer input that reaches the indices of a ``Gather`` on a weight table (directly or
   through Cast/Unsqueeze/Squeeze/Reshape/Flatten/Identity/Expand) gets values in ``[0, rows)``;
   ``input_ids``-like inputs (``*ids``, ``*token*``) with no table found get ``[0, 100)``;
-- ``attention_mask``/``*mask*`` ones; ``position_ids`` 0…seq−1; ``token_type_ids``,
+- ``attention_mask``/``*mask*`` ones; ``position_ids`` past…past+seq−1; ``token_type_ids``,
   ``segment_ids`` and ``past_*``/``*cache*``/``past_key_values.*`` zeros; bool inputs False;
 - scalars (rank 0): a sample rate (``sr``, ``sample_rate``, ``sampling_rate``) = 16000, any other
   number 1;
@@ -50,6 +56,7 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import TensorInfo, input_specs
+from opstudio.core.phases import derive_dims, is_past_length_name, is_prompt, kv_layout
 
 DEFAULT_SEQ = 128
 DEFAULT_BATCH = 1
@@ -95,12 +102,23 @@ def numpy_dtype(spec_dtype: str | None, input_name: str) -> np.dtype:
 def default_dim(dim_name: str, dims: Mapping[str, int]) -> tuple[int | None, str]:
     """The documented default for a named dim (None if there is none) and why."""
     low = dim_name.lower()
+    if "+" in dim_name:  # e.g. optimum's "past_sequence_length + sequence_length"
+        total = 0
+        for part in (p.strip() for p in dim_name.split("+")):
+            value = int(part) if part.isdigit() else (
+                dims[part] if part in dims else default_dim(part, dims)[0])
+            if value is None:
+                return None, ""
+            total += value
+        return total, f"{dim_name}={total} (sum)"
     if low in _BATCH_NAMES or "batch" in low:
         return DEFAULT_BATCH, f"{dim_name}={DEFAULT_BATCH} (batch)"
-    if "past" in low or "cache" in low:
+    if is_past_length_name(dim_name):
         return DEFAULT_PAST, f"{dim_name}={DEFAULT_PAST} (past length)"
+    if "past" in low or "cache" in low:
+        return None, ""  # a size of the cached vectors (kv_cache_dim): derived, never guessed
     if "total" in low and ("seq" in low or "len" in low):
-        past = next((v for k, v in dims.items() if "past" in k.lower()), DEFAULT_PAST)
+        past = next((v for k, v in dims.items() if is_past_length_name(k)), DEFAULT_PAST)
         seq = next((v for k, v in dims.items() if _is_seq_name(k)), DEFAULT_SEQ)
         return past + seq, f"{dim_name}={past + seq} (past + sequence)"
     if _is_seq_name(dim_name):
@@ -183,9 +201,11 @@ def _resolve_one(spec: TensorInfo, dims: Mapping[str, int],
 
 
 def resolve_input_specs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
-                        shapes: Mapping[str, list[int]] | None = None) -> list[ResolvedInput]:
+                        shapes: Mapping[str, list[int]] | None = None, *,
+                        phase: str | None = None, past: int | None = None,
+                        model_path: str | Path | None = None) -> list[ResolvedInput]:
     """Concrete dtype and shape of every model input (see the module docstring for the rules)."""
-    dims = dict(dims or {})
+    dims, _ = derive_dims(model, dict(dims or {}), phase=phase, past=past, model_path=model_path)
     shapes = dict(shapes or {})
     specs = input_specs(model)
     known = {s.name for s in specs}
@@ -200,14 +220,35 @@ def resolve_input_specs(model: onnx.ModelProto, dims: Mapping[str, int] | None =
 def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 shapes: Mapping[str, list[int]] | None = None,
                 npz_path: str | Path | None = None, seed: int = 0,
-                max_bytes: int = 2**31) -> dict[str, np.ndarray]:
-    """One array per model input, in the model's input order."""
+                max_bytes: int = 2**31, *, phase: str | None = None, past: int | None = None,
+                model_path: str | Path | None = None) -> dict[str, np.ndarray]:
+    """One array per model input, in the model's input order.
+
+    ``phase``/``past`` choose the step of a KV-cache decoder to run (``opstudio.core.phases``);
+    ``model_path`` lets the KV geometry be read from a ``genai_config.json`` beside the model
+    and lets a decode after a prompt in ``npz_path`` run the prompt first."""
+    supplied = load_npz(model, npz_path) if npz_path is not None else {}
+    if phase == "decode" and supplied and is_prompt(model, supplied):
+        from opstudio.core.phases import decode_after_prompt
+
+        return decode_after_prompt(model, supplied, model_path=model_path, dims=dict(dims or {}),
+                                   shapes=dict(shapes or {}), seed=seed, max_bytes=max_bytes,
+                                   past=past)
+    return build_inputs(model, dims, shapes, supplied, seed, max_bytes, phase=phase, past=past,
+                        model_path=model_path)
+
+
+def build_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None,
+                 shapes: Mapping[str, list[int]] | None, supplied: Mapping[str, np.ndarray],
+                 seed: int = 0, max_bytes: int = 2**31, *, phase: str | None = None,
+                 past: int | None = None,
+                 model_path: str | Path | None = None) -> dict[str, np.ndarray]:
+    """``make_inputs`` on arrays already loaded: ``supplied`` are used as they are."""
     dims = dict(dims or {})
     shapes = dict(shapes or {})
     specs = input_specs(model)
-    supplied: dict[str, np.ndarray] = {}
-    if npz_path is not None:
-        supplied = load_npz(model, npz_path)
+    supplied = dict(supplied)
+    if supplied:
         # Named dims seen in the real tensors size the inputs still to generate.
         for spec in specs:
             arr = supplied.get(spec.name)
@@ -222,6 +263,8 @@ def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
         raise OpstudioError(
             f"--shape {unknown[0]}: the model has no input of that name "
             f"(inputs: {', '.join(s.name for s in specs) or 'none'})")
+    if todo:
+        dims, _ = derive_dims(model, dims, phase=phase, past=past, model_path=model_path)
     resolved = [_resolve_one(spec, dims, shapes) for spec in todo]
     total = 0
     for r in resolved:
@@ -237,7 +280,13 @@ def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             f"{_gib(max_bytes)} limit; choose smaller --dim/--shape values")
     bounds = index_bounds(model)
     seq_guess = max((d for r in resolved for d in r.shape[1:]), default=DEFAULT_SEQ)
-    generated = {r.name: _values(r, seed, bounds.get(r.name), seq_guess) for r in resolved}
+    layout = kv_layout(model)
+    # New tokens sit after the past: their positions count on from its length.
+    kv_shapes = [r.shape for r in resolved if r.name in {s.name for s in layout.kv_inputs}]
+    kv_shapes += [supplied[s.name].shape for s in layout.kv_inputs if s.name in supplied]
+    offset = int(kv_shapes[0][-2]) if kv_shapes else 0
+    generated = {r.name: _values(r, seed, bounds.get(r.name), seq_guess, offset)
+                 for r in resolved}
     return {s.name: supplied[s.name] if s.name in supplied else generated[s.name] for s in specs}
 
 
@@ -287,6 +336,18 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     tables[node.output[0]] = list(attr.t.dims)
+    # A table stored in fp16 and cast to float (or transposed, for a tied lm_head) is still
+    # the table the ids index.
+    for node in graph.node:
+        if node.input and node.output and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            if node.op_type in ("Cast", "Identity", "DequantizeLinear"):
+                tables[node.output[0]] = dims
+            elif node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"),
+                            list(range(len(dims)))[::-1])
+                if sorted(perm) == list(range(len(dims))):
+                    tables[node.output[0]] = [dims[p] for p in perm]
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for i in node.input:
@@ -319,7 +380,8 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
     return bounds
 
 
-def _values(r: ResolvedInput, seed: int, bound: int | None, seq_guess: int) -> np.ndarray:
+def _values(r: ResolvedInput, seed: int, bound: int | None, seq_guess: int,
+            past: int = 0) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(r.name.encode("utf-8"))])
     low = r.name.lower()
     words = set(re.split(r"[^a-z0-9]+", low))
@@ -335,7 +397,7 @@ def _values(r: ResolvedInput, seed: int, bound: int | None, seq_guess: int) -> n
         if not shape:
             return np.zeros(shape, dtype=dtype)
         return np.ascontiguousarray(
-            np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype))
+            np.broadcast_to(past + np.arange(shape[-1]), shape).astype(dtype))
     if not shape:  # scalars
         if words & {"sr", "sample_rate", "samplerate", "sampling_rate"} or "sample_rate" in low \
                 or "sampling_rate" in low:

@@ -71,10 +71,15 @@ class ProfileSettings:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     inputs_path: str | None = None
     seed: int = 0
+    phase: str | None = None  # "prefill" or "decode" for a KV-cache decoder (core.phases)
+    past: int | None = None  # past length of a decode step
 
     def validate(self, check_provider: bool = True) -> None:
         if not isinstance(self.runs, int) or self.runs < 1:
             raise OpstudioError(f"runs must be at least 1, not {self.runs}")
+        from opstudio.core.phases import check_phase
+
+        check_phase(self.phase, self.past)
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise OpstudioError(f"warm-up runs cannot be negative ({self.warmup})")
         if not isinstance(self.threads, int) or self.threads < 0:
@@ -280,7 +285,8 @@ def profile_model(model: str | Path | onnx.ModelProto, settings: ProfileSettings
             if proto is None:
                 proto = load_model(path, load_external_data=False)
             inputs = make_inputs(proto, dims=settings.dims, shapes=settings.shapes,
-                                 npz_path=settings.inputs_path, seed=settings.seed)
+                                 npz_path=settings.inputs_path, seed=settings.seed,
+                                 phase=settings.phase, past=settings.past, model_path=path)
         profile = call_isolated(_profile_in_child, str(path), settings.to_json(), inputs,
                                 str(tmp), timeout=settings.timeout_s, progress=progress,
                                 cancelled=cancelled)

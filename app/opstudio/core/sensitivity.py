@@ -296,7 +296,8 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
     model = load_model(path)
     if inputs is None:
         inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                             npz_path=settings.inputs_path, seed=settings.seed)
+                             npz_path=settings.inputs_path, seed=settings.seed,
+                             phase=settings.phase, past=settings.past, model_path=path)
     if baseline is None:
         say(0.0, "profiling the original model")
         baseline = profile_model(path, settings, inputs=inputs, cancelled=cancelled,

@@ -1,4 +1,5 @@
-"""The run settings dialog: runs, warm-up, threads, optimization level, dims, input file."""
+"""The run settings dialog: runs, warm-up, threads, optimization level, dims, input file, and
+for a decoder with a KV cache the phase (prefill or decode) and the past length."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.inputs import default_dim
+from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, is_past_length_name
 from opstudio.core.profiler import OPT_LEVELS, ProfileSettings
 
 
@@ -68,14 +70,38 @@ class RunSettingsDialog(QDialog):
         form.addRow("Warm-up runs", self.warmup)
         form.addRow("Threads", self.threads)
         form.addRow("Graph optimizations", self.opt_level)
+        self.phase = QComboBox()
+        self.phase.addItems(["auto", *PHASES])
+        self.phase.setToolTip("prefill: the prompt with an empty past; decode: one new token "
+                              "after the past; auto: as the dims say")
+        if settings.phase in PHASES:
+            self.phase.setCurrentText(settings.phase)
+        self.past = QSpinBox()
+        self.past.setRange(0, 1_000_000)
+        self.past.setValue(DEFAULT_DECODE_PAST if settings.past is None else settings.past)
+        self.past.setToolTip("tokens already in the KV cache before the new one")
+        self._past_dims = [n for n in symbolic_dims if is_past_length_name(n)]
+        if self._past_dims:  # only a model with a KV cache has phases
+            form.addRow("Phase", self.phase)
+            form.addRow("Past length", self.past)
+        # Dims left at their first value are not pinned: the phase and the model decide them.
         self.dims: dict[str, QSpinBox] = {}
+        self._shown: dict[str, int] = {}
         for name in symbolic_dims:
             box = QSpinBox()
-            box.setRange(1, 1_000_000)
-            value = settings.dims.get(name) or default_dim(name, settings.dims)[0] or 1
+            past = is_past_length_name(name)
+            box.setRange(0, 1_000_000)
+            if not past:
+                box.setSpecialValueText("auto")  # 0: derived (a KV head size) or refused
+            value = settings.dims.get(name)
+            if value is None:
+                value = default_dim(name, settings.dims)[0] or 0
             box.setValue(int(value))
             self.dims[name] = box
+            self._shown[name] = int(value)
             form.addRow(f"dim '{name}'", box)
+        self.phase.currentTextChanged.connect(self._phase_changed)
+        self._phase_changed(self.phase.currentText())
         inputs_row = QWidget()
         h = QHBoxLayout(inputs_row)
         h.setContentsMargins(0, 0, 0, 0)
@@ -104,10 +130,27 @@ class RunSettingsDialog(QDialog):
         if path:
             self.inputs_path.setText(path)
 
+    def _phase_changed(self, phase: str) -> None:
+        self.past.setEnabled(phase == "decode")
+        for name, box in self.dims.items():
+            # the phase sets the past, the new tokens and their total
+            box.setEnabled(phase == "auto" or not (
+                is_past_length_name(name) or "total" in name.lower() or "+" in name))
+
     def settings(self) -> ProfileSettings:
         dims = dict(self._base.dims)
-        dims.update({k: box.value() for k, box in self.dims.items()})
+        for name, box in self.dims.items():
+            if not box.isEnabled():
+                dims.pop(name, None)
+            elif box.value() != self._shown[name] or name in self._base.dims:
+                if box.value() or is_past_length_name(name):
+                    dims[name] = box.value()
+                else:
+                    dims.pop(name, None)
+        phase = self.phase.currentText() if self._past_dims else "auto"
         return dataclasses.replace(
             self._base, runs=self.runs.value(), warmup=self.warmup.value(),
             threads=self.threads.value(), opt_level=self.opt_level.currentText(), dims=dims,
-            inputs_path=self.inputs_path.text().strip() or None)
+            inputs_path=self.inputs_path.text().strip() or None,
+            phase=None if phase == "auto" else phase,
+            past=self.past.value() if phase == "decode" else None)

@@ -1,0 +1,458 @@
+"""Prefill and decode: the two phases of a decoder with a KV cache, as dims and inputs.
+
+A decoder exported with a KV cache (``past_key_values.N.key/value`` inputs, ``present.N.*``
+outputs) is run by its users in two phases with very different costs:
+
+- ``prefill``: the whole prompt at once (sequence = its length, 128 by default), empty past (0);
+- ``decode``: one new token after a past of N tokens (512 by default).
+
+The dims that follow from others are derived, never guessed: the total length is past +
+sequence (``total_sequence_length``, the ``attention_mask`` length, a name such as
+``past_sequence_length + 1``); the KV head size and KV head count come from the KV inputs' or
+outputs' fixed dims, else the attention node's attributes (GroupQueryAttention,
+MultiHeadAttention, Attention, with the query projection's width), else a
+``genai_config.json`` beside the model. A dim that cannot be decided is an ``OpstudioError``
+naming the input, the dim and the flag to pass.
+
+Decoding after a real prompt (``--inputs`` holding ``input_ids`` and no past, or a past of
+length 0) runs the prompt through the model once, in this process: its ``present.N.*`` outputs
+become the past and the argmax of its last logits the new token, so the decode step is timed on
+the cache a user's generation loop would hand it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from opstudio.core.errors import OpstudioError
+from opstudio.core.graph import TensorInfo, input_specs
+
+PHASES = ("prefill", "decode")
+DEFAULT_DECODE_PAST = 512
+GENAI_CONFIG = "genai_config.json"
+
+_FLOAT = {"float16", "float32", "float64", "bfloat16"}
+# A dim named like a size of the cache's tensors, not its length: "kv_cache_dim" is a head size.
+_SIZE_WORDS = ("dim", "head", "size", "hidden", "embed", "width", "channel", "feature")
+_WEIGHT_PATH = {"Cast", "Identity", "DequantizeLinear"}
+_ACTIVATION_PATH = {"Add", "Cast", "Identity", "Mul", "Sub"}
+
+
+def is_past_length_name(name: str) -> bool:
+    """A dim name meaning how many tokens the cache holds (``past_sequence_length``, ``past``,
+    ``cache_len``); not a size of the cached vectors (``kv_cache_dim``, ``head_size``)."""
+    low = name.lower()
+    if "+" in low:
+        return False
+    return ("past" in low or "cache" in low) and not any(w in low for w in _SIZE_WORDS)
+
+
+def check_phase(phase: str | None, past: int | None) -> None:
+    if phase is not None and phase not in PHASES:
+        raise OpstudioError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
+    if past is not None and (isinstance(past, bool) or not isinstance(past, int) or past < 0):
+        raise OpstudioError(f"--past must be a whole number of tokens, 0 or more, not {past!r}")
+    if phase == "prefill" and past:
+        raise OpstudioError(f"--past {past}: a prefill starts from an empty past; "
+                            "use --phase decode to run one token after a past")
+
+
+@dataclass
+class KvLayout:
+    """Which input dims play which part in a KV-cache decoder (empty sets for other models)."""
+    kv_inputs: list[TensorInfo] = field(default_factory=list)
+    past: dict[str, str] = field(default_factory=dict)  # dim name -> an input holding it
+    seq: dict[str, str] = field(default_factory=dict)
+    total: dict[str, str] = field(default_factory=dict)
+    head: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (input, axis)
+    kv_heads: dict[str, tuple[str, int]] = field(default_factory=dict)
+    ids_input: str | None = None
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.kv_inputs)
+
+
+def is_kv_input(spec: TensorInfo) -> bool:
+    low = spec.name.lower()
+    return (("past" in low or "cache" in low) and spec.dtype in _FLOAT
+            and spec.shape is not None and len(spec.shape) >= 4)
+
+
+def kv_layout(model: onnx.ModelProto) -> KvLayout:
+    specs = input_specs(model)
+    out = KvLayout(kv_inputs=[s for s in specs if is_kv_input(s)])
+    for spec in out.kv_inputs:
+        shape = spec.shape or []
+        # [batch, kv_heads, past, head_size] (also the 5-d [2, batch, heads, past, head] of
+        # com.microsoft Attention): the length is always second to last.
+        if isinstance(shape[-2], str):
+            out.past.setdefault(shape[-2], spec.name)
+        if isinstance(shape[-1], str):
+            out.head.setdefault(shape[-1], (spec.name, len(shape) - 1))
+        d = shape[-3]
+        if isinstance(d, str) and "batch" not in d.lower():
+            out.kv_heads.setdefault(d, (spec.name, len(shape) - 3))
+    ids = [s for s in specs if s.dtype in ("int32", "int64") and s.shape and len(s.shape) == 2
+           and (s.name.lower() in ("input_ids", "ids", "tokens", "token_ids")
+                or s.name.lower().endswith("input_ids"))]
+    if ids:
+        out.ids_input = ids[0].name
+        seq = ids[0].shape[1] if ids[0].shape else None
+        if isinstance(seq, str):
+            out.seq.setdefault(seq, ids[0].name)
+    for spec in specs:
+        low = spec.name.lower()
+        shape = spec.shape or []
+        if "position_ids" in low and shape and isinstance(shape[-1], str):
+            out.seq.setdefault(shape[-1], spec.name)
+    for spec in specs:
+        for d in spec.shape or []:
+            if not isinstance(d, str):
+                continue
+            low = d.lower()
+            if is_past_length_name(d):
+                out.past.setdefault(d, spec.name)
+            elif "+" in d or ("total" in low and ("seq" in low or "len" in low)):
+                out.total.setdefault(d, spec.name)
+    if out.has_cache:
+        for spec in specs:
+            shape = spec.shape or []
+            if "mask" in spec.name.lower() and len(shape) >= 2 and isinstance(shape[-1], str) \
+                    and shape[-1] not in out.seq and shape[-1] not in out.past:
+                out.total.setdefault(shape[-1], spec.name)
+    for name in list(out.seq):
+        if name in out.past or name in out.total:
+            del out.seq[name]
+    return out
+
+
+def derive_dims(model: onnx.ModelProto, dims: Mapping[str, int], *, phase: str | None = None,
+                past: int | None = None, model_path: str | Path | None = None
+                ) -> tuple[dict[str, int], list[str]]:
+    """``dims`` completed with the values the phase implies and the dims that follow from
+    others; given dims (``--dim``, or read off ``--inputs`` arrays) are kept. Also the notes
+    saying how each derived value was chosen."""
+    from opstudio.core.inputs import DEFAULT_SEQ
+
+    check_phase(phase, past)
+    layout = kv_layout(model)
+    out = dict(dims)
+    notes: list[str] = []
+    if phase is None and past is not None:
+        phase = "decode"
+    if phase == "decode" and not layout.past:
+        raise OpstudioError(
+            "--phase decode: the model has no past key/value (KV-cache) input, so it has no "
+            "decode step to run; leave out --phase/--past or use --phase prefill")
+    given_past = {k: out[k] for k in layout.past if k in out}
+    if past is not None:
+        for name, value in given_past.items():
+            if value != past:
+                raise OpstudioError(f"--past {past} disagrees with {name}={value} "
+                                    "(from --dim or --inputs); give one of them")
+    if phase == "prefill":
+        for name, value in given_past.items():
+            if value:
+                raise OpstudioError(f"--phase prefill starts from an empty past, not "
+                                    f"{name}={value}; use --phase decode --past {value}")
+    if phase is not None:
+        if given_past:
+            p = next(iter(given_past.values()))
+        elif phase == "decode":
+            p = DEFAULT_DECODE_PAST if past is None else past
+        else:
+            p = 0
+        for name in layout.past:
+            if name not in out:
+                out[name] = p
+                notes.append(f"{name}={p} ({phase}: past length)")
+        s = 1 if phase == "decode" else DEFAULT_SEQ
+        for name in layout.seq:
+            if name not in out:
+                out[name] = s
+                notes.append(f"{name}={s} ({phase}: " +
+                             ("one new token)" if phase == "decode" else "prompt length)"))
+    if phase is not None or (layout.has_cache and any(n in out for n in layout.past)):
+        p = next((out[n] for n in layout.past if n in out), 0)
+        s = next((out[n] for n in layout.seq if n in out), DEFAULT_SEQ)
+        for name in layout.total:
+            if name not in out and "+" not in name:
+                out[name] = p + s
+                notes.append(f"{name}={p + s} (past + sequence)")
+    missing_head = [n for n in layout.head if n not in out]
+    missing_heads = [n for n in layout.kv_heads if n not in out]
+    if missing_head or missing_heads:
+        head, heads, source = kv_geometry(model, model_path)
+        for name in missing_head:
+            if head is None:
+                spec, axis = layout.head[name]
+                raise OpstudioError(
+                    f"input '{spec}' dim {axis} ('{name}') is the key/value head size, which "
+                    "opstudio cannot derive (no fixed size on the KV inputs or outputs, no "
+                    f"attention node giving head counts, no {GENAI_CONFIG} beside the model): "
+                    f"pass --dim {name}=N")
+            out[name] = head
+            notes.append(f"{name}={head} (head size, {source['head']})")
+        for name in missing_heads:
+            if heads is None:
+                spec, axis = layout.kv_heads[name]
+                raise OpstudioError(
+                    f"input '{spec}' dim {axis} ('{name}') is the number of key/value heads, "
+                    f"which opstudio cannot derive: pass --dim {name}=N")
+            out[name] = heads
+            notes.append(f"{name}={heads} (key/value heads, {source['heads']})")
+    return out, notes
+
+
+def kv_geometry(model: onnx.ModelProto, model_path: str | Path | None = None
+                ) -> tuple[int | None, int | None, dict[str, str]]:
+    """(head size, key/value heads, where each came from), None where nothing says."""
+    head: int | None = None
+    heads: int | None = None
+    source: dict[str, str] = {}
+
+    def take(h: int | None, k: int | None, why: str) -> None:
+        nonlocal head, heads
+        if head is None and h and h > 0:
+            head, source["head"] = int(h), why
+        if heads is None and k and k > 0:
+            heads, source["heads"] = int(k), why
+
+    fixed = [s.shape for s in input_specs(model) if is_kv_input(s)]
+    for vi in model.graph.output:
+        if "present" in vi.name.lower() and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) >= 4:
+                fixed.append([d.dim_value if d.HasField("dim_value") else None for d in dims])
+    for shape in fixed:
+        if shape:
+            take(shape[-1] if isinstance(shape[-1], int) else None,
+                 shape[-3] if isinstance(shape[-3], int) else None, "fixed on the KV tensors")
+    if head is None or heads is None:
+        h, k = _attention_geometry(model)
+        take(h, k, "from the attention node")
+    if (head is None or heads is None) and model_path is not None:
+        h, k = _genai_config_geometry(Path(model_path).parent / GENAI_CONFIG)
+        take(h, k, f"from {GENAI_CONFIG}")
+    return head, heads, source
+
+
+def _attr(node: onnx.NodeProto, name: str) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return None
+
+
+def _attention_geometry(model: onnx.ModelProto) -> tuple[int | None, int | None]:
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output if o}
+    inits = {t.name: list(t.dims) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            t = _attr(n, "value")
+            if isinstance(t, onnx.TensorProto):
+                inits[n.output[0]] = list(t.dims)
+    known = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+
+    def width(tensor: str, depth: int = 0) -> int | None:
+        vi = known.get(tensor)
+        if vi is not None and vi.type.tensor_type.shape.dim:
+            last = vi.type.tensor_type.shape.dim[-1]
+            if last.HasField("dim_value") and last.dim_value > 0:
+                return int(last.dim_value)
+        node = producers.get(tensor)
+        if node is None or depth > 8:
+            return None
+        if node.op_type == "MatMulNBits":
+            n = _attr(node, "N")
+            return int(n) if isinstance(n, int) else None
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            w = weight_dims(node.input[1])
+            if not w or len(w) < 2:
+                return None
+            if node.op_type == "Gemm" and _attr(node, "transB"):
+                return w[-2]
+            return w[-1]
+        if node.op_type in _ACTIVATION_PATH:
+            for i in node.input:
+                if i and i not in inits:
+                    return width(i, depth + 1)
+        return None
+
+    def weight_dims(tensor: str, depth: int = 0) -> list[int] | None:
+        if tensor in inits:
+            return inits[tensor]
+        node = producers.get(tensor)
+        if node is None or depth > 8 or not node.input:
+            return None
+        if node.op_type in _WEIGHT_PATH:
+            return weight_dims(node.input[0], depth + 1)
+        if node.op_type == "Transpose":
+            d = weight_dims(node.input[0], depth + 1)
+            perm = _attr(node, "perm")
+            if d is None:
+                return None
+            return [d[p] for p in perm] if isinstance(perm, list) else d[::-1]
+        return None
+
+    for n in graph.node:
+        num_heads = _attr(n, "num_heads")
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            continue
+        if n.op_type == "GroupQueryAttention":
+            kv = _attr(n, "kv_num_heads")
+            kv = kv if isinstance(kv, int) and kv > 0 else None
+            key = n.input[1] if len(n.input) > 1 and n.input[1] else None
+            k_w = width(key) if key else None
+            if k_w and kv and k_w % kv == 0:
+                return k_w // kv, kv
+            q_w = width(n.input[0])
+            if q_w and key is None and kv:  # packed QKV: num_heads + 2 × kv_num_heads heads
+                parts = num_heads + 2 * kv
+                if q_w % parts == 0:
+                    return q_w // parts, kv
+            elif q_w and q_w % num_heads == 0:
+                return q_w // num_heads, kv
+            return None, kv
+        if n.op_type in ("MultiHeadAttention", "Attention"):
+            sizes = _attr(n, "qkv_hidden_sizes")
+            if isinstance(sizes, list) and sizes and sizes[0] % num_heads == 0:
+                return sizes[0] // num_heads, num_heads
+            if n.op_type == "Attention" and len(n.input) > 1:
+                w = weight_dims(n.input[1])
+                q_w = w[-1] // 3 if w else None
+            else:
+                q_w = width(n.input[0])
+            if q_w and q_w % num_heads == 0:
+                return q_w // num_heads, num_heads
+            return None, num_heads
+    return None, None
+
+
+def _genai_config_geometry(path: Path) -> tuple[int | None, int | None]:
+    if not path.is_file():
+        return None, None
+    try:
+        decoder = json.loads(path.read_text(encoding="utf-8"))["model"]["decoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if not isinstance(decoder, dict):
+        return None, None
+
+    def whole(key: str) -> int | None:
+        v = decoder.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    head = whole("head_size")
+    hidden, heads = whole("hidden_size"), whole("num_attention_heads")
+    if head is None and hidden and heads and hidden % heads == 0:
+        head = hidden // heads
+    return head, whole("num_key_value_heads") or heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode after a real prompt
+
+
+def is_prompt(model: onnx.ModelProto, supplied: Mapping[str, np.ndarray]) -> bool:
+    """``supplied`` holds a prompt's token ids and no past (or a past of length 0)."""
+    layout = kv_layout(model)
+    if not layout.has_cache or layout.ids_input not in supplied:
+        return False
+    return all(supplied[s.name].shape[-2] == 0 for s in layout.kv_inputs if s.name in supplied)
+
+
+def decode_after_prompt(model: onnx.ModelProto, prompt: Mapping[str, np.ndarray], *,
+                        model_path: str | Path | None, dims: Mapping[str, int],
+                        shapes: Mapping[str, list[int]], seed: int, max_bytes: int,
+                        past: int | None = None) -> dict[str, np.ndarray]:
+    """Inputs of the decode step that follows ``prompt``: a prefill run gives the past (its
+    ``present.*`` outputs) and the new token (the argmax of its last logits)."""
+    from opstudio.core.accuracy import run_outputs
+    from opstudio.core.inputs import build_inputs
+
+    layout = kv_layout(model)
+    ids_name = layout.ids_input
+    assert ids_name is not None
+    ids = prompt[ids_name]
+    length = int(ids.shape[1])
+    if length < 1:
+        raise OpstudioError(f"--inputs: '{ids_name}' holds no tokens; a prompt needs at least one")
+    if past is not None and past != length:
+        raise OpstudioError(f"--past {past}: with a prompt in --inputs the past is the prompt "
+                            f"itself ({length} tokens); leave out --past")
+    source = _runnable(model, model_path)
+    prefill = build_inputs(model, dims, shapes, dict(prompt), seed, max_bytes,
+                           phase="prefill", model_path=model_path)
+    outputs = run_outputs(source, prefill, threads=0)
+    logits = _logits(outputs)
+    presents = _presents(layout, outputs)
+
+    fixed = {k: v for k, v in dims.items() if k not in layout.past and k not in layout.seq
+             and k not in layout.total}
+    feeds = build_inputs(model, fixed, shapes, {}, seed, max_bytes, phase="decode",
+                         past=length, model_path=model_path)
+    feeds[ids_name] = logits[:, -1, :].argmax(axis=-1).reshape(-1, 1).astype(ids.dtype)
+    for name, value in presents.items():
+        feeds[name] = value.astype(feeds[name].dtype, copy=False)
+    mask_name = next((n for n in feeds if "mask" in n.lower()), None)
+    mask = prompt.get(mask_name) if mask_name else None
+    if mask is not None and mask_name is not None:
+        ones = np.ones((mask.shape[0], 1), dtype=mask.dtype)
+        feeds[mask_name] = np.concatenate([mask, ones], axis=1)
+        for name in feeds:
+            if "position_ids" in name.lower():
+                # HF counts positions over the unmasked tokens: the new one is the count so far
+                pos = mask.astype(np.int64).sum(axis=1, keepdims=True)
+                feeds[name] = pos.astype(feeds[name].dtype)
+    return feeds
+
+
+def _runnable(model: onnx.ModelProto, model_path: str | Path | None) -> onnx.ModelProto | str:
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if model_path is not None and Path(model_path).is_file():
+        return str(model_path)
+    if external:
+        raise OpstudioError("decoding after a prompt runs the prompt through the model first, "
+                            "which needs the model file with its weights")
+    return model
+
+
+def _logits(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    if "logits" in outputs:
+        value = outputs["logits"]
+    else:
+        value = next((v for k, v in outputs.items()
+                      if "present" not in k.lower() and np.ndim(v) == 3), None)
+    if value is None or np.ndim(value) != 3:
+        raise OpstudioError("decoding after a prompt needs the model's logits "
+                            "[batch, sequence, vocabulary] to pick the next token; "
+                            "no output of that shape was found")
+    return np.asarray(value)
+
+
+def _presents(layout: KvLayout, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each past input's value: the output of the prefill that continues it."""
+    present_names = [k for k in outputs if "present" in k.lower()]
+    found: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(layout.kv_inputs):
+        name = spec.name
+        candidates = [name.replace("past_key_values", "present"),
+                      name.replace("past_key_values", "present_key_values"),
+                      name.replace("past", "present")]
+        hit = next((c for c in candidates if c in outputs and c != name), None)
+        if hit is None and len(present_names) == len(layout.kv_inputs):
+            hit = present_names[i]  # same order, as exporters write them
+        if hit is None:
+            raise OpstudioError(f"decoding after a prompt: no output of the model continues "
+                                f"'{name}' (looked for {candidates[0]!r})")
+        found[name] = np.asarray(outputs[hit])
+    return found

@@ -1,0 +1,47 @@
+"""The Run settings dialog's phase and past length, for a decoder with a KV cache."""
+
+from __future__ import annotations
+
+from opstudio.core.profiler import ProfileSettings
+from opstudio.qt.run_settings import RunSettingsDialog
+
+KV_DIMS = ["batch_size", "sequence_length", "total_sequence_length", "past_sequence_length",
+           "kv_cache_dim"]
+
+
+def test_phase_rows_only_for_a_model_with_a_past(app):
+    plain = RunSettingsDialog(ProfileSettings(), ["batch", "seq"])
+    assert not plain.phase.isVisibleTo(plain)
+    s = plain.settings()
+    assert s.phase is None and s.past is None
+    assert s.dims == {}  # dims left at their defaults are not pinned
+    kv = RunSettingsDialog(ProfileSettings(), KV_DIMS)
+    assert kv.phase.isVisibleTo(kv) and kv.past.isVisibleTo(kv)
+
+
+def test_decode_sets_phase_and_past_and_frees_the_derived_dims(app):
+    dlg = RunSettingsDialog(ProfileSettings(dims={"past_sequence_length": 7}), KV_DIMS)
+    assert dlg.dims["past_sequence_length"].value() == 7
+    assert dlg.dims["kv_cache_dim"].text() == "auto"  # derived from the model, not 0
+    assert not dlg.past.isEnabled()
+    dlg.phase.setCurrentText("decode")
+    assert dlg.past.isEnabled()
+    assert not dlg.dims["past_sequence_length"].isEnabled()
+    assert not dlg.dims["total_sequence_length"].isEnabled()
+    dlg.past.setValue(64)
+    s = dlg.settings()
+    assert (s.phase, s.past) == ("decode", 64)
+    assert "past_sequence_length" not in s.dims and "kv_cache_dim" not in s.dims
+    s.validate(check_provider=False)
+
+
+def test_past_zero_is_a_value_and_prefill_has_no_past(app):
+    dlg = RunSettingsDialog(ProfileSettings(), KV_DIMS)
+    dlg.dims["past_sequence_length"].setValue(3)
+    dlg.dims["past_sequence_length"].setValue(0)
+    dlg.dims["sequence_length"].setValue(16)
+    s = dlg.settings()
+    assert s.phase is None and s.dims == {"sequence_length": 16}
+    dlg.phase.setCurrentText("prefill")
+    s = dlg.settings()
+    assert (s.phase, s.past) == ("prefill", None) and s.dims == {"sequence_length": 16}
