@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.passes import get_pass, plan_rank
 from opstudio.core.recipe import Recipe, Step
 from opstudio.core.sensitivity import Candidate
 from opstudio.core.timing import Ratio, measured_timer
@@ -34,7 +35,6 @@ VARIANT_TOLERANCE = 0.25
 # Error floor so that exact rewrites (noise 0) rank by gain rather than dividing by zero.
 NOISE_FLOOR = 1e-12
 # Technique order inside a recipe: structural rewrites first, then quantizers on what is left.
-STEP_ORDER = ("prune", "lowrank", "fp16", "int4-weight", "int8-static", "int8-dynamic")
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,9 @@ def recipe_for(chosen: Sequence[Candidate]) -> Recipe:
     for c in chosen:
         key = (c.technique, repr(sorted(c.params.items())))
         groups.setdefault(key, []).append(c)
-    rank = {t: i for i, t in enumerate(STEP_ORDER)}
     steps = []
     for (technique, _), members in sorted(groups.items(),
-                                          key=lambda kv: (rank.get(kv[0][0], 99), kv[0][1])):
+                                          key=lambda kv: (plan_rank(kv[0][0]), kv[0][1])):
         steps.append(Step(technique=technique, params=dict(members[0].params),
                           nodes=[c.node for c in members]))
     return Recipe(steps)
@@ -496,15 +495,10 @@ def explain(c: Candidate, point: Any, machine: Any) -> str:
     where = (f"{point.bound}-bound ({point.intensity:.1f} FLOP/byte vs ridge "
              f"{machine.ridge:.1f}; {point.achieved_gflops:.1f} of "
              f"{point.attainable_gflops:.1f} GFLOP/s attainable)")
-    fits = {
-        "int4-weight": ("memory", "weight-only INT4 cuts the bytes read 8×"),
-        "lowrank": ("compute", "low-rank factorization cuts the FLOPs"),
-        "prune": ("compute", "structured pruning cuts the FLOPs"),
-        "int8-dynamic": ("compute", "INT8 kernels do more arithmetic per cycle"),
-        "int8-static": ("compute", "INT8 kernels do more arithmetic per cycle"),
-        "fp16": ("memory", "FP16 halves the bytes read where the CPU has FP16 kernels"),
-    }
-    bound, why = fits.get(c.technique, ("", ""))
+    technique = get_pass(c.technique)
+    bound, why = technique.helps_when, technique.because or f"{c.technique} rewrites it"
+    if not bound:
+        return f"{where}: {why}; measured, it {saved}"
     match = "as expected" if bound == point.bound else "though the node is not " + bound + "-bound"
     return f"{where}: {why}, {match}; measured, it {saved}"
 

@@ -34,6 +34,7 @@ from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
+from opstudio.core.passes import ScanParams, default_scan
 from opstudio.core.profiler import Profile, ProfileSettings, profile_model
 from opstudio.core.timing import measured_timer
 
@@ -41,18 +42,8 @@ Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
 
 # Technique -> the params a sensitivity scan tries (a list: each variant is measured as its own
-# candidate). Kept to settings a user would start from. Both INT8 variants run the same kernels
-# at the same speed, but which one is more accurate differs from node to node (measured on a
-# GPT-2-sized block: per-channel was 1.7 dB better on the second MLP projection and 3.9 dB worse
-# on the QKV projection; on x86 without VNNI the u8×s8 kernels saturate more often when every
-# column uses the full int8 range), so the plan picks per node.
-ScanParams = Mapping[str, Any] | Sequence[Mapping[str, Any]]
-DEFAULT_TECHNIQUES: dict[str, ScanParams] = {
-    "int8-dynamic": [{"per_channel": False}, {"per_channel": True}],
-    "int4-weight": {"block_size": 32, "symmetric": True},
-    "lowrank": {"energy": 0.95},
-    "fp16": {},
-}
+# candidate), as each technique's Pass declares them (``Pass.scan_params``).
+DEFAULT_TECHNIQUES: dict[str, ScanParams] = default_scan()
 # Op types worth scanning: the ones that carry weights and time.
 SCANNED_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # Bumped when what a cached scan holds changes (2: refusals are kept).

@@ -32,13 +32,13 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.advisor import Advice, Budget
+from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
 
-TECHNIQUE_COLOURS = {
-    "int8-dynamic": "#2f7ed8", "int8-static": "#1b5fa8", "int4-weight": "#8e44ad",
-    "int8-weight": "#b07cc6",
-    "lowrank": "#e67e22", "prune": "#16a085", "fp16": "#c0392b",
-}
+
+def technique_colour(technique: str) -> str:
+    return get_pass(technique).colour if technique in TECHNIQUES else "#2a3240"
+
 # what a user compares first comes first: which technique, what it saves, what it costs
 COLUMNS = ("operator", "technique", "saved ms", "SNR dB", "cosine", "in plan", "op type",
            "bound", "before ms", "after ms", "note")
@@ -223,7 +223,7 @@ class AdvisorPanel(QWidget):
                 if col == COL_NOTE and note:
                     item.setToolTip(note)
                 if col == COL_TECHNIQUE:
-                    item.setForeground(QColor(TECHNIQUE_COLOURS.get(c.technique, "#2a3240")))
+                    item.setForeground(QColor(technique_colour(c.technique)))
                 self.table.setItem(row, col, item)
         self.table.setSortingEnabled(True)
         self.table.resizeColumnsToContents()
@@ -254,7 +254,7 @@ class AdvisorPanel(QWidget):
             if x is None or c.after_ms is None:
                 continue
             in_plan = c.key in chosen
-            colour = TECHNIQUE_COLOURS.get(c.technique, "#2a3240")
+            colour = technique_colour(c.technique)
             self.points.append({"node": c.node, "technique": c.technique, "key": c.key, "x": x,
                                 "y": c.gain_ms, "in_plan": in_plan})
             spots.append({"pos": (x, c.gain_ms), "data": c.node, "size": 13 if in_plan else 9,
@@ -263,7 +263,7 @@ class AdvisorPanel(QWidget):
                           "symbol": "o"})
         self.scatter.addPoints(spots)
         for technique in dict.fromkeys(p["technique"] for p in self.points):
-            sample = pg.ScatterPlotItem(brush=pg.mkBrush(TECHNIQUE_COLOURS.get(technique)),
+            sample = pg.ScatterPlotItem(brush=pg.mkBrush(technique_colour(technique)),
                                         pen=pg.mkPen(None), size=9)
             self.legend.addItem(sample, technique)
         budget = advice.plan.budget

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 # technique name -> module defining a module-level ``PASS`` instance
 _MODULES = {
@@ -35,5 +35,15 @@ def all_passes() -> list[Pass]:
     return [get_pass(t) for t in TECHNIQUES]
 
 
-__all__ = ["TECHNIQUES", "ParamSpec", "Pass", "PassContext", "PassResult", "all_passes",
-           "get_pass"]
+def plan_rank(technique: str) -> int:
+    """Where a step of ``technique`` goes in a plan (see ``Pass.plan_order``)."""
+    return get_pass(technique).plan_order
+
+
+def default_scan() -> dict[str, ScanParams]:
+    """Technique -> the params the advisor's scan tries by default."""
+    return {p.technique: p.scan_params for p in all_passes() if p.scan_params is not None}
+
+
+__all__ = ["TECHNIQUES", "ParamSpec", "Pass", "PassContext", "PassResult", "ScanParams",
+           "all_passes", "default_scan", "get_pass", "plan_rank"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -76,13 +76,31 @@ class PassResult:
     notes: list[str] = field(default_factory=list)  # whole-step remarks (file size effect, …)
 
 
+ScanParams = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
 class Pass:
-    """Base class; subclasses set the class attributes and implement ``check`` and ``apply``."""
+    """Base class; subclasses set the class attributes and implement ``check`` and ``apply``.
+
+    Everything the rest of opstudio needs to know about a technique is here, so a new technique
+    is its module plus one line in ``passes/__init__.py``: how a plan orders it, what the
+    advisor's scan tries, how the advisor explains it and the colour the app draws it in.
+    """
 
     technique: str = ""  # recipe name: "lowrank", "prune", "int8-dynamic", …
     label: str = ""  # shown in the GUI
     description: str = ""  # one sentence, shown as a tooltip
     params: tuple[ParamSpec, ...] = ()
+    # Where a plan puts its step: rewrites that change shapes or weights' float values first,
+    # quantizers last, so no step quantizes a weight a later step still has to read as float.
+    plan_order: int = 50
+    # What the advisor's sensitivity scan tries by default (a list: each variant is its own
+    # candidate); None: not scanned unless asked for.
+    scan_params: ClassVar[ScanParams | None] = None
+    # The roofline regime it helps ("memory" or "compute") and why, for the advisor's sentence.
+    helps_when: str = ""
+    because: str = ""
+    colour: str = "#2a3240"
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
         """``None`` if this pass can rewrite ``node``, else the reason in words."""

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -68,7 +68,7 @@ from opstudio.core.passes._calibration import (
     calibration_samples,
     check_calibration,
 )
-from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 DEFAULT_ENERGY = 0.9
 ACTIVATION_METHODS = ("svd-llm", "asvd")
@@ -92,6 +92,11 @@ class _Target:
 
 class LowRankPass(Pass):
     technique = "lowrank"
+    plan_order = 20
+    helps_when = "compute"
+    because = "low-rank factorization cuts the FLOPs"
+    colour = "#e67e22"
+    scan_params: ClassVar[ScanParams | None] = {"energy": 0.95}
     label = "Low-rank (SVD, Tucker-2)"
     description = ("Factorize a constant MatMul/Gemm/Conv weight into smaller ones by "
                    "truncated SVD (optionally weighted by calibration activations, SVD-LLM or "

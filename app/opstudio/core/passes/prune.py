@@ -83,6 +83,10 @@ CPU_NOTE = ("unstructured sparsity does not make onnxruntime's dense CPU kernels
 
 class PrunePass(Pass):
     technique = "prune"
+    plan_order = 10
+    helps_when = "compute"
+    because = "structured pruning cuts the FLOPs"
+    colour = "#16a085"
     label = "Prune"
     description = ("Zero the smallest weights (unstructured: no faster on CPU's dense kernels, "
                    "smaller only with sparse storage) or remove whole output channels and shrink "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -28,7 +28,7 @@ from opstudio.core.passes._calibration import (
     check_calibration,
 )
 from opstudio.core.passes._nbits import fastest_level
-from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
 
 BLOCK_SIZES = (32, 16, 64, 128, 256)
@@ -48,6 +48,11 @@ LEVEL_PARAMS = (
 
 class Int4WeightPass(Pass):
     technique = "int4-weight"
+    plan_order = 40
+    helps_when = "memory"
+    because = "weight-only INT4 cuts the bytes read 8×"
+    colour = "#8e44ad"
+    scan_params: ClassVar[ScanParams | None] = {"block_size": 32, "symmetric": True}
     bits = 4
     label = "INT4 weights"
     description = ("4-bit block-quantized weights for MatMuls with a constant weight and "
