@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "e.g. --shape x=1,3,224,224")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="print only the first N operators (0 = all)")
+    p.add_argument("--by-layer", action="store_true",
+                   help="also total FLOPs and bytes per layer and module (attention, MLP, "
+                        "norms…), read from node names like /model/layers.3/mlp/…")
     p.set_defaults(func=run)
 
 
@@ -100,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
                for op, count in info.op_type_counts().items()]
     print_table(("op type", "count", "FLOPs", ""), summary, "lrrl")
     print()
+    if args.by_layer:
+        from opstudio.cli.by_layer import print_by_layer, weights_once
+
+        print_by_layer([n.name for n in info.nodes], [
+            ("FLOPs", {n.name: n.flops for n in info.nodes}, human_count),
+            ("weights", weights_once(info), human_bytes),
+            ("bytes moved", {n.name: n.bytes_moved for n in info.nodes}, human_bytes)])
+        print()
     ins = ", ".join(f"{t.name}: {t.dtype} {format_shape(t.shape)}" for t in info.inputs)
     flops, need = flops_summary(info)
     print(f"{len(info.nodes)} operators, {flops}, "

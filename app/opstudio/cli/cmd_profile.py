@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also place the operators on this machine's roofline (arithmetic "
                         "intensity, achieved vs attainable GFLOP/s, compute- or memory-bound; "
                         "the machine's ceilings are measured once and cached)")
+    p.add_argument("--by-layer", action="store_true",
+                   help="also total the time per layer and module (attention, MLP, norms…), "
+                        "read from node names like /model/layers.3/mlp/…")
     p.set_defaults(func=run)
 
 
@@ -102,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if not quiet:
         clear_progress()
         print_summary(profile, args.top)
+        if getattr(args, "by_layer", False):
+            print()
+            _print_by_layer(args.model, profile)
         if roofline is not None:
             print()
             print_roofline(*roofline, top=args.top)
@@ -119,6 +125,19 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(args.trace, json.dumps(profile.to_chrome_trace()) + "\n",
                           overwrite=True)
     return 0
+
+
+def _print_by_layer(model_path: str, profile: Profile) -> None:
+    from opstudio.cli.by_layer import print_by_layer
+    from opstudio.core.model_io import load_model
+
+    names = [n.name for n in load_model(model_path, load_external_data=False).graph.node]
+    known = set(names)
+    names += [s.name for s in profile.nodes if s.name not in known]
+    print_by_layer(names, [("median ms", {s.name: s.p50_ms for s in profile.nodes},
+                            lambda v: f"{v:.4f}"),
+                           ("share", {s.name: s.share for s in profile.nodes},
+                            lambda v: f"{v:.1%}")])
 
 
 def print_summary(p: Profile, top: int = 20, file=None) -> None:
