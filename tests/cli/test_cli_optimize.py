@@ -104,7 +104,7 @@ def test_existing_output_needs_overwrite(files, capsys):
     ({"op_types": ["Relu", "Conv"], "technique": "int4-weight"},
      "error: the recipe rewrote no node, so there is nothing to write — step 1 (int4-weight): "
      "the model has no 'Conv' nodes (skipped); 1 node(s) cannot take it: int4-weight handles "
-     "MatMul and Gemm, not Relu"),
+     "MatMul, Gemm and embedding Gathers, not Relu"),
     ({"nodes": ["mm0"], "technique": "fp16", "params": {"x": 1}},
      "error: step 1 (fp16): unknown parameter(s) x"),
 ])

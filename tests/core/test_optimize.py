@@ -346,8 +346,8 @@ def test_a_recipe_that_rewrites_nothing_is_an_error_that_says_why(tmp_path):
     assert "step 1 (int8-dynamic): the model has no 'Conv' nodes (skipped); 2 node(s) cannot " \
            "take it: its weight '…' is a graph input" in message
     assert "×2" in message
-    assert "step 2 (int4-weight): 1 node(s) cannot take it: int4-weight handles MatMul and " \
-           "Gemm, not Relu" in message
+    assert "step 2 (int4-weight): 1 node(s) cannot take it: int4-weight handles MatMul, " \
+           "Gemm and embedding Gathers, not Relu" in message
     assert "\n" not in message
     assert [s.index for s in info.value.steps] == [1, 2]
     src = tmp_path / "in.onnx"

@@ -131,7 +131,7 @@ def steps(*items: dict) -> Recipe:
      "step 1 (int8-dynamic): unknown parameter(s) rank"),
     (steps({"nodes": ["relu0"], "technique": "int4-weight"}),
      "step 1 (int4-weight): node 'relu0' (Relu) cannot take int4-weight: "
-     "int4-weight handles MatMul and Gemm, not Relu"),
+     "int4-weight handles MatMul, Gemm and embedding Gathers, not Relu"),
     (steps({"nodes": ["mm0", "mm1"], "technique": "int8-static",
             "params": {"calibration": "missing.npz"}}),
      "step 1 (int8-static): calibration file missing.npz does not exist"),

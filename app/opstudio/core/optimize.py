@@ -134,8 +134,10 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         details: dict[str, dict[str, Any]] = {}
         if targets:
             # the pass reports 0..1 of its own work: that is the first 90 % of the step
+            # ``current`` is always the optimizer's own (a copy, a handed-over model or an
+            # earlier step's result): the pass may rewrite it in place
             ctx = PassContext(inputs=samples, progress=lambda f, m, sub=sub: sub(0.9 * f, m),
-                              cancelled=cancelled)
+                              cancelled=cancelled, owns_model=True)
             try:
                 result = pass_.apply(current, targets, params, ctx)
             except (OpstudioError, Cancelled):

@@ -5,7 +5,8 @@ a sentence saying why not, shown next to the node), which parameters it has (``p
 builds its editor from these), and the optimizer asks it to rewrite a set of nodes (``apply``).
 
 Rules every pass keeps:
-- ``apply`` works on its own copy of the model and never mutates the one passed in;
+- ``apply`` works on its own copy of the model (``ctx.working_copy``) and never mutates the one
+  passed in, unless the caller handed it over (``ctx.owns_model``);
 - every node it creates records its original node with ``provenance.set_origin``;
 - the result is valid as ``validity.check_model`` sees it (onnxruntime loads it; onnx's full check
   passes for the ops onnx knows) and is deterministic: the same
@@ -51,12 +52,23 @@ class PassContext:
 
     inputs: Sequence[Mapping[str, np.ndarray]] = ()  # calibration samples (static INT8)
     workdir: str | None = None  # a private temp folder the pass may write into
+    # The caller hands the model over (the optimizer's own intermediate): the pass may rewrite
+    # it in place instead of copying it first, which halves the memory a big model needs.
+    owns_model: bool = False
     progress: Progress | None = None
     cancelled: CancelCheck | None = None
 
     def report(self, fraction: float, message: str) -> None:
         if self.progress is not None:
             self.progress(fraction, message)
+
+    def working_copy(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The model a pass rewrites: ``model`` itself when the caller handed it over."""
+        if self.owns_model:
+            return model
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
 
     def check_cancelled(self) -> None:
         if self.cancelled is not None and self.cancelled():

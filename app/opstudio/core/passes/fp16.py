@@ -90,7 +90,7 @@ class Fp16Pass(Pass):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         self.validate_params(params)
-        work = ort_support.copy_model(model)
+        work = ctx.working_copy(model)
         chosen, skipped = ort_support.partition(
             work, nodes, lambda node: self.check(work, node))
         by_name = ort_support.nodes_by_name(work)

@@ -141,7 +141,7 @@ class LowRankPass(Pass):
               ctx: PassContext) -> PassResult:
         params = self.validate_params(params)
         nodes = list(dict.fromkeys(nodes))
-        work = w.copy_model(model)
+        work = ctx.working_copy(model)
         result = PassResult(model=work)
         by_name = {n.name: n for n in work.graph.node}
         targets: list[_Target] = []

@@ -157,7 +157,7 @@ class PrunePass(Pass):
               ctx: PassContext) -> PassResult:
         params = self.validate_params(params)
         nodes = list(dict.fromkeys(nodes))
-        work = w.copy_model(model)
+        work = ctx.working_copy(model)
         size_before = work.ByteSize()
         if params["structured"]:
             result = _apply_structured(work, nodes, params, ctx)

@@ -127,7 +127,7 @@ class Int4WeightPass(Pass):
         params = self.validate_params(params)
         block = int(params["block_size"])
         algorithm = params.get("algorithm", "rtn")
-        work = ort_support.copy_model(model)
+        work = ctx.working_copy(model)
 
         def check(node: onnx.NodeProto) -> str | None:
             if node.op_type == "Gather" and algorithm != "rtn":

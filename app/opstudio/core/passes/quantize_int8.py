@@ -112,7 +112,7 @@ class _Int8Pass(Pass):
     def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
               ctx: PassContext) -> PassResult:
         params = self.validate_params(params)
-        work = ort_support.copy_model(model)
+        work = ctx.working_copy(model)
         chosen, skipped = ort_support.partition(
             work, nodes, lambda node: self.check(work, node))
         if not chosen:
