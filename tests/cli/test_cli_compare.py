@@ -20,7 +20,15 @@ def test_compare_json_contract(tmp_path, capsys):
                  "--threads", "1", "--dim", "batch=4", "--json", "-"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) >= {"before", "after", "speedup", "nodes", "accuracy", "size_bytes"}
+    assert set(data) >= {"before", "after", "speedup", "nodes", "accuracy", "size_bytes",
+                         "speedup_ci", "significant", "plain_speedup_ci", "noise"}
+    lo, hi = data["speedup_ci"]
+    assert lo <= data["plain_speedup"] <= hi and isinstance(data["significant"], bool)
+    for node in data["nodes"]:
+        assert {"speedup_ci", "significant"} <= set(node)
+        if node["speedup_ci"] is not None:
+            assert node["speedup_ci"][0] <= node["speedup"] <= node["speedup_ci"][1]
+            assert isinstance(node["significant"], bool)
     names = {n["name"] for n in data["nodes"]}
     assert {"fc1", "fc2"} <= names
     out = data["accuracy"]["outputs"][0]
@@ -38,6 +46,8 @@ def test_compare_writes_html_and_csv_and_prints_a_table(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "total (median, profiled)" in printed and "cosine" in printed
+    # a model against itself, with 2 runs: no verdict can be drawn from so few
+    assert "verdict: no significant change (≈ 1×" in printed and "95% interval" in printed
     assert html.read_text().startswith("<!doctype html>")
     assert csv.read_text().startswith("name,op_type")
 

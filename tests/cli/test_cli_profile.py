@@ -133,3 +133,14 @@ def test_roofline_places_the_operators_under_this_machines_ceilings(model_path, 
     assert mm["bound"] in ("memory", "compute")
     assert mm["intensity"] == pytest.approx(mm["flops"] / mm["bytes_moved"])
     assert mm["achieved_gflops"] > 0
+
+
+def test_until_stable_and_the_noise_line(model_path, capsys):
+    code = main(["profile", str(model_path), "--runs", "6", "--warmup", "1", "--threads", "1",
+                 "--dim", "seq=16", "--until-stable", "--time-budget", "2"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "until stable: ±" in text and "(target ±5 %" in text
+    assert "noise: " in text and "median ms" in text.splitlines()[0]
+    code = main(["profile", str(model_path), *FAST, "--dim", "seq=16", "--until-stable", "0"])
+    assert code == 1 and "--until-stable takes a percentage" in capsys.readouterr().err

@@ -76,13 +76,16 @@ def test_nodes_are_original_names_and_add_up_to_the_run(tmp_path, private_tmp):
     assert traced <= p.total_ms["mean"] * 1.001
     assert traced >= 0.6 * p.total_ms["mean"]  # the executor between kernels is the rest
     assert abs(traced + p.untraced_ms - p.total_ms["mean"]) < 1e-6
-    assert p.nodes == sorted(p.nodes, key=lambda n: -n.mean_ms)
+    assert p.nodes == sorted(p.nodes, key=lambda n: -n.p50_ms)  # one outlier moves no median
     assert all(n.min_ms <= n.p50_ms <= n.p90_ms for n in p.nodes)
     assert abs(sum(n.share for n in p.nodes) - sum(n.mean_ms for n in p.nodes)
                / p.total_ms["mean"]) < 1e-6
     # plain runs measured and compared
     assert p.plain_ms and p.plain_ms["mean"] > 0
-    assert p.overhead["ratio"] > 0 and p.overhead["note"]
+    lo, hi = p.overhead["ratio_ci"]
+    assert lo <= hi and p.overhead["note"]
+    # an overhead is stated only when profiling measurably slows the runs down
+    assert p.overhead["ratio"] is None or (p.overhead["ratio"] > 1 and lo > 1)
     # nothing left in opstudio's temp folder (trace JSON, optimized graph, model copies)
     assert not any((private_tmp / "opstudio").iterdir())
 

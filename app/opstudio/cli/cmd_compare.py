@@ -7,7 +7,7 @@ import argparse
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
 from opstudio.core import report
-from opstudio.core.compare import Comparison, NodeDelta, compare_models
+from opstudio.core.compare import Comparison, NodeDelta, compare_models, speedup_label
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,23 +46,34 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(c: Comparison, top: int = 15) -> None:
     rows = []
     for r in c.nodes[:top]:
+        # "≈ 1×" when the interval holds 1: a difference within the noise is no finding
         rows.append((r.name, r.op_type, "-" if r.before_ms is None else f"{r.before_ms:.4f}",
-                     "-" if r.after_ms is None else f"{r.after_ms:.4f}",
-                     "" if r.speedup is None else f"{r.speedup:.2f}x",
+                     "-" if r.after_ms is None else f"{r.after_ms:.4f}", r.label(),
+                     "" if r.ratio is None else f"[{r.ratio.low:.2f}, {r.ratio.high:.2f}]",
                      f"+{len(r.group) - 1}" if r.group else "", _change(r)))
-    print_table(("operator", "op type", "before ms", "after ms", "speedup", "group", "change"),
-                rows, "llrrrll")
+    print_table(("operator", "op type", "before ms", "after ms", "speedup", "95% interval",
+                 "group", "change"), rows, "llrrrrll")
     changes = c.changes()
     if any(changes.values()):
         print(f"AFTER's nodes: {changes['mapped']} renamed or replaced (matched to the originals "
               f"by provenance, weight or name), {changes['removed']} removed, "
               f"{changes['added']} added")
     tb, ta = c.before.total_ms, c.after.total_ms
-    sp = "n/a" if c.speedup is None else f"{c.speedup:.2f}x"
-    print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp})")
+    sp = speedup_label(c.speedup, c.total_ratio) or "n/a"
+    print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp}"
+          f"{_interval(c.total_ratio)})")
     if c.plain_speedup is not None:
         print(f"total (median, plain):    {c.before.plain_ms['p50']:.3f} ms -> "
-              f"{c.after.plain_ms['p50']:.3f} ms  ({c.plain_speedup:.2f}x)")
+              f"{c.after.plain_ms['p50']:.3f} ms  ({speedup_label(c.plain_speedup, c.plain_ratio)}"
+              f"{_interval(c.plain_ratio)})")
+    if c.verdict_text():
+        print(f"verdict: {c.verdict_text()}")
+    if c.noise():
+        print(f"noise: {c.noise()}")
+    timed = [r for r in c.nodes if r.ratio is not None]
+    if timed:
+        changed = sum(1 for r in timed if r.significant)
+        print(f"operators: {changed} of {len(timed)} changed significantly, the others ≈ 1×")
     sb, sa = c.size_bytes["before"], c.size_bytes["after"]
     print(f"size: {sb:,} -> {sa:,} bytes ({(sa / sb if sb else 0):.0%})")
     print()
@@ -74,6 +85,10 @@ def print_summary(c: Comparison, top: int = 15) -> None:
                 acc, "lrrrrrr")
     if c.accuracy.summary():
         print(c.accuracy.summary())
+
+
+def _interval(ratio: object) -> str:
+    return "" if ratio is None else f" [{ratio.low:.2f}, {ratio.high:.2f}]"
 
 
 def _change(row: NodeDelta) -> str:

@@ -61,6 +61,11 @@ def add_profile_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"onnxruntime execution provider (default {d.provider})")
     group.add_argument("--time-budget", type=float, default=None, metavar="S",
                        help="stop timed runs after S seconds (at least one run)")
+    group.add_argument("--until-stable", type=float, nargs="?", const=5.0, default=None,
+                       metavar="PCT",
+                       help="after --runs, keep running until the 95%% interval of the total's "
+                            "median is within PCT%% of it (default 5), or the time budget "
+                            "(--time-budget, else 30 s) is spent")
     group.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
                        help=f"stop onnxruntime if it takes longer than S seconds in all "
                             f"(default {d.timeout_s:g})")
@@ -75,7 +80,8 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
         provider=args.provider, time_budget_s=args.time_budget, timeout_s=args.timeout,
         dims=parse_dims(getattr(args, "dim", []) or []),
         shapes=parse_shapes(getattr(args, "shape", []) or []),
-        inputs_path=getattr(args, "inputs", None), seed=getattr(args, "seed", 0))
+        inputs_path=getattr(args, "inputs", None), seed=getattr(args, "seed", 0),
+        until_stable=getattr(args, "until_stable", None))
     settings.phase, settings.past = parse_phase(args)
     settings.validate()
     return settings
@@ -143,32 +149,52 @@ def _print_by_layer(model_path: str, profile: Profile) -> None:
 def print_summary(p: Profile, top: int = 20, file=None) -> None:
     file = file or sys.stdout
     nodes = p.nodes if top <= 0 else p.nodes[:top]
-    rows = [(n.name, n.op_type, f"{n.mean_ms:.4f}", f"{n.p90_ms:.4f}", f"{n.share:.1%}",
-             f"{n.calls:g}", f"+{len(n.group) - 1}" if n.group else "") for n in nodes]
-    print_table(("operator", "op type", "mean ms", "p90 ms", "share", "calls", "fused"), rows,
-                "llrrrrl", file=file)
+    # sorted by median: one run another process interrupted does not move a median
+    rows = [(n.name, n.op_type, f"{n.p50_ms:.4f}", f"{n.p90_ms:.4f}", f"{n.mean_ms:.4f}",
+             f"{n.share:.1%}", f"{n.calls:g}", f"+{len(n.group) - 1}" if n.group else "")
+            for n in nodes]
+    print_table(("operator", "op type", "median ms", "p90 ms", "mean ms", "share", "calls",
+                 "fused"), rows, "llrrrrrl", file=file)
     if len(p.nodes) > len(nodes):
-        rest = sum(n.mean_ms for n in p.nodes[len(nodes):])
+        rest = sum(n.p50_ms for n in p.nodes[len(nodes):])
         print(f"... {len(p.nodes) - len(nodes)} more operators, {rest:.4f} ms", file=file)
     t = p.total_ms
+    noise = p.noise or {}
     print(file=file)
-    print(f"total (profiled, model_run): mean {t['mean']:.4f} ms  p50 {t['p50']:.4f}  "
-          f"p90 {t['p90']:.4f}  min {t['min']:.4f}  std {t['std']:.4f}  ({p.runs} runs)",
-          file=file)
+    print(f"total (profiled, model_run): median {t['p50']:.4f} ms{_ci(noise.get('total_ci'))}  "
+          f"mean {t['mean']:.4f}  p90 {t['p90']:.4f}  min {t['min']:.4f}  std {t['std']:.4f}  "
+          f"({p.runs} runs)", file=file)
     if p.plain_ms:
         q = p.plain_ms
-        print(f"total (plain, no profiler):  mean {q['mean']:.4f} ms  p50 {q['p50']:.4f}  "
-              f"p90 {q['p90']:.4f}  min {q['min']:.4f}  std {q['std']:.4f}", file=file)
-    if p.overhead.get("ratio") is not None:
-        print(f"profiling overhead: {p.overhead['ratio']:.2f}x — {p.overhead.get('note', '')}",
-              file=file)
+        print(f"total (plain, no profiler):  median {q['p50']:.4f} ms{_ci(noise.get('plain_ci'))}  "
+              f"mean {q['mean']:.4f}  p90 {q['p90']:.4f}  min {q['min']:.4f}  "
+              f"std {q['std']:.4f}", file=file)
+    if noise.get("message"):
+        print(f"noise: {noise['message']}", file=file)
+    stable = noise.get("stable")
+    if stable:
+        print(f"until stable: ±{stable['pct']:.1f} % after {stable['rounds']} runs "
+              f"(target ±{stable['target_pct']:g} %"
+              f"{'' if stable['reached'] else ', not reached'})", file=file)
+    ov = p.overhead
+    if ov.get("ratio") is not None:
+        print(f"profiling overhead: {ov['ratio']:.2f}x — {ov.get('note', '')}", file=file)
+    elif ov.get("ratio_ci"):
+        # an overhead below 1 is never a finding: the note says what it means instead
+        shown = "not measured" if ov.get("significant") else "≈ 1×"
+        print(f"profiling overhead: {shown} — {ov.get('note', '')}", file=file)
     line = f"unattributed: {p.unattributed_ms:.4f} ms"
     if p.unattributed:
         line += " (" + ", ".join(u["kernel"] for u in p.unattributed[:5]) + \
             (", …" if len(p.unattributed) > 5 else "") + ")"
     print(f"{line};  between kernels (not traced): {p.untraced_ms:.4f} ms", file=file)
     for note in p.notes:
-        print(f"note: {note}", file=file)
+        if note != noise.get("message"):
+            print(f"note: {note}", file=file)
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
 def print_roofline(machine: Any, points: list[Any], top: int = 20, file=None) -> None:

@@ -1,7 +1,11 @@
 """Before/after comparison of two models: latency per original node, accuracy, size.
 
 Both models are profiled on the same inputs, generated once from the *before* model (or read
-from the user's ``.npz``). Rows are keyed by original node names: the profile of an optimized
+from the user's ``.npz``), in one child process, their runs taking turns round by round
+(``profiler.profile_models``): run ``i`` of before and run ``i`` of after are moments apart, so
+the median of their paired ratios (``timing.paired_ratio``, with its 95 % interval)
+is nearly free of what else the machine was doing. A total or a node whose interval holds 1 is
+*no significant change* ("≈ 1×"), whatever its median says. Rows are keyed by original node names: the profile of an optimized
 model already reports kernels against the node they came from (provenance). When onnxruntime
 fuses nodes differently in the two models (``mm0`` alone before, ``mm0`` + ``add0`` fused after),
 the rows are merged into one group so that no time is compared against the wrong thing.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +35,10 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
-from opstudio.core.profiler import Profile, ProfileSettings, profile_model
+from opstudio.core.profiler import Profile, ProfileSettings, profile_models, quiet_runs
 from opstudio.core.provenance import get_origin
 from opstudio.core.tempdir import opstudio_tempdir
+from opstudio.core.timing import Ratio, paired_ratio, spread
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -53,6 +58,9 @@ _CONST_DEPTH = 4
 
 SAME, MAPPED, REMOVED, ADDED = "same", "mapped", "removed", "added"
 
+# onnxruntime's trace counts whole µs: a kernel read as 0 µs took less than one
+_TRACE_RESOLUTION_MS = 0.0005
+
 
 @dataclass
 class NodeDelta:
@@ -63,18 +71,78 @@ class NodeDelta:
     group: list[str] = field(default_factory=list)
     status: str = SAME  # same, mapped (renamed or replaced in AFTER), removed, added
     after_names: list[str] = field(default_factory=list)  # AFTER's nodes when renamed
+    # before/after of the paired runs, with its interval (None: one side missing or not timed)
+    ratio: Ratio | None = None
+    # ms per timed run of each side (the row's members summed), for error bars
+    before_series: list[float] = field(default_factory=list, repr=False)
+    after_series: list[float] = field(default_factory=list, repr=False)
 
     @property
     def speedup(self) -> float | None:
         if self.after_ms is None or self.before_ms is None or self.after_ms <= 0:
             return None
+        if self.ratio is not None:
+            return self.ratio.median
         return self.before_ms / self.after_ms
+
+    @property
+    def significant(self) -> bool | None:
+        """The interval excludes 1 (None: nothing to compare, or compared without runs)."""
+        return None if self.ratio is None else self.ratio.significant
+
+    def label(self) -> str:
+        """The speedup as shown: "≈ 1×" when not significant, "" when there is none."""
+        return speedup_label(self.speedup, self.ratio)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "op_type": self.op_type,
                 "before_ms": _ms(self.before_ms), "after_ms": _ms(self.after_ms),
-                "speedup": _round(self.speedup), "group": self.group, "status": self.status,
+                "speedup": _round(self.speedup), "speedup_ci": _ci(self.ratio),
+                "significant": self.significant, "group": self.group, "status": self.status,
                 "after_names": list(self.after_names)}
+
+
+def speedup_label(speedup: float | None, ratio: Ratio | None, digits: int = 2) -> str:
+    """How a speedup is shown everywhere: the ratio's label ("≈ 1×" when its interval holds
+    1), the bare figure when it was not measured in pairs, "" when there is none."""
+    if speedup is None:
+        return ""
+    return ratio.label(digits) if ratio is not None else f"{speedup:.{digits}f}×"
+
+
+def interval_text(ratio: Ratio | None) -> str:
+    """The 95 % interval in words, for tooltips and tables."""
+    if ratio is None:
+        return ""
+    verdict = "" if ratio.significant else "; no significant change"
+    return (f"95 % interval {ratio.low:.2f}–{ratio.high:.2f}× over {ratio.rounds} paired "
+            f"runs{verdict}")
+
+
+def paired_speedup(before_ms: Sequence[float], after_ms: Sequence[float],
+                   rounds: Sequence[int] | None = None) -> Ratio | None:
+    """before/after of runs timed in turns (run i with run i), over ``rounds`` (default all),
+    or None when either side did not run. Times under the trace's resolution count as half
+    of it."""
+    n = min(len(before_ms), len(after_ms))
+    keep = [i for i in (range(n) if rounds is None else rounds) if i < n]
+    b = np.asarray(before_ms, dtype=float)[keep]
+    a = np.asarray(after_ms, dtype=float)[keep]
+    if b.size == 0 or not b.any() or not a.any():
+        return None
+    return paired_ratio(np.maximum(b, _TRACE_RESOLUTION_MS), np.maximum(a, _TRACE_RESOLUTION_MS))
+
+
+def quiet_rounds(before_ms: Sequence[float], after_ms: Sequence[float]) -> list[int]:
+    """Rounds in which neither model's run was disturbed, when the machine was busy
+    (``timing.spread``): another process waking up slows one run of a pair, and that pair says
+    nothing about the models. A steady side keeps all its runs (a median shrugs off one)."""
+    n = min(len(before_ms), len(after_ms))
+    keep = set(range(n))
+    for series in (list(before_ms[:n]), list(after_ms[:n])):
+        if series and spread(series).busy:
+            keep &= set(quiet_runs(series))
+    return sorted(keep) or list(range(n))
 
 
 @dataclass
@@ -115,9 +183,14 @@ class Comparison:
     size_bytes: dict[str, int]
     before_path: str = ""
     after_path: str = ""
+    # paired before/after ratios of the whole model, profiled (model_run) and plain
+    total_ratio: Ratio | None = None
+    plain_ratio: Ratio | None = None
 
     @property
     def speedup(self) -> float | None:
+        if self.total_ratio is not None:
+            return self.total_ratio.median
         b = self.before.total_ms.get("p50") or self.before.total_ms.get("mean")
         a = self.after.total_ms.get("p50") or self.after.total_ms.get("mean")
         if not a or not b:
@@ -126,17 +199,58 @@ class Comparison:
 
     @property
     def plain_speedup(self) -> float | None:
+        if self.plain_ratio is not None:
+            return self.plain_ratio.median
         b = (self.before.plain_ms or {}).get("p50")
         a = (self.after.plain_ms or {}).get("p50")
         if not a or not b:
             return None
         return b / a
 
+    @property
+    def verdict(self) -> Ratio | None:
+        """The whole model's ratio a user acts on: the plain runs' (what the model costs
+        without the profiler), else the profiled ones'."""
+        return self.plain_ratio if self.plain_ratio is not None else self.total_ratio
+
+    @property
+    def significant(self) -> bool | None:
+        v = self.verdict
+        return None if v is None else v.significant
+
+    def verdict_text(self) -> str:
+        """One line: "1.85× faster [1.79, 1.92]" or "no significant change (≈ 1×, …)"."""
+        v = self.verdict
+        if v is None:
+            return ""
+        ci = f"[{v.low:.2f}, {v.high:.2f}]"
+        if not v.significant:
+            return f"no significant change (≈ 1×, 95 % interval {ci})"
+        if v.median >= 1:
+            return f"{v.median:.2f}× faster, 95 % interval {ci}"
+        return f"{1 / v.median:.2f}× slower ({v.median:.2f}×), 95 % interval {ci}"
+
+    def noise(self) -> str:
+        """What the machine was like while the two were timed (the busier side speaks)."""
+        sides = [p.noise for p in (self.before, self.after) if p.noise]
+        busy = [n for n in sides if n.get("busy")]
+        if busy:
+            return max(busy, key=lambda n: sum(n.get("disturbed", {}).values()))["message"]
+        return sides[0].get("message", "") if sides else ""
+
     def op_types(self) -> list[dict[str, Any]]:
         before = {r["op_type"]: r["mean_ms"] for r in self.before.op_types}
         after = {r["op_type"]: r["mean_ms"] for r in self.after.op_types}
-        rows = [{"op_type": op, "before_ms": before.get(op, 0.0), "after_ms": after.get(op, 0.0)}
-                for op in dict.fromkeys([*before, *after])]
+        b_series, a_series = _series_by_op(self.before), _series_by_op(self.after)
+        rounds = quiet_rounds(self.before.total_series_ms, self.after.total_series_ms)
+        rows = []
+        for op in dict.fromkeys([*before, *after]):
+            ratio = paired_speedup(b_series.get(op, []), a_series.get(op, []), rounds)
+            b, a = before.get(op, 0.0), after.get(op, 0.0)
+            rows.append({"op_type": op, "before_ms": b, "after_ms": a,
+                         "speedup": (ratio.median if ratio is not None
+                                     else (b / a if a > 0 and b > 0 else None)),
+                         "ratio": ratio})
         rows.sort(key=lambda r: -max(r["before_ms"], r["after_ms"]))
         return rows
 
@@ -155,17 +269,29 @@ class Comparison:
         return None
 
     def to_json(self) -> dict[str, Any]:
+        op_rows = []
+        for r in self.op_types():
+            ratio = r.pop("ratio")
+            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+            row["speedup_ci"] = _ci(ratio)
+            row["significant"] = None if ratio is None else ratio.significant
+            op_rows.append(row)
         return {
             "before_model": self.before_path,
             "after_model": self.after_path,
             "before": self.before.to_json(),
             "after": self.after.to_json(),
+            # the whole model's verdict: the plain runs' ratio (else the profiled ones')
+            "speedup_ci": _ci(self.verdict),
+            "significant": self.significant,
             "speedup": _round(self.speedup),
+            "profiled_speedup_ci": _ci(self.total_ratio),
             "plain_speedup": _round(self.plain_speedup),
+            "plain_speedup_ci": _ci(self.plain_ratio),
+            "noise": self.noise(),
             "nodes": [n.to_json() for n in self.nodes],
             "node_changes": self.changes(),
-            "op_types": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
-                         for r in self.op_types()],
+            "op_types": op_rows,
             "accuracy": self.accuracy.to_json(),
             "size_bytes": dict(self.size_bytes),
         }
@@ -289,13 +415,18 @@ def _weights_read(model: onnx.ModelProto) -> dict[str, list[str]]:
     return out
 
 
-def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None) -> list[NodeDelta]:
+def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None,
+                rounds: Sequence[int] | None = None) -> list[NodeDelta]:
     """Rows of (original node or group, time before, time after), slowest-before first.
 
     Times are per-run medians: on a busy machine one interrupted run can triple a mean, while
     the median of the same runs stays within a few percent. With ``mapping`` (``map_nodes`` of
     the two models) AFTER's renamed nodes are put on their originals' rows, and removed/added
-    are decided by the models; without, a node missing from one profile is removed/added."""
+    are decided by the models; without, a node missing from one profile is removed/added.
+    A row's ``ratio`` pairs the two profiles' runs of the same round, over ``rounds`` (default:
+    those in which neither whole run was disturbed)."""
+    if rounds is None:
+        rounds = quiet_rounds(before.total_series_ms, after.total_series_ms)
     renamed = mapping.renamed() if mapping is not None else {}
     claimed = mapping.claimed() if mapping is not None else set()
     b_known = {m for s in before.nodes for m in (s.name, *s.group)}
@@ -334,9 +465,13 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None)
             if c is None:
                 c = clusters[root] = {"name": members[0], "op_type": stats.op_type,
                                       "before": 0.0, "after": 0.0, "members": [],
-                                      "sides": set(), "renamed": []}
+                                      "sides": set(), "renamed": [],
+                                      "before_series": None, "after_series": None}
                 order.append(root)
             c[side] += stats.p50_ms
+            series = np.asarray(getattr(stats, "series_ms", None) or [], dtype=float)
+            key = f"{side}_series"
+            c[key] = series if c[key] is None or c[key].size != series.size else c[key] + series
             c["sides"].add(side)
             if side == "after":
                 c["renamed"] += [m for m in (stats.name, *stats.group) if m in renamed]
@@ -358,9 +493,15 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None)
                    else not any(m in claimed for m in c["members"]))
             if new:
                 before_ms, status = None, ADDED
+        b_series = [] if c["before_series"] is None else c["before_series"].tolist()
+        a_series = [] if c["after_series"] is None else c["after_series"].tolist()
+        ratio = None
+        if before_ms is not None and after_ms is not None and after_ms > 0:
+            ratio = paired_speedup(b_series, a_series, rounds)
         rows.append(NodeDelta(c["name"], c["op_type"], before_ms, after_ms,
                               group=c["members"] if len(c["members"]) > 1 else [],
-                              status=status, after_names=list(dict.fromkeys(c["renamed"]))))
+                              status=status, after_names=list(dict.fromkeys(c["renamed"])),
+                              ratio=ratio, before_series=b_series, after_series=a_series))
     rows.sort(key=lambda r: (-(r.before_ms if r.before_ms is not None else -1.0), r.name))
     return rows
 
@@ -377,7 +518,8 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                    inputs: dict[str, np.ndarray] | None = None,
                    progress: Progress | None = None,
                    cancelled: CancelCheck | None = None) -> Comparison:
-    """Profile ``before`` and ``after`` on identical inputs and measure the accuracy change."""
+    """Profile ``before`` and ``after`` on identical inputs, their runs taking turns in one
+    child process, and measure the accuracy change."""
     settings = settings or ProfileSettings()
 
     def report(lo: float, hi: float) -> Progress | None:
@@ -395,10 +537,9 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                                  dims=settings.dims, shapes=settings.shapes,
                                  npz_path=settings.inputs_path, seed=settings.seed,
                                  phase=settings.phase, past=settings.past, model_path=before_path)
-        prof_before = profile_model(before_path, settings, inputs=inputs,
-                                    progress=report(0.0, 0.45), cancelled=cancelled)
-        prof_after = profile_model(after_path, settings, inputs=inputs,
-                                   progress=report(0.45, 0.9), cancelled=cancelled)
+        prof_before, prof_after = profile_models([before_path, after_path], settings,
+                                                 inputs=inputs, progress=report(0.0, 0.9),
+                                                 cancelled=cancelled)
         if progress:
             progress(0.9, "comparing outputs")
         accuracy = call_isolated(evaluate, str(before_path), str(after_path), inputs,
@@ -408,13 +549,35 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                             load_model(after_path, load_external_data=False))
     if progress:
         progress(1.0, "done")
+    profiled_rounds = quiet_rounds(prof_before.total_series_ms, prof_after.total_series_ms)
+    plain_rounds = quiet_rounds(prof_before.plain_series_ms, prof_after.plain_series_ms)
     return Comparison(
         before=prof_before, after=prof_after,
-        nodes=match_nodes(prof_before, prof_after, mapping),
+        nodes=match_nodes(prof_before, prof_after, mapping, profiled_rounds),
         accuracy=accuracy, size_bytes=sizes,
         before_path=str(before) if not isinstance(before, onnx.ModelProto) else "",
         after_path=str(after) if not isinstance(after, onnx.ModelProto) else "",
+        total_ratio=paired_speedup(prof_before.total_series_ms, prof_after.total_series_ms,
+                                   profiled_rounds),
+        plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
+                                   plain_rounds),
     )
+
+
+def _series_by_op(profile: Profile) -> dict[str, list[float]]:
+    """ms per run of each op type (its nodes summed), from the nodes' paired series."""
+    out: dict[str, np.ndarray] = {}
+    for n in profile.nodes:
+        series = np.asarray(n.series_ms or [], dtype=float)
+        if series.size == 0:
+            continue
+        prev = out.get(n.op_type)
+        out[n.op_type] = series if prev is None or prev.size != series.size else prev + series
+    return {k: v.tolist() for k, v in out.items()}
+
+
+def _ci(ratio: Ratio | None) -> list[float] | None:
+    return None if ratio is None else [round(ratio.low, 4), round(ratio.high, 4)]
 
 
 def _as_file(model: str | Path | onnx.ModelProto, target: Path) -> Path:

@@ -4,21 +4,29 @@
 crashes or hangs onnxruntime cannot take the caller down, a hung run is stopped after
 ``timeout_s`` and cancel stops it within a second.
 
-In the child, one session with ``enable_profiling`` does ``warmup`` runs and then ``runs`` timed
-runs (fewer if ``time_budget_s`` runs out, never fewer than one). Its trace gives, per run, the
+In the child, one session with ``enable_profiling`` and one without (the plain run time a user
+would see) each do ``warmup`` runs, then take turns for ``runs`` timed rounds, alternating which
+goes first (``timing.interleaved_times``): a machine that gets busy halfway slows both alike
+instead of whichever ran second. Fewer rounds if ``time_budget_s`` runs out (never fewer than
+one); with ``until_stable`` more, until the 95 % interval of the total's median is within that
+many percent (or the budget is spent). The profiled session's trace gives, per run, the
 ``model_run`` event and one event per kernel (``cat == "Node"``, ``<kernel>_kernel_time``, ``dur``
 in µs). The session also saves the graph it runs, which ``attribution`` uses to map every kernel
-back to the original nodes (if a provider cannot save it, kernels are matched by name). Then a second session, without profiling, runs the same number of
-runs: the plain run time a user would see, and the profiling overhead (profiled wall time over
-plain wall time — onnxruntime spends several µs per kernel event, so models made of many tiny
-kernels read slower when profiled; the per-node split is still the profiler's).
+back to the original nodes (if a provider cannot save it, kernels are matched by name). The
+profiling overhead is the paired ratio of profiled to plain wall time (onnxruntime spends several
+µs per kernel event, so models made of many tiny kernels read slower when profiled; the per-node
+split is still the profiler's). ``profile_models`` measures several models in one child, their
+rounds interleaved too: what ``compare`` uses, so that before and after see the same machine.
+
+A busy machine only ever slows runs down: runs far above the median (``timing.spread``) are
+*disturbed*; statistics come from the quiet runs, and ``noise`` says how many were left out.
 
 Control flow: an ``If``/``Loop``/``Scan`` event already contains the time of the kernels of its
 subgraphs, which are also listed on their own. Those inner events are charged to the control-flow
 node for ``calls`` and ``kernels`` only; their time is counted once, in the node's own event.
 
-Statistics per node are over the timed runs of the node's summed kernel time per run: mean, p50,
-p90, min, std; ``calls`` is how many times the node ran per run: the most executions of any of
+Statistics per node are over the quiet timed runs of the node's summed kernel time per run: mean,
+p50, p90, min, std (rows sorted by p50: one outlier run does not move a median); ``calls`` is how many times the node ran per run: the most executions of any of
 its kernels (1 for a plain or fused node, n for a kernel in a Loop body run n times);
 ``share`` is the mean over the mean ``model_run``. Time of kernels no
 node could be found for is ``unattributed_ms`` (listed in ``unattributed``); the rest of the run
@@ -36,9 +44,8 @@ import math
 import os
 import re
 import sys
-import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,8 @@ class ProfileSettings:
     seed: int = 0
     phase: str | None = None  # "prefill" or "decode" for a KV-cache decoder (core.phases)
     past: int | None = None  # past length of a decode step
+    # keep running until the total's 95 % interval is within this many percent of its median
+    until_stable: float | None = None
 
     def validate(self, check_provider: bool = True) -> None:
         if not isinstance(self.runs, int) or self.runs < 1:
@@ -91,6 +100,9 @@ class ProfileSettings:
             raise OpstudioError(f"time budget must be positive, not {self.time_budget_s}")
         if not self.timeout_s > 0:
             raise OpstudioError(f"timeout must be positive, not {self.timeout_s}")
+        if self.until_stable is not None and not 0 < self.until_stable < 100:
+            raise OpstudioError(
+                f"--until-stable takes a percentage between 0 and 100, not {self.until_stable}")
         if check_provider:
             import onnxruntime as ort
 
@@ -122,9 +134,13 @@ class NodeStats:
     share: float  # of the mean model run
     kernels: list[str] = field(default_factory=list)
     group: list[str] = field(default_factory=list)  # all original nodes covered (name first)
+    # ms in every timed run, disturbed ones included, in run order: what pairs with another
+    # model's runs of the same rounds (not written to JSON)
+    series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("series_ms")
         for k in ("mean_ms", "p50_ms", "p90_ms", "min_ms", "std_ms"):
             out[k] = round(out[k], 6)
         out["share"] = round(out["share"], 6)
@@ -153,6 +169,11 @@ class Profile:
     attribution: str = ""  # how kernels were mapped: "optimized graph" or "names"
     onnxruntime: str = ""
     notes: list[str] = field(default_factory=list)  # what a reader of the numbers must know
+    # disturbed runs, intervals of the totals' medians, whether --until-stable was reached
+    noise: dict[str, Any] = field(default_factory=dict)
+    # ms of every timed run in order (profiled model_run; plain): paired with another model's
+    total_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
+    plain_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -182,6 +203,7 @@ class Profile:
             "onnxruntime": self.onnxruntime,
             "kernel_events": self.kernel_events,
             "notes": list(self.notes),
+            "noise": dict(self.noise),
         }
 
     @classmethod
@@ -202,6 +224,7 @@ class Profile:
             attribution=data.get("attribution", ""),
             onnxruntime=data.get("onnxruntime", ""),
             notes=[str(n) for n in data.get("notes", [])],
+            noise=dict(data.get("noise", {})),
         )
 
     def to_csv(self) -> str:
@@ -260,6 +283,17 @@ def profile_model(model: str | Path | onnx.ModelProto, settings: ProfileSettings
                   inputs: dict[str, np.ndarray] | None = None, progress: Progress | None = None,
                   cancelled: CancelCheck | None = None) -> Profile:
     """Profile ``model`` (a path or a proto) on onnxruntime; see the module docstring."""
+    [profile] = profile_models([model], settings, inputs, progress, cancelled)
+    return profile
+
+
+def profile_models(models: Sequence[str | Path | onnx.ModelProto],
+                   settings: ProfileSettings | None = None,
+                   inputs: dict[str, np.ndarray] | None = None, progress: Progress | None = None,
+                   cancelled: CancelCheck | None = None) -> list[Profile]:
+    """Profile ``models`` in one child process, their runs interleaved round by round, on the
+    same inputs (made from the first model unless given): run ``i`` of every model was timed
+    moments apart, so ``timing.paired_ratio`` of their series compares them on one machine."""
     from opstudio.core.inputs import make_inputs
     from opstudio.core.isolation import call_isolated
     from opstudio.core.model_io import load_model, save_model
@@ -268,50 +302,79 @@ def profile_model(model: str | Path | onnx.ModelProto, settings: ProfileSettings
     settings = settings or ProfileSettings()
     settings.validate()
     with opstudio_tempdir(prefix="profile-") as tmp:
-        if isinstance(model, onnx.ModelProto):
-            path = tmp / "model.onnx"
-            save_model(model, path, overwrite=True)
-            label = model.graph.name or "model"
-            proto: onnx.ModelProto | None = model
-        else:
-            path = Path(model)
-            label = str(model)
-            proto = None
-            if not path.is_file():
-                raise OpstudioError(f"{path}: no such file")
+        paths, labels = [], []
+        first: onnx.ModelProto | None = None
+        for i, model in enumerate(models):
+            if isinstance(model, onnx.ModelProto):
+                path = tmp / f"model{i}.onnx"
+                save_model(model, path, overwrite=True)
+                labels.append(model.graph.name or "model")
+                if i == 0:
+                    first = model
+            else:
+                path = Path(model)
+                labels.append(str(model))
+                if not path.is_file():
+                    raise OpstudioError(f"{path}: no such file")
+            paths.append(str(path))
         if inputs is None:
             if progress:
                 progress(0.0, "preparing inputs")
-            if proto is None:
-                proto = load_model(path, load_external_data=False)
-            inputs = make_inputs(proto, dims=settings.dims, shapes=settings.shapes,
+            if first is None:
+                first = load_model(paths[0], load_external_data=False)
+            inputs = make_inputs(first, dims=settings.dims, shapes=settings.shapes,
                                  npz_path=settings.inputs_path, seed=settings.seed,
-                                 phase=settings.phase, past=settings.past, model_path=path)
-        profile = call_isolated(_profile_in_child, str(path), settings.to_json(), inputs,
-                                str(tmp), timeout=settings.timeout_s, progress=progress,
-                                cancelled=cancelled)
-    profile.model = label
-    profile.settings = settings
-    return profile
+                                 phase=settings.phase, past=settings.past, model_path=paths[0])
+        profiles = call_isolated(_measure_in_child, paths, settings.to_json(), inputs,
+                                 str(tmp), timeout=settings.timeout_s, progress=progress,
+                                 cancelled=cancelled)
+    for profile, label in zip(profiles, labels):
+        profile.model = label
+        profile.settings = settings
+    return profiles
 
 
 # ---------------------------------------------------------------------------------------------
 # Child side
 
+# --until-stable without --time-budget: stop trying after this long
+UNTIL_STABLE_BUDGET_S = 30.0
+
 
 def _profile_in_child(model_path: str, settings_json: dict[str, Any],
                       inputs: dict[str, np.ndarray], workdir: str,
                       progress: Progress | None = None) -> Profile:
-    import onnxruntime as ort
+    [profile] = _measure_in_child([model_path], settings_json, inputs, workdir, progress)
+    return profile
 
+
+class _Fed:
+    """A session that runs on its own inputs whatever it is handed: sessions of models with
+    different inputs take turns in one ``interleaved_times``."""
+
+    def __init__(self, sess: Any, feeds: Mapping[str, np.ndarray]) -> None:
+        self.sess, self.feeds = sess, feeds
+
+    def run(self, _outputs: Any, _feeds: Any) -> None:
+        _run(self.sess, self.feeds)
+
+
+@dataclass
+class _Side:
+    model: onnx.ModelProto  # without weights
+    path: str
+    work: Path
+    dump: bool
+    profiled: Any
+    plain: Any
+    feeds: dict[str, np.ndarray]
+
+
+def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
+               inputs: Mapping[str, np.ndarray]) -> _Side:
     from opstudio.core.model_io import ensure_node_names, load_model, save_model
 
-    ort.set_default_logger_severity(4)
-    settings = ProfileSettings.from_json(settings_json)
-    report = progress or (lambda f, m: None)
-    work = Path(workdir)
-    report(0.01, "loading the model")
-
+    work.mkdir(parents=True, exist_ok=True)
     # Every node needs a unique name for its kernel to be found again; name them as
     # opstudio does everywhere (load_model) and run that copy if anything changed.
     model = load_model(model_path, load_external_data=False, name_nodes=False)
@@ -319,10 +382,11 @@ def _profile_in_child(model_path: str, settings_json: dict[str, Any],
     probe.CopyFrom(model)
     probe.graph.ClearField("initializer")
     if ensure_node_names(probe):
-        model = load_model(model_path)
+        full = load_model(model_path)
         named = work / "named.onnx"
-        save_model(model, named, overwrite=True)
+        save_model(full, named, overwrite=True)
         model_path = str(named)
+        model = load_model(named, load_external_data=False)
 
     def profiling_options(dump: bool) -> Any:
         so = _session_options(ort, settings)
@@ -346,46 +410,157 @@ def _profile_in_child(model_path: str, settings_json: dict[str, Any],
         dump = False
         sess = _create_session(ort, model_path, profiling_options(False), settings.provider)
     feeds = _check_feeds(sess, inputs)
-
-    report(0.1, "warming up")
-    for _ in range(settings.warmup):
-        _run(sess, feeds)
-    profiled_wall = _timed_runs(sess, feeds, settings.runs, settings.time_budget_s,
-                                lambda i, n: report(0.15 + 0.45 * i / n, f"profiled run {i}/{n}"))
-    trace_path = sess.end_profiling()
-    del sess
-    try:
-        trace = read_trace(trace_path)
-    except (OSError, ValueError) as exc:
-        raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(trace_path)
-
-    plain_wall: list[float] = []
+    plain = None
     if settings.measure_plain:
-        report(0.62, "plain runs")
-        so2 = _session_options(ort, settings)
-        sess2 = _create_session(ort, model_path, so2, settings.provider)
-        for _ in range(settings.warmup):
-            _run(sess2, feeds)
-        n_plain = len(profiled_wall)
-        plain_wall = _timed_runs(sess2, feeds, n_plain, None,
-                                 lambda i, n: report(0.62 + 0.3 * i / n, f"plain run {i}/{n}"))
-        del sess2
+        plain = _create_session(ort, model_path, _session_options(ort, settings),
+                                settings.provider)
+    return _Side(model, model_path, work, dump, sess, plain, feeds)
 
-    report(0.94, "attributing kernels to nodes")
-    optimized = None
-    opt_path = work / "optimized.onnx"
-    if dump and opt_path.is_file():
-        with contextlib.suppress(Exception):
-            optimized = onnx.load_model(str(opt_path), load_external_data=False)
-    profile = build_profile(model, trace, settings.warmup, len(profiled_wall), optimized,
-                            profiled_wall, plain_wall)
-    profile.settings = settings
-    profile.onnxruntime = ort.__version__
+
+def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
+                      inputs: dict[str, np.ndarray], workdir: str,
+                      progress: Progress | None = None) -> list[Profile]:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+    settings = ProfileSettings.from_json(settings_json)
+    report = progress or (lambda f, m: None)
+    report(0.01, "loading the model" if len(model_paths) == 1 else "loading the models")
+    sides = [_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs)
+             for i, path in enumerate(model_paths)]
+    sessions: dict[str, Any] = {}
+    for kind in ("plain", "profiled"):
+        for i, side in enumerate(sides):
+            sess = getattr(side, kind)
+            if sess is not None:
+                sessions[f"{kind}{i}"] = _Fed(sess, side.feeds)
+    report(0.1, "warming up")
+    times, stable = _rounds(sessions, settings, len(sides), sum(len(s.model.graph.node)
+                                                                for s in sides), report)
+
+    profiles = []
+    for i, side in enumerate(sides):
+        report(0.9, "attributing kernels to nodes")
+        trace_path = side.profiled.end_profiling()
+        side.profiled = side.plain = None
+        try:
+            trace = read_trace(trace_path)
+        except (OSError, ValueError) as exc:
+            raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(trace_path)
+        optimized = None
+        opt_path = side.work / "optimized.onnx"
+        if side.dump and opt_path.is_file():
+            with contextlib.suppress(Exception):
+                optimized = onnx.load_model(str(opt_path), load_external_data=False)
+        profiled = [t * 1e3 for t in times[f"profiled{i}"]]
+        plain = [t * 1e3 for t in times.get(f"plain{i}", [])]
+        profile = build_profile(side.model, trace, settings.warmup, len(profiled), optimized,
+                                profiled, plain)
+        if stable is not None:
+            profile.noise["stable"] = stable
+            if not stable["reached"]:
+                profile.notes.append(
+                    f"the total did not settle within ±{stable['target_pct']:g} % in "
+                    f"{stable['rounds']} runs (±{stable['pct']:.1f} % reached); "
+                    "a busy machine, or raise --time-budget")
+        profile.settings = settings
+        profile.onnxruntime = ort.__version__
+        profiles.append(profile)
     report(1.0, "done")
-    return profile
+    return profiles
+
+
+def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int, nodes: int,
+            report: Callable[[float, str], None]
+            ) -> tuple[dict[str, list[float]], dict[str, Any] | None]:
+    """Timed rounds of ``sessions`` (ms per run per key) and how stable the total got.
+
+    One ``interleaved_times`` round at a time, in an order chosen here: reversing a whole
+    round of four (plain A, plain B, profiled A, profiled B) would run profiled B twice in a
+    row at every other boundary, with warm caches, and read it 5-10 % faster than A (measured
+    on a model against its copy). So the models swap places within each kind (plain A,
+    plain B, profiled A, profiled B / plain B, plain A, profiled B, profiled A): every session
+    follows each neighbour equally often. One model alone: plain and profiled swap."""
+    from opstudio.core.timing import interleaved_times
+
+    budget = settings.time_budget_s
+    target = settings.until_stable
+    if target is not None and budget is None:
+        budget = UNTIL_STABLE_BUDGET_S
+    wanted = settings.runs
+    # onnxruntime stops tracing at a million events (about three per kernel): more rounds
+    # than that holds would be timed but not profiled
+    limit = max(wanted, TRACE_EVENT_CAP // max(3 * nodes, 1) - settings.warmup)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    spent = 0.0
+    done = 0
+    pct = math.inf
+    next_check = wanted
+    while True:
+        left = wanted - done if target is None else limit - done
+        if left <= 0:
+            break
+        chunk = interleaved_times(_round_order(sessions, models, done), {}, rounds=1,
+                                  warmup=settings.warmup if done == 0 else 0)
+        # the budget is for timed runs; the warm-up is not part of it
+        spent += sum(float(np.sum(v)) for v in chunk.values()) / 1e3
+        for k, v in chunk.items():
+            times[k].extend(float(x) for x in v)
+        done = len(next(iter(times.values())))
+        if target is None:
+            report(0.12 + 0.75 * min(1.0, done / wanted), f"run {done}/{wanted}")
+        else:
+            report(0.12 + 0.75 * min(1.0, spent / budget), f"run {done}, ±{pct:.1f} %")
+        if budget is not None and spent >= budget:
+            break
+        if target is not None and done >= next_check:
+            pct = _unsettled_pct(times, models)
+            if pct <= target:
+                break
+            next_check = done + max(2, done // 10)
+    if target is None:
+        return times, None
+    pct = _unsettled_pct(times, models)
+    return times, {"target_pct": target, "pct": round(pct, 3), "reached": pct <= target,
+                   "rounds": done}
+
+
+def _round_order(sessions: Mapping[str, Any], models: int, i: int) -> dict[str, Any]:
+    keys = list(sessions)
+    if i % 2 == 0:
+        return dict(sessions)
+    if models == 1:
+        return {k: sessions[k] for k in reversed(keys)}
+    kinds = list(dict.fromkeys(k.rstrip("0123456789") for k in keys))
+    return {k: sessions[k] for kind in kinds
+            for k in reversed([k for k in keys if k.rstrip("0123456789") == kind])}
+
+
+def _unsettled_pct(times: Mapping[str, list[float]], models: int) -> float:
+    """How far (in % of the median) the 95 % interval of the total reaches: of each model's
+    plain and profiled run time (quiet runs), or with several models, of the paired ratio of
+    each to the first."""
+    from opstudio.core.timing import median_interval, paired_ratio, spread
+
+    worst = 0.0
+    for kind in ("plain", "profiled"):
+        if f"{kind}0" not in times:
+            continue
+        if models == 1:
+            quiet = spread(times[f"{kind}0"]).quiet_ms
+            med = float(np.median(quiet))
+            lo, hi = median_interval(quiet)
+        else:
+            for i in range(1, models):
+                r = paired_ratio(times[f"{kind}0"], times[f"{kind}{i}"])
+                med, lo, hi = r.median, r.low, r.high
+                worst = max(worst, 100.0 * max(hi - med, med - lo) / med if med > 0 else math.inf)
+            continue
+        worst = max(worst, 100.0 * max(hi - med, med - lo) / med if med > 0 else math.inf)
+    return worst
 
 
 def _session_options(ort: Any, settings: ProfileSettings) -> Any:
@@ -398,6 +573,8 @@ def _session_options(ort: Any, settings: ProfileSettings) -> Any:
     }[settings.opt_level]
     if settings.threads:
         so.intra_op_num_threads = settings.threads
+    # sessions take turns: one whose threads spin after its run steals the cores from the next
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Failures come back as exceptions and are reported once, in words; keep the log quiet.
     so.log_severity_level = 4
     return so
@@ -427,21 +604,6 @@ def _run(sess: Any, feeds: Mapping[str, np.ndarray]) -> None:
         raise OpstudioError(
             f"onnxruntime failed to run the model: {_ort_message(exc)} (inputs: {shapes}; "
             "set them with --dim/--shape/--inputs)") from None
-
-
-def _timed_runs(sess: Any, feeds: Mapping[str, np.ndarray], runs: int, budget_s: float | None,
-                report: Callable[[int, int], None]) -> list[float]:
-    """Wall time (µs) of each run; stops early once ``budget_s`` is spent (≥ 1 run)."""
-    walls: list[float] = []
-    start = time.perf_counter()
-    for i in range(runs):
-        t0 = time.perf_counter()
-        _run(sess, feeds)
-        walls.append((time.perf_counter() - t0) * 1e6)
-        report(i + 1, runs)
-        if budget_s is not None and time.perf_counter() - start >= budget_s:
-            break
-    return walls
 
 
 def _ort_message(exc: BaseException) -> str:
@@ -647,19 +809,20 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         per_run_time.append(t)
         per_run_calls.append(c)
     n_runs = len(runs)
-    kernel_mean = {k: sum(r.get(k, 0.0) for r in per_run_time) / n_runs for k in ops}
+    total_us = [float(r["dur"]) for r, _ in runs]
+    quiet = quiet_runs(total_us)
+    kernel_mean = {k: sum(per_run_time[i].get(k, 0.0) for i in quiet) / len(quiet) for k in ops}
 
     attr = attribute(model, ops, optimized, weights=kernel_mean)
 
-    total_us = [float(r["dur"]) for r, _ in runs]
-    total = stats_ms(total_us)
+    total = stats_ms([total_us[i] for i in quiet])
     nodes: list[NodeStats] = []
     for group in attr.groups:
         ks = group.kernels
         series = [sum(r.get(k, 0.0) for k in ks) for r in per_run_time]
         keys = set(ks) | {f"{k}\0{i}" for k in ks for i in inner_kernels.get(k, ())}
         calls = max(sum(r.get(k, 0) for r in per_run_calls) for k in keys) / n_runs
-        st = stats_ms(series)
+        st = stats_ms([series[i] for i in quiet])
         kernels = list(group.kernels)
         for k in group.kernels:
             kernels.extend(sorted(inner_kernels.get(k, ())))
@@ -667,8 +830,9 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
             name=group.name, op_type=group.op_type, mean_ms=st["mean"], p50_ms=st["p50"],
             p90_ms=st["p90"], min_ms=st["min"], std_ms=st["std"],
             calls=round(calls, 3), share=st["mean"] / total["mean"] if total["mean"] else 0.0,
-            kernels=kernels, group=list(group.members) if len(group.members) > 1 else []))
-    nodes.sort(key=lambda n: (-n.mean_ms, n.name))
+            kernels=kernels, group=list(group.members) if len(group.members) > 1 else [],
+            series_ms=[x / 1000.0 for x in series]))
+    nodes.sort(key=lambda n: (-n.p50_ms, -n.mean_ms, n.name))
 
     unattributed = [{"kernel": k, "op_type": ops.get(k, ""),
                      "mean_ms": round(kernel_mean.get(k, 0.0) / 1000.0, 6)}
@@ -683,12 +847,17 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         row["count"] += 1
     op_types = sorted(by_op.values(), key=lambda r: -r["mean_ms"])
 
-    plain = stats_ms(plain_wall_us) if plain_wall_us else None
+    plain_us = list(plain_wall_us or [])
+    plain_quiet = quiet_runs(plain_us)
+    plain = stats_ms([plain_us[i] for i in plain_quiet]) if plain_us else None
     kernels_per_run = sum(len(ev) for _, ev in runs) / n_runs
-    overhead = _overhead(profiled_wall_us or [], plain_wall_us or [], kernels_per_run)
+    overhead = _overhead(profiled_wall_us or [], plain_us, kernels_per_run)
+    noise = _noise(total_us, plain_us)
+    if noise["busy"]:
+        notes.append(noise["message"])
 
-    # Timeline of the median run.
-    order = sorted(range(n_runs), key=lambda i: total_us[i])
+    # Timeline of the median (quiet) run.
+    order = sorted(quiet, key=lambda i: total_us[i])
     mid = order[len(order) // 2]
     run_event, events = runs[mid]
     group_name = {k: attr.groups[g].name for k, g in attr.kernel_group.items()}
@@ -706,7 +875,41 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         model="", settings=ProfileSettings(), total_ms=total, plain_ms=plain, overhead=overhead,
         nodes=nodes, op_types=op_types, unattributed_ms=unattributed_ms,
         unattributed=unattributed, untraced_ms=max(0.0, total["mean"] - traced), runs=n_runs,
-        kernel_events=timeline, attribution=attr.method, notes=notes)
+        kernel_events=timeline, attribution=attr.method, notes=notes, noise=noise,
+        total_series_ms=[t / 1000.0 for t in total_us],
+        plain_series_ms=[t / 1000.0 for t in plain_us])
+
+
+def quiet_runs(values: Sequence[float]) -> list[int]:
+    """Indices of the runs ``timing.spread`` does not call disturbed."""
+    from opstudio.core.timing import spread
+
+    if not values:
+        return []
+    limit = max(spread(values).quiet_ms)
+    return [i for i, v in enumerate(values) if v <= limit]
+
+
+def _noise(profiled_us: Sequence[float], plain_us: Sequence[float]) -> dict[str, Any]:
+    """Disturbed runs of each kind and the 95 % intervals of the totals' medians (quiet runs).
+    The worse of the two kinds speaks for the machine."""
+    from opstudio.core.timing import median_interval, spread
+
+    out: dict[str, Any] = {"runs": len(profiled_us), "busy": False, "disturbed": {}, "cv": {}}
+    worst = None
+    for kind, us in (("profiled", profiled_us), ("plain", plain_us)):
+        if not us:
+            continue
+        sp = spread([u / 1000.0 for u in us])
+        out["disturbed"][kind] = sp.disturbed
+        out["cv"][kind] = round(sp.cv, 4)
+        lo, hi = median_interval(sp.quiet_ms)
+        out["total_ci" if kind == "profiled" else "plain_ci"] = [round(lo, 6), round(hi, 6)]
+        if worst is None or sp.disturbed > worst.disturbed:
+            worst = sp
+        out["busy"] = out["busy"] or sp.busy
+    out["message"] = worst.describe() if worst is not None else ""
+    return out
 
 
 def _has_graph_attr(node: onnx.NodeProto) -> bool:
@@ -714,26 +917,46 @@ def _has_graph_attr(node: onnx.NodeProto) -> bool:
                for a in node.attribute)
 
 
-def _overhead(profiled_us: list[float], plain_us: list[float],
+def _overhead(profiled_us: Sequence[float], plain_us: Sequence[float],
               kernels_per_run: float) -> dict[str, Any]:
-    """Profiled vs plain wall time, and what the difference costs per kernel event."""
+    """Profiled vs plain wall time (the paired ratio of runs timed in turns, quiet rounds), and
+    what the difference costs per kernel event. Profiling cannot make a run faster: a ratio
+    below 1 means the plain runs were disturbed, and is said so, not stated as an overhead."""
+    from opstudio.core.timing import paired_ratio
+
     if not profiled_us or not plain_us:
         return {"ratio": None, "note": "plain runs were not measured"}
-    prof = float(np.median(profiled_us)) / 1000.0
-    plain = float(np.median(plain_us)) / 1000.0
-    ratio = prof / plain if plain > 0 else math.nan
-    if not math.isfinite(ratio):
+    n = min(len(profiled_us), len(plain_us))
+    keep = sorted(set(quiet_runs(profiled_us[:n])) & set(quiet_runs(plain_us[:n]))) or list(range(n))
+    prof_q = [profiled_us[i] for i in keep]
+    plain_q = [plain_us[i] for i in keep]
+    if min(plain_q) <= 0:
         return {"ratio": None, "note": "plain run time too small to compare"}
+    r = paired_ratio(prof_q, plain_q)
+    prof = float(np.median(prof_q)) / 1000.0
+    plain = float(np.median(plain_q)) / 1000.0
     per_kernel_us = max(0.0, (prof - plain) * 1000.0 / kernels_per_run) if kernels_per_run else 0.0
-    if ratio <= 1.1:
-        note = "profiling adds little: per-node times reflect plain runs"
-    elif ratio <= 1.3:
-        note = "profiling adds a little per kernel; shares remain representative"
+    out = {"ratio": None, "ratio_ci": [round(r.low, 4), round(r.high, 4)],
+           "significant": r.significant, "label": r.label(), "profiled_wall_ms": round(prof, 6),
+           "plain_wall_ms": round(plain, 6), "kernels_per_run": round(kernels_per_run, 2),
+           "per_kernel_us": round(per_kernel_us, 3)}
+    if r.high < 1.0:
+        out["note"] = (f"the plain runs were slower than the profiled ones ({r.describe()}), "
+                       "which profiling cannot cause: the machine was busy while they ran; no "
+                       "overhead is stated")
+    elif not r.significant:
+        out["note"] = (f"profiling adds no measurable time (interval {r.low:.2f}–{r.high:.2f}×): "
+                       "per-node times reflect plain runs")
     else:
-        note = (f"profiled runs are {ratio:.2f}x slower than plain runs: onnxruntime's profiler "
-                f"costs ~{per_kernel_us:.0f} µs per kernel over {kernels_per_run:.0f} kernels a "
-                "run, so kernels of that order read slower than they run; use the plain time "
-                "for the whole model")
-    return {"ratio": round(ratio, 4), "profiled_wall_ms": round(prof, 6),
-            "plain_wall_ms": round(plain, 6), "kernels_per_run": round(kernels_per_run, 2),
-            "per_kernel_us": round(per_kernel_us, 3), "note": note}
+        out["ratio"] = round(r.median, 4)
+        if r.median <= 1.1:
+            out["note"] = "profiling adds little: per-node times reflect plain runs"
+        elif r.median <= 1.3:
+            out["note"] = "profiling adds a little per kernel; shares remain representative"
+        else:
+            out["note"] = (
+                f"profiled runs are {r.median:.2f}x slower than plain runs: onnxruntime's "
+                f"profiler costs ~{per_kernel_us:.0f} µs per kernel over {kernels_per_run:.0f} "
+                "kernels a run, so kernels of that order read slower than they run; use the "
+                "plain time for the whole model")
+    return out

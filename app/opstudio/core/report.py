@@ -2,6 +2,9 @@
 
 The HTML page has no scripts and no external resources (it is opened from disk, mailed around,
 attached to CI runs): the charts are inline SVG drawn here, the tables plain HTML.
+
+Every speedup shown is the comparison's paired ratio (``timing.paired_ratio`` via ``compare``):
+one whose 95 % interval holds 1 reads "≈ 1×" in a neutral colour, the interval in its tooltip.
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ def nodes_csv(comparison: Comparison) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["name", "op_type", "before_ms", "after_ms", "speedup", "group", "status",
-                     "after_names"])
+                     "after_names", "speedup_low", "speedup_high", "significant"])
     for row in comparison.nodes:
+        r = row.ratio
         writer.writerow([row.name, row.op_type, _csv_ms(row.before_ms), _csv_ms(row.after_ms),
                          "" if row.speedup is None else f"{row.speedup:.4f}",
-                         " ".join(row.group), row.status, " ".join(row.after_names)])
+                         " ".join(row.group), row.status, " ".join(row.after_names),
+                         "" if r is None else f"{r.low:.4f}", "" if r is None else f"{r.high:.4f}",
+                         "" if r is None else str(r.significant).lower()])
     return buf.getvalue()
 
 
@@ -66,15 +72,16 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
     c = comparison
     title = title or f"opstudio report: {Path(c.before_path).name or 'model'}"
     tb, ta = c.before.total_ms, c.after.total_ms
-    speed = c.speedup
     size_b, size_a = c.size_bytes.get("before", 0), c.size_bytes.get("after", 0)
     rows = c.nodes[:top]
     bars = _bar_chart(
         [r.name for r in rows], [r.before_ms or 0.0 for r in rows],
-        [r.after_ms or 0.0 for r in rows], "Per-operator latency (ms, median per run)")
+        [r.after_ms or 0.0 for r in rows], "Per-operator latency (ms, median per run)",
+        [_speedup_cell(r.speedup, r.ratio) for r in rows])
     ops = c.op_types()[:top]
     op_bars = _bar_chart([r["op_type"] for r in ops], [r["before_ms"] for r in ops],
-                         [r["after_ms"] for r in ops], "Latency per op type (ms)")
+                         [r["after_ms"] for r in ops], "Latency per op type (ms)",
+                         [_speedup_cell(r["speedup"], r["ratio"]) for r in ops])
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
@@ -84,15 +91,14 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
         "<div class='cards'>",
         _card("Run time before", f"{_fmt_ms(tb.get('p50'))}", "median per run, profiled"),
         _card("Run time after", f"{_fmt_ms(ta.get('p50'))}", "median per run, profiled"),
-        _card("Speedup", "n/a" if speed is None else f"{speed:.2f}×",
-              _plain_note(c)),
+        _verdict_card(c),
         _card("Model size", f"{_fmt_bytes(size_b)} → {_fmt_bytes(size_a)}",
               "" if not size_b else f"{size_a / size_b:.0%} of before"),
         *_next_token_card(c),
         "</div>",
         "<h2>Accuracy</h2>", _accuracy_table(c),
         "<h2>Where the time went</h2>", bars, op_bars,
-        "<h2>Operators</h2>", _changes_note(c), _nodes_table(c.nodes),
+        "<h2>Operators</h2>", _changes_note(c), _significance_note(c), _nodes_table(c.nodes),
     ]
     if steps:
         parts += ["<h2>Recipe steps</h2>", _steps_table(steps)]
@@ -107,9 +113,44 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
     return "\n".join(parts)
 
 
-def _plain_note(c: Comparison) -> str:
-    ps = c.plain_speedup
-    return "" if ps is None else f"{ps:.2f}× unprofiled"
+def _speedup_cell(speedup: float | None, ratio: Any) -> tuple[str, str, str]:
+    """(text, css class, tooltip) of a speedup: "≈ 1×" neutral when its interval holds 1."""
+    from opstudio.core.compare import interval_text, speedup_label
+
+    text = speedup_label(speedup, ratio)
+    if speedup is None or (ratio is not None and not ratio.significant):
+        return text, "neutral" if text else "", interval_text(ratio)
+    if ratio is None:  # not measured in pairs: the figure, without a verdict
+        return text, "", ""
+    return text, "good" if speedup > 1 else "bad", interval_text(ratio)
+
+
+def _verdict_card(c: Comparison) -> str:
+    """The whole model's speedup (plain runs, else profiled) with its interval and the noise."""
+    from opstudio.core.compare import interval_text
+
+    v = c.verdict
+    speed = c.plain_speedup if c.plain_ratio is not None else c.speedup
+    text, cls, tip = _speedup_cell(speed, v)
+    which = "unprofiled" if c.plain_ratio is not None else "profiled"
+    note = f"{which}; {interval_text(v)}" if v is not None else which
+    noise = c.noise()
+    if noise:
+        note += f"; {noise}"
+    cls_attr = f" {cls}" if cls else ""
+    return (f"<div class='card'><div class='label'>Speedup</div>"
+            f"<div class='value{cls_attr}' title='{_e(tip)}'>{_e(text or 'n/a')}</div>"
+            f"<div class='note'>{_e(note)}</div></div>")
+
+
+def _significance_note(c: Comparison) -> str:
+    timed = [r for r in c.nodes if r.ratio is not None]
+    if not timed:
+        return ""
+    changed = sum(1 for r in timed if r.significant)
+    return (f"<p class='meta'>{changed} of {len(timed)} operators changed beyond the noise "
+            "(95 % interval of the paired ratio excludes 1); the others read ≈ 1×. Hover a "
+            "speedup for its interval.</p>")
 
 
 def _card(label: str, value: str, note: str) -> str:
@@ -156,8 +197,8 @@ def _nodes_table(nodes: Sequence[Any]) -> str:
            "<th>speedup</th><th>group</th><th>change</th></tr>"
     body = []
     for r in nodes:
-        sp = r.speedup
-        cls = "" if sp is None else (" class='good'" if sp > 1.05 else " class='bad'" if sp < 0.95 else "")
+        text, css, tip = _speedup_cell(r.speedup, getattr(r, "ratio", None))
+        cls = (f" class='{css}'" if css else "") + (f" title='{_e(tip)}'" if tip else "")
         status = getattr(r, "status", "same")
         after_names = getattr(r, "after_names", [])
         name = _e(r.name) + (f" <span class='meta'>→ {_e(', '.join(after_names))}</span>"
@@ -166,7 +207,7 @@ def _nodes_table(nodes: Sequence[Any]) -> str:
         after = "removed" if r.after_ms is None else f"{r.after_ms:.4f}"
         body.append(
             f"<tr><td>{name}</td><td>{_e(r.op_type)}</td><td>{before}</td>"
-            f"<td>{after}</td><td{cls}>{'' if sp is None else f'{sp:.2f}×'}</td>"
+            f"<td>{after}</td><td{cls}>{_e(text)}</td>"
             f"<td>{_e(', '.join(r.group))}</td><td>{'' if status == 'same' else _e(status)}</td>"
             "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
@@ -185,8 +226,9 @@ def _steps_table(steps: Sequence[StepReport]) -> str:
 
 
 def _bar_chart(labels: Sequence[str], before: Sequence[float], after: Sequence[float],
-               title: str) -> str:
-    """Horizontal grouped bars (before grey, after blue) as inline SVG."""
+               title: str, speedups: Sequence[tuple[str, str, str]] = ()) -> str:
+    """Horizontal grouped bars (before grey, after blue) as inline SVG; ``speedups`` are the
+    rows' ``_speedup_cell``s."""
     if not labels:
         return ""
     label_w, bar_w, row_h = 260, 460, 30
@@ -209,9 +251,11 @@ def _bar_chart(labels: Sequence[str], before: Sequence[float], after: Sequence[f
                    f"fill='{BEFORE_COLOUR}'><title>before {b:.4f} ms</title></rect>")
         out.append(f"<rect x='{label_w}' y='{y + 14}' width='{wa:.1f}' height='11' "
                    f"fill='{AFTER_COLOUR}'><title>after {a:.4f} ms</title></rect>")
-        sp = f"{b / a:.2f}×" if a > 0 and b > 0 else ""
+        text, css, tip = speedups[i] if i < len(speedups) else ("", "", "")
+        tip_el = f"<title>{_e(tip)}</title>" if tip else ""
         out.append(f"<text x='{label_w + max(wb, wa) + 6:.1f}' y='{y + 18}' class='sp'>"
-                   f"{b:.3f} → {a:.3f} ms {sp}</text>")
+                   f"{tip_el}{b:.3f} → {a:.3f} ms <tspan class='{css or 'plain'}'>{_e(text)}"
+                   "</tspan></text>")
     out.append("</svg>")
     return "".join(out)
 
@@ -277,6 +321,9 @@ border-bottom:1px solid #e4e7eb;padding-bottom:.3rem}
 table{border-collapse:collapse;width:100%;font-size:.85rem}
 th,td{border-bottom:1px solid #e4e7eb;padding:.3rem .5rem;text-align:left}
 th{background:#f5f7fa}td.good{color:#1b7f3b;font-weight:600}td.bad{color:#b42318;font-weight:600}
+td.neutral,.value.neutral{color:#7b8794}.value.good{color:#1b7f3b}.value.bad{color:#b42318}
+svg tspan.good{fill:#1b7f3b;font-weight:600}svg tspan.bad{fill:#b42318;font-weight:600}
+svg tspan.neutral{fill:#9aa5b1}
 svg.chart{display:block;margin:1rem 0;font-size:12px}svg .title{font-weight:600;font-size:13px}
 svg .sp{fill:#3e4c59;font-size:11px}pre{background:#f5f7fa;padding:.8rem;font-size:.8rem}
 """

@@ -2,6 +2,9 @@
 
 Each plot keeps the numbers it shows in ``data`` (tests read them) and can be saved as PNG
 through pyqtgraph's exporter.
+
+Bars carry error bars (the 95 % interval of each median, ``timing.median_interval``); a
+before/after difference whose paired interval holds 1 is greyed out and labelled "≈ 1×".
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from PySide6.QtWidgets import (
 
 BEFORE = QColor("#9aa8bb")
 AFTER = QColor("#2f7ed8")
+AFTER_NOISE = QColor("#c5ced9")  # an after bar within the noise of its before bar
+NEUTRAL = "#8a94a3"
 TEXT = QColor("#2a3240")
 TOP_N = 15
 
@@ -42,9 +47,36 @@ def _elide(text: str, n: int = 34) -> str:
     return text if len(text) <= n else text[: n // 2 - 1] + "…" + text[-(n // 2 - 1):]
 
 
-def _coloured(ratio: float) -> str:
+def _coloured(ratio: float, paired: Any = None) -> str:
+    """A speedup in green/red, or "≈ 1×" in grey when its interval holds 1."""
+    from opstudio.core.compare import speedup_label
+
+    if paired is not None and not paired.significant:
+        return (f"<span style='color:{NEUTRAL}'><b>≈ 1×</b> "
+                f"[{paired.low:.2f}–{paired.high:.2f}]</span>")
     colour = "#1b7f3b" if ratio >= 1 else "#b3261e"
-    return f"<span style='color:{colour}'><b>{ratio:.2f}×</b></span>"
+    ci = "" if paired is None else f" [{paired.low:.2f}–{paired.high:.2f}]"
+    return f"<span style='color:{colour}'><b>{speedup_label(ratio, paired)}</b>{ci}</span>"
+
+
+def _interval(series: Sequence[float] | None, value: float) -> tuple[float, float] | None:
+    """95 % interval of the median of ``series``, stretched to hold ``value`` (a row's value
+    is its members' medians summed, the series their sum per run)."""
+    from opstudio.core.timing import median_interval
+
+    if series is None or len(series) < 2:
+        return None
+    lo, hi = median_interval(series)
+    return min(lo, value), max(hi, value)
+
+
+def _bare_speedup(before: float, after: float) -> float | None:
+    """The speedup of rows a comparison made without paired runs (older saved ones)."""
+    return before / after if before > 0 and after > 0 else None
+
+
+def _ci_text(ci: Sequence[float] | None) -> str:
+    return "" if not ci else f" [{_ms(ci[0])}–{_ms(ci[1])}]"
 
 
 def _ms(v: float) -> str:
@@ -57,7 +89,9 @@ class BarsPlot(pg.PlotWidget):
     def __init__(self, title: str = "", parent: QWidget | None = None,
                  legend_in_title: bool = True) -> None:
         super().__init__(parent=parent)
-        self.data: dict[str, Any] = {"labels": [], "before": [], "after": None, "speedup": []}
+        self.data: dict[str, Any] = {"labels": [], "before": [], "after": None, "speedup": [],
+                                     "ratios": [], "before_ci": [], "after_ci": [],
+                                     "greyed": []}
         self._title = title
         self._legend_in_title = legend_in_title
         self.setMinimumSize(200, 90)
@@ -84,16 +118,25 @@ class BarsPlot(pg.PlotWidget):
 
     def set_bars(self, labels: Sequence[str], before: Sequence[float],
                  after: Sequence[float] | None = None, speedup: Sequence[float | None] = (),
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, ratios: Sequence[Any] = (),
+                 before_ci: Sequence[Sequence[float] | None] = (),
+                 after_ci: Sequence[Sequence[float] | None] = ()) -> None:
+        """``ratios``: each row's paired ``timing.Ratio`` (None: not measured in pairs);
+        ``before_ci``/``after_ci``: (low, high) of each bar, drawn as error bars."""
         pi = self.getPlotItem()
         for it in self._items:
             pi.removeItem(it)
         self._items = []
         before_a = np.asarray(before, dtype=float)
         after_a = None if after is None else np.asarray(after, dtype=float)
+        ratios = list(ratios) + [None] * (len(labels) - len(ratios))
+        greyed = [r is not None and not r.significant for r in ratios]
         self.data = {"labels": list(labels), "before": before_a.tolist(),
                      "after": None if after_a is None else after_a.tolist(),
-                     "speedup": list(speedup), "names": list(names or labels)}
+                     "speedup": list(speedup), "names": list(names or labels),
+                     "ratios": ratios, "greyed": greyed,
+                     "before_ci": [None if c is None else tuple(c) for c in before_ci],
+                     "after_ci": [None if c is None else tuple(c) for c in after_ci]}
         n = len(labels)
         if n == 0:
             pi.getAxis("left").setTicks([[]])
@@ -105,19 +148,36 @@ class BarsPlot(pg.PlotWidget):
         self._add(b)
         top = float(before_a.max()) if n else 1.0
         if after_a is not None:
-            a = pg.BarGraphItem(x0=0, y=y + h / 2, height=h, width=after_a, brush=AFTER,
+            a = pg.BarGraphItem(x0=0, y=y + h / 2, height=h, width=after_a,
+                                brushes=[AFTER_NOISE if g else AFTER for g in greyed],
                                 pen=pg.mkPen(None))
             self._add(a)
             top = max(top, float(after_a.max()))
+        for cis, offset in ((self.data["before_ci"], -h / 2 if after_a is not None else 0.0),
+                            (self.data["after_ci"], h / 2)):
+            rows = [i for i, c in enumerate(cis[:n]) if c is not None]
+            if not rows:
+                continue
+            lo = np.array([cis[i][0] for i in rows])
+            hi = np.array([cis[i][1] for i in rows])
+            mid = (lo + hi) / 2
+            self._add(pg.ErrorBarItem(x=mid, y=y[rows] + offset, left=mid - lo, right=hi - mid,
+                                      beam=h * 0.5, pen=pg.mkPen("#3e4c59", width=1)))
+            top = max(top, float(hi.max()))
         font = QFont()
         font.setPixelSize(11)
+        from opstudio.core.compare import speedup_label
+
         for i in range(n):
             s = speedup[i] if i < len(speedup) else None
             if s is None:
                 continue
             end = max(before_a[i], after_a[i] if after_a is not None else 0.0)
-            colour = "#1b7f3b" if s >= 1.0 else "#b3261e"
-            t = pg.TextItem(f"{s:.2f}×", color=colour, anchor=(0, 0.5))
+            cis = [c[i] for c in (self.data["before_ci"], self.data["after_ci"])
+                   if i < len(c) and c[i] is not None]
+            end = max([end, *(c[1] for c in cis)])
+            colour = NEUTRAL if greyed[i] else ("#1b7f3b" if s >= 1.0 else "#b3261e")
+            t = pg.TextItem(speedup_label(s, ratios[i]), color=colour, anchor=(0, 0.5))
             t.setFont(font)
             t.setPos(end + top * 0.01, y[i])
             self._add(t)
@@ -149,12 +209,22 @@ class BarsPlot(pg.PlotWidget):
         if not 0 <= i < len(labels):
             QToolTip.hideText()
             return
-        lines = [f"<b>{self.data['names'][i]}</b>", f"before: {_ms(self.data['before'][i])}"]
+        def ci(key: str) -> str:
+            cis = self.data.get(key) or []
+            return _ci_text(cis[i]) if i < len(cis) else ""
+
+        lines = [f"<b>{self.data['names'][i]}</b>",
+                 f"before: {_ms(self.data['before'][i])}{ci('before_ci')}"]
         if self.data["after"] is not None:
-            lines.append(f"after: {_ms(self.data['after'][i])}")
+            lines.append(f"after: {_ms(self.data['after'][i])}{ci('after_ci')}")
             s = self.data["speedup"][i] if i < len(self.data["speedup"]) else None
+            r = self.data["ratios"][i] if i < len(self.data["ratios"]) else None
             if s is not None:
-                lines.append(f"speedup: {s:.2f}×")
+                from opstudio.core.compare import interval_text, speedup_label
+
+                lines.append(f"speedup: {speedup_label(s, r)}")
+                if r is not None:
+                    lines.append(interval_text(r))
         view_pos = self.mapFromScene(pos)
         QToolTip.showText(self.mapToGlobal(view_pos), "<br>".join(lines), self)
 
@@ -277,6 +347,14 @@ def _fixed(v: float | None, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
+def _noise_html(message: str, noise: dict[str, Any]) -> str:
+    """The noise verdict under a total: red-brown when the machine was busy."""
+    if not message:
+        return ""
+    colour = "#a15c00" if noise.get("busy") else NEUTRAL
+    return f"<br><span style='color:{colour}'>{message}</span>"
+
+
 class PlotsPanel(QWidget):
     """All plots in tabs; ``show_profile`` after a baseline, ``show_comparison`` after a run."""
 
@@ -357,34 +435,48 @@ class PlotsPanel(QWidget):
     def show_profile(self, profile: Any) -> None:
         self.profile, self.comparison = profile, None
         nodes = sorted(profile.nodes, key=lambda s: -s.p50_ms)[: self.top_n]
-        self.ops.set_bars([s.name for s in nodes], [s.p50_ms for s in nodes])
+        self.ops.set_bars([s.name for s in nodes], [s.p50_ms for s in nodes],
+                          before_ci=[_interval(getattr(s, "series_ms", None), s.p50_ms) for s in nodes])
         ops = sorted(profile.op_types, key=lambda r: -r["mean_ms"])[: self.top_n]
         self.op_types.set_bars([f"{r['op_type']} ×{r['count']}" for r in ops],
                                [r["mean_ms"] for r in ops])
         total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
-        self.total.set_bars(["model"], [total])
+        noise = getattr(profile, "noise", None) or {}
+        self.total.set_bars(["model"], [total], before_ci=[noise.get("total_ci")])
         self.timeline.set_events(getattr(profile, "kernel_events", []) or [])
         self.accuracy.set_report(None)
         plain = (getattr(profile, "plain_ms", None) or {}).get("p50")
-        extra = f"; {_ms(plain)} without the profiler" if plain else ""
-        self.summary.setText(f"<b>{_ms(total)}</b> per run (p50, profiled){extra}; "
-                             f"{len(profile.nodes)} operators measured.")
+        extra = (f"; {_ms(plain)}{_ci_text(noise.get('plain_ci'))} without the profiler"
+                 if plain else "")
+        self.summary.setText(f"<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
+                             f"(median, profiled){extra}; {len(profile.nodes)} operators "
+                             f"measured.{_noise_html(noise.get('message', ''), noise)}")
 
     def show_comparison(self, comparison: Any) -> None:
         self.comparison = comparison
         self.profile = comparison.before
         rows = comparison.nodes[: self.top_n]
         # a removed node has no after time, an added one no before time: no bar
-        self.ops.set_bars([r.name for r in rows], [r.before_ms or 0.0 for r in rows],
-                          [r.after_ms or 0.0 for r in rows], [r.speedup for r in rows])
+        self.ops.set_bars(
+            [r.name for r in rows], [r.before_ms or 0.0 for r in rows],
+            [r.after_ms or 0.0 for r in rows], [r.speedup for r in rows],
+            ratios=[getattr(r, "ratio", None) for r in rows],
+            before_ci=[None if r.before_ms is None else
+                       _interval(getattr(r, "before_series", None), r.before_ms) for r in rows],
+            after_ci=[None if r.after_ms is None else
+                      _interval(getattr(r, "after_series", None), r.after_ms) for r in rows])
         ops = comparison.op_types()[: self.top_n]
         self.op_types.set_bars(
             [r["op_type"] for r in ops], [r["before_ms"] for r in ops], [r["after_ms"] for r in ops],
-            [(r["before_ms"] / r["after_ms"]) if r["after_ms"] > 0 and r["before_ms"] > 0 else None
-             for r in ops])
+            [r["speedup"] if "speedup" in r else _bare_speedup(r["before_ms"], r["after_ms"])
+             for r in ops], ratios=[r.get("ratio") for r in ops])
         b = comparison.before.total_ms.get("p50") or comparison.before.total_ms.get("mean", 0.0)
         a = comparison.after.total_ms.get("p50") or comparison.after.total_ms.get("mean", 0.0)
-        self.total.set_bars(["model"], [b], [a], [comparison.speedup])
+        b_noise = getattr(comparison.before, "noise", None) or {}
+        a_noise = getattr(comparison.after, "noise", None) or {}
+        total_ratio = getattr(comparison, "total_ratio", None)
+        self.total.set_bars(["model"], [b], [a], [comparison.speedup], ratios=[total_ratio],
+                            before_ci=[b_noise.get("total_ci")], after_ci=[a_noise.get("total_ci")])
         self.timeline.set_events(getattr(comparison.after, "kernel_events", []) or [])
         self.accuracy.set_report(comparison.accuracy)
         s = comparison.speedup
@@ -398,12 +490,16 @@ class PlotsPanel(QWidget):
             # On sub-millisecond models the profiler's per-kernel cost dominates, and a rewrite
             # into more kernels looks slower profiled than it runs: show the plain runs too.
             plain = (f"; without the profiler {_ms(comparison.before.plain_ms['p50'])} → "
-                     f"{_ms(comparison.after.plain_ms['p50'])} {_coloured(ps)}")
+                     f"{_ms(comparison.after.plain_ms['p50'])} "
+                     f"{_coloured(ps, getattr(comparison, 'plain_ratio', None))}")
         summary = getattr(comparison.accuracy, "summary", None)
         tokens = f"; {summary()}" if callable(summary) and summary() else ""
+        noise_fn = getattr(comparison, "noise", None)
+        noise = _noise_html(noise_fn() if callable(noise_fn) else "",
+                            b_noise if b_noise.get("busy") else a_noise)
         self.summary.setText(
-            f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s)}{plain}{size}{tokens}" if s
-            else f"{_ms(b)} → {_ms(a)}{plain}{size}{tokens}")
+            f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{tokens}{noise}"
+            if s else f"{_ms(b)} → {_ms(a)}{plain}{size}{tokens}{noise}")
 
     def _on_top_n(self, n: int) -> None:
         self.top_n = n
