@@ -135,9 +135,12 @@ def test_layer_tree_rows_and_totals(app, qtbot):
                                                               "other"]
     assert [ix.data() for ix in tree_rows(table, top[3])] == ["embedding", "norms", "lm_head"]
     mlp = tree_rows(table, top[1])[2]
-    assert [ix.data() for ix in tree_rows(table, mlp)] == [
-        "/model/layers.1/mlp/gate_proj/MatMul", "/model/layers.1/mlp/up_proj/MatMul",
-        "/model/layers.1/mlp/Mul", "/model/layers.1/mlp/down_proj/MatMul"]
+    # operators under their layer: the path inside it; the full name in the tooltip
+    ops = tree_rows(table, mlp)
+    assert [ix.data() for ix in ops] == [
+        "mlp/gate_proj/MatMul", "mlp/up_proj/MatMul", "mlp/Mul", "mlp/down_proj/MatMul"]
+    assert ops[1].data(Qt.ItemDataRole.ToolTipRole) == "/model/layers.1/mlp/up_proj/MatMul"
+    assert tree_rows(table, tree_rows(table, top[3])[2])[0].data() == "/lm_head/MatMul"
     # FLOPs and bytes: sums of the operators below
     layer1 = table.grouping.layer_nodes(("model.layers", 1))
     flops = sum(graph.nodes[i].flops for i in layer1)
@@ -288,3 +291,30 @@ def test_main_window_layer_view(window, qtbot, tmp_path):
                      pos=label.center())
     assert window.selected_names() == [n.name for n in window.graph.nodes
                                        if n.name.startswith("/model/layers.2/")]
+
+
+def test_gui_command_opens_grouped_by_layer(tmp_path):
+    """``opstudio gui MODEL --by-layer --dim …``: a real process, as the docs screenshot is made."""
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+    from PySide6.QtGui import QImage
+
+    from layer_models import layered_decoder
+
+    path = tmp_path / "decoder.onnx"
+    onnx.save(layered_decoder(layers=3), path)
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_CONFIG_HOME": str(tmp_path)}
+    images = []
+    for flags in ([], ["--by-layer", "--dim", "seq=7"]):
+        shot = tmp_path / f"shot{len(images)}.png"
+        proc = subprocess.run(
+            [sys.executable, "-m", "opstudio", "gui", str(path), "--size", "1200x800",
+             "--screenshot", str(shot), "--quit-after", "1", *flags],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        images.append(QImage(str(shot)))
+    assert images[0] != images[1]  # the tree and the layer frames
+    assert '\\"seq\\": 7' in (tmp_path / "opstudio" / "opstudio.conf").read_text()

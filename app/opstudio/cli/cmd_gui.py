@@ -21,6 +21,10 @@ def add_window_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", metavar="NAMES",
                    help="comma-separated node names to select once the runs are done")
     g.add_argument("--threads", type=int, metavar="N", help="intra-op threads for the runs")
+    g.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                   help="bind a symbolic dim for the runs, e.g. --dim sequence_length=16")
+    g.add_argument("--by-layer", action="store_true",
+                   help="show the operators grouped by layer (table and graph)")
     g.add_argument("--size", metavar="WxH", help="window size, e.g. 1600x1000")
     g.add_argument("--screenshot", metavar="PATH",
                    help="save a picture of the window to PATH once the runs asked for are done")
@@ -68,8 +72,15 @@ def launch(model: str | Path | None, args: argparse.Namespace) -> int:
         if getattr(args, name, None) is not None:
             window.set_run_settings(dataclasses.replace(window.run_settings,
                                                         **{name: getattr(args, name)}))
+    if getattr(args, "dim", None):
+        from opstudio.cli.common import parse_dims
+
+        dims = {**window.run_settings.dims, **parse_dims(args.dim)}
+        window.set_run_settings(dataclasses.replace(window.run_settings, dims=dims))
     todo: list[str] = []
     if model is not None and window.open_model(model):
+        if getattr(args, "by_layer", False):
+            window.table.set_grouped(True)
         if getattr(args, "recipe", None):
             try:
                 window.panel.load_recipe(args.recipe)

@@ -216,6 +216,11 @@ class LayerTreeModel(QAbstractItemModel):
             return None
         col = index.column()
         if it.kind == OP:
+            if col == ot.COL_NAME and role == Qt.ItemDataRole.DisplayRole \
+                    and self.grouping is not None:
+                # under its layer the layer's prefix says nothing: show the path inside it
+                scope = self.grouping.scopes[it.node]
+                return scope.role if scope.layer is not None else scope.name
             return self.source.data(self.source.index(it.node, col), role)
         item_id = index.internalId()
         if role == ot.SORT_ROLE:

@@ -275,6 +275,7 @@ class OpTable(QWidget):
         self.tree.setModel(self.tree_proxy)
         self.tree.setUniformRowHeights(True)
         self.tree.setIndentation(14)
+        self.tree.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         for v in (self.view, self.tree):
             v.setSortingEnabled(True)
             v.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # topological order first
@@ -294,7 +295,13 @@ class OpTable(QWidget):
             v.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
             v.customContextMenuRequested.connect(
                 lambda pos, v=v: self._show_menu(v, pos))
-        self.tree.setColumnWidth(COL_NAME, 190)
+        self.tree.setColumnWidth(COL_NAME, 206)
+        self.tree.setColumnWidth(COL_OP, 74)
+        # the totals (time, share, FLOPs, weights) side by side, before the empty after/speedup
+        # columns of a run that has no comparison yet
+        header = self.tree.header()
+        for k, col in enumerate((COL_FLOPS, COL_PARAMS)):
+            header.moveSection(header.visualIndex(col), COL_SHARE + 1 + k)
         self.view.doubleClicked.connect(
             lambda ix: self.nodeActivated.emit(self.proxy.mapToSource(ix).row()))
         self.tree.doubleClicked.connect(self._on_tree_activated)
