@@ -100,18 +100,19 @@ def node_flops(node: NodeInfo, ins: list[TensorInfo | None],
         return 2 * out_n * k + bias
     if op in ("Conv", "QLinearConv", "ConvInteger", "FusedConv"):
         w = ins[3] if op == "QLinearConv" and len(ins) > 3 else (ins[1] if len(ins) > 1 else None)
-        if w is None or w.shape is None or out_n is None or numel(w.shape[1:]) is None:
+        per_out = None if w is None or w.shape is None else numel(w.shape[1:])
+        if per_out is None or out_n is None:  # per_out: (C_in / group) * prod(kernel)
             return None
-        per_out = math.prod(w.shape[1:])  # (C_in / group) * prod(kernel)
         bias = out_n if op == "Conv" and len(ins) > 2 and node.inputs[2] else 0
         return 2 * out_n * per_out + bias
     if op == "ConvTranspose":
         w = ins[1] if len(ins) > 1 else None
         in_n = _numel(first_in)
-        if w is None or w.shape is None or in_n is None or numel(w.shape[1:]) is None:
-            return None
         # each input element scatters into (C_out / group) * prod(kernel) outputs
-        return 2 * in_n * math.prod(w.shape[1:])
+        per_in = None if w is None or w.shape is None else numel(w.shape[1:])
+        if in_n is None or per_in is None:
+            return None
+        return 2 * in_n * per_in
     if op in ("MaxPool", "AveragePool", "LpPool"):
         kernel = a.get("kernel_shape")
         if out_n is None or not kernel:
@@ -152,8 +153,11 @@ def _int_attr(a: dict[str, Any], name: str, default: int | None = None) -> int |
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _known(*values: int | None) -> bool:
-    return all(v is not None and v > 0 for v in values)
+def _positive(*values: int | None) -> tuple[int, ...] | None:
+    """The values when every one is known and positive (counts a formula may divide by), else
+    None."""
+    known = tuple(v for v in values if v is not None and v > 0)
+    return known if len(known) == len(values) else None
 
 
 def _attention_core(b: int, h: int, s: int, t: int, d: int, dv: int) -> int:
@@ -185,13 +189,15 @@ def _group_query_attention(node: NodeInfo, ins: list[TensorInfo | None],
     a = node.attributes
     h, kv = _int_attr(a, "num_heads"), _int_attr(a, "kv_num_heads")
     q = _in(ins, 0)
-    b, s, width = _dim(q, 0), _dim(q, 1), _dim(q, 2)
-    if not _known(h, kv, b, s, width) or _rank(q) != 3:
+    dims = _positive(h, kv, _dim(q, 0), _dim(q, 1), _dim(q, 2))
+    if dims is None or _rank(q) != 3:
         return None
-    d = width // (h + 2 * kv) if not _given(node, 1) else width // h
-    t = _total_length(node, ins, outs, s, past_at=3, past_axis=2, present_axis=2)
-    if not _known(d, t):
+    h, kv, b, s, width = dims
+    dt = _positive(width // (h + 2 * kv) if not _given(node, 1) else width // h,
+                   _total_length(node, ins, outs, s, past_at=3, past_axis=2, present_axis=2))
+    if dt is None:
         return None
+    d, t = dt
     rotary = _rotary(b * s * (h + kv) * d) if a.get("do_rotary") else 0
     return _attention_core(b, h, s, t, d, d) + rotary
 
@@ -203,9 +209,12 @@ def _multi_head_attention(node: NodeInfo, ins: list[TensorInfo | None],
     # head size; past_key [B, H, P, D]
     h = _int_attr(node.attributes, "num_heads")
     q, key, value = _in(ins, 0), _in(ins, 1), _in(ins, 2)
-    b, s = _dim(q, 0), _dim(q, 1)
-    if not _known(h, b, s):
+    hbs = _positive(h, _dim(q, 0), _dim(q, 1))
+    if hbs is None:
         return None
+    h, b, s = hbs
+    d: int | None
+    length: int | None
     if _rank(q) == 5:
         d, length = _dim(q, 4), s
     else:
@@ -218,11 +227,14 @@ def _multi_head_attention(node: NodeInfo, ins: list[TensorInfo | None],
             d = _dim(key, -1)
     dv = d
     if _given(node, 2):
+        value_width = _dim(value, 2)
         dv = _dim(value, 3) if _rank(value) == 4 else (
-            None if _dim(value, 2) is None else _dim(value, 2) // h)
+            None if value_width is None else value_width // h)
     t = _total_length(node, ins, outs, length, past_at=6, past_axis=2, present_axis=2)
-    if not _known(d, dv, length, t):
+    known = _positive(d, dv, length, t)
+    if known is None:
         return None
+    d, dv, length, t = known
     bias = b * (s * h * d + length * h * (d + dv)) if _given(node, 3) else 0
     return _attention_core(b, h, s, t, d, dv) + bias
 
@@ -234,17 +246,19 @@ def _contrib_attention(node: NodeInfo, ins: list[TensorInfo | None],
     a = node.attributes
     h = _int_attr(a, "num_heads")
     x, w = _in(ins, 0), _in(ins, 1)
-    b, s, c, cols = _dim(x, 0), _dim(x, 1), _dim(x, 2), _dim(w, 1)
-    if not _known(h, b, s, c, cols):
+    dims = _positive(h, _dim(x, 0), _dim(x, 1), _dim(x, 2), _dim(w, 1))
+    if dims is None:
         return None
+    h, b, s, c, cols = dims
     sizes = a.get("qkv_hidden_sizes")
     if not (isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(x, int) for x in sizes)):
         sizes = [cols // 3] * 3
     hq, _, hv = sizes
-    d, dv = hq // h, hv // h
-    t = _total_length(node, ins, outs, s, past_at=4, past_axis=3, present_axis=3)
-    if not _known(d, dv, t):
+    known = _positive(hq // h, hv // h,
+                      _total_length(node, ins, outs, s, past_at=4, past_axis=3, present_axis=3))
+    if known is None:
         return None
+    d, dv, t = known
     projection = 2 * b * s * c * cols + (b * s * cols if _given(node, 2) else 0)
     rotary = _rotary(b * s * 2 * hq) if a.get("do_rotary") else 0
     return projection + _attention_core(b, h, s, t, d, dv) + rotary
@@ -256,18 +270,25 @@ def _onnx_attention(node: NodeInfo, ins: list[TensorInfo | None],
     # [B, KV, L, D] or [B, L, KV·D] with kv_num_heads; past_key [B, KV, P, D]
     a = node.attributes
     q, k, v = _in(ins, 0), _in(ins, 1), _in(ins, 2)
+    h: int | None
+    d: int | None
+    dv: int | None
     if _rank(q) == 4:
         b, h, s, d = _dim(q, 0), _dim(q, 1), _dim(q, 2), _dim(q, 3)
         length, dv = _dim(k, 2), _dim(v, 3)
     else:
-        h, kv = _int_attr(a, "q_num_heads"), _int_attr(a, "kv_num_heads")
-        b, s, width, vwidth = _dim(q, 0), _dim(q, 1), _dim(q, 2), _dim(v, 2)
-        if not _known(h, kv, width, vwidth):
+        heads = _positive(_int_attr(a, "q_num_heads"), _int_attr(a, "kv_num_heads"),
+                          _dim(q, 2), _dim(v, 2))
+        if heads is None:
             return None
+        h, kv, width, vwidth = heads
+        b, s = _dim(q, 0), _dim(q, 1)
         d, dv, length = width // h, vwidth // kv, _dim(k, 1)
     t = _total_length(node, ins, outs, length, past_at=4, past_axis=2, present_axis=2)
-    if not _known(b, h, s, d, dv, t):
+    known = _positive(b, h, s, t, d, dv)
+    if known is None:
         return None
+    b, h, s, t, d, dv = known
     return _attention_core(b, h, s, t, d, dv)
 
 
@@ -305,9 +326,10 @@ def _rotary_embedding(node: NodeInfo, x: TensorInfo | None) -> int | None:
 def _matmul_nbits(node: NodeInfo, ins: list[TensorInfo | None], out_n: int | None) -> int | None:
     # A [..., K] times a [K, N] weight held block-quantized; the rows come from A when the file
     # declares no output shape (onnx's inference does not know the op)
-    k, n = _int_attr(node.attributes, "K"), _int_attr(node.attributes, "N")
-    if not _known(k, n):
+    kn = _positive(_int_attr(node.attributes, "K"), _int_attr(node.attributes, "N"))
+    if kn is None:
         return None
+    k, n = kn
     in_n = _numel(_in(ins, 0))
     rows = in_n // k if in_n is not None else (None if out_n is None else out_n // n)
     if rows is None:
