@@ -483,7 +483,10 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
     row at every other boundary, with warm caches, and read it 5-10 % faster than A (measured
     on a model against its copy). So the models swap places within each kind (plain A,
     plain B, profiled A, profiled B / plain B, plain A, profiled B, profiled A): every session
-    follows each neighbour equally often. One model alone: plain and profiled swap."""
+    follows each neighbour equally often. One model alone: plain and profiled swap. Which of
+    the two orders comes first in each pair of rounds is drawn at random (seeded): a strict
+    alternation lets a process waking up every few ms hit the same place of every round
+    (measured: an identical copy read 3.8× faster)."""
     from opstudio.core.timing import interleaved_times
 
     budget = settings.time_budget_s
@@ -503,7 +506,8 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
         left = wanted - done if target is None else limit - done
         if left <= 0:
             break
-        chunk = interleaved_times(_round_order(sessions, models, done), {}, rounds=1,
+        chunk = interleaved_times(_round_order(sessions, models, done, settings.seed), {},
+                                  rounds=1,
                                   warmup=settings.warmup if done == 0 else 0)
         # the budget is for timed runs; the warm-up is not part of it
         spent += sum(float(np.sum(v)) for v in chunk.values()) / 1e3
@@ -528,9 +532,11 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
                    "rounds": done}
 
 
-def _round_order(sessions: Mapping[str, Any], models: int, i: int) -> dict[str, Any]:
+def _round_order(sessions: Mapping[str, Any], models: int, i: int,
+                 seed: int = 0) -> dict[str, Any]:
     keys = list(sessions)
-    if i % 2 == 0:
+    swap_first = bool(np.random.default_rng([seed, i // 2]).integers(2))
+    if (i % 2 == 0) != swap_first:
         return dict(sessions)
     if models == 1:
         return {k: sessions[k] for k in reversed(keys)}
