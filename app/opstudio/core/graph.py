@@ -118,7 +118,10 @@ class GraphInfo:
         """The shape of ``tensor`` when every dim is a known number, else None."""
         found = self.tensors.get(tensor)
         dims = None if found is None else found.shape
-        return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) else None
+        if dims is None:
+            return None
+        ints = [d for d in dims if isinstance(d, int)]
+        return ints if len(ints) == len(dims) else None
 
     # (``producer`` is the field naming the exporting tool, so this one has its own name)
     def producer_of(self, tensor: str) -> NodeInfo | None:
@@ -325,7 +328,7 @@ def _infer_serialized(data: bytes) -> bytes:
 
 
 def _input_dim_names(model: onnx.ModelProto) -> list[str]:
-    names = []
+    names: list[str] = []
     for vi in model.graph.input:
         _, shape = _shape_from_type(vi.type)
         names.extend(d for d in shape or [] if isinstance(d, str))
@@ -362,8 +365,8 @@ def _inference_copy(model: onnx.ModelProto, dims: Mapping[str, int],
             continue
         if vi.name in shapes:
             tt.shape.Clear()
-            for d in shapes[vi.name]:
-                tt.shape.dim.add(dim_value=int(d))
+            for size in shapes[vi.name]:
+                tt.shape.dim.add(dim_value=int(size))
         elif dims and tt.HasField("shape"):
             for d in tt.shape.dim:
                 if d.HasField("dim_param") and d.dim_param in dims:
@@ -473,7 +476,8 @@ def _evaluate(node: onnx.NodeProto, values: Mapping[str, np.ndarray],
             [node], "fold", [],
             [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
              for o in node.output if o],
-            [numpy_helper.from_array(a, x) for a, x in zip(ins, node.input) if x])
+            [numpy_helper.from_array(a, x) for a, x in zip(ins, node.input)
+             if x and a is not None])
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         outs = ReferenceEvaluator(m).run(None, {})
     except Exception:  # whatever the reference ops reject is simply not folded
@@ -545,8 +549,9 @@ def _merge_generated_dims(model: onnx.ModelProto, declared: set[str]) -> None:
     for node in model.graph.node:
         if node.op_type not in BROADCASTING or node.domain not in ("", "ai.onnx"):
             continue
-        tensors = [shapes.get(x) for x in list(node.input) + list(node.output[:1]) if x]
-        if any(t is None for t in tensors) or len(tensors) < 2:
+        found = [shapes.get(x) for x in list(node.input) + list(node.output[:1]) if x]
+        tensors = [t for t in found if t is not None]
+        if len(tensors) < len(found) or len(tensors) < 2:
             continue
         rank = max(len(t.dim) for t in tensors)
         for pos in range(1, rank + 1):

@@ -263,8 +263,11 @@ def _bad_text(message) -> bool:
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
-    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; older ones only have .label
-    return bool(flag) if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
+    # protobuf >= 6 has .is_repeated; older ones only .label (which newer stubs no longer list)
+    flag = getattr(field, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(getattr(field, "label", None) == FieldDescriptor.LABEL_REPEATED)
 
 
 def _check_tensors(p: Path, model: onnx.ModelProto) -> None:
