@@ -134,9 +134,12 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         details: dict[str, dict[str, Any]] = {}
         if targets:
             # the pass reports 0..1 of its own work: that is the first 90 % of the step
+            def pass_progress(fraction: float, message: str, sub: Progress = sub) -> None:
+                sub(0.9 * fraction, message)
+
             # ``current`` is always the optimizer's own (a copy, a handed-over model or an
             # earlier step's result): the pass may rewrite it in place
-            ctx = PassContext(inputs=samples, progress=lambda f, m, sub=sub: sub(0.9 * f, m),
+            ctx = PassContext(inputs=samples, progress=pass_progress,
                               cancelled=cancelled, owns_model=True)
             try:
                 result = pass_.apply(current, targets, params, ctx)

@@ -258,15 +258,15 @@ def _remove_round_trips(model: onnx.ModelProto, original: set[str]) -> None:
     removed: set[int] = set()
     rename: dict[str, str] = {}
 
-    def is_new_cast(k: int | None, to: int) -> bool:
-        return (k is not None and k not in removed and nodes[k].op_type == "Cast"
+    def is_new_cast(k: int, to: int) -> bool:
+        return (k not in removed and nodes[k].op_type == "Cast"
                 and nodes[k].name not in original and _cast_to(nodes[k]) == to)
 
     for k2, c2 in enumerate(nodes):
         if not is_new_cast(k2, onnx.TensorProto.FLOAT):
             continue
         k1 = producer.get(c2.input[0])
-        if not is_new_cast(k1, onnx.TensorProto.FLOAT16):
+        if k1 is None or not is_new_cast(k1, onnx.TensorProto.FLOAT16):
             continue
         c1 = nodes[k1]
         source, middle, target = c1.input[0], c1.output[0], c2.output[0]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -208,7 +209,10 @@ def _apply_unstructured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: f
     chosen: list[onnx.NodeProto] = []
     for name in nodes:
         node = by_name.get(name)
-        found = "no such node" if node is None else _own_weight(work, node)
+        if node is None:
+            result.skipped[name] = "no such node"
+            continue
+        found = _own_weight(work, node)
         if isinstance(found, str):
             result.skipped[name] = found
         elif storage == "sparse" and w.opset(work) < 11:
@@ -462,7 +466,7 @@ def _follow(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan, start: 
                 if user.input[0] != t:
                     return flows(user, "which takes them as its shape")
                 folded = _fold_channels(model, user, axes[t], blocks[t],
-                                        lambda t=t: static_shape(t), plan)
+                                        partial(static_shape, t), plan)
                 if isinstance(folded, str):
                     return flows(user, folded)
                 rank, axis_out, block_out = 2, -1, folded
