@@ -210,8 +210,8 @@ def _cover_by_tensors(mf: _ModelFile, opt: onnx.ModelProto,
     for root, members in regions.items():
         outs: set[str] = set()
         for n in members:
-            node_ins = {eq[i] for i in n.input if i and eq.get(i)}
-            outs |= {eq[o] for o in n.output if o and eq.get(o) and eq[o] not in node_ins}
+            node_ins = {e for i in n.input if i and (e := eq.get(i))}
+            outs |= {e for o in n.output if o and (e := eq.get(o)) and e not in node_ins}
         new_outputs[root] = outs
         claims[root] = _walk_back(mf, outs, runtime)
 

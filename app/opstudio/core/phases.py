@@ -427,6 +427,7 @@ def _runnable(model: onnx.ModelProto, model_path: str | Path | None) -> onnx.Mod
 
 
 def _logits(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    value: np.ndarray | None
     if "logits" in outputs:
         value = outputs["logits"]
     else:

@@ -58,7 +58,7 @@ class Int4WeightPass(Pass):
     description = ("4-bit block-quantized weights for MatMuls with a constant weight and "
                    "embedding tables (GatherBlockQuantized) "
                    "(onnxruntime MatMulNBits), activations stay float")
-    params = (
+    params: tuple[ParamSpec, ...] = (
         *LEVEL_PARAMS,
         ParamSpec("algorithm", "choice", "rtn", "Algorithm",
                   "rtn: round to nearest; gptq: error-compensating rounding on calibration "
