@@ -125,13 +125,14 @@ def human_count(n: float | int | None, unit: str = "") -> str:
     return f"{n:.0f} {unit}".rstrip() if isinstance(n, float) else f"{n} {unit}".rstrip()
 
 
-def human_bytes(n: int | None) -> str:
+def human_bytes(n: float | None) -> str:
+    """``n`` may be a float: totals over a layer are summed as floats."""
     if n is None:
         return "?"
     for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if n >= factor:
             return f"{n / factor:.1f} {suffix}"
-    return f"{n} B"
+    return f"{n:.0f} B"
 
 
 def format_shape(shape: list | None) -> str:
