@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QProcess, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+
+if TYPE_CHECKING:  # QtWebEngine is optional: imported where it is used
+    from PySide6.QtWebEngineWidgets import QWebEngineView
 
 SERVER_SCRIPT = r"""
 import logging, sys
@@ -165,7 +169,7 @@ class NetronWindow(QWidget):
         self.status = QLabel(f"Starting Netron for {Path(model_path).name}…")
         self.status.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.status.setWordWrap(True)
-        self.web = None
+        self.web: QWebEngineView | None = None
         self._layout = QVBoxLayout(self)
         self._layout.setContentsMargins(0, 0, 0, 0)
         self._layout.addWidget(self.status)
@@ -179,13 +183,13 @@ class NetronWindow(QWidget):
             from PySide6.QtWebEngineCore import QWebEnginePage
             from PySide6.QtWebEngineWidgets import QWebEngineView
 
-            self.web = QWebEngineView(self)
+            web = self.web = QWebEngineView(self)
             self.profile, self.interceptor = _local_only_profile(self)  # outlives the page
             _consent_cookie(self.profile, url)
-            self.web.setPage(QWebEnginePage(self.profile, self.web))
-            self.web.setUrl(QUrl(url))
+            web.setPage(QWebEnginePage(self.profile, web))
+            web.setUrl(QUrl(url))
             self.status.hide()
-            self._layout.addWidget(self.web)
+            self._layout.addWidget(web)
         else:
             QDesktopServices.openUrl(QUrl(url))
             self.status.setText(f"QtWebEngine is not installed, so Netron opened in your web "

@@ -174,33 +174,33 @@ class ParamEditor(QWidget):
 def _editor(spec: ParamSpec) -> tuple[QWidget, Any, Any]:
     d = spec.default
     if spec.kind == "bool":
-        w = QCheckBox()
-        w.setChecked(bool(d))
-        return w, w.isChecked, w.setChecked
+        check = QCheckBox()
+        check.setChecked(bool(d))
+        return check, check.isChecked, check.setChecked
     if spec.kind == "int":
-        w = QSpinBox()
-        w.setRange(int(spec.minimum) if spec.minimum is not None else -(2**31 - 1),
-                   int(spec.maximum) if spec.maximum is not None else 2**31 - 1)
+        spin = QSpinBox()
+        spin.setRange(int(spec.minimum) if spec.minimum is not None else -(2**31 - 1),
+                      int(spec.maximum) if spec.maximum is not None else 2**31 - 1)
         if d is not None:
-            w.setValue(int(d))
-        return w, w.value, lambda v: w.setValue(int(v))
+            spin.setValue(int(d))
+        return spin, spin.value, lambda v: spin.setValue(int(v))
     if spec.kind == "float":
-        w = QDoubleSpinBox()
-        w.setDecimals(4)
-        w.setRange(spec.minimum if spec.minimum is not None else -1e9,
-                   spec.maximum if spec.maximum is not None else 1e9)
-        w.setSingleStep(0.01 if (spec.maximum or 2) <= 1 else 1.0)
+        fspin = QDoubleSpinBox()
+        fspin.setDecimals(4)
+        fspin.setRange(spec.minimum if spec.minimum is not None else -1e9,
+                       spec.maximum if spec.maximum is not None else 1e9)
+        fspin.setSingleStep(0.01 if (spec.maximum or 2) <= 1 else 1.0)
         if d is not None:
-            w.setValue(float(d))
-        return w, w.value, lambda v: w.setValue(float(v))
+            fspin.setValue(float(d))
+        return fspin, fspin.value, lambda v: fspin.setValue(float(v))
     if spec.kind == "choice":
-        w = QComboBox()
+        combo = QComboBox()
         for c in spec.choices:
-            w.addItem(str(c), c)
+            combo.addItem(str(c), c)
         if d in spec.choices:
-            w.setCurrentIndex(list(spec.choices).index(d))
-        return (w, lambda: w.currentData(),
-                lambda v: w.setCurrentIndex(max(0, list(spec.choices).index(v))))
+            combo.setCurrentIndex(list(spec.choices).index(d))
+        return (combo, lambda: combo.currentData(),
+                lambda v: combo.setCurrentIndex(max(0, list(spec.choices).index(v))))
     # path
     row = QWidget()
     h = QHBoxLayout(row)
@@ -388,7 +388,7 @@ class NodePanel(QWidget):
         return None
 
     def _reason(self, p: Pass) -> str | None:
-        if not self.selection:
+        if self.model is None or not self.selection:  # nothing is selectable without a model
             return "select one or more operators first"
         if len(self.selection) > MAX_CHECKED:
             return f"more than {MAX_CHECKED} operators selected; narrow the selection"
