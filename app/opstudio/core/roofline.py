@@ -18,8 +18,6 @@ This is what the advice rests on: weight-only INT4 cuts the bytes of memory-boun
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from opstudio.core.graph import GraphInfo
+from opstudio.core.machine_cache import cache_dir, machine_key
 from opstudio.core.provenance import standing_for
 
 # Op types whose arithmetic runs on 8-bit integers (on the CPU provider).
@@ -92,14 +91,7 @@ class RooflinePoint:
 
 
 def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "opstudio" / "roofline.json"
-
-
-def machine_key(threads: int) -> str:
-    import onnxruntime as ort
-
-    return f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|{threads}|{ort.__version__}"
+    return cache_dir() / "roofline.json"
 
 
 def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool = False,

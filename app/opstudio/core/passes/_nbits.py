@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.fileio import write_text_atomic
-from opstudio.core.roofline import cache_file, machine_key
+from opstudio.core.machine_cache import cache_dir, machine_key
 
 LEVEL_NAMES = {0: "unset (float32)", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}
 _SIZE = 2048
@@ -61,7 +61,7 @@ def fastest_level(bits: int, block_size: int, threads: int = 0, *,
                   use_cache: bool = True) -> LevelChoice:
     """The accuracy level to use by default for ``bits``-bit weights in blocks of ``block_size``."""
     key = f"nbits|{bits}|{block_size}|{machine_key(threads)}"
-    path = cache_file().with_name("nbits.json")
+    path = cache_dir() / "nbits.json"
     if use_cache:
         known = _read(path).get(key)
         if isinstance(known, dict):
