@@ -41,6 +41,11 @@ never changes another's values):
 - floating-point tensors: standard normal, in the declared precision.
 
 An input whose size exceeds ``max_bytes`` is refused before anything is allocated.
+
+Decoding after a real prompt (``--inputs`` holding ``input_ids`` and no past, or a past of
+length 0) runs the prompt through the model once, in this process: its ``present.N.*`` outputs
+become the past and the argmax of its last logits the new token, so the decode step is timed on
+the cache a user's generation loop would hand it.
 """
 
 from __future__ import annotations
@@ -56,9 +61,15 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import TensorInfo, input_specs
-from opstudio.core.phases import derive_dims, is_past_length_name, is_prompt, kv_layout
+from opstudio.core.phases import (
+    DEFAULT_SEQ,
+    KvLayout,
+    derive_dims,
+    is_past_length_name,
+    is_prompt,
+    kv_layout,
+)
 
-DEFAULT_SEQ = 128
 DEFAULT_BATCH = 1
 DEFAULT_PAST = 0
 SAMPLE_RATE = 16000
@@ -229,8 +240,6 @@ def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     and lets a decode after a prompt in ``npz_path`` run the prompt first."""
     supplied = load_npz(model, npz_path) if npz_path is not None else {}
     if phase == "decode" and supplied and is_prompt(model, supplied):
-        from opstudio.core.phases import decode_after_prompt
-
         return decode_after_prompt(model, supplied, model_path=model_path, dims=dict(dims or {}),
                                    shapes=dict(shapes or {}), seed=seed, max_bytes=max_bytes,
                                    past=past)
@@ -429,3 +438,96 @@ def _gib(n: int) -> str:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode after a real prompt
+
+
+def decode_after_prompt(model: onnx.ModelProto, prompt: Mapping[str, np.ndarray], *,
+                        model_path: str | Path | None, dims: Mapping[str, int],
+                        shapes: Mapping[str, list[int]], seed: int, max_bytes: int,
+                        past: int | None = None) -> dict[str, np.ndarray]:
+    """Inputs of the decode step that follows ``prompt``: a prefill run gives the past (its
+    ``present.*`` outputs) and the new token (the argmax of its last logits)."""
+    from opstudio.core.accuracy import run_outputs
+    from opstudio.core.inputs import build_inputs
+
+    layout = kv_layout(model)
+    ids_name = layout.ids_input
+    assert ids_name is not None
+    ids = prompt[ids_name]
+    length = int(ids.shape[1])
+    if length < 1:
+        raise OpstudioError(f"--inputs: '{ids_name}' holds no tokens; a prompt needs at least one")
+    if past is not None and past != length:
+        raise OpstudioError(f"--past {past}: with a prompt in --inputs the past is the prompt "
+                            f"itself ({length} tokens); leave out --past")
+    source = _runnable(model, model_path)
+    prefill = build_inputs(model, dims, shapes, dict(prompt), seed, max_bytes,
+                           phase="prefill", model_path=model_path)
+    outputs = run_outputs(source, prefill, threads=0)
+    logits = _logits(outputs)
+    presents = _presents(layout, outputs)
+
+    fixed = {k: v for k, v in dims.items() if k not in layout.past and k not in layout.seq
+             and k not in layout.total}
+    feeds = build_inputs(model, fixed, shapes, {}, seed, max_bytes, phase="decode",
+                         past=length, model_path=model_path)
+    feeds[ids_name] = logits[:, -1, :].argmax(axis=-1).reshape(-1, 1).astype(ids.dtype)
+    for name, value in presents.items():
+        feeds[name] = value.astype(feeds[name].dtype, copy=False)
+    mask_name = next((n for n in feeds if "mask" in n.lower()), None)
+    mask = prompt.get(mask_name) if mask_name else None
+    if mask is not None and mask_name is not None:
+        ones = np.ones((mask.shape[0], 1), dtype=mask.dtype)
+        feeds[mask_name] = np.concatenate([mask, ones], axis=1)
+        for name in feeds:
+            if "position_ids" in name.lower():
+                # HF counts positions over the unmasked tokens: the new one is the count so far
+                pos = mask.astype(np.int64).sum(axis=1, keepdims=True)
+                feeds[name] = pos.astype(feeds[name].dtype)
+    return feeds
+
+
+def _runnable(model: onnx.ModelProto, model_path: str | Path | None) -> onnx.ModelProto | str:
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if model_path is not None and Path(model_path).is_file():
+        return str(model_path)
+    if external:
+        raise OpstudioError("decoding after a prompt runs the prompt through the model first, "
+                            "which needs the model file with its weights")
+    return model
+
+
+def _logits(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    value: np.ndarray | None
+    if "logits" in outputs:
+        value = outputs["logits"]
+    else:
+        value = next((v for k, v in outputs.items()
+                      if "present" not in k.lower() and np.ndim(v) == 3), None)
+    if value is None or np.ndim(value) != 3:
+        raise OpstudioError("decoding after a prompt needs the model's logits "
+                            "[batch, sequence, vocabulary] to pick the next token; "
+                            "no output of that shape was found")
+    return np.asarray(value)
+
+
+def _presents(layout: KvLayout, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each past input's value: the output of the prefill that continues it."""
+    present_names = [k for k in outputs if "present" in k.lower()]
+    found: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(layout.kv_inputs):
+        name = spec.name
+        candidates = [name.replace("past_key_values", "present"),
+                      name.replace("past_key_values", "present_key_values"),
+                      name.replace("past", "present")]
+        hit = next((c for c in candidates if c in outputs and c != name), None)
+        if hit is None and len(present_names) == len(layout.kv_inputs):
+            hit = present_names[i]  # same order, as exporters write them
+        if hit is None:
+            raise OpstudioError(f"decoding after a prompt: no output of the model continues "
+                                f"'{name}' (looked for {candidates[0]!r})")
+        found[name] = np.asarray(outputs[hit])
+    return found
