@@ -8,12 +8,24 @@ fused normalisations and GELUs, and the block-quantized MatMulNBits and GatherBl
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-from opstudio.core.tensors import numel
+from opstudio.core.tensors import TensorInfo, numel
 
-if TYPE_CHECKING:
-    from opstudio.core.graph import NodeInfo, TensorInfo
+
+class OpNode(Protocol):
+    """What a count reads of a node (``graph.NodeInfo`` has it; the graph module builds on this
+    one, not the other way round)."""
+
+    @property
+    def op_type(self) -> str: ...
+    @property
+    def domain(self) -> str: ...
+    @property
+    def inputs(self) -> Sequence[str]: ...
+    @property
+    def attributes(self) -> Mapping[str, Any]: ...
 
 # One FLOP per output element.
 ELEMENTWISE = {
@@ -64,7 +76,7 @@ def _dim(t: TensorInfo | None, axis: int) -> int | None:
     return d if isinstance(d, int) and d >= 0 else None
 
 
-def node_flops(node: NodeInfo, ins: list[TensorInfo | None],
+def node_flops(node: OpNode, ins: list[TensorInfo | None],
                outs: list[TensorInfo | None]) -> int | None:
     op = node.op_type
     a = node.attributes
@@ -139,7 +151,7 @@ def _in(ins: list[TensorInfo | None], i: int) -> TensorInfo | None:
     return ins[i] if i < len(ins) else None
 
 
-def _given(node: NodeInfo, i: int) -> bool:
+def _given(node: OpNode, i: int) -> bool:
     """Whether optional input ``i`` is wired (an empty name means left out)."""
     return i < len(node.inputs) and bool(node.inputs[i])
 
@@ -148,7 +160,7 @@ def _rank(t: TensorInfo | None) -> int | None:
     return None if t is None or t.shape is None else len(t.shape)
 
 
-def _int_attr(a: dict[str, Any], name: str, default: int | None = None) -> int | None:
+def _int_attr(a: Mapping[str, Any], name: str, default: int | None = None) -> int | None:
     v = a.get(name, default)
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -171,7 +183,7 @@ def _rotary(elements: int) -> int:
     return 3 * elements  # x1·cos − x2·sin: two multiplies and an add per rotated element
 
 
-def _total_length(node: NodeInfo, ins: list[TensorInfo | None], outs: list[TensorInfo | None],
+def _total_length(node: OpNode, ins: list[TensorInfo | None], outs: list[TensorInfo | None],
                   new: int | None, past_at: int, past_axis: int, present_axis: int) -> int | None:
     """Keys attended: the past cache plus the new ones, else the present cache's length."""
     if not _given(node, past_at):
@@ -182,7 +194,7 @@ def _total_length(node: NodeInfo, ins: list[TensorInfo | None], outs: list[Tenso
     return _dim(_in(outs, 1), present_axis)
 
 
-def _group_query_attention(node: NodeInfo, ins: list[TensorInfo | None],
+def _group_query_attention(node: OpNode, ins: list[TensorInfo | None],
                            outs: list[TensorInfo | None]) -> int | None:
     # query [B, S, H·D], or Q, K and V packed as [B, S, (H + 2·KV)·D] when key is left out;
     # past_key [B, KV, P, D]; rotary (do_rotary) turns Q and K inside the op
@@ -202,7 +214,7 @@ def _group_query_attention(node: NodeInfo, ins: list[TensorInfo | None],
     return _attention_core(b, h, s, t, d, d) + rotary
 
 
-def _multi_head_attention(node: NodeInfo, ins: list[TensorInfo | None],
+def _multi_head_attention(node: OpNode, ins: list[TensorInfo | None],
                           outs: list[TensorInfo | None]) -> int | None:
     # query [B, S, H·D] or packed QKV [B, S, H, 3, D]; key [B, L, H·D], packed KV
     # [B, L, H, 2, D] or already split into heads [B, H, L, D]; value likewise with its own
@@ -239,7 +251,7 @@ def _multi_head_attention(node: NodeInfo, ins: list[TensorInfo | None],
     return _attention_core(b, h, s, t, d, dv) + bias
 
 
-def _contrib_attention(node: NodeInfo, ins: list[TensorInfo | None],
+def _contrib_attention(node: OpNode, ins: list[TensorInfo | None],
                        outs: list[TensorInfo | None]) -> int | None:
     # com.microsoft Attention projects Q, K and V itself: input [B, S, C] times weights
     # [C, Hq + Hk + Hv]; past [2, B, H, P, D]
@@ -264,7 +276,7 @@ def _contrib_attention(node: NodeInfo, ins: list[TensorInfo | None],
     return projection + _attention_core(b, h, s, t, d, dv) + rotary
 
 
-def _onnx_attention(node: NodeInfo, ins: list[TensorInfo | None],
+def _onnx_attention(node: OpNode, ins: list[TensorInfo | None],
                     outs: list[TensorInfo | None]) -> int | None:
     # ONNX Attention (opset 23): Q [B, Hq, S, D] or [B, S, Hq·D] with q_num_heads; K and V
     # [B, KV, L, D] or [B, L, KV·D] with kv_num_heads; past_key [B, KV, P, D]
@@ -292,7 +304,7 @@ def _onnx_attention(node: NodeInfo, ins: list[TensorInfo | None],
     return _attention_core(b, h, s, t, d, dv)
 
 
-def _attention(node: NodeInfo, ins: list[TensorInfo | None],
+def _attention(node: OpNode, ins: list[TensorInfo | None],
                outs: list[TensorInfo | None]) -> int | None:
     if node.domain == "com.microsoft":
         return _contrib_attention(node, ins, outs)
@@ -306,7 +318,7 @@ ATTENTION = {
 }
 
 
-def _rotary_embedding(node: NodeInfo, x: TensorInfo | None) -> int | None:
+def _rotary_embedding(node: OpNode, x: TensorInfo | None) -> int | None:
     # input [B, S, H·D] or [B, H, S, D]; rotary_embedding_dim > 0 turns only the first
     # that many values of each head (the rest are copied)
     n = _numel(x)
@@ -323,7 +335,7 @@ def _rotary_embedding(node: NodeInfo, x: TensorInfo | None) -> int | None:
     return None if not d else _rotary(n // d * min(part, d))
 
 
-def _matmul_nbits(node: NodeInfo, ins: list[TensorInfo | None], out_n: int | None) -> int | None:
+def _matmul_nbits(node: OpNode, ins: list[TensorInfo | None], out_n: int | None) -> int | None:
     # A [..., K] times a [K, N] weight held block-quantized; the rows come from A when the file
     # declares no output shape (onnx's inference does not know the op)
     kn = _positive(_int_attr(node.attributes, "K"), _int_attr(node.attributes, "N"))
@@ -338,7 +350,7 @@ def _matmul_nbits(node: NodeInfo, ins: list[TensorInfo | None], out_n: int | Non
     return 2 * rows * n * k + bias
 
 
-def _gathered_elements(node: NodeInfo, ins: list[TensorInfo | None]) -> int | None:
+def _gathered_elements(node: OpNode, ins: list[TensorInfo | None]) -> int | None:
     """Elements GatherBlockQuantized writes: the indices times one unpacked slice of data."""
     data, indices = _in(ins, 0), _in(ins, 1)
     n, picks = _numel(data), _numel(indices)
@@ -351,12 +363,12 @@ def _gathered_elements(node: NodeInfo, ins: list[TensorInfo | None]) -> int | No
     return picks * (n // rows) * per_byte
 
 
-def _gather_axis(node: NodeInfo) -> int:
+def _gather_axis(node: OpNode) -> int:
     name = "gather_axis" if node.op_type == "GatherBlockQuantized" else "axis"
     return _int_attr(node.attributes, name, 0) or 0
 
 
-def _partial_reads(node: NodeInfo, ins: list[TensorInfo | None]) -> dict[int, float]:
+def _partial_reads(node: OpNode, ins: list[TensorInfo | None]) -> dict[int, float]:
     """Inputs an op reads only part of, as input position → fraction read.
 
     A Gather reads the rows its indices pick, not the table (an embedding is read a few rows
@@ -385,7 +397,7 @@ def _partial_reads(node: NodeInfo, ins: list[TensorInfo | None]) -> dict[int, fl
     return out
 
 
-def node_bytes(node: NodeInfo, ins: list[TensorInfo | None],
+def node_bytes(node: OpNode, ins: list[TensorInfo | None],
                outs: list[TensorInfo | None]) -> int | None:
     """Bytes read and written: every input and output in full, but only the part of a table
     that a Gather or a rotary cache really reads; None when a size is unknown."""

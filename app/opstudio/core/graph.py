@@ -9,7 +9,6 @@ shape they need is unknown or symbolic; :func:`analyze` accepts ``dims`` to bind
 from __future__ import annotations
 
 import contextlib
-import heapq
 import math
 import multiprocessing
 import os
@@ -25,30 +24,9 @@ from onnx.reference import ReferenceEvaluator
 
 from opstudio.core.errors import Cancelled, GraphError
 from opstudio.core.flops import node_bytes, node_flops
+from opstudio.core.graph_utils import consumers, topological_order
 from opstudio.core.isolation import call_isolated
-from opstudio.core.tensors import DTYPE_SIZES, nbytes, numel
-
-Dim = int | str | None
-Shape = list[Dim] | None
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    dtype: str | None = None  # numpy-style name: "float32", "int64", …
-    shape: Shape = None
-    is_constant: bool = False
-
-    @property
-    def itemsize(self) -> int | None:
-        return DTYPE_SIZES.get(self.dtype or "")
-
-    def numel(self) -> int | None:
-        return numel(self.shape)
-
-    def nbytes(self) -> int | None:
-        n = self.numel()
-        return None if n is None else nbytes(self.dtype, n)
+from opstudio.core.tensors import Dim, Shape, TensorInfo, nbytes
 
 
 @dataclass
@@ -225,43 +203,6 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
             value = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value]
         out[attr.name] = value
     return out
-
-
-def topological_order(graph: onnx.GraphProto) -> list[int]:
-    """Indices of ``graph.node`` in an order where producers precede consumers.
-
-    Stable: keeps file order wherever it is already valid. Raises ``GraphError`` on a cycle.
-    """
-    nodes = list(graph.node)
-    producer: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for out in n.output:
-            if out:
-                producer[out] = i
-    indegree = [0] * len(nodes)
-    users: list[list[int]] = [[] for _ in nodes]
-    for i, n in enumerate(nodes):
-        deps = {producer[x] for x in n.input if x in producer and producer[x] != i}
-        for d in deps:
-            users[d].append(i)
-        indegree[i] = len(deps)
-        if any(producer.get(x) == i for x in n.input if x):
-            raise GraphError(f"graph has a cycle: node '{n.name or n.op_type}' consumes its own output")
-    ready = [i for i, d in enumerate(indegree) if d == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            indegree[u] -= 1
-            if indegree[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        stuck = next(i for i, d in enumerate(indegree) if d > 0)
-        raise GraphError(
-            f"graph has a cycle through node '{nodes[stuck].name or nodes[stuck].op_type}'")
-    return order
 
 
 # Initializers bigger than this are handed to shape inference as dims + type only: inference needs
@@ -686,18 +627,9 @@ def symbolic_dims(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def consumers_map(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            if i:
-                out[i].append(n)
-    return out
-
-
 def reachable_from(graph: onnx.GraphProto, start: str) -> set[str]:
     """Tensor names reachable downstream from ``start``."""
-    users = consumers_map(graph)
+    users = consumers(graph)
     seen = {start}
     queue = deque([start])
     while queue:

@@ -1,8 +1,10 @@
-"""Sizes of tensors: element counts and bytes, shared by the graph analysis and the FLOP counts."""
+"""Tensors as the analysis sees them (name, dtype, shape) and their sizes: element counts and
+bytes, shared by the graph analysis and the FLOP counts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 DTYPE_SIZES = {
     "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
@@ -33,3 +35,27 @@ def nbytes(dtype: str | None, count: int) -> int | None:
         return (count + 1) // 2
     size = DTYPE_SIZES.get(dtype or "")
     return None if size is None else count * size
+
+
+# a dim is a number, a symbolic name (``batch``), or None when neither is known
+Dim = int | str | None
+Shape = list[Dim] | None
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str | None = None  # numpy-style name: "float32", "int64", …
+    shape: Shape = None
+    is_constant: bool = False
+
+    @property
+    def itemsize(self) -> int | None:
+        return DTYPE_SIZES.get(self.dtype or "")
+
+    def numel(self) -> int | None:
+        return numel(self.shape)
+
+    def nbytes(self) -> int | None:
+        n = self.numel()
+        return None if n is None else nbytes(self.dtype, n)
