@@ -18,7 +18,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QWidget
 
-from opstudio.qt.plots import TEXT
+from opstudio.qt.theme import TEXT, TITLE_SIZE
 
 MEMORY = "#2f7ed8"
 COMPUTE = "#e07b39"
@@ -33,7 +33,7 @@ class RooflinePlot(pg.PlotWidget):
         self.data: dict[str, Any] = {"points": [], "machine": None}
         self.setMinimumSize(200, 90)
         pi = self.getPlotItem()
-        pi.setTitle("Roofline: run a profile to place the operators", color=TEXT, size="11pt")
+        pi.setTitle("Roofline: run a profile to place the operators", color=TEXT, size=TITLE_SIZE)
         pi.setLabel("bottom", "arithmetic intensity (FLOP / byte)")
         pi.setLabel("left", "achieved GFLOP/s")
         pi.setLogMode(x=True, y=True)
@@ -63,7 +63,7 @@ class RooflinePlot(pg.PlotWidget):
         self.labels = []
         self.data = {"points": [], "machine": None}
         self.getPlotItem().setTitle("Roofline: run a profile to place the operators",
-                                    color=TEXT, size="11pt")
+                                    color=TEXT, size=TITLE_SIZE)
 
     def set_points(self, points: Sequence[Any], machine: Any) -> None:
         self.clear_points()
@@ -73,7 +73,7 @@ class RooflinePlot(pg.PlotWidget):
         pi = self.getPlotItem()
         pi.setTitle(f"Roofline: {machine.peak_gflops:.0f} GFLOP/s peak, "
                     f"{machine.bandwidth_gbs:.1f} GB/s, ridge {machine.ridge:.1f} FLOP/byte",
-                    color=TEXT, size="11pt")
+                    color=TEXT, size=TITLE_SIZE)
         if points:
             lo = min(p.intensity for p in points) / 2
             hi = max(p.intensity for p in points) * 2
@@ -90,7 +90,7 @@ class RooflinePlot(pg.PlotWidget):
             self.int8_roof.setData(xs8, np.minimum(int8_peak, xs8 * machine.bandwidth_gbs))
             pi.setTitle(f"Roofline: {machine.peak_gflops:.0f} GFLOP/s peak (INT8 "
                         f"{int8_peak:.0f} GOP/s), {machine.bandwidth_gbs:.1f} GB/s",
-                        color=TEXT, size="11pt")
+                        color=TEXT, size=TITLE_SIZE)
         if not points:
             return
         total = sum(p.ms for p in points) or 1.0
