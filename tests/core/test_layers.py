@@ -158,3 +158,52 @@ def test_grouping_is_fast_on_a_big_graph():
     assert len(names) > 12000 and len(g.layers()) == 48
     assert t.by_layer[("model.layers", 47)] == 220.0
     assert elapsed < 1.5, elapsed
+
+
+def _chain(names, extra_edges=()):
+    from opstudio.core.graph import GraphInfo, NodeInfo
+
+    nodes = [NodeInfo(index=i, name=n, op_type="Relu", domain="", inputs=[f"t{i - 1}"],
+                      outputs=[f"t{i}"], output_shapes=[[1]], flops=10, param_bytes=4)
+             for i, n in enumerate(names)]
+    edges = [(i - 1, i, f"t{i - 1}") for i in range(1, len(names))] + list(extra_edges)
+    return GraphInfo(nodes=nodes, edges=edges, inputs=[], outputs=[], tensors={}, opset=17,
+                     ir_version=8, producer="test")
+
+
+def test_collapse_folds_a_layer_into_one_node():
+    from opstudio.core.layers import collapse_layers
+
+    graph = analyze(layered_decoder(layers=3), {"batch": 1, "seq": 4})
+    g = group_layers(n.name for n in graph.nodes)
+    c = collapse_layers(graph, g, [("model.layers", 1)])
+    assert len(c.graph.nodes) == len(graph.nodes) - PER_LAYER + 1
+    (box, key), = c.layers.items()
+    assert key == ("model.layers", 1) and c.keys == {key}
+    folded = c.graph.nodes[box]
+    assert (folded.op_type, folded.name) == ("layer 1", f"{PER_LAYER} operators")
+    inner = g.layer_nodes(key)
+    assert c.members[box].tolist() == inner and set(c.box_of[inner].tolist()) == {box}
+    assert folded.flops == sum(graph.nodes[i].flops for i in inner)
+    # edges: none inside the box, one per pair of boxes, and the graph stays connected
+    pairs = [(a, b) for a, b, _ in c.graph.edges]
+    assert len(pairs) == len(set(pairs)) and all(a != b for a, b in pairs)
+    into = {a for a, b in pairs if b == box}
+    out_of = {b for a, b in pairs if a == box}
+    assert [c.graph.nodes[a].name for a in into] == ["/model/layers.0/Add_1"]
+    assert {c.graph.nodes[b].name for b in out_of} == {
+        "/model/layers.2/input_layernorm/LayerNorm", "/model/layers.2/Add"}
+    # every node is in exactly one box
+    assert sorted(i for m in c.members for i in m.tolist()) == list(range(len(graph.nodes)))
+
+
+def test_a_layer_a_path_leaves_and_reenters_stays_open():
+    from opstudio.core.layers import collapse_layers
+
+    # layers.1/a → outside → layers.1/b: as one box, the layer would feed itself
+    graph = _chain(["/model/layers.0/x", "/model/layers.1/a", "helper",
+                    "/model/layers.1/b", "/model/layers.2/y"])
+    g = group_layers(n.name for n in graph.nodes)
+    c = collapse_layers(graph, g, g.layers())
+    assert c.keys == {("model.layers", 0), ("model.layers", 2)}
+    assert len(c.graph.nodes) == 5  # two folded layers of one node each, the rest open

@@ -149,3 +149,58 @@ def test_layer_frames_and_label_click_select_a_layer(app, qtbot):
     assert got[-1] == grouping.layer_nodes(("model.layers", 1)) == view.selected()
     view.show_layers(None)
     assert view.layer_frames() == []
+
+
+def test_fold_a_layer_into_one_box_and_open_it_again(app, qtbot):
+    from layer_models import PER_LAYER, layered_decoder
+    from opstudio.core.graph import analyze
+    from opstudio.core.layers import group_layers
+
+    graph = analyze(layered_decoder(layers=3), {"batch": 1, "seq": 4})
+    view = GraphView()
+    qtbot.addWidget(view)
+    view.resize(900, 700)
+    view.show()
+    qtbot.waitExposed(view)
+    view.set_graph(graph)
+    grouping = group_layers(n.name for n in graph.nodes)
+    view.show_layers(grouping)
+    layer1 = ("model.layers", 1)
+    inner = grouping.layer_nodes(layer1)
+    up = graph.node("/model/layers.1/mlp/up_proj/MatMul").index
+    view.set_selection([up])
+    share = np.full(len(graph.nodes), 0.01)
+    view.set_heat(share)
+
+    assert view.set_folded({layer1}) == {layer1}
+    box = view.box_of(up)
+    assert view.box_of(inner[0]) == box and view.box_of(0) != box
+    assert len(view.item.graph.nodes) == len(graph.nodes) - PER_LAYER + 1
+    assert [f.label for f in view.layer_frames()] == ["layer 0", "layer 2"]
+    # the selection is kept by node; the box is outlined because one of its nodes is selected
+    assert view.selected() == [up] and view.item.selected[box] and view.item.selected.sum() == 1
+    # a folded layer is as hot as its operators together: the hottest box
+    assert view.item.colour[box] == view.item.colour.max()
+    # a click on the box selects its operators; nodes inside are found at the box
+    got = []
+    view.selectionChanged.connect(got.append)
+    view.center_on(up, zoom_in=True)
+    pos = view.view_pos_of(up)
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+    assert got[-1] == inner and view.node_at_view(pos) == inner[0]
+    # double-click opens it again, on the original layout
+    qtbot.mouseDClick(view.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+    assert view.folded_layers() == set() and view.item.layout is view.layout_
+    assert len(view.layer_frames()) == 3 and view.selected() == inner
+    # a double click on a layer's label folds it
+    view.fit_all()
+    view.viewport().repaint()
+    label = view.layer_frames()[2].label_rect
+    qtbot.mouseDClick(view.viewport(), Qt.MouseButton.LeftButton, pos=label.center())
+    assert view.folded_layers() == {("model.layers", 2)}
+    view.fold_all()
+    assert view.folded_layers() == set(grouping.layers()) and view.layer_frames() == []
+    assert len(view.item.graph.nodes) == len(graph.nodes) - 3 * PER_LAYER + 3
+    # no layers shown: nothing stays folded
+    view.show_layers(None)
+    assert view.folded_layers() == set() and view.item.layout is view.layout_

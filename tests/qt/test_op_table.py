@@ -291,6 +291,18 @@ def test_main_window_layer_view(window, qtbot, tmp_path):
                      pos=label.center())
     assert window.selected_names() == [n.name for n in window.graph.nodes
                                        if n.name.startswith("/model/layers.2/")]
+    # View ▸ Fold every layer: one box per layer, the selection kept
+    from PySide6.QtGui import QAction
+
+    actions = {a.text(): a for a in window.findChildren(QAction)}
+    actions["Fold every layer"].trigger()
+    view = window.graph_view
+    assert view.folded_layers() == set(table.grouping.layers())
+    assert len(view.item.graph.nodes) == len(window.graph.nodes) - 3 * 13 + 3
+    box = view.box_of(window.graph.node("/model/layers.2/Add").index)
+    assert view.item.selected.tolist().count(True) == 1 and view.item.selected[box]
+    actions["Open every layer"].trigger()
+    assert view.folded_layers() == set() and view.item.layout is view.layout_
 
 
 def test_gui_command_opens_grouped_by_layer(tmp_path):

@@ -25,6 +25,8 @@ def add_window_flags(p: argparse.ArgumentParser) -> None:
                    help="bind a symbolic dim for the runs, e.g. --dim sequence_length=16")
     g.add_argument("--by-layer", action="store_true",
                    help="show the operators grouped by layer (table and graph)")
+    g.add_argument("--fold-layers", action="store_true",
+                   help="with --by-layer: fold every layer of the graph into one box")
     g.add_argument("--size", metavar="WxH", help="window size, e.g. 1600x1000")
     g.add_argument("--screenshot", metavar="PATH",
                    help="save a picture of the window to PATH once the runs asked for are done")
@@ -81,6 +83,8 @@ def launch(model: str | Path | None, args: argparse.Namespace) -> int:
     if model is not None and window.open_model(model):
         if getattr(args, "by_layer", False):
             window.table.set_grouped(True)
+            if getattr(args, "fold_layers", False):
+                window.graph_view.fold_all()
         if getattr(args, "recipe", None):
             try:
                 window.panel.load_recipe(args.recipe)

@@ -17,10 +17,15 @@ decided once per distinct role, so a 10k-node graph is grouped in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from opstudio.core.graph import GraphInfo, NodeInfo
 
 ATTENTION, MLP, NORM, EMBEDDING, LM_HEAD, OTHER = (
     "attention", "mlp", "norm", "embedding", "lm_head", "other")
@@ -225,30 +230,98 @@ def group_layers(names: Iterable[str]) -> LayerGrouping:
     return LayerGrouping(list(names))
 
 
-def layer_table(grouping: LayerGrouping, columns: Mapping[str, Totals]) -> list[list[str]]:
-    """Rows for a text report: each layer, then its modules indented, then the nodes outside
-    the layers by module; one column per quantity, already formatted by the caller's Totals
-    (values are printed with ``_fmt``)."""
-    rows: list[list[str]] = []
-    names = list(columns)
-    for key in grouping.layers():
-        rows.append([grouping.layer_label(key),
-                     str(len(grouping.layer_nodes(key))),
-                     *(_fmt(columns[c].by_layer.get(key)) for c in names)])
-        for m in grouping.modules_of(key):
-            rows.append([f"  {MODULE_LABELS[m]}", str(len(grouping.module_nodes(key, m))),
-                         *(_fmt(columns[c].by_layer_module.get((key, m))) for c in names)])
-    for m in grouping.modules_of(None):
-        rows.append([f"(no layer) {MODULE_LABELS[m]}", str(len(grouping.module_nodes(None, m))),
-                     *(_fmt(columns[c].outside.get(m)) for c in names)])
-    return rows
+@dataclass
+class Collapsed:
+    """A graph with some layers folded into one node each (for display).
+
+    ``graph`` has one node per box: every node outside the folded layers and one per folded
+    layer; ``box_of[i]`` is the box showing node ``i`` and ``members[b]`` the nodes of box ``b``.
+    """
+
+    graph: GraphInfo
+    box_of: np.ndarray
+    members: list[np.ndarray]
+    layers: dict[int, LayerKey]  # box -> the layer it folds
+
+    @property
+    def keys(self) -> set[LayerKey]:
+        return set(self.layers.values())
 
 
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if abs(v) >= 1000:
-        for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if abs(v) >= factor:
-                return f"{v / factor:.2f}{suffix}"
-    return f"{v:.3f}" if v != int(v) else f"{int(v)}"
+def collapse_layers(graph: GraphInfo, grouping: LayerGrouping,
+                    keys: Collection[LayerKey]) -> Collapsed:
+    """Fold each layer of ``keys`` into one node. A layer that a path leaves and re-enters
+    (through a node outside it) can't be one node of an acyclic graph: it stays open."""
+    wanted = [k for k in grouping.layers() if k in set(keys)]
+    done = _collapse(graph, grouping, wanted)
+    if done is None:
+        kept: list[LayerKey] = []
+        for k in wanted:
+            if _collapse(graph, grouping, [*kept, k]) is not None:
+                kept.append(k)
+        done = _collapse(graph, grouping, kept)
+        assert done is not None
+    return done
+
+
+def _collapse(graph: GraphInfo, grouping: LayerGrouping,
+              keys: list[LayerKey]) -> Collapsed | None:
+    chosen = set(keys)
+    box_of = np.empty(len(graph.nodes), dtype=np.int64)
+    members: list[list[int]] = []
+    nodes: list[NodeInfo] = []
+    layer_box: dict[LayerKey, int] = {}
+    for n in graph.nodes:
+        key = grouping.layer_of(n.index)
+        if key is not None and key in chosen:
+            b = layer_box.get(key)
+            if b is None:
+                b = layer_box[key] = len(members)
+                members.append([])
+                label = grouping.layer_label(key)
+                nodes.append(NodeInfo(index=b, name="", op_type=label, domain="", inputs=[],
+                                      outputs=[], output_shapes=[]))
+            members[b].append(n.index)
+        else:
+            b = len(members)
+            members.append([n.index])
+            nodes.append(dataclasses.replace(n, index=b))
+        box_of[n.index] = b
+    for b in layer_box.values():
+        inner = [graph.nodes[i] for i in members[b]]
+        nodes[b].name = f"{len(inner)} operators"
+        known = [x.flops for x in inner if x.flops is not None]
+        nodes[b].flops = sum(known) if known else None
+        nodes[b].param_bytes = sum(x.param_bytes for x in inner)
+    edges: list[tuple[int, int, str]] = []
+    seen: set[tuple[int, int]] = set()
+    for s, d, tensor in graph.edges:
+        a, b = int(box_of[s]), int(box_of[d])
+        if a != b and (a, b) not in seen:
+            seen.add((a, b))
+            edges.append((a, b, tensor))
+    if not _acyclic(len(nodes), edges):
+        return None
+    folded = GraphInfo(nodes=nodes, edges=edges, inputs=graph.inputs, outputs=graph.outputs,
+                       tensors=graph.tensors, opset=graph.opset, ir_version=graph.ir_version,
+                       producer=graph.producer, constant_bytes=graph.constant_bytes)
+    return Collapsed(folded, box_of, [np.array(m, dtype=np.int64) for m in members],
+                     {b: k for k, b in layer_box.items()})
+
+
+def _acyclic(n: int, edges: list[tuple[int, int, str]]) -> bool:
+    indegree = [0] * n
+    out: list[list[int]] = [[] for _ in range(n)]
+    for a, b, _ in edges:
+        out[a].append(b)
+        indegree[b] += 1
+    ready = deque(i for i in range(n) if not indegree[i])
+    visited = 0
+    while ready:
+        i = ready.popleft()
+        visited += 1
+        for j in out[i]:
+            indegree[j] -= 1
+            if not indegree[j]:
+                ready.append(j)
+    return visited == n

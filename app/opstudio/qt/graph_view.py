@@ -43,8 +43,8 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.graph import GraphInfo
-from opstudio.core.layers import LayerGrouping
-from opstudio.core.layout import Layout, compute_layout
+from opstudio.core.layers import Collapsed, LayerGrouping, LayerKey, collapse_layers
+from opstudio.core.layout import Layout, compute_layout, label_width, layout_arrays
 
 # op type -> palette slot; a restrained, light palette so heat colours stand out later
 CATEGORY_OPS = {
@@ -75,6 +75,7 @@ BORDER_COLOUR = QColor("#7b8594")
 FRAME_FILLS = (QColor(70, 110, 190, 22), QColor(120, 90, 170, 30))
 FRAME_BORDER = QColor("#a3adbf")
 FRAME_PAD = 10.0
+FOLDED_WIDTH = 180.0  # a layer folded into one box
 
 DETAIL_PX = 9.0  # below this box height on screen, boxes are drawn as plain filled shapes
 LABEL_PX = 15.0  # from this box height the op type is written in the box
@@ -142,18 +143,16 @@ class GraphItem(QGraphicsObject):
         self._colour_version += 1
         self.update()
 
-    def set_layers(self, grouping: LayerGrouping | None) -> None:
-        """Frame each layer's nodes (None: no frames)."""
+    def set_frames(self, frames: list[tuple[LayerKey, str, np.ndarray, np.ndarray]]) -> None:
+        """Frame boxes by layer: (layer, label, its boxes, the graph nodes they show)."""
         self.frames = []
-        if grouping is not None and len(grouping.scopes) == self.layout.n_nodes:
-            for k, key in enumerate(grouping.layers()):
-                idx = np.array(grouping.layer_nodes(key), dtype=np.int64)
-                rect = QRectF(QPointF(float(self._left[idx].min()), float(self._top[idx].min())),
-                              QPointF(float(self._right[idx].max()),
-                                      float(self._bottom[idx].max())))
-                self.frames.append(LayerFrame(
-                    grouping.layer_label(key), idx,
-                    rect.adjusted(-FRAME_PAD, -FRAME_PAD, FRAME_PAD, FRAME_PAD), k % 2))
+        for k, (key, label, boxes, nodes) in enumerate(frames):
+            rect = QRectF(QPointF(float(self._left[boxes].min()), float(self._top[boxes].min())),
+                          QPointF(float(self._right[boxes].max()),
+                                  float(self._bottom[boxes].max())))
+            self.frames.append(LayerFrame(
+                label, nodes, rect.adjusted(-FRAME_PAD, -FRAME_PAD, FRAME_PAD, FRAME_PAD), k % 2,
+                key))
         self.update()
 
     def boundingRect(self) -> QRectF:
@@ -331,10 +330,11 @@ class GraphItem(QGraphicsObject):
 class LayerFrame:
     """One layer's box in the scene: its label, its nodes and where its label was drawn."""
 
-    __slots__ = ("label", "label_rect", "nodes", "rect", "tint")
+    __slots__ = ("key", "label", "label_rect", "nodes", "rect", "tint")
 
-    def __init__(self, label: str, nodes: np.ndarray, rect: QRectF, tint: int) -> None:
-        self.label, self.nodes, self.rect, self.tint = label, nodes, rect, tint
+    def __init__(self, label: str, nodes: np.ndarray, rect: QRectF, tint: int,
+                 key: LayerKey | None = None) -> None:
+        self.label, self.nodes, self.rect, self.tint, self.key = label, nodes, rect, tint, key
         self.label_rect = QRect()  # viewport pixels, set on each paint
 
 
@@ -387,7 +387,13 @@ class GraphView(QGraphicsView):
         self.setMinimumSize(QSize(200, 200))
         self.item: GraphItem | None = None
         self.graph: GraphInfo | None = None
-        self.layout_: Layout | None = None
+        self.layout_: Layout | None = None  # of the whole graph, every node a box
+        # while layers are folded: what the boxes show, and their layout
+        self.folded: Collapsed | None = None
+        self._shown_layout: Layout | None = None
+        self.grouping: LayerGrouping | None = None
+        self._selected = np.zeros(0, dtype=bool)  # by graph node, folded or not
+        self._share: np.ndarray | None = None
         self.legend = HeatLegend()
         self._band = QRubberBand(QRubberBand.Shape.Rectangle, self.viewport())
         self._band_origin: QPoint | None = None
@@ -396,56 +402,178 @@ class GraphView(QGraphicsView):
 
     # --- content ------------------------------------------------------------------------------
     def set_graph(self, graph: GraphInfo, layout: Layout | None = None) -> None:
-        self.scene().clear()
         self.graph = graph
         self.layout_ = layout or compute_layout(graph)
-        self.item = GraphItem(graph, self.layout_)
-        self.scene().addItem(self.item)
-        self.scene().setSceneRect(self.item.boundingRect())
+        self.folded, self.grouping, self._share = None, None, None
+        self._selected = np.zeros(len(graph.nodes), dtype=bool)
+        self._show(graph, self.layout_)
         self.legend.visible = False
         self.fit()
+
+    def _show(self, graph: GraphInfo, layout: Layout) -> None:
+        self.scene().clear()
+        self._shown_layout = layout
+        self.item = GraphItem(graph, layout)
+        self.scene().addItem(self.item)
+        self.scene().setSceneRect(self.item.boundingRect())
+        self._sync_selection()
+        self._apply_heat()
+        self._apply_frames()
 
     def clear(self) -> None:
         self.scene().clear()
         self.item = None
         self.graph = None
-        self.layout_ = None
+        self.layout_ = self._shown_layout = None
+        self.folded, self.grouping, self._share = None, None, None
+        self._selected = np.zeros(0, dtype=bool)
         self.legend.visible = False
 
     def set_heat(self, share: np.ndarray | None) -> None:
         if self.item is None:
             return
-        self.item.set_heat(share)
+        self._share = None if share is None else np.asarray(share, dtype=np.float64)
+        self._apply_heat()
         self.legend.visible = share is not None
         if share is not None and np.isfinite(share).any():
             self.legend.max_share = float(np.nanmax(share))
         self.viewport().update()
 
+    def _apply_heat(self) -> None:
+        if self.item is None:
+            return
+        share = self._share
+        if share is None:
+            self.item.set_heat(None)
+            return
+        if self.folded is not None:
+            # a folded layer is as hot as its operators together
+            boxes = self.folded.box_of
+            known = np.isfinite(share)
+            total = np.bincount(boxes[known], weights=share[known],
+                                minlength=len(self.folded.members))
+            seen = np.bincount(boxes[known], minlength=len(self.folded.members))
+            share = np.where(seen > 0, total, np.nan)
+        self.item.set_heat(share)
+
+    # --- layers -------------------------------------------------------------------------------
     def show_layers(self, grouping: LayerGrouping | None) -> None:
-        """Frame and label each layer (a click on a label selects the layer), or stop."""
-        if self.item is not None:
-            self.item.set_layers(grouping)
+        """Frame and label each layer (a click on a label selects the layer, a double click
+        folds it into one box), or stop showing layers (every layer unfolded)."""
+        if self.graph is None:
+            return
+        if grouping is not None and len(grouping.scopes) != len(self.graph.nodes):
+            grouping = None
+        self.grouping = grouping
+        if grouping is None and self.folded is not None:
+            self.set_folded(())
+        else:
+            self._apply_frames()
             self.viewport().update()
 
+    def _apply_frames(self) -> None:
+        if self.item is None:
+            return
+        frames = []
+        g = self.grouping
+        if g is not None:
+            folded = self.folded.keys if self.folded is not None else set()
+            for key in g.layers():
+                if key in folded:
+                    continue
+                nodes = np.array(g.layer_nodes(key), dtype=np.int64)
+                boxes = nodes if self.folded is None else self.folded.box_of[nodes]
+                frames.append((key, g.layer_label(key), boxes, nodes))
+        self.item.set_frames(frames)
+
     def layer_frames(self) -> list[LayerFrame]:
+        """The frames shown, their labels placed for the current view."""
+        self._place_labels()
         return [] if self.item is None else list(self.item.frames)
+
+    def folded_layers(self) -> set[LayerKey]:
+        return set() if self.folded is None else self.folded.keys
+
+    def set_folded(self, keys: Iterable[LayerKey]) -> set[LayerKey]:
+        """Fold these layers into one box each (the others open); returns the layers folded
+        (one that a path leaves and re-enters can't be folded)."""
+        if self.graph is None or self.layout_ is None:
+            return set()
+        wanted = set(keys) if self.grouping is not None else set()
+        if wanted == self.folded_layers():
+            return wanted
+        if not wanted:
+            self.folded = None
+            self._show(self.graph, self.layout_)
+            return set()
+        assert self.grouping is not None
+        self.folded = collapse_layers(self.graph, self.grouping, wanted)
+        folded = self.folded.graph
+        widths = label_width([n.op_type for n in folded.nodes])
+        widths[list(self.folded.layers)] = FOLDED_WIDTH
+        e = np.asarray([(a, b) for a, b, _ in folded.edges], dtype=np.int64).reshape(-1, 2)
+        self._show(folded, layout_arrays(len(folded.nodes), e[:, 0], e[:, 1], widths))
+        return self.folded.keys
+
+    def fold_all(self) -> None:
+        if self.grouping is not None:
+            self.set_folded(self.grouping.layers())
+            self.fit()
+
+    def unfold_all(self) -> None:
+        self.set_folded(())
+        self.fit()
+
+    def toggle_fold(self, key: LayerKey) -> None:
+        """Fold an open layer or open a folded one, keeping it where the eye is."""
+        if self.grouping is None:
+            return
+        folded = self.folded_layers()
+        self.set_folded(folded - {key} if key in folded else folded | {key})
+        first = self.grouping.layer_nodes(key)
+        if first:
+            self.center_on(first[0], zoom_in=False)
+
+    # --- boxes and nodes ----------------------------------------------------------------------
+    def box_of(self, index: int) -> int:
+        """The box showing graph node ``index`` (its own, or its folded layer's)."""
+        return index if self.folded is None else int(self.folded.box_of[index])
+
+    def nodes_of(self, boxes: Iterable[int]) -> list[int]:
+        boxes = list(boxes)
+        if self.folded is None:
+            return sorted(boxes)
+        members = self.folded.members
+        return sorted(int(i) for b in boxes for i in members[b])
 
     # --- selection ----------------------------------------------------------------------------
     def selected(self) -> list[int]:
-        return [] if self.item is None else np.flatnonzero(self.item.selected).tolist()
+        return np.flatnonzero(self._selected).tolist()
 
     def set_selection(self, indices: Iterable[int], emit: bool = False) -> None:
         if self.item is None:
             return
-        sel = np.zeros_like(self.item.selected)
+        sel = np.zeros_like(self._selected)
         idx = np.fromiter(indices, dtype=np.int64)
         sel[idx] = True
-        if np.array_equal(sel, self.item.selected):
+        if np.array_equal(sel, self._selected):
             return
-        self.item.selected = sel
-        self.item.update()
+        self._selected = sel
+        self._sync_selection()
         if emit:
             self.selectionChanged.emit(self.selected())
+
+    def _sync_selection(self) -> None:
+        if self.item is None:
+            return
+        if self.folded is None:
+            self.item.selected = self._selected.copy()
+        else:
+            # a folded layer is outlined when any of its operators is selected
+            boxes = np.zeros(len(self.folded.members), dtype=bool)
+            boxes[self.folded.box_of[self._selected]] = True
+            self.item.selected = boxes
+        self.item.update()
 
     def find(self, text: str) -> list[int]:
         """Nodes whose op type equals ``text`` or whose name contains it (case-insensitive)."""
@@ -463,12 +591,12 @@ class GraphView(QGraphicsView):
         return found
 
     def center_on(self, index: int, zoom_in: bool = True) -> None:
-        if self.layout_ is None:
+        if self._shown_layout is None:
             return
-        lay = self.layout_
-        if zoom_in and self.transform().m22() * lay.height[index] < NAME_PX:
-            self._set_scale(NAME_PX / float(lay.height[index]) * 1.05)
-        self.centerOn(QPointF(float(lay.x[index]), float(lay.y[index])))
+        lay, box = self._shown_layout, self.box_of(index)
+        if zoom_in and self.transform().m22() * lay.height[box] < NAME_PX:
+            self._set_scale(NAME_PX / float(lay.height[box]) * 1.05)
+        self.centerOn(QPointF(float(lay.x[box]), float(lay.y[box])))
 
     # --- view ---------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -476,9 +604,11 @@ class GraphView(QGraphicsView):
         if self.item is None:
             return
         rect = self.item.boundingRect()
+        lay = self._shown_layout
+        assert lay is not None
         vw, vh = max(self.viewport().width(), 50), max(self.viewport().height(), 50)
         whole = min(vw / rect.width(), vh / rect.height(), 1.2)
-        readable = LABEL_PX / float(self.layout_.height[0]) if self.layout_.n_nodes else 1.0
+        readable = LABEL_PX / float(lay.height[0]) if lay.n_nodes else 1.0
         if whole >= readable:
             self._set_scale(whole)
             self.centerOn(rect.center())
@@ -520,15 +650,16 @@ class GraphView(QGraphicsView):
             self.set_selection(frame.nodes.tolist(), emit=True)
             event.accept()
             return
-        hit = self.node_at_view(pos)
+        box = self.box_at_view(pos)
         ctrl = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier
                                          | Qt.KeyboardModifier.MetaModifier))
-        if hit is not None:
+        if box is not None:
+            hit = set(self.nodes_of([box]))  # a folded layer: all its operators
             current = set(self.selected())
             if ctrl:
-                current ^= {hit}
+                current = current - hit if hit <= current else current | hit
             else:
-                current = {hit}
+                current = hit
             self.set_selection(sorted(current), emit=True)
         else:
             self._band_origin = pos
@@ -565,9 +696,10 @@ class GraphView(QGraphicsView):
                     self.set_selection([], emit=True)  # a click on the background clears
                 return
             scene = self.mapToScene(rect).boundingRect()
-            found = self.layout_.nodes_in_rect(scene.left(), scene.top(), scene.right(),
-                                               scene.bottom())
-            chosen = set(found.tolist())
+            assert self._shown_layout is not None
+            found = self._shown_layout.nodes_in_rect(scene.left(), scene.top(), scene.right(),
+                                                     scene.bottom())
+            chosen = set(self.nodes_of(found.tolist()))
             if self._band_additive:
                 chosen |= set(self.selected())
             self.set_selection(sorted(chosen), emit=True)
@@ -575,29 +707,55 @@ class GraphView(QGraphicsView):
         super().mouseReleaseEvent(event)
 
     def mouseDoubleClickEvent(self, event: QMouseEvent) -> None:
-        hit = self.node_at_view(event.position().toPoint())
-        if hit is not None:
-            self.nodeActivated.emit(hit)
+        pos = event.position().toPoint()
+        frame = self.layer_label_at(pos)
+        if frame is not None and frame.key is not None:
+            self.toggle_fold(frame.key)  # a layer's label folds it
+            return
+        box = self.box_at_view(pos)
+        if box is None:
+            return
+        key = self.folded.layers.get(box) if self.folded is not None else None
+        if key is not None:
+            self.toggle_fold(key)  # a folded layer opens
+        else:
+            self.nodeActivated.emit(self.nodes_of([box])[0])
 
-    def node_at_view(self, pos: QPoint) -> int | None:
-        if self.layout_ is None:
+    def box_at_view(self, pos: QPoint) -> int | None:
+        if self._shown_layout is None:
             return None
         p = self.mapToScene(pos)
-        return self.layout_.node_at(p.x(), p.y())
+        return self._shown_layout.node_at(p.x(), p.y())
+
+    def node_at_view(self, pos: QPoint) -> int | None:
+        """The graph node under ``pos`` (the first of a folded layer)."""
+        box = self.box_at_view(pos)
+        return None if box is None else self.nodes_of([box])[0]
 
     def view_pos_of(self, index: int) -> QPoint:
-        """Where node ``index`` is on screen (its centre), in viewport coordinates."""
-        lay = self.layout_
+        """Where node ``index`` is on screen (its box's centre), in viewport coordinates."""
+        lay = self._shown_layout
         assert lay is not None
-        return self.mapFromScene(QPointF(float(lay.x[index]), float(lay.y[index])))
+        box = self.box_of(index)
+        return self.mapFromScene(QPointF(float(lay.x[box]), float(lay.y[box])))
 
     def _hover(self, event: QMouseEvent) -> None:
         if self.item is None or self.graph is None:
             return
         pos = event.position().toPoint()
         text = ""
-        hit = self.node_at_view(pos)
-        if hit is not None:
+        box = self.box_at_view(pos)
+        shown = self.item.graph  # the folded graph while layers are folded
+        layer = self.folded.layers.get(box) if self.folded is not None and box is not None \
+            else None
+        if self.layer_label_at(pos) is not None:
+            text = "click: select the layer · double-click: fold it into one box"
+        elif layer is not None:
+            assert box is not None
+            n = shown.nodes[box]
+            text = f"<b>{n.op_type}</b>: {n.name}<br>double-click to open it"
+        elif box is not None:
+            hit = self.nodes_of([box])[0]
             n = self.graph.nodes[hit]
             shape = ", ".join(_shape(s) for s in n.output_shapes)
             text = f"<b>{n.op_type}</b> {n.name}<br>output {shape}"
@@ -610,20 +768,21 @@ class GraphView(QGraphicsView):
             tol = 5.0 / max(self.transform().m22(), 1e-9)
             e = self.item.edge_near(self.mapToScene(pos), tol)
             if e is not None:
-                s, d, tensor = self.graph.edges[e]
-                info = self.graph.tensors.get(tensor)
+                s, d, tensor = shown.edges[e]
+                info = shown.tensors.get(tensor)
                 desc = f"{info.dtype or '?'} {_shape(info.shape)}" if info else "?"
-                text = (f"<b>{tensor}</b><br>{desc}<br>{self.graph.nodes[s].name} → "
-                        f"{self.graph.nodes[d].name}")
+                ends = [shown.nodes[b].op_type if self.folded is not None
+                        and b in self.folded.layers else shown.nodes[b].name for b in (s, d)]
+                text = f"<b>{tensor}</b><br>{desc}<br>{ends[0]} → {ends[1]}"
         if text:
             QToolTip.showText(event.globalPosition().toPoint(), text, self)
         else:
             QToolTip.hideText()
 
     def layer_label_at(self, pos: QPoint) -> LayerFrame | None:
-        if self.item is None:
-            return None
-        return next((f for f in self.item.frames if f.label_rect.contains(pos)), None)
+        self._place_labels()
+        frames = [] if self.item is None else self.item.frames
+        return next((f for f in frames if f.label_rect.contains(pos)), None)
 
     def drawForeground(self, painter: QPainter, rect: QRectF) -> None:
         painter.save()
@@ -632,16 +791,12 @@ class GraphView(QGraphicsView):
         self.legend.paint(painter, self.viewport().rect())
         painter.restore()
 
-    def _paint_layer_labels(self, painter: QPainter) -> None:
-        """Labels at a constant size beside each layer's frame (inside it when the frame
-        reaches the left edge), so they read at any zoom."""
-        if self.item is None or not self.item.frames:
+    def _place_labels(self) -> None:
+        """Where each layer's label goes, in viewport pixels: beside its frame (inside it when
+        the frame reaches the left edge), at a constant size so it reads at any zoom."""
+        if self.item is None:
             return
-        f = QFont()
-        f.setPixelSize(12)
-        f.setBold(True)
-        painter.setFont(f)
-        fm = QFontMetricsF(f)
+        fm = QFontMetricsF(_label_font())
         port = self.viewport().rect()
         for frame in self.item.frames:
             box = self.mapFromScene(frame.rect).boundingRect()
@@ -653,11 +808,27 @@ class GraphView(QGraphicsView):
             y = max(box.top() + 2, port.top() + 2)
             y = min(y, box.bottom() - h)
             frame.label_rect = QRect(x, y, w, h)
+
+    def _paint_layer_labels(self, painter: QPainter) -> None:
+        if self.item is None or not self.item.frames:
+            return
+        self._place_labels()
+        painter.setFont(_label_font())
+        for frame in self.item.frames:
+            if frame.label_rect.isEmpty():
+                continue
             painter.setPen(QPen(FRAME_BORDER))
             painter.setBrush(QColor(255, 255, 255, 230))
             painter.drawRoundedRect(frame.label_rect, 4, 4)
             painter.setPen(QColor("#2a3240"))
             painter.drawText(frame.label_rect, Qt.AlignmentFlag.AlignCenter, frame.label)
+
+
+def _label_font() -> QFont:
+    f = QFont()
+    f.setPixelSize(12)
+    f.setBold(True)
+    return f
 
 
 def _clip_segments(seg: np.ndarray, rect: QRectF) -> np.ndarray:

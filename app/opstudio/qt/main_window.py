@@ -265,6 +265,9 @@ class MainWindow(QMainWindow):
         view.addAction(self._action("Fit graph", self.graph_view.fit_all, "Ctrl+0"))
         view.addAction(self._action("Zoom in", lambda: self.graph_view.zoom(1.25), "Ctrl++"))
         view.addAction(self._action("Zoom out", lambda: self.graph_view.zoom(0.8), "Ctrl+-"))
+        view.addAction(self._action("Fold every layer", lambda: (
+            self.table.set_grouped(True), self.graph_view.fold_all())))
+        view.addAction(self._action("Open every layer", self.graph_view.unfold_all))
         view.addSeparator()
         for d in self._docks():
             view.addAction(d.toggleViewAction())
