@@ -35,11 +35,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from opstudio.qt.roofline_plot import RooflinePlot
+from opstudio.qt.theme import TEXT
+
 BEFORE = QColor("#9aa8bb")
 AFTER = QColor("#2f7ed8")
 AFTER_NOISE = QColor("#c5ced9")  # an after bar within the noise of its before bar
 NEUTRAL = "#8a94a3"
-TEXT = QColor("#2a3240")
 TOP_N = 15
 
 
@@ -398,8 +400,6 @@ class PlotsPanel(QWidget):
         self.tabs.addTab(split, "Operators")
         self.tabs.addTab(self.op_types, "Op types")
         self.tabs.addTab(self.timeline, "Timeline")
-        from opstudio.qt.roofline_plot import RooflinePlot  # it imports this module's colours
-
         self.roofline = RooflinePlot()
         self.tabs.addTab(self.roofline, "Roofline")
 
