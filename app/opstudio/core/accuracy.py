@@ -240,7 +240,7 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
     except Exception as exc:  # onnxruntime's own exception types
         text = str(exc).strip().splitlines()
         raise OpstudioError(f"onnxruntime could not run the model "
-                            f"({text[0][:300] if text else type(exc).__name__})") from None
+                            f"({text[0][:300] if text else type(exc).__name__})") from exc
     return dict(zip(names, values))
 
 

@@ -60,7 +60,7 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(
-            f"{p}: not a valid ONNX file (truncated or corrupt protobuf: {_short(exc)})") from None
+            f"{p}: not a valid ONNX file (truncated or corrupt protobuf: {_short(exc)})") from exc
     except RecursionError:
         raise ModelLoadError(f"{p}: not a valid ONNX file (nested too deeply)") from None
     try:
@@ -77,7 +77,7 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
         try:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise ModelLoadError(f"{p}: cannot read external data ({_short(exc)})") from None
+            raise ModelLoadError(f"{p}: cannot read external data ({_short(exc)})") from exc
     _check_tensors(p, model)
     if name_nodes:
         ensure_node_names(model)
@@ -280,7 +280,7 @@ def _check_tensors(p: Path, model: onnx.ModelProto) -> None:
             onnx.checker.check_tensor(tensor)
         except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
             what = f"tensor '{tensor.name}'" if tensor.name else "a constant tensor"
-            raise ModelLoadError(f"{p}: {what} is malformed ({_short(exc)})") from None
+            raise ModelLoadError(f"{p}: {what} is malformed ({_short(exc)})") from exc
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:

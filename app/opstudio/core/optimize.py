@@ -147,7 +147,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                 raise
             except Exception as exc:
                 raise OpstudioError(f"{where}: failed ({type(exc).__name__}: "
-                                    f"{_first_line(exc)})") from None
+                                    f"{_first_line(exc)})") from exc
             _check_named(step, where, result.skipped, derived, current)
             # the step's input is dropped before the check loads its output in onnxruntime
             current = result.model

@@ -251,7 +251,7 @@ class Int8StaticPass(_Int8Pass):
                             extra_options=dict(_EXTRA))
         except Exception as exc:  # calibration runs the model: bad inputs surface here
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OpstudioError(f"int8-static: calibration failed ({first[:200]})") from None
+            raise OpstudioError(f"int8-static: calibration failed ({first[:200]})") from exc
         if params["calibration"] == "random":
             given = min(len(ctx.inputs), len(samples))
             origin = f"{given} given, {len(samples) - given} synthetic"
@@ -276,7 +276,7 @@ class Int8StaticPass(_Int8Pass):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OpstudioError(
                 f"int8-static: per_channel needs opset 13 and converting this opset {version} "
-                f"model failed ({first[:150]}); use per_channel=false") from None
+                f"model failed ({first[:150]}); use per_channel=false") from exc
         notes.append(f"raised the model's opset from {version} to 13 (per-channel "
                      "DequantizeLinear needs it)")
         return converted
