@@ -18,6 +18,7 @@ from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.model_io import save_model
 from opstudio.core.optimize import NothingRewritten, optimize, optimize_file
 from opstudio.core.passes import Pass, PassContext, PassResult
+from opstudio.core.passes.lowrank import PASS as LOWRANK
 from opstudio.core.recipe import Recipe
 
 RNG = np.random.default_rng(3)
@@ -231,8 +232,7 @@ def test_optimize_file(tmp_path):
 
 
 def test_lowrank_then_quantize_the_factors():
-    pytest.importorskip("opstudio.core.passes.lowrank")
-    r = recipe({"nodes": ["mm0"], "technique": "lowrank", "params": {"rank": 48}},
+    r = recipe({"nodes": ["mm0"], "technique": LOWRANK.technique, "params": {"rank": 48}},
                {"nodes": ["mm0"], "technique": "int8-dynamic"},
                {"nodes": ["mm1"], "technique": "prune", "params": {"sparsity": 0.5}},
                {"nodes": ["mm1"], "technique": "int4-weight"})
@@ -299,8 +299,7 @@ def test_name_pattern_selects_nodes_by_name_alone_or_with_op_types():
 
 
 def test_name_pattern_reaches_nodes_an_earlier_step_made_through_their_origin():
-    pytest.importorskip("opstudio.core.passes.lowrank")
-    r = recipe({"nodes": ["/model/layers.0/mlp/up_proj/MatMul"], "technique": "lowrank",
+    r = recipe({"nodes": ["/model/layers.0/mlp/up_proj/MatMul"], "technique": LOWRANK.technique,
                 "params": {"rank": 16}},
                {"name_pattern": "*/layers.0/mlp/up_proj/MatMul", "technique": "int8-dynamic"})
     _, second = optimize(scoped(), r).steps
