@@ -50,6 +50,7 @@ CancelCheck = Callable[[], bool]
 POLL_S = 0.05
 _PRELOAD = ["numpy", "onnx", "onnxruntime", "opstudio.core.isolation"]
 _context: Any = None
+_context_lock = threading.Lock()  # the app starts isolated calls from several worker threads
 
 
 # how often an isolated child checks that its caller is still alive, and its exit code if not
@@ -68,13 +69,14 @@ def start_method() -> str:
 
 def _get_context() -> Any:
     global _context
-    if _context is None:
-        method = start_method()
-        ctx = mp.get_context(method)
-        if method == "forkserver":
-            ctx.set_forkserver_preload(_PRELOAD)
-        _context = ctx
-    return _context
+    with _context_lock:
+        if _context is None:
+            method = start_method()
+            ctx = mp.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload(_PRELOAD)
+            _context = ctx
+        return _context
 
 
 def call_isolated(func: Callable[..., T], *args: Any, timeout: float | None = 600.0,

@@ -18,11 +18,13 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 _OWNED = re.compile(r"^[a-z]+-(\d+)-")
 _swept: set[str] = set()
+_swept_lock = threading.Lock()  # temp folders are made from worker threads too
 
 
 def opstudio_temp_root() -> Path:
@@ -31,8 +33,10 @@ def opstudio_temp_root() -> Path:
     try:
         root.mkdir(mode=0o700, exist_ok=True)
         if os.access(root, os.W_OK | os.X_OK):
-            if str(root) not in _swept:
+            with _swept_lock:
+                first = str(root) not in _swept
                 _swept.add(str(root))
+            if first:
                 sweep_stale(root)
             return root
     except OSError:
