@@ -6,6 +6,11 @@ import argparse
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
+from opstudio.cli.request_view import (
+    add_request_flags,
+    apply_request_args,
+    print_request_comparison,
+)
 from opstudio.core import report
 from opstudio.core.compare import Comparison, NodeDelta, compare_models, speedup_label
 
@@ -23,17 +28,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH|-", help="write the comparison as JSON ('-' = stdout)")
     p.add_argument("--csv", metavar="PATH", help="write the per-operator table as CSV")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    add_request_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    apply_request_args(args, settings, [args.before, args.after])
     quiet = args.json == "-"
     result = compare_models(args.before, args.after, settings,
                             progress=None if quiet else progress_printer())
     if not quiet:
         clear_progress()
         print_summary(result, args.top)
+        if result.request is not None:
+            print()
+            print_request_comparison(result.request)
     if args.json:
         write_json(report.comparison_json(result), args.json)
     if args.csv:

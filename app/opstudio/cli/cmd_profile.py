@@ -17,6 +17,7 @@ from opstudio.cli.common import (
     progress_printer,
     write_json,
 )
+from opstudio.cli.request_view import add_request_flags, apply_request_args, print_request
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.profiler import OPT_LEVELS, Profile, ProfileSettings, profile_model
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by-layer", action="store_true",
                    help="also total the time per layer and module (attention, MLP, norms…), "
                         "read from node names like /model/layers.3/mlp/…")
+    add_request_flags(p)
     p.set_defaults(func=run)
 
 
@@ -90,8 +92,15 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     quiet = args.json == "-"
+    wants_request = apply_request_args(args, settings, [args.model])
     profile = profile_model(args.model, settings,
                             progress=None if quiet else progress_printer())
+    request = None
+    if wants_request:
+        from opstudio.core.request import estimate_requests
+
+        [request] = estimate_requests([args.model], settings,
+                                      progress=None if quiet else progress_printer())
     roofline = None
     if args.roofline:
         from opstudio.core.graph import analyze
@@ -117,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         if roofline is not None:
             print()
             print_roofline(*roofline, top=args.top)
+        if request is not None:
+            print()
+            print_request(request)
     if args.json:
         data = profile.to_json()
         if roofline is not None:
@@ -124,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
             data["roofline"] = {"machine": asdict(roofline[0]),
                                 "points": [p.to_json() for p in roofline[1]]}
+        if request is not None:
+            data["request"] = request.to_json()
         write_json(data, args.json)
     if args.csv:
         write_text_atomic(args.csv, profile.to_csv(), overwrite=True)

@@ -37,6 +37,7 @@ from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
 from opstudio.core.profiler import Profile, ProfileSettings, profile_models, quiet_runs
 from opstudio.core.provenance import get_origin
+from opstudio.core.request import compare_requests, estimate_requests, has_kv_cache
 from opstudio.core.tempdir import opstudio_tempdir
 from opstudio.core.timing import Ratio, paired_ratio, spread
 
@@ -186,6 +187,8 @@ class Comparison:
     # paired before/after ratios of the whole model, profiled (model_run) and plain
     total_ratio: Ratio | None = None
     plain_ratio: Ratio | None = None
+    # before/after of a whole request (settings.request on a KV-cache decoder; core.request)
+    request: Any = None
 
     @property
     def speedup(self) -> float | None:
@@ -294,6 +297,7 @@ class Comparison:
             "op_types": op_rows,
             "accuracy": self.accuracy.to_json(),
             "size_bytes": dict(self.size_bytes),
+            **({"request": self.request.to_json()} if self.request is not None else {}),
         }
 
 
@@ -537,9 +541,17 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                                  dims=settings.dims, shapes=settings.shapes,
                                  npz_path=settings.inputs_path, seed=settings.seed,
                                  phase=settings.phase, past=settings.past, model_path=before_path)
+        request = settings.request and has_kv_cache(load_model(before_path,
+                                                               load_external_data=False))
         prof_before, prof_after = profile_models([before_path, after_path], settings,
-                                                 inputs=inputs, progress=report(0.0, 0.9),
+                                                 inputs=inputs,
+                                                 progress=report(0.0, 0.6 if request else 0.9),
                                                  cancelled=cancelled)
+        requests = None
+        if request:
+            requests = compare_requests(*estimate_requests(
+                [before_path, after_path], settings, progress=report(0.6, 0.9),
+                cancelled=cancelled))
         if progress:
             progress(0.9, "comparing outputs")
         accuracy = call_isolated(evaluate, str(before_path), str(after_path), inputs,
@@ -561,6 +573,7 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                                    profiled_rounds),
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
                                    plain_rounds),
+        request=requests,
     )
 
 

@@ -82,6 +82,11 @@ class ProfileSettings:
     past: int | None = None  # past length of a decode step
     # keep running until the total's 95 % interval is within this many percent of its median
     until_stable: float | None = None
+    # also estimate a request of a KV-cache decoder: prefill of a prompt, then decode steps
+    # (core.request; compare does when the model has a KV cache)
+    request: bool = False
+    request_prompt: int = 128
+    request_generate: int = 128
 
     def validate(self, check_provider: bool = True) -> None:
         if not isinstance(self.runs, int) or self.runs < 1:
@@ -89,6 +94,10 @@ class ProfileSettings:
         from opstudio.core.phases import check_phase
 
         check_phase(self.phase, self.past)
+        if self.request:
+            from opstudio.core.request import check_request
+
+            check_request(self.request_prompt, self.request_generate)
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise OpstudioError(f"warm-up runs cannot be negative ({self.warmup})")
         if not isinstance(self.threads, int) or self.threads < 0:
