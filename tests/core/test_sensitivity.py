@@ -84,3 +84,25 @@ def test_measured_plan_meets_the_budget_end_to_end(scanned):
     # nothing hard-wired: every rejection says why
     assert all(reason for reason in plan.rejected.values())
     assert math.isfinite(plan.predicted_gain_ms)
+
+
+def test_cache_key_follows_the_onnxruntime_and_opstudio_versions(tmp_path, monkeypatch):
+    from opstudio.core import sensitivity
+    from opstudio.core.profiler import ProfileSettings
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model bytes")
+    prompt = tmp_path / "p.npz"
+    prompt.write_bytes(b"prompt a")
+    settings = ProfileSettings()
+
+    def key(*extra):
+        return sensitivity._cache_key(model, settings, {"int8-dynamic": {}}, 40, extra)
+
+    plain, with_prompt = key(), key(prompt)
+    assert plain != with_prompt
+    prompt.write_bytes(b"prompt b")  # another prompt measures anew
+    assert key(prompt) != with_prompt
+    monkeypatch.setattr(sensitivity, "versions",
+                        lambda: {"onnxruntime": "9.9.9", "opstudio": "0.0.1"})
+    assert key() != plain

@@ -39,33 +39,66 @@ NOISE_FLOOR = 1e-12
 
 @dataclass(frozen=True)
 class Budget:
+    """Exactly one accuracy budget: cosine or SNR on every output (any model), or next-token
+    top-1 agreement or KL divergence on the logits (language models, see ``llm_plan``)."""
+
     min_cosine: float | None = None
     min_snr_db: float | None = None
+    min_top1: float | None = None
+    max_kl: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.min_cosine is None) == (self.min_snr_db is None):
-            raise OpstudioError("give exactly one accuracy budget: a cosine or an SNR in dB")
+        given = [x for x in (self.min_cosine, self.min_snr_db, self.min_top1, self.max_kl)
+                 if x is not None]
+        if len(given) != 1:
+            raise OpstudioError("give exactly one accuracy budget: a cosine, an SNR in dB, a "
+                                "next-token top-1 agreement or a KL divergence")
         if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
             raise OpstudioError(f"cosine budget {self.min_cosine} must be in (0, 1]")
+        if self.min_top1 is not None and not 0.0 < self.min_top1 <= 1.0:
+            raise OpstudioError(f"top-1 budget {self.min_top1} must be in (0, 1]")
+        if self.max_kl is not None and not (self.max_kl > 0 and math.isfinite(self.max_kl)):
+            raise OpstudioError(f"KL budget {self.max_kl} must be a positive number of nats")
+
+    @property
+    def next_token(self) -> bool:
+        """Budgeted on a language model's next-token distribution (top-1 or KL)."""
+        return self.min_top1 is not None or self.max_kl is not None
 
     @property
     def max_noise_ratio(self) -> float:
         if self.min_snr_db is not None:
             return 10 ** (-self.min_snr_db / 10)
+        if self.min_cosine is None:
+            raise OpstudioError("a next-token budget has no noise ratio")
         return 2.0 * (1.0 - float(self.min_cosine))
 
     def holds(self, cosine: float | None, snr_db: float | None) -> bool:
         if self.min_cosine is not None:
             return cosine is not None and cosine >= self.min_cosine
+        if self.min_snr_db is None:
+            raise OpstudioError("a next-token budget is judged by holds_next_token")
         return snr_db is not None and snr_db >= self.min_snr_db
+
+    def holds_next_token(self, top1: float | None, kl: float | None) -> bool:
+        if self.min_top1 is not None:
+            return top1 is not None and top1 >= self.min_top1
+        if self.max_kl is not None:
+            return kl is not None and kl <= self.max_kl
+        raise OpstudioError("a cosine or SNR budget is judged by holds")
 
     def describe(self) -> str:
         if self.min_cosine is not None:
             return f"cosine ≥ {self.min_cosine:g} on every output"
-        return f"SNR ≥ {self.min_snr_db:g} dB on every output"
+        if self.min_snr_db is not None:
+            return f"SNR ≥ {self.min_snr_db:g} dB on every output"
+        if self.min_top1 is not None:
+            return f"next-token top-1 agreement ≥ {self.min_top1:g}"
+        return f"next-token KL ≤ {self.max_kl:g} nats"
 
     def to_json(self) -> dict[str, Any]:
-        return {"min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db}
+        return {"min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db,
+                "min_top1": self.min_top1, "max_kl": self.max_kl}
 
 
 @dataclass
@@ -506,8 +539,18 @@ def explain(c: Candidate, point: Any, machine: Any) -> str:
 def advise(model_path: str, settings: Any, budget: Budget,
            techniques: Mapping[str, Mapping[str, Any]] | None = None, *, max_nodes: int = 40,
            use_cache: bool = True, progress: Callable[[float, str], None] | None = None,
-           cancelled: Callable[[], bool] | None = None) -> Advice:
-    """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``."""
+           cancelled: Callable[[], bool] | None = None) -> Any:
+    """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``.
+
+    A next-token budget (top-1 or KL) plans a language model's decode (or prefill) step by
+    layer and role instead and returns an ``llm_plan.LlmAdvice``."""
+    if budget.next_token:
+        from opstudio.core.llm_plan import advise_llm, variants_for
+
+        variants = None if techniques is None else variants_for(
+            techniques, settings.inputs_path or "random")
+        return advise_llm(model_path, settings, budget, variants, use_cache=use_cache,
+                          progress=progress, cancelled=cancelled)
     from opstudio.core.graph import analyze
     from opstudio.core.inputs import make_inputs
     from opstudio.core.model_io import load_model

@@ -46,8 +46,9 @@ CancelCheck = Callable[[], bool]
 DEFAULT_TECHNIQUES: dict[str, ScanParams] = default_scan()
 # Op types worth scanning: the ones that carry weights and time.
 SCANNED_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-# Bumped when what a cached scan holds changes (2: refusals are kept).
-CACHE_FORMAT = "2"
+# Bumped when what a cached scan holds changes (2: refusals are kept; 3: keyed by the
+# onnxruntime and opstudio versions too, which change what a rewrite produces and costs).
+CACHE_FORMAT = "3"
 
 
 @dataclass
@@ -398,13 +399,31 @@ def _cache_dir() -> Path:
     return Path(base) / "opstudio" / "sensitivity"
 
 
+def cache_path(key: str, kind: str = "") -> Path:
+    """Where a scan keyed ``key`` is cached (``kind`` tells scans of different shapes apart)."""
+    return _cache_dir() / (f"{key}.{kind}.json" if kind else f"{key}.json")
+
+
+def versions() -> dict[str, str]:
+    """The software a measurement depends on: a new onnxruntime or opstudio measures anew."""
+    import onnxruntime
+
+    from opstudio import __version__
+
+    return {"onnxruntime": onnxruntime.__version__, "opstudio": __version__}
+
+
 def _cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],
-               max_nodes: int) -> str:
+               max_nodes: int, extra_files: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """The model's bytes (and ``extra_files``', e.g. a prompt), the settings, the techniques
+    and the software versions."""
     h = hashlib.sha256(CACHE_FORMAT.encode())
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for name in (path, *extra_files):
+        with open(name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     h.update(json.dumps(settings.to_json(), sort_keys=True, default=str).encode())
-    h.update(json.dumps(techniques, sort_keys=True).encode())
+    h.update(json.dumps(techniques, sort_keys=True, default=str).encode())
     h.update(str(max_nodes).encode())
+    h.update(json.dumps(versions(), sort_keys=True).encode())
     return h.hexdigest()[:32]

@@ -1,0 +1,918 @@
+"""The advisor for decoder LLMs: next-token agreement on a prompt, latency of the decode step.
+
+An LLM user budgets accuracy as next-token top-1 agreement (or KL divergence) on real text and
+latency as the time of one decode step. A 30-layer decoder has ~210 projections; measuring each
+technique on each of them alone would take hours. The scan uses what the layers share instead:
+
+- *by role*: a technique is applied to one role (``mlp/up_proj/MatMul``) in every layer at
+  once and the prompt's logits are compared before and after (one prefill run each);
+- *by layer*: a reference technique (the first variant, INT4) is applied to every role of one
+  layer alone, for a few layers (first, last, evenly between; interpolated in between), which
+  ranks how sensitive each layer is;
+- the error of a technique on role r in layer l is predicted as the role's error times layer l's
+  share of the layers' sensitivity (errors in KL add up for small, independent perturbations);
+- latency: each technique on every node it takes, the whole model timed against the original
+  in alternation (decode step by default), and the saving spread over the nodes by the weight
+  bytes each one stops reading (a decode step is memory-bound).
+
+The plan is a multiple-choice knapsack over (layer, role) units: at most one technique per unit
+(structured pruning of a gated MLP takes its gate, up and down projections together), most
+saving within a predicted KL limit, chosen greedily by saving per unit of KL. The limit is then
+searched with real measurements: a plan is applied and its top-1 agreement and KL measured on
+the prompt; the largest limit whose plan holds the budget wins. Every measured plan is a point
+on the frontier (agreement against decode speedup), shown beside the whole-model variants.
+
+Every measurement is cached as soon as it is made (keyed by the model's and prompt's bytes,
+the settings, the variants and the onnxruntime and opstudio versions), so an interrupted scan
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib.util
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from opstudio.core.errors import Cancelled, OpstudioError
+
+Progress = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+SCANNED = ("MatMul", "Gemm")
+# layers measured alone to rank layer sensitivity (all of them when there are this few)
+LAYER_SAMPLES = 8
+# a variant whose whole-model time ratio is not below this is not worth any error
+MIN_SPEEDUP = 0.98
+# predicted-KL limits tried around the first guess, and the bisection steps between
+MAX_VERIFY = 7
+CACHE_KIND = "llm"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One technique with one param set, as the scan tries it."""
+
+    id: str
+    technique: str
+    params: dict[str, Any]
+    label: str
+    # lowrank: kept rank as a share of the rank at which the factors read as many bytes as
+    # the weight (so 0.5 halves the bytes); resolved per node shape
+    rank_share: float | None = None
+
+    def params_for(self, k: int, n: int) -> dict[str, Any]:
+        params = dict(self.params)
+        if self.rank_share is not None:
+            even = k * n / (k + n)
+            params["rank"] = max(1, round(self.rank_share * even / 16) * 16)
+        return params
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_variants(calibration: str = "random", *, torch: bool | None = None,
+                     gptq: bool = False) -> list[Variant]:
+    """What the LLM scan tries: INT4 weight-only (round to nearest; HQQ too when torch is
+    there; GPTQ when asked), INT8 weight-only, INT8 dynamic per channel, activation-aware
+    low-rank (SVD-LLM) and joint structured pruning of gated MLPs, the last two calibrated on
+    the prompt. Accuracy levels are left to ``auto``: the level measured fastest here."""
+    if torch is None:
+        torch = importlib.util.find_spec("torch") is not None
+    cal = {"calibration": calibration, "samples": 1}
+    out = [Variant("int4-rtn", "int4-weight", {"block_size": 32, "symmetric": True,
+                                                "accuracy_level": "auto"}, "INT4 RTN")]
+    if torch:
+        out.append(Variant("int4-hqq", "int4-weight", {"block_size": 32, "algorithm": "hqq",
+                                                        "accuracy_level": "auto"}, "INT4 HQQ"))
+        if gptq:
+            out.append(Variant("int4-gptq", "int4-weight",
+                               {"block_size": 32, "algorithm": "gptq", **cal}, "INT4 GPTQ"))
+    out += [
+        Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level": "auto"},
+                "INT8 weight-only"),
+        Variant("int8-dynamic", "int8-dynamic", {"per_channel": True}, "INT8 dynamic"),
+        Variant("svd-llm", "lowrank", {"method": "svd-llm", **cal}, "low-rank SVD-LLM",
+                rank_share=0.5),
+        Variant("prune-mlp", "prune", {"structured": True, "sparsity": 0.25,
+                                        "importance": "activation", **cal},
+                "prune 25 % of MLP"),
+    ]
+    return out
+
+
+LLM_TECHNIQUES = ("int4-weight", "int8-weight", "int8-dynamic", "lowrank", "prune")
+
+
+def variants_for(techniques: Sequence[str] | Mapping[str, Any], calibration: str = "random",
+                 algorithms: Sequence[str] | None = None) -> list[Variant]:
+    """The default variants of the named techniques (INT4 ``algorithms`` when given: rtn,
+    hqq, gptq). A technique the LLM scan has no variant for is an error."""
+    names = list(techniques)
+    unknown = [t for t in names if t not in LLM_TECHNIQUES]
+    if unknown:
+        raise OpstudioError(f"the next-token advisor does not try {', '.join(unknown)}; it "
+                            f"tries {', '.join(LLM_TECHNIQUES)}")
+    wanted = set(algorithms or ())
+    out = [v for v in default_variants(calibration, gptq="gptq" in wanted)
+           if v.technique in names]
+    if algorithms is not None:
+        out = [v for v in out if v.technique != "int4-weight"
+               or v.id.split("-", 1)[1] in wanted]
+        if "int4-weight" in names and not any(v.technique == "int4-weight" for v in out):
+            raise OpstudioError(f"INT4 algorithm(s) {', '.join(sorted(wanted))} unavailable "
+                                "(hqq and gptq need torch: pip install 'opstudio[llm]')")
+    if not out:
+        raise OpstudioError("no technique to try")
+    return out
+
+
+@dataclass
+class Target:
+    """A weighted node the scan may rewrite: where it sits and how big its weight is."""
+
+    node: str
+    layer: int | None
+    role: str
+    k: int
+    n: int
+
+    @property
+    def unit(self) -> tuple[int, str]:
+        return (-1 if self.layer is None else self.layer, self.role)
+
+
+@dataclass
+class RoleResult:
+    variant: str
+    role: str
+    nodes: list[str]
+    top1: float | None = None
+    kl: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class WholeResult:
+    """A variant on every node it takes: accuracy, and decode time against the original."""
+
+    variant: str
+    nodes: int
+    top1: float | None = None
+    kl: float | None = None
+    ratio: float | None = None  # time after / before, median of interleaved pairs
+    low: float | None = None
+    high: float | None = None
+    error: str | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        return None if not self.ratio else 1.0 / self.ratio
+
+
+@dataclass
+class FrontierPoint:
+    label: str
+    top1: float | None
+    kl: float | None
+    speedup: float | None
+    low: float | None = None  # speedup interval
+    high: float | None = None
+    kind: str = "plan"  # "plan" or "whole"
+    limit: float | None = None  # the predicted-KL limit of a plan
+    holds: bool = False
+
+
+@dataclass
+class Choice:
+    """What the plan does to one (layer, role) unit."""
+
+    layer: int
+    role: str
+    variant: str
+    nodes: list[str]
+    gain_ms: float
+    kl: float
+
+
+@dataclass
+class LlmAdvice:
+    budget: Any  # advisor.Budget
+    phase: str
+    base_ms: float
+    variants: list[Variant]
+    roles: list[RoleResult]
+    whole: list[WholeResult]
+    layer_kl: dict[int, float]
+    layer_measured: list[int]
+    chosen: list[Choice]
+    recipe: Any  # recipe.Recipe
+    verified: dict[str, float | None] | None
+    speedup: FrontierPoint | None
+    frontier: list[FrontierPoint]
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    nothing_applies: str | None = None
+
+    def variant(self, vid: str) -> Variant:
+        return next(v for v in self.variants if v.id == vid)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "llm", "budget": self.budget.to_json(), "phase": self.phase,
+            "base_ms": self.base_ms, "variants": [v.to_json() for v in self.variants],
+            "roles": [asdict(r) for r in self.roles], "whole": [asdict(w) for w in self.whole],
+            "layer_kl": {str(k): v for k, v in self.layer_kl.items()},
+            "layer_measured": list(self.layer_measured),
+            "chosen": [asdict(c) for c in self.chosen],
+            "recipe": self.recipe.to_json(), "verified": self.verified,
+            "speedup": None if self.speedup is None else asdict(self.speedup),
+            "frontier": [asdict(p) for p in self.frontier],
+            "refused": self.refused, "log": list(self.log), "seconds": self.seconds,
+            "nothing_applies": self.nothing_applies}
+
+
+# --- targets -------------------------------------------------------------------------------
+
+def find_targets(model: onnx.ModelProto) -> list[Target]:
+    """Every MatMul/Gemm with a constant 2-D weight, with its layer and role."""
+    from opstudio.core.layers import scope_of
+    from opstudio.core.passes import _ort_support as ort_support
+
+    shapes = _weight_shapes(model)
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in SCANNED or len(node.input) < 2:
+            continue
+        shape = shapes.get(node.input[1])
+        if shape is None:
+            value, _ = ort_support.constant_value(model, node.input[1])
+            shape = None if value is None else tuple(value.shape)
+        if shape is None or len(shape) != 2:
+            continue
+        k, n = shape
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            k, n = n, k
+        scope = scope_of(node.name)
+        out.append(Target(node.name, scope.layer, scope.role, int(k), int(n)))
+    return out
+
+
+def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Shapes of initializers and of what Cast/Transpose/Identity make of them, without
+    reading any weight's data."""
+    shapes = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if not node.input or node.input[0] not in shapes:
+            continue
+        src = shapes[node.input[0]]
+        if node.op_type in ("Cast", "Identity"):
+            shapes[node.output[0]] = src
+        elif node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"),
+                        list(range(len(src)))[::-1])
+            shapes[node.output[0]] = tuple(src[p] for p in perm)
+    return shapes
+
+
+def applicable(model: onnx.ModelProto, targets: Sequence[Target], variant: Variant
+               ) -> tuple[list[Target], dict[str, str]]:
+    """The targets ``variant``'s pass can take, and why it refuses the others."""
+    from opstudio.core.passes import get_pass
+
+    pass_ = get_pass(variant.technique)
+    by_name = {n.name: n for n in model.graph.node}
+    ok: list[Target] = []
+    refused: dict[str, str] = {}
+    for t in targets:
+        node = by_name[t.node]
+        if variant.technique == "prune" and "gate" not in t.role.lower():
+            continue  # a gated MLP is pruned through its gate projection, jointly
+        why = _check(pass_, model, node, variant.params_for(t.k, t.n))
+        if why is None:
+            ok.append(t)
+        else:
+            refused[t.node] = why
+    return ok, refused
+
+
+def _check(pass_: Any, model: onnx.ModelProto, node: onnx.NodeProto,
+           params: Mapping[str, Any]) -> str | None:
+    """The pass's own check of ``node`` under ``params`` (a block size or ``structured``
+    decides it)."""
+    if "params" in inspect.signature(pass_.check).parameters:
+        return pass_.check(model, node, pass_.validate_params(params))
+    if pass_.technique == "prune":
+        return pass_.check(model, node, structured=bool(params.get("structured")))
+    if pass_.technique in ("int4-weight", "int8-weight"):
+        return pass_.check(model, node, int(params.get("block_size", 32)))
+    return pass_.check(model, node)
+
+
+def recipe_of(variant_nodes: Sequence[tuple[Variant, Sequence[Target]]]) -> Any:
+    """One step per technique and param set, in plan order."""
+    from opstudio.core.passes import plan_rank
+    from opstudio.core.recipe import Recipe, Step
+
+    groups: dict[tuple[str, str], tuple[str, dict[str, Any], list[str]]] = {}
+    for variant, targets in variant_nodes:
+        for t in targets:
+            params = variant.params_for(t.k, t.n)
+            key = (variant.technique, json.dumps(params, sort_keys=True))
+            groups.setdefault(key, (variant.technique, params, []))[2].append(t.node)
+    steps = [Step(technique=tech, params=dict(params), nodes=list(nodes))
+             for (tech, _), (_, params, nodes) in sorted(
+                 groups.items(), key=lambda kv: (plan_rank(kv[0][0]), kv[0][1]))]
+    return Recipe(steps)
+
+
+# --- measurements (child processes) ----------------------------------------------------------
+
+def apply_recipe(model: onnx.ModelProto, recipe_json: Mapping[str, Any],
+                 samples: Sequence[Mapping[str, np.ndarray]]) -> onnx.ModelProto:
+    """The passes of a recipe applied in turn, without the optimizer's validity check: for the
+    scan's many throwaway rewrites (the final plan goes through ``optimize``)."""
+    from opstudio.core.passes import PassContext, get_pass
+    from opstudio.core.recipe import Recipe
+
+    current, owned = model, False
+    for step in Recipe.from_json(recipe_json).steps:
+        pass_ = get_pass(step.technique)
+        ctx = PassContext(inputs=list(samples), owns_model=owned)
+        if hasattr(ctx, "check_validity"):
+            ctx.check_validity = False  # a throwaway rewrite: onnxruntime runs it next anyway
+        result = pass_.apply(current, list(step.nodes or []), pass_.validate_params(step.params),
+                             ctx)
+        current, owned = result.model, True
+    return current
+
+
+def _session(model: onnx.ModelProto | str, threads: int, opt_level: str = "disable") -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    # the scan compares like with like: graph optimizations change neither side's numerics
+    # noticeably and cost seconds per session on a 7000-node decoder
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                                     if opt_level == "disable"
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def logits_name(model: onnx.ModelProto, outputs: Mapping[str, np.ndarray]) -> str:
+    from opstudio.core.accuracy import output_kind
+
+    names = [k for k, v in outputs.items()
+             if np.issubdtype(np.asarray(v).dtype, np.floating)
+             and output_kind(k, np.asarray(v)) == "logits"]
+    if not names:
+        raise OpstudioError("the model has no logits output (a float output named …logits… "
+                            "or as wide as a vocabulary): budget it by cosine or SNR instead")
+    return names[0]
+
+
+def next_token_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+    from opstudio.core.accuracy import mean_kl_divergence, top1_agreement
+
+    return top1_agreement(ref, new), mean_kl_divergence(ref, new)
+
+
+def _read_cache(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path | None, data: Mapping[str, Any]) -> None:
+    if path is None:
+        return
+    from opstudio.core.fileio import write_text_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(data), overwrite=True)
+    except OSError:
+        pass
+
+
+def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
+                     tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
+                     threads: int = 0, opt_level: str = "disable",
+                     progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Runs in a child: top-1 agreement and KL of the prompt's logits for each ``(id,
+    recipe)``, the model loaded once; each result is written to ``cache`` as it comes."""
+    from opstudio.core.model_io import load_model
+
+    path = Path(cache) if cache else None
+    store = _read_cache(path)
+    done: dict[str, Any] = store.setdefault("accuracy", {})
+    todo = [(i, r) for i, r in tasks if i not in done]
+    if todo:
+        model = load_model(model_path)
+        base = _session(model, threads, opt_level)
+        out_names = [o.name for o in base.get_outputs()]
+        first = dict(zip(out_names, base.run(None, dict(prompt))))
+        name = logits_name(model, first)
+        reference = first[name]
+        del base
+        for index, (task_id, recipe_json) in enumerate(todo):
+            if progress is not None:
+                progress(index / len(todo), f"accuracy: {task_id}")
+            try:
+                rewritten = apply_recipe(model, recipe_json, [prompt])
+                logits = _session(rewritten, threads, opt_level).run([name], dict(prompt))[0]
+                top1, kl = next_token_error(reference, logits)
+                done[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
+            except OpstudioError as exc:
+                done[task_id] = {"error": str(exc)}
+            except Exception as exc:  # a pass or onnxruntime refusing a combination
+                done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            store["accuracy"] = done
+            _write_cache(path, store)
+    return {i: done[i] for i, _ in tasks if i in done}
+
+
+def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
+                  samples: Sequence[Mapping[str, np.ndarray]],
+                  tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
+                  threads: int = 0, time_budget_s: float = 8.0,
+                  progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Runs in a child: each recipe's model against the original, all timed in alternation
+    on ``decode`` (ratios of paired runs with their interval), and the original's median ms."""
+    from opstudio.core.model_io import load_model
+    from opstudio.core.timing import interleaved_times, paired_ratio, session
+
+    path = Path(cache) if cache else None
+    store = _read_cache(path)
+    done: dict[str, Any] = store.setdefault("speed", {})
+    todo = [(i, r) for i, r in tasks if i not in done]
+    if todo:
+        model = load_model(model_path)
+        sessions = {"": session(model, threads)}
+        for index, (task_id, recipe_json) in enumerate(todo):
+            if progress is not None:
+                progress(0.8 * index / len(todo), f"building {task_id}")
+            try:
+                sessions[task_id] = session(apply_recipe(model, recipe_json, samples), threads)
+            except Exception as exc:  # reported per task
+                done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if progress is not None:
+            progress(0.8, f"timing {len(sessions) - 1} variant(s) against the original")
+        times = interleaved_times(sessions, dict(decode), rounds=400, min_rounds=12,
+                                  time_budget_s=time_budget_s * max(1, len(sessions) - 1))
+        base = times[""]
+        for task_id in sessions:
+            if task_id:
+                r = paired_ratio(times[task_id], base)
+                done[task_id] = {"ratio": r.median, "low": r.low, "high": r.high,
+                                 "rounds": r.rounds, "base_ms": float(np.median(base)),
+                                 "shapes": {k: list(np.shape(v)) for k, v in decode.items()}}
+        store["speed"] = done
+        _write_cache(path, store)
+    return {i: done[i] for i, _ in tasks if i in done}
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+@dataclass
+class _Option:
+    variant: str
+    gain: float
+    err: float
+    nodes: list[str]
+    covers: tuple[tuple[int, str], ...] = ()  # other units this option takes over
+
+
+def plan_for_limit(options: Mapping[tuple[int, str], Sequence[_Option]], limit: float
+                   ) -> dict[tuple[int, str], _Option]:
+    """At most one option per unit, greatest total gain with total error ≤ ``limit``, greedily
+    by gain per error (an option that covers other units replaces what they had)."""
+    current: dict[tuple[int, str], _Option] = {}
+    locked: set[tuple[int, str]] = set()
+    total = 0.0
+
+    def held(unit: tuple[int, str], opt: _Option) -> tuple[float, float]:
+        units = [unit, *opt.covers]
+        return (sum(current[u].gain for u in units if u in current),
+                sum(current[u].err for u in units if u in current))
+
+    def best(unit: tuple[int, str]) -> tuple[float, _Option] | None:
+        if unit in locked or (unit in current and current[unit].covers):
+            return None
+        top: tuple[float, _Option] | None = None
+        for opt in options.get(unit, ()):
+            if any(u in locked or (u in current and current[u].covers) for u in opt.covers):
+                continue
+            g0, e0 = held(unit, opt)
+            dg, de = opt.gain - g0, opt.err - e0
+            if dg <= 0 or total + de > limit * (1 + 1e-9):
+                continue
+            slope = math.inf if de <= 0 else dg / de
+            if top is None or slope > top[0] or (slope == top[0] and dg > top[1].gain - g0):
+                top = (slope, opt)
+        return top
+
+    heap: list[tuple[float, int, tuple[int, str]]] = []
+    order = {u: i for i, u in enumerate(sorted(options))}
+    for unit in options:
+        b = best(unit)
+        if b is not None:
+            heapq.heappush(heap, (-b[0], order[unit], unit))
+    while heap:
+        neg, _, unit = heapq.heappop(heap)
+        b = best(unit)
+        if b is None:
+            continue
+        if b[0] < -neg * (1 - 1e-9):
+            heapq.heappush(heap, (-b[0], order[unit], unit))
+            continue
+        opt = b[1]
+        _, e0 = held(unit, opt)
+        total += opt.err - e0
+        for u in opt.covers:
+            current.pop(u, None)
+            locked.add(u)
+        current[unit] = opt
+        again = best(unit)
+        if again is not None:
+            heapq.heappush(heap, (-again[0], order[unit], unit))
+    return current
+
+
+def layer_weights(layer_kl: Mapping[int, float], layers: Sequence[int]) -> dict[int, float]:
+    """Each layer's share of sensitivity, interpolated between measured layers; sums to 1."""
+    if not layers:
+        return {}
+    known = sorted((k, max(v, 0.0)) for k, v in layer_kl.items() if v is not None)
+    if not known:
+        return {layer: 1.0 / len(layers) for layer in layers}
+    xs = np.array([k for k, _ in known], float)
+    ys = np.array([v for _, v in known], float)
+    raw = {layer: float(np.interp(layer, xs, ys)) for layer in layers}
+    floor = max(1e-12, 0.01 * max(raw.values()))
+    raw = {k: max(v, floor) for k, v in raw.items()}
+    s = sum(raw.values())
+    return {k: v / s for k, v in raw.items()}
+
+
+def sample_layers(layers: Sequence[int], count: int = LAYER_SAMPLES) -> list[int]:
+    """First two, last two and evenly between: LLMs' first and last layers are the sensitive
+    ones, the middle is smooth enough to interpolate."""
+    layers = sorted(set(layers))
+    if len(layers) <= count:
+        return layers
+    picks = {layers[0], layers[1], layers[-2], layers[-1]}
+    for x in np.linspace(0, len(layers) - 1, count - 2):
+        picks.add(layers[round(float(x))])
+    return sorted(picks)
+
+
+def fit_top1(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``disagreement ≈ a · KL^b`` fitted on measured (KL, top-1) pairs, to turn a top-1 budget
+    into a predicted-KL limit (only the first guess: the limit is then searched by measuring)."""
+    xy = [(math.log(kl), math.log(1 - t)) for kl, t in points
+          if kl is not None and t is not None and kl > 1e-9 and t < 1.0]
+    if len(xy) < 2:
+        return 1.0, 0.5  # disagreement ≈ √KL: the usual shape at small KL
+    x = np.array([p[0] for p in xy])
+    y = np.array([p[1] for p in xy])
+    if np.ptp(x) < 1e-6:
+        return float(math.exp(np.mean(y - 0.5 * x))), 0.5
+    b, _ = np.polyfit(x, y, 1)
+    b = float(min(max(b, 0.2), 1.5))
+    return float(math.exp(np.mean(y - b * x))), b
+
+
+def advise_llm(model_path: str, settings: Any, budget: Any,
+               variants: Sequence[Variant] | None = None, *, use_cache: bool = True,
+               layer_samples: int = LAYER_SAMPLES, time_budget_s: float = 6.0,
+               progress: Progress | None = None,
+               cancelled: CancelCheck | None = None) -> LlmAdvice:
+    """Scan by role and layer, plan within ``budget`` (top-1 or KL) for the decode step (or
+    the prefill with ``settings.phase == "prefill"``), verify and time; see the module doc."""
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.isolation import call_isolated
+    from opstudio.core.model_io import load_model
+    from opstudio.core.recipe import Recipe
+    from opstudio.core.sensitivity import _cache_key, cache_path
+
+    started = time.perf_counter()
+    log: list[str] = []
+
+    def say(f: float, msg: str) -> None:
+        if progress is not None:
+            progress(max(0.0, min(1.0, f)), msg)
+
+    def stop() -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+
+    def part(lo: float, hi: float) -> Progress:
+        return lambda f, m: say(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
+
+    path = str(model_path)
+    phase = settings.phase or "decode"
+    model = load_model(path)
+    prompt = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                         npz_path=settings.inputs_path, seed=settings.seed, phase="prefill",
+                         model_path=path)
+    timed = prompt if phase == "prefill" else make_inputs(
+        model, dims=settings.dims, shapes=settings.shapes, npz_path=settings.inputs_path,
+        seed=settings.seed, phase="decode", past=settings.past, model_path=path)
+    calibration = _calibration_source(model, settings.inputs_path)
+    variants = [replace(v, params={**v.params, "calibration": calibration})
+                if "calibration" in v.params else v
+                for v in (variants if variants is not None else default_variants(calibration))]
+    targets = find_targets(model)
+    layers = sorted({t.layer for t in targets if t.layer is not None})
+    extra = [settings.inputs_path] if settings.inputs_path else []
+    key = _cache_key(Path(path), settings, {"variants": [v.to_json() for v in variants],
+                                            "phase": phase, "layer_samples": layer_samples},
+                     0, extra)
+    cache = str(cache_path(key, CACHE_KIND)) if use_cache else None
+
+    refused: dict[str, dict[str, str]] = {}
+    usable: dict[str, list[Target]] = {}
+    for v in variants:
+        ok, why = applicable(model, targets, v)
+        usable[v.id] = ok
+        if why:
+            refused[v.label] = why
+    del model
+    if not any(usable.values()):
+        reasons_ = [f"{label}: {why}" for label, nodes in refused.items()
+                    for why in nodes.values()]
+        from opstudio.core import reasons
+
+        nothing = (reasons.summarise(reasons_, limit=4) if reasons_
+                   else "the model has no MatMul or Gemm with a constant weight")
+        return LlmAdvice(budget, phase, 0.0, variants, [], [], {}, [], [], Recipe([]), None,
+                         None, [], refused, [f"nothing could be applied: {nothing}"],
+                         time.perf_counter() - started, nothing_applies=nothing)
+
+    # accuracy: every variant on each role (all layers), on every node, and the reference
+    # variant on every role of a few layers alone
+    tasks: list[tuple[str, Mapping[str, Any]]] = []
+    role_nodes: dict[tuple[str, str], list[Target]] = {}
+    for v in variants:
+        by_role: dict[str, list[Target]] = {}
+        for t in usable[v.id]:
+            by_role.setdefault(t.role, []).append(t)
+        for role, ts in by_role.items():
+            role_nodes[(v.id, role)] = ts
+            tasks.append((f"role|{v.id}|{role}", recipe_of([(v, ts)]).to_json()))
+        if usable[v.id]:
+            tasks.append((f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json()))
+    reference = next((v for v in variants if usable[v.id]), None)
+    measured_layers = sample_layers(layers, layer_samples) if reference else []
+    for layer in measured_layers:
+        ts = [t for t in usable[reference.id] if t.layer == layer]
+        if ts:
+            tasks.append((f"layer|{layer}", recipe_of([(reference, ts)]).to_json()))
+    stop()
+    say(0.0, f"measuring {len(tasks)} rewrites on the prompt")
+    acc = call_isolated(measure_accuracy, path, prompt, tasks, cache, settings.threads,
+                        timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
+                        progress=part(0.0, 0.55), task="measuring accuracy")
+    stop()
+    # speed: every variant on every node it takes, timed against the original
+    speed_tasks = [(f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json())
+                   for v in variants if usable[v.id]]
+    say(0.55, f"timing {len(speed_tasks)} whole-model variant(s) on the {phase} step")
+    speed = call_isolated(measure_speed, path, timed, [prompt], speed_tasks, cache,
+                          settings.threads, time_budget_s,
+                          timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
+                          progress=part(0.55, 0.75), task="timing the variants")
+    base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
+
+    roles = [RoleResult(vid, role, [t.node for t in ts],
+                        acc.get(f"role|{vid}|{role}", {}).get("top1"),
+                        acc.get(f"role|{vid}|{role}", {}).get("kl"),
+                        acc.get(f"role|{vid}|{role}", {}).get("error"))
+             for (vid, role), ts in role_nodes.items()]
+    whole: list[WholeResult] = []
+    for v in variants:
+        if not usable[v.id]:
+            continue
+        a, s = acc.get(f"whole|{v.id}", {}), speed.get(f"whole|{v.id}", {})
+        whole.append(WholeResult(v.id, len(usable[v.id]), a.get("top1"), a.get("kl"),
+                                 s.get("ratio"), s.get("low"), s.get("high"),
+                                 a.get("error") or s.get("error")))
+    layer_kl = {layer: acc[f"layer|{layer}"]["kl"] for layer in measured_layers
+                if acc.get(f"layer|{layer}", {}).get("kl") is not None}
+    weights = layer_weights(layer_kl, layers)
+    for w in whole:
+        log.append(f"whole model {w.variant}: top-1 {_f(w.top1)}, KL {_f(w.kl)}, "
+                   f"{'' if w.speedup is None else f'{w.speedup:.2f}× '}"
+                   f"{'' if w.error is None else w.error}")
+
+    # options per (layer, role) unit: the role's error shared out by layer sensitivity, the
+    # variant's whole-model saving shared out by the weight bytes each node stops reading
+    options: dict[tuple[int, str], list[_Option]] = {}
+    vmap = {v.id: v for v in variants}
+    for w in whole:
+        v = vmap[w.variant]
+        if w.ratio is None or w.high is None or w.ratio >= MIN_SPEEDUP or w.high >= 1.0:
+            log.append(f"{v.label}: not measurably faster on the {phase} step "
+                       f"({'?' if w.ratio is None else f'{w.ratio:.3f}'}× the time); not planned")
+            continue
+        saving = base_ms * (1.0 - w.ratio)
+        shares = {t.node: _bytes_saved(v, t) for t in usable[v.id]}
+        total_share = sum(shares.values()) or 1.0
+        for r in roles:
+            if r.variant != v.id or r.kl is None:
+                continue
+            for t in role_nodes[(v.id, r.role)]:
+                lw = weights.get(t.layer, 1.0) if t.layer is not None else 1.0
+                covers: tuple[tuple[int, str], ...] = ()
+                if v.technique == "prune":
+                    covers = tuple((t.unit[0], x.role) for x in targets
+                                   if x.layer == t.layer and x.role != t.role
+                                   and _mlp_partner(x.role, t.role))
+                options.setdefault(t.unit, []).append(_Option(
+                    v.id, saving * shares[t.node] / total_share, r.kl * lw, [t.node], covers))
+    unit_target = {t.unit: t for t in targets}
+
+    def realise(choice: Mapping[tuple[int, str], _Option]) -> tuple[Any, list[Choice]]:
+        pairs = [(vmap[o.variant], [unit_target[u]]) for u, o in choice.items()]
+        chosen = [Choice(u[0], u[1], o.variant, o.nodes, o.gain, o.err)
+                  for u, o in sorted(choice.items())]
+        return recipe_of(pairs), chosen
+
+    # the predicted-KL limit: a first guess from the scan, then searched by measuring
+    if budget.max_kl is not None:
+        guess = budget.max_kl
+    else:
+        a_fit, b_fit = fit_top1([(r.kl, r.top1) for r in roles]
+                                + [(w.kl, w.top1) for w in whole]
+                                + [(acc[f"layer|{x}"].get("kl"), acc[f"layer|{x}"].get("top1"))
+                                   for x in layer_kl])
+        guess = ((1.0 - budget.min_top1) / a_fit) ** (1.0 / b_fit) if budget.min_top1 < 1 \
+            else 0.0
+    frontier: list[FrontierPoint] = []
+    verified_at: dict[str, tuple[float | None, float | None]] = {}
+    best: tuple[float, Any, list[Choice], tuple[float | None, float | None]] | None = None
+    limits_tried: list[tuple[float, bool]] = []
+
+    def holds(top1: float | None, kl: float | None) -> bool:
+        return budget.holds_next_token(top1, kl)
+
+    def verify(limit: float) -> bool | None:
+        nonlocal best
+        choice = plan_for_limit(options, limit)
+        recipe, chosen = realise(choice)
+        if not recipe.steps:
+            limits_tried.append((limit, True))
+            return None
+        key_ = json.dumps(recipe.to_json(), sort_keys=True)
+        if key_ not in verified_at:
+            tid = f"plan|{key_}"
+            res = call_isolated(measure_accuracy, path, prompt, [(tid, recipe.to_json())],
+                                cache, settings.threads, timeout=settings.timeout_s * 4,
+                                cancelled=cancelled, task="verifying the plan").get(tid, {})
+            verified_at[key_] = (res.get("top1"), res.get("kl"))
+        top1, kl = verified_at[key_]
+        ok = holds(top1, kl)
+        gain = sum(c.gain_ms for c in chosen)
+        log.append(f"plan at predicted KL ≤ {limit:.3g}: {len(chosen)} rewrites, predicted "
+                   f"saving {gain:.3f} ms → top-1 {_f(top1)}, KL {_f(kl)}"
+                   f"{' (holds)' if ok else ''}")
+        frontier.append(FrontierPoint(f"plan KL≤{limit:.2g}", top1, kl, None, kind="plan",
+                                      limit=limit, holds=ok))
+        limits_tried.append((limit, ok))
+        if ok and (best is None or gain > sum(c.gain_ms for c in best[2])):
+            best = (limit, recipe, chosen, (top1, kl))
+        return ok
+
+    if options and guess > 0:
+        say(0.75, "searching the plan's error limit by measuring")
+        lo, hi = None, None
+        limit = guess
+        for _ in range(MAX_VERIFY):
+            stop()
+            say(0.75 + 0.15 * len(limits_tried) / MAX_VERIFY, f"verifying a plan at KL ≤ {limit:.3g}")
+            ok = verify(limit)
+            if ok is None or ok:
+                lo = limit
+                if ok is None and hi is None and all(o.err <= limit for opts in options.values()
+                                                     for o in opts):
+                    break
+            else:
+                hi = limit
+            if hi is None:
+                limit = limit * 4
+            elif lo is None:
+                limit = limit / 4
+            else:
+                if hi / lo < 1.3:
+                    break
+                limit = math.sqrt(lo * hi)
+
+    chosen: list[Choice] = []
+    recipe = Recipe([])
+    verified = None
+    speed_point = None
+    if best is not None:
+        _, recipe, chosen, (top1, kl) = best
+        verified = {"top1": top1, "kl": kl}
+        stop()
+        say(0.92, f"timing the plan on the {phase} step")
+        tid = f"plan|{json.dumps(recipe.to_json(), sort_keys=True)}"
+        res = call_isolated(measure_speed, path, timed, [prompt], [(tid, recipe.to_json())],
+                            cache, settings.threads, time_budget_s,
+                            timeout=max(settings.timeout_s, 60.0) * 4, cancelled=cancelled,
+                            task="timing the plan").get(tid, {})
+        if res.get("ratio"):
+            speed_point = FrontierPoint("the plan", top1, kl, 1.0 / res["ratio"],
+                                        1.0 / res["high"], 1.0 / res["low"], kind="plan",
+                                        limit=best[0], holds=True)
+            log.append(f"the plan: {len(chosen)} rewrites, {phase} step "
+                       f"{res['ratio']:.3f}× the time [{res['low']:.3f}, {res['high']:.3f}]")
+            if res["high"] >= 1.0:
+                log.append("the plan is not measurably faster: nothing pays within the budget")
+                chosen, recipe, verified = [], Recipe([]), None
+                speed_point.holds = False
+        for p in frontier:
+            if p.limit == best[0]:
+                p.speedup, p.low, p.high = (speed_point.speedup, speed_point.low,
+                                            speed_point.high) if speed_point else (None,) * 3
+    # every other verified plan's speedup is predicted from the savings (timing each would
+    # double the search); the whole-model variants were timed
+    for p in frontier:
+        if p.speedup is None and p.limit is not None and base_ms > 0:
+            gain = sum(o.gain for o in plan_for_limit(options, p.limit).values())
+            p.speedup = base_ms / max(base_ms - gain, 1e-9)
+    for w in whole:
+        if w.speedup is not None:
+            frontier.append(FrontierPoint(vmap[w.variant].label, w.top1, w.kl, w.speedup,
+                                          1.0 / w.high if w.high else None,
+                                          1.0 / w.low if w.low else None, kind="whole",
+                                          holds=holds(w.top1, w.kl)))
+    say(1.0, "advice ready")
+    return LlmAdvice(budget, phase, base_ms, variants, roles, whole, layer_kl, measured_layers,
+                     chosen, recipe, verified, speed_point, frontier, refused, log,
+                     time.perf_counter() - started)
+
+
+def _calibration_source(model: onnx.ModelProto, npz: str | None) -> str:
+    """The prompt file when it feeds every model input (the recipe then names its own data);
+    else "random", which calibrates on the samples the optimizer is given (the prompt here)."""
+    if not npz:
+        return "random"
+    from opstudio.core.passes._calibration import model_inputs
+
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            names = set(data.files)
+    except (OSError, ValueError):
+        return "random"
+    return npz if all(i.name in names for i in model_inputs(model)) else "random"
+
+
+def _mlp_partner(role: str, gate_role: str) -> bool:
+    """``role`` is another projection of the gated MLP whose gate is ``gate_role``."""
+    scope = gate_role.rsplit("/", 2)[0] if gate_role.count("/") >= 2 else ""
+    low = role.lower()
+    return role.startswith(scope) and ("up" in low or "down" in low)
+
+
+def _bytes_saved(variant: Variant, t: Target) -> float:
+    """Weight bytes the node stops reading (float32 before; what matters is the proportion)."""
+    before = 4.0 * t.k * t.n
+    if variant.technique == "int4-weight":
+        after = t.k * t.n * (0.5 + 4.0 / int(variant.params.get("block_size", 32)))
+    elif variant.technique == "int8-weight":
+        after = t.k * t.n * (1.0 + 4.0 / int(variant.params.get("block_size", 32)))
+    elif variant.technique in ("int8-dynamic", "int8-static"):
+        after = 1.0 * t.k * t.n
+    elif variant.technique == "lowrank":
+        rank = variant.params_for(t.k, t.n).get("rank") or min(t.k, t.n)
+        after = 4.0 * rank * (t.k + t.n)
+    elif variant.technique == "prune":
+        # the gate, up and down projections each lose the same share of channels
+        after = before * (1.0 - 3.0 * float(variant.params.get("sparsity", 0.25)))
+    else:
+        after = before / 2
+    return max(before - after, 0.0)
+
+
+def _f(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"

@@ -1,0 +1,218 @@
+"""The next-token advisor: scan by role and layer, plan per (layer, role), verified on the prompt,
+timed on the decode step; the scan cached and resumable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from llm_builders import kv_decoder, prompt_inputs
+from opstudio.core import llm_plan
+from opstudio.core.advisor import Budget, advise
+from opstudio.core.errors import OpstudioError
+from opstudio.core.llm_plan import (
+    Target,
+    Variant,
+    _Option,
+    find_targets,
+    fit_top1,
+    layer_weights,
+    plan_for_limit,
+    recipe_of,
+    sample_layers,
+)
+from opstudio.core.profiler import ProfileSettings
+
+VOCAB = 4096  # a real vocabulary's lm_head: weight-only quantization pays on a decode step
+HIDDEN = 256
+RTN = Variant("int4-rtn", "int4-weight", {"block_size": 32, "symmetric": True,
+                                           "accuracy_level": "auto"}, "INT4 RTN")
+INT8W = Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level": "auto"},
+                "INT8 weight-only")
+
+
+# --- the planner alone ---------------------------------------------------------------------
+
+def test_plan_takes_most_gain_per_error_within_the_limit():
+    options = {
+        (0, "a"): [_Option("cheap", 1.0, 0.01, ["a0"]), _Option("big", 3.0, 0.5, ["a0"])],
+        (1, "a"): [_Option("cheap", 1.0, 0.02, ["a1"]), _Option("big", 3.0, 1.0, ["a1"])],
+        (0, "b"): [_Option("exact", 0.5, 0.0, ["b0"])],
+    }
+    plan = plan_for_limit(options, 0.1)
+    assert {u: o.variant for u, o in plan.items()} == {(0, "a"): "cheap", (1, "a"): "cheap",
+                                                        (0, "b"): "exact"}
+    plan = plan_for_limit(options, 0.6)  # room to upgrade the least sensitive unit only
+    assert plan[(0, "a")].variant == "big" and plan[(1, "a")].variant == "cheap"
+    assert sum(o.err for o in plan.values()) <= 0.6
+    assert plan_for_limit(options, 0.0) == {(0, "b"): options[(0, "b")][0]}
+
+
+def test_an_option_covering_other_units_replaces_them():
+    # pruning a gated MLP takes its gate, up and down projections together
+    gate, up, down = (0, "mlp/gate_proj/MatMul"), (0, "mlp/up_proj/MatMul"), \
+        (0, "mlp/down_proj/MatMul")
+    prune = _Option("prune", 5.0, 0.1, ["g"], covers=(up, down))
+    options = {gate: [_Option("q", 1.0, 0.05, ["g"]), prune],
+               up: [_Option("q", 1.0, 0.05, ["u"])], down: [_Option("q", 1.0, 0.05, ["d"])]}
+    plan = plan_for_limit(options, 1.0)
+    assert plan == {gate: prune}
+    plan = plan_for_limit(options, 0.08)  # prune does not fit: quantize what fits instead
+    assert all(o.variant == "q" for o in plan.values()) and len(plan) == 1
+
+
+def test_layer_samples_weights_and_top1_fit():
+    assert sample_layers(range(4)) == [0, 1, 2, 3]
+    picks = sample_layers(range(30))
+    assert {0, 1, 28, 29} <= set(picks) and len(picks) <= 10
+    w = layer_weights({0: 4.0, 2: 0.0, 4: 2.0}, [0, 1, 2, 3, 4])
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert w[0] > w[1] > w[2] and w[3] < w[4]
+    a, b = fit_top1([(0.01, 0.95), (0.04, 0.90), (0.16, 0.80)])
+    assert b == pytest.approx(0.5, abs=0.05)  # disagreement doubles when KL quadruples
+    assert a * 0.04 ** b == pytest.approx(0.10, rel=0.05)
+
+
+def test_targets_are_grouped_by_role_across_layers():
+    model = kv_decoder("hf", layers=3, vocab=VOCAB, hidden=64)
+    targets = find_targets(model)
+    roles: dict[str, list[int | None]] = {}
+    for t in targets:
+        roles.setdefault(t.role, []).append(t.layer)
+    assert {r: sorted(v) for r, v in roles.items() if r.startswith("attn/")} == {
+        f"attn/{p}_proj/MatMul": [0, 1, 2] for p in "qkvo"}
+    # the tied lm_head reads Transpose(Cast(embedding)): [hidden, vocab], outside the layers
+    head = next(t for t in targets if t.node == "/lm_head/MatMul")
+    assert head.layer is None and (head.k, head.n) == (64, VOCAB)
+    # one step per technique and param set, whatever the roles
+    recipe = recipe_of([(RTN, [t for t in targets if t.layer == 0])])
+    assert len(recipe.steps) == 1 and len(recipe.steps[0].nodes) == 4
+
+
+def test_lowrank_rank_follows_each_role_shape():
+    v = Variant("svd-llm", "lowrank", {"method": "svd-llm"}, "svd", rank_share=0.5)
+    # 576×1536 reads as many bytes as rank 419 factors: half of that, in steps of 16
+    assert v.params_for(576, 1536)["rank"] == 208
+    assert v.params_for(64, 64)["rank"] == 16
+
+
+def test_unknown_next_token_technique_is_refused():
+    with pytest.raises(OpstudioError, match="does not try fp16"):
+        llm_plan.variants_for(["fp16"])
+
+
+# --- on a tiny decoder ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llm")
+    path = folder / "decoder.onnx"
+    onnx.save(kv_decoder("hf", layers=3, vocab=VOCAB, hidden=HIDDEN, seed=1), path)
+    prompt = folder / "prompt.npz"
+    np.savez(prompt, **prompt_inputs(24, vocab=VOCAB, position_ids=True))
+    return path, prompt
+
+
+@pytest.fixture(scope="module")
+def advice(decoder, tmp_path_factory):
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    path, prompt = decoder
+    settings = ProfileSettings(threads=1, inputs_path=str(prompt), phase="decode")
+    return advise(str(path), settings, Budget(min_top1=0.9),
+                  {"int4-weight": {}, "int8-weight": {}}, use_cache=True)
+
+
+def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(decoder, advice):
+    from opstudio.core.accuracy import evaluate
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.model_io import load_model
+    from opstudio.core.optimize import optimize
+
+    path, prompt = decoder
+    assert advice.phase == "decode" and advice.base_ms > 0
+    # (HQQ too where torch is installed)
+    assert {"int4-rtn", "int8-weight"} <= {r.variant for r in advice.roles}
+    # every role of the decoder was measured once per technique, across its three layers
+    assert all(len(r.nodes) == 3 for r in advice.roles if r.role.startswith("attn/"))
+    assert set(advice.layer_kl) == {0, 1, 2}
+    assert advice.whole and all(w.top1 is not None and w.ratio for w in advice.whole)
+    model = load_model(path)
+    feeds = make_inputs(model, npz_path=prompt, phase="prefill")
+    if not advice.recipe.steps:
+        # nothing paid within the budget on this machine: said so, nothing chosen
+        assert advice.nothing_applies is None and not advice.chosen
+        return
+    assert advice.verified["top1"] >= 0.9
+    optimized = optimize(model, advice.recipe, inputs=feeds).model
+    report = evaluate(model, optimized, feeds)
+    top1 = report.next_token()["top1_agreement"]
+    assert top1 == pytest.approx(advice.verified["top1"], abs=1 / 24 + 1e-9)
+    assert top1 >= 0.9 - 1 / 24
+    units = {(c.layer, c.role) for c in advice.chosen}
+    assert len(units) == len(advice.chosen)  # at most one technique per (layer, role)
+    assert any(p.kind == "plan" and p.holds for p in advice.frontier)
+
+
+def test_the_decode_step_is_what_is_timed(decoder, advice):
+    from opstudio.core.sensitivity import cache_path
+
+    files = list(cache_path("x", "llm").parent.glob("*.llm.json"))
+    assert len(files) == 1
+    speed = json.loads(files[0].read_text())["speed"]
+    shapes = next(iter(speed.values()))["shapes"]
+    # one new token after the prompt's 24 tokens of real KV cache
+    assert shapes["input_ids"] == [1, 1]
+    assert shapes["past_key_values.0.key"][2] == 24
+
+
+def test_the_scan_resumes_from_its_cache(decoder, tmp_path):
+    path, prompt = decoder
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.model_io import load_model
+
+    model = load_model(path)
+    feeds = make_inputs(model, npz_path=prompt, phase="prefill")
+    targets = [t for t in find_targets(model) if t.layer is not None]
+    tasks = [(f"role|{t.role}", recipe_of([(RTN, [t])]).to_json()) for t in targets[:3]]
+    cache = tmp_path / "scan.json"
+    first = llm_plan.measure_accuracy(str(path), feeds, tasks[:2], str(cache), 1)
+    assert set(first) == {tasks[0][0], tasks[1][0]}
+    # a finished measurement is never made again: mark one, then ask for all three
+    data = json.loads(cache.read_text())
+    data["accuracy"][tasks[0][0]]["top1"] = 0.125
+    cache.write_text(json.dumps(data))
+    again = llm_plan.measure_accuracy(str(path), feeds, tasks, str(cache), 1)
+    assert again[tasks[0][0]]["top1"] == 0.125
+    assert again[tasks[1][0]] == first[tasks[1][0]]
+    assert 0.0 <= again[tasks[2][0]]["top1"] <= 1.0
+
+
+def test_nothing_could_be_applied_is_not_nothing_pays(tmp_path, monkeypatch):
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # the projection's weight is a graph input: no technique can take it
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+         helper.make_node("MatMul", ["h", "w"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [16, 2000])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 2000])],
+        [onnx.numpy_helper.from_array(np.ones((2000, 16), np.float32), "emb")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    advice = llm_plan.advise_llm(str(path), ProfileSettings(threads=1, phase="prefill",
+                                                            shapes={"input_ids": [1, 4]}),
+                                 Budget(min_top1=0.9), [RTN, INT8W])
+    assert advice.nothing_applies is not None and not advice.recipe.steps
+    assert "graph input" in advice.nothing_applies or "constant" in advice.nothing_applies
+
+
+def test_targets_of_a_weightless_model(tmp_path):
+    assert find_targets(onnx.ModelProto()) == []
+    assert Target("n", None, "n", 4, 4).unit == (-1, "n")
