@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.machine_cache import cache_dir, machine_key
+from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 
 LEVEL_NAMES = {0: "unset (float32)", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}
 _SIZE = 2048
@@ -120,13 +121,6 @@ def measure_levels(bits: int, block_size: int, threads: int = 0,
 def quantized_matmul(weight: np.ndarray, bits: int, block_size: int,
                      level: int) -> onnx.ModelProto:
     """``x @ weight`` as one MatMulNBits node, made by onnxruntime's own quantizer."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
-
     k, n = weight.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "nbits",
@@ -134,9 +128,15 @@ def quantized_matmul(weight: np.ndarray, bits: int, block_size: int,
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
         [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
-                                          accuracy_level=level, bits=bits)
+    # imported inside: the module configures an unconfigured root logger when it loads
     with quiet_onnxruntime_logs():
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                              accuracy_level=level, bits=bits)
         quantizer = MatMulNBitsQuantizer(model, algo_config=config)
         quantizer.process()
     return quantizer.model.model
