@@ -115,21 +115,19 @@ class SplitPass(Pass):
     technique = "split"
     params = ()
 
-    def check(self, model, node):
+    def check(self, model, node, params=None):
         return None if node.op_type == "MatMul" else "only MatMul"
 
-    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
-              ctx: PassContext) -> PassResult:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
         new_nodes = []
-        for node in out.graph.node:
-            if node.name not in nodes:
+        for node in work.graph.node:
+            if node.name not in chosen:
                 new_nodes.append(node)
                 continue
-            n = next(i for i in out.graph.initializer if i.name == node.input[1]).dims[1]
+            n = next(i for i in work.graph.initializer if i.name == node.input[1]).dims[1]
             eye = numpy_helper.from_array(np.eye(n, dtype=np.float32), f"{node.name}_eye")
-            out.graph.initializer.append(eye)
+            work.graph.initializer.append(eye)
             a = helper.make_node("MatMul", [node.input[0], node.input[1]], [f"{node.name}_t"],
                                  name=f"{node.name}_a")
             b = helper.make_node("MatMul", [f"{node.name}_t", eye.name], list(node.output),
@@ -137,16 +135,16 @@ class SplitPass(Pass):
             for created in (a, b):
                 provenance.set_origin(created, provenance.get_origin(node))
             new_nodes += [a, b]
-        del out.graph.node[:]
-        out.graph.node.extend(new_nodes)
-        return PassResult(model=out, applied=list(nodes))
+        del work.graph.node[:]
+        work.graph.node.extend(new_nodes)
+        return PassResult(model=work, applied=list(chosen))
 
 
 class BrokenPass(SplitPass):
     technique = "broken"
 
-    def apply(self, model, nodes, params, ctx):
-        result = super().apply(model, nodes, params, ctx)
+    def _rewrite(self, work, chosen, params, ctx):
+        result = super()._rewrite(work, chosen, params, ctx)
         result.model.graph.node[0].input[0] = "nowhere"
         return result
 

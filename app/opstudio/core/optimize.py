@@ -33,8 +33,9 @@ import onnx
 
 from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.graph_utils import copy_model
 from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
-from opstudio.core.passes import PassContext, get_pass
+from opstudio.core.passes import ContractBroken, PassContext, get_pass
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
 
 Progress = Callable[[float, str], None]
@@ -96,11 +97,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
     With ``consume`` the caller hands ``model`` over (it may be changed) and no copy of the
     weights is made: what a big model needs to be optimized within about twice its size.
     """
-    if consume:
-        current = model
-    else:
-        current = onnx.ModelProto()
-        current.CopyFrom(model)
+    current = model if consume else copy_model(model)
     del model
     ensure_node_names(current)
     validate(recipe, current)
@@ -138,11 +135,14 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                 sub(0.9 * fraction, message)
 
             # ``current`` is always the optimizer's own (a copy, a handed-over model or an
-            # earlier step's result): the pass may rewrite it in place
+            # earlier step's result): the pass may rewrite it in place. Its validity is
+            # checked below, naming the step, not a second time inside the pass.
             ctx = PassContext(inputs=samples, progress=pass_progress,
-                              cancelled=cancelled, owns_model=True)
+                              cancelled=cancelled, owns_model=True, check_validity=False)
             try:
                 result = pass_.apply(current, targets, params, ctx)
+            except ContractBroken as exc:  # a defect of the pass: say which step met it
+                raise OpstudioError(f"{where}: {exc}") from exc
             except (OpstudioError, Cancelled):
                 raise
             except Exception as exc:

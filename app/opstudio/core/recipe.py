@@ -245,7 +245,7 @@ def validate(recipe: Recipe, model: onnx.ModelProto) -> None:
         except OpstudioError as exc:
             raise OpstudioError(f"step {index}: {exc}") from None
         try:
-            pass_.validate_params(step.params)
+            params = pass_.validate_params(step.params)
         except OpstudioError as exc:
             raise OpstudioError(f"{where}: {_strip_prefix(str(exc), step.technique)}") from None
         if step.nodes is not None:
@@ -255,7 +255,7 @@ def validate(recipe: Recipe, model: onnx.ModelProto) -> None:
                     raise OpstudioError(f"{where}: node '{name}' is not in the model")
                 if name in touched:
                     continue
-                reason = pass_.check(model, node)
+                reason = pass_.check(model, node, params)
                 if reason:
                     raise OpstudioError(f"{where}: node '{name}' ({node.op_type}) cannot take "
                                         f"{step.technique}: {reason}")

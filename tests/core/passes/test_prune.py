@@ -272,7 +272,7 @@ def test_structured_skip_reasons() -> None:
     assert "Add 'add3'" in reasons["conv1"]
     by_name = {n.name: n for n in model.graph.node}
     assert PASS.check(model, by_name["conv2"]) is None  # unstructured is fine
-    assert "another branch" in PASS.check(model, by_name["conv2"], structured=True)
+    assert "another branch" in PASS.check(model, by_name["conv2"], {"structured": True})
 
 
 def test_structured_graph_output_and_depthwise() -> None:
@@ -364,5 +364,5 @@ def test_structured_flatten_that_splits_the_channel_axis_is_refused() -> None:
     model.graph.node[-1].input[1] = "F2"
     model.graph.initializer.append(numpy_helper.from_array(arr(16, 5), "F2"))
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 12
-    reason = PASS.check(model, model.graph.node[0], structured=True)
+    reason = PASS.check(model, model.graph.node[0], {"structured": True})
     assert "Flatten 'fold', which does not start its flattened dims at the channel axis" in reason

@@ -279,7 +279,7 @@ def test_check_and_remark_name_the_joint_rewrite() -> None:
     model = swiglu()
     by_name = {n.name: n for n in model.graph.node}
     for role in ("gate", "up", "down"):
-        assert PASS.check(model, by_name[name(role)], structured=True) is None
+        assert PASS.check(model, by_name[name(role)], {"structured": True}) is None
     remark = PASS.remark(model, [by_name[name("down")]])
     assert remark == ("structured: prunes layers.0's MLP jointly (gate_proj, up_proj, "
                       "down_proj): the same intermediate channels leave all of them, because "
@@ -305,7 +305,7 @@ def test_joint_refusals_say_why() -> None:
     shared = swiglu()
     up = next(n for n in shared.graph.node if n.name == name("up"))
     up.input[1] = "model.layers.0.mlp.gate_proj.weight"
-    reason = PASS.check(shared, up, structured=True)
+    reason = PASS.check(shared, up, {"structured": True})
     assert "shared with" in reason
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
+from opstudio.core.passes.base import (
+    ContractBroken,
+    ParamSpec,
+    Pass,
+    PassContext,
+    PassResult,
+    ScanParams,
+)
 
 # technique name -> module defining a module-level ``PASS`` instance
 _MODULES = {
@@ -45,5 +52,5 @@ def default_scan() -> dict[str, ScanParams]:
     return {p.technique: p.scan_params for p in all_passes() if p.scan_params is not None}
 
 
-__all__ = ["TECHNIQUES", "ParamSpec", "Pass", "PassContext", "PassResult", "ScanParams",
+__all__ = ["TECHNIQUES", "ContractBroken", "ParamSpec", "Pass", "PassContext", "PassResult", "ScanParams",
            "all_passes", "default_scan", "get_pass", "plan_rank"]

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.graph_utils import copy_model
 from opstudio.core.passes.base import PassContext
 
 
@@ -45,8 +46,7 @@ def input_stats(model: onnx.ModelProto, node_names: Sequence[str],
     by_name = {n.name: n for n in model.graph.node}
     tensor_of = {name: by_name[name].input[0] for name in node_names}
     tensors = list(dict.fromkeys(tensor_of.values()))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = copy_model(model)
     present = {o.name for o in probe.graph.output}
     for name in tensors:
         if name not in present:

@@ -10,10 +10,8 @@ topological order, and the temp files they write stay in a private folder that i
 from __future__ import annotations
 
 import contextlib
-import heapq
 import tempfile
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from opstudio.core import provenance
-from opstudio.core.errors import OpstudioError
+from opstudio.core.graph_utils import consumers, node_reads, nodes_by_name, topo_sort
 from opstudio.core.passes._weights import (
     FOLDABLE,
     all_names,
@@ -46,25 +44,6 @@ def private_workdir(workdir: str | None = None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="pass-", dir=workdir) as folder:
         yield Path(folder)
-
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def nodes_by_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {n.name: n for n in model.graph.node}
-
-
-def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            if name:
-                out[name].append(node)
-    return out
 
 
 class _Index:
@@ -324,7 +303,7 @@ def restore_gemms(before: onnx.ModelProto, result: onnx.ModelProto,
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in _all_inputs(node)}
+    used = {name for node in model.graph.node for name in node_reads(node)}
     used |= {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
     if len(keep) != len(model.graph.initializer):
@@ -355,56 +334,6 @@ def constant_bytes(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
     return sum(tensor_nbytes(inits[n]) for n in dict.fromkeys(node.input) if n in inits)
 
 
-def topo_sort(graph: onnx.GraphProto) -> None:
-    """Reorder ``graph.node`` topologically, keeping the given order among ready nodes.
-
-    onnxruntime's float16 converter appends its Cast nodes at the end of the graph.
-    """
-    nodes = list(graph.node)
-    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    producer_index: dict[str, int] = {}
-    for k, node in enumerate(nodes):
-        for out in node.output:
-            producer_index[out] = k
-    deps: list[set[int]] = []
-    users: dict[int, list[int]] = defaultdict(list)
-    for k, node in enumerate(nodes):
-        needed = {producer_index[n] for n in _all_inputs(node)
-                  if n not in known and n in producer_index and producer_index[n] != k}
-        deps.append(needed)
-        for d in needed:
-            users[d].append(k)
-    order: list[int] = []
-    heap = [k for k in range(len(nodes)) if not deps[k]]
-    heapq.heapify(heap)
-    while heap:
-        k = heapq.heappop(heap)
-        order.append(k)
-        for u in users[k]:
-            deps[u].discard(k)
-            if not deps[u]:
-                heapq.heappush(heap, u)
-    if len(order) != len(nodes):
-        raise OpstudioError("the rewritten graph has a cycle")
-    del graph.node[:]
-    graph.node.extend(nodes[k] for k in order)
-
-
-def _all_inputs(node: onnx.NodeProto) -> list[str]:
-    """Inputs of ``node`` including names its subgraphs take from the outer scope."""
-    names = list(node.input)
-    for attr in node.attribute:
-        subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-        for sub in subgraphs:
-            local = {i.name for i in sub.input} | {i.name for i in sub.initializer}
-            for inner in sub.node:
-                for name in _all_inputs(inner):
-                    if name not in local:
-                        names.append(name)
-                local.update(inner.output)
-    return names
-
-
 def record_provenance(before: onnx.ModelProto, after: onnx.ModelProto,
                       chosen: Sequence[str]) -> dict[str, list[str]]:
     """Give every node of ``after`` a unique name and the original node(s) it came from.
@@ -416,7 +345,7 @@ def record_provenance(before: onnx.ModelProto, after: onnx.ModelProto,
     the chosen nodes whose output it consumes (the Cast after a float16 node). Returns the map
     created node → original node names of ``before`` (before their own provenance).
     """
-    old = nodes_by_name(before)
+    old = nodes_by_name(before.graph)
     chosen_set = set(chosen)
     new_nodes = [n for n in after.graph.node if not n.name or n.name not in old]
     source: dict[int, list[str]] = {}  # id(node) -> names of chosen nodes in `before`
@@ -435,7 +364,7 @@ def record_provenance(before: onnx.ModelProto, after: onnx.ModelProto,
             return [node.name]
         return []
 
-    cons = consumers(after)
+    cons = consumers(after.graph)
     producers = {out: node for node in after.graph.node for out in node.output if out}
     order = list(after.graph.node)
     changed = True
@@ -487,7 +416,7 @@ def record_provenance(before: onnx.ModelProto, after: onnx.ModelProto,
 def weight_bytes(before: onnx.ModelProto, after: onnx.ModelProto,
                  created: dict[str, list[str]], applied: Sequence[str]) -> dict[str, dict[str, int]]:
     """Bytes of constants each applied node used before and uses after the rewrite."""
-    old = nodes_by_name(before)
+    old = nodes_by_name(before.graph)
     inits_after = {i.name: i for i in after.graph.initializer}
     used: dict[str, set[str]] = {name: set() for name in applied}
     for node in after.graph.node:
@@ -500,22 +429,6 @@ def weight_bytes(before: onnx.ModelProto, after: onnx.ModelProto,
     return {name: {"bytes_before": constant_bytes(before, old[name]),
                    "bytes_after": sum(tensor_nbytes(inits_after[t]) for t in sorted(used[name]))}
             for name in applied}
-
-
-def partition(model: onnx.ModelProto, names: Sequence[str],
-              check: Callable[[onnx.NodeProto], str | None]) -> tuple[list[str], dict[str, str]]:
-    """The asked-for nodes a pass can take, and the others with the reason."""
-    by_name = nodes_by_name(model)
-    chosen: list[str] = []
-    skipped: dict[str, str] = {}
-    for name in names:
-        node = by_name.get(name)
-        reason = "no such node" if node is None else check(node)
-        if reason:
-            skipped[name] = reason
-        else:
-            chosen.append(name)
-    return chosen, skipped
 
 
 def settle(before: onnx.ModelProto, result: onnx.ModelProto,

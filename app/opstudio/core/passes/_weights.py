@@ -10,12 +10,13 @@ pass did not touch stays intact.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from opstudio.core.graph_utils import consumers
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -28,42 +29,8 @@ def unit_dims(model: onnx.ModelProto) -> dict[str, int]:
     return {name: 1 for name in symbolic_dims(model)}
 
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
 def opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0)
-
-
-def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read by ``node``'s subgraphs (If/Loop/Scan bodies), recursively."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
-        for g in graphs:
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for inner in g.node:
-                names.update(n for n in list(inner.input) + sorted(subgraph_inputs(inner))
-                             if n and n not in local)
-                local.update(inner.output)
-    return names
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name -> top-level nodes reading it (directly or from a subgraph), in graph order."""
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in dict.fromkeys(list(node.input) + sorted(subgraph_inputs(node))):
-            if name:
-                out[name].append(node)
-    return out
-
-
-def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output if out}
 
 
 def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
+from opstudio.core.graph_utils import copy_model, nodes_by_name, topo_sort
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes.base import Pass, PassContext, PassResult, ScanParams
 from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
@@ -63,7 +64,8 @@ class Fp16Pass(Pass):
     description = "run the chosen nodes in float16 with casts at their borders"
     params = ()
 
-    def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
+              params: Mapping[str, Any] | None = None) -> str | None:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
         if node.domain not in ("", "ai.onnx"):
@@ -85,17 +87,12 @@ class Fp16Pass(Pass):
                 return f"constant '{name}' {reason}"
         return None
 
-    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
-              ctx: PassContext) -> PassResult:
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        self.validate_params(params)
-        work = ctx.working_copy(model)
-        chosen, skipped = ort_support.partition(
-            work, nodes, lambda node: self.check(work, node))
-        by_name = ort_support.nodes_by_name(work)
-        if not chosen:
-            return PassResult(model=work, skipped=skipped)
+        skipped: dict[str, str] = {}
+        by_name = nodes_by_name(work.graph)
         ctx.report(0.1, f"fp16: converting {len(chosen)} node(s)")
         ctx.check_cancelled()
         notes: list[str] = []
@@ -105,7 +102,7 @@ class Fp16Pass(Pass):
             notes.append(f"made {len(folded)} constant weight(s) initializers "
                          "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
         _unshare_initializers(work, chosen)
-        before = ort_support.copy_model(work)
+        before = copy_model(work)
         chosen_set = set(chosen)
         blocked = [n.name for n in work.graph.node if n.name not in chosen_set]
         typed = _annotate_types(work)
@@ -117,7 +114,7 @@ class Fp16Pass(Pass):
                                               disable_shape_infer=typed is not None)
         _remove_round_trips(result, set(by_name))
         _restore_value_info(before, result, chosen_set)
-        ort_support.topo_sort(result.graph)
+        topo_sort(result.graph)
         types = _elem_types(result)
         converted = {n.name for n in result.graph.node
                      if any(types.get(o) == onnx.TensorProto.FLOAT16 for o in n.output)}
@@ -141,7 +138,6 @@ class Fp16Pass(Pass):
             notes.append("onnxruntime's CPU provider has no float16 kernel for "
                          f"{', '.join(sorted(set(slow)))}: it casts back to float32 around them "
                          "(float16 rounding, extra casts, no speed-up on CPU)")
-        ctx.report(1.0, "fp16: done")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 

@@ -133,27 +133,20 @@ class LowRankPass(Pass):
             raise OpstudioError(f"lowrank: parameter 'energy' must be above 0, not {out['energy']}")
         return check_calibration(self.technique, out)
 
-    def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
+              params: Mapping[str, Any] | None = None) -> str | None:
         target = _target(model, node)
         return target if isinstance(target, str) else None
 
-    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
-              ctx: PassContext) -> PassResult:
-        params = self.validate_params(params)
-        nodes = list(dict.fromkeys(nodes))
-        work = ctx.working_copy(model)
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
         result = PassResult(model=work)
         by_name = {n.name: n for n in work.graph.node}
         targets: list[_Target] = []
-        for name in nodes:
-            node = by_name.get(name)
-            target = "no such node" if node is None else _target(work, node)
-            if isinstance(target, str):
-                result.skipped[name] = target
-            else:
-                targets.append(target)
-        if not targets:
-            return result
+        for name in chosen:
+            target = _target(work, by_name[name])
+            assert not isinstance(target, str), target  # ``check`` took it
+            targets.append(target)
         stats: dict[str, _activations.InputStats] = {}
         if params["method"] in ACTIVATION_METHODS:
             targets, stats = _measure(work, targets, params, ctx, result)
@@ -197,7 +190,6 @@ class LowRankPass(Pass):
                     f"({details['params_after']}) than the original ({details['params_before']})")
         w.replace_nodes(work.graph, replacements)
         w.remove_unused(work, old_weights)
-        ctx.report(1.0, "lowrank: done")
         return result
 
 

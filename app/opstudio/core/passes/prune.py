@@ -53,7 +53,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import provenance
+from opstudio.core import graph_utils, provenance
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import analyze
 from opstudio.core.passes import _weights as w
@@ -124,15 +124,28 @@ class PrunePass(Pass):
         return out
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
-              structured: bool = False) -> str | None:
+              params: Mapping[str, Any] | None = None) -> str | None:
+        given = self.given_params(params)
         found = _own_weight(model, node)
         if isinstance(found, str):
             return found
-        if structured:
+        if given["structured"]:
             plan = _plan_any(model, node, found)
             if isinstance(plan, str):
                 return plan
+        elif given["storage"] == "sparse" and w.opset(model) < 11:
+            return (f"sparse storage needs a Constant with sparse_value (opset 11); the model "
+                    f"has opset {w.opset(model)}")
         return None
+
+    def _partition(self, work: onnx.ModelProto, nodes: Sequence[str],
+                   params: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+        if not params["structured"]:
+            return super()._partition(work, nodes, params)
+        # Whether a node's channels can go depends on what this step rewrote before it (the
+        # second layer of a pruned MLP or Conv chain goes with the first): ``_rewrite`` plans
+        # node after node on the graph as it is then. Here only the weight is checked.
+        return super()._partition(work, nodes, {**params, "structured": False})
 
     def remark(self, model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> str | None:
         """What structured pruning of ``nodes`` would rewrite besides them, in words: the whole
@@ -140,7 +153,7 @@ class PrunePass(Pass):
         seen: set[str] = set()
         lines: list[str] = []
         chosen = [n for n in nodes if n.op_type in _MATMULS][:_REMARKED]
-        cons = w.consumers(model.graph) if chosen else {}
+        cons = graph_utils.consumers(model.graph) if chosen else {}
         for node in chosen:
             if node.name in seen:
                 continue
@@ -154,16 +167,13 @@ class PrunePass(Pass):
             return None
         return "structured: " + "; ".join(lines)
 
-    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
-              ctx: PassContext) -> PassResult:
-        params = self.validate_params(params)
-        nodes = list(dict.fromkeys(nodes))
-        work = ctx.working_copy(model)
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
         size_before = work.ByteSize()
         if params["structured"]:
-            result = _apply_structured(work, nodes, params, ctx)
+            result = _apply_structured(work, chosen, params, ctx)
         else:
-            result = _apply_unstructured(work, nodes, params["sparsity"], params["storage"], ctx)
+            result = _apply_unstructured(work, chosen, params["sparsity"], params["storage"], ctx)
         if result.applied:
             size_after = work.ByteSize()
             result.notes.append(
@@ -172,7 +182,6 @@ class PrunePass(Pass):
                 f"{params['storage']} storage)")
             if not params["structured"]:
                 result.notes.append(CPU_NOTE)
-        ctx.report(1.0, "prune: done")
         return result
 
 
@@ -195,7 +204,7 @@ def _n_removed(sparsity: float, n: int) -> int:
 
 def _sharers(model: onnx.ModelProto, tensor: str, node: onnx.NodeProto,
              cons: dict[str, list[onnx.NodeProto]] | None = None) -> list[str]:
-    cons = w.consumers(model.graph) if cons is None else cons
+    cons = graph_utils.consumers(model.graph) if cons is None else cons
     return [u.name for u in cons.get(tensor, []) if u.name != node.name]
 
 
@@ -206,23 +215,10 @@ def _apply_unstructured(work: onnx.ModelProto, nodes: Sequence[str], sparsity: f
                         storage: str, ctx: PassContext) -> PassResult:
     result = PassResult(model=work)
     by_name = {n.name: n for n in work.graph.node}
-    chosen: list[onnx.NodeProto] = []
-    for name in nodes:
-        node = by_name.get(name)
-        if node is None:
-            result.skipped[name] = "no such node"
-            continue
-        found = _own_weight(work, node)
-        if isinstance(found, str):
-            result.skipped[name] = found
-        elif storage == "sparse" and w.opset(work) < 11:
-            result.skipped[name] = (f"sparse storage needs a Constant with sparse_value "
-                                    f"(opset 11); the model has opset {w.opset(work)}")
-        else:
-            chosen.append(node)
+    chosen = [by_name[name] for name in nodes]  # ``check`` took them
     # A weight shared by several nodes is pruned once when all of them are chosen; shared with a
     # node left alone it would need a second, pruned copy.
-    cons = w.consumers(work.graph)
+    cons = graph_utils.consumers(work.graph)
     chosen_names = {n.name for n in chosen}
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in chosen:
@@ -331,7 +327,7 @@ def _plan_structured(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.nd
     graph = model.graph
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     # reading who consumes what walks the whole graph (7000 nodes in an LLM): once per plan
-    cons = w.consumers(graph) if cons is None else cons
+    cons = graph_utils.consumers(graph) if cons is None else cons
     sharers = _sharers(model, node.input[1], node, cons)
     if sharers:
         return (f"the weight '{node.input[1]}' is shared with '{sharers[0]}'; removing channels "
@@ -566,11 +562,11 @@ def _plan_any(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray,
               cons: dict[str, list[onnx.NodeProto]] | None = None) -> _Plan | str:
     """The node's own output channels if they can go; else the MLP it belongs to, pruned
     jointly; else the reason in words."""
-    cons = w.consumers(model.graph) if cons is None else cons
+    cons = graph_utils.consumers(model.graph) if cons is None else cons
     plan = _plan_structured(model, node, weight, cons)
     if not isinstance(plan, str) or node.op_type not in _MATMULS:
         return plan
-    prods = w.producers(model.graph)
+    prods = graph_utils.producers(model.graph)
     as_source, _ = _plan_joint(model, node, weight, True, cons, prods)
     if not isinstance(as_source, str):
         return as_source
@@ -843,7 +839,7 @@ def _activation_norms(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
     from opstudio.core.passes._activations import input_stats
 
     by_name = {n.name: n for n in work.graph.node}
-    cons = w.consumers(work.graph)
+    cons = graph_utils.consumers(work.graph)
     wanted: list[str] = []
     for name in nodes:
         node = by_name.get(name)
@@ -892,7 +888,7 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         if name in done_with:
             _record_part_of(result, name, done_with[name])
             continue
-        cons = w.consumers(work.graph)  # the graph changed with the previous node
+        cons = graph_utils.consumers(work.graph)  # the graph changed with the previous node
         plan = _plan_structured(work, node, found, cons)
         if isinstance(plan, str) and name in fed_by:
             _record_part_of(result, name, fed_by[name])
@@ -915,7 +911,7 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         taken = w.all_names(work.graph)
         params_before = params_after = 0
         old: list[str] = []
-        prods = w.producers(work.graph)
+        prods = graph_utils.producers(work.graph)
         inits = {i.name: i for i in work.graph.initializer}
         for target, j, axis, block in plan.edits:
             tensor = target.input[j]

@@ -80,10 +80,15 @@ class Int4WeightPass(Pass):
         return out
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
-              block_size: int = BLOCK_SIZES[0]) -> str | None:
+              params: Mapping[str, Any] | None = None) -> str | None:
+        given = self.given_params(params)
+        block_size = int(given["block_size"])
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
             return f"{self.technique} handles MatMul, Gemm and embedding Gathers, not {node.op_type}"
         if node.op_type == "Gather":
+            algorithm = given.get("algorithm", "rtn")
+            if algorithm != "rtn":
+                return f"only round-to-nearest quantizes embeddings, not {algorithm}"
             return self._check_embedding(model, node, block_size)
         if len(node.input) < 2:
             return f"{node.op_type} node has no weight input"
@@ -122,21 +127,11 @@ class Int4WeightPass(Pass):
             return f"rows of {value.shape[1]} are shorter than the block size {block_size}"
         return None
 
-    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
-              ctx: PassContext) -> PassResult:
-        params = self.validate_params(params)
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
         block = int(params["block_size"])
         algorithm = params.get("algorithm", "rtn")
-        work = ctx.working_copy(model)
-
-        def check(node: onnx.NodeProto) -> str | None:
-            if node.op_type == "Gather" and algorithm != "rtn":
-                return f"only round-to-nearest quantizes embeddings, not {algorithm}"
-            return self.check(work, node, block)
-
-        chosen, skipped = ort_support.partition(work, nodes, check)
-        if not chosen:
-            return PassResult(model=work, skipped=skipped)
+        skipped: dict[str, str] = {}
         notes: list[str] = []
         folded = ort_support.fold_constant_inputs(work, chosen)
         if folded:
@@ -167,6 +162,7 @@ class Int4WeightPass(Pass):
                 result = _nbits_quantizer(work, names, self.bits, block, params["symmetric"],
                                           level, algorithm)
         _set_accuracy_level(result, level)
+        _import_contrib_domain(result)
         remaining = {n.name for n in result.graph.node}
         applied = [n for n in chosen if target[n] not in remaining]
         for name in chosen:
@@ -178,7 +174,6 @@ class Int4WeightPass(Pass):
                           "symmetric": params["symmetric"], "accuracy_level": level,
                           "algorithm": algorithm}
                    for name in applied}
-        ctx.report(1.0, f"{self.technique}: done")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
@@ -240,6 +235,15 @@ def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
         del node.attribute[:]
         node.attribute.extend(kept)
         node.attribute.append(helper.make_attribute("accuracy_level", level))
+
+
+def _import_contrib_domain(model: onnx.ModelProto) -> None:
+    """Declare com.microsoft when the result uses it: onnxruntime's GPTQ writes MatMulNBits
+    without importing the domain, and onnx's checker refuses such a model."""
+    if any(o.domain == "com.microsoft" for o in model.opset_import):
+        return
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:

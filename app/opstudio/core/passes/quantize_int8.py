@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.graph_utils import nodes_by_name
 from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes._calibration import (
@@ -96,7 +97,8 @@ class _Int8Pass(Pass):
     ops: ClassVar[dict[str, int]] = {}
     dynamic = True
 
-    def check(self, model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
+              params: Mapping[str, Any] | None = None) -> str | None:
         if node.domain not in ("", "ai.onnx"):
             return f"{node.domain}:{node.op_type} is not a standard ONNX op"
         if node.op_type not in self.ops:
@@ -109,14 +111,9 @@ class _Int8Pass(Pass):
         return _weight_reason(model, node, self.ops[node.op_type],
                               need_constant=self.dynamic or node.op_type != "MatMul")
 
-    def apply(self, model: onnx.ModelProto, nodes: Sequence[str], params: Mapping[str, Any],
-              ctx: PassContext) -> PassResult:
-        params = self.validate_params(params)
-        work = ctx.working_copy(model)
-        chosen, skipped = ort_support.partition(
-            work, nodes, lambda node: self.check(work, node))
-        if not chosen:
-            return PassResult(model=work, skipped=skipped)
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
+        skipped: dict[str, str] = {}
         folded = ort_support.fold_constant_inputs(work, chosen)
         ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} node(s)")
         ctx.check_cancelled()
@@ -132,7 +129,7 @@ class _Int8Pass(Pass):
             if gemms:
                 notes.append(f"rewrote {len(gemms)} Gemm(s) as MatMul + Add first "
                              "(the dynamic quantizer has no Gemm)")
-        by_name = ort_support.nodes_by_name(work)
+        by_name = nodes_by_name(work.graph)
         work = self._prepare(work, params, notes)
         with ort_support.private_workdir(ctx.workdir) as folder:
             src, dst = folder / "input.onnx", folder / "quantized.onnx"
@@ -156,7 +153,6 @@ class _Int8Pass(Pass):
         details = {}
         for name in applied:
             details[name] = {**by_target[target[name]], **extra}
-        ctx.report(1.0, f"{self.technique}: done")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
