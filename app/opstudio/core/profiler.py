@@ -523,10 +523,10 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
         for k, v in chunk.items():
             times[k].extend(float(x) for x in v)
         done = len(next(iter(times.values())))
-        if target is None:
-            report(0.12 + 0.75 * min(1.0, done / wanted), f"run {done}/{wanted}")
-        else:
+        if target is not None and budget is not None:
             report(0.12 + 0.75 * min(1.0, spent / budget), f"run {done}, ±{pct:.1f} %")
+        else:
+            report(0.12 + 0.75 * min(1.0, done / wanted), f"run {done}/{wanted}")
         if budget is not None and spent >= budget:
             break
         if target is not None and done >= next_check:
@@ -849,9 +849,10 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
             series_ms=[x / 1000.0 for x in series]))
     nodes.sort(key=lambda n: (-n.p50_ms, -n.mean_ms, n.name))
 
-    unattributed = [{"kernel": k, "op_type": ops.get(k, ""),
-                     "mean_ms": round(kernel_mean.get(k, 0.0) / 1000.0, 6)}
-                    for k in attr.unattributed]
+    unattributed: list[dict[str, Any]] = [
+        {"kernel": k, "op_type": ops.get(k, ""),
+         "mean_ms": round(kernel_mean.get(k, 0.0) / 1000.0, 6)}
+        for k in attr.unattributed]
     unattributed.sort(key=lambda r: -r["mean_ms"])
     unattributed_ms = sum(r["mean_ms"] for r in unattributed)
 
