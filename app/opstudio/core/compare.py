@@ -323,10 +323,10 @@ def map_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMap:
     # node: a tied embedding's Gather, still there, must not take the renamed lm_head.
     kept = out.claimed()
     readers: dict[str, list[str]] = {}
-    for node, weights in _weights_read(before).items():
-        if node not in kept:
+    for reader, weights in _weights_read(before).items():
+        if reader not in kept:
             for w in weights:
-                readers.setdefault(w, []).append(node)
+                readers.setdefault(w, []).append(reader)
     after_weights = _weights_read(after)
     b_ops = {n.name: n.op_type for n in before.graph.node}
     for node in pending:
