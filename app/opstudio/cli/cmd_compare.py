@@ -13,6 +13,7 @@ from opstudio.cli.request_view import (
 )
 from opstudio.core import report
 from opstudio.core.compare import Comparison, NodeDelta, compare_models, speedup_label
+from opstudio.core.timing import Ratio
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,9 +73,10 @@ def print_summary(c: Comparison, top: int = 15) -> None:
     sp = speedup_label(c.speedup, c.total_ratio) or "n/a"
     print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp}"
           f"{_interval(c.total_ratio)})")
-    if c.plain_speedup is not None:
-        print(f"total (median, plain):    {c.before.plain_ms['p50']:.3f} ms -> "
-              f"{c.after.plain_ms['p50']:.3f} ms  ({speedup_label(c.plain_speedup, c.plain_ratio)}"
+    plain_b, plain_a = c.before.plain_ms, c.after.plain_ms
+    if c.plain_speedup is not None and plain_b is not None and plain_a is not None:
+        print(f"total (median, plain):    {plain_b['p50']:.3f} ms -> "
+              f"{plain_a['p50']:.3f} ms  ({speedup_label(c.plain_speedup, c.plain_ratio)}"
               f"{_interval(c.plain_ratio)})")
     if c.verdict_text():
         print(f"verdict: {c.verdict_text()}")
@@ -97,7 +99,7 @@ def print_summary(c: Comparison, top: int = 15) -> None:
         print(c.accuracy.summary())
 
 
-def _interval(ratio: object) -> str:
+def _interval(ratio: Ratio | None) -> str:
     return "" if ratio is None else f" [{ratio.low:.2f}, {ratio.high:.2f}]"
 
 
