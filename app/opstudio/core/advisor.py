@@ -408,7 +408,8 @@ def _settle_variants(chosen: list[Candidate], pool: Sequence[Candidate], budget:
 
 
 def _in_step(c: Candidate, step: Step) -> bool:
-    return c.technique == step.technique and c.params == step.params and c.node in step.nodes
+    return (c.technique == step.technique and c.params == step.params
+            and c.node in (step.nodes or ()))  # a selector step names no nodes
 
 
 def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
