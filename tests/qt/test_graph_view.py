@@ -181,6 +181,12 @@ def test_fold_a_layer_into_one_box_and_open_it_again(app, qtbot):
     assert view.selected() == [up] and view.item.selected[box] and view.item.selected.sum() == 1
     # a folded layer is as hot as its operators together: the hottest box
     assert view.item.colour[box] == view.item.colour.max()
+    # ... a fused group's time, shown on each of its nodes, counted once
+    once = share.copy()
+    once[inner[1:]] = 0.0
+    view.share_once = lambda: once
+    view.set_heat(share)
+    assert view.item.colour[box] == view.item.colour[view.box_of(0)]
     # a click on the box selects its operators; nodes inside are found at the box
     got = []
     view.selectionChanged.connect(got.append)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 from PySide6.QtCore import QItemSelectionModel, Qt
 from qt_models import mlp_model
 
@@ -283,6 +284,9 @@ def test_main_window_layer_view(window, qtbot, tmp_path):
     measured = {s.name: s.p50_ms for s in window.profile.nodes}
     expected = sum(ms for name, ms in measured.items() if name.startswith("/model/layers.1/"))
     assert layer_ms == pytest.approx(expected) and layer_ms > 0
+    # the graph sums shares per folded layer from the table's once-per-kernel shares
+    once = table.share_once()
+    assert np.nansum(once) == pytest.approx(sum(s.share for s in window.profile.nodes))
     # the graph's layer label selects the same layer
     window.graph_view.fit_all()
     window.graph_view.viewport().repaint()

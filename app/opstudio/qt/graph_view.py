@@ -14,7 +14,7 @@ right drag pans, the wheel zooms. Hovering an edge shows its tensor and shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pyqtgraph as pg
@@ -394,6 +394,8 @@ class GraphView(QGraphicsView):
         self.grouping: LayerGrouping | None = None
         self._selected = np.zeros(0, dtype=bool)  # by graph node, folded or not
         self._share: np.ndarray | None = None
+        # per-node shares with a fused group's share on one of its nodes only (for sums)
+        self.share_once: Callable[[], np.ndarray] | None = None
         self.legend = HeatLegend()
         self._band = QRubberBand(QRubberBand.Shape.Rectangle, self.viewport())
         self._band_origin: QPoint | None = None
@@ -447,13 +449,20 @@ class GraphView(QGraphicsView):
             self.item.set_heat(None)
             return
         if self.folded is not None:
-            # a folded layer is as hot as its operators together
+            # a folded layer is as hot as its operators together; a fused group's time is
+            # shown on each of its nodes, so the sum takes it once (``share_once``) if it can
+            once = self.share_once() if self.share_once is not None else share
+            if len(once) != len(share):
+                once = share
             boxes = self.folded.box_of
-            known = np.isfinite(share)
-            total = np.bincount(boxes[known], weights=share[known],
+            known = np.isfinite(once)
+            total = np.bincount(boxes[known], weights=once[known],
                                 minlength=len(self.folded.members))
             seen = np.bincount(boxes[known], minlength=len(self.folded.members))
-            share = np.where(seen > 0, total, np.nan)
+            by_box = share[[int(m[0]) for m in self.folded.members]]
+            for b in self.folded.layers:
+                by_box[b] = total[b] if seen[b] else np.nan
+            share = by_box
         self.item.set_heat(share)
 
     # --- layers -------------------------------------------------------------------------------

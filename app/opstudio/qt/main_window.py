@@ -141,6 +141,7 @@ class MainWindow(QMainWindow):
         self.table.selectionChanged.connect(self._on_table_selection)
         self.table.nodeActivated.connect(lambda i: self.graph_view.center_on(i))
         self.table.layersShown.connect(self.graph_view.show_layers)
+        self.graph_view.share_once = self.table.share_once
         self.graph_view.nodeActivated.connect(self._on_node_activated)
         self.setAcceptDrops(True)
         self.resize(1560, 980)

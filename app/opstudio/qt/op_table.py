@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 from PySide6.QtCore import (
     QAbstractTableModel,
     QItemSelection,
@@ -332,6 +333,11 @@ class OpTable(QWidget):
             self.set_grouped(False)  # back to the flat table
         elif self.grouped():
             self.layersShown.emit(self.grouping)
+
+    def share_once(self) -> np.ndarray:
+        """Share of the run per node, a fused group's on its first node only (NaN: not
+        measured), so that sums over nodes count each measured kernel once."""
+        return self.tree_model.per_node(COL_SHARE)
 
     # --- grouping -----------------------------------------------------------------------------
     def grouped(self) -> bool:
