@@ -27,8 +27,8 @@ import onnx
 
 from opstudio.core.graph_utils import copy_model, nodes_by_name, topo_sort
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes.base import Pass, PassContext, PassResult, ScanParams
-from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
 
 FP16_MAX = 65504.0
 FP16_MIN_POSITIVE = 5.96e-08

@@ -28,8 +28,8 @@ from opstudio.core.passes._calibration import (
     check_calibration,
 )
 from opstudio.core.passes._nbits import fastest_level
+from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
-from opstudio.core.passes.quantize_int8 import quiet_onnxruntime_logs
 
 BLOCK_SIZES = (32, 16, 64, 128, 256)
 ACCURACY_LEVELS = ("auto", 0, 1, 2, 3, 4)

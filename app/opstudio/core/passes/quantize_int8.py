@@ -16,10 +16,7 @@ calibration uses the samples the optimizer passes in ``PassContext.inputs`` and 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +32,7 @@ from opstudio.core.passes._calibration import (
     calibration_samples,
     check_calibration,
 )
+from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 # What onnxruntime's registries can quantize per mode, restricted to the ops where quantizing one
@@ -48,31 +46,6 @@ METHODS = ("minmax", "entropy", "percentile")
 # onnx shape inference knows no types past contrib ops (MatMulNBits from an earlier int4 step,
 # fused ops from exporters); the quantizer then needs a default for tensors it cannot type.
 _EXTRA = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-
-
-@contextlib.contextmanager
-def quiet_onnxruntime_logs() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice through the root logger and its calibrators print;
-    keep both off the user's screen.
-
-    ``logging.warning`` configures a stderr handler on an unconfigured root logger, so a
-    NullHandler stands in while the quantizer runs.
-    """
-    root = logging.getLogger()
-    level = root.level
-    null = logging.NullHandler()
-    added = not root.handlers
-    if added:
-        root.addHandler(null)
-    root.setLevel(logging.ERROR)
-    try:
-        # the calibrators also print progress lines to stdout
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-        if added:
-            root.removeHandler(null)
 
 
 def _weight_reason(model: onnx.ModelProto, node: onnx.NodeProto, index: int,
