@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -70,18 +71,27 @@ def _index_key(model: onnx.ModelProto) -> tuple:
 
 
 _INDEX: list[_Index] = []
+_INDEX_LOCK = threading.Lock()  # the app checks and applies passes on worker threads
 
 
 def _index(model: onnx.ModelProto) -> _Index:
     """A cached index; rebuilt whenever the graph's size or ends change (any edit here does)."""
     key = _index_key(model)
-    for entry in _INDEX:
-        if entry.key == key:
-            return entry
+    with _INDEX_LOCK:
+        for entry in _INDEX:
+            if entry.key == key:
+                return entry
     entry = _Index(model)
-    _INDEX.insert(0, entry)
-    del _INDEX[4:]
+    with _INDEX_LOCK:
+        _INDEX.insert(0, entry)
+        del _INDEX[4:]
     return entry
+
+
+def _forget(index: _Index) -> None:
+    with _INDEX_LOCK:
+        if index in _INDEX:  # another thread may have dropped it already
+            _INDEX.remove(index)
 
 
 def _index_agrees(index: _Index, graph: onnx.GraphProto, tensor: str) -> bool:
@@ -100,7 +110,7 @@ def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | No
     index = _index(model)
     graph = model.graph
     if not _index_agrees(index, graph, tensor):  # edited in place since: start afresh
-        _INDEX.remove(index)
+        _forget(index)
         index = _index(model)
     k = index.initializers.get(tensor)
     if k is not None and k < len(graph.initializer) and graph.initializer[k].name == tensor:
