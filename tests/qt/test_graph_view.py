@@ -87,7 +87,7 @@ def test_search_by_op_type_and_name(app, qtbot):
     assert found == [i for i in range(80) if i % 8 == 6]
     assert view.selected() == found
     assert view.search("node_7") == [7, *range(70, 80)]
-    assert view.find("no such thing") == []
+    assert view.find_nodes("no such thing") == []
 
 
 def test_heat_colours_and_legend(app, qtbot):

@@ -584,7 +584,8 @@ class GraphView(QGraphicsView):
             self.item.selected = boxes
         self.item.update()
 
-    def find(self, text: str) -> list[int]:
+    # not ``find``: that is QWidget's static lookup of a widget by window id
+    def find_nodes(self, text: str) -> list[int]:
         """Nodes whose op type equals ``text`` or whose name contains it (case-insensitive)."""
         if self.graph is None or not text.strip():
             return []
@@ -593,7 +594,7 @@ class GraphView(QGraphicsView):
         return exact or [n.index for n in self.graph.nodes if t in n.name.lower()]
 
     def search(self, text: str) -> list[int]:
-        found = self.find(text)
+        found = self.find_nodes(text)
         if found:
             self.set_selection(found, emit=True)
             self.center_on(found[0])
@@ -793,7 +794,7 @@ class GraphView(QGraphicsView):
         frames = [] if self.item is None else self.item.frames
         return next((f for f in frames if f.label_rect.contains(pos)), None)
 
-    def drawForeground(self, painter: QPainter, rect: QRectF) -> None:
+    def drawForeground(self, painter: QPainter, rect: QRectF | QRect) -> None:
         painter.save()
         painter.resetTransform()
         self._paint_layer_labels(painter)
