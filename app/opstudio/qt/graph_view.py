@@ -392,6 +392,8 @@ class GraphView(QGraphicsView):
         self.folded: Collapsed | None = None
         self._shown_layout: Layout | None = None
         self.grouping: LayerGrouping | None = None
+        # more tooltip lines for a node (by index), set by the window: its profile and plan
+        self.node_tooltip_extra: Callable[[int], str] | None = None
         self._selected = np.zeros(0, dtype=bool)  # by graph node, folded or not
         self._share: np.ndarray | None = None
         # per-node shares with a fused group's share on one of its nodes only (for sums)
@@ -769,9 +771,8 @@ class GraphView(QGraphicsView):
             n = self.graph.nodes[hit]
             shape = ", ".join(_shape(s) for s in n.output_shapes)
             text = f"<b>{n.op_type}</b> {n.name}<br>output {shape}"
-            extra = getattr(self, "node_tooltip_extra", None)
-            if extra:
-                more = extra(hit)
+            if self.node_tooltip_extra is not None:
+                more = self.node_tooltip_extra(hit)
                 if more:
                     text += "<br>" + more
         else:
