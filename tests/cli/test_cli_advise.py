@@ -86,3 +86,58 @@ def test_advise_says_nothing_could_be_applied_and_exits_1(tmp_path, capsys, monk
     data = json.loads(report.read_text())
     assert data["nothing_applies"] and data["plan"]["chosen"] == []
     assert set(data["sensitivity"]["refused"]) == {"int8-dynamic", "int4-weight", "lowrank"}
+
+
+def test_advise_plans_a_decoder_for_a_top1_budget_on_its_decode_step(tmp_path, capsys,
+                                                                     monkeypatch):
+    import numpy as np
+
+    from llm_builders import kv_decoder, prompt_inputs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "decoder.onnx"
+    onnx.save(kv_decoder("hf", layers=2, vocab=2048, hidden=128), model)
+    prompt = tmp_path / "prompt.npz"
+    np.savez(prompt, **prompt_inputs(16, vocab=2048, position_ids=True))
+    recipe_path, report = tmp_path / "plan.json", tmp_path / "advice.json"
+    code = main(["advise", str(model), "--inputs", str(prompt), "--phase", "decode",
+                 "--budget-top1", "0.9", "--techniques", "int8-weight",
+                 "--threads", "1", "-o", str(recipe_path), "--json", str(report)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "by role (every layer at once), on the prompt:" in out
+    assert "frontier (next-token agreement vs decode step speedup" in out
+    assert "plan (next-token top-1 agreement ≥ 0.9)" in out
+    data = json.loads(report.read_text())
+    assert data["kind"] == "llm" and data["phase"] == "decode"
+    assert data["budget"]["min_top1"] == 0.9
+    assert {r["variant"] for r in data["roles"]} == {"int8-weight"}
+    if data["recipe"]["steps"]:
+        Recipe.load(recipe_path)
+        assert data["verified"]["top1"] >= 0.9
+    else:
+        assert "no recipe written" in out and not recipe_path.exists()
+
+
+def test_advise_next_token_flags_are_checked(tmp_path, capsys):
+    model = mlp_model(tmp_path / "mlp.onnx")
+    out = str(tmp_path / "r.json")
+    # one budget only
+    try:
+        main(["advise", str(model), "--budget-top1", "0.9", "--budget-cosine", "0.99",
+              "-o", out])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["advise", str(model), "--budget-kl", "-1", "-o", out]) == 1
+    assert "KL budget -1.0 must be a positive number of nats" in capsys.readouterr().err
+    assert main(["advise", str(model), "--budget-top1", "0.9", "--techniques", "fp16",
+                 "-o", out]) == 1
+    assert "does not try fp16" in capsys.readouterr().err
+    assert main(["advise", str(model), "--budget-top1", "0.9", "--int4-algorithms", "awq",
+                 "-o", out]) == 1
+    assert "unknown algorithm 'awq'" in capsys.readouterr().err
+    # a model without logits is told to use cosine or SNR
+    assert main(["advise", str(model), "--dim", "batch=4", "--budget-top1", "0.9",
+                 "--techniques", "int8-weight", "--threads", "1", "-o", out]) == 1
+    assert "no logits output" in capsys.readouterr().err

@@ -2,6 +2,10 @@
 
 Exits 1 when no candidate could be applied at all (each was refused or failed: the reasons are
 printed, grouped), and 0 when rewrites were measured but none pays within the budget.
+
+With ``--budget-top1`` or ``--budget-kl`` a language model is planned for its decode step (or
+prefill, ``--phase prefill``) by layer and role, judged by next-token agreement on the prompt in
+``--inputs`` (``opstudio.core.llm_plan``); the frontier of agreement against speedup is printed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from opstudio.cli.common import clear_progress, print_table, progress_printer, w
 from opstudio.core import reasons
 from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
+from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.passes import TECHNIQUES
 from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
 
@@ -32,9 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="keep cosine similarity ≥ X on every output (default 0.999)")
     budget.add_argument("--budget-snr", type=float, metavar="DB",
                         help="keep SNR ≥ DB decibels on every output")
-    p.add_argument("--techniques", default=",".join(DEFAULT_TECHNIQUES),
-                   help=f"comma-separated techniques to try (default: %(default)s; "
-                        f"known: {', '.join(TECHNIQUES)})")
+    budget.add_argument("--budget-top1", type=float, metavar="X",
+                        help="language models: keep next-token top-1 agreement ≥ X on the "
+                             "prompt's logits at every position (plans the decode step; "
+                             "--phase prefill plans the prefill)")
+    budget.add_argument("--budget-kl", type=float, metavar="NATS",
+                        help="language models: keep the mean next-token KL divergence ≤ NATS")
+    p.add_argument("--techniques", default=None,
+                   help=f"comma-separated techniques to try (default: "
+                        f"{','.join(DEFAULT_TECHNIQUES)}; with a next-token budget "
+                        f"{','.join(LLM_TECHNIQUES)}; known: {', '.join(TECHNIQUES)})")
+    p.add_argument("--int4-algorithms", default=None, metavar="LIST",
+                   help="with a next-token budget: INT4 algorithms to try, of rtn, hqq, gptq "
+                        "(default: rtn, and hqq when torch is installed)")
     p.add_argument("--max-nodes", type=int, default=40, metavar="N",
                    help="scan at most the N slowest weighted operators (default 40)")
     p.add_argument("--no-cache", action="store_true", help="measure again even if cached")
@@ -47,10 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.budget_top1 is not None or args.budget_kl is not None:
+        return run_llm(args)
+    if args.int4_algorithms is not None:
+        raise OpstudioError("--int4-algorithms applies with --budget-top1 or --budget-kl")
     budget = Budget(min_snr_db=args.budget_snr) if args.budget_snr is not None else \
         Budget(min_cosine=args.budget_cosine if args.budget_cosine is not None else 0.999)
     techniques = {}
-    for name in (t.strip() for t in args.techniques.split(",") if t.strip()):
+    names = args.techniques if args.techniques is not None else ",".join(DEFAULT_TECHNIQUES)
+    for name in (t.strip() for t in names.split(",") if t.strip()):
         if name not in TECHNIQUES:
             raise OpstudioError(f"--techniques: unknown technique {name!r}; "
                                 f"expected some of {', '.join(TECHNIQUES)}")
@@ -104,6 +124,91 @@ def run(args: argparse.Namespace) -> int:
         # not "nothing pays": nothing was even tried successfully, which the user must hear
         raise OpstudioError(f"nothing could be applied ({nothing}); no recipe written to {out}")
     return 0
+
+
+def run_llm(args: argparse.Namespace) -> int:
+    """A language model planned by layer and role within a next-token budget."""
+    budget = (Budget(min_top1=args.budget_top1) if args.budget_top1 is not None
+              else Budget(max_kl=args.budget_kl))
+    settings = settings_from_args(args)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise OpstudioError(f"{out}: already exists (pass --overwrite to replace it)")
+    names = [t.strip() for t in (args.techniques or ",".join(LLM_TECHNIQUES)).split(",")
+             if t.strip()]
+    algorithms = None if args.int4_algorithms is None else [
+        a.strip() for a in args.int4_algorithms.split(",") if a.strip()]
+    for a in algorithms or ():
+        if a not in ("rtn", "hqq", "gptq"):
+            raise OpstudioError(f"--int4-algorithms: unknown algorithm {a!r}; "
+                                "expected some of rtn, hqq, gptq")
+    if settings.inputs_path is None:
+        print("note: no --inputs prompt: agreement is judged on random tokens; give a real "
+              "prompt (.npz of the model's inputs) for advice that means something")
+    variants = variants_for(names, "random", algorithms)
+    progress = progress_printer()
+    advice = advise_llm(args.model, settings, budget, variants, use_cache=not args.no_cache,
+                        progress=progress)
+    clear_progress()
+    print_llm_advice(advice)
+    if advice.recipe.steps:
+        advice.recipe.save(out, overwrite=args.overwrite)
+        print(f"recipe written to {out}")
+    elif advice.nothing_applies is None:
+        print(f"no rewrite saves time within the budget: the model is best left as it is; "
+              f"no recipe written to {out}")
+    if args.json:
+        write_json({"model": args.model, **advice.to_json()}, args.json)
+    if advice.nothing_applies is not None:
+        raise OpstudioError(f"nothing could be applied ({advice.nothing_applies}); "
+                            f"no recipe written to {out}")
+    return 0
+
+
+def print_llm_advice(advice: LlmAdvice) -> None:
+    names = {v.id: v.label for v in advice.variants}
+    step = "decode step" if advice.phase == "decode" else "prefill"
+    rows = [(names[r.variant], r.role, str(len(r.nodes)), _num(r.top1, 4), _num(r.kl, 4),
+             (r.error or "")[:60]) for r in advice.roles]
+    if rows:
+        print("by role (every layer at once), on the prompt:")
+        print_table(("technique", "role", "layers", "top-1", "KL nats", "note"), rows, "llrrrl")
+    if advice.layer_kl:
+        ref = names.get(advice.variants[0].id, "")
+        print(f"\nlayer sensitivity ({ref} on every role of one layer; KL nats): "
+              + ", ".join(f"{k}: {v:.3g}" for k, v in sorted(advice.layer_kl.items())))
+    refused = [f"{t}: {why}" for t, nodes in advice.refused.items() for why in nodes.values()]
+    if refused:
+        print(f"not tried ({len(refused)}, the technique cannot take the node): "
+              + reasons.summarise(refused, limit=4))
+    print()
+    for line in advice.log:
+        print(line)
+    if advice.frontier:
+        print(f"\nfrontier (next-token agreement vs {step} speedup; base "
+              f"{advice.base_ms:.2f} ms):")
+        points = sorted(advice.frontier, key=lambda p: (-(p.top1 or 0), p.label))
+        print_table(("plan", "top-1", "KL nats", "speedup", "interval", "budget"),
+                    [(p.label, _num(p.top1, 4), _num(p.kl, 4),
+                      "" if p.speedup is None else f"{p.speedup:.2f}×"
+                      + ("" if p.low is not None or p.kind == "whole" else " (predicted)"),
+                      "" if p.low is None else f"[{p.low:.2f}, {p.high:.2f}]",
+                      "holds" if p.holds else "")
+                     for p in points], "lrrrrl")
+    print(f"\nplan ({advice.budget.describe()}): {len(advice.chosen)} rewrites")
+    for s in advice.recipe.steps:
+        print(f"  {s.technique} {s.params}: {len(s.nodes or [])} node(s)")
+    if advice.verified is not None:
+        print(f"verified on the prompt: top-1 {_num(advice.verified['top1'], 4)}, "
+              f"KL {_num(advice.verified['kl'], 4)}")
+    if advice.speedup is not None:
+        print(f"{step}: {advice.speedup.speedup:.2f}× faster "
+              f"[{advice.speedup.low:.2f}, {advice.speedup.high:.2f}]")
+    print(f"advise took {advice.seconds:.0f} s")
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
 
 
 def _db(x: float | None) -> str:

@@ -631,6 +631,9 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     path = str(model_path)
     phase = settings.phase or "decode"
     model = load_model(path)
+    if not _has_logits(model):
+        raise OpstudioError("the model has no logits output (a float output named …logits… "
+                            "or as wide as a vocabulary): budget it by cosine or SNR instead")
     prompt = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
                          npz_path=settings.inputs_path, seed=settings.seed, phase="prefill",
                          model_path=path)
@@ -668,40 +671,49 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
                          None, [], refused, [f"nothing could be applied: {nothing}"],
                          time.perf_counter() - started, nothing_applies=nothing)
 
-    # accuracy: every variant on each role (all layers), on every node, and the reference
-    # variant on every role of a few layers alone
+    # speed first: every variant on every node it takes, timed against the original; a
+    # variant that does not make the step faster is not worth scanning by role
+    speed_tasks = [(f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json())
+                   for v in variants if usable[v.id]]
+    stop()
+    say(0.0, f"timing {len(speed_tasks)} whole-model variant(s) on the {phase} step")
+    speed = call_isolated(measure_speed, path, timed, [prompt], speed_tasks, cache,
+                          settings.threads, time_budget_s,
+                          timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
+                          progress=part(0.0, 0.2), task="timing the variants")
+    base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
+
+    def pays(v: Variant) -> bool:
+        s = speed.get(f"whole|{v.id}", {})
+        return bool(s.get("ratio")) and s["ratio"] < MIN_SPEEDUP and s["high"] < 1.0
+
+    # accuracy: every variant on every node; the faster ones on each role (all layers at
+    # once), and the first of those on every role of a few layers alone
     tasks: list[tuple[str, Mapping[str, Any]]] = []
     role_nodes: dict[tuple[str, str], list[Target]] = {}
     for v in variants:
+        if usable[v.id]:
+            tasks.append((f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json()))
+    for v in variants:
+        if not pays(v):
+            continue
         by_role: dict[str, list[Target]] = {}
         for t in usable[v.id]:
             by_role.setdefault(t.role, []).append(t)
         for role, ts in by_role.items():
             role_nodes[(v.id, role)] = ts
             tasks.append((f"role|{v.id}|{role}", recipe_of([(v, ts)]).to_json()))
-        if usable[v.id]:
-            tasks.append((f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json()))
-    reference = next((v for v in variants if usable[v.id]), None)
+    reference = next((v for v in variants if usable[v.id] and pays(v)), None)
     measured_layers = sample_layers(layers, layer_samples) if reference else []
     for layer in measured_layers:
         ts = [t for t in usable[reference.id] if t.layer == layer]
         if ts:
             tasks.append((f"layer|{layer}", recipe_of([(reference, ts)]).to_json()))
     stop()
-    say(0.0, f"measuring {len(tasks)} rewrites on the prompt")
+    say(0.2, f"measuring {len(tasks)} rewrites on the prompt")
     acc = call_isolated(measure_accuracy, path, prompt, tasks, cache, settings.threads,
                         timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                        progress=part(0.0, 0.55), task="measuring accuracy")
-    stop()
-    # speed: every variant on every node it takes, timed against the original
-    speed_tasks = [(f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json())
-                   for v in variants if usable[v.id]]
-    say(0.55, f"timing {len(speed_tasks)} whole-model variant(s) on the {phase} step")
-    speed = call_isolated(measure_speed, path, timed, [prompt], speed_tasks, cache,
-                          settings.threads, time_budget_s,
-                          timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                          progress=part(0.55, 0.75), task="timing the variants")
-    base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
+                        progress=part(0.2, 0.75), task="measuring accuracy")
 
     roles = [RoleResult(vid, role, [t.node for t in ts],
                         acc.get(f"role|{vid}|{role}", {}).get("top1"),
@@ -870,6 +882,22 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     return LlmAdvice(budget, phase, base_ms, variants, roles, whole, layer_kl, measured_layers,
                      chosen, recipe, verified, speed_point, frontier, refused, log,
                      time.perf_counter() - started)
+
+
+def _has_logits(model: onnx.ModelProto) -> bool:
+    """An output that ``accuracy`` will take for logits, judged from its declared shape."""
+    from opstudio.core.accuracy import output_kind
+
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT,
+                                                   onnx.TensorProto.FLOAT16):
+            continue
+        last = dims[-1].dim_value if dims else 0
+        shape = (1,) * max(len(dims) - 1, 1) + (last or 2,)
+        if output_kind(out.name, np.empty(shape, np.float32)) == "logits":
+            return True
+    return False
 
 
 def _calibration_source(model: onnx.ModelProto, npz: str | None) -> str:

@@ -4,11 +4,17 @@ The panel only displays an ``opstudio.core.advisor.Advice`` and asks for work th
 ``analyzeRequested(budget, techniques)`` starts a run (the main window owns the worker),
 ``nodeClicked(name)`` selects a node (a table row or a scatter point), ``planAccepted(recipe)``
 hands the proposed plan to the plan editor, where it can be edited and undone like any edit.
+
+A language model is budgeted by next-token top-1 agreement or KL on the prompt and planned for
+its decode step (or prefill): the panel then shows the scan by role and the frontier of
+agreement against speedup (``opstudio.core.llm_plan.LlmAdvice``). Cosine and SNR budgets stay
+for models without logits.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any
 
@@ -24,6 +30,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QSpinBox,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -32,8 +39,14 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.advisor import Advice, Budget
+from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice
 from opstudio.core.passes import TECHNIQUES, get_pass
+from opstudio.core.profiler import ProfileSettings
 from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
+
+BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")
+KIND_COSINE, KIND_SNR, KIND_TOP1, KIND_KL = range(4)
+LLM_COLUMNS = ("role", "technique", "layers", "top-1", "KL nats", "in plan", "note")
 
 
 def technique_colour(technique: str) -> str:
@@ -78,15 +91,28 @@ class AdvisorPanel(QWidget):
         self.points: list[dict[str, Any]] = []  # what the scatter shows (tests read it)
 
         self.kind = QComboBox()
-        self.kind.addItems(["cosine ≥", "SNR (dB) ≥"])
+        self.kind.addItems(list(BUDGET_KINDS))
+        self.kind.setToolTip("Cosine/SNR: on every output, for any model. Top-1/KL: a language "
+                             "model's next token on the prompt in Run settings' inputs, at "
+                             "every position; the plan then targets the phase chosen here")
         self.value = QDoubleSpinBox()
         self.value.setDecimals(4)
-        self.kind.currentIndexChanged.connect(self._on_kind)
-        self._on_kind(0)
+        # the phase a next-token plan makes faster: decode (one token after a past) or prefill
+        self.phase = QComboBox()
+        self.phase.addItems(["decode", "prefill"])
+        self.phase.setToolTip("The step whose latency the plan cuts: a decode step (one token "
+                              "after the past) or the prefill of the prompt")
+        self.past = QSpinBox()
+        self.past.setRange(0, 1 << 20)
+        self.past.setSpecialValueText("prompt")
+        self.past.setToolTip("Past (KV cache) length of the decode step; 'prompt' = the "
+                             "prompt's own KV cache when Run settings name a prompt (.npz)")
+        self.phase.currentIndexChanged.connect(
+            lambda i: self.past.setEnabled(i == 0 and self.kind.currentIndex() >= KIND_TOP1))
         self.checks: dict[str, QCheckBox] = {}
         techniques = QHBoxLayout()
         techniques.setSpacing(10)
-        for name in DEFAULT_TECHNIQUES:
+        for name in dict.fromkeys([*DEFAULT_TECHNIQUES, *LLM_TECHNIQUES]):
             box = QCheckBox(name)
             box.setChecked(True)
             self.checks[name] = box
@@ -107,10 +133,18 @@ class AdvisorPanel(QWidget):
         top.addWidget(QLabel("Accuracy budget:"))
         top.addWidget(self.kind)
         top.addWidget(self.value)
+        self.phase_label = QLabel("Phase:")
+        top.addWidget(self.phase_label)
+        top.addWidget(self.phase)
+        self.past_label = QLabel("past:")
+        top.addWidget(self.past_label)
+        top.addWidget(self.past)
         top.addStretch(1)
         top.addWidget(self.analyze_button)
         top.addWidget(self.accept_button)
         techniques.insertWidget(0, QLabel("Try:"))
+        self.kind.currentIndexChanged.connect(self._on_kind)
+        self._on_kind(0)
 
         self.summary = QLabel("Run the advisor to measure, per operator, what each technique "
                               "saves and what it costs in accuracy.")
@@ -146,9 +180,30 @@ class AdvisorPanel(QWidget):
         pi.addItem(self.budget_line)
         pi.addItem(pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen("#b8c0cc")))
 
+        # next-token advice: agreement against speedup, the plans and the whole-model variants
+        self.frontier_points: list[dict[str, Any]] = []  # what the frontier shows (tests)
+        self.frontier_plot = pg.PlotWidget()
+        fi = self.frontier_plot.getPlotItem()
+        fi.setTitle("Frontier: agreement vs speedup", color="#2a3240", size="11pt")
+        fi.setLabel("bottom", "speedup (×)")
+        fi.setLabel("left", "next-token top-1 agreement")
+        fi.showGrid(x=True, y=True, alpha=0.2)
+        fi.setMenuEnabled(False)
+        fi.hideButtons()
+        self.frontier_legend = fi.addLegend(offset=(-10, -10))
+        self.frontier_scatter = pg.ScatterPlotItem(hoverable=True, tip=self._frontier_tip)
+        fi.addItem(self.frontier_scatter)
+        self.frontier_line = pg.PlotDataItem(pen=pg.mkPen("#8e44ad", width=1.5))
+        fi.addItem(self.frontier_line)
+        self.top1_line = pg.InfiniteLine(angle=0, movable=False,
+                                         pen=pg.mkPen("#b42318", style=Qt.PenStyle.DashLine))
+        fi.addItem(self.top1_line)
+        self.frontier_plot.hide()
+
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.table)
         split.addWidget(self.plot)
+        split.addWidget(self.frontier_plot)
         split.setSizes([500, 500])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 6, 6)
@@ -159,28 +214,60 @@ class AdvisorPanel(QWidget):
 
     # --- inputs ------------------------------------------------------------------------------
     def budget(self) -> Budget:
-        if self.kind.currentIndex() == 0:
-            return Budget(min_cosine=self.value.value())
-        return Budget(min_snr_db=self.value.value())
+        kind, value = self.kind.currentIndex(), self.value.value()
+        if kind == KIND_COSINE:
+            return Budget(min_cosine=value)
+        if kind == KIND_SNR:
+            return Budget(min_snr_db=value)
+        if kind == KIND_TOP1:
+            return Budget(min_top1=value)
+        return Budget(max_kl=value)
 
     def techniques(self) -> dict[str, Any]:
-        return {t: copy.deepcopy(DEFAULT_TECHNIQUES[t]) for t, box in self.checks.items()
-                if box.isChecked()}
+        llm = self.kind.currentIndex() >= KIND_TOP1
+        allowed = LLM_TECHNIQUES if llm else tuple(DEFAULT_TECHNIQUES)
+        return {t: copy.deepcopy(DEFAULT_TECHNIQUES.get(t, {})) for t, box in self.checks.items()
+                if box.isChecked() and t in allowed}
+
+    def settings_for(self, settings: ProfileSettings) -> ProfileSettings:
+        """The run settings an advise run uses: with a next-token budget, the phase and past
+        chosen here."""
+        if self.kind.currentIndex() < KIND_TOP1:
+            return settings
+        past = self.past.value() if self.phase.currentIndex() == 0 and self.past.value() else None
+        return dataclasses.replace(settings, phase=self.phase.currentText(), past=past)
 
     def set_running(self, running: bool) -> None:
         self.analyze_button.setEnabled(not running)
 
     def _on_kind(self, index: int) -> None:
-        if index == 0:
+        if index == KIND_COSINE:
             self.value.setDecimals(4)
             self.value.setRange(0.5, 1.0)
             self.value.setSingleStep(0.0005)
             self.value.setValue(0.999)
-        else:
+        elif index == KIND_SNR:
             self.value.setDecimals(1)
             self.value.setRange(0.0, 120.0)
             self.value.setSingleStep(1.0)
             self.value.setValue(30.0)
+        elif index == KIND_TOP1:
+            self.value.setDecimals(3)
+            self.value.setRange(0.01, 1.0)
+            self.value.setSingleStep(0.01)
+            self.value.setValue(0.90)
+        else:
+            self.value.setDecimals(4)
+            self.value.setRange(0.0001, 10.0)
+            self.value.setSingleStep(0.01)
+            self.value.setValue(0.1)
+        llm = index >= KIND_TOP1
+        for w in (self.phase, self.phase_label, self.past, self.past_label):
+            w.setVisible(llm)
+        self.past.setEnabled(llm and self.phase.currentIndex() == 0)
+        allowed = LLM_TECHNIQUES if llm else tuple(DEFAULT_TECHNIQUES)
+        for name, box in self.checks.items():
+            box.setVisible(name in allowed)
 
     def _on_analyze(self) -> None:
         if not self.techniques():
@@ -189,12 +276,23 @@ class AdvisorPanel(QWidget):
         self.analyzeRequested.emit(self.budget(), self.techniques())
 
     def _on_accept(self) -> None:
-        if self.advice is not None and self.advice.plan.recipe.steps:
-            self.planAccepted.emit(self.advice.plan.recipe)
+        if self.advice is None:
+            return
+        recipe = self.advice.recipe if isinstance(self.advice, LlmAdvice) \
+            else self.advice.plan.recipe
+        if recipe.steps:
+            self.planAccepted.emit(recipe)
 
     # --- display -----------------------------------------------------------------------------
-    def set_advice(self, advice: Advice) -> None:
+    def set_advice(self, advice: Advice | LlmAdvice) -> None:
+        if isinstance(advice, LlmAdvice):
+            self._set_llm_advice(advice)
+            return
         self.advice = advice
+        self.table.setColumnCount(len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.plot.show()
+        self.frontier_plot.hide()
         plan = advice.plan
         chosen = {c.key for c in plan.chosen}
         self.table.setSortingEnabled(False)
@@ -272,6 +370,94 @@ class AdvisorPanel(QWidget):
         self.budget_line.setValue(-limit)
         self.plot.getPlotItem().autoRange()
 
+    def _set_llm_advice(self, advice: LlmAdvice) -> None:
+        self.advice = advice  # type: ignore[assignment]
+        labels = {v.id: v.label for v in advice.variants}
+        planned: dict[tuple[str, str], int] = {}
+        for c in advice.chosen:
+            planned[(c.variant, c.role)] = planned.get((c.variant, c.role), 0) + 1
+        self.table.setSortingEnabled(False)
+        self.table.clearContents()
+        self.table.setColumnCount(len(LLM_COLUMNS))
+        self.table.setHorizontalHeaderLabels(LLM_COLUMNS)
+        self.table.setRowCount(len(advice.roles))
+        for row, r in enumerate(advice.roles):
+            variant = advice.variant(r.variant)
+            n_plan = planned.get((r.variant, r.role), 0)
+            values = (r.role, labels.get(r.variant, r.variant), float(len(r.nodes)), r.top1,
+                      r.kl, f"{n_plan} of {len(r.nodes)}" if n_plan else "", r.error or "")
+            for col, v in enumerate(values):
+                item = _SortItem()
+                if isinstance(v, float):
+                    item.setData(Qt.ItemDataRole.DisplayRole,
+                                 f"{v:.0f}" if col == 2 else f"{v:.4f}")
+                    item.setData(Qt.ItemDataRole.UserRole, v)
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                else:
+                    item.setText("" if v is None else str(v))
+                if col == 1:
+                    item.setForeground(QColor(technique_colour(variant.technique)))
+                if col == 0 and r.nodes:
+                    item.setData(Qt.ItemDataRole.UserRole + 1, r.nodes[0])
+                self.table.setItem(row, col, item)
+        self.table.setSortingEnabled(True)
+        self.table.resizeColumnsToContents()
+        self.plot.hide()
+        self.frontier_plot.show()
+        self._plot_frontier(advice)
+        step = "decode step" if advice.phase == "decode" else "prefill"
+        if advice.nothing_applies is not None:
+            text = f"Nothing could be applied: {advice.nothing_applies}"
+        elif not advice.chosen:
+            text = (f"No rewrite saves time within {advice.budget.describe()}: the model is "
+                    "best left as it is")
+        else:
+            text = f"Plan within {advice.budget.describe()}: {len(advice.chosen)} rewrite(s)"
+            if advice.verified is not None:
+                text += (f"; on the prompt: top-1 {advice.verified['top1']:.3f}, "
+                         f"KL {advice.verified['kl'] or 0:.4f} nats")
+            if advice.speedup is not None and advice.speedup.speedup is not None:
+                text += (f"; {step} {advice.speedup.speedup:.2f}× faster "
+                         f"[{advice.speedup.low:.2f}, {advice.speedup.high:.2f}]")
+        text += f".  Base {step}: {advice.base_ms:.2f} ms; advised in {advice.seconds:.0f} s."
+        self.summary.setText(text)
+        self.accept_button.setEnabled(bool(advice.recipe.steps))
+
+    def _plot_frontier(self, advice: LlmAdvice) -> None:
+        self.frontier_scatter.clear()
+        self.frontier_legend.clear()
+        self.frontier_points = []
+        spots = []
+        styles = {"plan": ("#8e44ad", "o"), "whole": ("#2a3240", "s")}
+        for p in advice.frontier:
+            if p.top1 is None or p.speedup is None:
+                continue
+            chosen = advice.speedup is not None and p.limit == advice.speedup.limit \
+                and p.kind == "plan"
+            colour, symbol = styles.get(p.kind, styles["whole"])
+            self.frontier_points.append({"label": p.label, "x": p.speedup, "y": p.top1,
+                                         "kind": p.kind, "holds": p.holds, "chosen": chosen})
+            spots.append({"pos": (p.speedup, p.top1), "data": p.label,
+                          "size": 14 if chosen else 9, "symbol": symbol,
+                          "brush": pg.mkBrush(colour if p.holds else "#ffffff"),
+                          "pen": pg.mkPen(colour, width=2)})
+        self.frontier_scatter.addPoints(spots)
+        plans = sorted((p["x"], p["y"]) for p in self.frontier_points if p["kind"] == "plan")
+        self.frontier_line.setData([x for x, _ in plans], [y for _, y in plans])
+        for kind, text in (("plan", "advisor's plans"), ("whole", "whole-model variants")):
+            if any(p["kind"] == kind for p in self.frontier_points):
+                colour, symbol = styles[kind]
+                self.frontier_legend.addItem(pg.ScatterPlotItem(
+                    brush=pg.mkBrush(colour), pen=pg.mkPen(None), size=9, symbol=symbol), text)
+        budget = advice.budget
+        self.top1_line.setVisible(budget.min_top1 is not None)
+        if budget.min_top1 is not None:
+            self.top1_line.setValue(budget.min_top1)
+        self.frontier_plot.getPlotItem().autoRange()
+
+    def _frontier_tip(self, x: float, y: float, data: Any) -> str:
+        return f"{data}\n{x:.2f}× faster\ntop-1 {y:.3f}"
+
     def _tip(self, x: float, y: float, data: Any) -> str:
         return f"{data}\nsaved {y:.4f} ms\nSNR {-x:.1f} dB"
 
@@ -282,4 +468,6 @@ class AdvisorPanel(QWidget):
     def _on_row(self, row: int, _col: int) -> None:
         item = self.table.item(row, 0)
         if item is not None:
-            self.nodeClicked.emit(item.text())
+            # a role row selects its first layer's node
+            node = item.data(Qt.ItemDataRole.UserRole + 1)
+            self.nodeClicked.emit(str(node) if node else item.text())

@@ -526,8 +526,8 @@ class MainWindow(QMainWindow):
         budget = budget or self.advisor.budget()
         techniques = techniques if techniques is not None else self.advisor.techniques()
         self.advisor.set_running(True)
-        worker = Worker(advise, str(self.model_path), self.run_settings, budget, techniques,
-                        name="advise")
+        worker = Worker(advise, str(self.model_path), self.advisor.settings_for(self.run_settings),
+                        budget, techniques, name="advise")
         worker.signals.finished.connect(lambda: self.advisor.set_running(False))
         return self._start(worker, self._on_advice, "Measuring sensitivity")
 
@@ -537,6 +537,11 @@ class MainWindow(QMainWindow):
         self.run_advise()
 
     def _on_advice(self, advice: Any) -> None:
+        if not hasattr(advice, "machine"):  # next-token advice: no roofline, no per-node scan
+            self.advisor.set_advice(advice)
+            self.advisor_dock.show()
+            self.advisor_dock.raise_()
+            return
         self.machine = advice.machine
         self.advisor.set_advice(advice)
         self.advisor_dock.show()
