@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QSplitter,
     QTableWidget,
@@ -375,11 +376,19 @@ class PlotsPanel(QWidget):
         self.summary = QLabel("Run a profile to see where the time goes.")
         self.summary.setObjectName("summary")
         self.summary.setWordWrap(True)
+        # a decoder's request before → after, when the comparison estimated one
+        self.request = QLabel()
+        self.request.setObjectName("summary")
+        # short lines, never wrapped: the label keeps its height and the plot below gives way
+        self.request.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        self.request.hide()
+        self.request_data: dict[str, Any] | None = None
 
         right = QWidget()
         rl = QVBoxLayout(right)
         rl.setContentsMargins(0, 0, 0, 0)
         rl.addWidget(self.summary)
+        rl.addWidget(self.request)
         rl.addWidget(self.total, 2)
         acc_label = QLabel("Accuracy per output (after vs before)")
         acc_label.setObjectName("sectionLabel")
@@ -428,6 +437,7 @@ class PlotsPanel(QWidget):
         self.roofline.clear_points()
         self.accuracy.set_report(None)
         self.summary.setText("Run a profile to see where the time goes.")
+        self.show_request(None)
 
     def show_roofline(self, points: Sequence[Any], machine: Any) -> None:
         self.roofline.set_points(points, machine)
@@ -445,6 +455,7 @@ class PlotsPanel(QWidget):
         self.total.set_bars(["model"], [total], before_ci=[noise.get("total_ci")])
         self.timeline.set_events(getattr(profile, "kernel_events", []) or [])
         self.accuracy.set_report(None)
+        self.show_request(None)
         plain = (getattr(profile, "plain_ms", None) or {}).get("p50")
         extra = (f"; {_ms(plain)}{_ci_text(noise.get('plain_ci'))} without the profiler"
                  if plain else "")
@@ -479,6 +490,7 @@ class PlotsPanel(QWidget):
                             before_ci=[b_noise.get("total_ci")], after_ci=[a_noise.get("total_ci")])
         self.timeline.set_events(getattr(comparison.after, "kernel_events", []) or [])
         self.accuracy.set_report(comparison.accuracy)
+        self.show_request(getattr(comparison, "request", None))
         s = comparison.speedup
         sizes = comparison.size_bytes or {}
         size = ""
@@ -500,6 +512,52 @@ class PlotsPanel(QWidget):
         self.summary.setText(
             f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{tokens}{noise}"
             if s else f"{_ms(b)} → {_ms(a)}{plain}{size}{tokens}{noise}")
+
+    def show_request(self, request: Any | None) -> None:
+        """Time to first token, tokens/s and the whole request, before → after
+        (a ``request.RequestComparison``), or nothing."""
+        from opstudio.core.request import duration, rate
+
+        if request is None:
+            self.request_data = None
+            self.request.clear()
+            self.request.hide()
+            return
+        b, a = request.before, request.after
+        self.request_data = {
+            "prompt": b.prompt, "generate": b.generate,
+            "ttft_ms": (b.ttft_ms, a.ttft_ms), "tokens_per_s": (b.tokens_per_s, a.tokens_per_s),
+            "total_ms": (b.total_ms, a.total_ms),
+            "labels": {k: (r.label() if r is not None else "")
+                       for k, r in (("ttft", request.ttft), ("tokens_per_s", request.decode),
+                                    ("total", request.total))}}
+
+        def speedup(r: Any) -> str:
+            """The label alone ("1.52×", "≈ 1×"), coloured; the interval is in the tooltip."""
+            if r is None:
+                return ""
+            colour = NEUTRAL if not r.significant else ("#1b7f3b" if r.median >= 1 else "#b3261e")
+            return f" <span style='color:{colour}'><b>{r.label()}</b></span>"
+
+        self.request.setText(
+            f"<b>Per request</b> of {b.prompt} + {b.generate} tokens<br>"
+            f"first token {duration(b.ttft_ms)} → {duration(a.ttft_ms)}"
+            f"{speedup(request.ttft)}<br>"
+            f"{rate(b.tokens_per_s)} → {rate(a.tokens_per_s)} tokens/s"
+            f"{speedup(request.decode)}<br>"
+            f"total {duration(b.total_ms)} → {duration(a.total_ms)}"
+            f"{speedup(request.total)}")
+        from opstudio.core.compare import interval_text
+
+        self.request.setToolTip(
+            f"A prompt of {b.prompt} tokens, then {b.generate} generated. "
+            "First token: the prefill of the prompt. Tokens/s: one decode step per "
+            f"further token, timed after a past of {b.prompt} and {b.prompt + b.generate} "
+            "tokens and linear in between. Medians over rounds timed in turns.<br>"
+            f"time to first token: {interval_text(request.ttft)}<br>"
+            f"tokens/s: {interval_text(request.decode)}<br>"
+            f"whole request: {interval_text(request.total)}")
+        self.request.show()
 
     def _on_top_n(self, n: int) -> None:
         self.top_n = n

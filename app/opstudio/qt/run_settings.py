@@ -1,5 +1,6 @@
 """The run settings dialog: runs, warm-up, threads, optimization level, dims, input file, and
-for a decoder with a KV cache the phase (prefill or decode) and the past length."""
+for a decoder with a KV cache the phase (prefill or decode), the past length and whether a
+comparison also estimates a request (prompt P, generate G: ``core.request``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -81,9 +83,35 @@ class RunSettingsDialog(QDialog):
         self.past.setValue(DEFAULT_DECODE_PAST if settings.past is None else settings.past)
         self.past.setToolTip("tokens already in the KV cache before the new one")
         self._past_dims = [n for n in symbolic_dims if is_past_length_name(n)]
+        self.request = QCheckBox("Estimate a request")
+        self.request.setChecked(bool(settings.request))
+        self.request.setToolTip("Optimize & compare also times a request: the prefill of the "
+                                "prompt (time to first token), then one decode step per "
+                                "generated token (tokens/s), before and after")
+        self.request_prompt = QSpinBox()
+        self.request_prompt.setRange(1, 1_000_000)
+        self.request_prompt.setValue(settings.request_prompt)
+        self.request_prompt.setToolTip("prompt tokens (P)")
+        self.request_generate = QSpinBox()
+        self.request_generate.setRange(1, 1_000_000)
+        self.request_generate.setValue(settings.request_generate)
+        self.request_generate.setToolTip("tokens generated (G)")
+        # kept here: without a KV cache the row has no parent, and would take its boxes along
+        self.request_row = request_row = QWidget()
+        rh = QHBoxLayout(request_row)
+        rh.setContentsMargins(0, 0, 0, 0)
+        for w in (self.request, QLabel("(prompt"), self.request_prompt, QLabel(", generate"),
+                  self.request_generate, QLabel(")")):
+            rh.addWidget(w)
+        rh.addStretch(1)
+        self.request.toggled.connect(self.request_prompt.setEnabled)
+        self.request.toggled.connect(self.request_generate.setEnabled)
+        for box in (self.request_prompt, self.request_generate):
+            box.setEnabled(self.request.isChecked())
         if self._past_dims:  # only a model with a KV cache has phases
             form.addRow("Phase", self.phase)
             form.addRow("Past length", self.past)
+            form.addRow("Per request", request_row)
         # Dims left at their first value are not pinned: the phase and the model decide them.
         self.dims: dict[str, QSpinBox] = {}
         self._shown: dict[str, int] = {}
@@ -153,4 +181,8 @@ class RunSettingsDialog(QDialog):
             threads=self.threads.value(), opt_level=self.opt_level.currentText(), dims=dims,
             inputs_path=self.inputs_path.text().strip() or None,
             phase=None if phase == "auto" else phase,
-            past=self.past.value() if phase == "decode" else None)
+            past=self.past.value() if phase == "decode" else None,
+            # a model without a KV cache keeps the choice for the next one that has
+            request=self.request.isChecked() if self._past_dims else self._base.request,
+            request_prompt=self.request_prompt.value(),
+            request_generate=self.request_generate.value())
