@@ -151,8 +151,9 @@ class PrunePass(Pass):
         """What structured pruning of ``nodes`` would rewrite besides them, in words: the whole
         MLP a selected projection belongs to (shown next to the technique)."""
         seen: set[str] = set()
-        lines: list[str] = []
-        chosen = [n for n in nodes if n.op_type in _MATMULS][:_REMARKED]
+        plans: list[_Plan] = []
+        matmuls = [n for n in nodes if n.op_type in _MATMULS]
+        chosen = matmuls[:_REMARKED]
         cons = graph_utils.consumers(model.graph) if chosen else {}
         for node in chosen:
             if node.name in seen:
@@ -162,10 +163,17 @@ class PrunePass(Pass):
             if isinstance(plan, str) or not _is_mlp(plan):
                 continue
             seen.update(_members(plan))
-            lines.append(_joint_remark(plan))
-        if not lines:
+            plans.append(plan)
+        if not plans:
             return None
-        return "structured: " + "; ".join(lines)
+        # the reason once; a selection across 30 layers would repeat it 30 times
+        text = "structured: " + _joint_remark(plans[0])
+        others = [_mlp_label(_members(plan))[0] for plan in plans[1:]]
+        if others:
+            text += "; likewise " + ", ".join(others)
+        if len(matmuls) > len(chosen):
+            text += " and the MLPs of the other selected projections"
+        return text
 
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
