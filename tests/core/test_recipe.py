@@ -132,6 +132,9 @@ def steps(*items: dict) -> Recipe:
     (steps({"nodes": ["relu0"], "technique": "int4-weight"}),
      "step 1 (int4-weight): node 'relu0' (Relu) cannot take int4-weight: "
      "int4-weight handles MatMul, Gemm and embedding Gathers, not Relu"),
+    (steps({"nodes": ["mm1"], "technique": "int4-weight", "params": {"block_size": 64}}),
+     "step 1 (int4-weight): node 'mm1' (MatMul) cannot take int4-weight: "
+     "K=32 is smaller than the block size 64"),
     (steps({"nodes": ["mm0", "mm1"], "technique": "int8-static",
             "params": {"calibration": "missing.npz"}}),
      "step 1 (int8-static): calibration file missing.npz does not exist"),

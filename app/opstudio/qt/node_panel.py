@@ -398,7 +398,7 @@ class NodePanel(QWidget):
             if node is None:
                 return f"{name}: not in the model"
             try:
-                why = p.check(self.model, node)
+                why = p.check(self.model, node, self.editor_for[p.technique].values())
             except Exception as exc:  # a check must never break the panel
                 why = f"cannot check ({type(exc).__name__}: {exc})"
             if why:
@@ -447,6 +447,10 @@ class NodePanel(QWidget):
             params = p.validate_params(self.editor_for[t].values())
         except OpstudioError as exc:
             self.param_error.setText(str(exc))
+            return None
+        why = self._reason(p)  # checked with the params as they are now (a block size, …)
+        if why:
+            self.param_error.setText(why)
             return None
         self.param_error.setText("")
         step = Step(technique=t, params=params, nodes=list(self.selection))
