@@ -266,8 +266,7 @@ class MainWindow(QMainWindow):
         view.addAction(self._action("Fit graph", self.graph_view.fit_all, "Ctrl+0"))
         view.addAction(self._action("Zoom in", lambda: self.graph_view.zoom(1.25), "Ctrl++"))
         view.addAction(self._action("Zoom out", lambda: self.graph_view.zoom(0.8), "Ctrl+-"))
-        view.addAction(self._action("Fold every layer", lambda: (
-            self.table.set_grouped(True), self.graph_view.fold_all())))
+        view.addAction(self._action("Fold every layer", self._fold_every_layer))
         view.addAction(self._action("Open every layer", self.graph_view.unfold_all))
         view.addSeparator()
         for d in self._docks():
@@ -377,6 +376,10 @@ class MainWindow(QMainWindow):
         for dock in self._docks():
             dock.hide()  # nothing to show yet; the page gets the whole window
 
+    def _fold_every_layer(self) -> None:
+        self.table.set_grouped(True)
+        self.graph_view.fold_all()
+
     def _docks(self) -> tuple[QDockWidget, ...]:
         return (self.table_dock, self.plots_dock, self.advisor_dock, self.panel_dock)
 
@@ -384,7 +387,10 @@ class MainWindow(QMainWindow):
         self.recent_menu.clear()
         recent = self.session.recent_files()
         for p in recent:
-            self.recent_menu.addAction(p, lambda p=p: self.open_model(p))
+            def open_recent(path: str = p) -> None:
+                self.open_model(path)
+
+            self.recent_menu.addAction(p, open_recent)
         self.recent_menu.setEnabled(bool(recent))
         self.welcome.set_recent(recent)
 
