@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.passes import get_pass, plan_rank
+from opstudio.core.passes import ScanParams, get_pass, plan_rank
 from opstudio.core.recipe import Recipe, Step
 from opstudio.core.sensitivity import Candidate
 from opstudio.core.timing import Ratio, measured_timer
@@ -538,7 +538,7 @@ def explain(c: Candidate, point: Any, machine: Any) -> str:
 
 
 def advise(model_path: str, settings: Any, budget: Budget,
-           techniques: Mapping[str, Mapping[str, Any]] | None = None, *, max_nodes: int = 40,
+           techniques: Mapping[str, ScanParams] | None = None, *, max_nodes: int = 40,
            use_cache: bool = True, progress: Callable[[float, str], None] | None = None,
            cancelled: Callable[[], bool] | None = None) -> Any:
     """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``.

@@ -116,7 +116,7 @@ def scan_entries(techniques: Mapping[str, ScanParams]) -> list[tuple[str, dict[s
     (``per_channel=true``); a technique with one param set has no variant label."""
     entries: list[tuple[str, dict[str, Any], str]] = []
     for technique, value in techniques.items():
-        sets = [dict(v) for v in value] if isinstance(value, (list, tuple)) else [dict(value)]
+        sets = [dict(value)] if isinstance(value, Mapping) else [dict(v) for v in value]
         if len(sets) == 1:
             entries.append((technique, sets[0], ""))
             continue
@@ -259,7 +259,7 @@ def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Itera
 
 
 def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSettings | None = None,
-                        techniques: Mapping[str, Mapping[str, Any]] | None = None, *,
+                        techniques: Mapping[str, ScanParams] | None = None, *,
                         max_nodes: int = 40, inputs: dict[str, np.ndarray] | None = None,
                         baseline: Profile | None = None, use_cache: bool = True,
                         progress: Progress | None = None,
@@ -311,8 +311,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
         say(lo, f"{name}: error of {len(nodes)} nodes, one at a time")
         errors = call_isolated(_errors_one_at_a_time, str(path), technique, params,
                                nodes, inputs, timeout=settings.timeout_s * 4,
-                               cancelled=cancelled,
-                               progress=lambda f, m, lo=lo, span=span: say(lo + 0.6 * span * f, m))
+                               cancelled=cancelled, progress=_part(say, lo, 0.6 * span))
         stop()
         say(lo + 0.6 * span, f"{name}: profiling all {len(nodes)} rewritten together")
         after: dict[str, float] = {}
@@ -328,8 +327,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                 combined = optimize(model, Recipe([Step(technique, params, nodes=applied)]),
                                     inputs=inputs).model
                 prof = profile_model(combined, settings, inputs=inputs, cancelled=cancelled,
-                                     progress=lambda f, m, lo=lo, span=span:
-                                     say(lo + span * (0.6 + 0.4 * f), m))
+                                     progress=_part(say, lo + 0.6 * span, 0.4 * span))
                 split_before, after = split_rows(baseline, prof, weighted)
                 # The two profiles were taken at different moments; if the machine got busier
                 # or quieter in between, every node moved with it. Timed in alternation, the
@@ -411,6 +409,14 @@ def versions() -> dict[str, str]:
     from opstudio import __version__
 
     return {"onnxruntime": onnxruntime.__version__, "opstudio": __version__}
+
+
+def _part(say: Progress, lo: float, span: float) -> Progress:
+    """A sub-task's progress, reported as the share ``lo`` .. ``lo + span`` of the whole."""
+    def report(fraction: float, message: str) -> None:
+        say(lo + span * fraction, message)
+
+    return report
 
 
 def _cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],
