@@ -454,9 +454,12 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                   samples: Sequence[Mapping[str, np.ndarray]],
                   tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                   threads: int = 0, time_budget_s: float = 8.0,
+                  judge: Mapping[str, np.ndarray] | None = None,
                   progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Runs in a child: each recipe's model against the original, all timed in alternation
-    on ``decode`` (ratios of paired runs with their interval), and the original's median ms."""
+    on ``decode`` (ratios of paired runs with their interval), and the original's median ms;
+    with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
+    built once is both timed and judged."""
     from opstudio.core.model_io import load_model
     from opstudio.core.timing import interleaved_times, paired_ratio, session
 
@@ -467,13 +470,25 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     if todo:
         model = load_model(model_path)
         sessions = {"": session(model, threads)}
+        judged: dict[str, dict[str, Any]] = {}
+        name = reference = None
+        if judge is not None:
+            outputs = sessions[""].get_outputs()
+            first = dict(zip([o.name for o in outputs], sessions[""].run(None, dict(judge))))
+            name = logits_name(model, first)
+            reference = first[name]
         for index, (task_id, recipe_json) in enumerate(todo):
             if progress is not None:
                 progress(0.8 * index / len(todo), f"building {task_id}")
             try:
                 sessions[task_id] = session(apply_recipe(model, recipe_json, samples), threads)
+                if reference is not None:
+                    top1, kl = next_token_error(
+                        reference, sessions[task_id].run([name], dict(judge))[0])
+                    judged[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
             except Exception as exc:  # reported per task
                 done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                sessions.pop(task_id, None)
         if progress is not None:
             progress(0.8, f"timing {len(sessions) - 1} variant(s) against the original")
         times = interleaved_times(sessions, dict(decode), rounds=400, min_rounds=12,
@@ -484,7 +499,8 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                 r = paired_ratio(times[task_id], base)
                 done[task_id] = {"ratio": r.median, "low": r.low, "high": r.high,
                                  "rounds": r.rounds, "base_ms": float(np.median(base)),
-                                 "shapes": {k: list(np.shape(v)) for k, v in decode.items()}}
+                                 "shapes": {k: list(np.shape(v)) for k, v in decode.items()},
+                                 **judged.get(task_id, {})}
         store["speed"] = done
         _write_cache(path, store)
     return {i: done[i] for i, _ in tasks if i in done}
@@ -678,22 +694,19 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     stop()
     say(0.0, f"timing {len(speed_tasks)} whole-model variant(s) on the {phase} step")
     speed = call_isolated(measure_speed, path, timed, [prompt], speed_tasks, cache,
-                          settings.threads, time_budget_s,
+                          settings.threads, time_budget_s, prompt,
                           timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                          progress=part(0.0, 0.2), task="timing the variants")
+                          progress=part(0.0, 0.25), task="timing the variants")
     base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
 
     def pays(v: Variant) -> bool:
         s = speed.get(f"whole|{v.id}", {})
         return bool(s.get("ratio")) and s["ratio"] < MIN_SPEEDUP and s["high"] < 1.0
 
-    # accuracy: every variant on every node; the faster ones on each role (all layers at
-    # once), and the first of those on every role of a few layers alone
+    # accuracy (every variant on every node was judged as it was timed): the faster ones on
+    # each role (all layers at once), and the first of those on every role of a few layers
     tasks: list[tuple[str, Mapping[str, Any]]] = []
     role_nodes: dict[tuple[str, str], list[Target]] = {}
-    for v in variants:
-        if usable[v.id]:
-            tasks.append((f"whole|{v.id}", recipe_of([(v, usable[v.id])]).to_json()))
     for v in variants:
         if not pays(v):
             continue
@@ -710,10 +723,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         if ts:
             tasks.append((f"layer|{layer}", recipe_of([(reference, ts)]).to_json()))
     stop()
-    say(0.2, f"measuring {len(tasks)} rewrites on the prompt")
+    say(0.25, f"measuring {len(tasks)} rewrites on the prompt")
     acc = call_isolated(measure_accuracy, path, prompt, tasks, cache, settings.threads,
                         timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                        progress=part(0.2, 0.75), task="measuring accuracy")
+                        progress=part(0.25, 0.75), task="measuring accuracy")
 
     roles = [RoleResult(vid, role, [t.node for t in ts],
                         acc.get(f"role|{vid}|{role}", {}).get("top1"),
@@ -724,10 +737,9 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     for v in variants:
         if not usable[v.id]:
             continue
-        a, s = acc.get(f"whole|{v.id}", {}), speed.get(f"whole|{v.id}", {})
-        whole.append(WholeResult(v.id, len(usable[v.id]), a.get("top1"), a.get("kl"),
-                                 s.get("ratio"), s.get("low"), s.get("high"),
-                                 a.get("error") or s.get("error")))
+        s = speed.get(f"whole|{v.id}", {})
+        whole.append(WholeResult(v.id, len(usable[v.id]), s.get("top1"), s.get("kl"),
+                                 s.get("ratio"), s.get("low"), s.get("high"), s.get("error")))
     layer_kl = {layer: acc[f"layer|{layer}"]["kl"] for layer in measured_layers
                 if acc.get(f"layer|{layer}", {}).get("kl") is not None}
     weights = layer_weights(layer_kl, layers)
@@ -849,7 +861,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         say(0.92, f"timing the plan on the {phase} step")
         tid = f"plan|{json.dumps(recipe.to_json(), sort_keys=True)}"
         res = call_isolated(measure_speed, path, timed, [prompt], [(tid, recipe.to_json())],
-                            cache, settings.threads, time_budget_s,
+                            cache, settings.threads, time_budget_s, None,
                             timeout=max(settings.timeout_s, 60.0) * 4, cancelled=cancelled,
                             task="timing the plan").get(tid, {})
         if res.get("ratio"):
