@@ -35,11 +35,11 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
-from opstudio.core.profiler import Profile, ProfileSettings, profile_models, quiet_runs
+from opstudio.core.profiler import Profile, ProfileSettings, profile_models
 from opstudio.core.provenance import get_origin
 from opstudio.core.request import compare_requests, estimate_requests, has_kv_cache
 from opstudio.core.tempdir import opstudio_tempdir
-from opstudio.core.timing import Ratio, paired_ratio, spread
+from opstudio.core.timing import Ratio, paired_speedup, quiet_rounds
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -59,8 +59,6 @@ _CONST_DEPTH = 4
 
 SAME, MAPPED, REMOVED, ADDED = "same", "mapped", "removed", "added"
 
-# onnxruntime's trace counts whole µs: a kernel read as 0 µs took less than one
-_TRACE_RESOLUTION_MS = 0.0005
 
 
 @dataclass
@@ -118,32 +116,6 @@ def interval_text(ratio: Ratio | None) -> str:
     verdict = "" if ratio.significant else "; no significant change"
     return (f"95 % interval {ratio.low:.2f}–{ratio.high:.2f}× over {ratio.rounds} paired "
             f"runs{verdict}")
-
-
-def paired_speedup(before_ms: Sequence[float], after_ms: Sequence[float],
-                   rounds: Sequence[int] | None = None) -> Ratio | None:
-    """before/after of runs timed in turns (run i with run i), over ``rounds`` (default all),
-    or None when either side did not run. Times under the trace's resolution count as half
-    of it."""
-    n = min(len(before_ms), len(after_ms))
-    keep = [i for i in (range(n) if rounds is None else rounds) if i < n]
-    b = np.asarray(before_ms, dtype=float)[keep]
-    a = np.asarray(after_ms, dtype=float)[keep]
-    if b.size == 0 or not b.any() or not a.any():
-        return None
-    return paired_ratio(np.maximum(b, _TRACE_RESOLUTION_MS), np.maximum(a, _TRACE_RESOLUTION_MS))
-
-
-def quiet_rounds(before_ms: Sequence[float], after_ms: Sequence[float]) -> list[int]:
-    """Rounds in which neither model's run was disturbed, when the machine was busy
-    (``timing.spread``): another process waking up slows one run of a pair, and that pair says
-    nothing about the models. A steady side keeps all its runs (a median shrugs off one)."""
-    n = min(len(before_ms), len(after_ms))
-    keep = set(range(n))
-    for series in (list(before_ms[:n]), list(after_ms[:n])):
-        if series and spread(series).busy:
-            keep &= set(quiet_runs(series))
-    return sorted(keep) or list(range(n))
 
 
 @dataclass

@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -366,3 +367,10 @@ def is_prompt(model: onnx.ModelProto, supplied: Mapping[str, np.ndarray]) -> boo
     if not layout.has_cache or layout.ids_input not in supplied:
         return False
     return all(supplied[s.name].shape[-2] == 0 for s in layout.kv_inputs if s.name in supplied)
+
+
+def check_request(prompt: Any, generate: Any) -> None:
+    for flag, value in (("--prompt", prompt), ("--generate", generate)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OpstudioError(f"{flag} must be a whole number of tokens, 1 or more, "
+                                f"not {value!r}")

@@ -54,6 +54,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.timing import quiet_runs
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -95,7 +96,7 @@ class ProfileSettings:
 
         check_phase(self.phase, self.past)
         if self.request:
-            from opstudio.core.request import check_request
+            from opstudio.core.phases import check_request
 
             check_request(self.request_prompt, self.request_generate)
         if not isinstance(self.warmup, int) or self.warmup < 0:
@@ -894,16 +895,6 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         kernel_events=timeline, attribution=attr.method, notes=notes, noise=noise,
         total_series_ms=[t / 1000.0 for t in total_us],
         plain_series_ms=[t / 1000.0 for t in plain_us])
-
-
-def quiet_runs(values: Sequence[float]) -> list[int]:
-    """Indices of the runs ``timing.spread`` does not call disturbed."""
-    from opstudio.core.timing import spread
-
-    if not values:
-        return []
-    limit = max(spread(values).quiet_ms)
-    return [i for i, v in enumerate(values) if v <= limit]
 
 
 def _noise(profiled_us: Sequence[float], plain_us: Sequence[float]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ kind of run taking turns round by round with the models swapped within each kind
 (``profiler``'s rounds). Round i thus gives a whole request per model: its TTFT plus its
 interpolated steps. Medians and their 95 % intervals come from those per-round series, with the
 rounds ``timing.spread`` calls disturbed left out; two models are compared by the paired ratios
-of the same rounds (``compare.paired_speedup``), "≈ 1×" when the interval holds 1.
+of the same rounds (``timing.paired_speedup``), "≈ 1×" when the interval holds 1.
 
 Inputs are synthetic (``inputs.make_inputs`` in each phase): the lengths are the request's;
 other ``--dim`` values (a batch size) apply.
@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.timing import Ratio, median_interval, spread
+from opstudio.core.phases import check_request
+from opstudio.core.timing import Ratio, median_interval, paired_speedup, quiet_rounds, spread
 
 Progress = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -40,13 +41,6 @@ CancelCheck = Callable[[], bool]
 DEFAULT_PROMPT = 128
 DEFAULT_GENERATE = 128
 PREFILL = "prefill"
-
-
-def check_request(prompt: Any, generate: Any) -> None:
-    for flag, value in (("--prompt", prompt), ("--generate", generate)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OpstudioError(f"{flag} must be a whole number of tokens, 1 or more, "
-                                f"not {value!r}")
 
 
 def decode_pasts(prompt: int, generate: int) -> tuple[int, ...]:
@@ -202,7 +196,6 @@ class RequestComparison:
 
 def compare_requests(before: RequestEstimate, after: RequestEstimate) -> RequestComparison:
     """Paired before/after ratios over the rounds neither side's request was disturbed in."""
-    from opstudio.core.compare import paired_speedup, quiet_rounds
 
     rounds = quiet_rounds(before.total_series, after.total_series)
     return RequestComparison(

@@ -209,3 +209,41 @@ def _time_in_child(model_path: str, a_json: Mapping[str, Any] | None,
     times = interleaved_times(sessions, inputs, rounds=200, min_rounds=15,
                               time_budget_s=time_budget_s)
     return times["a"].tolist(), times["b"].tolist()
+
+
+# onnxruntime's trace counts whole µs: a kernel read as 0 µs took less than one
+_TRACE_RESOLUTION_MS = 0.0005
+
+
+def quiet_runs(values: Sequence[float]) -> list[int]:
+    """Indices of the runs ``timing.spread`` does not call disturbed."""
+    if not values:
+        return []
+    limit = max(spread(values).quiet_ms)
+    return [i for i, v in enumerate(values) if v <= limit]
+
+
+def paired_speedup(before_ms: Sequence[float], after_ms: Sequence[float],
+                   rounds: Sequence[int] | None = None) -> Ratio | None:
+    """before/after of runs timed in turns (run i with run i), over ``rounds`` (default all),
+    or None when either side did not run. Times under the trace's resolution count as half
+    of it."""
+    n = min(len(before_ms), len(after_ms))
+    keep = [i for i in (range(n) if rounds is None else rounds) if i < n]
+    b = np.asarray(before_ms, dtype=float)[keep]
+    a = np.asarray(after_ms, dtype=float)[keep]
+    if b.size == 0 or not b.any() or not a.any():
+        return None
+    return paired_ratio(np.maximum(b, _TRACE_RESOLUTION_MS), np.maximum(a, _TRACE_RESOLUTION_MS))
+
+
+def quiet_rounds(before_ms: Sequence[float], after_ms: Sequence[float]) -> list[int]:
+    """Rounds in which neither model's run was disturbed, when the machine was busy
+    (``timing.spread``): another process waking up slows one run of a pair, and that pair says
+    nothing about the models. A steady side keeps all its runs (a median shrugs off one)."""
+    n = min(len(before_ms), len(after_ms))
+    keep = set(range(n))
+    for series in (list(before_ms[:n]), list(after_ms[:n])):
+        if series and spread(series).busy:
+            keep &= set(quiet_runs(series))
+    return sorted(keep) or list(range(n))
