@@ -162,3 +162,20 @@ def test_gather_along_another_axis_is_refused_with_the_reason():
     gather = next(n for n in model.graph.node if n.name == "embed_tokens")
     gather.attribute.append(helper.make_attribute("axis", 1))
     assert "axis other than 0" in get_pass("int4-weight").check(model, gather)
+
+
+def test_quantizing_the_embedding_keeps_the_models_own_opset():
+    # ReduceMean's `axes` attribute is gone from opset 18 on: raised to 21, this model breaks
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed_tokens"),
+             helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[-1], keepdims=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", 1])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = apply_pass(get_pass("int4-weight"), model, ["embed_tokens"], {})
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 17
+    (before,), (after,) = run_ort(model, FEEDS), run_ort(result.model, FEEDS)
+    np.testing.assert_allclose(after, before, atol=0.05)

@@ -200,9 +200,18 @@ def _nbits_quantizer(work: onnx.ModelProto, names: Sequence[str], bits: int, blo
                                               op_types_to_quantize=ops,
                                               quant_axes=(("MatMul", 0), ("Gather", 1)))
     others = [n.name for n in work.graph.node if n.name not in wanted]
+    opset = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), None)
     quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
     quantizer.process()
-    return quantizer.model.model
+    result = quantizer.model.model
+    # For a quantized Gather the quantizer raises the default domain to opset 21 "because INT4
+    # needs it", which breaks the model's own ops (ReduceMean's `axes` attribute is gone from
+    # opset 18 on). INT4 tensors need IR version 10, which it also sets; the only reader of
+    # them is the contrib op GatherBlockQuantized, so the model keeps its own opset.
+    for entry in result.opset_import:
+        if entry.domain in ("", "ai.onnx") and opset is not None:
+            entry.version = opset
+    return result
 
 
 def _gptq(work: onnx.ModelProto, names: Sequence[str], samples: Sequence[Mapping[str, Any]],
