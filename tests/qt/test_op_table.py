@@ -8,8 +8,11 @@ import numpy as np
 from PySide6.QtCore import QItemSelectionModel, Qt
 from qt_models import mlp_model
 
+from opstudio.core.compare import ADDED, REMOVED, NodeDelta
 from opstudio.core.graph import analyze
 from opstudio.core.model_io import ensure_node_names
+from opstudio.core.timing import paired_speedup
+from opstudio.qt import theme
 from opstudio.qt.op_table import (
     COL_AFTER,
     COL_FLOPS,
@@ -96,6 +99,115 @@ def test_selection_sync_both_ways(app, qtbot):
     assert table.selected() == [4]
 
 
+# --- speedups and their verdicts ----------------------------------------------------------------
+
+def timed(name, op, before_ms, ratios, group=(), seed=0):
+    """A comparison row whose paired runs have these before/after ratios (in shuffled order),
+    each run's time jittered as a busy machine does, both sides alike."""
+    ratios = np.random.default_rng(seed).permutation(np.asarray(ratios, dtype=float))
+    drift = 1.0 + 0.3 * np.random.default_rng(seed + 1).random(ratios.size)
+    before = before_ms * drift
+    after = before / ratios
+    return NodeDelta(name, op, float(np.median(before)), float(np.median(after)),
+                     group=list(group), ratio=paired_speedup(before.tolist(), after.tolist()),
+                     before_series=before.tolist(), after_series=after.tolist())
+
+
+def cell(model, row, col, role=Qt.ItemDataRole.DisplayRole):
+    return model.data(model.index(row, col), role)
+
+
+FG, TIP = Qt.ItemDataRole.ForegroundRole, Qt.ItemDataRole.ToolTipRole
+# the issue's two cases: a 3 µs op whose median ratio is 1.5 and an Add at 0.96, both within
+# the noise of their runs; and a projection really twice as fast
+RESHAPE_LIKE = [0.8] * 7 + [1.5] * 6 + [3.0] * 7
+ADD_LIKE = np.linspace(0.85, 1.07, 20)
+TWICE = 2.0 * np.linspace(0.95, 1.05, 20)
+
+
+def test_speedup_shows_its_verdict(app, qtbot):
+    table, graph = make_table(qtbot)
+    m = table.model
+    softmax = timed("softmax", "Softmax", 0.003, RESHAPE_LIKE)
+    add0 = timed("add0", "Add", 0.02, ADD_LIKE, seed=2)
+    mm0 = timed("mm0", "MatMul", 0.6, TWICE, seed=4)
+    assert softmax.speedup == 1.5 and not softmax.significant  # would have read "1.50×"
+    assert round(add0.speedup, 2) == 0.96 and not add0.significant
+    assert mm0.significant and mm0.speedup > 1.9
+    rows = [mm0, add0, softmax,
+            NodeDelta("mm1", "MatMul", 0.4, None, status=REMOVED),
+            NodeDelta("relu0", "Relu", None, 0.01, status=ADDED)]
+    m.set_comparison(SimpleNamespace(nodes=rows))
+    i = {n.name: n.index for n in graph.nodes}
+    for noise in (softmax, add0):
+        r = i[noise.name]
+        assert cell(m, r, COL_SPEEDUP) == "≈ 1×"
+        assert m.value(r, COL_SPEEDUP) == noise.speedup  # sorts by its figure all the same
+        assert cell(m, r, COL_SPEEDUP, FG) == theme.NOISE  # neither green nor red
+        assert cell(m, r, COL_AFTER, FG) == theme.NOISE  # the after time greyed too
+        tip = cell(m, r, COL_SPEEDUP, TIP)
+        lo, hi = noise.ratio.low, noise.ratio.high
+        assert tip == (f"95 % interval {lo:.2f}–{hi:.2f}× over 20 paired runs; "
+                       "no significant change") and lo < 1 < hi
+        assert cell(m, r, COL_AFTER, TIP) == tip
+    assert cell(m, i["mm0"], COL_SPEEDUP) == f"{mm0.speedup:.2f}×"
+    assert cell(m, i["mm0"], COL_SPEEDUP, FG) == theme.FASTER
+    assert cell(m, i["mm0"], COL_AFTER, FG) is None
+    assert "no significant" not in cell(m, i["mm0"], COL_SPEEDUP, TIP)
+    # a slower op beyond the noise is red
+    m.set_comparison(SimpleNamespace(nodes=[timed("mm0", "MatMul", 0.6, 1 / TWICE, seed=6)]))
+    assert cell(m, i["mm0"], COL_SPEEDUP) == "0.50×"
+    assert cell(m, i["mm0"], COL_SPEEDUP, FG) == theme.SLOWER
+    m.set_comparison(SimpleNamespace(nodes=rows))
+    # removed and added say so, instead of an empty cell
+    assert cell(m, i["mm1"], COL_SPEEDUP) == "removed" and m.value(i["mm1"], COL_AFTER) is None
+    assert "no node of the optimized model" in cell(m, i["mm1"], COL_SPEEDUP, TIP)
+    assert cell(m, i["relu0"], COL_SPEEDUP) == "added"
+    assert cell(m, i["mm1"], COL_SPEEDUP, FG) is None
+    # nothing compared: nothing shown
+    assert cell(m, i["add1"], COL_SPEEDUP) == "" and cell(m, i["add1"], COL_SPEEDUP, TIP) is None
+
+
+def test_layer_tree_shows_verdicts(app, qtbot):
+    table, graph = make_layer_table(qtbot)
+    table.set_grouped(True)
+    up, mul, down = (graph.node(f"/model/layers.1/mlp/{n}").name
+                     for n in ("up_proj/MatMul", "Mul", "down_proj/MatMul"))
+    q = graph.node("/model/layers.1/self_attn/q_proj/MatMul").name
+    rows = [timed(up, "MatMul", 0.5, TWICE, group=[up, mul], seed=8),
+            timed(q, "MatMul", 0.3, ADD_LIKE, seed=10),
+            NodeDelta(down, "MatMul", 0.1, None, status=REMOVED, before_series=[0.1] * 20)]
+    table.model.set_comparison(SimpleNamespace(nodes=rows))
+    p = table.tree_proxy
+    layer1 = tree_rows(table)[1]
+    attention, mlp = tree_rows(table, layer1)[1], tree_rows(table, layer1)[2]
+    # operator rows: as in the flat table
+    ops = {ix.data(): ix.siblingAtColumn(COL_SPEEDUP) for ix in tree_rows(table, mlp)}
+    assert ops["mlp/up_proj/MatMul"].data() == ops["mlp/Mul"].data() == f"{rows[0].speedup:.2f}×"
+    assert ops["mlp/up_proj/MatMul"].data(FG) == theme.FASTER
+    assert ops["mlp/down_proj/MatMul"].data() == "removed"
+    q_cell = tree_rows(table, attention)[0].siblingAtColumn(COL_SPEEDUP)
+    assert q_cell.data() == "≈ 1×" and q_cell.data(FG) == theme.NOISE
+    assert "no significant change" in q_cell.data(TIP)
+    # a module's verdict from its rows' runs summed run by run: the MLP lost down_proj (0 ms
+    # after) and halved up_proj, counted once although shown on up_proj and Mul
+    expected = paired_speedup(
+        (np.array(rows[0].before_series) + np.array(rows[2].before_series)).tolist(),
+        rows[0].after_series)
+    assert expected.significant and expected.median > 2
+    mlp_cell = p.index(mlp.row(), COL_SPEEDUP, layer1)
+    assert mlp_cell.data() == f"{expected.median:.2f}×"
+    assert mlp_cell.data(SORT_ROLE) == expected.median
+    assert mlp_cell.data(FG) == theme.FASTER
+    assert f"{expected.low:.2f}–{expected.high:.2f}×" in mlp_cell.data(TIP)
+    att_cell = p.index(attention.row(), COL_SPEEDUP, layer1)
+    assert att_cell.data() == "≈ 1×" and att_cell.data(FG) == theme.NOISE
+    assert p.index(attention.row(), COL_AFTER, layer1).data(FG) == theme.NOISE
+    assert "no significant change" in att_cell.data(TIP)
+    # a layer nothing was compared in shows nothing
+    assert p.index(0, COL_SPEEDUP).data() == "" and p.index(0, COL_SPEEDUP).data(TIP) is None
+
+
 # --- grouped by layer ---------------------------------------------------------------------------
 
 def make_layer_table(qtbot, layers=3):
@@ -167,6 +279,9 @@ def test_layer_tree_rows_and_totals(app, qtbot):
         name=up.name, group=[mul.name], before_ms=0.5, after_ms=0.25, speedup=2.0)]))
     assert p.data(p.index(2, COL_AFTER, top[1])) == "0.250"
     assert p.data(p.index(2, COL_SPEEDUP, top[1])) == "2.00×"
+    # summed medians of rows not timed in pairs: a figure, but no verdict colour
+    assert p.data(p.index(2, COL_SPEEDUP, top[1]), Qt.ItemDataRole.ForegroundRole) is None
+    assert "no verdict" in p.data(p.index(2, COL_SPEEDUP, top[1]), Qt.ItemDataRole.ToolTipRole)
     # the filter keeps matching operators and the groups holding them
     table.filter.setText("up_proj")
     assert [ix.data() for ix in tree_rows(table)] == ["layer 0", "layer 1", "layer 2"]

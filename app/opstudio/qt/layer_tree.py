@@ -22,7 +22,9 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QFont
 
 from opstudio.core.layers import MODULE_LABELS, LayerGrouping, LayerKey
-from opstudio.qt import op_table as ot
+from opstudio.core.timing import Ratio
+from opstudio.qt import op_table_model as ot
+from opstudio.qt import theme
 
 _Index = QModelIndex | QPersistentModelIndex
 LAYER, MODULE, OP, OUTSIDE = range(4)
@@ -53,6 +55,8 @@ class LayerTreeModel(QAbstractItemModel):
         self.node_item: dict[int, int] = {}
         self._sums: dict[int, dict[int, float | None]] = {}
         self._per_node: dict[int, np.ndarray] = {}
+        self._ratios: dict[int, Ratio | None] = {}
+        self._first_delta: dict[int, ot.Delta] | None = None
         source.modelReset.connect(self._rebuild)
         source.dataChanged.connect(self._values_changed)
 
@@ -115,7 +119,8 @@ class LayerTreeModel(QAbstractItemModel):
 
     # --- values -------------------------------------------------------------------------------
     def _invalidate(self) -> None:
-        self._sums, self._per_node = {}, {}
+        self._sums, self._per_node, self._ratios = {}, {}, {}
+        self._first_delta = None
 
     def _values_changed(self, *_: Any) -> None:
         self._invalidate()
@@ -171,6 +176,9 @@ class LayerTreeModel(QAbstractItemModel):
             n = len(it.nodes)
             return f"{n} op" if n == 1 else f"{n} ops"
         if col == ot.COL_SPEEDUP:
+            ratio = self.group_ratio(item_id)
+            if ratio is not None:
+                return ratio.median
             before, after = self.group_value(item_id, ot.COL_P50), \
                 self.group_value(item_id, ot.COL_AFTER)
             return before / after if before is not None and after else None
@@ -182,6 +190,36 @@ class LayerTreeModel(QAbstractItemModel):
             known = vals[~np.isnan(vals)]
             cache[col] = float(known.sum()) if known.size else None
         return cache[col]
+
+    def _deltas_once(self) -> dict[int, ot.Delta]:
+        """Node -> the comparison row first shown on it (a fused group's row is shown on each
+        member and counts on the first, as in ``per_node``)."""
+        if self._first_delta is None:
+            src, seen, out = self.source, set(), {}
+            assert src.graph is not None
+            for n in src.graph.nodes:
+                d = src.after.get(n.name)
+                if d is not None and id(d) not in seen:
+                    seen.add(id(d))
+                    out[n.index] = d
+            self._first_delta = out
+        return self._first_delta
+
+    def group_ratio(self, item_id: int) -> Ratio | None:
+        """The group's speedup with its interval, from its rows' paired runs summed run by
+        run; None when they were not all timed in pairs, or an operator measured before has no
+        comparison row (its time would be in the before sum only)."""
+        if item_id in self._ratios:
+            return self._ratios[item_id]
+        src, once = self.source, self._deltas_once()
+        ratio = None
+        if once and src.graph is not None:
+            nodes = self.items[item_id].nodes.tolist()
+            names = [src.graph.nodes[i].name for i in nodes]
+            if not any(name in src.profile and name not in src.after for name in names):
+                ratio = src.summed_ratio([once[i] for i in nodes if i in once])
+        self._ratios[item_id] = ratio
+        return ratio
 
     # --- Qt model -----------------------------------------------------------------------------
     def index(self, row: int, column: int, parent: _Index = QModelIndex()) -> QModelIndex:  # noqa: B008
@@ -236,7 +274,24 @@ class LayerTreeModel(QAbstractItemModel):
                 return v
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 return ""
-            return ot._format(col, v)
+            if col == ot.COL_SPEEDUP:
+                return ot.speedup_text(v, self.group_ratio(item_id))
+            return ot.format_value(col, v)
+        if role == Qt.ItemDataRole.ForegroundRole and col in (ot.COL_AFTER, ot.COL_SPEEDUP):
+            ratio = self.group_ratio(item_id)
+            if col == ot.COL_SPEEDUP:
+                return ot.speedup_colour(self.group_value(item_id, col), ratio)
+            return theme.NOISE if ratio is not None and not ratio.significant else None
+        if role == Qt.ItemDataRole.ToolTipRole and col in (ot.COL_AFTER, ot.COL_SPEEDUP):
+            v = self.group_value(item_id, ot.COL_SPEEDUP)
+            if v is None:
+                return None
+            ratio = self.group_ratio(item_id)
+            if ratio is not None:
+                return f"{it.label}, its operators' times summed run by run: " \
+                    f"{ot.speedup_tip(v, ratio)}"
+            return f"{it.label}: before / after of the summed median times " \
+                "(not timed in pairs, so no verdict)"
         if role == Qt.ItemDataRole.FontRole and it.kind != MODULE:
             f = QFont()
             f.setBold(True)

@@ -1,17 +1,18 @@
 """The operator table: one row per node, sortable and filterable, selection synced by index.
 
 Row ``i`` of the source model is node ``i`` of the graph (topological order), so the graph view
-and the table exchange plain node indices.
+and the table exchange plain node indices. The model and its columns live in
+``op_table_model`` (the layer tree reads them too); this module is the widget: filter box, flat
+table or layer tree, selection and context menus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 from PySide6.QtCore import (
-    QAbstractTableModel,
     QItemSelection,
     QItemSelectionModel,
     QModelIndex,
@@ -20,7 +21,6 @@ from PySide6.QtCore import (
     Qt,
     Signal,
 )
-from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -38,168 +38,38 @@ from PySide6.QtWidgets import (
 
 from opstudio.core.graph import GraphInfo
 from opstudio.core.layers import MODULE_LABELS, LayerGrouping, group_layers
-from opstudio.core.provenance import standing_for
+from opstudio.qt.layer_tree import LAYER, MODULE, OP, LayerFilterProxy, LayerTreeModel
+from opstudio.qt.op_table_model import (
+    COL_AFTER,
+    COL_BOUND,
+    COL_FLOPS,
+    COL_GFLOPS,
+    COL_INTENSITY,
+    COL_NAME,
+    COL_OP,
+    COL_P50,
+    COL_PARAMS,
+    COL_SHAPE,
+    COL_SHARE,
+    COL_SPEEDUP,
+    COL_TECH,
+    COLUMNS,
+    NUMERIC,
+    SORT_ROLE,
+    OpTableModel,
+)
 
-# measured columns first: they are what one sorts by and must be visible in a narrow dock
-# times are medians over the timed runs, as in a comparison's before/after (robust to the odd
-# slow run that drags a mean)
-COLUMNS = ("name", "op type", "p50 ms", "share", "after ms", "speedup", "technique",
-           "output shape", "FLOPs", "params", "FLOP/byte", "GFLOP/s", "bound")
-(COL_NAME, COL_OP, COL_P50, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_TECH, COL_SHAPE, COL_FLOPS,
- COL_PARAMS, COL_INTENSITY, COL_GFLOPS, COL_BOUND) = range(len(COLUMNS))
-NUMERIC = {COL_FLOPS, COL_PARAMS, COL_P50, COL_SHARE, COL_AFTER, COL_SPEEDUP, COL_INTENSITY,
-           COL_GFLOPS}
-ROOFLINE_COLUMNS = (COL_INTENSITY, COL_GFLOPS, COL_BOUND)
-SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+# the model's names, importable from the widget's module as before
+__all__ = ["COLUMNS", "COL_AFTER", "COL_BOUND", "COL_FLOPS", "COL_GFLOPS", "COL_INTENSITY",
+           "COL_NAME", "COL_OP", "COL_P50", "COL_PARAMS", "COL_SHAPE", "COL_SHARE",
+           "COL_SPEEDUP", "COL_TECH", "NUMERIC", "SORT_ROLE", "OpFilterProxy", "OpTable",
+           "OpTableModel"]
 
 _Index = QModelIndex | QPersistentModelIndex
 # what the role picker offers: the projections, attention and norms one optimizes, not the
 # shape arithmetic around them (a layer of a torch export holds 200 such roles)
 _ROLE_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "Conv",
              "Attention", "MultiHeadAttention", "GroupQueryAttention", "GatherBlockQuantized"}
-
-
-class OpTableModel(QAbstractTableModel):
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.graph: GraphInfo | None = None
-        self.profile: dict[str, Any] = {}  # node name -> NodeStats
-        self.techniques: dict[str, str] = {}  # node name -> technique(s) planned
-        # name -> (before ms, after ms, speedup) of the comparison row holding the node: nodes
-        # that fuse differently before and after are compared as one group, so the group's
-        # before time is shown beside its after time
-        self.after: dict[str, tuple[float, float, float | None]] = {}
-        self.roofline: dict[str, Any] = {}  # node name -> roofline.RooflinePoint
-        # original node name -> nodes of this model standing for it (a file an optimization
-        # wrote: its profile rows are named after the original nodes)
-        self.derived: dict[str, list[str]] = {}
-
-    def set_graph(self, graph: GraphInfo | None,
-                  derived: dict[str, list[str]] | None = None) -> None:
-        self.beginResetModel()
-        self.graph = graph
-        self.derived = dict(derived or {})
-        self.profile, self.techniques, self.after, self.roofline = {}, {}, {}, {}
-        self.endResetModel()
-
-    def shown_as(self, names: Iterable[str]) -> list[str]:
-        """The nodes of this graph that rows naming ``names`` are shown on."""
-        return standing_for(self.derived, names)
-
-    def set_profile(self, profile: Any | None) -> None:
-        self.profile = {}
-        # a fused group is reported under its first member; show it on the others too
-        if profile is not None:
-            for s in profile.nodes:
-                for name in self.shown_as([s.name]):
-                    self.profile[name] = s
-            for s in profile.nodes:
-                for name in self.shown_as(getattr(s, "group", []) or []):
-                    self.profile.setdefault(name, s)
-        self._changed(COL_P50, COL_SHARE)
-
-    def set_roofline(self, points: Iterable[Any]) -> None:
-        by_stats = {p.name: p for p in points}
-        # a fused group is one point, shown on every member as its time is
-        self.roofline = {name: by_stats[s.name] for name, s in self.profile.items()
-                         if s.name in by_stats}
-        self.roofline.update(by_stats)
-        self._changed(COL_INTENSITY, COL_BOUND)
-
-    def set_techniques(self, techniques: Mapping[str, str]) -> None:
-        self.techniques = dict(techniques)
-        self._changed(COL_TECH, COL_TECH)
-
-    def set_comparison(self, comparison: Any | None) -> None:
-        self.after = {}
-        if comparison is not None:
-            for row in comparison.nodes:
-                # one tuple per row: layer totals count a group's time once by its identity
-                times = (row.before_ms, row.after_ms, row.speedup)
-                for name in self.shown_as([row.name, *row.group]):
-                    self.after[name] = times
-        self._changed(COL_P50, COL_SPEEDUP)
-
-    def _changed(self, first: int, last: int) -> None:
-        if self.rowCount():
-            self.dataChanged.emit(self.index(0, first), self.index(self.rowCount() - 1, last))
-
-    # --- Qt model -----------------------------------------------------------------------------
-    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() or self.graph is None else len(self.graph.nodes)
-
-    def columnCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation,
-                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return COLUMNS[section]
-        return None
-
-    def value(self, row: int, col: int) -> Any:
-        """The raw value of a cell (numbers stay numbers; None when unknown)."""
-        assert self.graph is not None
-        n = self.graph.nodes[row]
-        if col == COL_NAME:
-            return n.name
-        if col == COL_OP:
-            return n.op_type
-        if col == COL_SHAPE:
-            return ", ".join(_shape(s) for s in n.output_shapes)
-        if col == COL_FLOPS:
-            return n.flops
-        if col == COL_PARAMS:
-            return n.param_bytes or None
-        if col == COL_P50 and n.name in self.after:
-            return self.after[n.name][0]
-        if col in (COL_P50, COL_SHARE):
-            s = self.profile.get(n.name)
-            if s is None:
-                return None
-            return s.p50_ms if col == COL_P50 else s.share
-        if col == COL_TECH:
-            return self.techniques.get(n.name, "")
-        if col in (COL_AFTER, COL_SPEEDUP):
-            a = self.after.get(n.name)
-            if a is None:
-                return None
-            return a[1] if col == COL_AFTER else a[2]
-        if col in ROOFLINE_COLUMNS:
-            p = self.roofline.get(n.name)
-            if p is None:
-                return None
-            return {COL_INTENSITY: p.intensity, COL_GFLOPS: p.achieved_gflops,
-                    COL_BOUND: p.describe_bound()}[col]
-        return None
-
-    def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if not index.isValid() or self.graph is None:
-            return None
-        row, col = index.row(), index.column()
-        if role == SORT_ROLE:
-            v = self.value(row, col)
-            if col in NUMERIC:
-                return float("-inf") if v is None else float(v)
-            return v
-        if role == Qt.ItemDataRole.DisplayRole:
-            return _format(col, self.value(row, col))
-        if role == Qt.ItemDataRole.TextAlignmentRole and col in NUMERIC:
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        if role == Qt.ItemDataRole.ForegroundRole and col == COL_SPEEDUP:
-            v = self.value(row, col)
-            if v is not None:
-                return QColor("#1b7f3b") if v >= 1.0 else QColor("#b3261e")
-        if role == Qt.ItemDataRole.ToolTipRole and col == COL_NAME:
-            return self.graph.nodes[row].name
-        if role == Qt.ItemDataRole.ToolTipRole and col in ROOFLINE_COLUMNS:
-            p = self.roofline.get(self.graph.nodes[row].name)
-            if p is not None:
-                roof = "the INT8 roof" if p.precision == "int8" else "the fp32 roof"
-                return (f"{p.achieved_gflops:.1f} of {p.attainable_gflops:.1f} GFLOP/s attainable "
-                        f"at {p.intensity:.2f} FLOP/byte ({p.efficiency:.0%} of {roof}); "
-                        f"{p.describe_bound()}-bound")
-        return None
 
 
 class OpFilterProxy(QSortFilterProxyModel):
@@ -238,9 +108,6 @@ class OpTable(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        # imported here: the tree reads this module's columns and formats
-        from opstudio.qt.layer_tree import LayerFilterProxy, LayerTreeModel
-
         self.model = OpTableModel(self)
         self.proxy = OpFilterProxy(self)
         self.proxy.setSourceModel(self.model)
@@ -391,8 +258,6 @@ class OpTable(QWidget):
         g = self.grouping
         if g is None or not index.isValid():
             return None
-        from opstudio.qt.layer_tree import LAYER, MODULE, OP
-
         menu = QMenu(self)
         node: int | None = None
         if view is self.tree:
@@ -509,43 +374,3 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((r, r))
     return out
-
-
-def _shape(shape: Any) -> str:
-    if shape is None:
-        return "?"
-    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _format(col: int, v: Any) -> str:
-    if v is None:
-        return ""
-    if col == COL_FLOPS:
-        return _human(v)
-    if col == COL_PARAMS:
-        return _bytes(v)
-    if col in (COL_P50, COL_AFTER):
-        return f"{v:.3f}"
-    if col == COL_SHARE:
-        return f"{v * 100:.1f}%"
-    if col == COL_SPEEDUP:
-        return f"{v:.2f}×"
-    if col == COL_INTENSITY:
-        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
-    if col == COL_GFLOPS:
-        return f"{v:.1f}"
-    return str(v)
-
-
-def _human(n: float) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= factor:
-            return f"{n / factor:.2f}{suffix}"
-    return f"{n:.0f}"
-
-
-def _bytes(n: float) -> str:
-    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= factor:
-            return f"{n / factor:.1f} {suffix}"
-    return f"{int(n)} B"
