@@ -216,3 +216,23 @@ def test_nothing_could_be_applied_is_not_nothing_pays(tmp_path, monkeypatch):
 def test_targets_of_a_weightless_model(tmp_path):
     assert find_targets(onnx.ModelProto()) == []
     assert Target("n", None, "n", 4, 4).unit == (-1, "n")
+
+
+def test_parallel_workers_share_one_cache_and_an_interrupted_part_is_kept(decoder, tmp_path):
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.model_io import load_model
+
+    path, prompt = decoder
+    model = load_model(path)
+    feeds = make_inputs(model, npz_path=prompt, phase="prefill")
+    targets = [t for t in find_targets(model) if t.layer is not None][:3]
+    tasks = [(f"t{i}", recipe_of([(INT8W, [t])]).to_json()) for i, t in enumerate(targets)]
+    cache = tmp_path / "scan.json"
+    # a worker of an earlier, interrupted run had finished t0
+    (tmp_path / "scan.json.part1").write_text(json.dumps({"accuracy": {"t0": {"top1": 0.5,
+                                                                               "kl": 1.0}}}))
+    out = llm_plan.accuracy_in_parallel(str(path), feeds, tasks, str(cache), threads=1)
+    assert out["t0"] == {"top1": 0.5, "kl": 1.0}
+    assert all(0.0 <= out[t]["top1"] <= 1.0 for t in ("t1", "t2"))
+    assert not list(tmp_path.glob("*.part*"))
+    assert set(json.loads(cache.read_text())["accuracy"]) == {"t0", "t1", "t2"}

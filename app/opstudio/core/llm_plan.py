@@ -29,6 +29,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import importlib.util
 import inspect
@@ -56,6 +57,8 @@ MIN_SPEEDUP = 0.98
 # predicted-KL limits tried around the first guess, and the bisection steps between
 MAX_VERIFY = 7
 CACHE_KIND = "llm"
+# child processes measuring accuracy side by side (each rewrite is mostly single-threaded Python)
+ACCURACY_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -450,16 +453,149 @@ def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
     return {i: done[i] for i, _ in tasks if i in done}
 
 
+def _merge_parts(cache: str | None) -> dict[str, Any]:
+    """The cached accuracy results, with those of parallel workers (``<cache>.partN``, left
+    behind by an interrupted run too) merged in and their files removed."""
+    if cache is None:
+        return {}
+    main = Path(cache)
+    store = _read_cache(main)
+    done = store.setdefault("accuracy", {})
+    parts = sorted(main.parent.glob(main.name + ".part*"))
+    for part in parts:
+        done.update(_read_cache(part).get("accuracy", {}))
+    if parts:
+        _write_cache(main, store)
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return done
+
+
+def accuracy_in_parallel(model_path: str, prompt: Mapping[str, np.ndarray],
+                         tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
+                         threads: int = 0, workers: int = 2, timeout: float | None = None,
+                         cancelled: CancelCheck | None = None,
+                         progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """``measure_accuracy`` split over ``workers`` child processes: most of a rewrite's time is
+    the pass's single-threaded Python, so two of them keep two cores busy. Each writes its own
+    part of the cache; the parts are merged when they are done (or on the next run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from opstudio.core.isolation import call_isolated
+
+    done = _merge_parts(cache)
+    todo = [(i, r) for i, r in tasks if i not in done]
+    workers = max(1, min(workers, len(todo)))
+    if todo:
+        shares = [todo[w::workers] for w in range(workers)]
+        fractions = [0.0] * workers
+
+        def run(w: int) -> dict[str, dict[str, Any]]:
+            def report(f: float, m: str) -> None:
+                fractions[w] = f
+                if progress is not None:
+                    progress(sum(fractions) / workers, m)
+
+            part = None if cache is None else f"{cache}.part{w}"
+            return call_isolated(measure_accuracy, model_path, prompt, shares[w], part,
+                                 threads if workers == 1 else max(1, threads // workers),
+                                 timeout=timeout, cancelled=cancelled, progress=report,
+                                 task="measuring accuracy")
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(run, range(workers)))
+        for r in results:
+            done.update(r)
+        merged = _merge_parts(cache)
+        done.update(merged)
+    return {i: done[i] for i, _ in tasks if i in done}
+
+
+def build_and_judge(model_path: str, prompt: Mapping[str, np.ndarray],
+                    tasks: Sequence[tuple[str, Mapping[str, Any]]], folder: str,
+                    threads: int = 0, progress: Progress | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Runs in a child: each recipe applied, judged on the prompt and saved in ``folder``,
+    for ``measure_speed`` to time (models are built side by side, timed together)."""
+    from opstudio.core.model_io import load_model, save_model
+
+    model = load_model(model_path)
+    base = _session(model, threads)
+    first = dict(zip([o.name for o in base.get_outputs()], base.run(None, dict(prompt))))
+    name = logits_name(model, first)
+    reference = first[name]
+    del base
+    out: dict[str, dict[str, Any]] = {}
+    for index, (task_id, recipe_json) in enumerate(tasks):
+        if progress is not None:
+            progress(index / len(tasks), f"building {task_id}")
+        try:
+            rewritten = apply_recipe(model, recipe_json, [prompt])
+            top1, kl = next_token_error(
+                reference, _session(rewritten, threads).run([name], dict(prompt))[0])
+            target = Path(folder) / f"{hashlib.sha1(task_id.encode()).hexdigest()[:16]}.onnx"
+            save_model(rewritten, target, overwrite=True)
+            out[task_id] = {"path": str(target), "top1": top1,
+                            "kl": kl if math.isfinite(kl) else None}
+        except Exception as exc:  # reported per task
+            out[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    return out
+
+
+def speed_in_parallel(model_path: str, timed: Mapping[str, np.ndarray],
+                      prompt: Mapping[str, np.ndarray],
+                      tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
+                      threads: int = 0, time_budget_s: float = 8.0, workers: int = 2,
+                      timeout: float | None = None, cancelled: CancelCheck | None = None,
+                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """The whole-model variants built and judged by ``workers`` processes side by side
+    (``build_and_judge``), then timed together in one (``measure_speed``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from opstudio.core.isolation import call_isolated
+    from opstudio.core.tempdir import opstudio_tempdir
+
+    done = _read_cache(Path(cache)).get("speed", {}) if cache else {}
+    todo = [(i, r) for i, r in tasks if i not in done]
+    if not todo:
+        return {i: done[i] for i, _ in tasks if i in done}
+    workers = max(1, min(workers, len(todo)))
+    fractions = [0.0] * workers
+    with opstudio_tempdir(prefix="variants-") as folder:
+        def run(w: int) -> dict[str, dict[str, Any]]:
+            def report(f: float, m: str) -> None:
+                fractions[w] = f
+                if progress is not None:
+                    progress(0.7 * sum(fractions) / workers, m)
+
+            return call_isolated(build_and_judge, model_path, prompt, todo[w::workers],
+                                 str(folder), threads if workers == 1 else 1,
+                                 timeout=timeout, cancelled=cancelled, progress=report,
+                                 task="building the variants")
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            built: dict[str, dict[str, Any]] = {}
+            for r in pool.map(run, range(workers)):
+                built.update(r)
+        return call_isolated(measure_speed, model_path, timed, [], tasks, cache, threads,
+                             time_budget_s, None, built, timeout=timeout, cancelled=cancelled,
+                             progress=(None if progress is None else
+                                       lambda f, m: progress(0.7 + 0.3 * f, m)),
+                             task="timing the variants")
+
+
 def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                   samples: Sequence[Mapping[str, np.ndarray]],
                   tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                   threads: int = 0, time_budget_s: float = 8.0,
                   judge: Mapping[str, np.ndarray] | None = None,
+                  prebuilt: Mapping[str, Mapping[str, Any]] | None = None,
                   progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Runs in a child: each recipe's model against the original, all timed in alternation
     on ``decode`` (ratios of paired runs with their interval), and the original's median ms;
     with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
-    built once is both timed and judged."""
+    built once is both timed and judged. ``prebuilt``: task -> ``build_and_judge``'s result,
+    models built (and judged) beforehand by other processes."""
     from opstudio.core.model_io import load_model
     from opstudio.core.timing import interleaved_times, paired_ratio, session
 
@@ -472,7 +608,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
         sessions = {"": session(model, threads)}
         judged: dict[str, dict[str, Any]] = {}
         name = reference = None
-        if judge is not None:
+        if judge is not None and not prebuilt:
             outputs = sessions[""].get_outputs()
             first = dict(zip([o.name for o in outputs], sessions[""].run(None, dict(judge))))
             name = logits_name(model, first)
@@ -481,7 +617,15 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
             if progress is not None:
                 progress(0.8 * index / len(todo), f"building {task_id}")
             try:
-                sessions[task_id] = session(apply_recipe(model, recipe_json, samples), threads)
+                built = (prebuilt or {}).get(task_id)
+                if built is not None and "error" in built:
+                    raise OpstudioError(built["error"])
+                sessions[task_id] = session(
+                    built["path"] if built is not None
+                    else apply_recipe(model, recipe_json, samples), threads)
+                if built is not None:
+                    judged[task_id] = {k: built[k] for k in ("top1", "kl") if k in built}
+                    continue
                 if reference is not None:
                     top1, kl = next_token_error(
                         reference, sessions[task_id].run([name], dict(judge))[0])
@@ -693,10 +837,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
                    for v in variants if usable[v.id]]
     stop()
     say(0.0, f"timing {len(speed_tasks)} whole-model variant(s) on the {phase} step")
-    speed = call_isolated(measure_speed, path, timed, [prompt], speed_tasks, cache,
-                          settings.threads, time_budget_s, prompt,
-                          timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                          progress=part(0.0, 0.25), task="timing the variants")
+    speed = speed_in_parallel(path, timed, prompt, speed_tasks, cache, settings.threads,
+                              time_budget_s, workers=ACCURACY_WORKERS,
+                              timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
+                              progress=part(0.0, 0.25))
     base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
 
     def pays(v: Variant) -> bool:
@@ -724,9 +868,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             tasks.append((f"layer|{layer}", recipe_of([(reference, ts)]).to_json()))
     stop()
     say(0.25, f"measuring {len(tasks)} rewrites on the prompt")
-    acc = call_isolated(measure_accuracy, path, prompt, tasks, cache, settings.threads,
-                        timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                        progress=part(0.25, 0.75), task="measuring accuracy")
+    acc = accuracy_in_parallel(path, prompt, tasks, cache, settings.threads,
+                               workers=ACCURACY_WORKERS,
+                               timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
+                               progress=part(0.25, 0.75))
 
     roles = [RoleResult(vid, role, [t.node for t in ts],
                         acc.get(f"role|{vid}|{role}", {}).get("top1"),
