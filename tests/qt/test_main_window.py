@@ -225,7 +225,7 @@ def test_session_is_restored(app, qtbot, settings, mlp_path):
     second.open_model(mlp_path)
     assert [(s.technique, s.nodes) for s in second.plan.steps] == [("int8-dynamic",
                                                                      ["mm0", "mm1"])]
-    assert not second.plan.undo_stack.canUndo()
+    assert not second.plan.can_undo()
 
 
 def test_drop_a_model_file(window, qtbot, mlp_path):
@@ -296,7 +296,7 @@ def test_advisor_in_the_window(window, qtbot, mlp_path, tmp_path, monkeypatch):
     if advice.plan.recipe.steps:
         window.advisor.accept_button.click()
         assert window.plan.recipe().to_json() == advice.plan.recipe.to_json()
-        window.plan.undo_stack.undo()
+        window.plan.undo()
         assert window.plan.recipe().to_json() == before
 
 

@@ -11,8 +11,9 @@ from qt_models import mlp_model
 
 from opstudio.core.model_io import ensure_node_names
 from opstudio.core.passes import get_pass
+from opstudio.core.plan import Plan
 from opstudio.core.recipe import Recipe, Step
-from opstudio.qt.node_panel import NodePanel, Plan, available_passes
+from opstudio.qt.node_panel import NodePanel, available_passes
 
 EDITOR_TYPES = {"int": QSpinBox, "float": QDoubleSpinBox, "bool": QCheckBox,
                 "choice": QComboBox}
@@ -89,7 +90,7 @@ def test_apply_undo_redo_remove(panel, qtbot):
     panel.plan_list.setCurrentRow(0)
     panel.remove_button.click()
     assert [s.technique for s in plan.steps] == ["int8-dynamic"]
-    plan.undo_stack.undo()
+    plan.undo()
     assert [s.technique for s in plan.steps] == ["lowrank", "int8-dynamic"]
     assert plan.techniques_by_node(None) == {"mm0": "lowrank", "mm1": "lowrank, int8-dynamic"}
 

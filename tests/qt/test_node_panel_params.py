@@ -6,7 +6,8 @@ from __future__ import annotations
 from qt_models import mlp_model
 
 from opstudio.core.model_io import ensure_node_names
-from opstudio.qt.node_panel import NodePanel, Plan
+from opstudio.core.plan import Plan
+from opstudio.qt.node_panel import NodePanel
 
 
 def test_a_node_refused_with_the_editor_params_is_not_added(app, qtbot):

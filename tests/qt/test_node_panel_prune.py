@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.qt.node_panel import NodePanel, Plan
+from opstudio.core.plan import Plan
+from opstudio.qt.node_panel import NodePanel
 
 
 def swiglu_layer():

@@ -163,7 +163,7 @@ def test_the_window_shows_details_of_a_failure(app, qtbot):
     def boom(*, progress=None, cancelled=None):
         raise OpstudioError("profiling failed: onnxruntime crashed")
 
-    worker = window._start(Worker(boom, name="profile"), lambda value: None, "Profiling")
+    worker = window.runs.start(Worker(boom, name="profile"), lambda value: None, "Profiling")
     qtbot.waitUntil(worker.is_done, timeout=5000)
     qtbot.waitUntil(lambda: not window.banner.isHidden(), timeout=5000)
     assert window.banner.text.text() == "profiling failed: onnxruntime crashed"

@@ -2,8 +2,8 @@
 
 Each technique comes from ``opstudio.core.passes``; it is enabled only when its ``check`` accepts
 every selected node, otherwise it stays visible, disabled, with the core's reason. Parameter
-editors are generated from the pass's ``ParamSpec``s. The plan is a ``Recipe``; every edit goes
-through a ``QUndoStack`` so it can be undone.
+editors are generated from the pass's ``ParamSpec``s. The plan is the core's ``Plan`` (recipe
+steps with undo); the panel edits it and shows it as it changes.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from PySide6.QtCore import QObject, Qt, Signal
-from PySide6.QtGui import QUndoCommand, QUndoStack
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
@@ -38,8 +37,10 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.graph import GraphInfo
 from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.passes.base import ParamSpec, Pass
+from opstudio.core.plan import Plan
 from opstudio.core.recipe import Recipe, Step
 
 MAX_CHECKED = 5000  # checking more nodes than this per selection would stall the UI
@@ -64,59 +65,6 @@ def describe_step(step: Step) -> str:
     params = ", ".join(f"{k}={v}" for k, v in (step.params or {}).items() if v is not None)
     target = step.describe_target()
     return f"{label}  ({params})  →  {target}" if params else f"{label}  →  {target}"
-
-
-class Plan(QObject):
-    """The list of steps being built; ``changed`` fires after every edit."""
-
-    changed = Signal()
-
-    def __init__(self, parent: QObject | None = None) -> None:
-        super().__init__(parent)
-        self.steps: list[Step] = []
-        self.undo_stack = QUndoStack(self)
-
-    def recipe(self) -> Recipe:
-        return Recipe(list(self.steps))
-
-    def add(self, step: Step) -> None:
-        self.undo_stack.push(_Edit(self, [*self.steps, step], f"add {step.technique}"))
-
-    def remove(self, index: int) -> None:
-        steps = [s for i, s in enumerate(self.steps) if i != index]
-        self.undo_stack.push(_Edit(self, steps, "remove step"))
-
-    def replace(self, steps: Sequence[Step], text: str = "load plan") -> None:
-        self.undo_stack.push(_Edit(self, list(steps), text))
-
-    def techniques_by_node(self, graph: Any) -> dict[str, str]:
-        """Node name -> techniques planned for it (the table's "technique" column)."""
-        out: dict[str, list[str]] = {}
-        for step in self.steps:
-            names = list(step.nodes or [])
-            if step.is_selector and graph is not None:
-                names += [n.name for n in graph.nodes if step.selects(n.op_type, [n.name])]
-            for name in names:
-                out.setdefault(name, [])
-                if step.technique not in out[name]:
-                    out[name].append(step.technique)
-        return {k: ", ".join(v) for k, v in out.items()}
-
-    def _set(self, steps: list[Step]) -> None:
-        self.steps = steps
-        self.changed.emit()
-
-
-class _Edit(QUndoCommand):
-    def __init__(self, plan: Plan, steps: list[Step], text: str) -> None:
-        super().__init__(text)
-        self.plan, self.before, self.after = plan, list(plan.steps), steps
-
-    def redo(self) -> None:
-        self.plan._set(list(self.after))
-
-    def undo(self) -> None:
-        self.plan._set(list(self.before))
 
 
 class ParamEditor(QWidget):
@@ -229,7 +177,7 @@ class NodePanel(QWidget):
         super().__init__(parent)
         self.plan = plan
         self.model: onnx.ModelProto | None = None
-        self.graph: Any = None
+        self.graph: GraphInfo | None = None
         self._nodes: dict[str, onnx.NodeProto] = {}
         self.selection: list[str] = []
         self.passes = available_passes()
@@ -290,9 +238,9 @@ class NodePanel(QWidget):
         self.remove_button = QPushButton("Remove")
         self.remove_button.clicked.connect(self.remove_selected_step)
         self.undo_button = QPushButton("Undo")
-        self.undo_button.clicked.connect(plan.undo_stack.undo)
+        self.undo_button.clicked.connect(plan.undo)
         self.redo_button = QPushButton("Redo")
-        self.redo_button.clicked.connect(plan.undo_stack.redo)
+        self.redo_button.clicked.connect(plan.redo)
         self.load_button = QPushButton("Load…")
         self.load_button.clicked.connect(self._on_load)
         self.save_button = QPushButton("Save…")
@@ -305,10 +253,8 @@ class NodePanel(QWidget):
         row2.addWidget(self.save_button)
         row2.addStretch(1)
         plan_layout.addLayout(row2)
-        plan.undo_stack.canUndoChanged.connect(self.undo_button.setEnabled)
-        plan.undo_stack.canRedoChanged.connect(self.redo_button.setEnabled)
-        self.undo_button.setEnabled(False)
-        self.redo_button.setEnabled(False)
+        plan.history_changed.connect(self._refresh_history)
+        self._refresh_history()
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(8, 8, 8, 8)
@@ -323,7 +269,7 @@ class NodePanel(QWidget):
         self._refresh_plan()
 
     # --- inputs ---------------------------------------------------------------------------
-    def set_model(self, model: onnx.ModelProto | None, graph: Any = None) -> None:
+    def set_model(self, model: onnx.ModelProto | None, graph: GraphInfo | None = None) -> None:
         self.model, self.graph = model, graph
         self._nodes = {n.name: n for n in model.graph.node} if model is not None else {}
         self.set_selection([])
@@ -484,6 +430,10 @@ class NodePanel(QWidget):
         if self.plan.steps:
             self.plan_list.setCurrentRow(min(max(current, 0), len(self.plan.steps) - 1))
         self.remove_button.setEnabled(bool(self.plan.steps))
+
+    def _refresh_history(self) -> None:
+        self.undo_button.setEnabled(self.plan.can_undo())
+        self.redo_button.setEnabled(self.plan.can_redo())
 
     def load_recipe(self, path: str | Path) -> None:
         recipe = Recipe.load(path)

@@ -1,0 +1,133 @@
+"""The app's document: the open model, what was measured on it, and the plan being built.
+
+One plain object, free of Qt, holds the state the views show (as napari's ViewerModel does):
+the model path and ``ModelProto``, its analysis (``GraphInfo`` and layout), the run settings,
+the baseline profile and the machine's roofline ceilings, the optimized result and its
+comparison, the advice, and the plan. Each change is announced by an ``Event``; the widgets
+subscribe to these, and the window only wires them together. Results are replaced as a whole,
+in the UI thread, when a worker hands them over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from opstudio.core import report
+from opstudio.core.advisor import Advice
+from opstudio.core.compare import Comparison
+from opstudio.core.errors import OpstudioError
+from opstudio.core.events import Event
+from opstudio.core.graph import GraphInfo
+from opstudio.core.layout import Layout
+from opstudio.core.llm_plan import LlmAdvice
+from opstudio.core.model_io import save_model
+from opstudio.core.opening import Opened
+from opstudio.core.optimize import OptimizeResult
+from opstudio.core.plan import Plan
+from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
+from opstudio.core.recipe import Step
+from opstudio.core.roofline import Machine
+
+AnyAdvice = Advice | LlmAdvice  # per operator, or per layer and role of a language model
+
+
+class Document:
+    """What is open and what was measured; every setter announces itself after the change."""
+
+    def __init__(self, settings: ProfileSettings | None = None) -> None:
+        self.settings = settings or ProfileSettings()
+        self.model_path: Path | None = None
+        self.model: onnx.ModelProto | None = None
+        self.graph: GraphInfo | None = None
+        self.layout: Layout | None = None
+        self.profile: Profile | None = None
+        self.machine: Machine | None = None  # this machine's ceilings, once measured
+        self.optimized: OptimizeResult | None = None
+        self.comparison: Comparison | None = None
+        self.advice: AnyAdvice | None = None
+        self.plan = Plan()
+        self.opened: Event[[Opened]] = Event()
+        self.profiled: Event[[Profile]] = Event()
+        self.compared: Event[[Comparison]] = Event()
+        self.advised: Event[[AnyAdvice]] = Event()
+
+    # --- state changes ------------------------------------------------------------------------
+    def open(self, opened: Opened, plan: list[Step] | None = None) -> None:
+        """A newly opened model: the results of the previous one go, ``plan`` (the one saved
+        with this model) becomes the plan, with nothing to undo."""
+        self.model_path, self.model = opened.path, opened.model
+        self.graph, self.layout = opened.graph, opened.layout
+        self.profile = self.comparison = self.optimized = None
+        self.advice = None
+        self.opened.emit(opened)
+        self.plan.replace(plan or [], "restore plan")
+        self.plan.clear_history()
+
+    def set_profile(self, profile: Profile, machine: Machine | None = None) -> None:
+        """A baseline profile: the comparison made against the previous one no longer shows."""
+        self.profile, self.comparison = profile, None
+        if machine is not None:
+            self.machine = machine
+        self.profiled.emit(profile)
+
+    def set_comparison(self, optimized: OptimizeResult, comparison: Comparison) -> None:
+        self.optimized, self.comparison = optimized, comparison
+        self.profile = comparison.before
+        self.compared.emit(comparison)
+
+    def set_advice(self, advice: AnyAdvice) -> None:
+        """Advice; a per-node scan also brings the machine's ceilings and, when nothing was
+        profiled yet, a baseline (the scan's own)."""
+        self.advice = advice
+        if isinstance(advice, Advice):
+            self.machine = advice.machine
+            if self.profile is None:
+                self.set_profile(advice.sensitivity.baseline)
+        self.advised.emit(advice)
+
+    # --- questions ----------------------------------------------------------------------------
+    def slowest(self) -> list[NodeStats]:
+        """The profiled operators, slowest first (none before a profile)."""
+        return sorted(self.profile.nodes, key=lambda s: -s.p50_ms) if self.profile else []
+
+    # --- files --------------------------------------------------------------------------------
+    def save_optimized(self, path: str | Path, overwrite: bool = False) -> Path:
+        if self.optimized is None:
+            raise OpstudioError("nothing to save: run Optimize & compare first")
+        if self.model_path is not None and Path(path).resolve() == self.model_path:
+            raise OpstudioError(f"{path}: is the original model; choose another file")
+        return save_model(self.optimized.model, path, overwrite=overwrite)
+
+    def export_report(self, path: str | Path) -> Path:
+        """HTML, JSON or CSV by the file's extension."""
+        if self.comparison is None:
+            raise OpstudioError("nothing to export: run Optimize & compare first")
+        p = Path(path)
+        steps = self.optimized.steps if self.optimized is not None else ()
+        suffix = p.suffix.lower()
+        if suffix == ".json":
+            return report.write_json(self.comparison, p, steps)
+        if suffix == ".csv":
+            return report.write_csv(self.comparison, p)
+        title = self.model_path.name if self.model_path else ""
+        return report.write_html(self.comparison, p, steps, title=title)
+
+
+def profile_summary(profile: Profile) -> str:
+    """The status line after a profile: the time per run and the first thing to know."""
+    total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
+    message = f"Profiled: {total:.3f} ms per run (p50)"
+    return message + (" — " + profile.notes[0] if profile.notes else "")
+
+
+def comparison_summary(comparison: Comparison) -> str:
+    """The status line after Optimize & compare: the verdict with its interval ("≈ 1×" when
+    the change is within the noise), and how quiet the machine was."""
+    verdict = comparison.verdict_text()
+    if not verdict:
+        return "Optimized"
+    timed = "without the profiler" if comparison.plain_ratio is not None else "profiled"
+    noise = comparison.noise()
+    return f"Optimized: {verdict} ({timed})" + (f" — {noise}" if noise else "")

@@ -1,0 +1,81 @@
+"""What leaves the app: the optimized model, the report, and the models shown in Netron.
+
+The file writing itself is the document's; this asks where, and opens the Netron windows
+(the optimized model goes through a private temporary folder removed at exit)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from PySide6.QtWidgets import QFileDialog, QStatusBar, QWidget
+
+from opstudio.core.document import Document
+from opstudio.core.errors import OpstudioError
+from opstudio.core.model_io import save_model
+from opstudio.qt.netron_view import NetronWindow
+
+
+class Exports:
+    def __init__(self, doc: Document, parent: QWidget, status: Callable[[], QStatusBar],
+                 show_error: Callable[[str], None]) -> None:
+        self.doc, self.parent, self.status, self.show_error = doc, parent, status, show_error
+        self.netron_windows: list[NetronWindow] = []
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="opstudio-gui-"))
+
+    def save_optimized_dialog(self) -> None:
+        path = self.doc.model_path
+        if self.doc.optimized is None or path is None:
+            return
+        suggested = str(path.with_name(path.stem + ".optimized.onnx"))
+        target, _ = QFileDialog.getSaveFileName(self.parent, "Save optimized model", suggested,
+                                                "ONNX model (*.onnx)")
+        if target:
+            # the dialog already asked before replacing an existing file
+            self._write(lambda: self.doc.save_optimized(target, overwrite=True), "Saved", target)
+
+    def export_report_dialog(self) -> None:
+        path = self.doc.model_path
+        if self.doc.comparison is None or path is None:
+            return
+        suggested = str(path.with_name(path.stem + ".report.html"))
+        target, _ = QFileDialog.getSaveFileName(
+            self.parent, "Export report", suggested,
+            "HTML report (*.html);;JSON (*.json);;CSV (*.csv)")
+        if target:
+            self._write(lambda: self.doc.export_report(target), "Wrote", target)
+
+    def _write(self, write: Callable[[], Path], verb: str, target: str) -> None:
+        try:
+            write()
+            self.status().showMessage(f"{verb} {target}", 6000)
+        except OpstudioError as exc:
+            self.show_error(str(exc))
+
+    # --- netron -------------------------------------------------------------------------------
+    def open_netron(self, path: str | Path, title: str = "") -> NetronWindow:
+        w = NetronWindow(path, title)
+        w.closed.connect(lambda win: self.netron_windows.remove(win)
+                         if win in self.netron_windows else None)
+        self.netron_windows.append(w)
+        w.show()
+        return w
+
+    def open_netron_original(self) -> None:
+        if self.doc.model_path is not None:
+            self.open_netron(self.doc.model_path)
+
+    def open_netron_optimized(self) -> None:
+        path = self.doc.model_path
+        if self.doc.optimized is None or path is None:
+            return
+        target = self._tmpdir / (path.stem + ".optimized.onnx")
+        save_model(self.doc.optimized.model, target, overwrite=True)
+        self.open_netron(target, f"{path.stem} (optimized)")
+
+    def close(self) -> None:
+        for w in list(self.netron_windows):
+            w.close()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
