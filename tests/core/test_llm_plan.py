@@ -51,6 +51,17 @@ def test_plan_takes_most_gain_per_error_within_the_limit():
     assert plan_for_limit(options, 0.0) == {(0, "b"): options[(0, "b")][0]}
 
 
+def test_a_plan_upgrades_from_one_technique_everywhere():
+    int8 = {u: _Option("int8", 1.0, 0.1, [str(u)]) for u in ((0, "a"), (1, "a"))}
+    options = {u: [o, _Option("int4", 3.0, 0.3 if u[0] == 0 else 0.5, [str(u)])]
+               for u, o in int8.items()}
+    # from nothing, the greedy's first steps would be the cheap ones; from INT8 everywhere,
+    # the least sensitive unit moves to INT4 once the limit has room for it
+    assert plan_for_limit(options, 0.25, int8) == int8
+    plan = plan_for_limit(options, 0.45, int8)
+    assert {u: o.variant for u, o in plan.items()} == {(0, "a"): "int4", (1, "a"): "int8"}
+
+
 def test_an_option_covering_other_units_replaces_them():
     # pruning a gated MLP takes its gate, up and down projections together
     gate, up, down = (0, "mlp/gate_proj/MatMul"), (0, "mlp/up_proj/MatMul"), \

@@ -661,13 +661,19 @@ class _Option:
     covers: tuple[tuple[int, str], ...] = ()  # other units this option takes over
 
 
-def plan_for_limit(options: Mapping[tuple[int, str], Sequence[_Option]], limit: float
+def plan_for_limit(options: Mapping[tuple[int, str], Sequence[_Option]], limit: float,
+                   start: Mapping[tuple[int, str], _Option] | None = None
                    ) -> dict[tuple[int, str], _Option]:
     """At most one option per unit, greatest total gain with total error ≤ ``limit``, greedily
-    by gain per error (an option that covers other units replaces what they had)."""
-    current: dict[tuple[int, str], _Option] = {}
-    locked: set[tuple[int, str]] = set()
-    total = 0.0
+    by gain per error (an option that covers other units replaces what they had).
+
+    ``start``: an assignment to upgrade from (one technique everywhere that is known to hold
+    the budget): the greedy then only moves units to options that save more. A pure greedy
+    from nothing spends the error on the most efficient small steps and can end below what one
+    technique everywhere gives."""
+    current: dict[tuple[int, str], _Option] = dict(start or {})
+    locked: set[tuple[int, str]] = {u for o in current.values() for u in o.covers}
+    total = sum(o.err for o in current.values())
 
     def held(unit: tuple[int, str], opt: _Option) -> tuple[float, float]:
         units = [unit, *opt.covers]
@@ -946,7 +952,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
 
     def verify(limit: float) -> bool | None:
         nonlocal best
-        choice = plan_for_limit(options, limit)
+        choice = plan_for_limit(options, limit, start)
         recipe, chosen = realise(choice)
         if not recipe.steps:
             limits_tried.append((limit, True))
@@ -971,9 +977,31 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             best = (limit, recipe, chosen, (top1, kl))
         return ok
 
+    # the fastest technique that holds the budget on every node it takes is a plan already:
+    # the search upgrades units from there
+    start: dict[tuple[int, str], _Option] = {}
+    holders = sorted((w for w in whole if w.speedup is not None and w.high is not None
+                      and w.high < 1.0 and w.ratio < MIN_SPEEDUP and holds(w.top1, w.kl)),
+                     key=lambda w: w.ratio or 1.0)
+    base_variant = holders[0].variant if holders else None
+    if base_variant is not None:
+        for unit, opts in options.items():
+            mine = next((o for o in opts if o.variant == base_variant), None)
+            if mine is not None:
+                start[unit] = mine
+        base_err = sum(o.err for o in start.values())
+        recipe_b, chosen_b = realise(start)
+        w = holders[0]
+        best = (base_err, recipe_b, chosen_b, (w.top1, w.kl))
+        frontier.append(FrontierPoint(f"{vmap[base_variant].label} everywhere", w.top1, w.kl,
+                                      None, kind="plan", limit=base_err, holds=True))
+        log.append(f"start: {vmap[base_variant].label} on every node holds the budget "
+                   f"(top-1 {_f(w.top1)}, KL {_f(w.kl)}, {w.speedup:.2f}×); plans upgrade "
+                   "units from there")
+        guess = max(guess, 1.5 * base_err)
     if options and guess > 0:
         say(0.75, "searching the plan's error limit by measuring")
-        lo, hi = None, None
+        lo, hi = (best[0] if best is not None else None), None
         limit = guess
         for _ in range(MAX_VERIFY):
             stop()
@@ -1005,10 +1033,29 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         stop()
         say(0.92, f"timing the plan on the {phase} step")
         tid = f"plan|{json.dumps(recipe.to_json(), sort_keys=True)}"
-        res = call_isolated(measure_speed, path, timed, [prompt], [(tid, recipe.to_json())],
-                            cache, settings.threads, time_budget_s, None,
-                            timeout=max(settings.timeout_s, 60.0) * 4, cancelled=cancelled,
-                            task="timing the plan").get(tid, {})
+        timing_tasks = [(tid, recipe.to_json())]
+        base_tid = None
+        if start and best[0] != sum(o.err for o in start.values()):
+            recipe_b, _ = realise(start)
+            base_tid = f"plan|{json.dumps(recipe_b.to_json(), sort_keys=True)}"
+            timing_tasks.append((base_tid, recipe_b.to_json()))
+        timings = call_isolated(measure_speed, path, timed, [prompt], timing_tasks,
+                                cache, settings.threads, time_budget_s, None,
+                                timeout=max(settings.timeout_s, 60.0) * 4, cancelled=cancelled,
+                                task="timing the plan")
+        res = timings.get(tid, {})
+        other = timings.get(base_tid, {}) if base_tid else {}
+        if res.get("ratio") and other.get("ratio") and other["ratio"] < res["ratio"]:
+            # the upgrades did not pay in the whole model: one technique everywhere wins
+            log.append(f"the upgraded plan ran {res['ratio']:.3f}× the time, "
+                       f"{vmap[base_variant].label} everywhere {other['ratio']:.3f}×: "
+                       "keeping the latter")
+            recipe, chosen = realise(start)
+            w = holders[0]
+            top1, kl = w.top1, w.kl
+            verified = {"top1": top1, "kl": kl}
+            best = (sum(o.err for o in start.values()), recipe, chosen, (top1, kl))
+            res = other
         if res.get("ratio"):
             speed_point = FrontierPoint("the plan", top1, kl, 1.0 / res["ratio"],
                                         1.0 / res["high"], 1.0 / res["low"], kind="plan",
@@ -1027,7 +1074,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     # double the search); the whole-model variants were timed
     for p in frontier:
         if p.speedup is None and p.limit is not None and base_ms > 0:
-            gain = sum(o.gain for o in plan_for_limit(options, p.limit).values())
+            gain = sum(o.gain for o in plan_for_limit(options, p.limit, start).values())
             p.speedup = base_ms / max(base_ms - gain, 1e-9)
     for w in whole:
         if w.speedup is not None:
