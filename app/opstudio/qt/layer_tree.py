@@ -16,7 +16,6 @@ from PySide6.QtCore import (
     QAbstractItemModel,
     QModelIndex,
     QPersistentModelIndex,
-    QSortFilterProxyModel,
     Qt,
 )
 from PySide6.QtGui import QFont
@@ -303,22 +302,12 @@ class LayerTreeModel(QAbstractItemModel):
         return None
 
 
-class LayerFilterProxy(QSortFilterProxyModel):
+class LayerFilterProxy(ot.NeedleFilter):
     """Keeps the operators whose name, op type or technique hold the text, and their groups."""
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
-        self._needle = ""
         self.setRecursiveFilteringEnabled(True)
-
-    def set_needle(self, text: str) -> None:
-        if hasattr(self, "endFilterChange"):  # Qt >= 6.10; invalidateFilter is deprecated there
-            self.beginFilterChange()
-            self._needle = text.strip().lower()
-            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
-        else:
-            self._needle = text.strip().lower()
-            self.invalidateFilter()
 
     def filterAcceptsRow(self, row: int, parent: _Index) -> bool:
         if not self._needle:

@@ -17,7 +17,6 @@ from PySide6.QtCore import (
     QItemSelectionModel,
     QModelIndex,
     QPersistentModelIndex,
-    QSortFilterProxyModel,
     Qt,
     Signal,
 )
@@ -38,6 +37,7 @@ from PySide6.QtWidgets import (
 
 from opstudio.core.graph import GraphInfo
 from opstudio.core.layers import MODULE_LABELS, LayerGrouping, group_layers
+from opstudio.qt import op_table_model as ot_model
 from opstudio.qt.layer_tree import LAYER, MODULE, OP, LayerFilterProxy, LayerTreeModel
 from opstudio.qt.op_table_model import (
     COL_AFTER,
@@ -72,22 +72,9 @@ _ROLE_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "C
              "Attention", "MultiHeadAttention", "GroupQueryAttention", "GatherBlockQuantized"}
 
 
-class OpFilterProxy(QSortFilterProxyModel):
+class OpFilterProxy(ot_model.NeedleFilter):
     """Filters on name, op type and technique only: formatting every number of 10k rows on each
     keystroke is what makes a filter box feel slow."""
-
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self._needle = ""
-
-    def set_needle(self, text: str) -> None:
-        if hasattr(self, "endFilterChange"):  # Qt >= 6.10; invalidateFilter is deprecated there
-            self.beginFilterChange()
-            self._needle = text.strip().lower()
-            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
-        else:
-            self._needle = text.strip().lower()
-            self.invalidateFilter()
 
     def filterAcceptsRow(self, row: int, parent: _Index) -> bool:
         if not self._needle:
