@@ -24,6 +24,7 @@ def test_statistics_match_numpy_over_all_rows_of_all_samples():
         assert got.rows == 15
         np.testing.assert_allclose(got.sq_norm, (expected ** 2).sum(0), rtol=1e-4)
         np.testing.assert_allclose(got.abs_mean, np.abs(expected).mean(0), rtol=1e-4)
+        np.testing.assert_allclose(got.abs_max, np.abs(expected).max(0), rtol=1e-5)
         np.testing.assert_allclose(got.gram, expected.T @ expected, rtol=1e-4, atol=1e-6)
 
 

@@ -304,3 +304,130 @@ def test_same_input_gives_same_bytes():
     c = get_pass("int8-dynamic").apply(model, ["mm0"], {}, PassContext()).model
     d = get_pass("int8-dynamic").apply(model, ["mm0"], {}, PassContext()).model
     assert c.SerializeToString() == d.SerializeToString()
+
+
+# SmoothQuant ------------------------------------------------------------------------------------
+
+OUTLIERS = [3, 17]  # input features 50× larger than the rest, as in LLM activations
+
+
+def outlier_input(seed: int, rows: int = 8) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
+    x[:, OUTLIERS] *= 50
+    return {"x": x}
+
+
+def attention_inputs() -> onnx.ModelProto:
+    """x → q (MatMul), k (MatMul), v (Gemm transB) and side (MatMul, not chosen) → sum → y.
+
+    side shares q's weight, so the original weight must stay for it.
+    """
+    rng = np.random.default_rng(1)
+    weights = {name: (rng.standard_normal(shape) * 0.1).astype(np.float32)
+               for name, shape in (("Wq", (64, 32)), ("Wk", (64, 32)), ("Wv", (32, 64)))}
+    nodes = [
+        helper.make_node("MatMul", ["x", "Wq"], ["q_out"], name="q"),
+        helper.make_node("MatMul", ["x", "Wk"], ["k_out"], name="k"),
+        helper.make_node("Gemm", ["x", "Wv"], ["v_out"], name="v", transB=1),
+        helper.make_node("MatMul", ["x", "Wq"], ["side_out"], name="side"),
+        helper.make_node("Sum", ["q_out", "k_out", "v_out", "side_out"], ["y"], name="sum"),
+    ]
+    graph = helper.make_graph(
+        nodes, "qkv", [helper.make_tensor_value_info("x", 1, [8, 64])],
+        [helper.make_tensor_value_info("y", 1, [8, 32])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def outlier_mlp() -> onnx.ModelProto:
+    """fc1 → relu → fc2 whose input has outlier features; fc1's rows for them are 10× smaller,
+    so that (as in a trained LLM) the output does not come from those two features alone."""
+    rng = np.random.default_rng(2)
+    w1 = (rng.standard_normal((64, 128)) * 0.1).astype(np.float32)
+    w1[OUTLIERS] *= 0.1
+    w2 = (rng.standard_normal((128, 32)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="act"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        "mlp", [helper.make_tensor_value_info("x", 1, ["batch", 64])],
+        [helper.make_tensor_value_info("y", 1, ["batch", 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_smoothing_alone_leaves_the_output_unchanged():
+    from opstudio.core.passes import _smoothquant as smoothquant
+    from opstudio.core.passes._activations import input_stats
+
+    model = attention_inputs()
+    chosen = ["q", "k", "v"]
+    axes = smoothquant.smoothable(model, chosen)
+    assert axes == {"q": 0, "k": 0, "v": 1}
+    stats = input_stats(model, chosen, [outlier_input(s) for s in range(4)])
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    created = smoothquant.smooth(smoothed, axes, 0.5, {n: s.abs_max for n, s in stats.items()})
+    assert created == {"q_smooth": ["q", "k", "v"]}
+    onnx.checker.check_model(smoothed, full_check=True)
+    # the weights really moved: the outlier rows of q's weight grew by s > 1
+    inits = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    by_name = {n.name: n for n in smoothed.graph.node}
+    scaled_q = inits[by_name["q"].input[1]]
+    ratio = np.abs(scaled_q).max(axis=1) / np.abs(inits["Wq"]).max(axis=1)
+    assert ratio[OUTLIERS].min() > 3 * np.median(ratio)
+    for seed in (50, 51):
+        feeds = outlier_input(seed)
+        ref, new = run(model, feeds), run(smoothed, feeds)
+        np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_smooth_quant_inserts_one_float_mul_per_input_tensor():
+    model = attention_inputs()
+    ctx = PassContext(inputs=[outlier_input(s) for s in range(4)])
+    result = get_pass("int8-static").apply(model, ["q", "k", "v"],
+                                           {"samples": 4, "smooth_quant": 0.5}, ctx)
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert sorted(result.applied) == ["k", "q", "v"]
+    assert all(result.details[n]["smooth_quant"] == 0.5 for n in result.applied)
+    muls = [n for n in out.graph.node if n.op_type == "Mul"]
+    assert [m.name for m in muls] == ["q_smooth"]
+    assert provenance.get_origin(muls[0]) == ["q", "k", "v"]
+    assert muls[0].input[0] == "x"
+    producers = {o: n for n in out.graph.node for o in n.output}
+    # the Mul stays float: it reads x itself, not a DequantizeLinear output
+    assert "x" not in producers
+    by_name = {n.name: n for n in out.graph.node}
+    assert by_name["side"].input == ["x", "Wq"]  # not chosen: reads x and its own weight
+    for name in ("q", "k", "v"):  # chosen: quantized, fed by the smoothed tensor
+        dq = producers[by_name[name].input[0]]
+        assert dq.op_type == "DequantizeLinear"
+        assert producers[producers[dq.input[0]].input[0]].name == "q_smooth"
+    assert any("SmoothQuant" in note for note in result.notes)
+    feeds = outlier_input(60)
+    assert rel_error(run(model, feeds), run(out, feeds)) < 0.05
+    again = get_pass("int8-static").apply(model, ["q", "k", "v"],
+                                          {"samples": 4, "smooth_quant": 0.5}, ctx).model
+    assert again.SerializeToString() == out.SerializeToString()
+
+
+def test_smooth_quant_lowers_the_error_on_outlier_activations():
+    model = outlier_mlp()
+    ctx = PassContext(inputs=[outlier_input(s) for s in range(16)])
+    errors = {}
+    for alpha in (0.0, 0.5):
+        out = get_pass("int8-static").apply(model, ["fc1", "fc2"],
+                                            {"samples": 16, "smooth_quant": alpha}, ctx).model
+        errors[alpha] = np.mean([rel_error(run(model, outlier_input(s)),
+                                           run(out, outlier_input(s))) for s in range(100, 108)])
+    assert errors[0.5] < 0.5 * errors[0.0], errors
+
+
+def test_smooth_quant_is_validated_and_off_by_default():
+    p = get_pass("int8-static")
+    assert p.validate_params({})["smooth_quant"] == 0.0
+    with pytest.raises(OpstudioError, match="at most 1"):
+        p.validate_params({"smooth_quant": 1.5})
+    out = p.apply(outlier_mlp(), ["fc1"], {"samples": 2}, PassContext()).model
+    assert not [n for n in out.graph.node if n.op_type == "Mul"]

@@ -2,9 +2,10 @@
 
 Activation-aware techniques weigh a weight's columns by the inputs they multiply: SVD-LLM whitens
 by the Gram matrix XᵀX before truncating, ASVD and AWQ scale by mean |x|, Wanda scores a weight by
-|W|·‖x‖. All of them need the same few statistics of the input of each chosen MatMul/Gemm, taken
-over every position of every calibration sample. The model is run once with those inputs added as
-graph outputs; nodes that read the same tensor (q/k/v, gate/up projections) share its statistics.
+|W|·‖x‖, SmoothQuant divides by max |x|. All of them need the same few statistics of the input of
+each chosen MatMul/Gemm, taken over every position of every calibration sample. The model is run
+once with those inputs added as graph outputs; nodes that read the same tensor (q/k/v, gate/up
+projections) share its statistics.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class InputStats:
     rows: int
     sq_norm: np.ndarray  # [K] Σ x² over rows (‖x_j‖² per input feature)
     abs_mean: np.ndarray  # [K] mean |x| per input feature
+    abs_max: np.ndarray  # [K] max |x| per input feature (SmoothQuant's outlier measure)
     gram: np.ndarray | None = None  # [K, K] Σ xᵀx (float64), when asked for
 
     @property
@@ -84,9 +86,13 @@ def _accumulate(stats: dict[str, InputStats], name: str, x: np.ndarray, gram: bo
     if entry is None:
         k = x.shape[1]
         entry = stats[name] = InputStats(rows=0, sq_norm=np.zeros(k), abs_mean=np.zeros(k),
+                                         abs_max=np.zeros(k),
                                          gram=np.zeros((k, k)) if gram else None)
     entry.rows += x.shape[0]
     entry.sq_norm += np.einsum("ij,ij->j", x, x)
-    entry.abs_mean += np.abs(x).sum(axis=0)  # a sum until input_stats divides by the rows
+    magnitude = np.abs(x)
+    entry.abs_mean += magnitude.sum(axis=0)  # a sum until input_stats divides by the rows
+    if x.shape[0]:
+        np.maximum(entry.abs_max, magnitude.max(axis=0), out=entry.abs_max)
     if entry.gram is not None:
         entry.gram += x.T @ x

@@ -7,6 +7,9 @@
   measured on calibration inputs (``quantize_static``, QDQ format, uint8 activations, int8
   weights — onnxruntime's advice for x86 CPUs); onnxruntime fuses them into QLinear kernels.
   ``per_channel`` on a model below opset 13 raises its opset to 13 (DequantizeLinear's ``axis``).
+  ``smooth_quant`` (α > 0) first applies SmoothQuant (``_smoothquant``) to the chosen
+  MatMul/Gemm nodes: activation outliers move into the weights through a float ``Mul`` per
+  input tensor, which stays float; only the chosen nodes are quantized.
 
 Only the chosen nodes are touched: their names go to ``nodes_to_quantize``. Weights held in
 ``Constant`` nodes are moved to initializers first, since the quantizers require that. Random
@@ -27,6 +30,8 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.graph_utils import nodes_by_name
 from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes import _smoothquant as smoothquant
+from opstudio.core.passes._activations import input_stats
 from opstudio.core.passes._calibration import (
     calibration_params,
     calibration_samples,
@@ -94,6 +99,9 @@ class _Int8Pass(Pass):
         if folded:
             notes.append(f"made {len(folded)} constant weight(s) initializers "
                          "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
+        extra_details: dict[str, dict[str, Any]] = {}
+        if not self.dynamic and params.get("smooth_quant"):
+            extra_details = _smooth(work, chosen, params, ctx, notes)
         # the name each chosen node has in the model handed to onnxruntime
         target = {name: name for name in chosen}
         if self.dynamic:
@@ -125,7 +133,7 @@ class _Int8Pass(Pass):
         by_target = ort_support.settle(work, result, rewritten)
         details = {}
         for name in applied:
-            details[name] = {**by_target[target[name]], **extra}
+            details[name] = {**by_target[target[name]], **extra, **extra_details.get(name, {})}
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
@@ -190,6 +198,10 @@ class Int8StaticPass(_Int8Pass):
                   choices=METHODS),
         ParamSpec("per_channel", "bool", False, "Per channel",
                   "one weight scale per output channel instead of one per tensor"),
+        ParamSpec("smooth_quant", "float", 0.0, "SmoothQuant α",
+                  "move activation outliers into the weights first (SmoothQuant; 0 = off, "
+                  "0.5 usual for LLMs): x/s · s·W with s = max|x|^α / max|W|^(1−α)",
+                  minimum=0.0, maximum=1.0),
     )
     ops = STATIC_OPS
     dynamic = False
@@ -258,6 +270,28 @@ class Int8StaticPass(_Int8Pass):
                 return any(producers.get(i) is not None
                            and producers[i].op_type == "DequantizeLinear" for i in node.input)
         return False
+
+
+def _smooth(work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+            ctx: PassContext, notes: list[str]) -> dict[str, dict[str, Any]]:
+    """SmoothQuant on ``work`` in place, before quantizing; per smoothed node its details."""
+    alpha = params["smooth_quant"]
+    axes = smoothquant.smoothable(work, chosen)
+    if not axes:
+        notes.append("SmoothQuant: none of the nodes has a constant float32 weight to scale")
+        return {}
+    samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
+
+    def progress(fraction: float, message: str) -> None:
+        ctx.report(0.1 + 0.15 * fraction, f"int8-static SmoothQuant: {message}")
+
+    measuring = PassContext(progress=progress, cancelled=ctx.cancelled)
+    stats = input_stats(work, list(axes), samples, ctx=measuring)
+    created = smoothquant.smooth(work, axes, alpha, {n: s.abs_max for n, s in stats.items()})
+    served = [name for members in created.values() for name in members]
+    notes.append(f"SmoothQuant (α={alpha:g}) scaled {len(created)} input tensor(s) of "
+                 f"{len(served)} node(s) before quantizing")
+    return {name: {"smooth_quant": alpha} for name in served}
 
 
 class _Reader:
