@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = next((r for r in rows if r["model"].startswith("advisor")), None)
     holding = [r for r in rows if r["model"].startswith("whole") and r["top1_b"] >= args.budget]
     if plan is not None:
-        beats = all(plan["low"] > r["high"] or plan["speedup"] > r["speedup"] for r in holding)
+        # beyond the noise: the plan's interval above each one's (two identical models timed
+        # in the same rounds can differ by a few per cent on a busy machine)
+        beats = all(plan["low"] > r["high"] for r in holding)
         print(f"plan holds the budget on prompt B: {plan['top1_b'] >= args.budget}; decodes "
               f"faster than every whole-model variant that holds it "
               f"({', '.join(r['model'] for r in holding) or 'none holds'}): {beats}")
