@@ -626,7 +626,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                 if built is not None:
                     judged[task_id] = {k: built[k] for k in ("top1", "kl") if k in built}
                     continue
-                if reference is not None:
+                if reference is not None and judge is not None:
                     top1, kl = next_token_error(
                         reference, sessions[task_id].run([name], dict(judge))[0])
                     judged[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
@@ -867,11 +867,13 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             role_nodes[(v.id, role)] = ts
             tasks.append((f"role|{v.id}|{role}", recipe_of([(v, ts)]).to_json()))
     reference = next((v for v in variants if usable[v.id] and pays(v)), None)
-    measured_layers = sample_layers(layers, layer_samples) if reference else []
-    for layer in measured_layers:
-        ts = [t for t in usable[reference.id] if t.layer == layer]
-        if ts:
-            tasks.append((f"layer|{layer}", recipe_of([(reference, ts)]).to_json()))
+    measured_layers: list[int] = []
+    if reference is not None:
+        measured_layers = sample_layers(layers, layer_samples)
+        for layer in measured_layers:
+            ts = [t for t in usable[reference.id] if t.layer == layer]
+            if ts:
+                tasks.append((f"layer|{layer}", recipe_of([(reference, ts)]).to_json()))
     stop()
     say(0.25, f"measuring {len(tasks)} rewrites on the prompt")
     acc = accuracy_in_parallel(path, prompt, tasks, cache, settings.threads,
@@ -936,10 +938,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     if budget.max_kl is not None:
         guess = budget.max_kl
     else:
-        a_fit, b_fit = fit_top1([(r.kl, r.top1) for r in roles]
-                                + [(w.kl, w.top1) for w in whole]
-                                + [(acc[f"layer|{x}"].get("kl"), acc[f"layer|{x}"].get("top1"))
-                                   for x in layer_kl])
+        measured = ([(r.kl, r.top1) for r in roles] + [(w.kl, w.top1) for w in whole]
+                    + [(acc[f"layer|{x}"].get("kl"), acc[f"layer|{x}"].get("top1"))
+                       for x in layer_kl])
+        a_fit, b_fit = fit_top1([(k, t) for k, t in measured if k is not None and t is not None])
         guess = ((1.0 - budget.min_top1) / a_fit) ** (1.0 / b_fit) if budget.min_top1 < 1 \
             else 0.0
     frontier: list[FrontierPoint] = []
@@ -981,7 +983,8 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     # the search upgrades units from there
     start: dict[tuple[int, str], _Option] = {}
     holders = sorted((w for w in whole if w.speedup is not None and w.high is not None
-                      and w.high < 1.0 and w.ratio < MIN_SPEEDUP and holds(w.top1, w.kl)),
+                      and w.high < 1.0 and w.ratio is not None and w.ratio < MIN_SPEEDUP
+                      and holds(w.top1, w.kl)),
                      key=lambda w: w.ratio or 1.0)
     base_variant = holders[0].variant if holders else None
     if base_variant is not None:
@@ -1006,10 +1009,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         for _ in range(MAX_VERIFY):
             stop()
             say(0.75 + 0.15 * len(limits_tried) / MAX_VERIFY, f"verifying a plan at KL ≤ {limit:.3g}")
-            ok = verify(limit)
-            if ok is None or ok:
+            held = verify(limit)
+            if held is None or held:
                 lo = limit
-                if ok is None and hi is None and all(o.err <= limit for opts in options.values()
+                if held is None and hi is None and all(o.err <= limit for opts in options.values()
                                                      for o in opts):
                     break
             else:
@@ -1048,7 +1051,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         if res.get("ratio") and other.get("ratio") and other["ratio"] < res["ratio"]:
             # the upgrades did not pay in the whole model: one technique everywhere wins
             log.append(f"the upgraded plan ran {res['ratio']:.3f}× the time, "
-                       f"{vmap[base_variant].label} everywhere {other['ratio']:.3f}×: "
+                       f"{vmap[holders[0].variant].label} everywhere {other['ratio']:.3f}×: "
                        "keeping the latter")
             recipe, chosen = realise(start)
             w = holders[0]

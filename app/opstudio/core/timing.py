@@ -132,7 +132,7 @@ def median_interval(times_ms: Sequence[float]) -> tuple[float, float]:
     return _median_ci(t)
 
 
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
+def paired_ratio(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> Ratio:
     r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
     lo, hi = _median_ci(r)
     return Ratio(float(np.median(r)), lo, hi, int(r.size))
