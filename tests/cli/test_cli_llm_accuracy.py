@@ -48,3 +48,23 @@ def test_compare_json_has_kl_and_the_summary_line_is_printed(decoder, capsys):
     assert data["accuracy"]["next_token"] == {"outputs": ["logits"], "top1_agreement": 1.0,
                                               "kl_divergence": 0.0}
     assert data["accuracy"]["outputs"][1]["top1_agreement"] is None
+
+
+def test_a_decode_step_after_a_synthetic_past_says_its_accuracy_means_little(tmp_path, capsys):
+    import numpy as np
+
+    from llm_builders import kv_decoder, prompt_inputs
+
+    path, recipe = tmp_path / "kv.onnx", tmp_path / "r.json"
+    onnx.save(kv_decoder("gqa"), path)
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"technique": "int8-weight", "op_types": ["MatMul"]}]}))
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(path), "--recipe", str(recipe), "-o", str(out),
+                 "--phase", "decode", "--past", "8"]) == 0
+    assert "synthetic past of zeros" in capsys.readouterr().out
+    prompt = tmp_path / "prompt.npz"
+    np.savez(prompt, **prompt_inputs())
+    assert main(["compare", str(path), str(out), "--phase", "decode", "--inputs", str(prompt),
+                 "--runs", "3"]) == 0
+    assert "synthetic past" not in capsys.readouterr().out

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
-from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
+from opstudio.cli.common import (
+    clear_progress,
+    print_table,
+    progress_printer,
+    synthetic_past_note,
+    write_json,
+)
 from opstudio.cli.request_view import (
     add_request_flags,
     apply_request_args,
@@ -42,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if not quiet:
         clear_progress()
         print_summary(result, args.top)
+        note = synthetic_past_note(settings.phase, args.inputs)
+        if note:
+            print(note)
         if result.request is not None:
             print()
             print_request_comparison(result.request)

@@ -21,6 +21,7 @@ from opstudio.cli.common import (
     parse_phase,
     parse_shapes,
     print_table,
+    synthetic_past_note,
     write_json,
 )
 from opstudio.core.errors import OpstudioError
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
                      "top-1", "KL nats"), rows, "llrrrrrr")
         if accuracy.summary():
             print(accuracy.summary())
+        note = synthetic_past_note(phase, args.inputs)
+        if note:
+            print(note)
         size_before, size_after = model.ByteSize(), result.model.ByteSize()
         print(f"wrote {dst} ({human_bytes(size_after)}, was {human_bytes(size_before)})")
     if args.report:
