@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from opstudio.cli.cmd_profile import add_profile_flags, print_roofline, settings_from_args
@@ -97,13 +98,7 @@ def run(args: argparse.Namespace) -> int:
                      (c.error or "")[:60]))
     print_table(("operator", "op", "bound", "technique", "before ms", "after ms", "cosine",
                  "SNR dB", "note"), rows, "lllllrrrrl")
-    refused = [f"{t}: {why}" for t, nodes in sens.refused.items() for why in nodes.values()]
-    if refused:
-        print(f"not tried ({len(refused)}, the technique cannot take the node): "
-              + reasons.summarise(refused, limit=4))
-    print()
-    for line in plan.log:
-        print(line)
+    _print_refused_and_log(sens.refused, plan.log)
     print(f"\nplan ({budget.describe()}): {len(plan.chosen)} rewrites, predicted gain "
           f"{plan.predicted_gain_ms:.4f} ms of {sens.baseline.total_ms['mean']:.4f} ms")
     for c in plan.chosen:
@@ -177,13 +172,7 @@ def print_llm_advice(advice: LlmAdvice) -> None:
         ref = names.get(advice.variants[0].id, "")
         print(f"\nlayer sensitivity ({ref} on every role of one layer; KL nats): "
               + ", ".join(f"{k}: {v:.3g}" for k, v in sorted(advice.layer_kl.items())))
-    refused = [f"{t}: {why}" for t, nodes in advice.refused.items() for why in nodes.values()]
-    if refused:
-        print(f"not tried ({len(refused)}, the technique cannot take the node): "
-              + reasons.summarise(refused, limit=4))
-    print()
-    for line in advice.log:
-        print(line)
+    _print_refused_and_log(advice.refused, advice.log)
     if advice.frontier:
         print(f"\nfrontier (next-token agreement vs {step} speedup; base "
               f"{advice.base_ms:.2f} ms):")
@@ -217,5 +206,12 @@ def _db(x: float | None) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
-
-
+def _print_refused_and_log(refused: Mapping[str, Mapping[str, str]], log: Sequence[str]) -> None:
+    """What no technique could take, grouped, then the planner's log."""
+    reasons_ = [f"{t}: {why}" for t, nodes in refused.items() for why in nodes.values()]
+    if reasons_:
+        print(f"not tried ({len(reasons_)}, the technique cannot take the node): "
+              + reasons.summarise(reasons_, limit=4))
+    print()
+    for line in log:
+        print(line)
