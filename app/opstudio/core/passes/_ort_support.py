@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from opstudio.core.passes._weights import (
     all_names,
     constant_array,
     remove_unused,
+    tensor_index,
     unique_name,
 )
 from opstudio.core.tempdir import opstudio_tempdir
@@ -47,71 +47,13 @@ def private_workdir(workdir: str | None = None) -> Iterator[Path]:
         yield Path(folder)
 
 
-class _Index:
-    """Positions of initializers and producers by name, for checks run node after node.
-
-    Positions, not messages: the cache must not keep a large model alive.
-    """
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        graph = model.graph
-        self.key = _index_key(model)
-        self.initializers = {i.name: k for k, i in enumerate(graph.initializer)}
-        self.producers = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
-        self.sparse = {i.values.name for i in graph.sparse_initializer}
-        self.inputs = {i.name for i in graph.input}
-
-
-def _index_key(model: onnx.ModelProto) -> tuple:
-    graph = model.graph
-    nodes, inits = graph.node, graph.initializer
-    return (id(model), len(nodes), len(inits), len(graph.input),
-            nodes[0].name if nodes else "", nodes[-1].name if nodes else "",
-            inits[0].name if inits else "", inits[-1].name if inits else "")
-
-
-_INDEX: list[_Index] = []
-_INDEX_LOCK = threading.Lock()  # the app checks and applies passes on worker threads
-
-
-def _index(model: onnx.ModelProto) -> _Index:
-    """A cached index; rebuilt whenever the graph's size or ends change (any edit here does)."""
-    key = _index_key(model)
-    with _INDEX_LOCK:
-        for entry in _INDEX:
-            if entry.key == key:
-                return entry
-    entry = _Index(model)
-    with _INDEX_LOCK:
-        _INDEX.insert(0, entry)
-        del _INDEX[4:]
-    return entry
-
-
-def _forget(index: _Index) -> None:
-    with _INDEX_LOCK:
-        if index in _INDEX:  # another thread may have dropped it already
-            _INDEX.remove(index)
-
-
-def _index_agrees(index: _Index, graph: onnx.GraphProto, tensor: str) -> bool:
-    k = index.initializers.get(tensor)
-    if k is not None and (k >= len(graph.initializer) or graph.initializer[k].name != tensor):
-        return False
-    k = index.producers.get(tensor)
-    return k is None or (k < len(graph.node) and tensor in graph.node[k].output)
-
-
 def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | None, str | None]:
     """The value of ``tensor`` if it is a constant (initializer or ``Constant`` node output).
 
     Returns ``(array, None)`` or ``(None, why not)``.
     """
-    index = _index(model)
+    index = tensor_index(model, tensor)
     graph = model.graph
-    if not _index_agrees(index, graph, tensor):  # edited in place since: start afresh
-        _forget(index)
-        index = _index(model)
     k = index.initializers.get(tensor)
     if k is not None and k < len(graph.initializer) and graph.initializer[k].name == tensor:
         return numpy_helper.to_array(graph.initializer[k]), None

@@ -10,6 +10,7 @@ pass did not touch stays intact.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import numpy as np
@@ -56,6 +57,75 @@ _FOLD_DEPTH = 6
 _FOLD_MAX_ELEMENTS = 256 * 2**20
 
 
+class _Index:
+    """Positions of initializers and producers by name, for checks run node after node.
+
+    Positions, not messages: the cache must not keep a large model alive.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.key = _index_key(model)
+        self.initializers = {i.name: k for k, i in enumerate(graph.initializer)}
+        self.producers = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+        self.sparse = {i.values.name for i in graph.sparse_initializer}
+        self.inputs = {i.name for i in graph.input}
+
+
+def _index_key(model: onnx.ModelProto) -> tuple:
+    graph = model.graph
+    nodes, inits = graph.node, graph.initializer
+    return (id(model), len(nodes), len(inits), len(graph.input),
+            nodes[0].name if nodes else "", nodes[-1].name if nodes else "",
+            inits[0].name if inits else "", inits[-1].name if inits else "")
+
+
+_INDEX: list[_Index] = []
+_INDEX_LOCK = threading.Lock()  # the app checks and applies passes on worker threads
+
+
+def _index(model: onnx.ModelProto) -> _Index:
+    """A cached index; rebuilt whenever the graph's size or ends change (any edit here does)."""
+    key = _index_key(model)
+    with _INDEX_LOCK:
+        for entry in _INDEX:
+            if entry.key == key:
+                return entry
+    entry = _Index(model)
+    with _INDEX_LOCK:
+        _INDEX.insert(0, entry)
+        del _INDEX[4:]
+    return entry
+
+
+def _forget(index: _Index) -> None:
+    with _INDEX_LOCK:
+        if index in _INDEX:  # another thread may have dropped it already
+            _INDEX.remove(index)
+
+
+def _index_agrees(index: _Index, graph: onnx.GraphProto, tensor: str) -> bool:
+    k = index.initializers.get(tensor)
+    if k is not None and (k >= len(graph.initializer) or graph.initializer[k].name != tensor):
+        return False
+    k = index.producers.get(tensor)
+    return k is None or (k < len(graph.node) and tensor in graph.node[k].output)
+
+
+def tensor_index(model: onnx.ModelProto, tensor: str) -> _Index:
+    """The cached index of ``model``, rebuilt when an in-place edit made it wrong about
+    ``tensor``: lookups node after node cost a dict access, not a scan of the graph."""
+    index = _index(model)
+    known = (tensor in index.initializers or tensor in index.producers
+             or tensor in index.sparse or tensor in index.inputs)
+    # an edit that kept the graph's size and ends (a node swapped for one writing a new name)
+    # leaves the index wrong or silent about ``tensor``: look again from scratch
+    if not known or not _index_agrees(index, model.graph, tensor):
+        _forget(index)
+        index = _index(model)
+    return index
+
+
 def constant_array(model: onnx.ModelProto, tensor: str,
                    _depth: int = 0) -> tuple[np.ndarray | None, str | None]:
     """The value of ``tensor`` if it is a constant, else ``(None, reason in words)``.
@@ -64,15 +134,17 @@ def constant_array(model: onnx.ModelProto, tensor: str,
     pure ops (:data:`FOLDABLE`) counts as constant; onnx's reference evaluator computes it.
     """
     graph = model.graph
-    for init in graph.initializer:
-        if init.name == tensor:
-            return numpy_helper.to_array(init), None
-    for sparse in graph.sparse_initializer:
-        if sparse.values.name == tensor:
-            return sparse_to_dense(sparse), None
-    for node in graph.node:
-        if tensor not in node.output:
-            continue
+    index = tensor_index(model, tensor)
+    k = index.initializers.get(tensor)
+    if k is not None:
+        return numpy_helper.to_array(graph.initializer[k]), None
+    if tensor in index.sparse:
+        for sparse in graph.sparse_initializer:
+            if sparse.values.name == tensor:
+                return sparse_to_dense(sparse), None
+    k = index.producers.get(tensor)
+    if k is not None:
+        node = graph.node[k]
         if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
@@ -95,7 +167,7 @@ def constant_array(model: onnx.ModelProto, tensor: str,
             values[name] = value
         folded = _evaluate(model, node, values)
         return (folded, None) if folded is not None else (None, computed)
-    if any(i.name == tensor for i in graph.input):
+    if tensor in index.inputs:
         return None, f"the weight '{tensor}' is a graph input, computed at run time, not a constant"
     return None, f"the weight '{tensor}' is not a constant"
 
