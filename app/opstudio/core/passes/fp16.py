@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from opstudio.core.graph_utils import copy_model, nodes_by_name, topo_sort
+from opstudio.core.graph_utils import nodes_by_name, topo_sort
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes.base import Pass, PassContext, PassResult, ScanParams
@@ -102,7 +102,7 @@ class Fp16Pass(Pass):
             notes.append(f"made {len(folded)} constant weight(s) initializers "
                          "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
         _unshare_initializers(work, chosen)
-        before = copy_model(work)
+        before = ort_support.shape_only_copy(work)  # names, shapes, dims: no weight data
         chosen_set = set(chosen)
         blocked = [n.name for n in work.graph.node if n.name not in chosen_set]
         typed = _annotate_types(work)
