@@ -16,8 +16,8 @@ when reading the INT4 rows.
    per-round ratios original / variant, with its 95 % interval.
 
 Rows: whole-model RTN INT4, INT8 weight-only and INT8 dynamic (per channel) on every MatMul, the
-advisor's plan, and INT4 by algorithm (rtn, hqq, gptq calibrated on prompt A; hqq and gptq need
-torch).
+advisor's plan, and INT4 by algorithm (rtn; awq, asymmetric, calibrated on prompt A; k_quant;
+hqq; gptq calibrated on prompt A; hqq and gptq need torch).
 
     python benchmarks/bench_llm_advisor.py [--cache DIR] [--budget 0.9] [--seconds 60]
 """
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if advice.recipe.steps:
         recipes[f"advisor plan (top-1 ≥ {args.budget:.2f})"] = advice.recipe
+    recipes["INT4 awq (prompt A)"] = whole(model, "int4-weight", {
+        "algorithm": "awq", "symmetric": False, "calibration": str(prompt_a), "samples": 1})
+    recipes["INT4 k_quant"] = whole(model, "int4-weight", {"algorithm": "k_quant"})
     if torch:
         recipes["INT4 hqq"] = whole(model, "int4-weight", {"algorithm": "hqq"})
         if not args.skip_gptq:

@@ -105,7 +105,8 @@ def _llm_advice(budget, with_plan=True):
         recipe_of,
     )
 
-    variants = default_variants(torch=False)[:2]  # INT4 RTN, INT8 weight-only
+    variants = [v for v in default_variants(torch=False)
+                if v.id in ("int4-rtn", "int8-weight")]
     roles = [RoleResult("int4-rtn", "mlp/up_proj/MatMul",
                         [f"/model/layers.{i}/mlp/up_proj/MatMul" for i in range(3)], 0.93, 0.05),
              RoleResult("int8-weight", "mlp/up_proj/MatMul",

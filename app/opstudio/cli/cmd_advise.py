@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{','.join(DEFAULT_TECHNIQUES)}; with a next-token budget "
                         f"{','.join(LLM_TECHNIQUES)}; known: {', '.join(TECHNIQUES)})")
     p.add_argument("--int4-algorithms", default=None, metavar="LIST",
-                   help="with a next-token budget: INT4 algorithms to try, of rtn, hqq, gptq "
-                        "(default: rtn, and hqq when torch is installed)")
+                   help="with a next-token budget: INT4 algorithms to try, of awq, rtn, hqq, "
+                        "gptq (default: awq and rtn; hqq and gptq need torch)")
     p.add_argument("--max-nodes", type=int, default=40, metavar="N",
                    help="scan at most the N slowest weighted operators (default 40)")
     p.add_argument("--no-cache", action="store_true", help="measure again even if cached")
@@ -134,9 +134,9 @@ def run_llm(args: argparse.Namespace) -> int:
     algorithms = None if args.int4_algorithms is None else [
         a.strip() for a in args.int4_algorithms.split(",") if a.strip()]
     for a in algorithms or ():
-        if a not in ("rtn", "hqq", "gptq"):
+        if a not in ("awq", "rtn", "hqq", "gptq"):
             raise OpstudioError(f"--int4-algorithms: unknown algorithm {a!r}; "
-                                "expected some of rtn, hqq, gptq")
+                                "expected some of awq, rtn, hqq, gptq")
     if settings.inputs_path is None:
         print("note: no --inputs prompt: agreement is judged on random tokens; give a real "
               "prompt (.npz of the model's inputs) for advice that means something")

@@ -85,22 +85,29 @@ class Variant:
 
 
 def default_variants(calibration: str = "random", *, torch: bool | None = None,
-                     gptq: bool = False) -> list[Variant]:
-    """What the LLM scan tries: INT4 weight-only (round to nearest; HQQ too when torch is
-    there; GPTQ when asked), INT8 weight-only, INT8 dynamic per channel, activation-aware
-    low-rank (SVD-LLM) and joint structured pruning of gated MLPs, the last two calibrated on
-    the prompt. Accuracy levels are left to ``auto``: the level measured fastest here."""
+                     gptq: bool = False, hqq: bool = False) -> list[Variant]:
+    """What the LLM scan tries: INT4 weight-only (activation-aware scaling, calibrated on the
+    prompt, and round to nearest; HQQ and GPTQ when asked and torch is there), INT8
+    weight-only, INT8 dynamic per channel, activation-aware low-rank (SVD-LLM) and joint
+    structured pruning of gated MLPs. Accuracy levels are left to ``auto``: the level
+    measured fastest here. HQQ is not tried by default: its float zero points keep
+    MatMulNBits off its fast CPU kernels (5× slower than float32 on a 135M decoder)."""
     if torch is None:
         torch = importlib.util.find_spec("torch") is not None
     cal = {"calibration": calibration, "samples": 1}
-    out = [Variant("int4-rtn", "int4-weight", {"block_size": 32, "symmetric": True,
-                                                "accuracy_level": "auto"}, "INT4 RTN")]
-    if torch:
+    out = [
+        Variant("int4-awq", "int4-weight", {"block_size": 32, "symmetric": False,
+                                             "algorithm": "awq", "accuracy_level": "auto",
+                                             **cal}, "INT4 AWQ"),
+        Variant("int4-rtn", "int4-weight", {"block_size": 32, "symmetric": True,
+                                             "accuracy_level": "auto"}, "INT4 RTN"),
+    ]
+    if torch and hqq:
         out.append(Variant("int4-hqq", "int4-weight", {"block_size": 32, "algorithm": "hqq",
                                                         "accuracy_level": "auto"}, "INT4 HQQ"))
-        if gptq:
-            out.append(Variant("int4-gptq", "int4-weight",
-                               {"block_size": 32, "algorithm": "gptq", **cal}, "INT4 GPTQ"))
+    if torch and gptq:
+        out.append(Variant("int4-gptq", "int4-weight",
+                           {"block_size": 32, "algorithm": "gptq", **cal}, "INT4 GPTQ"))
     out += [
         Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level": "auto"},
                 "INT8 weight-only"),
@@ -119,15 +126,15 @@ LLM_TECHNIQUES = ("int4-weight", "int8-weight", "int8-dynamic", "lowrank", "prun
 
 def variants_for(techniques: Sequence[str] | Mapping[str, Any], calibration: str = "random",
                  algorithms: Sequence[str] | None = None) -> list[Variant]:
-    """The default variants of the named techniques (INT4 ``algorithms`` when given: rtn,
-    hqq, gptq). A technique the LLM scan has no variant for is an error."""
+    """The default variants of the named techniques (INT4 ``algorithms`` when given: awq,
+    rtn, hqq, gptq). A technique the LLM scan has no variant for is an error."""
     names = list(techniques)
     unknown = [t for t in names if t not in LLM_TECHNIQUES]
     if unknown:
         raise OpstudioError(f"the next-token advisor does not try {', '.join(unknown)}; it "
                             f"tries {', '.join(LLM_TECHNIQUES)}")
     wanted = set(algorithms or ())
-    out = [v for v in default_variants(calibration, gptq="gptq" in wanted)
+    out = [v for v in default_variants(calibration, gptq="gptq" in wanted, hqq="hqq" in wanted)
            if v.technique in names]
     if algorithms is not None:
         out = [v for v in out if v.technique != "int4-weight"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -79,6 +80,22 @@ def input_stats(model: onnx.ModelProto, node_names: Sequence[str],
     for entry in stats.values():
         entry.abs_mean = entry.abs_mean / max(entry.rows, 1)
     return {node: stats[tensor] for node, tensor in tensor_of.items()}
+
+
+def calibrated_stats(model: onnx.ModelProto, node_names: Sequence[str],
+                     params: Mapping[str, Any], ctx: PassContext, what: str, *,
+                     gram: bool = False) -> tuple[dict[str, InputStats], int]:
+    """``input_stats`` on the samples a step's ``calibration``/``samples`` params name, with
+    progress reported as ``what`` between 10 % and 30 % of the step; and the sample count."""
+    from opstudio.core.passes._calibration import calibration_samples
+
+    samples = calibration_samples(model, params["calibration"], params["samples"], ctx)
+
+    def progress(fraction: float, message: str) -> None:
+        ctx.report(0.1 + 0.2 * fraction, f"{what}: {message}")
+
+    measuring = PassContext(progress=progress, cancelled=ctx.cancelled)
+    return input_stats(model, node_names, samples, gram=gram, ctx=measuring), len(samples)
 
 
 def _accumulate(stats: dict[str, InputStats], name: str, x: np.ndarray, gram: bool) -> None:

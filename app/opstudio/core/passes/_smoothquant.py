@@ -15,7 +15,7 @@ in the log domain). Nodes that read the same tensor (q/k/v, gate/up projections)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -23,7 +23,13 @@ from onnx import helper, numpy_helper
 
 from opstudio.core import provenance
 from opstudio.core.graph_utils import nodes_by_name, topo_sort
-from opstudio.core.passes._weights import add_initializer, all_names, remove_unused, unique_name
+from opstudio.core.passes._weights import (
+    add_initializer,
+    all_names,
+    constant_array,
+    remove_unused,
+    unique_name,
+)
 
 S_RANGE = (1e-5, 1e5)
 
@@ -68,53 +74,108 @@ def smoothing_factors(abs_max_x: np.ndarray, abs_max_w: np.ndarray, alpha: float
 
 def smooth(model: onnx.ModelProto, axes: Mapping[str, int], alpha: float,
            abs_max: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
-    """Rewrite ``model`` in place: per input tensor of the nodes in ``axes``, one
+    """SmoothQuant on ``model`` in place: per input tensor of the nodes in ``axes``, one
     ``Mul(x, 1/s)`` feeding them and their weights scaled by s.
 
     ``abs_max`` is max|x| per input channel of each node's input (``InputStats.abs_max``).
     Returns the created Mul's name → the nodes it serves. Nodes whose channel count does not
     match their weight's are left as they were.
     """
+    def factors(members: Sequence[str], weights: Sequence[np.ndarray]) -> np.ndarray | None:
+        x_max = np.asarray(abs_max[members[0]])
+        if any(x_max.shape != (w.shape[0],) for w in weights):
+            return None
+        w_max = np.max([np.abs(w).reshape(w.shape[0], -1).max(axis=1) for w in weights], axis=0)
+        return smoothing_factors(x_max, w_max, alpha)
+
+    return scale_inputs(model, axes, factors, set(abs_max), "smooth")
+
+
+ScaleRule = Callable[[Sequence[str], Sequence[np.ndarray]], "np.ndarray | None"]
+
+
+def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRule,
+                 measured: Collection[str], tag: str) -> dict[str, list[str]]:
+    """Per input tensor x of the nodes in ``axes``: weights' input channels times s and x
+    divided by s (``y = x·diag(1/s) · diag(s)·W`` is unchanged), with s = ``rule(members,
+    weights)`` (weights with input channels first; ``None`` leaves the group as it was).
+
+    The division is folded into the constant of a ``Mul`` that produces x and feeds only the
+    group (an RMSNorm's weight); otherwise one ``Mul(x, 1/s)`` is inserted. Only nodes named
+    in ``measured`` take part. Returns the created or rewritten Mul's name → the nodes it serves.
+    """
     graph = model.graph
     by_name = nodes_by_name(graph)
     inits = {i.name: i for i in graph.initializer}
     groups: dict[str, list[str]] = {}
-    for name, axis in axes.items():
-        node = by_name[name]
-        k = inits[node.input[1]].dims[axis]
-        if name in abs_max and np.asarray(abs_max[name]).shape == (k,):
-            groups.setdefault(node.input[0], []).append(name)
+    for name in axes:
+        if name in measured:
+            groups.setdefault(by_name[name].input[0], []).append(name)
     taken = all_names(graph)
     created: dict[str, list[str]] = {}
     old_weights: list[str] = []
     for tensor, members in groups.items():
-        weights = {}
-        for name in members:
-            array = numpy_helper.to_array(inits[by_name[name].input[1]])
-            weights[name] = np.moveaxis(array, axes[name], 0)  # input channels first
-        w_max = np.max([np.abs(w).reshape(w.shape[0], -1).max(axis=1)
-                        for w in weights.values()], axis=0)
-        s = smoothing_factors(abs_max[members[0]], w_max, alpha)
-        for name in members:
+        weights = [np.moveaxis(numpy_helper.to_array(inits[by_name[name].input[1]]),
+                               axes[name], 0) for name in members]
+        s = rule(members, weights)
+        if s is None:
+            continue
+        for name, w in zip(members, weights):
             node = by_name[name]
-            w = weights[name]
             scaled = (w.astype(np.float64) * s.reshape(-1, *([1] * (w.ndim - 1))))
             scaled = np.moveaxis(scaled.astype(np.float32), 0, axes[name])
             old_weights.append(node.input[1])
-            fresh = unique_name(taken, f"{node.input[1]}_smoothed")
+            fresh = unique_name(taken, f"{node.input[1]}_{tag}ed")
             add_initializer(model, scaled, fresh)
             node.input[1] = fresh
-        inverse = unique_name(taken, f"{tensor}_smooth_scale")
-        add_initializer(model, (1.0 / s).astype(np.float32), inverse)
-        smoothed = unique_name(taken, f"{tensor}_smoothed")
-        mul = helper.make_node("Mul", [tensor, inverse], [smoothed],
-                               name=unique_name(taken, f"{members[0]}_smooth"))
+        inverse = (1.0 / s).astype(np.float32)
+        folded = _fold_into_producer(model, tensor, members, inverse, taken, tag)
+        if folded is not None:
+            old_weights.append(folded[1])
+            created[folded[0]] = list(members)
+            continue
+        scale_name = unique_name(taken, f"{tensor}_{tag}_scale")
+        add_initializer(model, inverse, scale_name)
+        scaled_x = unique_name(taken, f"{tensor}_{tag}ed")
+        mul = helper.make_node("Mul", [tensor, scale_name], [scaled_x],
+                               name=unique_name(taken, f"{members[0]}_{tag}"))
         provenance.set_origin(mul, [o for name in members
                                     for o in provenance.get_origin(by_name[name])])
         for name in members:
-            by_name[name].input[0] = smoothed
+            by_name[name].input[0] = scaled_x
         graph.node.append(mul)
         created[mul.name] = list(members)
     remove_unused(model, old_weights)
     topo_sort(graph)
     return created
+
+
+def _fold_into_producer(model: onnx.ModelProto, tensor: str, members: Sequence[str],
+                        inverse: np.ndarray, taken: set[str],
+                        tag: str) -> tuple[str, str] | None:
+    """Multiply 1/s into the per-channel constant of the ``Mul`` producing ``tensor`` when
+    nothing but ``members`` reads it: (the Mul's name, the constant it no longer reads)."""
+    graph = model.graph
+    if any(o.name == tensor for o in graph.output):
+        return None
+    readers = [n for n in graph.node if tensor in n.input]
+    if {n.name for n in readers} != set(members) or len(readers) != len(members):
+        return None
+    producer = next((n for n in graph.node if tensor in n.output), None)
+    if producer is None or producer.op_type != "Mul" or producer.domain not in ("", "ai.onnx"):
+        return None
+    for slot in (1, 0):
+        const, _ = constant_array(model, producer.input[slot])
+        if const is None or (const.dtype != np.float32 and const.dtype != np.float16):
+            continue
+        if const.shape[-1:] != inverse.shape or any(d != 1 for d in const.shape[:-1]):
+            continue
+        other, _ = constant_array(model, producer.input[1 - slot])
+        if other is not None:
+            return None
+        old = producer.input[slot]
+        fresh = unique_name(taken, f"{old}_{tag}ed")
+        add_initializer(model, (const.astype(np.float32) * inverse).reshape(const.shape), fresh)
+        producer.input[slot] = fresh
+        return producer.name, old
+    return None

@@ -21,7 +21,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.passes import _awq as awq
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes._activations import calibrated_stats
 from opstudio.core.passes._calibration import (
     calibration_params,
     calibration_samples,
@@ -29,11 +31,12 @@ from opstudio.core.passes._calibration import (
 )
 from opstudio.core.passes._nbits import fastest_level
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
+from opstudio.core.passes._smoothquant import scale_inputs, smoothable
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 BLOCK_SIZES = (32, 16, 64, 128, 256)
 ACCURACY_LEVELS = ("auto", 0, 1, 2, 3, 4)
-ALGORITHMS = ("rtn", "gptq", "hqq")
+ALGORITHMS = ("rtn", "awq", "k_quant", "gptq", "hqq")
 LEVEL_PARAMS = (
     ParamSpec("block_size", "choice", 32, "Block size",
               "weights along K sharing one scale", choices=BLOCK_SIZES),
@@ -61,9 +64,11 @@ class Int4WeightPass(Pass):
     params: tuple[ParamSpec, ...] = (
         *LEVEL_PARAMS,
         ParamSpec("algorithm", "choice", "rtn", "Algorithm",
-                  "rtn: round to nearest; gptq: error-compensating rounding on calibration "
-                  "inputs; hqq: half-quadratic, calibration-free (gptq and hqq need torch: "
-                  "opstudio[llm])",
+                  "rtn: round to nearest; awq: input channels scaled by their calibration "
+                  "activations before rounding (activation-aware); k_quant: per-block scale and minimum searched for "
+                  "the least weighted error (llama.cpp's k-quants, asymmetric); gptq: "
+                  "error-compensating rounding on calibration inputs; hqq: half-quadratic, "
+                  "calibration-free (gptq and hqq need torch: opstudio[llm])",
                   choices=ALGORITHMS),
         *calibration_params(8),
     )
@@ -73,7 +78,7 @@ class Int4WeightPass(Pass):
         if "calibration" in out:
             check_calibration(self.technique, out)
         algorithm = out.get("algorithm", "rtn")
-        if algorithm != "rtn" and importlib.util.find_spec("torch") is None:
+        if algorithm in ("gptq", "hqq") and importlib.util.find_spec("torch") is None:
             # onnxruntime's HQQ and GPTQ quantizers compute with torch
             raise OpstudioError(f"{self.technique}: algorithm '{algorithm}' needs PyTorch, which "
                                 "is not installed: pip install 'opstudio[llm]'")
@@ -151,16 +156,21 @@ class Int4WeightPass(Pass):
             choice = fastest_level(self.bits, block)
             level = choice.level
             notes.append(choice.describe())
-        before = ort_support.shape_only_copy(work)
         names = [target[n] for n in chosen]
+        scaled: dict[str, dict[str, Any]] = {}
+        if algorithm == "awq":
+            scaled = _awq_scale(work, names, params, ctx, notes)
+        before = ort_support.shape_only_copy(work)
         with quiet_onnxruntime_logs():
             if algorithm == "gptq":
                 samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
                 notes.append(f"GPTQ calibrated on {len(samples)} sample(s)")
                 result = _gptq(work, names, samples, block, params["symmetric"], level)
+            elif algorithm == "k_quant":
+                result = _k_quant(work, names, block, level)
             else:
                 result = _nbits_quantizer(work, names, self.bits, block, params["symmetric"],
-                                          level, algorithm)
+                                          level, "rtn" if algorithm == "awq" else algorithm)
         _set_accuracy_level(result, level)
         _import_contrib_domain(result)
         remaining = {n.name for n in result.graph.node}
@@ -172,10 +182,44 @@ class Int4WeightPass(Pass):
         by_target = ort_support.settle(before, result, rewritten)
         details = {name: {**by_target[target[name]], "bits": self.bits, "block_size": block,
                           "symmetric": params["symmetric"], "accuracy_level": level,
-                          "algorithm": algorithm}
+                          "algorithm": algorithm, **scaled.get(target[name], {})}
                    for name in applied}
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
+
+
+def _awq_scale(work: onnx.ModelProto, names: Sequence[str], params: Mapping[str, Any],
+               ctx: PassContext, notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Activation-aware scaling (``_awq``) of the weights of ``names`` in place, before they
+    are rounded; per scaled node the α chosen and the predicted output errors."""
+    axes = smoothable(work, names)
+    if not axes:
+        notes.append("AWQ: none of the nodes has a float32 weight to scale; plain rounding")
+        return {}
+    stats, count = calibrated_stats(work, list(axes), params, ctx, "int4-weight AWQ",
+                                    gram=True)
+    block, symmetric = int(params["block_size"]), bool(params["symmetric"])
+    found: dict[str, awq.Search] = {}
+
+    def rule(members: Sequence[str], weights: Sequence[np.ndarray]) -> np.ndarray | None:
+        ctx.check_cancelled()
+        entry = stats[members[0]]
+        if entry.gram is None or entry.gram.shape[0] != weights[0].shape[0]:
+            return None
+        result = awq.search(weights, entry.abs_mean, entry.gram, block, symmetric)
+        for name in members:
+            found[name] = result
+        return None if result.alpha == 0 else result.scale
+
+    created = scale_inputs(work, axes, rule, set(stats), "awq")
+    served = sum(len(m) for m in created.values())
+    plain = sum(r.plain for r in found.values())
+    error = sum(r.error for r in found.values())
+    notes.append(f"AWQ scaled the inputs of {served} of {len(found)} node(s) on "
+                 f"{count} calibration sample(s); predicted output error "
+                 f"{error / plain if plain else 1:.0%} of plain rounding's")
+    return {name: {"awq_alpha": r.alpha, "awq_error_ratio": round(r.error / r.plain, 4)
+                   if r.plain else 1.0} for name, r in found.items()}
 
 
 def _nbits_quantizer(work: onnx.ModelProto, names: Sequence[str], bits: int, block: int,
@@ -232,6 +276,25 @@ def _gptq(work: onnx.ModelProto, names: Sequence[str], samples: Sequence[Mapping
     loader = ((dict(feeds), None) for feeds in samples)
     result = gptq_quantize(work, loader, weight_config=config, num_bits=4, group_size=block,
                            scheme=scheme, n_samples=-1, accuracy_level=level)
+    return result.model if hasattr(result, "model") else result
+
+
+def _k_quant(work: onnx.ModelProto, names: Sequence[str], block: int,
+             level: int) -> onnx.ModelProto:
+    """k-quant (onnxruntime's port of llama.cpp's per-block scale/minimum search) on ``names``.
+
+    Always asymmetric: the searched minimum becomes a 4-bit zero point, so the result keeps the
+    uint8 zero points MatMulNBits' fast kernels read (HQQ's float zero points do not).
+    """
+    from onnxruntime.quantization.neural_compressor import rtn_quantize
+
+    wanted = set(names)
+    config: dict[str, Any] = {
+        n.name: ({"bits": 4, "group_size": block, "scheme": "asym"}
+                 if n.name in wanted else "fp32")
+        for n in work.graph.node if n.op_type == "MatMul"}
+    result = rtn_quantize(work, weight_config=config, num_bits=4, group_size=block,
+                          scheme="asym", accuracy_level=level, algorithm="k_quant")
     return result.model if hasattr(result, "model") else result
 
 

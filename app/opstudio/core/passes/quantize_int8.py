@@ -31,7 +31,7 @@ from opstudio.core.graph_utils import nodes_by_name
 from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes import _smoothquant as smoothquant
-from opstudio.core.passes._activations import input_stats
+from opstudio.core.passes._activations import calibrated_stats
 from opstudio.core.passes._calibration import (
     calibration_params,
     calibration_samples,
@@ -280,13 +280,7 @@ def _smooth(work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, A
     if not axes:
         notes.append("SmoothQuant: none of the nodes has a constant float32 weight to scale")
         return {}
-    samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
-
-    def progress(fraction: float, message: str) -> None:
-        ctx.report(0.1 + 0.15 * fraction, f"int8-static SmoothQuant: {message}")
-
-    measuring = PassContext(progress=progress, cancelled=ctx.cancelled)
-    stats = input_stats(work, list(axes), samples, ctx=measuring)
+    stats, _ = calibrated_stats(work, list(axes), params, ctx, "int8-static SmoothQuant")
     created = smoothquant.smooth(work, axes, alpha, {n: s.abs_max for n, s in stats.items()})
     served = [name for members in created.values() for name in members]
     notes.append(f"SmoothQuant (α={alpha:g}) scaled {len(created)} input tensor(s) of "
