@@ -134,9 +134,9 @@ def test_advise_next_token_flags_are_checked(tmp_path, capsys):
     assert main(["advise", str(model), "--budget-top1", "0.9", "--techniques", "fp16",
                  "-o", out]) == 1
     assert "does not try fp16" in capsys.readouterr().err
-    assert main(["advise", str(model), "--budget-top1", "0.9", "--int4-algorithms", "awq",
+    assert main(["advise", str(model), "--budget-top1", "0.9", "--int4-algorithms", "svdquant",
                  "-o", out]) == 1
-    assert "unknown algorithm 'awq'" in capsys.readouterr().err
+    assert "unknown algorithm 'svdquant'" in capsys.readouterr().err
     # a model without logits is told to use cosine or SNR
     assert main(["advise", str(model), "--dim", "batch=4", "--budget-top1", "0.9",
                  "--techniques", "int8-weight", "--threads", "1", "-o", out]) == 1

@@ -34,6 +34,38 @@ INT8W = Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level
                 "INT8 weight-only")
 
 
+def _logits(model: onnx.ModelProto, feeds) -> np.ndarray:
+    from opstudio.core.timing import session
+
+    sess = session(model)
+    outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dict(feeds))))
+    return outputs[llm_plan.logits_name(model, outputs)]
+
+
+def test_the_prompt_is_split_into_calibration_and_judged_tokens():
+    ids = np.arange(20, dtype=np.int64).reshape(1, 20)
+    past = np.zeros((1, 2, 0, 8), np.float32)
+    prompt = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+              "position_ids": ids.copy(), "past_key_values.0.key": past}
+    split = llm_plan.held_out(prompt)
+    assert split.calibration["input_ids"].shape == (1, 10)
+    assert split.calibration["attention_mask"].shape == (1, 10)
+    assert split.calibration["position_ids"].shape == (1, 10)
+    assert split.calibration["past_key_values.0.key"] is past
+    logits = np.random.default_rng(0).standard_normal((1, 20, 5))
+    changed = logits.copy()
+    changed[0, :10] = -changed[0, :10]  # the calibration tokens are not judged
+    assert llm_plan.next_token_error(logits, changed, split)[0] == 1.0
+    assert llm_plan.next_token_error(logits, changed)[0] < 1.0
+    # several sequences: calibrate on the first, judge the others
+    batch = {"input_ids": np.zeros((3, 6), np.int64), "attention_mask": np.ones((3, 6))}
+    split = llm_plan.held_out(batch)
+    assert split.calibration["input_ids"].shape == (1, 6) and split.rows == slice(1, None)
+    # too short to split: judged on everything, and said so
+    short = llm_plan.held_out({"input_ids": np.zeros((1, 4), np.int64)})
+    assert short.positions == slice(None) and "too short" in short.describe
+
+
 # --- the planner alone ---------------------------------------------------------------------
 
 def test_plan_takes_most_gain_per_error_within_the_limit():
@@ -139,7 +171,6 @@ def advice(decoder, tmp_path_factory):
 
 
 def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(decoder, advice):
-    from opstudio.core.accuracy import evaluate
     from opstudio.core.inputs import make_inputs
     from opstudio.core.model_io import load_model
     from opstudio.core.optimize import optimize
@@ -159,10 +190,14 @@ def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(deco
         return
     assert advice.verified["top1"] >= 0.9
     optimized = optimize(model, advice.recipe, inputs=feeds).model
-    report = evaluate(model, optimized, feeds)
-    top1 = report.next_token()["top1_agreement"]
-    assert top1 == pytest.approx(advice.verified["top1"], abs=1 / 24 + 1e-9)
-    assert top1 >= 0.9 - 1 / 24
+    # judged where the advisor judged: the prompt's last 12 tokens, calibrated on the first 12
+    # (the plan itself names the whole prompt, so a calibrated step may flip one token)
+    split = llm_plan.held_out(feeds)
+    assert split.positions == slice(12, None)
+    assert any("first 12 tokens" in line for line in advice.log)
+    top1, _ = llm_plan.next_token_error(_logits(model, feeds), _logits(optimized, feeds), split)
+    assert top1 == pytest.approx(advice.verified["top1"], abs=1 / 12 + 1e-9)
+    assert top1 >= 0.9 - 1 / 12
     units = {(c.layer, c.role) for c in advice.chosen}
     assert len(units) == len(advice.chosen)  # at most one technique per (layer, role)
     assert any(p.kind == "plan" and p.holds for p in advice.frontier)

@@ -395,9 +395,54 @@ def logits_name(model: onnx.ModelProto, outputs: Mapping[str, np.ndarray]) -> st
     return names[0]
 
 
-def next_token_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+@dataclass
+class HeldOut:
+    """A prompt split in two: calibration feeds for the activation-aware techniques, and the
+    part of its logits (``rows`` × ``positions``) every rewrite is judged on. Judging on the
+    calibration tokens would flatter them: SVD-LLM at a rank above the number of calibration
+    positions reproduces those positions exactly, whatever it does to any other text."""
+
+    calibration: dict[str, np.ndarray]
+    rows: slice = field(default_factory=lambda: slice(None))
+    positions: slice = field(default_factory=lambda: slice(None))
+    describe: str = "judged on the calibration tokens too (the prompt is too short to split)"
+
+
+MIN_SPLIT = 8  # tokens of a one-sequence prompt below which it is not split
+
+
+def held_out(prompt: Mapping[str, np.ndarray]) -> HeldOut:
+    """Several sequences: calibrate on the first, judge on the others. One sequence of T
+    tokens: calibrate on its first T/2 tokens, judge the logits of the last T/2 (which still
+    see the whole prompt before them)."""
+    ids = next((v for k, v in prompt.items() if np.asarray(v).ndim == 2
+                and np.issubdtype(np.asarray(v).dtype, np.integer)
+                and "mask" not in k and "position" not in k), None)
+    if ids is None:
+        return HeldOut(dict(prompt))
+    batch, length = np.shape(ids)
+    if batch >= 2:
+        first = {k: (v[:1] if np.ndim(v) and np.shape(v)[0] == batch else v)
+                 for k, v in prompt.items()}
+        return HeldOut(first, rows=slice(1, None),
+                       describe=f"calibrated on sequence 1, judged on sequences 2–{batch}")
+    if length < MIN_SPLIT:
+        return HeldOut(dict(prompt))
+    half = length // 2
+    calibration = {k: (v[:, :half] if np.ndim(v) >= 2 and np.shape(v)[:2] == (1, length)
+                       else v) for k, v in prompt.items()}
+    return HeldOut(calibration, positions=slice(half, None),
+                   describe=f"calibrated on the prompt's first {half} tokens, judged on the "
+                            f"next-token logits of the other {length - half}")
+
+
+def next_token_error(ref: np.ndarray, new: np.ndarray,
+                     held: HeldOut | None = None) -> tuple[float, float]:
     from opstudio.core.accuracy import mean_kl_divergence, top1_agreement
 
+    if held is not None and ref.ndim >= 3:
+        ref = ref[held.rows, held.positions]
+        new = new[held.rows, held.positions]
     return top1_agreement(ref, new), mean_kl_divergence(ref, new)
 
 
@@ -443,13 +488,14 @@ def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
         name = logits_name(model, first)
         reference = first[name]
         del base
+        split = held_out(prompt)
         for index, (task_id, recipe_json) in enumerate(todo):
             if progress is not None:
                 progress(index / len(todo), f"accuracy: {task_id}")
             try:
-                rewritten = apply_recipe(model, recipe_json, [prompt])
+                rewritten = apply_recipe(model, recipe_json, [split.calibration])
                 logits = _session(rewritten, threads, opt_level).run([name], dict(prompt))[0]
-                top1, kl = next_token_error(reference, logits)
+                top1, kl = next_token_error(reference, logits, split)
                 done[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
             except OpstudioError as exc:
                 done[task_id] = {"error": str(exc)}
@@ -532,14 +578,15 @@ def build_and_judge(model_path: str, prompt: Mapping[str, np.ndarray],
     name = logits_name(model, first)
     reference = first[name]
     del base
+    split = held_out(prompt)
     out: dict[str, dict[str, Any]] = {}
     for index, (task_id, recipe_json) in enumerate(tasks):
         if progress is not None:
             progress(index / len(tasks), f"building {task_id}")
         try:
-            rewritten = apply_recipe(model, recipe_json, [prompt])
+            rewritten = apply_recipe(model, recipe_json, [split.calibration])
             top1, kl = next_token_error(
-                reference, _session(rewritten, threads).run([name], dict(prompt))[0])
+                reference, _session(rewritten, threads).run([name], dict(prompt))[0], split)
             target = Path(folder) / f"{hashlib.sha1(task_id.encode()).hexdigest()[:16]}.onnx"
             save_model(rewritten, target, overwrite=True)
             out[task_id] = {"path": str(target), "top1": top1,
@@ -635,7 +682,8 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                     continue
                 if reference is not None and judge is not None:
                     top1, kl = next_token_error(
-                        reference, sessions[task_id].run([name], dict(judge))[0])
+                        reference, sessions[task_id].run([name], dict(judge))[0],
+                        held_out(judge))
                     judged[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
             except Exception as exc:  # reported per task
                 done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -813,10 +861,15 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     timed = prompt if phase == "prefill" else make_inputs(
         model, dims=settings.dims, shapes=settings.shapes, npz_path=settings.inputs_path,
         seed=settings.seed, phase="decode", past=settings.past, model_path=path)
+    # the scan calibrates on the first part of the prompt (handed to every pass as its
+    # samples: "random" takes those first) and judges on the rest; the plan it hands out
+    # names the prompt itself when the prompt file feeds the model
+    split = held_out(prompt)
+    log.append(f"accuracy: {split.describe}")
     calibration = _calibration_source(model, settings.inputs_path)
-    variants = [replace(v, params={**v.params, "calibration": calibration})
+    variants = [replace(v, params={**v.params, "calibration": "random"})
                 if "calibration" in v.params else v
-                for v in (variants if variants is not None else default_variants(calibration))]
+                for v in (variants if variants is not None else default_variants())]
     targets = find_targets(model)
     layers = sorted({t.layer for t in targets if t.layer is not None})
     extra = [settings.inputs_path] if settings.inputs_path else []
@@ -1049,7 +1102,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             recipe_b, _ = realise(start)
             base_tid = f"plan|{json.dumps(recipe_b.to_json(), sort_keys=True)}"
             timing_tasks.append((base_tid, recipe_b.to_json()))
-        timings = call_isolated(measure_speed, path, timed, [prompt], timing_tasks,
+        timings = call_isolated(measure_speed, path, timed, [split.calibration], timing_tasks,
                                 cache, settings.threads, time_budget_s, None,
                                 timeout=max(settings.timeout_s, 60.0) * 4, cancelled=cancelled,
                                 task="timing the plan")
@@ -1093,6 +1146,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
                                           1.0 / w.low if w.low else None, kind="whole",
                                           holds=holds(w.top1, w.kl)))
     say(1.0, "advice ready")
+    recipe = _named_calibration(recipe, calibration)
     return LlmAdvice(budget, phase, base_ms, variants, roles, whole, layer_kl, measured_layers,
                      chosen, recipe, verified, speed_point, frontier, refused, log,
                      time.perf_counter() - started)
@@ -1112,6 +1166,21 @@ def _has_logits(model: onnx.ModelProto) -> bool:
         if output_kind(out.name, np.empty(shape, np.float32)) == "logits":
             return True
     return False
+
+
+def _named_calibration(recipe: Any, calibration: str) -> Any:
+    """``recipe`` with its calibrated steps reading ``calibration`` (the prompt file) instead
+    of the samples the scan handed them, so that the plan runs as it is, without ``--inputs``."""
+    from opstudio.core.recipe import Recipe
+
+    if calibration == "random":
+        return recipe
+    data = recipe.to_json()
+    for step in data.get("steps", []):
+        params = step.get("params") or {}
+        if params.get("calibration") == "random":
+            params["calibration"] = calibration
+    return Recipe.from_json(data)
 
 
 def _calibration_source(model: onnx.ModelProto, npz: str | None) -> str:
