@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         # beyond the noise: the plan's interval above each one's (two identical models timed
         # in the same rounds can differ by a few per cent on a busy machine)
         beats = all(plan["low"] > r["high"] for r in holding)
+        plan_label = next(label for label in recipes if label.startswith("advisor"))
+        for r in holding:
+            # the same rounds: each round's time of the whole-model variant over the plan's
+            direct = paired_ratio(times[r["model"]], times[plan_label])
+            print(f"plan vs {r['model']}: {direct.median:.3f}× [{direct.low:.3f}, "
+                  f"{direct.high:.3f}] ({direct.rounds} paired rounds)")
         print(f"plan holds the budget on prompt B: {plan['top1_b'] >= args.budget}; decodes "
               f"faster than every whole-model variant that holds it "
               f"({', '.join(r['model'] for r in holding) or 'none holds'}): {beats}")
