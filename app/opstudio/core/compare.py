@@ -36,13 +36,11 @@ from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
 from opstudio.core.profiler import Profile, ProfileSettings, profile_models
+from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.provenance import get_origin
 from opstudio.core.request import compare_requests, estimate_requests, has_kv_cache
 from opstudio.core.tempdir import opstudio_tempdir
 from opstudio.core.timing import Ratio, paired_speedup, quiet_rounds
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 # What quantizers and exporters append to the name of a node they replace (``X_Q4``, ``X_quant``,
 # helper nodes ``X_Q4_shape_a``) and of a weight they rewrite (``W_Q4``, ``W_scales``,

@@ -42,10 +42,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.progress import CancelCheck, Progress
 
 T = TypeVar("T")
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 POLL_S = 0.05
 _PRELOAD = ["numpy", "onnx", "onnxruntime", "opstudio.core.isolation"]

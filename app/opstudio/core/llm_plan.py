@@ -36,7 +36,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from opstudio.core.errors import Cancelled, OpstudioError
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
+from opstudio.core.errors import OpstudioError
+from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
 
 SCANNED = ("MatMul", "Gemm")
 # layers measured alone to rank layer sensitivity (all of them when there are this few)
@@ -468,6 +466,24 @@ def _write_cache(path: Path | None, data: Mapping[str, Any]) -> None:
         pass
 
 
+def _pending(cache: str | None, kind: str, tasks: Sequence[tuple[str, Mapping[str, Any]]]
+             ) -> tuple[Path | None, dict[str, Any], dict[str, Any], list[tuple[str, Any]]]:
+    """The cache file, its contents, its ``kind`` section and the tasks not in it yet."""
+    path = Path(cache) if cache else None
+    store = _read_cache(path)
+    done: dict[str, Any] = store.setdefault(kind, {})
+    return path, store, done, [(i, r) for i, r in tasks if i not in done]
+
+
+def _reference_logits(model: onnx.ModelProto, session: Any,
+                      feeds: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """The name of the model's logits output and its value on ``feeds``."""
+    names = [o.name for o in session.get_outputs()]
+    first = dict(zip(names, session.run(None, dict(feeds))))
+    name = logits_name(model, first)
+    return name, first[name]
+
+
 def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
                      tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                      threads: int = 0, opt_level: str = "disable",
@@ -476,18 +492,10 @@ def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
     recipe)``, the model loaded once; each result is written to ``cache`` as it comes."""
     from opstudio.core.model_io import load_model
 
-    path = Path(cache) if cache else None
-    store = _read_cache(path)
-    done: dict[str, Any] = store.setdefault("accuracy", {})
-    todo = [(i, r) for i, r in tasks if i not in done]
+    path, store, done, todo = _pending(cache, "accuracy", tasks)
     if todo:
         model = load_model(model_path)
-        base = _session(model, threads, opt_level)
-        out_names = [o.name for o in base.get_outputs()]
-        first = dict(zip(out_names, base.run(None, dict(prompt))))
-        name = logits_name(model, first)
-        reference = first[name]
-        del base
+        name, reference = _reference_logits(model, _session(model, threads, opt_level), prompt)
         split = held_out(prompt)
         for index, (task_id, recipe_json) in enumerate(todo):
             if progress is not None:
@@ -515,12 +523,12 @@ def _merge_parts(cache: str | None) -> dict[str, Any]:
     store = _read_cache(main)
     done = store.setdefault("accuracy", {})
     parts = sorted(main.parent.glob(main.name + ".part*"))
-    for part in parts:
-        done.update(_read_cache(part).get("accuracy", {}))
+    for piece in parts:
+        done.update(_read_cache(piece).get("accuracy", {}))
     if parts:
         _write_cache(main, store)
-        for part in parts:
-            part.unlink(missing_ok=True)
+        for piece in parts:
+            piece.unlink(missing_ok=True)
     return done
 
 
@@ -573,11 +581,7 @@ def build_and_judge(model_path: str, prompt: Mapping[str, np.ndarray],
     from opstudio.core.model_io import load_model, save_model
 
     model = load_model(model_path)
-    base = _session(model, threads)
-    first = dict(zip([o.name for o in base.get_outputs()], base.run(None, dict(prompt))))
-    name = logits_name(model, first)
-    reference = first[name]
-    del base
+    name, reference = _reference_logits(model, _session(model, threads), prompt)
     split = held_out(prompt)
     out: dict[str, dict[str, Any]] = {}
     for index, (task_id, recipe_json) in enumerate(tasks):
@@ -653,20 +657,16 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     from opstudio.core.model_io import load_model
     from opstudio.core.timing import interleaved_times, paired_ratio, session
 
-    path = Path(cache) if cache else None
-    store = _read_cache(path)
-    done: dict[str, Any] = store.setdefault("speed", {})
-    todo = [(i, r) for i, r in tasks if i not in done]
+    path, store, done, todo = _pending(cache, "speed", tasks)
     if todo:
         model = load_model(model_path)
         sessions = {"": session(model, threads)}
         judged: dict[str, dict[str, Any]] = {}
-        name = reference = None
+        name: str | None = None
+        reference: np.ndarray | None = None
+        split = held_out(judge) if judge is not None else None
         if judge is not None and not prebuilt:
-            outputs = sessions[""].get_outputs()
-            first = dict(zip([o.name for o in outputs], sessions[""].run(None, dict(judge))))
-            name = logits_name(model, first)
-            reference = first[name]
+            name, reference = _reference_logits(model, sessions[""], judge)
         for index, (task_id, recipe_json) in enumerate(todo):
             if progress is not None:
                 progress(0.8 * index / len(todo), f"building {task_id}")
@@ -682,8 +682,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                     continue
                 if reference is not None and judge is not None:
                     top1, kl = next_token_error(
-                        reference, sessions[task_id].run([name], dict(judge))[0],
-                        held_out(judge))
+                        reference, sessions[task_id].run([name], dict(judge))[0], split)
                     judged[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
             except Exception as exc:  # reported per task
                 done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -838,16 +837,8 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     started = time.perf_counter()
     log: list[str] = []
 
-    def say(f: float, msg: str) -> None:
-        if progress is not None:
-            progress(max(0.0, min(1.0, f)), msg)
-
-    def stop() -> None:
-        if cancelled is not None and cancelled():
-            raise Cancelled()
-
-    def part(lo: float, hi: float) -> Progress:
-        return lambda f, m: say(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
+    say = clamped(progress)
+    stop = stopper(cancelled)
 
     path = str(model_path)
     phase = settings.phase or "decode"
@@ -906,7 +897,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     speed = speed_in_parallel(path, timed, prompt, speed_tasks, cache, settings.threads,
                               time_budget_s, workers=ACCURACY_WORKERS,
                               timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                              progress=part(0.0, 0.25))
+                              progress=part(say, 0.0, 0.25))
     base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
 
     def pays(v: Variant) -> bool:
@@ -939,7 +930,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     acc = accuracy_in_parallel(path, prompt, tasks, cache, settings.threads,
                                workers=ACCURACY_WORKERS,
                                timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                               progress=part(0.25, 0.75))
+                               progress=part(say, 0.25, 0.75))
 
     roles = [RoleResult(vid, role, [t.node for t in ts],
                         acc.get(f"role|{vid}|{role}", {}).get("top1"),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,8 @@ from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
 from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
 from opstudio.core.passes import ContractBroken, PassContext, get_pass
+from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 
 @dataclass

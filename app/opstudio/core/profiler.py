@@ -54,10 +54,8 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.timing import quiet_runs
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CONTROL_FLOW = {"If", "Loop", "Scan", "BeamSearch", "GreedySearch", "Sampling",

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,8 @@ from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
 from opstudio.core.passes import ScanParams, default_scan
 from opstudio.core.profiler import Profile, ProfileSettings, profile_model
+from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
 from opstudio.core.timing import measured_timer
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 # Technique -> the params a sensitivity scan tries (a list: each variant is measured as its own
 # candidate), as each technique's Pass declares them (``Pass.scan_params``).
@@ -277,13 +275,8 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
         except (OSError, ValueError, KeyError, TypeError):
             pass
 
-    def say(f: float, msg: str) -> None:
-        if progress is not None:
-            progress(max(0.0, min(1.0, f)), msg)
-
-    def stop() -> None:
-        if cancelled is not None and cancelled():
-            raise Cancelled()
+    say = clamped(progress)
+    stop = stopper(cancelled)
 
     model = load_model(path)
     if inputs is None:
@@ -311,7 +304,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
         say(lo, f"{name}: error of {len(nodes)} nodes, one at a time")
         errors = call_isolated(_errors_one_at_a_time, str(path), technique, params,
                                nodes, inputs, timeout=settings.timeout_s * 4,
-                               cancelled=cancelled, progress=_part(say, lo, 0.6 * span))
+                               cancelled=cancelled, progress=part(say, lo, lo + 0.6 * span))
         stop()
         say(lo + 0.6 * span, f"{name}: profiling all {len(nodes)} rewritten together")
         after: dict[str, float] = {}
@@ -327,7 +320,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                 combined = optimize(model, Recipe([Step(technique, params, nodes=applied)]),
                                     inputs=inputs).model
                 prof = profile_model(combined, settings, inputs=inputs, cancelled=cancelled,
-                                     progress=_part(say, lo + 0.6 * span, 0.4 * span))
+                                     progress=part(say, lo + 0.6 * span, lo + span))
                 split_before, after = split_rows(baseline, prof, weighted)
                 # The two profiles were taken at different moments; if the machine got busier
                 # or quieter in between, every node moved with it. Timed in alternation, the
@@ -409,14 +402,6 @@ def versions() -> dict[str, str]:
     from opstudio import __version__
 
     return {"onnxruntime": onnxruntime.__version__, "opstudio": __version__}
-
-
-def _part(say: Progress, lo: float, span: float) -> Progress:
-    """A sub-task's progress, reported as the share ``lo`` .. ``lo + span`` of the whole."""
-    def report(fraction: float, message: str) -> None:
-        say(lo + span * fraction, message)
-
-    return report
 
 
 def _cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from opstudio.core import provenance
-from opstudio.core.graph_utils import nodes_by_name, topo_sort
+from opstudio.core.graph_utils import consumers, nodes_by_name, producers, topo_sort
 from opstudio.core.passes._weights import (
     add_initializer,
     all_names,
@@ -112,6 +112,7 @@ def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRul
         if name in measured:
             groups.setdefault(by_name[name].input[0], []).append(name)
     taken = all_names(graph)
+    readers, producer_of = consumers(graph), producers(graph)
     created: dict[str, list[str]] = {}
     old_weights: list[str] = []
     for tensor, members in groups.items():
@@ -129,7 +130,11 @@ def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRul
             add_initializer(model, scaled, fresh)
             node.input[1] = fresh
         inverse = (1.0 / s).astype(np.float32)
-        folded = _fold_into_producer(model, tensor, members, inverse, taken, tag)
+        folded = None
+        if {n.name for n in readers.get(tensor, [])} == set(members) \
+                and len(readers[tensor]) == len(members):
+            folded = _fold_into_producer(model, producer_of.get(tensor), tensor, inverse,
+                                         taken, tag)
         if folded is not None:
             old_weights.append(folded[1])
             created[folded[0]] = list(members)
@@ -150,18 +155,14 @@ def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRul
     return created
 
 
-def _fold_into_producer(model: onnx.ModelProto, tensor: str, members: Sequence[str],
+def _fold_into_producer(model: onnx.ModelProto, producer: onnx.NodeProto | None, tensor: str,
                         inverse: np.ndarray, taken: set[str],
                         tag: str) -> tuple[str, str] | None:
-    """Multiply 1/s into the per-channel constant of the ``Mul`` producing ``tensor`` when
-    nothing but ``members`` reads it: (the Mul's name, the constant it no longer reads)."""
-    graph = model.graph
-    if any(o.name == tensor for o in graph.output):
+    """Multiply 1/s into the per-channel constant of ``producer`` (the node writing
+    ``tensor``, which only the scaled nodes read) when it is a ``Mul`` by a constant:
+    (the Mul's name, the constant it no longer reads)."""
+    if any(o.name == tensor for o in model.graph.output):
         return None
-    readers = [n for n in graph.node if tensor in n.input]
-    if {n.name for n in readers} != set(members) or len(readers) != len(members):
-        return None
-    producer = next((n for n in graph.node if tensor in n.output), None)
     if producer is None or producer.op_type != "Mul" or producer.domain not in ("", "ai.onnx"):
         return None
     for slot in (1, 0):

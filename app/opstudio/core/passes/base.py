@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, final
 
@@ -46,9 +46,7 @@ import onnx
 from opstudio.core import provenance, validity
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph_utils import copy_model, nodes_by_name
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
+from opstudio.core.progress import CancelCheck, Progress
 
 ParamKind = Literal["int", "float", "bool", "choice", "path"]
 

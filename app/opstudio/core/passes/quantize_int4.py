@@ -213,8 +213,9 @@ def _awq_scale(work: onnx.ModelProto, names: Sequence[str], params: Mapping[str,
 
     created = scale_inputs(work, axes, rule, set(stats), "awq")
     served = sum(len(m) for m in created.values())
-    plain = sum(r.plain for r in found.values())
-    error = sum(r.error for r in found.values())
+    groups = {id(r): r for r in found.values()}.values()
+    plain = sum(r.plain for r in groups)
+    error = sum(r.error for r in groups)
     notes.append(f"AWQ scaled the inputs of {served} of {len(found)} node(s) on "
                  f"{count} calibration sample(s); predicted output error "
                  f"{error / plain if plain else 1:.0%} of plain rounding's")
@@ -268,11 +269,8 @@ def _gptq(work: onnx.ModelProto, names: Sequence[str], samples: Sequence[Mapping
     from onnxruntime.quantization.neural_compressor import gptq_quantize
 
     scheme = "sym" if symmetric else "asym"
-    wanted = set(names)
-    config: dict[str, Any] = {
-        n.name: ({"bits": 4, "group_size": block, "scheme": scheme, "algorithm": "GPTQ"}
-                 if n.name in wanted else "fp32")
-        for n in work.graph.node if n.op_type == "MatMul"}
+    config = _weight_config(work, names, {"bits": 4, "group_size": block, "scheme": scheme,
+                                          "algorithm": "GPTQ"})
     loader = ((dict(feeds), None) for feeds in samples)
     result = gptq_quantize(work, loader, weight_config=config, num_bits=4, group_size=block,
                            scheme=scheme, n_samples=-1, accuracy_level=level)
@@ -288,14 +286,20 @@ def _k_quant(work: onnx.ModelProto, names: Sequence[str], block: int,
     """
     from onnxruntime.quantization.neural_compressor import rtn_quantize
 
-    wanted = set(names)
-    config: dict[str, Any] = {
-        n.name: ({"bits": 4, "group_size": block, "scheme": "asym"}
-                 if n.name in wanted else "fp32")
-        for n in work.graph.node if n.op_type == "MatMul"}
+    config = _weight_config(work, names, {"bits": 4, "group_size": block, "scheme": "asym"})
     result = rtn_quantize(work, weight_config=config, num_bits=4, group_size=block,
                           scheme="asym", accuracy_level=level, algorithm="k_quant")
     return result.model if hasattr(result, "model") else result
+
+
+def _weight_config(work: onnx.ModelProto, names: Sequence[str],
+                   entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-node config of onnxruntime's neural-compressor quantizers: ``entry`` for the
+    chosen MatMuls, "fp32" (left alone) for every other one, since they quantize every MatMul
+    they are not told to skip."""
+    wanted = set(names)
+    return {n.name: (dict(entry) if n.name in wanted else "fp32")
+            for n in work.graph.node if n.op_type == "MatMul"}
 
 
 def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
