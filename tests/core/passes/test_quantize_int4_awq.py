@@ -135,6 +135,7 @@ def test_k_quant_writes_zero_points_and_stays_close():
     result = get_pass("int4-weight").apply(model, ["q_proj"], {"algorithm": "k_quant"},
                                            PassContext())
     assert result.applied == ["q_proj"] and result.details["q_proj"]["algorithm"] == "k_quant"
+    assert result.details["q_proj"]["symmetric"] is False  # k-quant always has zero points
     nbits = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits")
     assert len(nbits.input) >= 4 and nbits.input[3]  # asymmetric: a zero-point input
     zero_points = next(i for i in result.model.graph.initializer if i.name == nbits.input[3])

@@ -65,10 +65,10 @@ class Int4WeightPass(Pass):
         *LEVEL_PARAMS,
         ParamSpec("algorithm", "choice", "rtn", "Algorithm",
                   "rtn: round to nearest; awq: input channels scaled by their calibration "
-                  "activations before rounding (activation-aware); k_quant: per-block scale and minimum searched for "
-                  "the least weighted error (llama.cpp's k-quants, asymmetric); gptq: "
-                  "error-compensating rounding on calibration inputs; hqq: half-quadratic, "
-                  "calibration-free (gptq and hqq need torch: opstudio[llm])",
+                  "activations before rounding (activation-aware); k_quant: per-block scale "
+                  "and minimum searched for the least weighted error (llama.cpp's k-quants, "
+                  "asymmetric); gptq: error-compensating rounding on calibration inputs; hqq: "
+                  "half-quadratic, calibration-free (gptq and hqq need torch: opstudio[llm])",
                   choices=ALGORITHMS),
         *calibration_params(8),
     )
@@ -181,7 +181,8 @@ class Int4WeightPass(Pass):
         rewritten = [target[n] for n in applied]
         by_target = ort_support.settle(before, result, rewritten)
         details = {name: {**by_target[target[name]], "bits": self.bits, "block_size": block,
-                          "symmetric": params["symmetric"], "accuracy_level": level,
+                          "symmetric": params["symmetric"] and algorithm != "k_quant",
+                          "accuracy_level": level,
                           "algorithm": algorithm, **scaled.get(target[name], {})}
                    for name in applied}
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
