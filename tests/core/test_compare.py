@@ -9,21 +9,13 @@ from model_builders import small_mlp
 from opstudio.core import report
 from opstudio.core.compare import compare_models, match_nodes
 from opstudio.core.optimize import optimize
-from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
+from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Recipe, Step
+from profile_builders import node_stats, profile_of
 
 
 def stats(name, ms, group=(), op="MatMul"):
-    return NodeStats(name=name, op_type=op, mean_ms=ms, p50_ms=ms, p90_ms=ms, min_ms=ms,
-                     std_ms=0.0, calls=1, share=0.0, kernels=[name], group=list(group))
-
-
-def profile_of(*nodes):
-    p = Profile.from_json({"model": "m", "settings": ProfileSettings().to_json(),
-                           "total_ms": {"mean": 1, "p50": 1, "p90": 1, "min": 1, "std": 0},
-                           "nodes": [], "op_types": [], "unattributed_ms": 0.0})
-    p.nodes = list(nodes)
-    return p
+    return node_stats(name, ms, op, group)
 
 
 def test_match_merges_groups_that_differ_between_the_two_runs():

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core import report
 from opstudio.core.compare import compare_models, map_nodes, match_nodes
-from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
+from opstudio.core.profiler import ProfileSettings
+from profile_builders import node_stats, profile_of
 
 DIM = 64
 
@@ -118,16 +119,7 @@ def test_weights_behind_cast_and_a_kept_tied_embedding():
 
 
 def stats(name, ms, op="MatMul"):
-    return NodeStats(name=name, op_type=op, mean_ms=ms, p50_ms=ms, p90_ms=ms, min_ms=ms,
-                     std_ms=0.0, calls=1, share=0.0, kernels=[name])
-
-
-def profile_of(*nodes):
-    p = Profile.from_json({"model": "m", "settings": ProfileSettings().to_json(),
-                           "total_ms": {"mean": 1, "p50": 1, "p90": 1, "min": 1, "std": 0},
-                           "nodes": [], "op_types": [], "unattributed_ms": 0.0})
-    p.nodes = list(nodes)
-    return p
+    return node_stats(name, ms, op)
 
 
 def test_match_rows_with_the_mapping():

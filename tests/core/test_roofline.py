@@ -8,7 +8,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from opstudio.core.graph import analyze
-from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
 from opstudio.core.roofline import (
     Machine,
     analyze_roofline,
@@ -16,6 +15,7 @@ from opstudio.core.roofline import (
     measure_machine,
     profile_roofline,
 )
+from profile_builders import node_stats, profile_of
 
 MACHINE = Machine(peak_gflops=100.0, bandwidth_gbs=10.0, threads=1, onnxruntime="x",
                   measured_at=0.0, peak_int8_gops=400.0)  # ridge at 10 FLOP/byte (INT8: 40)
@@ -32,14 +32,7 @@ def matmul_relu(m: int, k: int, n: int):
 
 
 def stats(name, op, ms, group=()):
-    return NodeStats(name=name, op_type=op, mean_ms=ms, p50_ms=ms, p90_ms=ms, min_ms=ms,
-                     std_ms=0.0, calls=1, share=0.5, kernels=[name], group=list(group))
-
-
-def profile_of(*nodes):
-    return Profile(model="", settings=ProfileSettings(), total_ms={"mean": 1.0, "p50": 1.0},
-                   plain_ms=None, overhead={}, nodes=list(nodes), op_types=[],
-                   unattributed_ms=0.0, unattributed=[], untraced_ms=0.0, runs=1)
+    return node_stats(name, ms, op, group, share=0.5)
 
 
 def test_a_big_matmul_is_compute_bound_and_a_relu_memory_bound():

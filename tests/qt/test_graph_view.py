@@ -113,7 +113,8 @@ def test_edge_tooltip_names_the_tensor(app, qtbot):
     assert view.graph.edges[3][2] == tensor
 
 
-def test_layer_frames_and_label_click_select_a_layer(app, qtbot):
+def _layered_view(qtbot):
+    """A shown graph view of a 3-layer decoder, with the grouping of its nodes by layer."""
     from layer_models import layered_decoder
     from opstudio.core.graph import analyze
     from opstudio.core.layers import group_layers
@@ -125,7 +126,11 @@ def test_layer_frames_and_label_click_select_a_layer(app, qtbot):
     view.show()
     qtbot.waitExposed(view)
     view.set_graph(graph)
-    grouping = group_layers(n.name for n in graph.nodes)
+    return graph, view, group_layers(n.name for n in graph.nodes)
+
+
+def test_layer_frames_and_label_click_select_a_layer(app, qtbot):
+    graph, view, grouping = _layered_view(qtbot)
     plain = render(view)
     view.show_layers(grouping)
     frames = view.layer_frames()
@@ -152,18 +157,9 @@ def test_layer_frames_and_label_click_select_a_layer(app, qtbot):
 
 
 def test_fold_a_layer_into_one_box_and_open_it_again(app, qtbot):
-    from layer_models import PER_LAYER, layered_decoder
-    from opstudio.core.graph import analyze
-    from opstudio.core.layers import group_layers
+    from layer_models import PER_LAYER
 
-    graph = analyze(layered_decoder(layers=3), {"batch": 1, "seq": 4})
-    view = GraphView()
-    qtbot.addWidget(view)
-    view.resize(900, 700)
-    view.show()
-    qtbot.waitExposed(view)
-    view.set_graph(graph)
-    grouping = group_layers(n.name for n in graph.nodes)
+    graph, view, grouping = _layered_view(qtbot)
     view.show_layers(grouping)
     layer1 = ("model.layers", 1)
     inner = grouping.layer_nodes(layer1)
