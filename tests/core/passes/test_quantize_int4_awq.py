@@ -22,17 +22,23 @@ def activations(rng: np.random.Generator, rows: int) -> np.ndarray:
     return (rng.standard_normal((rows, K)) * LOUD).astype(np.float32)
 
 
-def normed_block(rng: np.random.Generator, *, extra_reader: bool = False) -> onnx.ModelProto:
+def normed_block(rng: np.random.Generator, *, extra_reader: bool = False,
+                 fp16_k: bool = False) -> onnx.ModelProto:
     """x → Mul(x, g) (an RMSNorm's weight) → q and k projections (sharing their input);
     with ``extra_reader`` the normed tensor is also a graph output, so the scale can't be
-    folded into g."""
+    folded into g; with ``fp16_k`` k's weight is stored float16 behind a Cast (HF exports)."""
     g = (1.0 + 0.1 * rng.standard_normal(K)).astype(np.float32)
     inits = [numpy_helper.from_array(g, "g")]
     nodes = [helper.make_node("Mul", ["x", "g"], ["normed"], name="norm_mul")]
     outputs = []
     for name in ("q", "k"):
         w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"W{name}"))
+        if fp16_k and name == "k":
+            inits.append(numpy_helper.from_array(w.astype(np.float16), "Wk16"))
+            nodes.append(helper.make_node("Cast", ["Wk16"], ["Wk"], name="k_cast",
+                                          to=onnx.TensorProto.FLOAT))
+        else:
+            inits.append(numpy_helper.from_array(w, f"W{name}"))
         node = helper.make_node("MatMul", ["normed", f"W{name}"], [name], name=f"{name}_proj")
         provenance.set_origin(node, [node.name])
         nodes.append(node)
@@ -67,6 +73,18 @@ def test_search_prefers_scaling_loud_channels_and_never_predicts_worse_than_roun
     iso = rng.standard_normal((512, K))
     flat = awq.search([w], np.abs(iso).mean(axis=0), iso.T @ iso, 32, symmetric=False)
     assert flat.error <= flat.plain
+
+
+def test_search_on_strided_columns_of_a_wide_weight_picks_the_same_alpha(monkeypatch):
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((K, 2048)) / np.sqrt(K)
+    x = activations(rng, 512).astype(np.float64)
+    args = (np.abs(x).mean(axis=0), x.T @ x, 32)
+    full = awq.search([w], *args, symmetric=False)
+    monkeypatch.setattr(awq, "SEARCH_COLUMNS", 256)
+    strided = awq.search([w], *args, symmetric=False)
+    assert strided.alpha == full.alpha
+    assert strided.error / strided.plain == pytest.approx(full.error / full.plain, rel=0.1)
 
 
 def test_round_blocks_matches_onnxruntime_matmulnbits():
@@ -127,6 +145,68 @@ def test_awq_inserts_a_mul_when_the_input_has_other_readers(calibration):
     np.testing.assert_allclose(new[2], ref[2], rtol=1e-6)
     np.testing.assert_allclose(new[1], ref[1], rtol=1e-5, atol=1e-6)
     assert output_error(model, out, x) < 0.05
+
+
+def test_awq_on_q_alone_scales_k_too_so_the_norm_takes_the_scale(calibration):
+    """A plan rounds q in INT4 and leaves k to another step: k's weight rows take the scale
+    (still stored float16 behind its Cast) and nothing is inserted between norm and
+    projections."""
+    rng = np.random.default_rng(1)
+    model = normed_block(rng, fp16_k=True)
+    result = get_pass("int4-weight").apply(
+        model, ["q_proj"], {"algorithm": "awq", "calibration": calibration, "samples": 1,
+                            "accuracy_level": 1}, PassContext())
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert result.details["q_proj"]["awq_alpha"] > 0
+    assert sorted(n.op_type for n in out.graph.node) == ["Cast", "MatMul", "MatMulNBits", "Mul"]
+    assert not any(n.name.endswith("_awq") for n in out.graph.node)
+    k_weight = next(n for n in out.graph.node if n.op_type == "Cast").input[0]
+    assert next(i for i in out.graph.initializer if i.name == k_weight).data_type \
+        == onnx.TensorProto.FLOAT16
+    assert {i.name for i in out.graph.initializer}.isdisjoint({"g", "Wk16"})
+    assert any("1 other reader(s)" in note and "k_proj" in note for note in result.notes)
+    x = activations(np.random.default_rng(2), 8)
+    ref, new = run_ort(model, {"x": x}), run_ort(out, {"x": x})
+    # k is the same product up to float16 storage of its scaled rows
+    np.testing.assert_allclose(new[1], ref[1], rtol=0, atol=2e-3 * np.abs(ref[1]).max())
+    assert output_error(model, out, x) < 0.05
+
+
+def test_awq_divides_the_scale_out_of_a_fused_norms_gamma(calibration):
+    """onnxruntime-genai exports: the projections read SkipSimplifiedLayerNormalization's
+    output 0; γ takes 1/s, the residual sum (output 3) stays as it was."""
+    rng = np.random.default_rng(3)
+    gamma = (1.0 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    norm = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"],
+                            ["normed", "", "", "sum"], name="norm", domain="com.microsoft",
+                            epsilon=1e-6)
+    mm = helper.make_node("MatMul", ["normed", "W"], ["y"], name="qkv_proj")
+    graph = helper.make_graph(
+        [norm, mm], "g",
+        [helper.make_tensor_value_info(n, 1, [1, "rows", K]) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("y", 1, [1, "rows", N]),
+         helper.make_tensor_value_info("sum", 1, [1, "rows", K])],
+        [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    x = activations(np.random.default_rng(5), 256)[None]
+    path = calibration.replace("calib", "calib_skip")
+    np.savez(path, x=x, skip=np.zeros_like(x))
+    result = get_pass("int4-weight").apply(
+        model, ["qkv_proj"], {"algorithm": "awq", "calibration": path, "samples": 1,
+                              "accuracy_level": 1}, PassContext())
+    out = result.model
+    assert result.details["qkv_proj"]["awq_alpha"] > 0
+    assert sorted(n.op_type for n in out.graph.node) == ["MatMulNBits",
+                                                         "SkipSimplifiedLayerNormalization"]
+    assert "gamma" not in {i.name for i in out.graph.initializer}
+    feeds = {"x": activations(np.random.default_rng(8), 16)[None],
+             "skip": rng.standard_normal((1, 16, K)).astype(np.float32)}
+    ref, new = run_ort(model, feeds), run_ort(out, feeds)
+    np.testing.assert_array_equal(new[1], ref[1])
+    assert np.linalg.norm(new[0] - ref[0]) < 0.1 * np.linalg.norm(ref[0])
 
 
 def test_k_quant_writes_zero_points_and_stays_close():

@@ -32,6 +32,8 @@ from opstudio.core.passes._weights import (
 )
 
 S_RANGE = (1e-5, 1e5)
+# readers of a tensor that see only its shape, never its values (HF exports reshape heads by it)
+_SHAPE_ONLY = {"Shape", "Size"}
 
 
 def smoothable(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
@@ -95,14 +97,19 @@ ScaleRule = Callable[[Sequence[str], Sequence[np.ndarray]], "np.ndarray | None"]
 
 
 def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRule,
-                 measured: Collection[str], tag: str) -> dict[str, list[str]]:
+                 measured: Collection[str], tag: str,
+                 compensate: bool = False) -> dict[str, list[str]]:
     """Per input tensor x of the nodes in ``axes``: weights' input channels times s and x
     divided by s (``y = x·diag(1/s) · diag(s)·W`` is unchanged), with s = ``rule(members,
     weights)`` (weights with input channels first; ``None`` leaves the group as it was).
 
     The division is folded into the constant of a ``Mul`` that produces x and feeds only the
-    group (an RMSNorm's weight); otherwise one ``Mul(x, 1/s)`` is inserted. Only nodes named
-    in ``measured`` take part. Returns the created or rewritten Mul's name → the nodes it serves.
+    group (an RMSNorm's weight); otherwise one ``Mul(x, 1/s)`` is inserted. With
+    ``compensate``, x's other readers that are MatMul/Gemm with a constant float weight get
+    their weight rows times s as well, so the fold still applies when a plan rounds q_proj in
+    INT4 and k/v_proj in INT8 (an inserted Mul costs a pass over x in every layer). Only nodes
+    named in ``measured`` take part. Returns the created or rewritten Mul's name → the nodes
+    whose weights it scaled.
     """
     graph = model.graph
     by_name = nodes_by_name(graph)
@@ -131,13 +138,19 @@ def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRul
             node.input[1] = fresh
         inverse = (1.0 / s).astype(np.float32)
         folded = None
-        if {n.name for n in readers.get(tensor, [])} == set(members) \
-                and len(readers[tensor]) == len(members):
+        others = [n for n in readers.get(tensor, []) if n.name not in set(members)
+                  and n.op_type not in _SHAPE_ONLY]
+        plans = [_row_axis(model, n, tensor, s.size) for n in others] if compensate else []
+        if not others or (plans and all(a is not None for a in plans)):
             folded = _fold_into_producer(model, producer_of.get(tensor), tensor, inverse,
                                          taken, tag)
         if folded is not None:
-            old_weights.append(folded[1])
-            created[folded[0]] = list(members)
+            old_weights.extend(folded[1])
+            for node, axis in zip(others, plans):
+                assert axis is not None
+                old_weights.append(node.input[1])
+                node.input[1] = _scaled_weight(model, node.input[1], s, axis, taken, tag)
+            created[folded[0]] = list(members) + [n.name for n in others]
             continue
         scale_name = unique_name(taken, f"{tensor}_{tag}_scale")
         add_initializer(model, inverse, scale_name)
@@ -155,28 +168,122 @@ def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRul
     return created
 
 
+def _row_axis(model: onnx.ModelProto, node: onnx.NodeProto, tensor: str,
+              channels: int) -> int | None:
+    """The axis of ``node``'s weight that ``tensor``'s channels multiply, when ``node`` is a
+    MatMul/Gemm reading ``tensor`` as its activation and a constant float weight."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") \
+            or len(node.input) < 2 or node.input[0] != tensor or node.input[1] == tensor:
+        return None
+    weight, _ = constant_array(model, node.input[1])
+    if weight is None or weight.dtype not in (np.float32, np.float16) or weight.ndim < 2:
+        return None
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or weight.ndim != 2:
+            return None
+        axis = 1 if attrs.get("transB", 0) else 0
+    else:
+        axis = weight.ndim - 2
+    return axis if weight.shape[axis] == channels else None
+
+
+def _scaled_weight(model: onnx.ModelProto, tensor: str, s: np.ndarray, axis: int,
+                   taken: set[str], tag: str) -> str:
+    """A new constant: ``tensor``'s value with its ``axis`` times s, stored as the weight was
+    (a float16 weight behind a Cast stays float16 behind a Cast, so the file does not grow)."""
+    weight, _ = constant_array(model, tensor)
+    assert weight is not None
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    scaled = weight.astype(np.float64) * s.reshape(shape)
+    source = _cast_source(model, tensor)
+    fresh = unique_name(taken, f"{tensor}_{tag}ed")
+    if source is None:
+        add_initializer(model, scaled.astype(weight.dtype), fresh)
+        return fresh
+    stored = unique_name(taken, f"{source.input[0]}_{tag}ed")
+    add_initializer(model, scaled.astype(np.float16), stored)
+    cast = helper.make_node("Cast", [stored], [fresh], name=unique_name(taken, f"{fresh}_cast"),
+                            to=onnx.TensorProto.FLOAT)
+    provenance.set_origin(cast, provenance.get_origin(source))
+    model.graph.node.append(cast)
+    return fresh
+
+
+def _cast_source(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
+    """The ``Cast`` to float32 writing ``tensor`` from a float16 initializer, if that is what
+    it is (how HF exports store fp16 weights)."""
+    producer = producers(model.graph).get(tensor)
+    if producer is None or producer.op_type != "Cast" or not producer.input:
+        return None
+    to = next((helper.get_attribute_value(a) for a in producer.attribute if a.name == "to"), None)
+    if to != onnx.TensorProto.FLOAT:
+        return None
+    init = next((i for i in model.graph.initializer if i.name == producer.input[0]), None)
+    return producer if init is not None and init.data_type == onnx.TensorProto.FLOAT16 else None
+
+
+# normalisations whose output 0 is (normalised x) · γ (+ β): dividing γ and β by s divides
+# the output by s. Which inputs are γ and β, by (op, domain).
+_NORM_SCALES = {
+    ("SimplifiedLayerNormalization", ""): (1,),
+    ("SimplifiedLayerNormalization", "com.microsoft"): (1,),
+    ("RMSNormalization", ""): (1,),
+    ("LayerNormalization", ""): (1, 2),
+    ("SkipSimplifiedLayerNormalization", "com.microsoft"): (2,),
+    ("SkipLayerNormalization", "com.microsoft"): (2, 3),
+}
+
+
 def _fold_into_producer(model: onnx.ModelProto, producer: onnx.NodeProto | None, tensor: str,
                         inverse: np.ndarray, taken: set[str],
-                        tag: str) -> tuple[str, str] | None:
-    """Multiply 1/s into the per-channel constant of ``producer`` (the node writing
-    ``tensor``, which only the scaled nodes read) when it is a ``Mul`` by a constant:
-    (the Mul's name, the constant it no longer reads)."""
-    if any(o.name == tensor for o in model.graph.output):
+                        tag: str) -> tuple[str, list[str]] | None:
+    """Multiply 1/s into the per-channel constant(s) of ``producer`` (the node writing
+    ``tensor``, which only the scaled nodes read) when it is a ``Mul`` by a constant (an HF
+    export's RMSNorm weight) or a normalisation op's γ/β (onnxruntime-genai exports):
+    (the producer's name, the constants it no longer reads)."""
+    if any(o.name == tensor for o in model.graph.output) or producer is None:
         return None
-    if producer is None or producer.op_type != "Mul" or producer.domain not in ("", "ai.onnx"):
+    domain = "" if producer.domain == "ai.onnx" else producer.domain
+    if producer.op_type == "Mul" and domain == "":
+        for slot in (1, 0):
+            const = _channel_constant(model, producer.input[slot], inverse.size)
+            if const is None:
+                continue
+            if constant_array(model, producer.input[1 - slot])[0] is not None:
+                return None
+            return producer.name, [_divide(model, producer, slot, const, inverse, taken, tag)]
         return None
-    for slot in (1, 0):
-        const, _ = constant_array(model, producer.input[slot])
-        if const is None or (const.dtype != np.float32 and const.dtype != np.float16):
-            continue
-        if const.shape[-1:] != inverse.shape or any(d != 1 for d in const.shape[:-1]):
-            continue
-        other, _ = constant_array(model, producer.input[1 - slot])
-        if other is not None:
-            return None
-        old = producer.input[slot]
-        fresh = unique_name(taken, f"{old}_{tag}ed")
-        add_initializer(model, (const.astype(np.float32) * inverse).reshape(const.shape), fresh)
-        producer.input[slot] = fresh
-        return producer.name, old
-    return None
+    slots = _NORM_SCALES.get((producer.op_type, domain))
+    # only output 0 carries γ: the mean, inverse deviation and residual-sum outputs stay as
+    # they were
+    if slots is None or producer.output[0] != tensor:
+        return None
+    present = [k for k in slots if k < len(producer.input) and producer.input[k]]
+    consts = [_channel_constant(model, producer.input[k], inverse.size) for k in present]
+    if not present or any(c is None for c in consts):
+        return None
+    return producer.name, [_divide(model, producer, k, c, inverse, taken, tag)
+                           for k, c in zip(present, consts) if c is not None]
+
+
+def _channel_constant(model: onnx.ModelProto, tensor: str, channels: int) -> np.ndarray | None:
+    """``tensor``'s value when it is a float constant with one value per channel."""
+    const, _ = constant_array(model, tensor)
+    if const is None or const.dtype not in (np.float32, np.float16):
+        return None
+    if const.shape[-1:] != (channels,) or any(d != 1 for d in const.shape[:-1]):
+        return None
+    return const
+
+
+def _divide(model: onnx.ModelProto, node: onnx.NodeProto, slot: int, const: np.ndarray,
+            inverse: np.ndarray, taken: set[str], tag: str) -> str:
+    """``node``'s input ``slot`` replaced by ``const · inverse``; the name it no longer reads."""
+    old = node.input[slot]
+    fresh = unique_name(taken, f"{old}_{tag}ed")
+    scaled = (const.astype(np.float64) * inverse).astype(const.dtype).reshape(const.shape)
+    add_initializer(model, scaled, fresh)
+    node.input[slot] = fresh
+    return old

@@ -212,14 +212,19 @@ def _awq_scale(work: onnx.ModelProto, names: Sequence[str], params: Mapping[str,
             found[name] = result
         return None if result.alpha == 0 else result.scale
 
-    created = scale_inputs(work, axes, rule, set(stats), "awq")
-    served = sum(len(m) for m in created.values())
+    created = scale_inputs(work, axes, rule, set(stats), "awq", compensate=True)
+    touched = {name for members in created.values() for name in members}
     groups = {id(r): r for r in found.values()}.values()
     plain = sum(r.plain for r in groups)
     error = sum(r.error for r in groups)
-    notes.append(f"AWQ scaled the inputs of {served} of {len(found)} node(s) on "
-                 f"{count} calibration sample(s); predicted output error "
+    notes.append(f"AWQ scaled the inputs of {len(touched & set(found))} of {len(found)} node(s) "
+                 f"on {count} calibration sample(s); predicted output error "
                  f"{error / plain if plain else 1:.0%} of plain rounding's")
+    others = sorted(touched - set(found))
+    if others:
+        notes.append(f"AWQ: {len(others)} other reader(s) of the scaled inputs (e.g. "
+                     f"'{others[0]}') keep their output: their weight rows were scaled too, "
+                     "so the scale folds into the norm before them")
     return {name: {"awq_alpha": r.alpha, "awq_error_ratio": round(r.error / r.plain, 4)
                    if r.plain else 1.0} for name, r in found.items()}
 
