@@ -237,6 +237,25 @@ def test_the_scan_resumes_from_its_cache(decoder, tmp_path):
     assert 0.0 <= again[tasks[2][0]]["top1"] <= 1.0
 
 
+def test_a_few_timed_variants_are_paired_with_each_other_too(decoder, tmp_path):
+    """The advisor's last choice (upgraded plan or one technique everywhere) compares the two
+    in their own paired rounds."""
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.model_io import load_model
+
+    path, prompt = decoder
+    model = load_model(path)
+    step = make_inputs(model, npz_path=prompt, phase="decode")
+    targets = [t for t in find_targets(model) if t.layer is not None]
+    tasks = [("rtn", recipe_of([(RTN, targets)]).to_json()),
+             ("rtn-half", recipe_of([(RTN, targets[: len(targets) // 2])]).to_json())]
+    out = llm_plan.measure_speed(str(path), step, [], tasks, None, 1, 0.3)
+    for mine, other in (("rtn", "rtn-half"), ("rtn-half", "rtn")):
+        median, low, high = out[mine]["versus"][other]
+        assert 0 < low <= median <= high
+        assert set(out[mine]["versus"]) == {other}
+
+
 def test_nothing_could_be_applied_is_not_nothing_pays(tmp_path, monkeypatch):
     from onnx import TensorProto, helper
 
