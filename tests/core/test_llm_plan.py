@@ -94,6 +94,17 @@ def test_a_plan_upgrades_from_one_technique_everywhere():
     assert {u: o.variant for u, o in plan.items()} == {(0, "a"): "int4", (1, "a"): "int8"}
 
 
+def test_plans_whose_savings_the_timing_cannot_tell_apart_go_to_the_more_accurate():
+    def held(limit, saving, top1):
+        return (limit, None, [llm_plan.Choice(0, "r", "v", ["n"], saving, 0.0)], (top1, 0.01))
+
+    start, near, edge = held(0.01, 16.0, 0.96), held(0.02, 16.7, 0.927), held(0.03, 16.8, 0.911)
+    assert llm_plan.most_accurate_of_fastest([start, near, edge], 0.25) is near
+    # a saving beyond the tie wins even at less margin
+    assert llm_plan.most_accurate_of_fastest([start, near, edge], 0.05) is edge
+    assert llm_plan.most_accurate_of_fastest([start], 0.25) is start
+
+
 def test_an_option_covering_other_units_replaces_them():
     # pruning a gated MLP takes its gate, up and down projections together
     gate, up, down = (0, "mlp/gate_proj/MatMul"), (0, "mlp/up_proj/MatMul"), \

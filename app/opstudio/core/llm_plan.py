@@ -56,6 +56,9 @@ MIN_SPEEDUP = 0.98
 MAX_VERIFY = 7
 # the final plan-against-start timing runs this many times the scan's time per variant
 FINAL_TIMING = 3
+# plans whose predicted savings differ by less than this share of the step's time are a tie
+# (paired decode timings resolve about ±0.5–1 %): the more accurate one is chosen
+TIE_SHARE = 0.005
 CACHE_KIND = "llm"
 # child processes measuring accuracy side by side (each rewrite is mostly single-threaded Python)
 ACCURACY_WORKERS = 2
@@ -789,6 +792,24 @@ def plan_for_limit(options: Mapping[tuple[int, str], Sequence[_Option]], limit: 
     return current
 
 
+Held = tuple[float, Any, list["Choice"], tuple[float | None, float | None]]
+
+
+def most_accurate_of_fastest(holding: Sequence[Held], tie_ms: float) -> Held:
+    """Of the plans that held the budget (limit, recipe, choices, (top-1, KL)), the most
+    accurate among those whose predicted saving is within ``tie_ms`` of the greatest: savings
+    closer than the timing can tell apart are a tie, and the margin a tie leaves to the budget
+    is what carries the plan over to text it was not judged on."""
+    def saving(h: Held) -> float:
+        return sum(c.gain_ms for c in h[2])
+
+    top = max(saving(h) for h in holding)
+    ties = [h for h in holding if saving(h) >= top - tie_ms]
+    return max(ties, key=lambda h: (-math.inf if h[3][0] is None else h[3][0],
+                                    -(h[3][1] if h[3][1] is not None else math.inf),
+                                    saving(h)))
+
+
 def layer_weights(layer_kl: Mapping[int, float], layers: Sequence[int]) -> dict[int, float]:
     """Each layer's share of sensitivity, interpolated between measured layers; sums to 1."""
     if not layers:
@@ -1015,8 +1036,9 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     def holds(top1: float | None, kl: float | None) -> bool:
         return budget.holds_next_token(top1, kl)
 
+    holding: list[tuple[float, Any, list[Choice], tuple[float | None, float | None]]] = []
+
     def verify(limit: float) -> bool | None:
-        nonlocal best
         choice = plan_for_limit(options, limit, start)
         recipe, chosen = realise(choice)
         if not recipe.steps:
@@ -1038,8 +1060,8 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         frontier.append(FrontierPoint(f"plan KL≤{limit:.2g}", top1, kl, None, kind="plan",
                                       limit=limit, holds=ok))
         limits_tried.append((limit, ok))
-        if ok and (best is None or gain > sum(c.gain_ms for c in best[2])):
-            best = (limit, recipe, chosen, (top1, kl))
+        if ok:
+            holding.append((limit, recipe, chosen, (top1, kl)))
         return ok
 
     # the fastest technique that holds the budget on every node it takes is a plan already:
@@ -1059,6 +1081,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         recipe_b, chosen_b = realise(start)
         w = holders[0]
         best = (base_err, recipe_b, chosen_b, (w.top1, w.kl))
+        holding.append(best)
         frontier.append(FrontierPoint(f"{vmap[base_variant].label} everywhere", w.top1, w.kl,
                                       None, kind="plan", limit=base_err, holds=True))
         log.append(f"start: {vmap[base_variant].label} on every node holds the budget "
@@ -1089,6 +1112,8 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
                     break
                 limit = math.sqrt(lo * hi)
 
+    if holding:
+        best = most_accurate_of_fastest(holding, TIE_SHARE * base_ms)
     chosen: list[Choice] = []
     recipe = Recipe([])
     verified = None
