@@ -39,6 +39,11 @@ features, plus the intermediate activation's norm ‖z_j‖ times down_proj's ro
 ``calibration`` samples (``"random"`` or an .npz of model inputs, as for int8-static).
 Weights behind fp16 + Cast are read folded; a pruned one is a fresh initializer, stored
 in float16 behind a new Cast when its original was.
+
+Attention projections go by whole query heads where the graph allows (``_heads``): behind an
+onnxruntime ``GroupQueryAttention``, selecting its q (or packed q|k|v) or output projection
+removes ``sparsity`` of the query heads of every KV group from both, leaving the KV cache as
+it was.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 from opstudio.core import graph_utils, provenance
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph import analyze
+from opstudio.core.passes import _heads as heads
 from opstudio.core.passes import _weights as w
 from opstudio.core.passes._calibration import (
     calibration_params,
@@ -132,7 +138,7 @@ class PrunePass(Pass):
         if given["structured"]:
             plan = _plan_any(model, node, found)
             if isinstance(plan, str):
-                return plan
+                return _or_heads(model, node, plan)
         elif given["storage"] == "sparse" and w.opset(model) < 11:
             return (f"sparse storage needs a Constant with sparse_value (opset 11); the model "
                     f"has opset {w.opset(model)}")
@@ -160,6 +166,15 @@ class PrunePass(Pass):
                 continue
             found = _own_weight(model, node)
             plan = found if isinstance(found, str) else _plan_any(model, node, found, cons)
+            if isinstance(plan, str) and not isinstance(found, str) and not plans:
+                head_plan = heads.plan_heads(model, node, cons,
+                                             graph_utils.producers(model.graph))
+                if not isinstance(head_plan, str):
+                    return (f"structured: removes query heads of "
+                            f"'{head_plan.attention.name}' ({head_plan.heads} heads, "
+                            f"{head_plan.group} per KV group) from "
+                            f"{' and '.join(head_plan.members)} jointly; the KV cache keeps "
+                            "its shape")
             if isinstance(plan, str) or not _is_mlp(plan):
                 continue
             seen.update(_members(plan))
@@ -858,6 +873,10 @@ def _activation_norms(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         plan = _plan_any(work, node, found, cons)
         if not isinstance(plan, str) and _is_mlp(plan):
             wanted.extend(m for m in _members(plan) if m not in wanted)
+        elif isinstance(plan, str):
+            head_plan = heads.plan_heads(work, node, cons, graph_utils.producers(work.graph))
+            if not isinstance(head_plan, str):
+                wanted.extend(m for m in head_plan.members if m not in wanted)
     if not wanted:
         return {}, 0
     samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
@@ -904,7 +923,22 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         if isinstance(plan, str):
             plan = _plan_any(work, node, found, cons)
         if isinstance(plan, str):
-            result.skipped[name] = plan
+            head_plan = heads.plan_heads(work, node, cons, graph_utils.producers(work.graph))
+            if isinstance(head_plan, str):
+                result.skipped[name] = _telling(plan, head_plan)
+                continue
+            if before is None:
+                dims = w.unit_dims(work)
+                before = analyze(work, dims)
+            why = _prune_heads(work, name, head_plan, params, norms, result, replaced)
+            if why:
+                result.skipped[name] = why
+                continue
+            touched[name] = list(result.details[name]["touched"])
+            joint_notes.append(result.details[name]["note"])
+            for member in head_plan.members:
+                if member != name:
+                    done_with[member] = name
             continue
         scores = _channel_scores(work, plan, importance, norms)
         if isinstance(scores, str):
@@ -922,28 +956,12 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
         prods = graph_utils.producers(work.graph)
         inits = {i.name: i for i in work.graph.initializer}
         for target, j, axis, block in plan.edits:
-            tensor = target.input[j]
-            value, _ = w.constant_array(work, tensor)
-            assert value is not None
             rows = (keep[:, None] * block + np.arange(block)).reshape(-1)
-            sliced = np.take(value, rows, axis=axis)
-            new_name = w.unique_name(taken, f"{tensor}_pruned")
-            half = _half_precision(prods.get(tensor), inits)
-            if half is None:
-                w.add_initializer(work, sliced, new_name)
-            else:  # stored as it was: fp16 + Cast, half the bytes of a float32 copy
-                stored = w.unique_name(taken, f"{half.name}_pruned")
-                w.add_initializer(work, np.take(numpy_helper.to_array(half), rows, axis=axis),
-                                  stored)
-                cast = helper.make_node("Cast", [stored], [new_name], to=TensorProto.FLOAT,
-                                        name=w.unique_name(taken, f"{new_name}_Cast"))
-                provenance.set_origin(cast, provenance.get_origin(target))
-                work.graph.node.insert(0, cast)  # reads only an initializer: first is in order
-                kept_half += 1
-            target.input[j] = new_name
-            old.append(tensor)
-            params_before += int(value.size)
-            params_after += int(sliced.size)
+            size_before, size_after, half = _take(work, target, j, axis, rows, taken, prods,
+                                                  inits, old)
+            kept_half += half
+            params_before += size_before
+            params_after += size_after
         for target, j, position, block in plan.shape_edits:
             value, _ = w.constant_array(work, target.input[j])
             assert value is not None
@@ -994,6 +1012,88 @@ def _apply_structured(work: onnx.ModelProto, nodes: Sequence[str], params: Mappi
             if dims:
                 result.details[name]["flops_dims"] = dims  # named dims set to 1
     return result
+
+
+def _take(work: onnx.ModelProto, target: onnx.NodeProto, j: int, axis: int, index: np.ndarray,
+          taken: set[str], prods: Mapping[str, onnx.NodeProto],
+          inits: Mapping[str, onnx.TensorProto], old: list[str]) -> tuple[int, int, bool]:
+    """``target``'s input ``j`` replaced by the entries ``index`` of it along ``axis`` (the old
+    tensor's name added to ``old``): its sizes before and after, and whether it stayed float16
+    behind a Cast."""
+    tensor = target.input[j]
+    value, _ = w.constant_array(work, tensor)
+    assert value is not None
+    sliced = np.take(value, index, axis=axis)
+    new_name = w.unique_name(taken, f"{tensor}_pruned")
+    half = _half_precision(prods.get(tensor), inits)
+    if half is None:
+        w.add_initializer(work, sliced, new_name)
+    else:  # stored as it was: fp16 + Cast, half the bytes of a float32 copy
+        stored = w.unique_name(taken, f"{half.name}_pruned")
+        w.add_initializer(work, np.take(numpy_helper.to_array(half), index, axis=axis), stored)
+        cast = helper.make_node("Cast", [stored], [new_name], to=TensorProto.FLOAT,
+                                name=w.unique_name(taken, f"{new_name}_Cast"))
+        provenance.set_origin(cast, provenance.get_origin(target))
+        work.graph.node.insert(0, cast)  # reads only an initializer: first is in order
+    target.input[j] = new_name
+    old.append(tensor)
+    return int(value.size), int(sliced.size), half is not None
+
+
+def _or_heads(model: onnx.ModelProto, node: onnx.NodeProto, why: str) -> str | None:
+    """None when ``node``'s attention heads can go though its channels cannot (``why``);
+    else the reason that says most."""
+    found = heads.plan_heads(model, node, graph_utils.consumers(model.graph),
+                             graph_utils.producers(model.graph))
+    return None if not isinstance(found, str) else _telling(why, found)
+
+
+def _telling(why: str, head_why: str) -> str:
+    """The attention's own reason when the node belongs to one, else the channels' one."""
+    return why if head_why.startswith("it neither") else head_why
+
+
+def _prune_heads(work: onnx.ModelProto, name: str, plan: heads.HeadPlan,
+                 params: Mapping[str, Any], norms: Mapping[str, np.ndarray], result: PassResult,
+                 replaced: list[str]) -> str | None:
+    """Query heads removed behind ``plan.attention`` (``_heads``), recorded as the work of
+    the selected node ``name``; the reason if none can go."""
+    per_group = heads.removed_per_group(plan, params["sparsity"])
+    if isinstance(per_group, str):
+        return per_group
+    scores = heads.head_scores(work, plan, params["importance"], norms)
+    if isinstance(scores, str):
+        return scores
+    keep = heads.heads_kept(plan, scores, per_group)
+    taken = w.all_names(work.graph)
+    prods = graph_utils.producers(work.graph)
+    inits = {i.name: i for i in work.graph.initializer}
+    before = after = 0
+    cols = heads.q_columns(plan, keep)
+    edits = [(plan.q_proj, 1, 1, cols), (plan.o_proj, 1, 0, heads.o_rows(plan, keep))]
+    if plan.q_bias is not None:
+        add, slot = plan.q_bias
+        bias, _ = w.constant_array(work, add.input[slot])
+        assert bias is not None
+        edits.append((add, slot, bias.ndim - 1, cols))
+    for target, j, axis, index in edits:
+        b, a, _ = _take(work, target, j, axis, index, taken, prods, inits, replaced)
+        before, after = before + b, after + a
+    heads.set_heads(plan, int(keep.size))
+    w.drop_value_info(work.graph, [plan.q_proj.output[0], plan.attention.output[0]]
+                      + ([plan.q_bias[0].output[0]] if plan.q_bias else []))
+    removed = sorted(set(range(plan.heads)) - {int(k) for k in keep})
+    note = (f"pruned {per_group} of the {plan.group} query heads per KV group of "
+            f"'{plan.attention.name}' ({plan.heads} → {keep.size} heads): "
+            f"{plan.q_proj.name} and {plan.o_proj.name} jointly, the KV cache unchanged")
+    result.applied.append(name)
+    result.details[name] = {
+        "heads_before": plan.heads, "heads_after": int(keep.size),
+        "removed_heads": removed, "params_before": before, "params_after": after,
+        "touched": [*plan.members, plan.attention.name], "importance": params["importance"],
+        "joint": plan.members, "note": note,
+    }
+    return None
 
 
 def _half_precision(producer: onnx.NodeProto | None,
