@@ -155,3 +155,153 @@ def test_kv_projections_and_one_head_per_group_are_refused_with_the_reason():
                                       if n.name.endswith("q_proj/MatMul"))],
                          {"structured": True, "sparsity": 0.2}, PassContext())
     assert not result.applied and "removes none" in next(iter(result.skipped.values()))
+
+
+# --- HF / optimum exports: transformers' repeat_kv in plain ops ---------------------------
+
+HF_HEADS, HF_KV = 6, 2  # a repeat factor of 3, as SmolLM2's, equal to the head-dim axis index
+
+
+def hf_attention(seed: int = 0, q_bias: bool = True) -> onnx.ModelProto:
+    """One attention as transformers exports it with a KV cache: q/k/v MatMuls reshaped with
+    [b, s, -1, d] built from Shape/Gather/Concat, rotary embedding by halves, the keys and
+    values repeated per query head by Unsqueeze → Expand → Reshape whose shapes hold the factor
+    as constants, MatMul/Softmax attention, and the heads merged by [b, s, -1]."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    group = HF_HEADS // HF_KV
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(kind, inputs, name, **attrs):
+        nodes.append(helper.make_node(kind, inputs, [f"{name}_out"], name=name, **attrs))
+        return f"{name}_out"
+
+    def dim(tensor, axis, name):
+        shape = op("Shape", [tensor], f"{name}/Shape")
+        picked = op("Gather", [shape, const(f"{name}/idx", np.array(axis, np.int64))],
+                    f"{name}/Gather", axis=0)
+        return op("Unsqueeze", [picked, const(f"{name}/axes", np.array([0], np.int64))],
+                  f"{name}/Unsqueeze")
+
+    def weight(name, shape):
+        return const(name, (0.3 * rng.standard_normal(shape)).astype(np.float32))
+
+    b, s = dim("x", 0, "b"), dim("x", 1, "s")
+    minus1 = const("minus1", np.array([-1], np.int64))
+    d_const = const("head_dim", np.array([HEAD], np.int64))
+    half = HEAD // 2
+
+    def heads(proj, name):
+        shape = op("Concat", [b, s, minus1, d_const], f"{name}/shape", axis=0)
+        r = op("Reshape", [proj, shape], f"{name}/Reshape")
+        return op("Transpose", [r], f"{name}/Transpose", perm=[0, 2, 1, 3])
+
+    def rotary(t, name):
+        lo = op("Slice", [t, const(f"{name}/s0", np.array([0])), const(f"{name}/e0", np.array([half])),
+                          const(f"{name}/a0", np.array([3]))], f"{name}/Slice")
+        hi = op("Slice", [t, const(f"{name}/s1", np.array([half])),
+                          const(f"{name}/e1", np.array([HEAD])), const(f"{name}/a1", np.array([3]))],
+                f"{name}/Slice_1")
+        rot = op("Concat", [op("Neg", [hi], f"{name}/Neg"), lo], f"{name}/Concat", axis=-1)
+        return op("Add", [op("Mul", [t, "cos"], f"{name}/Mul"),
+                          op("Mul", [rot, "sin"], f"{name}/Mul_1")], f"{name}/Add")
+
+    q = op("MatMul", ["x", weight("Wq", (HIDDEN, HF_HEADS * HEAD))], "q_proj/MatMul")
+    if q_bias:
+        q = op("Add", [q, weight("bq", (HF_HEADS * HEAD,))], "q_proj/Add")
+    q = rotary(heads(q, "q"), "q_rot")
+    k = rotary(heads(op("MatMul", ["x", weight("Wk", (HIDDEN, HF_KV * HEAD))], "k_proj/MatMul"),
+                     "k"), "k_rot")
+    v = heads(op("MatMul", ["x", weight("Wv", (HIDDEN, HF_KV * HEAD))], "v_proj/MatMul"), "v")
+    nodes.append(helper.make_node("Concat", ["past_key", k], ["present_key"], axis=2,
+                                  name="k/Concat_past"))
+    nodes.append(helper.make_node("Concat", ["past_value", v], ["present_value"], axis=2,
+                                  name="v/Concat_past"))
+
+    def repeat(t, name):
+        pb, kv, tt, dd = (dim(t, a, f"{name}/d{a}") for a in range(4))
+        up = op("Unsqueeze", [t, const(f"{name}/ax2", np.array([2], np.int64))], f"{name}/Unsq")
+        shape5 = op("Concat", [pb, kv, const(f"{name}/group", np.array([group], np.int64)), tt,
+                               dd], f"{name}/Concat_5", axis=0)
+        expanded = op("Expand", [up, shape5], f"{name}/Expand")
+        kv_scalar = op("Gather", [op("Shape", [t], f"{name}/Shape_kv"),
+                                  const(f"{name}/one", np.array(1, np.int64))],
+                       f"{name}/Gather_kv", axis=0)
+        times = op("Mul", [kv_scalar, const(f"{name}/factor", np.array(group, np.int64))],
+                   f"{name}/Mul_kv")
+        times = op("Unsqueeze", [times, const(f"{name}/ax0", np.array([0], np.int64))],
+                   f"{name}/Unsq_kv")
+        shape4 = op("Concat", [pb, times, tt, dd], f"{name}/Concat_4", axis=0)
+        return op("Reshape", [expanded, shape4], f"{name}/Reshape_rep")
+
+    k_rep, v_rep = repeat("present_key", "k_rep"), repeat("present_value", "v_rep")
+    kt = op("Transpose", [k_rep], "k_rep/Transpose", perm=[0, 1, 3, 2])
+    scores = op("Mul", [op("MatMul", [q, kt], "attn/MatMul"),
+                        const("scale", np.array(HEAD ** -0.5, np.float32))], "attn/Mul")
+    probs = op("Softmax", [scores], "attn/Softmax", axis=-1)
+    ctx = op("Transpose", [op("MatMul", [probs, v_rep], "attn/MatMul_1")], "attn/Transpose",
+             perm=[0, 2, 1, 3])
+    merged = op("Reshape", [ctx, op("Concat", [b, s, minus1], "attn/merge_shape", axis=0)],
+                "attn/Reshape")
+    nodes.append(helper.make_node("MatMul", [merged, weight("Wo", (HF_HEADS * HEAD, HIDDEN))],
+                                  ["y"], name="o_proj/MatMul"))
+    kv = [1, HF_KV, "past", HEAD]
+    graph = helper.make_graph(
+        nodes, "hf_attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", HIDDEN]),
+         helper.make_tensor_value_info("cos", TensorProto.FLOAT, [1, 1, "seq", HEAD]),
+         helper.make_tensor_value_info("sin", TensorProto.FLOAT, [1, 1, "seq", HEAD]),
+         helper.make_tensor_value_info("past_key", TensorProto.FLOAT, kv),
+         helper.make_tensor_value_info("past_value", TensorProto.FLOAT, kv)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", HIDDEN]),
+         helper.make_tensor_value_info("present_key", TensorProto.FLOAT,
+                                       [1, HF_KV, "total", HEAD]),
+         helper.make_tensor_value_info("present_value", TensorProto.FLOAT,
+                                       [1, HF_KV, "total", HEAD])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def hf_feeds(seq: int = 3, past: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(6)
+    angles = rng.uniform(0, 3, size=(1, 1, seq, HEAD)).astype(np.float32)
+    kv = (1, HF_KV, past, HEAD)
+    return {"x": rng.standard_normal((1, seq, HIDDEN)).astype(np.float32),
+            "cos": np.cos(angles), "sin": np.sin(angles),
+            "past_key": rng.standard_normal(kv).astype(np.float32),
+            "past_value": rng.standard_normal(kv).astype(np.float32)}
+
+
+@pytest.mark.parametrize("selected", ["q_proj/MatMul", "o_proj/MatMul"])
+def test_hf_attention_heads_go_with_the_repeat_factor_and_equal_silencing_them(selected):
+    model = hf_attention()
+    onnx.checker.check_model(model, full_check=True)
+    result = get_pass("prune").apply(model, [selected], {"structured": True, "sparsity": 0.34},
+                                     PassContext())
+    assert result.applied == [selected], result.skipped
+    details = result.details[selected]
+    assert (details["heads_before"], details["heads_after"]) == (6, 4)
+    removed = details["removed_heads"]
+    assert len(removed) == 2 and {h // 3 for h in removed} == {0, 1}
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    feeds = hf_feeds()
+    ref = run_ort(zero_o_rows(model, "Wo", removed), feeds)
+    new = run_ort(out, feeds)
+    for a, b in zip(ref, new):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    # the repeat factor 3 became 2 in the Expand and the Reshape; the head-dim axis index 3
+    # that reads the same number stayed
+    values = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert int(values[next(n for n in values if n.startswith("k_rep/group"))][0]) == 2
+    assert all(int(values[n]) == 3 for n in values if n.endswith("d3/idx"))
+
+
+def test_hf_attention_without_repeated_heads_says_why():
+    model = kv_decoder("hf", layers=1, hidden=HIDDEN, heads=HEADS)
+    q_proj = next(n for n in model.graph.node if n.name.endswith("q_proj/MatMul"))
+    why = get_pass("prune").check(model, q_proj, {"structured": True})
+    assert why is not None and "repeated" in why

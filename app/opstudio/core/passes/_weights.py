@@ -257,7 +257,9 @@ def unique_name(taken: set[str], base: str) -> str:
 
 
 def add_initializer(model: onnx.ModelProto, array: np.ndarray, name: str) -> None:
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    # ascontiguousarray makes a scalar 1-D, and a [1] where a scalar was breaks shape arithmetic
+    contiguous = np.ascontiguousarray(array).reshape(np.shape(array))
+    model.graph.initializer.append(numpy_helper.from_array(contiguous, name))
     if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
         dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
         model.graph.input.append(helper.make_tensor_value_info(name, dtype, list(array.shape)))
