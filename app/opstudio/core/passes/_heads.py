@@ -2,11 +2,16 @@
 
 Where the graph allows it: onnxruntime's ``GroupQueryAttention`` (onnxruntime-genai and Olive
 exports), fed by a packed q|k|v projection or by a separate q projection, and read by one
-output projection. Query head h attends with KV head ``h // (num_heads / kv_num_heads)``, so
+output projection; or an HF/optimum export's MatMul/Softmax attention whose KV heads are
+repeated per query head by transformers' ``repeat_kv`` (Unsqueeze → Expand → Reshape, the
+repeat factor a constant of their shapes), the queries reaching the scores through per-head
+ops only (rotary halves, scaling). Query head h attends with KV head ``h // (num_heads / kv_num_heads)``, so
 the same number of query heads leaves every KV group: the q columns of those heads (and their
 bias), the o_proj rows they fed, and ``num_heads`` shrink together, while the KV heads and so
 the cache the runtime allocates (``past_key_values.N.*``/``present.N.*``) keep their shape.
-Removing whole KV groups would change that cache, so it is not done.
+In an HF export the repeat factor (and a constant head count in the queries' or the merge's
+Reshape) is rewritten instead of ``num_heads``. Removing whole KV groups would change that
+cache, so it is not done.
 
 Heads are ranked per group by ``importance``: ``"magnitude"``, the norm of the head's q
 columns and o_proj rows; ``"activation"`` (Wanda-style), |W| times the norms of the inputs of

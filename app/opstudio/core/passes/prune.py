@@ -41,9 +41,9 @@ Weights behind fp16 + Cast are read folded; a pruned one is a fresh initializer,
 in float16 behind a new Cast when its original was.
 
 Attention projections go by whole query heads where the graph allows (``_heads``): behind an
-onnxruntime ``GroupQueryAttention``, selecting its q (or packed q|k|v) or output projection
-removes ``sparsity`` of the query heads of every KV group from both, leaving the KV cache as
-it was.
+onnxruntime ``GroupQueryAttention`` or transformers' ``repeat_kv``, selecting the q (or packed
+q|k|v) or output projection removes ``sparsity`` of the query heads of every KV group from
+both, leaving the KV cache as it was.
 """
 
 from __future__ import annotations
