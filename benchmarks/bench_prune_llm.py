@@ -16,6 +16,9 @@ in this process (``timing.interleaved_times``), reported as the median paired ra
 
     python benchmarks/bench_prune_llm.py [--model PATH] [--cache DIR] [--sparsity 0.25]
         [--pattern '*/mlp/down_proj/MatMul'] [--rounds 40] [--sparsity 0.1,0.25]
+
+With ``--pattern '*/self_attn/o_proj/MatMul' --sparsity 0.34`` it removes one of the three
+query heads of every KV group instead (attention heads, ``passes/_heads``).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def main() -> int:
                    "(default: the trained HF-style SmolLM2 export, built if missing)")
     p.add_argument("--cache", help="llm_exports cache folder (default ~/.cache/opstudio-bench/llm)")
     p.add_argument("--sparsity", default="0.25", help="fraction of each MLP's intermediate "
-                   "channels removed; a comma-separated list runs each")
+                   "channels (or of each KV group's query heads, with a pattern naming "
+                   "attention projections) removed; a comma-separated list runs each")
     p.add_argument("--pattern", default="*/mlp/down_proj/MatMul")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads "
@@ -97,7 +101,8 @@ def main() -> int:
         result = optimize(model, recipe)
         seconds = time.perf_counter() - started
         (step,) = result.steps
-        leaders = [d for d in step.details.values() if "channels_before" in d]
+        # the node that led each joint rewrite (an MLP's channels, an attention's heads)
+        leaders = [d for d in step.details.values() if "params_before" in d]
         before = sum(d["params_before"] for d in leaders)
         after = sum(d["params_after"] for d in leaders)
         on_b = compare_outputs(ref_b, run_outputs(result.model, feeds_b)).next_token()
@@ -105,7 +110,8 @@ def main() -> int:
         variants[label] = result.model
         rows.append((label, len(leaders), before, after, result.model.ByteSize(),
                      on_b, on_a, seconds))
-        print(f"  {label}: {len(leaders)} MLPs pruned in {seconds:.1f} s", flush=True)
+        print(f"  {label}: {len(leaders)} MLPs/attentions pruned in {seconds:.1f} s",
+              flush=True)
         for note in step.notes:
             print(f"    {note}")
 
@@ -114,7 +120,7 @@ def main() -> int:
     decode_ms = interleaved_times(sessions, decode, rounds=args.rounds)
     prefill_ms = interleaved_times(sessions, feeds_b, rounds=max(args.rounds // 4, 10))
 
-    header = (f"{'importance':15} {'MLPs':>4} {'MLP params':>15} {'size MiB':>8} "
+    header = (f"{'importance':15} {'n':>4} {'params':>15} {'size MiB':>8} "
               f"{'top-1 B':>7} {'KL B':>6} {'top-1 A':>7} {'decode ms':>9} "
               f"{'decode speedup':>26} {'prefill speedup':>26}")
     print(header)

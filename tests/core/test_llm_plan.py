@@ -153,6 +153,14 @@ def test_lowrank_rank_follows_each_role_shape():
     assert v.params_for(64, 64)["rank"] == 16
 
 
+def test_int4_is_tried_as_awq_in_two_block_sizes_unless_algorithms_are_named():
+    ids = [v.id for v in llm_plan.variants_for(["int4-weight", "int8-weight"])]
+    assert ids == ["int4-awq", "int4-awq64", "int8-weight"]
+    named = llm_plan.variants_for(["int4-weight"], algorithms=["rtn", "awq"])
+    assert [v.id for v in named] == ["int4-awq", "int4-awq64", "int4-rtn"]
+    assert [v.params["block_size"] for v in named] == [32, 64, 32]
+
+
 def test_unknown_next_token_technique_is_refused():
     with pytest.raises(OpstudioError, match="does not try fp16"):
         llm_plan.variants_for(["fp16"])
@@ -188,7 +196,7 @@ def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(deco
 
     path, prompt = decoder
     assert advice.phase == "decode" and advice.base_ms > 0
-    assert {"int4-awq", "int4-rtn", "int8-weight"} <= {r.variant for r in advice.roles}
+    assert {"int4-awq", "int4-awq64", "int8-weight"} <= {r.variant for r in advice.roles}
     # every role of the decoder was measured once per technique, across its three layers
     assert all(len(r.nodes) == 3 for r in advice.roles if r.role.startswith("attn/"))
     assert set(advice.layer_kl) == {0, 1, 2}

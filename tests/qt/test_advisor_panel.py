@@ -105,7 +105,7 @@ def _llm_advice(budget, with_plan=True):
         recipe_of,
     )
 
-    variants = [v for v in default_variants(torch=False)
+    variants = [v for v in default_variants(torch=False, rtn=True)
                 if v.id in ("int4-rtn", "int8-weight")]
     roles = [RoleResult("int4-rtn", "mlp/up_proj/MatMul",
                         [f"/model/layers.{i}/mlp/up_proj/MatMul" for i in range(3)], 0.93, 0.05),

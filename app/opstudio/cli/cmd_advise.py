@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{','.join(LLM_TECHNIQUES)}; known: {', '.join(TECHNIQUES)})")
     p.add_argument("--int4-algorithms", default=None, metavar="LIST",
                    help="with a next-token budget: INT4 algorithms to try, of awq, rtn, hqq, "
-                        "gptq (default: awq and rtn; hqq and gptq need torch)")
+                        "gptq (default: awq, in blocks of 32 and of 64; hqq and gptq need "
+                        "torch)")
     p.add_argument("--max-nodes", type=int, default=40, metavar="N",
                    help="scan at most the N slowest weighted operators (default 40)")
     p.add_argument("--no-cache", action="store_true", help="measure again even if cached")
