@@ -56,6 +56,8 @@ MIN_SPEEDUP = 0.98
 MAX_VERIFY = 7
 # the final plan-against-start timing runs this many times the scan's time per variant
 FINAL_TIMING = 3
+# a variant at least this many times less accurate (KL) than a no slower one is not scanned
+DOMINANCE = 10.0
 # plans whose predicted savings differ by less than this share of the step's time are a tie
 # (paired decode timings resolve about ±0.5–1 %): the more accurate one is chosen
 TIE_SHARE = 0.005
@@ -945,12 +947,32 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         s = speed.get(f"whole|{v.id}", {})
         return bool(s.get("ratio")) and s["ratio"] < MIN_SPEEDUP and s["high"] < 1.0
 
+    def dominated(v: Variant) -> Variant | None:
+        """A variant that takes all of ``v``'s nodes, decodes at least as fast and is far
+        more accurate on the whole model: the planner shares savings out by bytes, so ``v``
+        would lose to it on every unit, and its role scan would be time spent for nothing."""
+        mine = speed.get(f"whole|{v.id}", {})
+        for u in variants:
+            other = speed.get(f"whole|{u.id}", {})
+            if u is v or not pays(u) or mine.get("kl") is None or other.get("kl") is None:
+                continue
+            if {t.node for t in usable[v.id]} <= {t.node for t in usable[u.id]} \
+                    and other["ratio"] <= mine["ratio"] \
+                    and other["kl"] * DOMINANCE <= mine["kl"]:
+                return u
+        return None
+
     # accuracy (every variant on every node was judged as it was timed): the faster ones on
     # each role (all layers at once), and the first of those on every role of a few layers
     tasks: list[tuple[str, Mapping[str, Any]]] = []
     role_nodes: dict[tuple[str, str], list[Target]] = {}
     for v in variants:
         if not pays(v):
+            continue
+        better = dominated(v)
+        if better is not None:
+            log.append(f"{v.label}: no faster than {better.label} on the whole model and far "
+                       "less accurate; not scanned by role")
             continue
         by_role: dict[str, list[Target]] = {}
         for t in usable[v.id]:
@@ -1112,7 +1134,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             else:
                 hi = limit
             if hi is None:
-                limit = limit * 4
+                limit = limit * 2
             elif lo is None:
                 limit = limit / 4
             else:
