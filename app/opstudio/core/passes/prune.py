@@ -1121,7 +1121,8 @@ _NOTED = 3  # joint rewrites listed one by one in the notes; more are summed up
 def _summarize(notes: list[str]) -> list[str]:
     if len(notes) <= _NOTED:
         return notes
-    return [*notes[:_NOTED - 1], f"… and {len(notes) - _NOTED + 1} more MLPs the same way "
+    what = "attentions" if all("query heads" in n for n in notes) else "MLPs"
+    return [*notes[:_NOTED - 1], f"… and {len(notes) - _NOTED + 1} more {what} the same way "
                                  "(see each node's details)"]
 
 
