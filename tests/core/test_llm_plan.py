@@ -196,7 +196,14 @@ def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(deco
 
     path, prompt = decoder
     assert advice.phase == "decode" and advice.base_ms > 0
-    assert {"int4-awq", "int4-awq64", "int8-weight"} <= {r.variant for r in advice.roles}
+    # each technique was scanned by role, or the log says why not (not measurably faster, or
+    # no faster than another and far less accurate: which depends on this machine's timing)
+    scanned = {r.variant for r in advice.roles}
+    labels = {v.id: v.label for v in advice.variants}
+    assert scanned
+    for vid in ("int4-awq", "int4-awq64", "int8-weight"):
+        assert vid in scanned or any(line.startswith(f"{labels[vid]}: ")
+                                     for line in advice.log), (vid, advice.log)
     # every role of the decoder was measured once per technique, across its three layers
     assert all(len(r.nodes) == 3 for r in advice.roles if r.role.startswith("attn/"))
     assert set(advice.layer_kl) == {0, 1, 2}
