@@ -82,6 +82,12 @@ def zero_o_rows(model: onnx.ModelProto, weight: str, removed: list[int]) -> onnx
     return out
 
 
+def assert_same_outputs(reference: onnx.ModelProto, pruned: onnx.ModelProto,
+                        feeds: dict[str, np.ndarray], tol: float = 1e-5) -> None:
+    for a, b in zip(run_ort(reference, feeds), run_ort(pruned, feeds)):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+
+
 def gqa_node(model: onnx.ModelProto) -> onnx.NodeProto:
     return next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
 
@@ -104,10 +110,8 @@ def test_packed_qkv_heads_go_per_kv_group_and_equal_silencing_them(selected):
     shapes = {i.name: tuple(i.dims) for i in out.graph.initializer}
     assert shapes[out.graph.node[0].input[1]] == (HIDDEN, (2 + 2 * KV_HEADS) * HEAD)
     feeds = packed_feeds()
-    ref = run_ort(zero_o_rows(model, "Wo", removed), feeds)
-    new = run_ort(out, feeds)
-    for a, b in zip(ref, new):  # y, and the KV cache: untouched, same shape
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    # y, and the KV cache: untouched, same shape
+    assert_same_outputs(zero_o_rows(model, "Wo", removed), out, feeds)
     assert any("KV cache unchanged" in n for n in result.notes)
 
 
@@ -123,9 +127,7 @@ def test_decoder_heads_with_a_q_bias_and_the_cache_the_runtime_feeds(tmp_path):
                              result.details[name]["removed_heads"])
     feeds = make_inputs(model, phase="decode", past=6)
     # the same inputs fit: the KV cache keeps its shape
-    ref, new = run_ort(zeroed, feeds), run_ort(result.model, feeds)
-    for a, b in zip(ref, new):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert_same_outputs(zeroed, result.model, feeds, tol=1e-4)
     sizes = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
     assert any(s == (2 * HEAD,) for n, s in sizes.items() if "q_proj.bias" in n)
 
@@ -289,10 +291,7 @@ def test_hf_attention_heads_go_with_the_repeat_factor_and_equal_silencing_them(s
     out = result.model
     onnx.checker.check_model(out, full_check=True)
     feeds = hf_feeds()
-    ref = run_ort(zero_o_rows(model, "Wo", removed), feeds)
-    new = run_ort(out, feeds)
-    for a, b in zip(ref, new):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(zero_o_rows(model, "Wo", removed), out, feeds)
     # the repeat factor 3 became 2 in the Expand and the Reshape; the head-dim axis index 3
     # that reads the same number stayed
     values = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}

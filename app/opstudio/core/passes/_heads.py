@@ -36,17 +36,16 @@ _PER_HEAD_INPUTS = {10: "attention_bias", 11: "head_sink"}
 
 
 @dataclass
-class HeadPlan:
-    """What removing query heads behind one attention node touches."""
+class Heads:
+    """What removing query heads between a q (or q|k|v) and an output projection touches."""
 
-    attention: onnx.NodeProto
     q_proj: onnx.NodeProto
     o_proj: onnx.NodeProto
     heads: int
     kv_heads: int
     head_dim: int
-    packed: bool  # q_proj writes q|k|v: its first heads·head_dim columns are the queries
     q_bias: tuple[onnx.NodeProto, int] | None = None  # an Add and its constant's input slot
+    packed: bool = False  # q_proj writes q|k|v: its first heads·head_dim columns are queries
 
     @property
     def group(self) -> int:
@@ -55,6 +54,41 @@ class HeadPlan:
     @property
     def members(self) -> list[str]:
         return [self.q_proj.name, self.o_proj.name]
+
+    @property
+    def between(self) -> list[onnx.NodeProto]:
+        """What runs per head between the two projections."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return f"the attention after '{self.q_proj.name}'"
+
+    @property
+    def touched(self) -> list[str]:
+        """The nodes whose cost changes."""
+        return [self.q_proj.name, *(n.name for n in self.between), self.o_proj.name]
+
+    @property
+    def reshaped(self) -> list[str]:
+        """Tensors whose declared shape no longer holds once heads go."""
+        return [self.q_proj.output[0], *(o for n in self.between for o in n.output)] + (
+            [self.q_bias[0].output[0]] if self.q_bias else [])
+
+
+@dataclass(kw_only=True)
+class HeadPlan(Heads):
+    """Query heads behind one GroupQueryAttention node (its ``num_heads`` counts them)."""
+
+    attention: onnx.NodeProto
+
+    @property
+    def between(self) -> list[onnx.NodeProto]:
+        return [self.attention]
+
+    @property
+    def label(self) -> str:
+        return f"'{self.attention.name}'"
 
 
 def plan_heads(model: onnx.ModelProto, node: onnx.NodeProto,
@@ -158,10 +192,11 @@ def _plan_for(model: onnx.ModelProto, attention: onnx.NodeProto,
         bias, _ = w.constant_array(model, q_bias[0].input[q_bias[1]])
         if bias is None or bias.shape[-1:] != (width,) or any(d != 1 for d in bias.shape[:-1]):
             return f"the bias of '{q_proj.name}' is not one value per column"
-    return HeadPlan(attention, q_proj, o_proj, heads, kv_heads, head_dim, packed, q_bias)
+    return HeadPlan(q_proj, o_proj, heads, kv_heads, head_dim, q_bias, packed,
+                    attention=attention)
 
 
-def removed_per_group(plan: HeadPlan | RepeatPlan, sparsity: float) -> int | str:
+def removed_per_group(plan: Heads, sparsity: float) -> int | str:
     """Query heads to remove from each KV group: ``sparsity`` of a group, at least one kept."""
     count = min(math.floor(sparsity * plan.group + 0.5), plan.group - 1)
     if count < 1:
@@ -170,7 +205,7 @@ def removed_per_group(plan: HeadPlan | RepeatPlan, sparsity: float) -> int | str
     return count
 
 
-def head_scores(model: onnx.ModelProto, plan: HeadPlan | RepeatPlan, importance: str,
+def head_scores(model: onnx.ModelProto, plan: Heads, importance: str,
                 norms: Mapping[str, np.ndarray]) -> np.ndarray | str:
     """Per query head: the larger, the more it matters."""
     d, h = plan.head_dim, plan.heads
@@ -188,7 +223,7 @@ def head_scores(model: onnx.ModelProto, plan: HeadPlan | RepeatPlan, importance:
     return np.einsum("khd,k->h", q_heads, x) + (z.reshape(h, d) * o_heads.sum(axis=2)).sum(axis=1)
 
 
-def heads_kept(plan: HeadPlan | RepeatPlan, scores: np.ndarray, per_group: int) -> np.ndarray:
+def heads_kept(plan: Heads, scores: np.ndarray, per_group: int) -> np.ndarray:
     """The query heads kept, ascending: the ``per_group`` lowest-scoring of every KV group go."""
     keep: list[int] = []
     for g in range(plan.kv_heads):
@@ -198,7 +233,7 @@ def heads_kept(plan: HeadPlan | RepeatPlan, scores: np.ndarray, per_group: int) 
     return np.array(keep, dtype=np.int64)
 
 
-def q_columns(plan: HeadPlan | RepeatPlan, keep: np.ndarray) -> np.ndarray:
+def q_columns(plan: Heads, keep: np.ndarray) -> np.ndarray:
     """The q projection's columns (and bias entries) that stay: the kept heads' queries, then
     every key and value column of a packed projection."""
     d = plan.head_dim
@@ -209,17 +244,18 @@ def q_columns(plan: HeadPlan | RepeatPlan, keep: np.ndarray) -> np.ndarray:
     return cols
 
 
-def o_rows(plan: HeadPlan | RepeatPlan, keep: np.ndarray) -> np.ndarray:
+def o_rows(plan: Heads, keep: np.ndarray) -> np.ndarray:
     d = plan.head_dim
     return (keep[:, None] * d + np.arange(d)).reshape(-1)
 
 
-def set_heads(model: onnx.ModelProto, plan: HeadPlan | RepeatPlan, kept_per_group: int,
+def set_heads(model: onnx.ModelProto, plan: Heads, kept_per_group: int,
               taken: set[str], old: list[str]) -> None:
     """The head count wherever the graph states it: GroupQueryAttention's ``num_heads``, or
     the constants of an HF attention's shapes (each scales with the heads kept per group; the
     replaced constants are added to ``old``)."""
-    if isinstance(plan, HeadPlan):
+    if not isinstance(plan, RepeatPlan):
+        assert isinstance(plan, HeadPlan)
         for attr in plan.attention.attribute:
             if attr.name == "num_heads":
                 attr.i = plan.kv_heads * kept_per_group
@@ -254,30 +290,19 @@ _PER_HEAD = {"Mul", "Add", "Sub", "Div", "Neg", "Cast", "Slice", "Concat"}
 _SCORES = {"Mul", "Add", "Sub", "Div", "Cast", "Softmax", "Where", "Max", "Min", "Tanh"}
 
 
-@dataclass
-class RepeatPlan:
-    """What removing query heads of an HF-style attention touches: ``repeat_kv`` expands each
-    KV head ``group`` times (an ``Expand`` and a ``Reshape`` whose shapes hold that factor)."""
+@dataclass(kw_only=True)
+class RepeatPlan(Heads):
+    """Query heads of an HF-style attention: ``repeat_kv`` expands each KV head ``group``
+    times (an ``Expand`` and a ``Reshape`` whose shapes hold that factor)."""
 
-    q_proj: onnx.NodeProto
-    o_proj: onnx.NodeProto
-    heads: int
-    kv_heads: int
-    head_dim: int
     # constants that count query heads (the repeat factor, heads, heads·dim): node, input
     # slot and entry (None: a scalar); each scales with the heads kept per group
     shape_edits: list[Site]
-    inner: list[onnx.NodeProto]  # what runs per head between the two projections
-    q_bias: tuple[onnx.NodeProto, int] | None = None
-    packed: bool = False
+    inner: list[onnx.NodeProto]
 
     @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
-
-    @property
-    def members(self) -> list[str]:
-        return [self.q_proj.name, self.o_proj.name]
+    def between(self) -> list[onnx.NodeProto]:
+        return self.inner
 
 
 def plan_repeat_heads(model: onnx.ModelProto, node: onnx.NodeProto,
@@ -416,7 +441,8 @@ def _repeat_plan(model: onnx.ModelProto, q_proj: onnx.NodeProto,
         if any(u.name != proj.name for u in cons.get(proj.input[1], [])):
             return f"the weight of '{proj.name}' is shared with another node"
     inner += [back, merge]
-    return RepeatPlan(q_proj, o_proj, heads, heads // group, head_dim, edits, inner, q_bias)
+    return RepeatPlan(q_proj, o_proj, heads, heads // group, head_dim, q_bias,
+                      shape_edits=edits, inner=inner)
 
 
 def _perm(node: onnx.NodeProto) -> list[int]:
@@ -563,25 +589,3 @@ def _factor_in(model: onnx.ModelProto, tensor: str, prods: Mapping[str, onnx.Nod
     if len(hits) != 1:
         return "the repeat factor of the keys is not one constant in their Expand/Reshape shapes"
     return hits[0]
-
-
-def label(plan: HeadPlan | RepeatPlan) -> str:
-    if isinstance(plan, HeadPlan):
-        return f"'{plan.attention.name}'"
-    return f"the attention after '{plan.q_proj.name}'"
-
-
-def touched(plan: HeadPlan | RepeatPlan, model: onnx.ModelProto) -> list[str]:
-    """The nodes whose cost changes: the projections and what runs per head between them."""
-    if isinstance(plan, HeadPlan):
-        return [*plan.members, plan.attention.name]
-    return [plan.q_proj.name, *(n.name for n in plan.inner), plan.o_proj.name]
-
-
-def reshaped(plan: HeadPlan | RepeatPlan, model: onnx.ModelProto) -> list[str]:
-    """Tensors whose declared shape no longer holds once heads go."""
-    if isinstance(plan, HeadPlan):
-        return [plan.q_proj.output[0], plan.attention.output[0]] + (
-            [plan.q_bias[0].output[0]] if plan.q_bias else [])
-    return [plan.q_proj.output[0], *(o for n in plan.inner for o in n.output)] + (
-        [plan.q_bias[0].output[0]] if plan.q_bias else [])

@@ -149,7 +149,8 @@ def scale_inputs(model: onnx.ModelProto, axes: Mapping[str, int], rule: ScaleRul
             for node, axis in zip(others, plans):
                 assert axis is not None
                 old_weights.append(node.input[1])
-                node.input[1] = _scaled_weight(model, node.input[1], s, axis, taken, tag)
+                node.input[1] = _scaled_weight(model, node.input[1], s, axis, taken, tag,
+                                               _cast_source(node.input[1], producer_of, inits))
             created[folded[0]] = list(members) + [n.name for n in others]
             continue
         scale_name = unique_name(taken, f"{tensor}_{tag}_scale")
@@ -189,15 +190,15 @@ def _row_axis(model: onnx.ModelProto, node: onnx.NodeProto, tensor: str,
 
 
 def _scaled_weight(model: onnx.ModelProto, tensor: str, s: np.ndarray, axis: int,
-                   taken: set[str], tag: str) -> str:
+                   taken: set[str], tag: str, source: onnx.NodeProto | None) -> str:
     """A new constant: ``tensor``'s value with its ``axis`` times s, stored as the weight was
-    (a float16 weight behind a Cast stays float16 behind a Cast, so the file does not grow)."""
+    (a float16 weight behind a Cast, ``source``, stays float16 behind a Cast, so the file does
+    not grow)."""
     weight, _ = constant_array(model, tensor)
     assert weight is not None
     shape = [1] * weight.ndim
     shape[axis] = -1
     scaled = weight.astype(np.float64) * s.reshape(shape)
-    source = _cast_source(model, tensor)
     fresh = unique_name(taken, f"{tensor}_{tag}ed")
     if source is None:
         add_initializer(model, scaled.astype(weight.dtype), fresh)
@@ -211,17 +212,18 @@ def _scaled_weight(model: onnx.ModelProto, tensor: str, s: np.ndarray, axis: int
     return fresh
 
 
-def _cast_source(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
+def _cast_source(tensor: str, producer_of: Mapping[str, onnx.NodeProto],
+                 inits: Mapping[str, onnx.TensorProto]) -> onnx.NodeProto | None:
     """The ``Cast`` to float32 writing ``tensor`` from a float16 initializer, if that is what
     it is (how HF exports store fp16 weights)."""
-    producer = producers(model.graph).get(tensor)
+    producer = producer_of.get(tensor)
     if producer is None or producer.op_type != "Cast" or not producer.input:
         return None
     to = next((helper.get_attribute_value(a) for a in producer.attribute if a.name == "to"), None)
-    if to != onnx.TensorProto.FLOAT:
+    init = inits.get(producer.input[0])
+    if to != onnx.TensorProto.FLOAT or init is None:
         return None
-    init = next((i for i in model.graph.initializer if i.name == producer.input[0]), None)
-    return producer if init is not None and init.data_type == onnx.TensorProto.FLOAT16 else None
+    return producer if init.data_type == onnx.TensorProto.FLOAT16 else None
 
 
 # normalisations whose output 0 is (normalised x) · γ (+ β): dividing γ and β by s divides

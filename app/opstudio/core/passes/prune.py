@@ -171,7 +171,7 @@ class PrunePass(Pass):
                                              graph_utils.producers(model.graph))
                 if not isinstance(head_plan, str):
                     return (f"structured: removes query heads of "
-                            f"{heads.label(head_plan)} ({head_plan.heads} heads, "
+                            f"{head_plan.label} ({head_plan.heads} heads, "
                             f"{head_plan.group} per KV group) from "
                             f"{' and '.join(head_plan.members)} jointly; the KV cache keeps "
                             "its shape")
@@ -1053,7 +1053,7 @@ def _telling(why: str, head_why: str) -> str:
     return why if head_why.startswith("it neither") else head_why
 
 
-def _prune_heads(work: onnx.ModelProto, name: str, plan: heads.HeadPlan | heads.RepeatPlan,
+def _prune_heads(work: onnx.ModelProto, name: str, plan: heads.Heads,
                  params: Mapping[str, Any], norms: Mapping[str, np.ndarray], result: PassResult,
                  replaced: list[str]) -> str | None:
     """Query heads removed behind ``plan.attention`` (``_heads``), recorded as the work of
@@ -1080,16 +1080,16 @@ def _prune_heads(work: onnx.ModelProto, name: str, plan: heads.HeadPlan | heads.
         b, a, _ = _take(work, target, j, axis, index, taken, prods, inits, replaced)
         before, after = before + b, after + a
     heads.set_heads(work, plan, plan.group - per_group, taken, replaced)
-    w.drop_value_info(work.graph, heads.reshaped(plan, work))
+    w.drop_value_info(work.graph, plan.reshaped)
     removed = sorted(set(range(plan.heads)) - {int(k) for k in keep})
     note = (f"pruned {per_group} of the {plan.group} query heads per KV group of "
-            f"{heads.label(plan)} ({plan.heads} → {keep.size} heads): "
+            f"{plan.label} ({plan.heads} → {keep.size} heads): "
             f"{plan.q_proj.name} and {plan.o_proj.name} jointly, the KV cache unchanged")
     result.applied.append(name)
     result.details[name] = {
         "heads_before": plan.heads, "heads_after": int(keep.size),
         "removed_heads": removed, "params_before": before, "params_after": after,
-        "touched": heads.touched(plan, work), "importance": params["importance"],
+        "touched": plan.touched, "importance": params["importance"],
         "joint": plan.members, "note": note,
     }
     return None
