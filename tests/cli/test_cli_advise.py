@@ -101,7 +101,7 @@ def test_advise_plans_a_decoder_for_a_top1_budget_on_its_decode_step(tmp_path, c
     np.savez(prompt, **prompt_inputs(16, vocab=2048, position_ids=True))
     recipe_path, report = tmp_path / "plan.json", tmp_path / "advice.json"
     code = main(["advise", str(model), "--inputs", str(prompt), "--phase", "decode",
-                 "--budget-top1", "0.9", "--techniques", "int8-weight",
+                 "--budget-top1", "0.9", "--confidence", "0.5", "--techniques", "int8-weight",
                  "--threads", "1", "-o", str(recipe_path), "--json", str(report)])
     out = capsys.readouterr().out
     assert code == 0
@@ -110,7 +110,7 @@ def test_advise_plans_a_decoder_for_a_top1_budget_on_its_decode_step(tmp_path, c
     assert "plan (next-token top-1 agreement ≥ 0.9)" in out
     data = json.loads(report.read_text())
     assert data["kind"] == "llm" and data["phase"] == "decode"
-    assert data["budget"]["min_top1"] == 0.9
+    assert data["budget"]["min_top1"] == 0.9 and data["budget"]["confidence"] == 0.5
     assert {r["variant"] for r in data["roles"]} == {"int8-weight"}
     if data["recipe"]["steps"]:
         Recipe.load(recipe_path)
@@ -137,6 +137,11 @@ def test_advise_next_token_flags_are_checked(tmp_path, capsys):
     assert main(["advise", str(model), "--budget-top1", "0.9", "--int4-algorithms", "svdquant",
                  "-o", out]) == 1
     assert "unknown algorithm 'svdquant'" in capsys.readouterr().err
+    assert main(["advise", str(model), "--budget-top1", "0.9", "--confidence", "1",
+                 "-o", out]) == 1
+    assert "confidence 1.0 must be in [0.5, 1)" in capsys.readouterr().err
+    assert main(["advise", str(model), "--confidence", "0.8", "-o", out]) == 1
+    assert "--confidence applies with --budget-top1" in capsys.readouterr().err
     # a model without logits is told to use cosine or SNR
     assert main(["advise", str(model), "--dim", "batch=4", "--budget-top1", "0.9",
                  "--techniques", "int8-weight", "--threads", "1", "-o", out]) == 1

@@ -102,6 +102,31 @@ def test_budget_validation():
         Budget(min_cosine=1.5)
     assert Budget(min_snr_db=20).max_noise_ratio == pytest.approx(0.01)
     assert Budget(min_cosine=0.999).max_noise_ratio == pytest.approx(0.002)
+    with pytest.raises(OpstudioError, match="confidence"):
+        Budget(min_top1=0.9, confidence=1.0)
+
+
+def test_a_next_token_budget_holds_by_its_confidence_bound():
+    from opstudio.core.accuracy import agreement_low
+
+    sure, plain = Budget(min_top1=0.9), Budget(min_top1=0.9, confidence=0.5)
+    # 0.92 measured on 50 positions could well be 0.88 on the next text; on 2000 it could not
+    assert not sure.holds_next_token(0.92, None, positions=50)
+    assert sure.holds_next_token(0.92, None, positions=2000)
+    assert plain.holds_next_token(0.92, None, positions=50)
+    assert plain.holds_next_token(0.90, None, positions=50)
+    # the count unknown: the measured value
+    assert sure.holds_next_token(0.92, None)
+    # the Wilson bound: below the share, closer with more positions, 1 is not certain
+    assert agreement_low(0.92, 50, 0.9) < agreement_low(0.92, 500, 0.9) < 0.92
+    assert agreement_low(1.0, 12, 0.9) == pytest.approx(1 / (1 + 1.2816 ** 2 / 12), abs=1e-3)
+    # KL: the mean plus z standard errors
+    kl = Budget(max_kl=0.05)
+    assert kl.holds_next_token(None, 0.04, positions=100, kl_se=0.005)
+    assert not kl.holds_next_token(None, 0.04, positions=100, kl_se=0.01)
+    assert "90% confidence" in sure.describe() and "confidence" not in plain.describe()
+    assert sure.to_json()["confidence"] == 0.9 and "confidence" not in Budget(
+        min_cosine=0.99).to_json()
 
 
 def test_recipe_groups_by_technique_in_safe_order():

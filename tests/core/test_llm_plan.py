@@ -57,6 +57,10 @@ def test_the_prompt_is_split_into_calibration_and_judged_tokens():
     changed[0, :10] = -changed[0, :10]  # the calibration tokens are not judged
     assert llm_plan.next_token_error(logits, changed, split)[0] == 1.0
     assert llm_plan.next_token_error(logits, changed)[0] < 1.0
+    # a long prompt calibrates on a fixed share and judges the rest
+    long = llm_plan.held_out({"input_ids": np.zeros((1, 600), np.int64)})
+    assert long.calibration["input_ids"].shape == (1, llm_plan.CALIBRATION_TOKENS)
+    assert long.positions == slice(llm_plan.CALIBRATION_TOKENS, None)
     # several sequences: calibrate on the first, judge the others
     batch = {"input_ids": np.zeros((3, 6), np.int64), "attention_mask": np.ones((3, 6))}
     split = llm_plan.held_out(batch)
@@ -155,7 +159,7 @@ def test_lowrank_rank_follows_each_role_shape():
 
 def test_int4_is_tried_as_awq_in_two_block_sizes_unless_algorithms_are_named():
     ids = [v.id for v in llm_plan.variants_for(["int4-weight", "int8-weight"])]
-    assert ids == ["int4-awq", "int4-awq64", "int8-weight"]
+    assert ids == ["int4-awq", "int4-awq64", "int8-weight", "int8-weight64"]
     named = llm_plan.variants_for(["int4-weight"], algorithms=["rtn", "awq"])
     assert [v.id for v in named] == ["int4-awq", "int4-awq64", "int4-rtn"]
     assert [v.params["block_size"] for v in named] == [32, 64, 32]
@@ -185,8 +189,20 @@ def advice(decoder, tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     path, prompt = decoder
     settings = ProfileSettings(threads=1, inputs_path=str(prompt), phase="decode")
-    return advise(str(path), settings, Budget(min_top1=0.9),
+    # 12 judged tokens: judged on the measured value (a 90 % bound would need all of them to
+    # agree and still fall short of 0.9; see the test below)
+    return advise(str(path), settings, Budget(min_top1=0.9, confidence=0.5),
                   {"int4-weight": {}, "int8-weight": {}}, use_cache=True)
+
+
+def test_too_short_a_prompt_for_the_confidence_is_said_and_nothing_holds(decoder, advice):
+    path, prompt = decoder
+    settings = ProfileSettings(threads=1, inputs_path=str(prompt), phase="decode")
+    sure = advise(str(path), settings, Budget(min_top1=0.9),
+                  {"int4-weight": {}, "int8-weight": {}}, use_cache=True)
+    assert any("no plan can show top-1 ≥ 0.9 on so few" in line for line in sure.log)
+    assert not sure.recipe.steps and not any(p.holds for p in sure.frontier)
+    assert all(w.positions == 12 and w.kl_se is not None for w in sure.whole if w.top1)
 
 
 def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(decoder, advice):
@@ -201,7 +217,7 @@ def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(deco
     scanned = {r.variant for r in advice.roles}
     labels = {v.id: v.label for v in advice.variants}
     assert scanned
-    for vid in ("int4-awq", "int4-awq64", "int8-weight"):
+    for vid in ("int4-awq", "int4-awq64", "int8-weight", "int8-weight64"):
         assert vid in scanned or any(line.startswith(f"{labels[vid]}: ")
                                      for line in advice.log), (vid, advice.log)
     # every role of the decoder was measured once per technique, across its three layers

@@ -167,11 +167,14 @@ def test_next_token_budget_phase_and_past_from_the_controls(qtbot):
     panel = AdvisorPanel()
     qtbot.addWidget(panel)
     base = ProfileSettings(threads=2)
-    assert panel.phase.isHidden()  # cosine budget: no phase to choose
+    assert panel.phase.isHidden() and panel.confidence.isHidden()  # cosine: no phase
     assert panel.settings_for(base) is base
     panel.kind.setCurrentIndex(KIND_TOP1)
     assert panel.budget() == Budget(min_top1=0.9)
-    assert not panel.phase.isHidden()
+    assert not panel.phase.isHidden() and not panel.confidence.isHidden()
+    panel.confidence.setValue(0.5)
+    assert panel.budget() == Budget(min_top1=0.9, confidence=0.5)
+    panel.confidence.setValue(0.9)
     assert panel.checks["int8-weight"].isVisibleTo(panel)
     assert not panel.checks["fp16"].isVisibleTo(panel)
     panel.past.setValue(256)

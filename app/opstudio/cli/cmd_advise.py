@@ -18,7 +18,7 @@ from pathlib import Path
 from opstudio.cli.cmd_profile import add_profile_flags, print_roofline, settings_from_args
 from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
 from opstudio.core import reasons
-from opstudio.core.advisor import Budget, advise
+from opstudio.core.advisor import CONFIDENCE, Budget, advise
 from opstudio.core.errors import OpstudioError
 from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.passes import TECHNIQUES
@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "--phase prefill plans the prefill)")
     budget.add_argument("--budget-kl", type=float, metavar="NATS",
                         help="language models: keep the mean next-token KL divergence ≤ NATS")
+    p.add_argument("--confidence", type=float, default=CONFIDENCE, metavar="C",
+                   help=f"with a next-token budget: the plan must hold it by a one-sided "
+                        f"bound at confidence C on the judged tokens, so that it carries over "
+                        f"to other text (default {CONFIDENCE}; 0.5 judges on the measured "
+                        f"value alone)")
     p.add_argument("--techniques", default=None,
                    help=f"comma-separated techniques to try (default: "
                         f"{','.join(DEFAULT_TECHNIQUES)}; with a next-token budget "
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return run_llm(args)
     if args.int4_algorithms is not None:
         raise OpstudioError("--int4-algorithms applies with --budget-top1 or --budget-kl")
+    if args.confidence != CONFIDENCE:
+        raise OpstudioError("--confidence applies with --budget-top1 or --budget-kl")
     budget = Budget(min_snr_db=args.budget_snr) if args.budget_snr is not None else \
         Budget(min_cosine=args.budget_cosine if args.budget_cosine is not None else 0.999)
     techniques = {}
@@ -124,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_llm(args: argparse.Namespace) -> int:
     """A language model planned by layer and role within a next-token budget."""
-    budget = (Budget(min_top1=args.budget_top1) if args.budget_top1 is not None
-              else Budget(max_kl=args.budget_kl))
+    budget = (Budget(min_top1=args.budget_top1, confidence=args.confidence)
+              if args.budget_top1 is not None
+              else Budget(max_kl=args.budget_kl, confidence=args.confidence))
     settings = settings_from_args(args)
     out = Path(args.output)
     if out.exists() and not args.overwrite:

@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,14 @@ def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float:
 
 
 def mean_kl_divergence(ref: np.ndarray, new: np.ndarray) -> float:
-    """Mean over positions of KL(softmax(ref) ‖ softmax(new)) along the last axis, in nats.
+    """Mean over positions of KL(softmax(ref) ‖ softmax(new)) along the last axis, in nats
+    (see ``kl_per_position``)."""
+    per = kl_per_position(ref, new)
+    return float(per.mean()) if per.size else 0.0
+
+
+def kl_per_position(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) ‖ softmax(new)) along the last axis at every position, in nats.
 
     Log-softmax in float64 with the row maximum subtracted, so logits of any size are safe;
     tokens the reference gives probability 0 (logit -inf) add nothing, tokens only the
@@ -189,18 +197,16 @@ def mean_kl_divergence(ref: np.ndarray, new: np.ndarray) -> float:
     rows_a = ref.reshape(-1, vocab)
     rows_b = new.reshape(-1, vocab)
     n = rows_a.shape[0]
-    if n == 0:
-        return 0.0
+    out = np.zeros(n, np.float64)
     step = max(1, _KL_CHUNK_ELEMENTS // max(vocab, 1))
-    total = 0.0
     for start in range(0, n, step):
         lp = _log_softmax(rows_a[start:start + step])
         lq = _log_softmax(rows_b[start:start + step])
         p = np.exp(lp)
         with np.errstate(invalid="ignore"):
             terms = np.where(p > 0, p * (lp - lq), 0.0)
-        total += float(np.maximum(terms.sum(axis=-1), 0.0).sum())
-    return total / n
+        out[start:start + step] = np.maximum(terms.sum(axis=-1), 0.0)
+    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -255,3 +261,15 @@ def _finite(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return value
+
+
+def agreement_low(share: float, positions: int | None, confidence: float) -> float:
+    """The one-sided lower bound (Wilson score) of an agreement rate measured as ``share`` of
+    ``positions``; the share itself when the count is unknown or the confidence is 0.5."""
+    z = NormalDist().inv_cdf(confidence)
+    if not positions or z <= 0:
+        return share
+    n = float(positions)
+    centre = share + z * z / (2 * n)
+    spread = z * math.sqrt(max(share * (1 - share), 0.0) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
+from opstudio.core.accuracy import agreement_low
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.passes import ScanParams, get_pass, plan_rank
 from opstudio.core.recipe import Recipe, Step
@@ -34,6 +36,8 @@ MIN_RUN_SHARE = 0.01
 VARIANT_TOLERANCE = 0.25
 # Error floor so that exact rewrites (noise 0) rank by gain rather than dividing by zero.
 NOISE_FLOOR = 1e-12
+# One-sided confidence at which a next-token budget must hold on the judged positions.
+CONFIDENCE = 0.9
 # Technique order inside a recipe: structural rewrites first, then quantizers on what is left.
 
 
@@ -46,6 +50,10 @@ class Budget:
     min_snr_db: float | None = None
     min_top1: float | None = None
     max_kl: float | None = None
+    # next-token budgets: the plan must hold by a one-sided bound at this confidence on the
+    # judged positions, not just on average: a plan picked because it lands right at the
+    # budget on one text lands below it on the next text about half the time
+    confidence: float = CONFIDENCE
 
     def __post_init__(self) -> None:
         given = [x for x in (self.min_cosine, self.min_snr_db, self.min_top1, self.max_kl)
@@ -59,6 +67,9 @@ class Budget:
             raise OpstudioError(f"top-1 budget {self.min_top1} must be in (0, 1]")
         if self.max_kl is not None and not (self.max_kl > 0 and math.isfinite(self.max_kl)):
             raise OpstudioError(f"KL budget {self.max_kl} must be a positive number of nats")
+        if not 0.5 <= self.confidence < 1.0:
+            raise OpstudioError(f"confidence {self.confidence} must be in [0.5, 1): 0.5 judges "
+                                "on the measured value alone")
 
     @property
     def next_token(self) -> bool:
@@ -80,11 +91,17 @@ class Budget:
             raise OpstudioError("a next-token budget is judged by holds_next_token")
         return snr_db is not None and snr_db >= self.min_snr_db
 
-    def holds_next_token(self, top1: float | None, kl: float | None) -> bool:
+    def holds_next_token(self, top1: float | None, kl: float | None,
+                         positions: int | None = None, kl_se: float | None = None) -> bool:
+        """Top-1 agreement measured on ``positions`` next tokens holds when its lower
+        confidence bound does; mean KL when mean + z · its standard error does. Without the
+        count (or the error), on the measured value."""
         if self.min_top1 is not None:
-            return top1 is not None and top1 >= self.min_top1
+            return top1 is not None and \
+                agreement_low(top1, positions, self.confidence) >= self.min_top1 - 1e-12
         if self.max_kl is not None:
-            return kl is not None and kl <= self.max_kl
+            z = NormalDist().inv_cdf(self.confidence)
+            return kl is not None and kl + z * (kl_se or 0.0) <= self.max_kl
         raise OpstudioError("a cosine or SNR budget is judged by holds")
 
     def describe(self) -> str:
@@ -92,13 +109,19 @@ class Budget:
             return f"cosine ≥ {self.min_cosine:g} on every output"
         if self.min_snr_db is not None:
             return f"SNR ≥ {self.min_snr_db:g} dB on every output"
+        sure = (f" (at {self.confidence:.0%} confidence on the judged tokens)"
+                if self.confidence > 0.5 else "")
         if self.min_top1 is not None:
-            return f"next-token top-1 agreement ≥ {self.min_top1:g}"
-        return f"next-token KL ≤ {self.max_kl:g} nats"
+            return f"next-token top-1 agreement ≥ {self.min_top1:g}{sure}"
+        return f"next-token KL ≤ {self.max_kl:g} nats{sure}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db,
-                "min_top1": self.min_top1, "max_kl": self.max_kl}
+        out: dict[str, Any] = {"min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db,
+                               "min_top1": self.min_top1, "max_kl": self.max_kl}
+        if self.next_token:
+            out["confidence"] = self.confidence
+        return out
+
 
 
 @dataclass

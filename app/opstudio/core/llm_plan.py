@@ -62,6 +62,9 @@ DOMINANCE = 10.0
 # (paired decode timings resolve about ±0.5–1 %): the more accurate one is chosen
 TIE_SHARE = 0.005
 CACHE_KIND = "llm"
+# bumped when what a cached measurement holds changes (2: the judged positions and KL's
+# standard error, which the budget's confidence bound needs)
+SCAN_FORMAT = 2
 # child processes measuring accuracy side by side (each rewrite is mostly single-threaded Python)
 ACCURACY_WORKERS = 2
 
@@ -93,14 +96,16 @@ def default_variants(calibration: str = "random", *, torch: bool | None = None,
                      gptq: bool = False, hqq: bool = False, rtn: bool = False) -> list[Variant]:
     """What the LLM scan tries: INT4 weight-only with activation-aware scaling (AWQ,
     calibrated on the prompt) in blocks of 32 and of 64 (round to nearest, HQQ and GPTQ when
-    asked, the last two with torch), INT8 weight-only, INT8 dynamic per channel,
-    activation-aware low-rank (SVD-LLM) and joint structured pruning of gated MLPs. Accuracy
-    levels are left to ``auto``: the level measured fastest here.
+    asked, the last two with torch), INT8 weight-only in blocks of 32 and of 64, INT8 dynamic
+    per channel, activation-aware low-rank (SVD-LLM) and joint structured pruning of gated
+    MLPs. Accuracy levels are left to ``auto``: the level measured fastest here.
 
     Blocks of 64 decode ~4 % faster than blocks of 32 on a 135M decoder (fewer scales to
-    read) for a somewhat larger error, so the plan can pick per unit. Plain rounding shares
-    AWQ's kernel and speed at a larger error, so it is only tried when asked; HQQ's float zero
-    points keep MatMulNBits off its fast CPU kernels (5× slower than float32)."""
+    read) for a somewhat larger error, in INT4 and in INT8 alike (INT8 b64: 1.05× INT8 b32's
+    speed at 1.6× its KL; b128 and b256 are no faster than b64), so the plan can pick per
+    unit. Plain rounding shares AWQ's kernel and speed at a larger error, so it is only tried
+    when asked; HQQ's float zero points keep MatMulNBits off its fast CPU kernels (5× slower
+    than float32)."""
     if torch is None:
         torch = importlib.util.find_spec("torch") is not None
     cal = {"calibration": calibration, "samples": 1}
@@ -123,6 +128,8 @@ def default_variants(calibration: str = "random", *, torch: bool | None = None,
     out += [
         Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level": "auto"},
                 "INT8 weight-only"),
+        Variant("int8-weight64", "int8-weight", {"block_size": 64, "accuracy_level": "auto"},
+                "INT8 weight-only, blocks of 64"),
         Variant("int8-dynamic", "int8-dynamic", {"per_channel": True}, "INT8 dynamic"),
         Variant("svd-llm", "lowrank", {"method": "svd-llm", **cal}, "low-rank SVD-LLM",
                 rank_share=0.5),
@@ -197,6 +204,8 @@ class WholeResult:
     low: float | None = None
     high: float | None = None
     error: str | None = None
+    kl_se: float | None = None
+    positions: int | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -422,12 +431,15 @@ class HeldOut:
 
 
 MIN_SPLIT = 8  # tokens of a one-sequence prompt below which it is not split
+# calibration statistics (per-channel activation scales, a Gram matrix's leading directions)
+# settle within ~100 tokens, while a top-1 budget needs every judged position it can get
+CALIBRATION_TOKENS = 128
 
 
 def held_out(prompt: Mapping[str, np.ndarray]) -> HeldOut:
     """Several sequences: calibrate on the first, judge on the others. One sequence of T
-    tokens: calibrate on its first T/2 tokens, judge the logits of the last T/2 (which still
-    see the whole prompt before them)."""
+    tokens: calibrate on its first min(T/2, ``CALIBRATION_TOKENS``) tokens, judge the logits
+    of the rest (which still see the whole prompt before them)."""
     ids = next((v for k, v in prompt.items() if np.asarray(v).ndim == 2
                 and np.issubdtype(np.asarray(v).dtype, np.integer)
                 and "mask" not in k and "position" not in k), None)
@@ -441,7 +453,7 @@ def held_out(prompt: Mapping[str, np.ndarray]) -> HeldOut:
                        describe=f"calibrated on sequence 1, judged on sequences 2–{batch}")
     if length < MIN_SPLIT:
         return HeldOut(dict(prompt))
-    half = length // 2
+    half = min(length // 2, CALIBRATION_TOKENS)
     calibration = {k: (v[:, :half] if np.ndim(v) >= 2 and np.shape(v)[:2] == (1, length)
                        else v) for k, v in prompt.items()}
     return HeldOut(calibration, positions=slice(half, None),
@@ -451,12 +463,28 @@ def held_out(prompt: Mapping[str, np.ndarray]) -> HeldOut:
 
 def next_token_error(ref: np.ndarray, new: np.ndarray,
                      held: HeldOut | None = None) -> tuple[float, float]:
-    from opstudio.core.accuracy import mean_kl_divergence, top1_agreement
+    """Top-1 agreement and mean KL on the judged positions."""
+    out = judged(ref, new, held)
+    return out["top1"], (out["kl"] if out["kl"] is not None else math.inf)
+
+
+JUDGED = ("top1", "kl", "kl_se", "positions")
+
+
+def judged(ref: np.ndarray, new: np.ndarray, held: HeldOut | None = None) -> dict[str, Any]:
+    """Top-1 agreement, mean KL, the KL's standard error and the number of judged positions
+    (what a budget's confidence bound needs); a KL that is not finite is None."""
+    from opstudio.core.accuracy import kl_per_position, top1_agreement
 
     if held is not None and ref.ndim >= 3:
         ref = ref[held.rows, held.positions]
         new = new[held.rows, held.positions]
-    return top1_agreement(ref, new), mean_kl_divergence(ref, new)
+    kl = kl_per_position(ref, new)
+    mean = float(kl.mean()) if kl.size else 0.0
+    finite = math.isfinite(mean)
+    return {"top1": top1_agreement(ref, new), "kl": mean if finite else None,
+            "kl_se": float(kl.std() / math.sqrt(kl.size)) if finite and kl.size > 1 else None,
+            "positions": int(kl.size)}
 
 
 def _read_cache(path: Path | None) -> dict[str, Any]:
@@ -518,8 +546,7 @@ def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
             try:
                 rewritten = apply_recipe(model, recipe_json, [split.calibration])
                 logits = _session(rewritten, threads, opt_level).run([name], dict(prompt))[0]
-                top1, kl = next_token_error(reference, logits, split)
-                done[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
+                done[task_id] = judged(reference, logits, split)
             except OpstudioError as exc:
                 done[task_id] = {"error": str(exc)}
             except Exception as exc:  # a pass or onnxruntime refusing a combination
@@ -604,12 +631,11 @@ def build_and_judge(model_path: str, prompt: Mapping[str, np.ndarray],
             progress(index / len(tasks), f"building {task_id}")
         try:
             rewritten = apply_recipe(model, recipe_json, [split.calibration])
-            top1, kl = next_token_error(
+            result = judged(
                 reference, _session(rewritten, threads).run([name], dict(prompt))[0], split)
             target = Path(folder) / f"{hashlib.sha1(task_id.encode()).hexdigest()[:16]}.onnx"
             save_model(rewritten, target, overwrite=True)
-            out[task_id] = {"path": str(target), "top1": top1,
-                            "kl": kl if math.isfinite(kl) else None}
+            out[task_id] = {"path": str(target), **result}
         except Exception as exc:  # reported per task
             out[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return out
@@ -676,7 +702,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     if todo:
         model = load_model(model_path)
         sessions = {"": session(model, threads)}
-        judged: dict[str, dict[str, Any]] = {}
+        errors: dict[str, dict[str, Any]] = {}
         name: str | None = None
         reference: np.ndarray | None = None
         split = held_out(judge) if judge is not None else None
@@ -693,12 +719,11 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                     built["path"] if built is not None
                     else apply_recipe(model, recipe_json, samples), threads)
                 if built is not None:
-                    judged[task_id] = {k: built[k] for k in ("top1", "kl") if k in built}
+                    errors[task_id] = {k: built[k] for k in JUDGED if k in built}
                     continue
                 if reference is not None and judge is not None:
-                    top1, kl = next_token_error(
+                    errors[task_id] = judged(
                         reference, sessions[task_id].run([name], dict(judge))[0], split)
-                    judged[task_id] = {"top1": top1, "kl": kl if math.isfinite(kl) else None}
             except Exception as exc:  # reported per task
                 done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 sessions.pop(task_id, None)
@@ -719,7 +744,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                              "rounds": r.rounds, "base_ms": float(np.median(base)),
                              "shapes": {k: list(np.shape(v)) for k, v in decode.items()},
                              **({"versus": versus} if versus else {}),
-                             **judged.get(task_id, {})}
+                             **errors.get(task_id, {})}
         store["speed"] = done
         _write_cache(path, store)
     return {i: done[i] for i, _ in tasks if i in done}
@@ -820,6 +845,17 @@ def most_accurate_of_fastest(holding: Sequence[Held], tie_ms: float) -> Held:
                                     saving(h)))
 
 
+def needed_agreement(budget: float, positions: int, confidence: float) -> float | None:
+    """The least measured top-1 agreement on ``positions`` whose lower bound holds ``budget``
+    (None: not even agreement everywhere does)."""
+    from opstudio.core.accuracy import agreement_low
+
+    for agree in range(math.floor(budget * positions), positions + 1):
+        if agreement_low(agree / positions, positions, confidence) >= budget - 1e-12:
+            return agree / positions
+    return None
+
+
 def layer_weights(layer_kl: Mapping[int, float], layers: Sequence[int]) -> dict[int, float]:
     """Each layer's share of sensitivity, interpolated between measured layers; sums to 1."""
     if not layers:
@@ -908,7 +944,8 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     layers = sorted({t.layer for t in targets if t.layer is not None})
     extra = [settings.inputs_path] if settings.inputs_path else []
     key = _cache_key(Path(path), settings, {"variants": [v.to_json() for v in variants],
-                                            "phase": phase, "layer_samples": layer_samples},
+                                            "phase": phase, "layer_samples": layer_samples,
+                                            "scan": SCAN_FORMAT},
                      0, extra)
     cache = str(cache_path(key, CACHE_KIND)) if use_cache else None
 
@@ -1006,7 +1043,8 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             continue
         s = speed.get(f"whole|{v.id}", {})
         whole.append(WholeResult(v.id, len(usable[v.id]), s.get("top1"), s.get("kl"),
-                                 s.get("ratio"), s.get("low"), s.get("high"), s.get("error")))
+                                 s.get("ratio"), s.get("low"), s.get("high"), s.get("error"),
+                                 s.get("kl_se"), s.get("positions")))
     layer_kl = {layer: acc[f"layer|{layer}"]["kl"] for layer in measured_layers
                 if acc.get(f"layer|{layer}", {}).get("kl") is not None}
     weights = layer_weights(layer_kl, layers)
@@ -1014,6 +1052,14 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         log.append(f"whole model {w.variant}: top-1 {_f(w.top1)}, KL {_f(w.kl)}, "
                    f"{'' if w.speedup is None else f'{w.speedup:.2f}× '}"
                    f"{'' if w.error is None else w.error}")
+    positions = next((w.positions for w in whole if w.positions), None)
+    if positions and budget.min_top1 is not None and budget.confidence > 0.5:
+        need = needed_agreement(budget.min_top1, positions, budget.confidence)
+        log.append(f"the budget must hold at {budget.confidence:.0%} confidence on {positions} "
+                   "judged positions: " + (
+                       f"a plan needs top-1 ≥ {need:.3f} there" if need is not None else
+                       f"no plan can show top-1 ≥ {budget.min_top1:g} on so few; give a longer "
+                       "prompt (a few hundred tokens) or a lower confidence"))
 
     # options per (layer, role) unit: the role's error shared out by layer sensitivity, the
     # variant's whole-model saving shared out by the weight bytes each node stops reading
@@ -1059,12 +1105,13 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
         guess = ((1.0 - budget.min_top1) / a_fit) ** (1.0 / b_fit) if budget.min_top1 < 1 \
             else 0.0
     frontier: list[FrontierPoint] = []
-    verified_at: dict[str, tuple[float | None, float | None]] = {}
+    verified_at: dict[str, dict[str, Any]] = {}
     best: tuple[float, Any, list[Choice], tuple[float | None, float | None]] | None = None
     limits_tried: list[tuple[float, bool]] = []
 
-    def holds(top1: float | None, kl: float | None) -> bool:
-        return budget.holds_next_token(top1, kl)
+    def holds(top1: float | None, kl: float | None, kl_se: float | None = None,
+              positions: int | None = None) -> bool:
+        return budget.holds_next_token(top1, kl, positions, kl_se)
 
     holding: list[tuple[float, Any, list[Choice], tuple[float | None, float | None]]] = []
 
@@ -1080,9 +1127,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             res = call_isolated(measure_accuracy, path, prompt, [(tid, recipe.to_json())],
                                 cache, settings.threads, timeout=settings.timeout_s * 4,
                                 cancelled=cancelled, task="verifying the plan").get(tid, {})
-            verified_at[key_] = (res.get("top1"), res.get("kl"))
-        top1, kl = verified_at[key_]
-        ok = holds(top1, kl)
+            verified_at[key_] = res
+        res = verified_at[key_]
+        top1, kl = res.get("top1"), res.get("kl")
+        ok = holds(top1, kl, res.get("kl_se"), res.get("positions"))
         gain = sum(c.gain_ms for c in chosen)
         log.append(f"plan at predicted KL ≤ {limit:.3g}: {len(chosen)} rewrites, predicted "
                    f"saving {gain:.3f} ms → top-1 {_f(top1)}, KL {_f(kl)}"
@@ -1099,7 +1147,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     start: dict[tuple[int, str], _Option] = {}
     holders = sorted((w for w in whole if w.speedup is not None and w.high is not None
                       and w.high < 1.0 and w.ratio is not None and w.ratio < MIN_SPEEDUP
-                      and holds(w.top1, w.kl)),
+                      and holds(w.top1, w.kl, w.kl_se, w.positions)),
                      key=lambda w: w.ratio or 1.0)
     base_variant = holders[0].variant if holders else None
     if base_variant is not None:
@@ -1213,7 +1261,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
             frontier.append(FrontierPoint(vmap[w.variant].label, w.top1, w.kl, w.speedup,
                                           1.0 / w.high if w.high else None,
                                           1.0 / w.low if w.low else None, kind="whole",
-                                          holds=holds(w.top1, w.kl)))
+                                          holds=holds(w.top1, w.kl, w.kl_se, w.positions)))
     say(1.0, "advice ready")
     recipe = _named_calibration(recipe, calibration)
     return LlmAdvice(budget, phase, base_ms, variants, roles, whole, layer_kl, measured_layers,

@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.advisor import Advice, Budget
+from opstudio.core.advisor import CONFIDENCE, Advice, Budget
 from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice
 from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.profiler import ProfileSettings
@@ -109,6 +109,15 @@ class AdvisorPanel(QWidget):
                              "prompt's own KV cache when Run settings name a prompt (.npz)")
         self.phase.currentIndexChanged.connect(
             lambda i: self.past.setEnabled(i == 0 and self.kind.currentIndex() >= KIND_TOP1))
+        self.confidence = QDoubleSpinBox()
+        self.confidence.setDecimals(2)
+        self.confidence.setRange(0.5, 0.99)
+        self.confidence.setSingleStep(0.05)
+        self.confidence.setValue(CONFIDENCE)
+        self.confidence.setToolTip(
+            "The plan must hold the budget by a one-sided bound at this confidence on the "
+            "prompt's judged tokens, so that it carries over to other text; 0.50 judges on "
+            "the measured value alone. Short prompts need a lower value or a longer prompt")
         self.checks: dict[str, QCheckBox] = {}
         techniques = QHBoxLayout()
         techniques.setSpacing(10)
@@ -139,6 +148,9 @@ class AdvisorPanel(QWidget):
         self.past_label = QLabel("past:")
         top.addWidget(self.past_label)
         top.addWidget(self.past)
+        self.confidence_label = QLabel("confidence:")
+        top.addWidget(self.confidence_label)
+        top.addWidget(self.confidence)
         top.addStretch(1)
         top.addWidget(self.analyze_button)
         top.addWidget(self.accept_button)
@@ -220,8 +232,8 @@ class AdvisorPanel(QWidget):
         if kind == KIND_SNR:
             return Budget(min_snr_db=value)
         if kind == KIND_TOP1:
-            return Budget(min_top1=value)
-        return Budget(max_kl=value)
+            return Budget(min_top1=value, confidence=self.confidence.value())
+        return Budget(max_kl=value, confidence=self.confidence.value())
 
     def techniques(self) -> dict[str, Any]:
         llm = self.kind.currentIndex() >= KIND_TOP1
@@ -262,7 +274,8 @@ class AdvisorPanel(QWidget):
             self.value.setSingleStep(0.01)
             self.value.setValue(0.1)
         llm = index >= KIND_TOP1
-        for w in (self.phase, self.phase_label, self.past, self.past_label):
+        for w in (self.phase, self.phase_label, self.past, self.past_label, self.confidence,
+                  self.confidence_label):
             w.setVisible(llm)
         self.past.setEnabled(llm and self.phase.currentIndex() == 0)
         allowed = LLM_TECHNIQUES if llm else tuple(DEFAULT_TECHNIQUES)
