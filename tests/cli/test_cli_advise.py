@@ -111,7 +111,8 @@ def test_advise_plans_a_decoder_for_a_top1_budget_on_its_decode_step(tmp_path, c
     data = json.loads(report.read_text())
     assert data["kind"] == "llm" and data["phase"] == "decode"
     assert data["budget"]["min_top1"] == 0.9 and data["budget"]["confidence"] == 0.5
-    assert {r["variant"] for r in data["roles"]} == {"int8-weight"}
+    assert {r["variant"] for r in data["roles"]} <= {"int8-weight", "int8-weight64"}
+    assert data["roles"]
     if data["recipe"]["steps"]:
         Recipe.load(recipe_path)
         assert data["verified"]["top1"] >= 0.9

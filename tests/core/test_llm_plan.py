@@ -57,6 +57,18 @@ def test_the_prompt_is_split_into_calibration_and_judged_tokens():
     changed[0, :10] = -changed[0, :10]  # the calibration tokens are not judged
     assert llm_plan.next_token_error(logits, changed, split)[0] == 1.0
     assert llm_plan.next_token_error(logits, changed)[0] < 1.0
+    # the judged tokens split in a half that ranks units and a half that confirms plans
+    ref = np.random.default_rng(1).standard_normal((1, 80, 7))
+    new = ref.copy()
+    new[0, 45:55] = -new[0, 45:55]  # judged: 40–79; the search half 40–59 disagrees
+    res = llm_plan.judged(ref, new, llm_plan.held_out({"input_ids": np.zeros((1, 80),
+                                                                             np.int64)}))
+    assert res["positions"] == 40 and res["search"]["positions"] == 20
+    assert res["confirm"] == {"top1": 1.0, "kl": 0.0, "kl_se": 0.0, "positions": 20}
+    assert res["search"]["top1"] < 1.0 and res["top1"] == pytest.approx(
+        (res["search"]["top1"] + 1.0) / 2)
+    assert llm_plan.half(res, "confirm") is res["confirm"]
+    assert llm_plan.half({"top1": 0.5}, "search") == {"top1": 0.5}
     # a long prompt calibrates on a fixed share and judges the rest
     long = llm_plan.held_out({"input_ids": np.zeros((1, 600), np.int64)})
     assert long.calibration["input_ids"].shape == (1, llm_plan.CALIBRATION_TOKENS)
@@ -202,7 +214,9 @@ def test_too_short_a_prompt_for_the_confidence_is_said_and_nothing_holds(decoder
                   {"int4-weight": {}, "int8-weight": {}}, use_cache=True)
     assert any("no plan can show top-1 ≥ 0.9 on so few" in line for line in sure.log)
     assert not sure.recipe.steps and not any(p.holds for p in sure.frontier)
-    assert all(w.positions == 12 and w.kl_se is not None for w in sure.whole if w.top1)
+    # 12 judged tokens are too few to split: the confirming half is all of them
+    assert all(w.confirm["positions"] == 12 and "search" not in w.confirm
+               for w in sure.whole if w.top1 is not None)
 
 
 def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(decoder, advice):
