@@ -1225,6 +1225,10 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
 
     if holding:
         best = most_accurate_of_fastest(holding, TIE_SHARE * base_ms)
+        if base_variant and len(holding) > 1 and best[0] == sum(o.err for o in start.values()):
+            log.append(f"the upgraded plans that hold are predicted to save within "
+                       f"{TIE_SHARE:.1%} of the step of {vmap[base_variant].label} everywhere "
+                       "(less than timing tells apart): a tie, which goes to the more accurate")
     chosen: list[Choice] = []
     recipe = Recipe([])
     verified = None
