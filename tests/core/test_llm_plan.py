@@ -333,6 +333,17 @@ def test_nothing_could_be_applied_is_not_nothing_pays(tmp_path, monkeypatch):
     assert "graph input" in advice.nothing_applies or "constant" in advice.nothing_applies
 
 
+def test_a_plan_is_also_held_to_the_top1_its_kl_predicts():
+    fit = (0.5, 0.44)  # disagreement ≈ 0.5 · KL^0.44, as fitted on SmolLM2's scan
+    # a plan whose count of agreements came out at 0.938 with KL 0.030 is predicted below 0.9
+    assert llm_plan.top1_from_kl(0.030, 0.002, fit, 0.9) < 0.9
+    assert llm_plan.top1_from_kl(0.0127, 0.001, fit, 0.9) > 0.9
+    # the KL's uncertainty counts against it; no KL error is none; never below 0
+    assert llm_plan.top1_from_kl(0.0127, 0.01, fit, 0.9) < llm_plan.top1_from_kl(
+        0.0127, 0.001, fit, 0.9) < llm_plan.top1_from_kl(0.0127, None, fit, 0.9)
+    assert llm_plan.top1_from_kl(50.0, 1.0, fit, 0.9) == 0.0
+
+
 def test_targets_of_a_weightless_model(tmp_path):
     assert find_targets(onnx.ModelProto()) == []
     assert Target("n", None, "n", 4, 4).unit == (-1, "n")
