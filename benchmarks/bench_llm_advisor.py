@@ -11,7 +11,8 @@ when reading the INT4 rows.
 1. ``advise`` plans the decode step within next-token top-1 agreement ≥ 0.90 (``--budget``,
    held at 90 % confidence, ``--confidence``), calibrated on prompt A's first 128 tokens and
    judged on the other 420 (four kinds of writing, 548 tokens): units are ranked on the first
-   210 of those and plans held to the budget on the last 210. Its wall time is reported.
+   210 of those and plans held to the budget on the last 210, by their top-1 and by the top-1
+   their KL predicts. Its wall time is reported.
 2. Every model below is judged on prompt B, which the advisor never saw: top-1 agreement and
    mean KL of the logits at every position of a prefill, against the original.
 3. Decode step (one token after prompt B's real KV cache) of every model, all timed in one
