@@ -175,9 +175,14 @@ def output_kind(name: str, value: np.ndarray) -> str:
 
 def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float:
     """Share of positions (all but the last axis) whose argmax over the last axis agrees."""
+    return float(np.mean(agreement_per_position(ref, new)))
+
+
+def agreement_per_position(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Whether the argmax over the last axis agrees, at every position."""
     rows_a = ref.reshape(-1, ref.shape[-1])
     rows_b = new.reshape(-1, new.shape[-1])
-    return float(np.mean(np.argmax(rows_a, axis=-1) == np.argmax(rows_b, axis=-1)))
+    return np.argmax(rows_a, axis=-1) == np.argmax(rows_b, axis=-1)
 
 
 def mean_kl_divergence(ref: np.ndarray, new: np.ndarray) -> float:

@@ -483,13 +483,12 @@ def judged(ref: np.ndarray, new: np.ndarray, held: HeldOut | None = None) -> dic
     on the confirming half: a plan assembled from the units that happened to hurt least on
     some text is flattered by that text (on A's held-out tokens, plans chosen at top-1 0.91–0.94
     gave 0.88–0.89 on another prompt); text it was not chosen on is a fair test."""
-    from opstudio.core.accuracy import kl_per_position
+    from opstudio.core.accuracy import agreement_per_position, kl_per_position
 
     if held is not None and ref.ndim >= 3:
         ref = ref[held.rows, held.positions]
         new = new[held.rows, held.positions]
-    vocab = ref.shape[-1]
-    agree = np.argmax(ref.reshape(-1, vocab), -1) == np.argmax(new.reshape(-1, vocab), -1)
+    agree = agreement_per_position(ref, new)
     kl = kl_per_position(ref, new)
     out = _stats(agree, kl)
     if kl.size >= 2 * MIN_CONFIRM:
