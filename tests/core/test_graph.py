@@ -332,3 +332,17 @@ def test_op_type_counts_and_totals():
     assert info.op_type_counts() == {"Relu": 3}
     assert info.total_flops() == 6
     assert info.opset == 17 and info.ir_version == 8
+
+
+def test_shapes_resolve_through_every_layer_of_a_decoder_masking_per_layer():
+    # each layer computes its causal mask from the shape of its present.N.key (a graph output)
+    # and the previous layer's sequence length: folding one layer lets the next one fold
+    from llm_builders import kv_decoder
+
+    model = kv_decoder("hf", layers=8)
+    dims = {"batch_size": 1, "sequence_length": 1, "past_sequence_length": 512,
+            "total_sequence_length": 513}
+    info = analyze(model, dims)
+    assert info.flops_unknown() == 0 and not info.unbound_dims()
+    last = info.node("/model/layers.7/attn/o_proj/MatMul")
+    assert last.output_shapes == [[1, 1, 64]]

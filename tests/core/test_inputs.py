@@ -176,3 +176,22 @@ def test_exporter_made_up_dim_names_count_as_unnamed():
     specs = resolve_input_specs(m, dims={"p2o.DynamicDimension.1": 48})
     assert specs[0].shape == (1, 3, 48, 320)
     assert specs[1].shape == (1, 128)  # leading made-up name = batch; src_len is a sequence
+
+
+def test_decode_step_dims_are_those_a_decode_run_feeds():
+    from llm_builders import kv_decoder, tiny_decoder
+    from opstudio.core.inputs import decode_step_dims
+    from opstudio.core.roofline import dims_from_inputs
+
+    for model in (kv_decoder("gqa", layers=2), kv_decoder("hf", layers=2), tiny_decoder()):
+        dims = decode_step_dims(model)
+        assert dims == dims_from_inputs(model, make_inputs(model, phase="decode"))
+        assert 512 in dims.values() and 1 in dims.values()
+    assert decode_step_dims(kv_decoder("gqa", layers=2))["total_sequence_length"] == 513
+    # no KV cache, or a head size nothing says: no decode step to show
+    plain = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]))
+    assert decode_step_dims(plain) is None
+    assert decode_step_dims(kv_decoder("hf", layers=2, head_dim_name="head_dim")) is None

@@ -207,3 +207,35 @@ def test_a_layer_a_path_leaves_and_reenters_stays_open():
     c = collapse_layers(graph, g, g.layers())
     assert c.keys == {("model.layers", 0), ("model.layers", 2)}
     assert len(c.graph.nodes) == 5  # two folded layers of one node each, the rest open
+
+
+def test_sums_with_an_unknown_member_are_unknown_when_every_node_counts():
+    names = ["/model/layers.0/w/Cast", "/model/layers.0/q_proj/MatMul",
+             "/model/layers.1/w/Cast", "/model/layers.1/q_proj/MatMul", "/lm_head/MatMul"]
+    flops = [0, None, 0, 8.0, None]  # a Cast costs nothing; a MatMul over an unbound dim: ?
+    g = group_layers(names)
+    loose = g.totals(flops)
+    assert loose.by_layer[("model.layers", 0)] == 0  # the misleading 0 of a partial sum
+    strict = g.totals(flops, every_node=True)
+    assert strict.by_layer == {("model.layers", 0): None, ("model.layers", 1): 8.0}
+    assert strict.by_role == {"w/Cast": 0, "q_proj/MatMul": None}
+    assert strict.by_module == {ATTENTION: None, "other": 0}
+    assert strict.outside == {LM_HEAD: None}
+    assert strict.total is None
+    assert g.totals([0, 1.0, 0, 8.0, 2.0], every_node=True).total == 11.0
+
+
+def test_folded_layers_show_no_flops_while_dims_are_missing():
+    from opstudio.core.layers import collapse_layers
+
+    model = layered_decoder(layers=2)
+    for dims, known in (({"batch": 1}, False), ({"batch": 1, "seq": 4}, True)):
+        graph = analyze(model, dims)
+        assert graph.sums_need_every_node() is not known
+        assert graph.unbound_dims() == ([] if known else ["seq"])
+        g = group_layers(n.name for n in graph.nodes)
+        c = collapse_layers(graph, g, g.layers())
+        for box, key in c.layers.items():
+            inner = [graph.nodes[i].flops for i in g.layer_nodes(key)]
+            assert (None in inner) is not known
+            assert c.graph.nodes[box].flops == (sum(inner) if known else None)

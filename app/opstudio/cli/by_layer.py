@@ -4,7 +4,7 @@ over every layer, from the operators' name scopes."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from opstudio.cli.common import print_table
@@ -14,14 +14,17 @@ from opstudio.core.layers import MODULE_LABELS, MODULES, LayerGrouping, Totals, 
 Column = tuple[str, Mapping[str, float | None], Callable[[float], str]]
 
 
-def print_by_layer(names: Sequence[str], columns: Sequence[Column], file: Any = None) -> None:
+def print_by_layer(names: Sequence[str], columns: Sequence[Column], file: Any = None, *,
+                   every_node: Collection[str] = ()) -> None:
+    """``every_node``: headers of the columns whose sums are unknown ("–") as soon as one
+    node's value is (``GraphInfo.sums_need_every_node``)."""
     file = file or sys.stdout
     g = group_layers(names)
     if not g.has_layers():
         print("by layer: no node name carries a layer index (like /model/layers.3/… or "
               "transformer.h.3.…), so there are no layers to total", file=file)
         return
-    totals = [g.totals(values) for _, values, _ in columns]
+    totals = [g.totals(values, every_node=header in every_node) for header, values, _ in columns]
     fmts = [fmt for _, _, fmt in columns]
     headers = ("layer / module", "ops", *(h for h, _, _ in columns))
     align = "lr" + "r" * len(columns)
@@ -60,7 +63,7 @@ def _layer_rows(g: LayerGrouping, totals: list[Totals],
 
 
 def _cell(v: float | None, fmt: Callable[[float], str]) -> str:
-    return "-" if v is None else fmt(v)
+    return "–" if v is None else fmt(v)
 
 
 def weights_once(info: Any) -> dict[str, int]:

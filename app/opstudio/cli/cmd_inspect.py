@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import onnx
+
 from opstudio.cli.common import (
     format_shape,
     human_bytes,
@@ -14,8 +16,11 @@ from opstudio.cli.common import (
     print_table,
     write_json,
 )
-from opstudio.core.graph import GraphInfo, analyze
+from opstudio.core.graph import GraphInfo, analyze, input_specs
+from opstudio.core.inputs import decode_step_dims
 from opstudio.core.model_io import load_model
+from opstudio.core.phases import DEFAULT_DECODE_PAST
+from opstudio.core.tensor_groups import describe_tensors
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,30 +41,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def to_json(path: str, info: GraphInfo) -> dict[str, Any]:
+def to_json(path: str, info: GraphInfo, dims: dict[str, int] | None = None,
+            assumed: str | None = None) -> dict[str, Any]:
     return {
         "model": path,
         "opset": info.opset,
         "ir_version": info.ir_version,
         "producer": info.producer,
+        "dims": dict(dims or {}),
+        "dims_assumed": assumed,  # why the dims are what they are when none were given
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in info.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in info.outputs],
         "nodes": [n.to_json() for n in info.nodes],
         "op_types": info.op_type_counts(),
         "totals": {"nodes": len(info.nodes), "flops": info.total_flops(),
                    "nodes_without_flops": info.flops_unknown(),
-                   "unbound_dims": unbound_dims(info),
+                   "unbound_dims": info.unbound_dims(),
                    "param_bytes": info.total_param_bytes()},
         "shape_inference_error": info.shape_inference_error,
     }
-
-
-def unbound_dims(info: GraphInfo) -> list[str]:
-    """Named input dims no ``--dim`` gave a value, in first-seen order."""
-    names: list[str] = []
-    for t in info.inputs:
-        names.extend(d for d in t.shape or [] if isinstance(d, str) and d not in names)
-    return names
 
 
 def flops_summary(info: GraphInfo) -> tuple[str, str | None]:
@@ -68,7 +68,7 @@ def flops_summary(info: GraphInfo) -> tuple[str, str | None]:
     total, unknown = info.total_flops(), info.flops_unknown()
     if not unknown:
         return human_count(total or 0, "FLOPs"), None
-    dims = unbound_dims(info)
+    dims = info.unbound_dims()
     if dims:
         flags = " ".join(f"--dim {d}=N" for d in dims)
         return "FLOPs unknown", f"FLOPs need dims: pass {flags}"
@@ -76,11 +76,25 @@ def flops_summary(info: GraphInfo) -> tuple[str, str | None]:
     return f"{human_count(total or 0, 'FLOPs')} + {unknown} operator{plural} of unknown cost", None
 
 
+def chosen_dims(model: onnx.ModelProto, args: argparse.Namespace
+                ) -> tuple[dict[str, int], dict[str, list[int]], str | None]:
+    """The dims and shapes to analyse at, and what was assumed when none were given: a
+    decoder with a KV cache is shown at one decode step, the step generation repeats."""
+    dims, shapes = parse_dims(args.dim), parse_shapes(args.shape)
+    if dims or shapes:
+        return dims, shapes, None
+    decode = decode_step_dims(model, args.model)
+    if not decode:
+        return dims, shapes, None
+    return decode, shapes, f"a decode step at past {DEFAULT_DECODE_PAST}"
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    info = analyze(model, parse_dims(args.dim), shapes=parse_shapes(args.shape))
+    dims, shapes, assumed = chosen_dims(model, args)
+    info = analyze(model, dims, shapes=shapes)
     if args.json == "-":
-        write_json(to_json(args.model, info), "-")
+        write_json(to_json(args.model, info, dims, assumed), "-")
         return 0
     nodes = info.nodes[: args.limit] if args.limit > 0 else info.nodes
     rows = [(n.name, n.op_type if not n.domain else f"{n.domain}:{n.op_type}",
@@ -109,18 +123,22 @@ def run(args: argparse.Namespace) -> int:
         print_by_layer([n.name for n in info.nodes], [
             ("FLOPs", {n.name: n.flops for n in info.nodes}, human_count),
             ("weights", weights_once(info), human_bytes),
-            ("bytes moved", {n.name: n.bytes_moved for n in info.nodes}, human_bytes)])
+            ("bytes moved", {n.name: n.bytes_moved for n in info.nodes}, human_bytes)],
+            every_node=("FLOPs", "bytes moved") if info.sums_need_every_node() else ())
         print()
-    ins = ", ".join(f"{t.name}: {t.dtype} {format_shape(t.shape)}" for t in info.inputs)
+    # assumed dims are not the user's: the inputs line keeps the model's own names
+    ins = ", ".join(describe_tensors(input_specs(model) if assumed else info.inputs))
     flops, need = flops_summary(info)
     print(f"{len(info.nodes)} operators, {flops}, "
           f"{human_bytes(info.total_param_bytes())} of weights (each tensor once); "
           f"opset {info.opset}")
     if need:
         print(need)
+    if assumed:
+        print(f"dims not given: shown for {assumed}; --dim NAME=N to choose")
     print(f"inputs: {ins or '(none)'}")
     if info.shape_inference_error:
         print(f"note: shape inference stopped early ({info.shape_inference_error})")
     if args.json:
-        write_json(to_json(args.model, info), args.json)
+        write_json(to_json(args.model, info, dims, assumed), args.json)
     return 0

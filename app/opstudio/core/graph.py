@@ -12,6 +12,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import time
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,21 @@ class GraphInfo:
         """How many nodes have no FLOP count (a shape they need is unknown or symbolic)."""
         return sum(1 for n in self.nodes if n.flops is None)
 
+    def unbound_dims(self) -> list[str]:
+        """Named input dims that were given no value, in first-seen order."""
+        names: list[str] = []
+        for t in self.inputs:
+            names.extend(d for d in t.shape or [] if isinstance(d, str) and d not in names)
+        return names
+
+    def sums_need_every_node(self) -> bool:
+        """Whether a sum of FLOPs or bytes over a group of nodes is unknown as soon as one of
+        them is: with a dim unbound, the unknown nodes are the costly ones (the MatMuls over
+        the sequence) and the rest (a Cast, a Gather) would add up to a misleading 0. With
+        every dim bound, the unknown nodes are ops of unknown cost, left out as the total's
+        "+ N operators of unknown cost" says."""
+        return bool(self.unbound_dims())
+
     def total_param_bytes(self) -> int:
         """Bytes of the weights the nodes read, each tensor once however many nodes read it
         (a tied embedding, rotary caches shared by every attention node)."""
@@ -211,7 +227,11 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 _STUB_ABOVE_ELEMENTS = 4096
 # Constant folding before inference only evaluates shape arithmetic: small in, small out.
 _FOLD_MAX_ELEMENTS = 4096
-_FOLD_ROUNDS = 4
+# A fold can reveal a shape that lets the next layer's shape arithmetic fold in turn (a decoder
+# computing its causal mask in every layer from the previous layer's sequence length): rounds
+# go on while something folds, within these bounds.
+_FOLD_ROUNDS = 64
+_FOLD_BUDGET_S = 10.0
 INFERENCE_TIMEOUT_S = 30.0
 _FOLDABLE = {
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Min", "Max", "Mod", "Floor", "Ceil", "Sqrt",
@@ -236,6 +256,7 @@ def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     error: str | None = None
     folded: set[str] = set()
     inferred = work
+    deadline = time.monotonic() + _FOLD_BUDGET_S
     for _ in range(_FOLD_ROUNDS):
         try:
             # In a child process: onnx's C++ inference aborts the whole process on some hostile
@@ -251,7 +272,7 @@ def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             error = first[:300]
             break
-        if not _fold_constants(work, inferred, folded):
+        if not _fold_constants(work, inferred, folded) or time.monotonic() > deadline:
             break
     _merge_generated_dims(inferred, {d for d in _input_dim_names(model)})
     return inferred, error
@@ -344,7 +365,9 @@ def _static_shape(vi: onnx.ValueInfoProto) -> list[int] | None:
 def _fold_constants(work: onnx.ModelProto, inferred: onnx.ModelProto, folded: set[str]) -> bool:
     """Replace small computable nodes of ``work`` by Constant nodes; True if any changed."""
     static: dict[str, list[int]] = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info):
+    # graph outputs too: a KV decoder's attention reads the shape of its present.N.key
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) \
+            + list(inferred.graph.output):
         s = _static_shape(vi)
         if s is not None:
             static[vi.name] = s

@@ -228,6 +228,26 @@ def resolve_input_specs(model: onnx.ModelProto, dims: Mapping[str, int] | None =
     return [_resolve_one(spec, dims, shapes) for spec in specs]
 
 
+def decode_step_dims(model: onnx.ModelProto,
+                     model_path: str | Path | None = None) -> dict[str, int] | None:
+    """Every named input dim of one decode step at the default past
+    (``phases.DEFAULT_DECODE_PAST``), as a run with ``--phase decode`` would choose them: what
+    a decoder with a KV cache is shown at when no dims are given. None for a model without a
+    KV cache, or whose dims cannot all be derived."""
+    if not kv_layout(model).has_cache:
+        return None
+    try:
+        resolved = resolve_input_specs(model, phase="decode", model_path=model_path)
+    except OpstudioError:
+        return None
+    dims: dict[str, int] = {}
+    for spec, r in zip(input_specs(model), resolved, strict=True):
+        for d, size in zip(spec.shape or [], r.shape, strict=False):
+            if isinstance(d, str):
+                dims.setdefault(d, int(size))
+    return dims
+
+
 def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 shapes: Mapping[str, list[int]] | None = None,
                 npz_path: str | Path | None = None, seed: int = 0,

@@ -196,33 +196,40 @@ class LayerGrouping:
                       if key is not None and m == module for i in idx)
 
     # --- totals -------------------------------------------------------------------------------
-    def totals(self, values: Mapping[str, float | None] | Sequence[float | None]) -> Totals:
+    def totals(self, values: Mapping[str, float | None] | Sequence[float | None], *,
+               every_node: bool = False) -> Totals:
         """Per layer, per module and per role sums of a per-node quantity (ms, FLOPs, bytes),
-        given by node name or by node index; unknown values (None, missing) are left out."""
+        given by node name or by node index; unknown values (None, missing) are left out, or
+        with ``every_node`` make the sums they fall in unknown (``GraphInfo.sums_need_every_node``)."""
         if isinstance(values, Mapping):
             get = values.get
             per_node = [get(s.name) for s in self.scopes]
         else:
             per_node = list(values)
         t = Totals()
+        unknown: set[tuple[str, object]] = set()  # (which sums, key): a member had no value
 
-        def add(d: dict, key: object, v: float | None) -> None:
+        def add(d: dict, which: str, key: object, v: float | None) -> None:
             if v is None:
                 d.setdefault(key, None)
-            else:
+                if every_node:
+                    unknown.add((which, key))
+                    d[key] = None
+            elif (which, key) not in unknown:
                 d[key] = (d.get(key) or 0.0) + v
 
+        whole: dict[None, float | None] = {}
         for s, v in zip(self.scopes, per_node, strict=False):
             if s.layer is None:
-                add(t.outside, s.module, v)
+                add(t.outside, "outside", s.module, v)
             else:
                 key = (s.stack, s.layer)
-                add(t.by_layer, key, v)
-                add(t.by_layer_module, (key, s.module), v)
-                add(t.by_module, s.module, v)
-                add(t.by_role, s.role, v)
-            if v is not None:
-                t.total = (t.total or 0.0) + v
+                add(t.by_layer, "layer", key, v)
+                add(t.by_layer_module, "layer_module", (key, s.module), v)
+                add(t.by_module, "module", s.module, v)
+                add(t.by_role, "role", s.role, v)
+            add(whole, "total", None, v)
+        t.total = whole.get(None)
         return t
 
 
@@ -291,7 +298,8 @@ def _collapse(graph: GraphInfo, grouping: LayerGrouping,
         inner = [graph.nodes[i] for i in members[b]]
         nodes[b].name = f"{len(inner)} operators"
         known = [x.flops for x in inner if x.flops is not None]
-        nodes[b].flops = sum(known) if known else None
+        whole = len(known) == len(inner) or not graph.sums_need_every_node()
+        nodes[b].flops = sum(known) if known and whole else None
         nodes[b].param_bytes = sum(x.param_bytes for x in inner)
     edges: list[tuple[int, int, str]] = []
     seen: set[tuple[int, int]] = set()
