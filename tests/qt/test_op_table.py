@@ -449,3 +449,35 @@ def test_gui_command_opens_grouped_by_layer(tmp_path):
         images.append(QImage(str(shot)))
     assert images[0] != images[1]  # the tree and the layer frames
     assert '\\"seq\\": 7' in (tmp_path / "opstudio" / "opstudio.conf").read_text()
+
+
+def test_layer_flops_read_a_dash_while_dims_are_missing(app, qtbot):
+    from llm_builders import kv_decoder
+
+    # batch given, the lengths not: each layer holds Casts (0 FLOPs) and MatMuls (unknown),
+    # whose known part would sum to a misleading 0
+    model = kv_decoder("hf", layers=2)
+    for dims, known in (({"batch_size": 1}, False),
+                        ({"batch_size": 1, "sequence_length": 1, "past_sequence_length": 8,
+                          "total_sequence_length": 9}, True)):
+        graph = analyze(model, dims)
+        table = OpTable()
+        qtbot.addWidget(table)
+        table.set_graph(graph)
+        table.set_grouped(True)
+        p = table.tree_proxy
+        top = tree_rows(table)
+        assert [ix.data() for ix in top] == ["layer 0", "layer 1", "not in a layer"]
+        layer0 = table.grouping.layer_nodes(("model.layers", 0))
+        flops = [graph.nodes[i].flops for i in layer0]
+        cells = [p.index(r, COL_FLOPS).data() for r in range(len(top))]
+        if known:
+            assert None not in flops
+            assert cells[0] == f"{sum(flops) / 1e3:.2f}k"
+        else:
+            assert None in flops and 0 in flops
+            assert cells == ["–", "–", "–"]
+            # an operator whose FLOPs are unknown reads the same
+            mm = graph.node("/model/layers.0/attn/q_proj/MatMul").index
+            assert table.model.data(table.model.index(mm, COL_FLOPS)) == "–"
+        assert p.index(0, COL_PARAMS).data().endswith("KiB")  # weights are always known

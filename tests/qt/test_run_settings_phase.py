@@ -45,3 +45,32 @@ def test_past_zero_is_a_value_and_prefill_has_no_past(app):
     dlg.phase.setCurrentText("prefill")
     s = dlg.settings()
     assert (s.phase, s.past) == ("prefill", None) and s.dims == {"sequence_length": 16}
+
+
+def test_the_model_inputs_are_listed_with_the_kv_cache_folded(window, qtbot, tmp_path,
+                                                              monkeypatch):
+    from llm_builders import kv_decoder
+    from opstudio.core.model_io import save_model
+
+    path = tmp_path / "decoder30.onnx"
+    save_model(kv_decoder("gqa", layers=30), path)
+    assert window.open_model(path)
+    shown = []
+
+    def exec_(dialog):  # look at the dialog the window builds instead of waiting on a user
+        shown.append(dialog)
+        return 0
+
+    monkeypatch.setattr(RunSettingsDialog, "exec", exec_)
+    window.edit_run_settings()
+    [dlg] = shown
+    assert dlg.inputs_list.isVisibleTo(dlg)
+    assert dlg.inputs_list.text().splitlines() == [
+        "input_ids: int64 [batch_size,sequence_length]",
+        "attention_mask: int64 [batch_size,total_sequence_length]",
+        "past_key_values.{0..29}.{key,value}: float32 [batch_size,2,past_sequence_length,16]"]
+    # a model's inputs are listed only when there is a model
+    empty = RunSettingsDialog(ProfileSettings(), [])
+    empty.show()
+    assert not empty.inputs_list.isVisibleTo(empty)
+    empty.close()

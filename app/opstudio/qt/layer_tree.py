@@ -187,8 +187,14 @@ class LayerTreeModel(QAbstractItemModel):
         if col not in cache:
             vals = self.per_node(col)[it.nodes]
             known = vals[~np.isnan(vals)]
-            cache[col] = float(known.sum()) if known.size else None
+            whole = col != ot.COL_FLOPS or known.size == vals.size \
+                or not self._sums_need_every_node()
+            cache[col] = float(known.sum()) if known.size and whole else None
         return cache[col]
+
+    def _sums_need_every_node(self) -> bool:
+        graph = self.source.graph
+        return graph is not None and graph.sums_need_every_node()
 
     def _deltas_once(self) -> dict[int, ot.Delta]:
         """Node -> the comparison row first shown on it (a fused group's row is shown on each
@@ -272,7 +278,7 @@ class LayerTreeModel(QAbstractItemModel):
             if col in (ot.COL_NAME, ot.COL_OP):
                 return v
             if v is None or (isinstance(v, float) and math.isnan(v)):
-                return ""
+                return ot.format_value(col, None)
             if col == ot.COL_SPEEDUP:
                 return ot.speedup_text(v, self.group_ratio(item_id))
             return ot.format_value(col, v)

@@ -25,7 +25,7 @@ from opstudio.core.advisor import Advice, Budget, advise
 from opstudio.core.compare import Comparison, optimize_and_compare
 from opstudio.core.document import AnyAdvice, Document
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import GraphInfo, symbolic_dims
+from opstudio.core.graph import GraphInfo, input_specs, symbolic_dims
 from opstudio.core.opening import Opened, open_for_display
 from opstudio.core.optimize import OptimizeResult
 from opstudio.core.passes import ScanParams
@@ -361,7 +361,8 @@ class MainWindow(QMainWindow):
 
     def edit_run_settings(self) -> None:
         dims = symbolic_dims(self.model) if self.model is not None else []
-        dlg = RunSettingsDialog(self.run_settings, dims, self)
+        specs = input_specs(self.model) if self.model is not None else []
+        dlg = RunSettingsDialog(self.run_settings, dims, self, inputs=specs)
         if dlg.exec():
             self.set_run_settings(dlg.settings())
 

@@ -274,11 +274,14 @@ def _shape(shape: Any) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+UNKNOWN = "–"  # FLOPs that need a dim not given, as inspect and its --by-layer print them
+
+
 def format_value(col: int, v: Any) -> str:
     """A cell's raw value as text (a speedup as its bare figure: ``speedup_text`` gives its
     verdict)."""
     if v is None:
-        return ""
+        return UNKNOWN if col == COL_FLOPS else ""  # no time is blank; unknown FLOPs say so
     if col == COL_FLOPS:
         return _human(v)
     if col == COL_PARAMS:

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -27,6 +28,8 @@ from PySide6.QtWidgets import (
 from opstudio.core.inputs import default_dim
 from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, is_past_length_name
 from opstudio.core.profiler import OPT_LEVELS, ProfileSettings
+from opstudio.core.tensor_groups import describe_tensors
+from opstudio.core.tensors import TensorInfo
 
 
 def settings_to_json(s: ProfileSettings) -> dict[str, Any]:
@@ -46,11 +49,19 @@ def settings_from_json(data: Any) -> ProfileSettings:
 
 class RunSettingsDialog(QDialog):
     def __init__(self, settings: ProfileSettings, symbolic_dims: Sequence[str] = (),
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, *, inputs: Sequence[TensorInfo] = ()) -> None:
         super().__init__(parent)
         self.setWindowTitle("Run settings")
         self._base = settings
         form = QFormLayout()
+        # the model's inputs as it declares them, a KV cache folded into one line
+        self.inputs_list = QLabel("\n".join(describe_tensors(inputs)), self)
+        self.inputs_list.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.inputs_list.setToolTip("the inputs the model declares; named dims are set below")
+        if inputs:
+            form.addRow("Model inputs", self.inputs_list)
+        else:
+            self.inputs_list.hide()
         self.runs = QSpinBox()
         self.runs.setRange(1, 10000)
         self.runs.setValue(settings.runs)
