@@ -55,6 +55,7 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.progress import CancelCheck, Progress
+from opstudio.core.tensors import TensorInfo
 from opstudio.core.timing import quiet_runs
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -182,6 +183,8 @@ class Profile:
     # ms of every timed run in order (profiled model_run; plain): paired with another model's
     total_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
     plain_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
+    # the inputs as fed: name, dtype and the shape every run had
+    inputs: list[TensorInfo] = field(default_factory=list)
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -212,6 +215,8 @@ class Profile:
             "kernel_events": self.kernel_events,
             "notes": list(self.notes),
             "noise": dict(self.noise),
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape}
+                       for t in self.inputs],
         }
 
     @classmethod
@@ -233,6 +238,8 @@ class Profile:
             onnxruntime=data.get("onnxruntime", ""),
             notes=[str(n) for n in data.get("notes", [])],
             noise=dict(data.get("noise", {})),
+            inputs=[TensorInfo(str(t["name"]), t.get("dtype"), t.get("shape"))
+                    for t in data.get("inputs", [])],
         )
 
     def to_csv(self) -> str:
@@ -336,9 +343,11 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
         profiles = call_isolated(_measure_in_child, paths, settings.to_json(), inputs,
                                  str(tmp), timeout=settings.timeout_s, progress=progress,
                                  cancelled=cancelled)
+    fed = [TensorInfo(name, str(a.dtype), list(a.shape)) for name, a in inputs.items()]
     for profile, label in zip(profiles, labels):
         profile.model = label
         profile.settings = settings
+        profile.inputs = list(fed)
     return profiles
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from opstudio import __version__
 from opstudio.core.fileio import write_text_atomic
+from opstudio.core.tensor_groups import group_tensors, shape_text
 
 if TYPE_CHECKING:
     from opstudio.core.compare import Comparison
@@ -102,6 +103,7 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
     ]
     if steps:
         parts += ["<h2>Recipe steps</h2>", _steps_table(steps)]
+    parts += _inputs_section(c)
     parts += [
         "<h2>Settings</h2>",
         f"<pre>{_e(json.dumps(c.before.settings.to_json(), indent=2, default=json_default))}</pre>",
@@ -211,6 +213,18 @@ def _nodes_table(nodes: Sequence[Any]) -> str:
             f"<td>{_e(', '.join(r.group))}</td><td>{'' if status == 'same' else _e(status)}</td>"
             "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _inputs_section(c: Comparison) -> list[str]:
+    """The inputs both models ran on, a KV cache folded into one row."""
+    if not c.before.inputs:
+        return []
+    rows = "".join(f"<tr><td><code>{_e(g.label)}</code></td><td>{_e(g.dtype or '?')}</td>"
+                   f"<td>{_e(shape_text(g.shape))}</td></tr>"
+                   for g in group_tensors(c.before.inputs))
+    return ["<h2>Inputs</h2>",
+            "<p class='meta'>as fed to both models, every run</p>",
+            f"<table><tr><th>input</th><th>dtype</th><th>shape</th></tr>{rows}</table>"]
 
 
 def _steps_table(steps: Sequence[StepReport]) -> str:
