@@ -110,6 +110,9 @@ def test_per_layer_flops_are_a_dash_while_dims_are_missing(decoders, capsys):
         assert (flops, moved) == ("–", "–"), (key, rows[key])
         assert weights.endswith("B")  # weights are known whatever the dims
     assert not any(r[1] == "0" for k, r in rows.items() if k.startswith("layer"))
+    # per op type too: MatMuls all unknown, Subs partly (a shape's arithmetic is known)
+    assert re.search(r"^MatMul\s+\d+\s+–\s+\d+ unknown$", out, re.MULTILINE)
+    assert re.search(r"^Cast\s+\d+\s+0$", out, re.MULTILINE)
 
 
 def test_per_layer_flops_add_up_at_the_decode_step(decoders, capsys):

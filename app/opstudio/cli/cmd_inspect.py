@@ -112,8 +112,14 @@ def run(args: argparse.Namespace) -> int:
             unknown[n.op_type] = unknown.get(n.op_type, 0) + 1
         else:
             flops_by_type[n.op_type] = flops_by_type.get(n.op_type, 0) + n.flops
-    summary = [(op, count, human_count(flops_by_type.get(op)) if op in flops_by_type else "?",
-                f"{unknown[op]} unknown" if op in unknown else "")
+    partial = not info.sums_need_every_node()  # else a partial sum reads as the whole
+
+    def type_flops(op: str) -> str:
+        if op not in flops_by_type or (op in unknown and not partial):
+            return "–"
+        return human_count(flops_by_type[op])
+
+    summary = [(op, count, type_flops(op), f"{unknown[op]} unknown" if op in unknown else "")
                for op, count in info.op_type_counts().items()]
     print_table(("op type", "count", "FLOPs", ""), summary, "lrrl")
     print()
