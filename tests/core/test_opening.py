@@ -39,3 +39,27 @@ def test_cancel_and_bad_files(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match=r"bad\.onnx"):
         open_for_display(bad)
+
+
+def test_a_kv_decoder_opens_with_the_dims_its_run_will_use(tmp_path):
+    from llm_builders import kv_decoder
+    from opstudio.core.model_io import save_model
+
+    path = tmp_path / "decoder.onnx"
+    save_model(kv_decoder("hf", layers=3), path)
+    # default settings: a past of 0 is bound like any length, the total follows
+    opened = open_for_display(path)
+    assert display_dims(opened.model, {}) == {
+        "batch_size": 1, "sequence_length": 128, "total_sequence_length": 128,
+        "past_sequence_length": 0}
+    assert opened.graph.flops_unknown() == 0 and not opened.graph.sums_need_every_node()
+    # the run settings' phase: one token after a past of 64
+    opened = open_for_display(path, phase="decode", past=64)
+    assert opened.graph.node("/model/layers.2/attn/k/Concat").output_shapes == [[1, 4, 65, 16]]
+    assert opened.graph.flops_unknown() == 0
+    # a head size nothing tells: what can be shown is, the rest stays named
+    opaque = tmp_path / "opaque.onnx"
+    save_model(kv_decoder("hf", layers=1, head_dim_name="head_dim"), opaque)
+    assert display_dims(open_for_display(opaque).model, {}) == {
+        "batch_size": 1, "sequence_length": 128, "total_sequence_length": 128,
+        "past_sequence_length": 0}

@@ -237,15 +237,23 @@ def decode_step_dims(model: onnx.ModelProto,
     if not kv_layout(model).has_cache:
         return None
     try:
-        resolved = resolve_input_specs(model, phase="decode", model_path=model_path)
+        return run_dims(model, phase="decode", model_path=model_path)
     except OpstudioError:
         return None
-    dims: dict[str, int] = {}
+
+
+def run_dims(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, *,
+             phase: str | None = None, past: int | None = None,
+             model_path: str | Path | None = None) -> dict[str, int]:
+    """Every named input dim as a run with these settings sizes it (the rules of
+    ``resolve_input_specs``, whose errors it raises)."""
+    resolved = resolve_input_specs(model, dims, phase=phase, past=past, model_path=model_path)
+    out: dict[str, int] = {}
     for spec, r in zip(input_specs(model), resolved, strict=True):
         for d, size in zip(spec.shape or [], r.shape, strict=False):
             if isinstance(d, str):
-                dims.setdefault(d, int(size))
-    return dims
+                out.setdefault(d, int(size))
+    return out
 
 
 def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,

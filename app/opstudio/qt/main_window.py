@@ -221,7 +221,9 @@ class MainWindow(QMainWindow):
             self.show_error("wait for the current run to finish (or cancel it) first")
             return False
         p = Path(path)
-        worker = Worker(open_for_display, str(p), dict(self.run_settings.dims), name="open")
+        s = self.run_settings
+        worker = Worker(open_for_display, str(p), dict(s.dims), phase=s.phase, past=s.past,
+                        name="open")
         opened = self.runs.run_modal(worker, f"Opening {p.name}")
         if not isinstance(opened, Opened):
             return False  # the error (or the cancel) is already on screen
