@@ -195,3 +195,21 @@ def test_decode_step_dims_are_those_a_decode_run_feeds():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]))
     assert decode_step_dims(plain) is None
     assert decode_step_dims(kv_decoder("hf", layers=2, head_dim_name="head_dim")) is None
+
+
+def test_messages_listing_the_inputs_fold_the_kv_cache(tmp_path):
+    from llm_builders import kv_decoder
+
+    model = kv_decoder("gqa", layers=30)
+    folded = "(inputs: input_ids, attention_mask, past_key_values.{0..29}.{key,value})"
+    with pytest.raises(OpstudioError) as info:
+        resolve_input_specs(model, shapes={"input_idz": [1, 4]})
+    assert str(info.value).endswith(folded)
+    with pytest.raises(OpstudioError) as info:
+        make_inputs(model, shapes={"input_idz": [1, 4]}, phase="decode")
+    assert str(info.value).endswith(folded)
+    npz = tmp_path / "p.npz"
+    np.savez(npz, idz=np.zeros((1, 4), np.int64))
+    with pytest.raises(OpstudioError) as info:
+        make_inputs(model, npz_path=npz)
+    assert str(info.value).endswith(folded)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opstudio.core.tensor_groups import describe_tensors, group_tensors, number_set
+from opstudio.core.tensor_groups import describe_tensors, group_tensors, name_list, number_set
 from opstudio.core.tensors import TensorInfo
 
 KV = ["batch_size", 2, "past_sequence_length", 16]
@@ -95,6 +95,12 @@ def test_groups(tensors, lines):
     ([0, 2, 4], "0,2,4"), ([9, 10, 11, 20, 21], "9..11,20,21")])
 def test_number_set(numbers, text):
     assert number_set(numbers) == text
+
+
+def test_name_list():
+    assert name_list([]) == "none"
+    assert name_list(["ids", *(f"present.{i}.{k}" for i in range(4) for k in ("key", "value"))]) \
+        == "ids, present.{0..3}.{key,value}"
 
 
 def test_thirty_layers_fit_in_one_short_line():

@@ -69,6 +69,7 @@ from opstudio.core.phases import (
     is_prompt,
     kv_layout,
 )
+from opstudio.core.tensor_groups import name_list
 
 DEFAULT_BATCH = 1
 DEFAULT_PAST = 0
@@ -224,7 +225,7 @@ def resolve_input_specs(model: onnx.ModelProto, dims: Mapping[str, int] | None =
     if unknown:
         raise OpstudioError(
             f"--shape {unknown[0]}: the model has no input of that name "
-            f"(inputs: {', '.join(sorted(known)) or 'none'})")
+            f"(inputs: {name_list(s.name for s in specs)})")
     return [_resolve_one(spec, dims, shapes) for spec in specs]
 
 
@@ -299,7 +300,7 @@ def build_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None,
     if unknown:
         raise OpstudioError(
             f"--shape {unknown[0]}: the model has no input of that name "
-            f"(inputs: {', '.join(s.name for s in specs) or 'none'})")
+            f"(inputs: {name_list(s.name for s in specs)})")
     if todo:
         dims, _ = derive_dims(model, dims, phase=phase, past=past, model_path=model_path)
     resolved = [_resolve_one(spec, dims, shapes) for spec in todo]
@@ -347,7 +348,7 @@ def load_npz(model: onnx.ModelProto, npz_path: str | Path) -> dict[str, np.ndarr
         if spec is None:
             raise OpstudioError(
                 f"{p}: array '{name}' is not an input of the model "
-                f"(inputs: {', '.join(specs) or 'none'})")
+                f"(inputs: {name_list(specs)})")
         want = numpy_dtype(spec.dtype, name)
         if arr.dtype != want:
             raise OpstudioError(

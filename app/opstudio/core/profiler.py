@@ -55,6 +55,7 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.progress import CancelCheck, Progress
+from opstudio.core.tensor_groups import describe_tensors
 from opstudio.core.tensors import TensorInfo
 from opstudio.core.timing import quiet_runs
 
@@ -622,8 +623,8 @@ def _run(sess: Any, feeds: Mapping[str, np.ndarray]) -> None:
     try:
         sess.run(None, feeds)
     except Exception as exc:
-        shapes = ", ".join(f"{k} {v.dtype.name}[{','.join(map(str, v.shape))}]"
-                           for k, v in feeds.items())
+        shapes = ", ".join(describe_tensors([TensorInfo(k, v.dtype.name, list(v.shape))
+                                             for k, v in feeds.items()]))
         raise OpstudioError(
             f"onnxruntime failed to run the model: {_ort_message(exc)} (inputs: {shapes}; "
             "set them with --dim/--shape/--inputs)") from None

@@ -52,6 +52,11 @@ def describe_tensors(tensors: Sequence[TensorInfo]) -> list[str]:
     return [describe(g) for g in group_tensors(tensors)]
 
 
+def name_list(names: Iterable[str]) -> str:
+    """Names joined by commas, numbered families folded (for messages): 'none' when empty."""
+    return ", ".join(g.label for g in group_tensors([TensorInfo(n) for n in names])) or "none"
+
+
 def number_set(numbers: Iterable[int]) -> str:
     """``0..5,7``: runs of three or more as ranges."""
     values = sorted(set(numbers))
