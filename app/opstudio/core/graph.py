@@ -272,10 +272,18 @@ def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             error = first[:300]
             break
-        if not _fold_constants(work, inferred, folded) or time.monotonic() > deadline:
+        if _all_static(inferred) or time.monotonic() > deadline \
+                or not _fold_constants(work, inferred, folded):
             break
     _merge_generated_dims(inferred, {d for d in _input_dim_names(model)})
     return inferred, error
+
+
+def _all_static(model: onnx.ModelProto) -> bool:
+    """Every tensor has a shape of numbers: folding more could not make one more concrete."""
+    g = model.graph
+    return all(_static_shape(vi) is not None for vi in
+               (*g.input, *g.value_info, *g.output) if vi.type.HasField("tensor_type"))
 
 
 def _infer_serialized(data: bytes) -> bytes:
