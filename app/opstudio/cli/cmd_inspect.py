@@ -25,7 +25,10 @@ from opstudio.core.tensor_groups import describe_tensors
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="list a model's operators with shapes, FLOPs and weights",
-                       description="Print an operator table and a per-op-type summary.")
+                       description="Print an operator table and a per-op-type summary. "
+                                   "Without --dim or --shape, a decoder with a KV cache is "
+                                   f"shown at one decode step after a past of "
+                                   f"{DEFAULT_DECODE_PAST} tokens.")
     p.add_argument("model", help="path to an .onnx file")
     p.add_argument("--json", metavar="PATH|-", help="also write the analysis as JSON ('-' = stdout)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
