@@ -77,7 +77,7 @@ def flops_summary(info: GraphInfo) -> tuple[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
+    model = load_model(args.model, lazy=True)
     info = analyze(model, parse_dims(args.dim), shapes=parse_shapes(args.shape))
     if args.json == "-":
         write_json(to_json(args.model, info), "-")

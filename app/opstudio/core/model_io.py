@@ -5,19 +5,29 @@ file and the cause. External data is confined to the model's folder: a location 
 or climbs out of it (``../../etc/passwd``, a symlink) is refused before anything is read.
 ``save_model`` writes atomically (temp file + rename) and never replaces an existing file unless
 asked to.
+
+Weights stay on disk until something needs them (``load_model(path, lazy=True)``): a tensor in an
+external-data file keeps its reference, and the model's folder is recorded in the tensor's
+``basepath`` entry (onnx's own key for it), so that :func:`tensor_array` can map the data from
+the file when a pass or a check asks for one weight. Opening an 8-billion-parameter export then
+reads a few megabytes of graph, not gigabytes of weights. :func:`load_weights` reads them all
+into the model (what a rewrite of every weight needs today); :func:`write_external` copies them
+from their files into a new one; :func:`is_lazy` says whether a model still points at files.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
-from onnx import external_data_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from opstudio.core.errors import ModelLoadError, OpstudioError
 from opstudio.core.fileio import write_bytes_atomic
@@ -29,11 +39,13 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
-               name_nodes: bool = True) -> onnx.ModelProto:
+               name_nodes: bool = True, lazy: bool = False) -> onnx.ModelProto:
     """Load ``path`` as an ONNX model, or raise ``ModelLoadError`` with a one-line reason.
 
     With ``name_nodes`` every node gets a unique, non-empty name (``<OpType>_<index>`` for unnamed
-    ones): profiles, recipes and the GUI all refer to nodes by name.
+    ones): profiles, recipes and the GUI all refer to nodes by name. With ``lazy`` the external
+    data stays in its files, anchored to the model's folder so that :func:`tensor_array` reads
+    a weight when asked (``load_external_data`` is then ignored).
     """
     p = Path(path)
     if not p.exists():
@@ -73,7 +85,9 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
     _check_is_model(p, model)
     _check_versions(p, model)
     _check_external_data(p, model)
-    if load_external_data and _has_external_data(model):
+    if lazy:
+        _anchor_external_data(model, p.parent.resolve())
+    elif load_external_data and _has_external_data(model):
         try:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -109,7 +123,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
     Models too big for one protobuf get their weights in ``<name>.data`` beside the file.
     """
     p = Path(path)
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+    if is_lazy(model) or inline_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         if p.exists() and not overwrite:
             raise OpstudioError(f"{p}: already exists (choose another name or allow overwriting)")
         _save_with_external_data(model, p)
@@ -136,38 +150,186 @@ def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
 
     Tensors are streamed one at a time into the data file and the model file holds only their
     references, so no second copy of the weights is ever built (onnx's own external-data saver
-    rewrites the model in place, which would need a copy to keep ``model`` intact).
+    rewrites the model in place, which would need a copy to keep ``model`` intact). Weights a
+    lazy model left in their files are copied from there in chunks.
     """
     skeleton = without_initializers(model)
     initializers = model.graph.initializer
     offset = 0
     with open(path.parent / data_name, "wb") as data:
         for tensor in initializers:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            source = _external_source(tensor)
+            if source is None and external_data_helper.uses_external_data(tensor):
                 raise OpstudioError(f"tensor '{tensor.name}' still lives in another file; "
                                     "load the model with its external data first")
             out = skeleton.graph.initializer.add()
-            if tensor.ByteSize() < _EXTERNAL_MIN_BYTES:
+            if source is None and tensor.ByteSize() < _EXTERNAL_MIN_BYTES:
                 out.CopyFrom(tensor)
                 continue
             out.name = tensor.name
             out.data_type = tensor.data_type
             out.dims.extend(tensor.dims)
             out.doc_string = tensor.doc_string
-            payload = (tensor.raw_data if tensor.HasField("raw_data")
-                       else onnx.numpy_helper.to_array(tensor).tobytes())
-            if len(payload) >= 2**20 and offset % _ALIGN:
+            payload = b""
+            if source is None:
+                payload = (tensor.raw_data if tensor.HasField("raw_data")
+                           else onnx.numpy_helper.to_array(tensor).tobytes())
+            size = len(payload) if source is None else source[2]
+            if size >= 2**20 and offset % _ALIGN:
                 pad = _ALIGN - offset % _ALIGN
                 data.write(b"\0" * pad)
                 offset += pad
-            data.write(payload)
+            if source is None:
+                data.write(payload)
+            else:
+                _copy_range(source, data)
+            del payload
             out.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)),
-                               ("length", str(len(payload)))):
+                               ("length", str(size))):
                 entry = out.external_data.add()
                 entry.key, entry.value = key, value
-            offset += len(payload)
+            offset += size
+    load_weights(skeleton)  # a lazy weight in a subgraph or a Constant goes inline
     write_bytes_atomic(path, skeleton.SerializeToString(), overwrite=True)
+
+
+# ------------------------------------------------------------------- weights left in their files
+
+_BASEPATH = "basepath"
+
+
+def _anchor_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Record ``folder`` in every external tensor, replacing whatever the file claimed (a
+    ``basepath`` in a file would point anywhere: locations were checked against the folder)."""
+    for tensor in iter_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        kept = [(e.key, e.value) for e in tensor.external_data if e.key != _BASEPATH]
+        del tensor.external_data[:]
+        for key, value in [*kept, (_BASEPATH, str(folder))]:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def _external_source(tensor: onnx.TensorProto) -> tuple[Path, int, int] | None:
+    """(file, offset, length) of a tensor a lazy load left in its file, else None."""
+    if not external_data_helper.uses_external_data(tensor):
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    if _BASEPATH not in info:
+        return None
+    target = Path(info[_BASEPATH]) / info.get("location", "")
+    offset = int(info.get("offset") or 0)
+    length = info.get("length")
+    size = int(length) if length else target.stat().st_size - offset
+    return target, offset, size
+
+
+def is_lazy(model: onnx.ModelProto) -> bool:
+    """True while some weight of ``model`` is still read from its file on demand."""
+    return any(_external_source(t) is not None for t in iter_all_tensors(model))
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of ``tensor``; a weight left in its file is mapped from there, read-only."""
+    source = _external_source(tensor)
+    if source is None:
+        return numpy_helper.to_array(tensor)
+    path, offset, size = source
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(int(d) for d in tensor.dims)
+    count = math.prod(shape)
+    if (tensor.data_type in _PACKED or dtype.itemsize * count != size):
+        # sub-byte types (and anything unusual) go through onnx's reader, on a copy
+        loaded = onnx.TensorProto()
+        loaded.CopyFrom(tensor)
+        loaded.raw_data = _read_range(source)
+        loaded.data_location = onnx.TensorProto.DEFAULT
+        del loaded.external_data[:]
+        return numpy_helper.to_array(loaded)
+    if count == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.BOOL,
+           onnx.TensorProto.STRING, *(getattr(onnx.TensorProto, n) for n in (
+               "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n))}
+
+
+def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Read every weight a lazy load left in its file into ``model`` (in place); returns it."""
+    for tensor in iter_all_tensors(model):
+        source = _external_source(tensor)
+        if source is None:
+            continue
+        tensor.raw_data = _read_range(source)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return model
+
+
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """About how many bytes ``model`` serializes to: its tensors' data from their dims and
+    types, plus the graph itself. Cheap: protobuf's ``ByteSize`` would encode every weight."""
+    total = without_initializers(model).ByteSize()
+    for tensor in model.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            continue
+        count = math.prod(tensor.dims) if tensor.dims else 1
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 8
+        total += count * itemsize + 64
+    return total
+
+
+def _read_range(source: tuple[Path, int, int]) -> bytes:
+    path, offset, size = source
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OpstudioError(f"{path}: ends before the weights it should hold (file truncated?)")
+    return data
+
+
+_COPY_CHUNK = 64 * 2**20
+
+
+def _copy_range(source: tuple[Path, int, int], out) -> None:
+    path, offset, size = source
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = size
+        while left > 0:
+            chunk = f.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise OpstudioError(f"{path}: ends before the weights it should hold "
+                                    "(file truncated?)")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def stored_bytes(path: str | os.PathLike[str]) -> int:
+    """The size on disk of the .onnx file plus the external-data files it references."""
+    p = Path(path)
+    total = p.stat().st_size
+    try:
+        model = load_model(p, load_external_data=False, name_nodes=False)
+    except OpstudioError:
+        return total
+    seen: set[str] = set()
+    for t in iter_all_tensors(model):
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                side = p.parent / entry.value
+                if side.is_file():
+                    total += side.stat().st_size
+    return total
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
