@@ -180,3 +180,62 @@ def test_a_lazy_model_always_reaches_onnxruntime_through_a_file(tmp_path) -> Non
     x = np.ones((1, 64), np.float32)
     np.testing.assert_array_equal(accuracy.run_outputs(lazy, {"x": x})["y"],
                                   accuracy.run_outputs(str(path), {"x": x})["y"])
+
+
+# ---------------------------------------------------------------- weights inside the .onnx file
+
+@pytest.fixture
+def skim_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat any file as big, and any weight over 1 KiB as worth leaving in the file."""
+    monkeypatch.setattr(model_io, "LAZY_INLINE_ABOVE", 0)
+    monkeypatch.setattr(model_io, "_SKIM_MIN_BYTES", 1024)
+
+
+def with_shape_constant() -> onnx.ModelProto:
+    """small_mlp's output reshaped by an inline int64 constant (shape inference reads it)."""
+    model = small_mlp()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, 4, 8]), "shape"))
+    model.graph.node.append(onnx.helper.make_node("Reshape", ["y", "shape"], ["z"], name="rs"))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
+    return model
+
+
+def test_inline_weights_of_a_big_file_stay_in_it(tmp_path, skim_small, monkeypatch) -> None:
+    original = with_shape_constant()
+    path = tmp_path / "inline.onnx"
+    path.write_bytes(original.SerializeToString())
+    model = load_model(path, lazy=True)
+    assert is_lazy(model)
+    kept = {t.name for t in model.graph.initializer
+            if not external_data_helper.uses_external_data(t)}
+    assert kept == {"shape"}  # 24 bytes: read with the graph
+    for tensor, want in zip(model.graph.initializer, original.graph.initializer):
+        np.testing.assert_array_equal(tensor_array(tensor), onnx.numpy_helper.to_array(want))
+    full = analyze(load_model(path), {"batch": 2})
+    no_data_reads(monkeypatch)
+    lazy = analyze(load_model(path, lazy=True), {"batch": 2})
+    assert lazy.node("rs").output_shapes == full.node("rs").output_shapes == [[2, 4, 8]]
+    assert lazy.total_param_bytes() == full.total_param_bytes()
+
+
+def test_a_model_with_inline_weights_left_in_its_file_saves_and_runs(tmp_path, skim_small) -> None:
+    path = tmp_path / "inline.onnx"
+    path.write_bytes(small_mlp().SerializeToString())
+    lazy = load_model(path, lazy=True)
+    x = np.ones((3, 64), np.float32)
+    np.testing.assert_array_equal(accuracy.run_outputs(lazy, {"x": x})["y"],
+                                  accuracy.run_outputs(str(path), {"x": x})["y"])
+    out = save_model(lazy, tmp_path / "copy.onnx")
+    assert load_model(out).graph.initializer[0].raw_data == small_mlp().graph.initializer[0].raw_data
+    loaded = load_weights(lazy)
+    assert not is_lazy(loaded)
+    for a, b in zip(loaded.graph.initializer, small_mlp().graph.initializer):
+        assert (a.name, a.raw_data) == (b.name, b.raw_data)
+
+
+def test_a_truncated_big_file_is_refused_in_words(tmp_path, skim_small) -> None:
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(small_mlp().SerializeToString()[:-700])
+    with pytest.raises(model_io.ModelLoadError, match="not a valid ONNX file"):
+        load_model(path, lazy=True)

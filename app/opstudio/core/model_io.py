@@ -34,6 +34,11 @@ from opstudio.core.fileio import write_bytes_atomic
 
 # protobuf cannot hold more than 2 GiB in one message; bigger models must keep weights outside.
 PROTOBUF_LIMIT = 2**31 - 1
+# A lazy load of a bigger file reads the graph without the weights stored in it (``_skim``).
+LAZY_INLINE_ABOVE = 64 * 2**20
+# ... and leaves in the file only weights at least this big (small ones, shape constants among
+# them, are read with the graph: shape inference needs their values)
+_SKIM_MIN_BYTES = 64 * 2**10
 # Above this we write weights to a side file so the .onnx itself stays parseable.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -63,7 +68,8 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
             f"{p}: {size / 2**30:.1f} GiB is over protobuf's 2 GiB limit; "
             "save the model with its weights as external data")
     try:
-        data = p.read_bytes()
+        data, inline = (_skim(p) if lazy and size > LAZY_INLINE_ABOVE
+                        else (p.read_bytes(), []))
     except OSError as exc:
         raise ModelLoadError(f"{p}: cannot read ({exc.strerror or exc})") from None
 
@@ -82,8 +88,10 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True,
     if bad_text:
         raise ModelLoadError(f"{p}: not a valid ONNX file (a name or text field is not "
                              "valid UTF-8)")
+    del data
     _check_is_model(p, model)
     _check_versions(p, model)
+    _point_at_inline_data(model, p.name, inline)
     _check_external_data(p, model)
     if lazy:
         _anchor_external_data(model, p.parent.resolve())
@@ -196,6 +204,123 @@ def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
 
 # ------------------------------------------------------------------- weights left in their files
 
+def _skim(p: Path) -> tuple[bytes, list[tuple[int, int] | None]]:
+    """The bytes of the model at ``p`` without the ``raw_data`` of its big top-level
+    initializers, and where each initializer's data lies in the file (offset, length), or None
+    where it was kept.
+
+    A walk over protobuf's wire format (a key varint, then a varint, fixed 8 or 4 bytes, or a
+    length and that many bytes): only the model, its graph and the graph's initializers are
+    entered; everything else is copied as it is. The file is mapped, so the weights are never
+    read. Groups (wire types 3 and 4, unused by ONNX) end the skim: the file is then read whole.
+    """
+    import mmap
+
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        buf = memoryview(mapped)
+        try:
+            spans: list[tuple[int, int] | None] = []
+            model = bytearray()
+            for field, wire, start, body, end in _fields(buf, 0, len(buf)):
+                if field == 7 and wire == 2:  # ModelProto.graph
+                    graph = bytearray()
+                    for f2, w2, s2, b2, e2 in _fields(buf, body, end):
+                        if f2 == 5 and w2 == 2:  # GraphProto.initializer
+                            tensor = bytearray()
+                            span = None
+                            for f3, w3, s3, b3, e3 in _fields(buf, b2, e2):
+                                if f3 == 9 and w3 == 2 and e3 - b3 >= _SKIM_MIN_BYTES:
+                                    span = (b3, e3 - b3)  # TensorProto.raw_data
+                                else:
+                                    tensor += buf[s3:e3]
+                            spans.append(span)
+                            graph += _wire_key(5) + _varint(len(tensor)) + tensor
+                        else:
+                            graph += buf[s2:e2]
+                    model += _wire_key(7) + _varint(len(graph)) + graph
+                else:
+                    model += buf[start:end]
+            return bytes(model), spans
+        except _NotSkimmable:
+            return bytes(buf), []
+        finally:
+            buf.release()
+
+
+class _NotSkimmable(Exception):
+    pass
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start, start of the value, end) of each field in buf[pos:end]."""
+    while pos < end:
+        start = pos
+        key, pos = _read_varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            _, body_end = _read_varint(buf, pos)
+            body = pos
+        elif wire == 1:
+            body, body_end = pos, pos + 8
+        elif wire == 2:
+            length, body = _read_varint(buf, pos)
+            body_end = body + length
+        elif wire == 5:
+            body, body_end = pos, pos + 4
+        else:
+            raise _NotSkimmable()
+        if body_end > end:
+            raise _NotSkimmable()  # truncated: the normal parse says so in words
+        yield key >> 3, wire, start, body, body_end
+        pos = body_end
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _NotSkimmable()
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _wire_key(field: int) -> bytes:
+    return _varint(field << 3 | 2)
+
+
+def _point_at_inline_data(model: onnx.ModelProto, file_name: str,
+                          spans: list[tuple[int, int] | None]) -> None:
+    """Make the initializers ``_skim`` left without their data refer to it inside the model
+    file itself, as external data would."""
+    if not spans:
+        return
+    for tensor, span in zip(model.graph.initializer, spans):
+        if span is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", file_name), ("offset", str(span[0])),
+                           ("length", str(span[1]))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+
 _BASEPATH = "basepath"
 
 
@@ -265,7 +390,7 @@ def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         if source is None:
             continue
         tensor.raw_data = _read_range(source)
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.data_location = onnx.TensorProto.DEFAULT  # as onnx's loader leaves it
         del tensor.external_data[:]
     return model
 
