@@ -242,6 +242,9 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
     options.inter_op_num_threads = 1
     options.graph_optimization_level = levels[opt_level]
     options.log_severity_level = 3
+    # outputs, not speed: without prepacked copies, weights mapped from a file stay there
+    # instead of taking as much anonymous memory again
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = create_session(model_or_path, options)
         names = [o.name for o in session.get_outputs()]

@@ -68,6 +68,9 @@ def check_loads(model: onnx.ModelProto) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
+    # loading is the question, not speed: prepacked copies of the weights cost seconds and
+    # memory the size of the weights
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         create_session(model, options)
     except Exception as exc:  # onnxruntime raises its own exception types
