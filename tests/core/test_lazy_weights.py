@@ -239,3 +239,11 @@ def test_a_truncated_big_file_is_refused_in_words(tmp_path, skim_small) -> None:
     path.write_bytes(small_mlp().SerializeToString()[:-700])
     with pytest.raises(model_io.ModelLoadError, match="not a valid ONNX file"):
         load_model(path, lazy=True)
+
+
+def test_inline_bytes_estimates_the_serialized_size_without_serializing() -> None:
+    model = small_mlp()
+    typed = onnx.helper.make_tensor("ids", onnx.TensorProto.INT64, [3000], [-1] * 3000)
+    model.graph.initializer.append(typed)  # int64_data: 10-byte varints, not 8 bytes each
+    size = len(model.SerializeToString())
+    assert size * 0.99 <= model_io.inline_bytes(model) <= size * 1.01 + 1024

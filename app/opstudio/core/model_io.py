@@ -396,11 +396,17 @@ def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def inline_bytes(model: onnx.ModelProto) -> int:
-    """About how many bytes ``model`` serializes to: its tensors' data from their dims and
-    types, plus the graph itself. Cheap: protobuf's ``ByteSize`` would encode every weight."""
-    total = without_initializers(model).ByteSize()
-    for tensor in model.graph.initializer:
+    """About how many bytes ``model`` serializes to: raw tensor data from its dims and type,
+    the rest measured. Cheap: protobuf's ``ByteSize`` of the model would encode every weight."""
+    graph = model.graph
+    total = sum(part.ByteSize() for field in (graph.node, graph.input, graph.output,
+                                               graph.value_info, graph.sparse_initializer,
+                                               model.functions) for part in field)
+    for tensor in graph.initializer:
         if external_data_helper.uses_external_data(tensor):
+            continue
+        if not tensor.HasField("raw_data"):  # typed fields (varints): measured, usually small
+            total += tensor.ByteSize()
             continue
         count = math.prod(tensor.dims) if tensor.dims else 1
         try:
