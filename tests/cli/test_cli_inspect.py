@@ -288,3 +288,23 @@ def test_console_script_in_a_subprocess(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert proc.stdout == ""
+
+
+def test_inspect_reads_no_weight_data(tmp_path, capsys, monkeypatch) -> None:
+    from onnx import external_data_helper
+
+    from opstudio.core import model_io
+
+    path = tmp_path / "model.onnx"
+    onnx.save_model(mlp_model(), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("weight data was read")
+
+    monkeypatch.setattr(model_io, "_read_range", refuse)
+    monkeypatch.setattr(external_data_helper, "load_external_data_for_model", refuse)
+    monkeypatch.setattr(np, "memmap", refuse)
+    code, out, err = run(capsys, str(path), "--dim", "batch=2")
+    assert code == 0, err
+    assert "fc1" in out and "2.5 KiB of weights" in out

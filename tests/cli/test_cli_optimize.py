@@ -162,3 +162,42 @@ def test_zero_rewrites_exit_1_and_write_nothing(tmp_path, capsys):
            "take it: its weight 'w' is a graph input" in err
     assert "step 2 (int4-weight): 1 node(s) cannot take it: its weight 'w' is a graph input" in err
     assert not out.exists()
+
+
+def test_the_result_is_written_before_it_is_judged(files, capsys, monkeypatch):
+    from opstudio.core import accuracy
+    from opstudio.core.errors import OpstudioError
+
+    def fails(*_args, **_kwargs):
+        raise OpstudioError("onnxruntime could not run the model (out of memory)")
+
+    monkeypatch.setattr(accuracy, "evaluate", fails)
+    tmp, model, recipe = files
+    out = tmp / "out.onnx"
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
+                 "--dim", "batch=4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip() == (f"error: wrote {out}, but could not check its accuracy: "
+                           "onnxruntime could not run the model (out of memory)")
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_an_external_data_model_is_judged_from_the_files(tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    onnx.save_model(mlp(), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": "int8-weight", "params": {}}]}))
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
+                 "--dim", "batch=4", "--report", "-"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["accuracy"]["outputs"][0]["cosine"] > 0.99
+    # the sizes are the files on disk, external data included
+    assert report["size_bytes"]["before"] == (model.stat().st_size
+                                              + (tmp_path / "model.onnx.data").stat().st_size)
+    assert report["size_bytes"]["after"] == out.stat().st_size

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import model_io, validity
+from opstudio.core import model_io, ort_session, validity
 
 
 def _norm_model(op_domain: str = "") -> onnx.ModelProto:
@@ -59,14 +59,14 @@ def test_checker_sees_no_weight_data_and_leaves_the_model_alone() -> None:
 
 
 def test_big_model_is_loaded_from_external_data(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setattr(validity, "_IN_MEMORY_LIMIT", 10)
+    monkeypatch.setattr(ort_session, "IN_MEMORY_LIMIT", 10)
     written: list[str] = []
 
     def spy(model: onnx.ModelProto, path, data_name: str) -> None:
         written.append(data_name)
         model_io.write_external(model, path, data_name)
 
-    monkeypatch.setattr(validity, "write_external", spy)
+    monkeypatch.setattr(ort_session, "write_external", spy)
     model = _norm_model()
     validity.check_model(model)
     assert written == ["model.onnx.data"]

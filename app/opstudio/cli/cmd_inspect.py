@@ -93,7 +93,7 @@ def chosen_dims(model: onnx.ModelProto, args: argparse.Namespace
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
+    model = load_model(args.model, lazy=True)
     dims, shapes, assumed = chosen_dims(model, args)
     info = analyze(model, dims, shapes=shapes)
     if args.json == "-":

@@ -25,7 +25,7 @@ from opstudio.cli.common import (
     write_json,
 )
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import load_model, same_file, save_model
+from opstudio.core.model_io import load_model, same_file, save_model, stored_bytes
 
 MAX_SKIPPED_SHOWN = 12
 # Figures shown first, in this order; "<x>_before"/"<x>_after" pairs print as "x a → b".
@@ -61,14 +61,21 @@ def run(args: argparse.Namespace) -> int:
     if dst.exists() and not args.overwrite:
         raise OpstudioError(f"{dst}: already exists (use --overwrite to replace it)")
     recipe = Recipe.load(args.recipe)
-    model = load_model(src)
+    model = load_model(src, lazy=True)
     phase, past = parse_phase(args)
     inputs = make_inputs(model, dims=parse_dims(args.dim), shapes=parse_shapes(args.shape),
                          npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
                          model_path=src)
-    result = optimize(model, recipe, inputs=inputs)
-    accuracy = evaluate(model, result.model, inputs)
+    # the optimizer takes the model over (its weights are read once, into it)
+    result = optimize(model, recipe, inputs=inputs, consume=True)
+    del model
+    # written first, then judged from the files: a failed check never loses the result
     save_model(result.model, dst, overwrite=args.overwrite)
+    try:
+        accuracy = evaluate(src, dst, inputs)
+    except OpstudioError as exc:
+        raise OpstudioError(f"wrote {dst}, but could not check its accuracy: {exc}") from exc
+    size_before, size_after = stored_bytes(src), stored_bytes(dst)
 
     quiet = args.report == "-"
     if not quiet:
@@ -88,12 +95,11 @@ def run(args: argparse.Namespace) -> int:
         note = synthetic_past_note(phase, args.inputs)
         if note:
             print(note)
-        size_before, size_after = model.ByteSize(), result.model.ByteSize()
         print(f"wrote {dst} ({human_bytes(size_after)}, was {human_bytes(size_before)})")
     if args.report:
         write_json({"model": str(src), "output": str(dst), "recipe": recipe.to_json(),
                     **result.to_json(), "accuracy": accuracy.to_json(),
-                    "size_bytes": {"before": model.ByteSize(), "after": result.model.ByteSize()}},
+                    "size_bytes": {"before": size_before, "after": size_after}},
                    args.report)
     return 0
 

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.ort_session import create_session
 
 # Exporters name logits "logits"; a differently named rank ≥ 2 float output at least this wide is
 # taken for a vocabulary unless its name says it holds states or embeddings (a 1024-wide
@@ -241,10 +242,11 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
     options.inter_op_num_threads = 1
     options.graph_optimization_level = levels[opt_level]
     options.log_severity_level = 3
-    source = (model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto)
-              else str(model_or_path))
+    # outputs, not speed: without prepacked copies, weights mapped from a file stay there
+    # instead of taking as much anonymous memory again
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = create_session(model_or_path, options)
         names = [o.name for o in session.get_outputs()]
         feeds = {i.name: inputs[i.name] for i in session.get_inputs() if i.name in inputs}
         values = session.run(names, feeds)

@@ -586,7 +586,7 @@ def advise(model_path: str, settings: Any, budget: Budget,
             return None
         return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
 
-    model = load_model(model_path)
+    model = load_model(model_path, lazy=True)  # inputs and the analysis need no weight
     inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
                          npz_path=settings.inputs_path, seed=settings.seed,
                          phase=settings.phase, past=settings.past, model_path=model_path)

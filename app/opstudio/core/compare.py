@@ -34,7 +34,7 @@ from opstudio.core.accuracy import AccuracyReport, evaluate
 from opstudio.core.errors import OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
-from opstudio.core.model_io import load_model
+from opstudio.core.model_io import load_model, stored_bytes
 from opstudio.core.profiler import Profile, ProfileSettings, profile_models
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.provenance import get_origin
@@ -526,7 +526,7 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
             progress(0.9, "comparing outputs")
         accuracy = call_isolated(evaluate, str(before_path), str(after_path), inputs,
                                  timeout=settings.timeout_s, cancelled=cancelled)
-        sizes = {"before": _model_size(before_path), "after": _model_size(after_path)}
+        sizes = {"before": stored_bytes(before_path), "after": stored_bytes(after_path)}
         mapping = map_nodes(load_model(before_path, load_external_data=False),
                             load_model(after_path, load_external_data=False))
     if progress:
@@ -573,26 +573,6 @@ def _as_file(model: str | Path | onnx.ModelProto, target: Path) -> Path:
     if not path.is_file():
         raise OpstudioError(f"{path}: no such file")
     return path
-
-
-def _model_size(path: Path) -> int:
-    """The .onnx file plus any external-data files it references."""
-    total = path.stat().st_size
-    try:
-        model = load_model(path, load_external_data=False, name_nodes=False)
-    except OpstudioError:
-        return total
-    from opstudio.core.model_io import iter_all_tensors
-
-    seen: set[str] = set()
-    for t in iter_all_tensors(model):
-        for entry in t.external_data:
-            if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                side = path.parent / entry.value
-                if side.is_file():
-                    total += side.stat().st_size
-    return total
 
 
 def _ms(x: float | None) -> float | None:

@@ -1,7 +1,8 @@
 """The app's document: the open model, what was measured on it, and the plan being built.
 
 One plain object, free of Qt, holds the state the views show (as napari's ViewerModel does):
-the model path and ``ModelProto``, its analysis (``GraphInfo`` and layout), the run settings,
+the model path and ``ModelProto`` (read lazily: its weights stay in their files until a check
+or the optimizer reads them), its analysis (``GraphInfo`` and layout), the run settings,
 the baseline profile and the machine's roofline ceilings, the optimized result and its
 comparison, the advice, and the plan. Each change is announced by an ``Event``; the widgets
 subscribe to these, and the window only wires them together. Results are replaced as a whole,

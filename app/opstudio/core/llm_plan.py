@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.ort_session import create_session
 from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
 
 SCANNED = ("MatMul", "Gemm")
@@ -403,8 +404,7 @@ def _session(model: onnx.ModelProto | str, threads: int, opt_level: str = "disab
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                                      if opt_level == "disable"
                                      else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    return create_session(model, opts)
 
 
 def logits_name(model: onnx.ModelProto, outputs: Mapping[str, np.ndarray]) -> str:

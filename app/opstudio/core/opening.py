@@ -59,7 +59,7 @@ def open_for_display(path: str | Path, chosen_dims: Mapping[str, int] | None = N
 
     p = Path(path)
     step(0.0, f"reading {p.name}")
-    model = load_model(p)
+    model = load_model(p, lazy=True)  # the graph and tensor metadata; weights stay on disk
     step(0.3, "analysing the graph")
     graph = analyze(model, display_dims(model, chosen_dims or {}, phase=phase, past=past,
                                         model_path=p))

@@ -34,7 +34,13 @@ import onnx
 from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
-from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
+from opstudio.core.model_io import (
+    ensure_node_names,
+    load_model,
+    load_weights,
+    same_file,
+    save_model,
+)
 from opstudio.core.passes import ContractBroken, PassContext, get_pass
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
@@ -97,6 +103,8 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
     """
     current = model if consume else copy_model(model)
     del model
+    # the passes rewrite weights in memory: a model opened lazily gets them now (in the copy)
+    load_weights(current)
     ensure_node_names(current)
     validate(recipe, current)
     later = named_later(recipe)

@@ -400,7 +400,7 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
     probe.CopyFrom(model)
     probe.graph.ClearField("initializer")
     if ensure_node_names(probe):
-        full = load_model(model_path)
+        full = load_model(model_path, lazy=True)  # saving copies the weights file to file
         named = work / "named.onnx"
         save_model(full, named, overwrite=True)
         model_path = str(named)

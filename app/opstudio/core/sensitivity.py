@@ -278,7 +278,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
     say = clamped(progress)
     stop = stopper(cancelled)
 
-    model = load_model(path)
+    model = load_model(path, lazy=True)  # inputs and the candidates' checks: no weight is copied
     if inputs is None:
         inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
                              npz_path=settings.inputs_path, seed=settings.seed,

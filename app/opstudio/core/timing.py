@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from opstudio.core.ort_session import create_session
+
 # pairs a verdict needs: n pairs on one side of 1 by chance is 2 in 2**n
 # Two sessions of the very same model, timed in turns, still differ steadily by a few percent
 # on a busy machine (where their memory lands, which one's threads wake first): measured here,
@@ -147,9 +149,7 @@ def session(model: Any, threads: int = 0) -> Any:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = model if isinstance(model, str) else (
-        str(model) if hasattr(model, "__fspath__") else model.SerializeToString())
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    return create_session(model, opts)
 
 
 def interleaved_times(sessions: Mapping[str, Any], feeds: Mapping[str, Any], *,

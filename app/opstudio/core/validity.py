@@ -15,18 +15,14 @@ domain in the skeleton, so the checker skips them as it skips ``com.microsoft`` 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 from onnx import helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import without_initializers, write_external
-from opstudio.core.tempdir import opstudio_tempdir
+from opstudio.core.model_io import without_initializers
+from opstudio.core.ort_session import create_session
 
 _ONNX_DOMAINS = ("", "ai.onnx")
-# above this, onnxruntime loads the model from a temp file, not from serialized bytes
-_IN_MEMORY_LIMIT = 64 * 2**20
 # where the skeleton puts default-domain ops onnx does not know (onnxruntime's, by exporters)
 _FOREIGN_DOMAIN = "opstudio.unregistered"
 
@@ -72,15 +68,11 @@ def check_loads(model: onnx.ModelProto) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
+    # loading is the question, not speed: prepacked copies of the weights cost seconds and
+    # memory the size of the weights
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        if model.ByteSize() <= _IN_MEMORY_LIMIT:
-            ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-            return
-        with opstudio_tempdir(prefix="check-") as folder:
-            path = Path(folder) / "model.onnx"
-            write_external(model, path, "model.onnx.data")
-            ort.InferenceSession(str(path), options, providers=providers)
+        create_session(model, options)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InvalidModel(f"not loadable by onnxruntime ({first_line(exc)})") from exc
 

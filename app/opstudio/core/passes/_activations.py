@@ -20,6 +20,7 @@ from onnx import helper
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph_utils import copy_model
+from opstudio.core.ort_session import create_session
 from opstudio.core.passes.base import PassContext
 
 
@@ -57,8 +58,7 @@ def input_stats(model: onnx.ModelProto, node_names: Sequence[str],
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = create_session(probe, options)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise OpstudioError(f"cannot run the model to measure activations "
                             f"({str(exc).splitlines()[0][:200]})") from exc

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from opstudio.core import provenance
 from opstudio.core.graph_utils import consumers, node_reads, nodes_by_name, topo_sort
+from opstudio.core.model_io import tensor_array
 from opstudio.core.passes._weights import (
     FOLDABLE,
     all_names,
@@ -56,7 +57,7 @@ def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | No
     graph = model.graph
     k = index.initializers.get(tensor)
     if k is not None and k < len(graph.initializer) and graph.initializer[k].name == tensor:
-        return numpy_helper.to_array(graph.initializer[k]), None
+        return tensor_array(graph.initializer[k]), None
     k = index.producers.get(tensor)
     node = graph.node[k] if k is not None and k < len(graph.node) else None
     if node is not None and tensor in node.output:
@@ -65,7 +66,7 @@ def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | No
             if tensor_proto is None:
                 return None, f"its weight comes from Constant node '{node.name}' " \
                              "without a tensor value"
-            return numpy_helper.to_array(tensor_proto), None
+            return tensor_array(tensor_proto), None
         if node.op_type in FOLDABLE and node.domain in ("", "ai.onnx"):
             # fp16 storage + Cast, a tied embedding's Transpose, DequantizeLinear: constant too
             value, _ = constant_array(model, tensor)

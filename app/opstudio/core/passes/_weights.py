@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from opstudio.core.graph_utils import consumers
+from opstudio.core.model_io import tensor_array
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -137,7 +138,7 @@ def constant_array(model: onnx.ModelProto, tensor: str,
     index = tensor_index(model, tensor)
     k = index.initializers.get(tensor)
     if k is not None:
-        return numpy_helper.to_array(graph.initializer[k]), None
+        return tensor_array(graph.initializer[k]), None
     if tensor in index.sparse:
         for sparse in graph.sparse_initializer:
             if sparse.values.name == tensor:
@@ -148,7 +149,7 @@ def constant_array(model: onnx.ModelProto, tensor: str,
         if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
-                    return numpy_helper.to_array(attr.t), None
+                    return tensor_array(attr.t), None
                 if attr.name == "sparse_value" and attr.HasField("sparse_tensor"):
                     return sparse_to_dense(attr.sparse_tensor), None
             return None, f"the weight '{tensor}' is a scalar or list Constant, not a tensor"
