@@ -35,7 +35,7 @@ from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
 from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
-from opstudio.core.passes import ContractBroken, PassContext, get_pass
+from opstudio.core.passes import ContractBroken, PassContext, RewriterFailed, get_pass
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
 
@@ -139,7 +139,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                               cancelled=cancelled, owns_model=True, check_validity=False)
             try:
                 result = pass_.apply(current, targets, params, ctx)
-            except ContractBroken as exc:  # a defect of the pass: say which step met it
+            except (ContractBroken, RewriterFailed) as exc:  # say which step met it
                 raise OpstudioError(f"{where}: {exc}") from exc
             except (OpstudioError, Cancelled):
                 raise

@@ -28,6 +28,11 @@ import onnx
 from opstudio.core.graph_utils import nodes_by_name, topo_sort
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
+from opstudio.core.passes._weights import (
+    append_initializer,
+    declare_initializers,
+    undeclare_initializers,
+)
 from opstudio.core.passes.base import Pass, PassContext, PassResult, ScanParams
 
 FP16_MAX = 65504.0
@@ -97,16 +102,21 @@ class Fp16Pass(Pass):
         ctx.check_cancelled()
         notes: list[str] = []
         # weights in Constant nodes (Paddle exports) would stay float32 behind a Cast
+        size_before = ort_support.model_size(work)
         folded = ort_support.fold_constant_inputs(work, chosen)
         if folded:
             notes.append(f"made {len(folded)} constant weight(s) initializers "
-                         "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
+                         "(from Constant nodes or chains of constant ops: ConstantOfShape, Cast, "
+                         "Transpose, DequantizeLinear…)")
         _unshare_initializers(work, chosen)
+        declared = undeclare_initializers(work)
         before = ort_support.shape_only_copy(work)  # names, shapes, dims: no weight data
         chosen_set = set(chosen)
         blocked = [n.name for n in work.graph.node if n.name not in chosen_set]
         typed = _annotate_types(work)
-        with quiet_onnxruntime_logs():
+        with quiet_onnxruntime_logs(), ort_support.ort_rewriter(
+                "onnxruntime's float16 converter",
+                "leave these nodes out of the step (choose nodes by name or name_pattern)"):
             result = convert_float_to_float16(typed or work, keep_io_types=True,
                                               node_block_list=blocked,
                                               max_finite_val=FP16_MAX,
@@ -114,6 +124,7 @@ class Fp16Pass(Pass):
                                               disable_shape_infer=typed is not None)
         _remove_round_trips(result, set(by_name))
         _restore_value_info(before, result, chosen_set)
+        declare_initializers(result, declared)
         topo_sort(result.graph)
         types = _elem_types(result)
         converted = {n.name for n in result.graph.node
@@ -138,6 +149,9 @@ class Fp16Pass(Pass):
             notes.append("onnxruntime's CPU provider has no float16 kernel for "
                          f"{', '.join(sorted(set(slow)))}: it casts back to float32 around them "
                          "(float16 rounding, extra casts, no speed-up on CPU)")
+        if folded:
+            grown = ort_support.growth_note(size_before, ort_support.model_size(result))
+            notes.extend([grown] if grown else [])
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
@@ -218,7 +232,7 @@ def _unshare_initializers(model: onnx.ModelProto, chosen: Sequence[str]) -> None
         copy = onnx.TensorProto()
         copy.CopyFrom(inits[name])
         copy.name = f"{name}_fp16"
-        model.graph.initializer.append(copy)
+        append_initializer(model, copy)
         for node in model.graph.node:
             if node.name in chosen_set:
                 for k, inp in enumerate(node.input):

@@ -32,6 +32,7 @@ from opstudio.core.passes._calibration import (
 from opstudio.core.passes._nbits import fastest_level
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes._smoothquant import scale_inputs, smoothable
+from opstudio.core.passes._weights import append_initializer
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 BLOCK_SIZES = (32, 16, 64, 128, 256)
@@ -344,7 +345,7 @@ def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:
         if weight in seen:
             copy = numpy_helper.from_array(numpy_helper.to_array(inits[weight]),
                                            f"{weight}_{node.name}")
-            model.graph.initializer.append(copy)
+            append_initializer(model, copy)
             node.input[1] = copy.name
         seen.add(weight)
 
