@@ -162,3 +162,55 @@ def test_zero_rewrites_exit_1_and_write_nothing(tmp_path, capsys):
            "take it: its weight 'w' is a graph input" in err
     assert "step 2 (int4-weight): 1 node(s) cannot take it: its weight 'w' is a graph input" in err
     assert not out.exists()
+
+
+def _unsized(tmp_path):
+    """A model whose input has a dim no default covers ('height'), and a recipe for it."""
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "height", 32])],
+        [helper.make_tensor_value_info("y", 1, [1, "height", 16])],
+        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W")])
+    model = tmp_path / "unsized.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    return model
+
+
+def _recipe(tmp_path, technique):
+    recipe = tmp_path / f"{technique}.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": technique}]}))
+    return recipe
+
+
+def test_optimize_without_inputs_for_the_accuracy_writes_the_model_and_says_so(tmp_path, capsys):
+    model, out = _unsized(tmp_path), tmp_path / "out.onnx"
+    code = main(["optimize", str(model), "--recipe", str(_recipe(tmp_path, "int8-dynamic")),
+                 "-o", str(out), "--report", str(tmp_path / "report.json")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert ("accuracy vs the original: not measured, input 'x' dim 1 ('height') is unknown; "
+            "to measure it, pass --dim height=N or --shape x=1,N,32") in text
+    assert "wrote " in text
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["accuracy"] is None
+    assert "--dim height=N" in report["accuracy_not_measured"]
+    # the flag it names measures it
+    code = main(["optimize", str(model), "--recipe", str(_recipe(tmp_path, "int8-dynamic")),
+                 "-o", str(out), "--overwrite", "--dim", "height=5"])
+    text = capsys.readouterr().out
+    assert code == 0 and "accuracy vs the original (synthetic inputs)" in text and "[1,5,16]" in text
+
+
+def test_a_technique_that_calibrates_still_refuses_naming_the_flag(tmp_path, capsys):
+    model, out = _unsized(tmp_path), tmp_path / "out.onnx"
+    code = main(["optimize", str(model), "--recipe", str(_recipe(tmp_path, "int8-static")),
+                 "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: step 1 (int8-static) runs the model on sample inputs, which "
+                          "cannot be made: input 'x' dim 1 ('height') is unknown: "
+                          "pass --dim height=N"), err
+    assert not out.exists()

@@ -34,6 +34,7 @@ import onnx
 from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
+from opstudio.core.inputs import NeedsInputs
 from opstudio.core.model_io import ensure_node_names, load_model, same_file, save_model
 from opstudio.core.passes import ContractBroken, PassContext, RewriterFailed, get_pass
 from opstudio.core.progress import CancelCheck, Progress
@@ -141,6 +142,9 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                 result = pass_.apply(current, targets, params, ctx)
             except (ContractBroken, RewriterFailed) as exc:  # say which step met it
                 raise OpstudioError(f"{where}: {exc}") from exc
+            except NeedsInputs as exc:  # calibration data, made when none was given
+                raise OpstudioError(f"{where} runs the model on sample inputs, which cannot be "
+                                    f"made: {exc}") from exc
             except (OpstudioError, Cancelled):
                 raise
             except Exception as exc:
