@@ -262,7 +262,8 @@ def test_a_selector_step_that_selects_nothing_is_an_error_naming_it():
     r = recipe({"nodes": ["mm0"], "technique": "fp16"},
                {"op_types": ["Conv", "Gemm"], "technique": "int8-dynamic"})
     with pytest.raises(OpstudioError, match=r"^step 2 \(int8-dynamic\): selects no node: "
-                                            r"the model has no 'Conv' or 'Gemm' nodes$"):
+                                            r"the model has no 'Conv' or 'Gemm' nodes; "
+                                            r"choose op types it has$"):
         optimize(mlp(), r)
 
 
