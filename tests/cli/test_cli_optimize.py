@@ -214,3 +214,30 @@ def test_a_technique_that_calibrates_still_refuses_naming_the_flag(tmp_path, cap
                           "cannot be made: input 'x' dim 1 ('height') is unknown: "
                           "pass --dim height=N"), err
     assert not out.exists()
+
+
+def test_original_that_does_not_run_on_synthetic_inputs_leaves_accuracy_unmeasured(tmp_path,
+                                                                                   capsys):
+    rng = np.random.default_rng(7)
+    # 128 samples by default: not a whole number of 96-sample frames
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "frames"], ["f"], name="frame"),
+         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "sequence"])],
+        [helper.make_tensor_value_info("y", 1, ["n", 8])],
+        [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
+         numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
+    model, out = tmp_path / "framed.onnx", tmp_path / "out.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    recipe = _recipe(tmp_path, "int8-dynamic")
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert ("accuracy vs the original: not measured, onnxruntime could not run the original "
+            "model on synthetic inputs (") in text
+    assert "to measure it, pass inputs it runs on with --inputs, --dim or --shape" in text
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out), "--overwrite",
+                 "--dim", "sequence=192"])
+    text = capsys.readouterr().out
+    assert code == 0 and "[2,8]" in text

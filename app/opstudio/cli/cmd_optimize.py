@@ -2,9 +2,10 @@
 
 Prints, per step, the nodes rewritten with their key figures and the nodes skipped with the
 reason, then the accuracy of the result against the original on the same inputs (synthetic,
-or ``--inputs``). When those inputs cannot be made (a dim with no value), the model is still
-written and the accuracy is said to be not measured, with the flag that would measure it; a
-technique that calibrates on inputs refuses instead, naming that flag. The input model is never overwritten, an existing output only with
+or ``--inputs``). When those inputs cannot be made (a dim with no value) or the original model
+does not run on them, the model is still written and the accuracy is said to be not measured,
+with the flag that would measure it; a technique that calibrates on inputs refuses instead,
+naming that flag. The input model is never overwritten, an existing output only with
 ``--overwrite``, and nothing is written when a step fails or when the recipe rewrites no node
 at all (exit 1, with each step's reasons summarised).
 """
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opstudio.core.accuracy import evaluate
+    from opstudio.core.accuracy import compare_outputs, run_outputs
     from opstudio.core.inputs import NeedsInputs, make_inputs
     from opstudio.core.optimize import optimize
     from opstudio.core.recipe import Recipe
@@ -75,7 +76,18 @@ def run(args: argparse.Namespace) -> int:
     except NeedsInputs as exc:
         not_measured = f"{exc.why}; to measure it, {exc.remedy}"
     result = optimize(model, recipe, inputs=inputs)
-    accuracy = evaluate(model, result.model, inputs) if inputs is not None else None
+    accuracy = None
+    if inputs is not None:
+        try:
+            reference = run_outputs(model, inputs)
+        except OpstudioError as exc:  # the inputs do not fit the model: not the result's fault
+            given = "the given" if args.inputs else "synthetic"
+            cause = (str(exc.__cause__ or exc).strip().splitlines() or [""])[0][:200]
+            not_measured = (f"onnxruntime could not run the original model on {given} inputs "
+                            f"({cause}); to measure it, pass inputs it runs on with --inputs, "
+                            "--dim or --shape")
+        else:
+            accuracy = compare_outputs(reference, run_outputs(result.model, inputs))
     save_model(result.model, dst, overwrite=args.overwrite)
 
     quiet = args.report == "-"
