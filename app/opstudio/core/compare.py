@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.accuracy import AccuracyReport, evaluate
-from opstudio.core.errors import OpstudioError
+from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.inputs import NeedsInputs, make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
@@ -637,6 +637,34 @@ def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileS
         return result, NotCompared(exc.why)
     result = optimize(model, recipe, inputs=inputs, progress=part(0.0, 0.25),
                       cancelled=cancelled)
-    comparison = compare_models(model, result.model, settings, inputs=inputs,
-                                progress=part(0.25, 1.0), cancelled=cancelled)
+    try:
+        comparison: Comparison | NotCompared = compare_models(
+            model, result.model, settings, inputs=inputs, progress=part(0.25, 1.0),
+            cancelled=cancelled)
+    except Cancelled:
+        raise
+    except OpstudioError:
+        why = _original_fails(model, inputs, settings, cancelled)
+        if why is None:  # the original runs: the failure is the result's, say so
+            raise
+        comparison = NotCompared(why)
     return result, comparison
+
+
+def _original_fails(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+                    settings: ProfileSettings, cancelled: CancelCheck | None) -> str | None:
+    """Why the original model does not run on ``inputs`` (in a child process), or None."""
+    from opstudio.core.accuracy import run_outputs
+    from opstudio.core.model_io import save_model
+
+    with opstudio_tempdir() as tmp:
+        path = Path(tmp) / "original.onnx"
+        save_model(model, path, overwrite=True)
+        try:
+            call_isolated(run_outputs, str(path), dict(inputs), timeout=settings.timeout_s,
+                          cancelled=cancelled)
+        except Cancelled:
+            raise
+        except OpstudioError as exc:
+            return f"the original model does not run on these inputs ({exc})"
+    return None
