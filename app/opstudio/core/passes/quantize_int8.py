@@ -39,7 +39,14 @@ from opstudio.core.passes._calibration import (
 )
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes._weights import opset
-from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
+from opstudio.core.passes.base import (
+    ParamSpec,
+    Pass,
+    PassContext,
+    PassResult,
+    RewriterFailed,
+    ScanParams,
+)
 
 # What onnxruntime's registries can quantize per mode, restricted to the ops where quantizing one
 # node on its own changes the arithmetic (IntegerOpsRegistry / QDQRegistry in
@@ -246,7 +253,10 @@ class Int8StaticPass(_Int8Pass):
                             extra_options=dict(_EXTRA))
         except Exception as exc:  # calibration runs the model: bad inputs surface here
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OpstudioError(f"int8-static: calibration failed ({first[:200]})") from exc
+            raise RewriterFailed(
+                f"onnxruntime's static quantizer failed while calibrating ({first[:200]}); "
+                "give calibration inputs the model runs on (--inputs, or an .npz as "
+                "'calibration'), or leave these nodes out of the step") from exc
         if params["calibration"] == "random":
             given = min(len(ctx.inputs), len(samples))
             origin = f"{given} given, {len(samples) - given} synthetic"
