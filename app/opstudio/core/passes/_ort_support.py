@@ -165,13 +165,15 @@ def fold_constant_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> l
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """About the bytes ``model`` takes as a file: its structure (with ``Constant`` tensors)
-    encoded, plus its initializers counted from their dims, so no weight is encoded again."""
+    """The bytes ``model`` takes as a file: exact for a small model; for a big one its
+    structure (with ``Constant`` tensors) encoded plus its initializers counted from their
+    dims, so no weight is encoded again."""
     from opstudio.core.model_io import without_initializers
 
-    overhead = 8  # tag, lengths, type and dims of one TensorProto, give or take
-    return without_initializers(model).ByteSize() + sum(
+    overhead = 12  # tag, lengths, type and dims of one TensorProto, give or take
+    about = without_initializers(model).ByteSize() + sum(
         tensor_nbytes(i) + len(i.name) + overhead for i in model.graph.initializer)
+    return model.ByteSize() if about < 2**26 else about
 
 
 def growth_note(size_before: int, size_after: int) -> str | None:
