@@ -61,12 +61,16 @@ def test_int8_dynamic_result_keeps_ir3_rules() -> None:
     assert _rel_error(got, expected) < 5e-2
 
 
-def test_weights_made_at_run_time_growing_the_file_are_noted_with_both_sizes() -> None:
-    model = ir3_computed_weights(hidden=4096)  # a 288×4096 weight: 2.3 MiB in float16
-    result = _optimize(model, "fp16")
+@pytest.mark.parametrize(("technique", "after"), [("fp16", "2.3 MiB"), ("prune", "4.5 MiB")])
+def test_weights_made_at_run_time_growing_the_file_are_noted_with_both_sizes(
+        technique: str, after: str) -> None:
+    model = ir3_computed_weights(hidden=4096)  # a 288×4096 weight: 4.5 MiB, 2.3 in float16
+    result = _optimize(model, technique)
     (note,) = [n for n in result.steps[0].notes if "grows from" in n]
     assert "computed at run time" in note
-    assert note.endswith("KiB to 2.3 MiB"), note
+    size = model.ByteSize()
+    assert note.endswith(f"grows from {size / 1024:.1f} KiB to {after}"), note
+    _check_ir3(result.model)
 
 
 def test_validity_refuses_an_ir3_initializer_that_is_no_graph_input() -> None:

@@ -33,7 +33,6 @@ from opstudio.core.passes._weights import (
 )
 from opstudio.core.passes.base import RewriterFailed
 from opstudio.core.tempdir import opstudio_tempdir
-from opstudio.core.tensors import human_bytes
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -162,28 +161,6 @@ def fold_constant_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> l
     if fresh:
         remove_unused(model, list(fresh))
     return folded
-
-
-def model_size(model: onnx.ModelProto) -> int:
-    """The bytes ``model`` takes as a file: exact for a small model; for a big one its
-    structure (with ``Constant`` tensors) encoded plus its initializers counted from their
-    dims, so no weight is encoded again."""
-    from opstudio.core.model_io import without_initializers
-
-    overhead = 12  # tag, lengths, type and dims of one TensorProto, give or take
-    about = without_initializers(model).ByteSize() + sum(
-        tensor_nbytes(i) + len(i.name) + overhead for i in model.graph.initializer)
-    return model.ByteSize() if about < 2**26 else about
-
-
-def growth_note(size_before: int, size_after: int) -> str | None:
-    """A step's note when the file grew a lot because weights the model computed at run time
-    (``ConstantOfShape`` fills and the like, in old exports) are now stored initializers."""
-    if size_after < 4 * size_before or size_after - size_before < 2**20:
-        return None
-    return ("weights the model computed at run time from small constants (ConstantOfShape and "
-            "the like) are stored in the file now: it grows from "
-            f"{human_bytes(size_before)} to {human_bytes(size_after)}")
 
 
 def gemm_problem(model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:

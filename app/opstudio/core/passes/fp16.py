@@ -102,7 +102,6 @@ class Fp16Pass(Pass):
         ctx.check_cancelled()
         notes: list[str] = []
         # weights in Constant nodes (Paddle exports) would stay float32 behind a Cast
-        size_before = ort_support.model_size(work)
         folded = ort_support.fold_constant_inputs(work, chosen)
         if folded:
             notes.append(f"made {len(folded)} constant weight(s) initializers "
@@ -149,9 +148,6 @@ class Fp16Pass(Pass):
             notes.append("onnxruntime's CPU provider has no float16 kernel for "
                          f"{', '.join(sorted(set(slow)))}: it casts back to float32 around them "
                          "(float16 rounding, extra casts, no speed-up on CPU)")
-        if folded:
-            grown = ort_support.growth_note(size_before, ort_support.model_size(result))
-            notes.extend([grown] if grown else [])
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 

@@ -100,7 +100,6 @@ class _Int8Pass(Pass):
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
         skipped: dict[str, str] = {}
-        size_before = ort_support.model_size(work)
         folded = ort_support.fold_constant_inputs(work, chosen)
         ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} node(s)")
         ctx.check_cancelled()
@@ -148,9 +147,6 @@ class _Int8Pass(Pass):
         if opset(result) > opset_before:
             notes.append(f"onnxruntime's quantizer raised the model's opset from {opset_before} "
                          f"to {opset(result)} (it converts older models before quantizing)")
-        if folded:
-            grown = ort_support.growth_note(size_before, ort_support.model_size(result))
-            notes.extend([grown] if grown else [])
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
