@@ -40,3 +40,41 @@ def apply_pass(pass_, model: onnx.ModelProto, nodes: list, params: dict):
     assert model.SerializeToString() == before, "the input model was mutated"
     validity.check_model(result.model)
     return result
+
+
+def ir3_computed_weights(hidden: int = 16) -> onnx.ModelProto:
+    """An old export (IR version 3, opset 9) whose weights are computed when it runs, as the
+    ONNX model zoo's "light" models are: each weight is a ``ConstantOfShape`` fill times a
+    stored scale, and every initializer is also declared as a graph input (IR 3's rule).
+
+    x [1,3,8,8] → Conv (8 filters 3×3) → Relu → Flatten → Gemm (288 → ``hidden``) = y."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "conv_w_shape": np.array([8, 3, 3, 3], np.int64),
+        "conv_w_scale": (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
+        "conv_b": (rng.standard_normal(8) * 0.1).astype(np.float32),
+        "fc_w_shape": np.array([288, hidden], np.int64),
+        "fc_w_scale": (rng.standard_normal((1, hidden)) * 0.05).astype(np.float32),
+        "fc_b": (rng.standard_normal(hidden) * 0.1).astype(np.float32),
+    }
+    one = numpy_helper.from_array(np.ones(1, np.float32))
+    nodes = [
+        helper.make_node("ConstantOfShape", ["conv_w_shape"], ["conv_w_fill"], name="conv_w_fill",
+                         value=one),
+        helper.make_node("Mul", ["conv_w_fill", "conv_w_scale"], ["conv_w"], name="conv_w"),
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv",
+                         kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+        helper.make_node("ConstantOfShape", ["fc_w_shape"], ["fc_w_fill"], name="fc_w_fill",
+                         value=one),
+        helper.make_node("Mul", ["fc_w_fill", "fc_w_scale"], ["fc_w"], name="fc_w"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
+                                             list(a.shape)) for name, a in arrays.items()]
+    graph = helper.make_graph(
+        nodes, "ir3", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
+        [numpy_helper.from_array(a, name) for name, a in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)

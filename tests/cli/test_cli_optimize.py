@@ -171,7 +171,7 @@ def test_the_result_is_written_before_it_is_judged(files, capsys, monkeypatch):
     def fails(*_args, **_kwargs):
         raise OpstudioError("onnxruntime could not run the model (out of memory)")
 
-    monkeypatch.setattr(accuracy, "evaluate", fails)
+    monkeypatch.setattr(accuracy, "compare_outputs", fails)
     tmp, model, recipe = files
     out = tmp / "out.onnx"
     code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
@@ -201,3 +201,82 @@ def test_an_external_data_model_is_judged_from_the_files(tmp_path, capsys):
     assert report["size_bytes"]["before"] == (model.stat().st_size
                                               + (tmp_path / "model.onnx.data").stat().st_size)
     assert report["size_bytes"]["after"] == out.stat().st_size
+
+
+def _unsized(tmp_path):
+    """A model whose input has a dim no default covers ('height'), and a recipe for it."""
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "height", 32])],
+        [helper.make_tensor_value_info("y", 1, [1, "height", 16])],
+        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W")])
+    model = tmp_path / "unsized.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    return model
+
+
+def _recipe(tmp_path, technique):
+    recipe = tmp_path / f"{technique}.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": technique}]}))
+    return recipe
+
+
+def test_optimize_without_inputs_for_the_accuracy_writes_the_model_and_says_so(tmp_path, capsys):
+    model, out = _unsized(tmp_path), tmp_path / "out.onnx"
+    code = main(["optimize", str(model), "--recipe", str(_recipe(tmp_path, "int8-dynamic")),
+                 "-o", str(out), "--report", str(tmp_path / "report.json")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert ("accuracy vs the original: not measured, input 'x' dim 1 ('height') is unknown; "
+            "to measure it, pass --dim height=N or --shape x=1,N,32") in text
+    assert "wrote " in text
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["accuracy"] is None
+    assert "--dim height=N" in report["accuracy_not_measured"]
+    # the flag it names measures it
+    code = main(["optimize", str(model), "--recipe", str(_recipe(tmp_path, "int8-dynamic")),
+                 "-o", str(out), "--overwrite", "--dim", "height=5"])
+    text = capsys.readouterr().out
+    assert code == 0 and "accuracy vs the original (synthetic inputs)" in text and "[1,5,16]" in text
+
+
+def test_a_technique_that_calibrates_still_refuses_naming_the_flag(tmp_path, capsys):
+    model, out = _unsized(tmp_path), tmp_path / "out.onnx"
+    code = main(["optimize", str(model), "--recipe", str(_recipe(tmp_path, "int8-static")),
+                 "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: step 1 (int8-static) runs the model on sample inputs, which "
+                          "cannot be made: input 'x' dim 1 ('height') is unknown: "
+                          "pass --dim height=N"), err
+    assert not out.exists()
+
+
+def test_original_that_does_not_run_on_synthetic_inputs_leaves_accuracy_unmeasured(tmp_path,
+                                                                                   capsys):
+    rng = np.random.default_rng(7)
+    # 128 samples by default: not a whole number of 96-sample frames
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "frames"], ["f"], name="frame"),
+         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "sequence"])],
+        [helper.make_tensor_value_info("y", 1, ["n", 8])],
+        [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
+         numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
+    model, out = tmp_path / "framed.onnx", tmp_path / "out.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    recipe = _recipe(tmp_path, "int8-dynamic")
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert ("accuracy vs the original: not measured, onnxruntime could not run the original "
+            "model on synthetic inputs (") in text
+    assert "to measure it, pass inputs it runs on with --inputs, --dim or --shape" in text
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out), "--overwrite",
+                 "--dim", "sequence=192"])
+    text = capsys.readouterr().out
+    assert code == 0 and "[2,8]" in text

@@ -262,7 +262,8 @@ def test_a_selector_step_that_selects_nothing_is_an_error_naming_it():
     r = recipe({"nodes": ["mm0"], "technique": "fp16"},
                {"op_types": ["Conv", "Gemm"], "technique": "int8-dynamic"})
     with pytest.raises(OpstudioError, match=r"^step 2 \(int8-dynamic\): selects no node: "
-                                            r"the model has no 'Conv' or 'Gemm' nodes$"):
+                                            r"the model has no 'Conv' or 'Gemm' nodes; "
+                                            r"choose op types it has$"):
         optimize(mlp(), r)
 
 
@@ -352,3 +353,17 @@ def test_a_recipe_that_rewrites_nothing_is_an_error_that_says_why(tmp_path):
     with pytest.raises(NothingRewritten):
         optimize_file(src, r, tmp_path / "out.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["in.onnx"]
+
+
+def test_a_failure_inside_onnxruntimes_quantizer_names_the_step_and_what_to_do():
+    from model_builders import small_mlp
+
+    wrong = {"x": np.ones((2, 32), np.float32)}  # the model takes 64 features
+    r = recipe({"op_types": ["MatMul"], "technique": "int8-static", "params": {"samples": 1}})
+    with pytest.raises(OpstudioError) as caught:
+        optimize(small_mlp(), r, inputs=wrong)
+    message = str(caught.value)
+    assert message.startswith("step 1 (int8-static): onnxruntime's static quantizer failed "
+                              "while calibrating ("), message
+    assert message.endswith("give calibration inputs the model runs on (--inputs, or an .npz "
+                            "as 'calibration'), or leave these nodes out of the step")

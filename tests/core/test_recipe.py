@@ -206,3 +206,27 @@ def test_a_node_named_later_is_checked_on_the_original_model():
                                             "cannot take int4-weight"):
         validate(steps({"op_types": ["MatMul", "Relu"], "technique": "fp16"},
                        {"nodes": ["relu0"], "technique": "int4-weight"}), model())
+
+
+def test_a_selector_finding_nothing_says_what_the_user_can_do():
+    quantized = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"], name="mmi")], "q",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [2, 3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.int8), "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(OpstudioError, match=r"no 'MatMul' nodes: it is quantized already "
+                                            r"\(MatMulInteger\); optimize the float model"):
+        validate(steps({"op_types": ["MatMul"], "technique": "fp16"}), quantized)
+    inner = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["z"], name="mm")], "body",
+                              [], [helper.make_tensor_value_info("z", 1, [2, 3])])
+    branched = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="if", then_branch=inner, else_branch=inner)],
+        "b", [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", 1, [2, 4])],
+        [helper.make_tensor_value_info("y", 1, [2, 3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(OpstudioError, match=r"no 'MatMul' or 'Conv' nodes outside If/Loop/Scan "
+                                            r"bodies \(MatMul only inside them"):
+        validate(steps({"op_types": ["MatMul", "Conv"], "technique": "fp16"}), branched)

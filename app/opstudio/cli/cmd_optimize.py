@@ -2,7 +2,10 @@
 
 Prints, per step, the nodes rewritten with their key figures and the nodes skipped with the
 reason, then the accuracy of the result against the original on the same inputs (synthetic,
-or ``--inputs``). The input model is never overwritten, an existing output only with
+or ``--inputs``). When those inputs cannot be made (a dim with no value) or the original model
+does not run on them, the model is still written and the accuracy is said to be not measured,
+with the flag that would measure it; a technique that calibrates on inputs refuses instead,
+naming that flag. The input model is never overwritten, an existing output only with
 ``--overwrite``, and nothing is written when a step fails or when the recipe rewrites no node
 at all (exit 1, with each step's reasons summarised).
 """
@@ -50,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opstudio.core.accuracy import evaluate
-    from opstudio.core.inputs import make_inputs
+    from opstudio.core.accuracy import compare_outputs, run_outputs
+    from opstudio.core.inputs import NeedsInputs, make_inputs
     from opstudio.core.optimize import optimize
     from opstudio.core.recipe import Recipe
 
@@ -63,45 +66,72 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.load(args.recipe)
     model = load_model(src, lazy=True)
     phase, past = parse_phase(args)
-    inputs = make_inputs(model, dims=parse_dims(args.dim), shapes=parse_shapes(args.shape),
-                         npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
-                         model_path=src)
+    # only the accuracy check needs inputs; a technique that calibrates makes its own and
+    # refuses, naming the flag, when it cannot
+    inputs, not_measured = None, ""
+    try:
+        inputs = make_inputs(model, dims=parse_dims(args.dim), shapes=parse_shapes(args.shape),
+                             npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
+                             model_path=src)
+    except NeedsInputs as exc:
+        not_measured = f"{exc.why}; to measure it, {exc.remedy}"
     # the optimizer takes the model over (its weights are read once, into it)
     result = optimize(model, recipe, inputs=inputs, consume=True)
     del model
     # written first, then judged from the files: a failed check never loses the result
     save_model(result.model, dst, overwrite=args.overwrite)
-    try:
-        accuracy = evaluate(src, dst, inputs)
-    except OpstudioError as exc:
-        raise OpstudioError(f"wrote {dst}, but could not check its accuracy: {exc}") from exc
+    accuracy = None
+    if inputs is not None:
+        try:
+            reference = run_outputs(src, inputs)
+        except OpstudioError as exc:  # the inputs do not fit the model: not the result's fault
+            given = "the given" if args.inputs else "synthetic"
+            cause = (str(exc.__cause__ or exc).strip().splitlines() or [""])[0][:200]
+            not_measured = (f"onnxruntime could not run the original model on {given} inputs "
+                            f"({cause}); to measure it, pass inputs it runs on with --inputs, "
+                            "--dim or --shape")
+        else:
+            try:
+                accuracy = compare_outputs(reference, run_outputs(dst, inputs))
+            except OpstudioError as exc:
+                raise OpstudioError(
+                    f"wrote {dst}, but could not check its accuracy: {exc}") from exc
     size_before, size_after = stored_bytes(src), stored_bytes(dst)
 
     quiet = args.report == "-"
     if not quiet:
         for step in result.steps:
             _print_step(step)
-        print("accuracy vs the original "
-              f"({'inputs from ' + args.inputs if args.inputs else 'synthetic inputs'}):")
-        rows = [(o.name, "[" + ",".join(map(str, o.shape)) + "]", _num(o.max_abs_err),
-                 _num(o.mean_abs_err), _num(o.cosine, 6), _snr(o.snr_db),
-                 "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
-                 _num(o.kl_divergence) if o.kl_divergence is not None else "")
-                for o in accuracy.outputs]
-        print_table(("output", "shape", "max abs err", "mean abs err", "cosine", "SNR dB",
-                     "top-1", "KL nats"), rows, "llrrrrrr")
-        if accuracy.summary():
-            print(accuracy.summary())
-        note = synthetic_past_note(phase, args.inputs)
-        if note:
-            print(note)
+        if accuracy is None:
+            print(f"accuracy vs the original: not measured, {not_measured}")
+        else:
+            _print_accuracy(accuracy, args.inputs)
+            note = synthetic_past_note(phase, args.inputs)
+            if note:
+                print(note)
         print(f"wrote {dst} ({human_bytes(size_after)}, was {human_bytes(size_before)})")
     if args.report:
+        measured = ({"accuracy": accuracy.to_json()} if accuracy is not None
+                    else {"accuracy": None, "accuracy_not_measured": not_measured})
         write_json({"model": str(src), "output": str(dst), "recipe": recipe.to_json(),
-                    **result.to_json(), "accuracy": accuracy.to_json(),
+                    **result.to_json(), **measured,
                     "size_bytes": {"before": size_before, "after": size_after}},
                    args.report)
     return 0
+
+
+def _print_accuracy(accuracy: Any, inputs_path: str | None) -> None:
+    print("accuracy vs the original "
+          f"({'inputs from ' + inputs_path if inputs_path else 'synthetic inputs'}):")
+    rows = [(o.name, "[" + ",".join(map(str, o.shape)) + "]", _num(o.max_abs_err),
+             _num(o.mean_abs_err), _num(o.cosine, 6), _snr(o.snr_db),
+             "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
+             _num(o.kl_divergence) if o.kl_divergence is not None else "")
+            for o in accuracy.outputs]
+    print_table(("output", "shape", "max abs err", "mean abs err", "cosine", "SNR dB",
+                 "top-1", "KL nats"), rows, "llrrrrrr")
+    if accuracy.summary():
+        print(accuracy.summary())
 
 
 def _print_step(step: Any) -> None:

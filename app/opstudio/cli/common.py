@@ -13,6 +13,7 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, check_phase, is_past_length_name
 from opstudio.core.report import json_default
+from opstudio.core.tensors import human_bytes as human_bytes  # the commands import it from here
 
 
 def add_input_flags(parser: argparse.ArgumentParser) -> None:
@@ -134,16 +135,6 @@ def human_count(n: float | int | None, unit: str = "") -> str:
         if abs(n) >= factor:
             return f"{n / factor:.2f} {suffix}{unit}".rstrip()
     return f"{n:.0f} {unit}".rstrip() if isinstance(n, float) else f"{n} {unit}".rstrip()
-
-
-def human_bytes(n: float | None) -> str:
-    """``n`` may be a float: totals over a layer are summed as floats."""
-    if n is None:
-        return "?"
-    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= factor:
-            return f"{n / factor:.1f} {suffix}"
-    return f"{n:.0f} B"
 
 
 def format_shape(shape: list | None) -> str:

@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 
 from opstudio.core.accuracy import AccuracyReport, evaluate
-from opstudio.core.errors import OpstudioError
-from opstudio.core.inputs import make_inputs
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.inputs import NeedsInputs, make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model, stored_bytes
 from opstudio.core.profiler import Profile, ProfileSettings, profile_models
@@ -585,12 +585,22 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return round(x, digits)
 
 
+@dataclass
+class NotCompared:
+    """Optimize & compare on a model whose inputs cannot be made (a dim with no value): the
+    optimized model is kept; neither its speed nor its accuracy was measured, for ``reason``."""
+
+    reason: str
+
+
 def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileSettings, *,
                          progress: Progress | None = None,
-                         cancelled: CancelCheck | None = None) -> tuple[Any, Comparison]:
+                         cancelled: CancelCheck | None = None
+                         ) -> tuple[Any, Comparison | NotCompared]:
     """Apply ``recipe`` to ``model``, then compare the two: what the GUI's "Optimize & compare"
     runs. The inputs are made once and serve as calibration data and as the comparison's
-    inputs, so everything is measured on the same tensors."""
+    inputs, so everything is measured on the same tensors. When they cannot be made, the
+    model is optimized all the same (a technique that calibrates refuses) and not compared."""
     from opstudio.core.optimize import optimize
 
     def part(lo: float, hi: float) -> Progress | None:
@@ -598,11 +608,43 @@ def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileS
             return None
         return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
 
-    inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                         npz_path=settings.inputs_path, seed=settings.seed,
-                         phase=settings.phase, past=settings.past)
+    try:
+        inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
+                             npz_path=settings.inputs_path, seed=settings.seed,
+                             phase=settings.phase, past=settings.past)
+    except NeedsInputs as exc:
+        result = optimize(model, recipe, progress=part(0.0, 1.0), cancelled=cancelled)
+        return result, NotCompared(exc.why)
     result = optimize(model, recipe, inputs=inputs, progress=part(0.0, 0.25),
                       cancelled=cancelled)
-    comparison = compare_models(model, result.model, settings, inputs=inputs,
-                                progress=part(0.25, 1.0), cancelled=cancelled)
+    try:
+        comparison: Comparison | NotCompared = compare_models(
+            model, result.model, settings, inputs=inputs, progress=part(0.25, 1.0),
+            cancelled=cancelled)
+    except Cancelled:
+        raise
+    except OpstudioError:
+        why = _original_fails(model, inputs, settings, cancelled)
+        if why is None:  # the original runs: the failure is the result's, say so
+            raise
+        comparison = NotCompared(why)
     return result, comparison
+
+
+def _original_fails(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+                    settings: ProfileSettings, cancelled: CancelCheck | None) -> str | None:
+    """Why the original model does not run on ``inputs`` (in a child process), or None."""
+    from opstudio.core.accuracy import run_outputs
+    from opstudio.core.model_io import save_model
+
+    with opstudio_tempdir() as tmp:
+        path = Path(tmp) / "original.onnx"
+        save_model(model, path, overwrite=True)
+        try:
+            call_isolated(run_outputs, str(path), dict(inputs), timeout=settings.timeout_s,
+                          cancelled=cancelled)
+        except Cancelled:
+            raise
+        except OpstudioError as exc:
+            return f"the original model does not run on these inputs ({exc})"
+    return None

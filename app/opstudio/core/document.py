@@ -17,7 +17,7 @@ import onnx
 
 from opstudio.core import report
 from opstudio.core.advisor import Advice
-from opstudio.core.compare import Comparison
+from opstudio.core.compare import Comparison, NotCompared
 from opstudio.core.errors import OpstudioError
 from opstudio.core.events import Event
 from opstudio.core.graph import GraphInfo
@@ -52,6 +52,7 @@ class Document:
         self.opened: Event[[Opened]] = Event()
         self.profiled: Event[[Profile]] = Event()
         self.compared: Event[[Comparison]] = Event()
+        self.not_compared: Event[[NotCompared]] = Event()
         self.advised: Event[[AnyAdvice]] = Event()
 
     # --- state changes ------------------------------------------------------------------------
@@ -73,7 +74,14 @@ class Document:
             self.machine = machine
         self.profiled.emit(profile)
 
-    def set_comparison(self, optimized: OptimizeResult, comparison: Comparison) -> None:
+    def set_comparison(self, optimized: OptimizeResult,
+                       comparison: Comparison | NotCompared) -> None:
+        """The optimized model and its comparison; one that could not be compared is kept
+        (it can be saved) and announced with the reason."""
+        if isinstance(comparison, NotCompared):
+            self.optimized, self.comparison = optimized, None
+            self.not_compared.emit(comparison)
+            return
         self.optimized, self.comparison = optimized, comparison
         self.profile = comparison.before
         self.compared.emit(comparison)
@@ -121,6 +129,13 @@ def profile_summary(profile: Profile) -> str:
     total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
     message = f"Profiled: {total:.3f} ms per run (p50)"
     return message + (" — " + profile.notes[0] if profile.notes else "")
+
+
+def not_compared_summary(not_compared: NotCompared) -> str:
+    """What the app says when Optimize & compare could only optimize."""
+    return (f"Optimized (the model can be saved); speed and accuracy not measured: "
+            f"{not_compared.reason}. Give the dims a value, or inputs in an .npz, in Run "
+            "settings… to measure them")
 
 
 def comparison_summary(comparison: Comparison) -> str:

@@ -82,6 +82,17 @@ _SEQ_NAMES = {"seq", "sequence", "seq_len", "seqlen", "sequence_length", "tokens
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"}
 
 
+class NeedsInputs(OpstudioError):
+    """The model's inputs cannot be made without more from the user (a dim's value, a shape,
+    real tensors): ``why`` says what is missing, ``remedy`` the flag that supplies it. Work
+    that only needs the inputs to measure (the accuracy after optimizing) goes on without
+    them."""
+
+    def __init__(self, why: str, remedy: str) -> None:
+        super().__init__(f"{why}: {remedy}")
+        self.why, self.remedy = why, remedy
+
+
 @dataclass(frozen=True)
 class ResolvedInput:
     name: str
@@ -96,9 +107,11 @@ class ResolvedInput:
 
 def numpy_dtype(spec_dtype: str | None, input_name: str) -> np.dtype:
     if spec_dtype is None:
-        raise OpstudioError(f"input '{input_name}' declares no element type")
+        raise NeedsInputs(f"input '{input_name}' declares no element type",
+                          "pass real values with --inputs")
     if spec_dtype == "string":
-        raise OpstudioError(f"input '{input_name}' is a string tensor: pass real values with --inputs")
+        raise NeedsInputs(f"input '{input_name}' is a string tensor",
+                          "pass real values with --inputs")
     if spec_dtype == "bfloat16":
         import ml_dtypes
 
@@ -106,9 +119,9 @@ def numpy_dtype(spec_dtype: str | None, input_name: str) -> np.dtype:
     try:
         return np.dtype(spec_dtype)
     except TypeError:
-        raise OpstudioError(
+        raise NeedsInputs(
             f"input '{input_name}' has element type {spec_dtype}, which opstudio cannot "
-            "generate: pass real values with --inputs") from None
+            "generate", "pass real values with --inputs") from None
 
 
 def default_dim(dim_name: str, dims: Mapping[str, int]) -> tuple[int | None, str]:
@@ -180,8 +193,8 @@ def _resolve_one(spec: TensorInfo, dims: Mapping[str, int],
                         f"--shape {spec.name}: dim {i} is fixed at {d} in the model, not {g}")
         return ResolvedInput(spec.name, dtype, tuple(given), ("from --shape",))
     if declared is None:
-        raise OpstudioError(
-            f"input '{spec.name}' declares no shape: pass --shape {spec.name}=D0,D1,...")
+        raise NeedsInputs(f"input '{spec.name}' declares no shape",
+                          f"pass --shape {spec.name}=D0,D1,...")
     out: list[int] = []
     notes: list[str] = []
     for i, d in enumerate(declared):
@@ -198,17 +211,16 @@ def _resolve_one(spec: TensorInfo, dims: Mapping[str, int],
                 notes.append(why)
                 continue
             example = _example_shape([*out, *declared[i:]])
-            raise OpstudioError(
-                f"input '{spec.name}' dim {i} ('{d}') is unknown: pass --dim {d}=N "
-                f"or --shape {spec.name}={example}")
+            raise NeedsInputs(f"input '{spec.name}' dim {i} ('{d}') is unknown",
+                              f"pass --dim {d}=N or --shape {spec.name}={example}")
         if i == 0:
             out.append(DEFAULT_BATCH)
             notes.append(f"dim 0={DEFAULT_BATCH} (batch)")
             continue
         example = _example_shape([*out, *declared[i:]])
         label = f"unnamed, '{d}'" if isinstance(d, str) and d else "unnamed"
-        raise OpstudioError(
-            f"input '{spec.name}' dim {i} ({label}) is unknown: pass --shape {spec.name}={example}")
+        raise NeedsInputs(f"input '{spec.name}' dim {i} ({label}) is unknown",
+                          f"pass --shape {spec.name}={example}")
     return ResolvedInput(spec.name, dtype, tuple(out), tuple(notes))
 
 

@@ -479,6 +479,29 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def model_size(model: onnx.ModelProto) -> int:
+    """The bytes ``model`` takes as a file: exact for a small model; for a big one its
+    structure (with ``Constant`` tensors) encoded plus its initializers' data counted, so no
+    weight is encoded again just to be measured."""
+    overhead = 12  # tag, lengths, type and dims of one TensorProto, give or take
+    about = without_initializers(model).ByteSize() + sum(
+        _data_bytes(t) + len(t.name) + overhead for t in model.graph.initializer)
+    return model.ByteSize() if about < 2**26 else about
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return len(tensor.raw_data)
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    try:
+        size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        size = 1
+    return count * size
+
+
 def _copy_fields(src: Message, dst: Message, skip: str) -> None:
     for field, value in src.ListFields():
         if field.name == skip:

@@ -34,16 +34,19 @@ import onnx
 from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
+from opstudio.core.inputs import NeedsInputs
 from opstudio.core.model_io import (
     ensure_node_names,
     load_model,
     load_weights,
+    model_size,
     same_file,
     save_model,
 )
-from opstudio.core.passes import ContractBroken, PassContext, get_pass
+from opstudio.core.passes import ContractBroken, PassContext, RewriterFailed, get_pass
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
+from opstudio.core.tensors import human_bytes
 
 
 @dataclass
@@ -135,6 +138,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         applied: list[str] = []
         skipped: dict[str, str] = {}
         details: dict[str, dict[str, Any]] = {}
+        size_before = model_size(current) if targets and _makes_weights(current) else None
         if targets:
             # the pass reports 0..1 of its own work: that is the first 90 % of the step
             def pass_progress(fraction: float, message: str, sub: Progress = sub) -> None:
@@ -147,8 +151,11 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                               cancelled=cancelled, owns_model=True, check_validity=False)
             try:
                 result = pass_.apply(current, targets, params, ctx)
-            except ContractBroken as exc:  # a defect of the pass: say which step met it
+            except (ContractBroken, RewriterFailed) as exc:  # say which step met it
                 raise OpstudioError(f"{where}: {exc}") from exc
+            except NeedsInputs as exc:  # calibration data, made when none was given
+                raise OpstudioError(f"{where} runs the model on sample inputs, which cannot be "
+                                    f"made: {exc}") from exc
             except (OpstudioError, Cancelled):
                 raise
             except Exception as exc:
@@ -163,6 +170,8 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
             del result
             sub(0.9, f"{where}: checking the result")
             _check_model(current, where)
+            if size_before is not None:
+                notes.extend(_growth(size_before, model_size(current)))
         if not applied:
             notes.append("no node could take this technique; the step changed nothing" if targets
                          else "no node left to rewrite; the step changed nothing")
@@ -266,6 +275,26 @@ def _check_named(step: Step, where: str, skipped: Mapping[str, str],
         elif name in skipped:
             raise OpstudioError(f"{where}: node '{name}' ({op_types.get(name, '?')}) cannot take "
                                 f"{step.technique}: {skipped[name]}")
+
+
+# ops old exports compute weights with at run time (ConstantOfShape fills, Expand/Tile of a
+# scalar); a step that reads such a weight stores the values it computed
+_WEIGHT_MAKERS = {"ConstantOfShape", "Expand", "Tile"}
+
+
+def _makes_weights(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in _WEIGHT_MAKERS and n.domain in ("", "ai.onnx")
+               for n in model.graph.node)
+
+
+def _growth(size_before: int, size_after: int) -> list[str]:
+    """The step's note when the file grew a lot because weights the model computed at run
+    time are stored initializers now, so that a user is not surprised by its size."""
+    if size_after < 4 * size_before or size_after - size_before < 2**20:
+        return []
+    return ["weights the model computed at run time from small constants (ConstantOfShape "
+            "and the like) are stored in the file now: it grows from "
+            f"{human_bytes(size_before)} to {human_bytes(size_after)}"]
 
 
 def _check_model(model: onnx.ModelProto, where: str) -> None:

@@ -291,11 +291,37 @@ def no_match_reason(step: Step, model: onnx.ModelProto) -> str:
     present = {n.op_type for n in model.graph.node}
     types = [t for t in step.op_types or [] if t in present]
     if step.op_types is not None and not types:
-        return f"the model has no {' or '.join(map(repr, step.op_types))} nodes"
+        missing = f"the model has no {' or '.join(map(repr, step.op_types))} nodes"
+        quantized = sorted(present & _QUANTIZED_OPS)
+        inside = sorted({t for t in step.op_types if t in _subgraph_op_types(model)})
+        if quantized:
+            return (f"{missing}: it is quantized already ({', '.join(quantized)}); optimize the "
+                    "float model it was made from")
+        if inside:
+            return (f"{missing} outside If/Loop/Scan bodies ({', '.join(inside)} only inside "
+                    "them, which no technique rewrites)")
+        return f"{missing}; choose op types it has"
     patterns = " or ".join(map(repr, step.name_pattern or []))
     if step.op_types is None:
         return f"no node name matches {patterns}"
     return f"no {' or '.join(map(repr, types))} node has a name matching {patterns}"
+
+
+# ops of a model quantized already: a float technique has nothing left to take there
+_QUANTIZED_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits",
+                  "DynamicQuantizeMatMul", "QGemm", "MatMulIntegerToFloat"}
+
+
+def _subgraph_op_types(model: onnx.ModelProto) -> set[str]:
+    found: set[str] = set()
+    todo = [attr for n in model.graph.node for attr in n.attribute]
+    while todo:
+        attr = todo.pop()
+        for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+            for node in sub.node:
+                found.add(node.op_type)
+                todo.extend(node.attribute)
+    return found
 
 
 def _strip_prefix(message: str, technique: str) -> str:

@@ -59,3 +59,13 @@ class TensorInfo:
     def nbytes(self) -> int | None:
         n = self.numel()
         return None if n is None else nbytes(self.dtype, n)
+
+
+def human_bytes(n: float | None) -> str:
+    """``n`` may be a float: totals over a layer are summed as floats."""
+    if n is None:
+        return "?"
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{n:.0f} B"

@@ -9,7 +9,9 @@ onnxruntime runs them: they are never a reason to refuse a model.
 The checker runs on a skeleton of the model: the same nodes, with every initializer declared as a
 typed graph input instead of carrying its data, and without the recorded intermediate shapes. It sees the whole structure and infers every shape
 without a second copy of gigabytes of weights; the data itself is onnxruntime's to check when it
-loads the model. Nodes of the default domain that onnx does not register are moved to a private
+loads the model. What the skeleton hides, the rules on initializers themselves (unique names,
+and before IR version 4 each one declared as a graph input too, a rule onnxruntime does not
+enforce), is checked on the real graph by name. Nodes of the default domain that onnx does not register are moved to a private
 domain in the skeleton, so the checker skips them as it skips ``com.microsoft`` nodes.
 """
 
@@ -48,12 +50,38 @@ def unregistered_ops(model: onnx.ModelProto) -> set[str]:
 
 
 def check_structure(model: onnx.ModelProto) -> None:
-    """onnx's full check (with strict-enough shape inference) of the model's skeleton."""
+    """onnx's rules for initializers on the real graph, then onnx's full check (with
+    strict-enough shape inference) of the model's skeleton."""
+    problem = initializer_problem(model)
+    if problem:
+        raise InvalidModel(f"not a valid ONNX model ({problem})")
     skeleton = _skeleton(model)
     try:
         onnx.checker.check_model(skeleton, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         raise InvalidModel(f"not a valid ONNX model ({first_line(exc)})") from exc
+
+
+def initializer_problem(model: onnx.ModelProto) -> str | None:
+    """What onnx's checker would say of the top-level initializers, from their names alone.
+
+    The skeleton declares every initializer as a graph input, which would hide these rules:
+    names must be unique and non-empty, and before IR version 4 every initializer must also be
+    a graph input (onnxruntime loads such a file all the same; other runtimes and onnx's
+    checker do not)."""
+    graph = model.graph
+    declared = {v.name for v in graph.input}
+    seen: set[str] = set()
+    for init in graph.initializer:
+        if not init.name:
+            return "an initializer has no name"
+        if init.name in seen:
+            return f"{init.name} initializer name is not unique"
+        seen.add(init.name)
+        if model.ir_version < 4 and init.name not in declared:
+            return (f"{init.name} in initializer but not in graph input: IR version "
+                    f"{model.ir_version} requires every initializer to be a graph input")
+    return None
 
 
 def check_loads(model: onnx.ModelProto) -> None:

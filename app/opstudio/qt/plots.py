@@ -312,7 +312,17 @@ class AccuracyTable(QTableWidget):
         self.horizontalHeader().setStretchLastSection(True)
         self.rows: list[dict[str, Any]] = []
 
+    def set_not_measured(self, why: str) -> None:
+        """One row saying the accuracy was not measured, and why."""
+        self.set_report(None)
+        self.setRowCount(1)
+        item = QTableWidgetItem(f"not measured: {why}")
+        item.setToolTip(why)
+        self.setItem(0, 0, item)
+        self.setSpan(0, 0, 1, len(self.HEADERS))
+
     def set_report(self, report: Any | None) -> None:
+        self.clearSpans()
         outputs = list(getattr(report, "outputs", []) or [])
         self.setRowCount(len(outputs))
         self.rows = []
@@ -462,6 +472,14 @@ class PlotsPanel(QWidget):
         self.summary.setText(f"<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
                              f"(median, profiled){extra}; {len(profile.nodes)} operators "
                              f"measured.{_noise_html(noise.get('message', ''), noise)}")
+
+    def show_not_compared(self, reason: str, message: str) -> None:
+        """Optimized without measuring: the baseline stays in the plots, the accuracy table
+        says why it is empty."""
+        self.comparison = None
+        self.accuracy.set_not_measured(reason)
+        self.show_request(None)
+        self.summary.setText(message)
 
     def show_comparison(self, comparison: Any) -> None:
         self.comparison = comparison

@@ -1,7 +1,7 @@
 """Shows the document's measurements: the operator table's times, the result plots, the
 graph's heat map and the roofline, and the node tooltips that sum them up.
 
-It subscribes to the document's ``profiled`` and ``compared`` events; nothing else writes
+It subscribes to the document's ``profiled``, ``compared`` and ``not_compared`` events; nothing else writes
 results into these widgets."""
 
 from __future__ import annotations
@@ -11,8 +11,13 @@ from collections.abc import Callable
 import numpy as np
 from PySide6.QtWidgets import QStatusBar
 
-from opstudio.core.compare import Comparison
-from opstudio.core.document import Document, comparison_summary, profile_summary
+from opstudio.core.compare import Comparison, NotCompared
+from opstudio.core.document import (
+    Document,
+    comparison_summary,
+    not_compared_summary,
+    profile_summary,
+)
 from opstudio.core.profiler import Profile
 from opstudio.core.roofline import Machine, cached_machine, profile_roofline
 from opstudio.qt.graph_view import GraphView
@@ -28,6 +33,7 @@ class ResultsView:
         graph_view.node_tooltip_extra = self.node_tooltip
         doc.profiled.connect(self._on_profiled)
         doc.compared.connect(self._on_compared)
+        doc.not_compared.connect(self._on_not_compared)
 
     def machine(self) -> Machine | None:
         """This machine's ceilings: measured by a profile from the toolbar, else from the cache
@@ -55,6 +61,12 @@ class ResultsView:
         self.plots.show_comparison(comparison)
         self._show_measured(comparison.before)
         self.status().showMessage(comparison_summary(comparison), 10000)
+
+    def _on_not_compared(self, not_compared: NotCompared) -> None:
+        self.table.model.set_comparison(None)
+        message = not_compared_summary(not_compared)
+        self.plots.show_not_compared(not_compared.reason, message)
+        self.status().showMessage(message, 30000)
 
     def _show_measured(self, profile: Profile) -> None:
         self.show_roofline(profile)

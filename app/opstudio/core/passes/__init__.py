@@ -11,6 +11,7 @@ from opstudio.core.passes.base import (
     Pass,
     PassContext,
     PassResult,
+    RewriterFailed,
     ScanParams,
 )
 
@@ -52,5 +53,6 @@ def default_scan() -> dict[str, ScanParams]:
     return {p.technique: p.scan_params for p in all_passes() if p.scan_params is not None}
 
 
-__all__ = ["TECHNIQUES", "ContractBroken", "ParamSpec", "Pass", "PassContext", "PassResult", "ScanParams",
+__all__ = ["TECHNIQUES", "ContractBroken", "ParamSpec", "Pass", "PassContext", "PassResult",
+           "RewriterFailed", "ScanParams",
            "all_passes", "default_scan", "get_pass", "plan_rank"]

@@ -19,16 +19,20 @@ import onnx
 from onnx import numpy_helper
 
 from opstudio.core import provenance
+from opstudio.core.errors import OpstudioError
 from opstudio.core.graph_utils import consumers, node_reads, nodes_by_name, topo_sort
 from opstudio.core.model_io import tensor_array
 from opstudio.core.passes._weights import (
     FOLDABLE,
     all_names,
+    append_initializer,
     constant_array,
+    declare_initializers,
     remove_unused,
     tensor_index,
     unique_name,
 )
+from opstudio.core.passes.base import RewriterFailed
 from opstudio.core.tempdir import opstudio_tempdir
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -46,6 +50,24 @@ def private_workdir(workdir: str | None = None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="pass-", dir=workdir) as folder:
         yield Path(folder)
+
+
+@contextlib.contextmanager
+def ort_rewriter(tool: str, advice: str) -> Iterator[None]:
+    """Run one of onnxruntime's rewriters: its unexpected failure (it raises anything, from
+    onnx's version converter's ``ConvertError`` to a bare ``KeyError``) becomes
+    :class:`RewriterFailed` naming ``tool``, its first line and ``advice``."""
+    from opstudio.core.errors import Cancelled
+
+    try:
+        yield
+    except (OpstudioError, Cancelled):
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        first = text[0][:200] if text else ""
+        raise RewriterFailed(f"{tool} failed on this model ({type(exc).__name__}"
+                             + (f": {first}" if first else "") + f"); {advice}") from exc
 
 
 def constant_value(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray | None, str | None]:
@@ -121,7 +143,7 @@ def fold_constant_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> l
                 init = onnx.TensorProto()
                 init.CopyFrom(tensor)
                 init.name = name
-                graph.initializer.append(init)
+                append_initializer(model, init)
                 initializers.add(name)
                 graph.node.remove(producer)
                 folded.append(name)
@@ -133,8 +155,8 @@ def fold_constant_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> l
                 if value is None:
                     continue
                 fresh[name] = unique_name(taken, f"{name}_folded")
-                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value),
-                                                                 fresh[name]))
+                append_initializer(model, numpy_helper.from_array(np.ascontiguousarray(value),
+                                                                  fresh[name]))
                 folded.append(name)
             node.input[k] = fresh[name]
     if fresh:
@@ -185,7 +207,7 @@ def gemm_to_matmul(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, st
             weight = weight.T
         weight = (weight * np.asarray(attrs.get("alpha", 1.0), weight.dtype)).astype(weight.dtype)
         w_name = fresh(f"{node.name}_weight")
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        append_initializer(model, numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
         origin = provenance.get_origin(node)
         has_bias = len(node.input) > 2 and bool(node.input[2])
         mm_out = fresh(f"{node.output[0]}_matmul") if has_bias else node.output[0]
@@ -198,7 +220,7 @@ def gemm_to_matmul(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, st
             assert bias is not None
             bias = (bias * np.asarray(attrs.get("beta", 1.0), bias.dtype)).astype(bias.dtype)
             b_name = fresh(f"{node.name}_bias_value")
-            model.graph.initializer.append(numpy_helper.from_array(bias, b_name))
+            append_initializer(model, numpy_helper.from_array(bias, b_name))
             add = onnx.helper.make_node("Add", [mm_out, b_name], [node.output[0]],
                                         name=fresh(f"{node.name}_bias"))
             provenance.set_origin(add, origin)
@@ -250,7 +272,7 @@ def restore_gemms(before: onnx.ModelProto, result: onnx.ModelProto,
         wanted = {name for n in result.graph.node if n.name in restored for name in n.input}
         for name in sorted(wanted - have):
             if name in originals:
-                result.graph.initializer.append(_copy_tensor(originals[name]))
+                append_initializer(result, _copy_tensor(originals[name]))
         _drop_unused_initializers(result)
     return restored
 
@@ -387,9 +409,11 @@ def weight_bytes(before: onnx.ModelProto, after: onnx.ModelProto,
 def settle(before: onnx.ModelProto, result: onnx.ModelProto,
            rewritten: Sequence[str]) -> dict[str, dict[str, int]]:
     """After onnxruntime rewrote ``rewritten`` nodes of ``before`` into ``result``: record
-    where every new node came from, restore topological order, and return the weight bytes
-    before/after per rewritten node."""
+    where every new node came from, declare its new weights as inputs where the IR version
+    asks for it, restore topological order, and return the weight bytes before/after per
+    rewritten node."""
     created = record_provenance(before, result, rewritten)
+    declare_initializers(result)
     topo_sort(result.graph)
     return weight_bytes(before, result, created, rewritten)
 

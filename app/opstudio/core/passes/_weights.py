@@ -260,10 +260,70 @@ def unique_name(taken: set[str], base: str) -> str:
 def add_initializer(model: onnx.ModelProto, array: np.ndarray, name: str) -> None:
     # ascontiguousarray makes a scalar 1-D, and a [1] where a scalar was breaks shape arithmetic
     contiguous = np.ascontiguousarray(array).reshape(np.shape(array))
-    model.graph.initializer.append(numpy_helper.from_array(contiguous, name))
-    if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
-        dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-        model.graph.input.append(helper.make_tensor_value_info(name, dtype, list(array.shape)))
+    append_initializer(model, numpy_helper.from_array(contiguous, name))
+
+
+def append_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
+    """Add ``tensor`` to the model's initializers, declared as a graph input too when the
+    model's IR version (before 4) requires every initializer to be one."""
+    model.graph.initializer.append(tensor)
+    if model.ir_version < 4:
+        model.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+
+def undeclare_initializers(model: onnx.ModelProto) -> list[str]:
+    """Before IR 4, drop the graph inputs that only declare an initializer (every one is),
+    in place; returns the graph's input names as they were, for :func:`declare_initializers`.
+
+    onnxruntime's float16 converter takes such an input for one the user feeds, and with
+    ``keep_io_types`` leaves the weight float32 behind a Cast."""
+    graph = model.graph
+    order = [v.name for v in graph.input]
+    if model.ir_version >= 4:  # there such an input is one the user may feed: it stays
+        return order
+    inits = {i.name for i in graph.initializer}
+    kept = [v for v in graph.input if v.name not in inits]
+    if len(kept) != len(graph.input):
+        copies = [onnx.ValueInfoProto() for _ in kept]
+        for copy, info in zip(copies, kept):
+            copy.CopyFrom(info)
+        del graph.input[:]
+        graph.input.extend(copies)
+    return order
+
+
+def declare_initializers(model: onnx.ModelProto, order: Iterable[str] = ()) -> list[str]:
+    """Before IR 4 every initializer must also be a graph input: declare the ones onnxruntime's
+    rewriters added without one (its quantizers and float16 converter ignore the rule), with
+    the initializer's type and shape, and make the declared ones agree with their initializer
+    (a weight converted to float16 or int8 changes type). Inputs named in ``order`` come first,
+    in that order. Returns the names declared anew.
+
+    Such an input stays an initializer for onnxruntime (``get_inputs`` does not list it), as
+    the model's own weights already are in an IR 3 file."""
+    if model.ir_version >= 4:
+        return []
+    graph = model.graph
+    declared = {v.name: v for v in graph.input}
+    added: list[str] = []
+    for init in graph.initializer:
+        info = helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        old = declared.get(init.name)
+        if old is None:
+            graph.input.append(info)
+            added.append(init.name)
+        elif old.type != info.type:
+            old.CopyFrom(info)
+    rank = {name: k for k, name in enumerate(order)}
+    if rank:
+        infos = sorted(graph.input, key=lambda v: rank.get(v.name, len(rank)))
+        copies = [onnx.ValueInfoProto() for _ in infos]
+        for copy, info in zip(copies, infos):
+            copy.CopyFrom(info)
+        del graph.input[:]
+        graph.input.extend(copies)
+    return added
 
 
 def remove_unused(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:

@@ -107,6 +107,11 @@ class PassResult:
 ScanParams = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 
+class RewriterFailed(OpstudioError):
+    """onnxruntime's quantizer or float16 converter failed on a model a pass handed it in good
+    faith; the optimizer prefixes the step, the message says what the user can do."""
+
+
 class ContractBroken(OpstudioError):
     """A pass broke the contract of this module: a defect of the pass, not of the model."""
 

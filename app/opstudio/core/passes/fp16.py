@@ -28,6 +28,11 @@ import onnx
 from opstudio.core.graph_utils import nodes_by_name, topo_sort
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
+from opstudio.core.passes._weights import (
+    append_initializer,
+    declare_initializers,
+    undeclare_initializers,
+)
 from opstudio.core.passes.base import Pass, PassContext, PassResult, ScanParams
 
 FP16_MAX = 65504.0
@@ -100,13 +105,17 @@ class Fp16Pass(Pass):
         folded = ort_support.fold_constant_inputs(work, chosen)
         if folded:
             notes.append(f"made {len(folded)} constant weight(s) initializers "
-                         "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
+                         "(from Constant nodes or chains of constant ops: ConstantOfShape, Cast, "
+                         "Transpose, DequantizeLinear…)")
         _unshare_initializers(work, chosen)
+        declared = undeclare_initializers(work)
         before = ort_support.shape_only_copy(work)  # names, shapes, dims: no weight data
         chosen_set = set(chosen)
         blocked = [n.name for n in work.graph.node if n.name not in chosen_set]
         typed = _annotate_types(work)
-        with quiet_onnxruntime_logs():
+        with quiet_onnxruntime_logs(), ort_support.ort_rewriter(
+                "onnxruntime's float16 converter",
+                "leave these nodes out of the step (choose nodes by name or name_pattern)"):
             result = convert_float_to_float16(typed or work, keep_io_types=True,
                                               node_block_list=blocked,
                                               max_finite_val=FP16_MAX,
@@ -114,6 +123,7 @@ class Fp16Pass(Pass):
                                               disable_shape_infer=typed is not None)
         _remove_round_trips(result, set(by_name))
         _restore_value_info(before, result, chosen_set)
+        declare_initializers(result, declared)
         topo_sort(result.graph)
         types = _elem_types(result)
         converted = {n.name for n in result.graph.node
@@ -218,7 +228,7 @@ def _unshare_initializers(model: onnx.ModelProto, chosen: Sequence[str]) -> None
         copy = onnx.TensorProto()
         copy.CopyFrom(inits[name])
         copy.name = f"{name}_fp16"
-        model.graph.initializer.append(copy)
+        append_initializer(model, copy)
         for node in model.graph.node:
             if node.name in chosen_set:
                 for k, inp in enumerate(node.input):

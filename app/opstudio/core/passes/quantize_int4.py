@@ -32,6 +32,7 @@ from opstudio.core.passes._calibration import (
 from opstudio.core.passes._nbits import fastest_level
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes._smoothquant import scale_inputs, smoothable
+from opstudio.core.passes._weights import append_initializer
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 BLOCK_SIZES = (32, 16, 64, 128, 256)
@@ -252,8 +253,11 @@ def _nbits_quantizer(work: onnx.ModelProto, names: Sequence[str], bits: int, blo
                                               quant_axes=(("MatMul", 0), ("Gather", 1)))
     others = [n.name for n in work.graph.node if n.name not in wanted]
     opset = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), None)
-    quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
-    quantizer.process()
+    with ort_support.ort_rewriter("onnxruntime's MatMulNBits quantizer",
+                                  "leave these nodes out of the step (choose nodes by name or "
+                                  "name_pattern) or try another algorithm"):
+        quantizer = MatMulNBitsQuantizer(work, nodes_to_exclude=others, algo_config=config)
+        quantizer.process()
     result = quantizer.model.model
     # For a quantized Gather the quantizer raises the default domain to opset 21 "because INT4
     # needs it", which breaks the model's own ops (ReduceMean's `axes` attribute is gone from
@@ -344,7 +348,7 @@ def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:
         if weight in seen:
             copy = numpy_helper.from_array(numpy_helper.to_array(inits[weight]),
                                            f"{weight}_{node.name}")
-            model.graph.initializer.append(copy)
+            append_initializer(model, copy)
             node.input[1] = copy.name
         seen.add(weight)
 

@@ -38,7 +38,15 @@ from opstudio.core.passes._calibration import (
     check_calibration,
 )
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
-from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
+from opstudio.core.passes._weights import opset
+from opstudio.core.passes.base import (
+    ParamSpec,
+    Pass,
+    PassContext,
+    PassResult,
+    RewriterFailed,
+    ScanParams,
+)
 
 # What onnxruntime's registries can quantize per mode, restricted to the ops where quantizing one
 # node on its own changes the arithmetic (IntegerOpsRegistry / QDQRegistry in
@@ -98,7 +106,8 @@ class _Int8Pass(Pass):
         notes: list[str] = []
         if folded:
             notes.append(f"made {len(folded)} constant weight(s) initializers "
-                         "(from Constant nodes or Cast/Transpose/DequantizeLinear chains)")
+                         "(from Constant nodes or chains of constant ops: ConstantOfShape, Cast, "
+                         "Transpose, DequantizeLinear…)")
         extra_details: dict[str, dict[str, Any]] = {}
         if not self.dynamic and params.get("smooth_quant"):
             extra_details = _smooth(work, chosen, params, ctx, notes)
@@ -112,6 +121,7 @@ class _Int8Pass(Pass):
                              "(the dynamic quantizer has no Gemm)")
         by_name = nodes_by_name(work.graph)
         work = self._prepare(work, params, notes)
+        opset_before = opset(work)
         with ort_support.private_workdir(ctx.workdir) as folder:
             src, dst = folder / "input.onnx", folder / "quantized.onnx"
             # protobuf caps one message at 2 GiB: big models go through external data
@@ -134,6 +144,9 @@ class _Int8Pass(Pass):
         details = {}
         for name in applied:
             details[name] = {**by_target[target[name]], **extra, **extra_details.get(name, {})}
+        if opset(result) > opset_before:
+            notes.append(f"onnxruntime's quantizer raised the model's opset from {opset_before} "
+                         f"to {opset(result)} (it converts older models before quantizing)")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
@@ -173,10 +186,14 @@ class Int8DynamicPass(_Int8Pass):
     def _run(self, src, dst, chosen, op_types, params, ctx, notes, large):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types,
-                         per_channel=params["per_channel"], weight_type=QuantType.QInt8,
-                         nodes_to_quantize=chosen, use_external_data_format=large,
-                         extra_options={"MatMulConstBOnly": True, **_EXTRA})
+        with ort_support.ort_rewriter(
+                "onnxruntime's dynamic quantizer",
+                "leave these nodes out of the step (choose nodes by name or name_pattern) "
+                "or try int8-static or fp16 on them"):
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types,
+                             per_channel=params["per_channel"], weight_type=QuantType.QInt8,
+                             nodes_to_quantize=chosen, use_external_data_format=large,
+                             extra_options={"MatMulConstBOnly": True, **_EXTRA})
         return {"weight_type": "int8", "per_channel": params["per_channel"]}
 
     def _rewritten(self, result, name):
@@ -232,7 +249,10 @@ class Int8StaticPass(_Int8Pass):
                             extra_options=dict(_EXTRA))
         except Exception as exc:  # calibration runs the model: bad inputs surface here
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OpstudioError(f"int8-static: calibration failed ({first[:200]})") from exc
+            raise RewriterFailed(
+                f"onnxruntime's static quantizer failed while calibrating ({first[:200]}); "
+                "give calibration inputs the model runs on (--inputs, or an .npz as "
+                "'calibration'), or leave these nodes out of the step") from exc
         if params["calibration"] == "random":
             given = min(len(ctx.inputs), len(samples))
             origin = f"{given} given, {len(samples) - given} synthetic"

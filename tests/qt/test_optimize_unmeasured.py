@@ -1,0 +1,76 @@
+"""Optimize & compare on a model whose inputs cannot be made (a dim with no value): the app
+keeps the optimized model, which can be saved, and shows the accuracy as not measured with
+the reason, as ``opstudio optimize`` does; a technique that calibrates is refused in words."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from opstudio.core.profiler import ProfileSettings
+from opstudio.core.recipe import Step
+
+
+def _unsized(tmp_path):
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "height", 32])],
+        [helper.make_tensor_value_info("y", 1, [1, "height", 16])],
+        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W")])
+    path = tmp_path / "unsized.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _compare(qtbot, window, technique):
+    window.set_run_settings(ProfileSettings(runs=3, warmup=1, threads=1))
+    window.plan.add(Step(technique, nodes=["mm"]))
+    worker = window.run_compare()
+    assert worker is not None
+    qtbot.waitUntil(lambda: worker.is_done() and window.progress.isHidden(), timeout=60000)
+
+
+def test_optimized_model_is_kept_and_accuracy_shown_as_not_measured(window, qtbot, tmp_path):
+    window.open_model(_unsized(tmp_path))
+    _compare(qtbot, window, "int8-dynamic")
+    assert not window.banner.isVisible(), window.banner_text.text()
+    assert window.doc.optimized is not None and window.comparison is None
+    cell = window.plots.accuracy.item(0, 0).text()
+    assert cell == "not measured: input 'x' dim 1 ('height') is unknown"
+    assert "speed and accuracy not measured" in window.plots.summary.text()
+    assert "Run settings" in window.statusBar().currentMessage()
+    assert window.window_actions.save_model.isEnabled()
+    out = window.save_optimized(tmp_path / "unsized.int8.onnx")
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_a_technique_that_calibrates_is_refused_with_the_reason(window, qtbot, tmp_path):
+    window.open_model(_unsized(tmp_path))
+    _compare(qtbot, window, "int8-static")
+    assert window.banner.isVisible()
+    text = window.banner_text.text()
+    assert "int8-static" in text and "'height'" in text
+    assert window.doc.optimized is None
+
+
+def test_an_original_that_does_not_run_on_the_inputs_is_optimized_not_compared(window, qtbot,
+                                                                              tmp_path):
+    rng = np.random.default_rng(7)
+    # 128 samples by default: not a whole number of 96-sample frames
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "frames"], ["f"], name="frame"),
+         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "sequence"])],
+        [helper.make_tensor_value_info("y", 1, ["n", 8])],
+        [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
+         numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
+    path = tmp_path / "framed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    window.open_model(path)
+    _compare(qtbot, window, "int8-dynamic")
+    assert not window.banner.isVisible(), window.banner_text.text()
+    assert window.doc.optimized is not None and window.comparison is None
+    cell = window.plots.accuracy.item(0, 0).text()
+    assert cell.startswith("not measured: the original model does not run on these inputs (")
