@@ -15,6 +15,7 @@ from typing import Any
 
 from opstudio.cli.common import (
     add_input_flags,
+    add_text_flags,
     human_bytes,
     human_count,
     parse_dims,
@@ -22,6 +23,7 @@ from opstudio.cli.common import (
     parse_shapes,
     print_table,
     synthetic_past_note,
+    text_note,
     write_json,
 )
 from opstudio.core.errors import OpstudioError
@@ -46,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the step reports and accuracy as JSON ('-' = stdout)")
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic inputs (default 0)")
     add_input_flags(p)
+    add_text_flags(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from opstudio.core.accuracy import evaluate
     from opstudio.core.inputs import make_inputs
     from opstudio.core.optimize import optimize
+    from opstudio.core.profiler import ProfileSettings
     from opstudio.core.recipe import Recipe
+    from opstudio.core.text_prompt import judging
 
     src, dst = Path(args.model), Path(args.output)
     if same_file(src, dst) or src.resolve() == dst.resolve():
@@ -63,19 +68,27 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.load(args.recipe)
     model = load_model(src)
     phase, past = parse_phase(args)
-    inputs = make_inputs(model, dims=parse_dims(args.dim), shapes=parse_shapes(args.shape),
+    dims = parse_dims(args.dim)
+    inputs = make_inputs(model, dims=dims, shapes=parse_shapes(args.shape),
                          npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
                          model_path=src)
-    result = optimize(model, recipe, inputs=inputs)
-    accuracy = evaluate(model, result.model, inputs)
+    # a language model is calibrated and judged on a text when its tokenizer is at hand
+    judge = judging(model, src, ProfileSettings(dims=dims, inputs_path=args.inputs,
+                                                prompt_text=args.prompt_text,
+                                                tokenizer=args.tokenizer))
+    result = optimize(model, recipe, inputs=judge.feed or inputs)
+    accuracy = evaluate(model, result.model, judge.feed or inputs)
+    accuracy.judged_on = judge.judged_on
     save_model(result.model, dst, overwrite=args.overwrite)
 
     quiet = args.report == "-"
     if not quiet:
         for step in result.steps:
             _print_step(step)
-        print("accuracy vs the original "
-              f"({'inputs from ' + args.inputs if args.inputs else 'synthetic inputs'}):")
+        on = (f" (inputs from {args.inputs})" if args.inputs else
+              f", judged on {judge.judged_on}" if judge.feed is not None else
+              " (synthetic inputs)")
+        print(f"accuracy vs the original{on}:")
         rows = [(o.name, "[" + ",".join(map(str, o.shape)) + "]", _num(o.max_abs_err),
                  _num(o.mean_abs_err), _num(o.cosine, 6), _snr(o.snr_db),
                  "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
@@ -84,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(("output", "shape", "max abs err", "mean abs err", "cosine", "SNR dB",
                      "top-1", "KL nats"), rows, "llrrrrrr")
         if accuracy.summary():
-            print(accuracy.summary())
-        note = synthetic_past_note(phase, args.inputs)
+            print(accuracy.summary() + text_note(accuracy))
+        note = synthetic_past_note(phase, args.inputs, judged_on_text=judge.feed is not None)
         if note:
             print(note)
         size_before, size_after = model.ByteSize(), result.model.ByteSize()

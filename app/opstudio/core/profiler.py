@@ -86,6 +86,11 @@ class ProfileSettings:
     request: bool = False
     request_prompt: int = 128
     request_generate: int = 128
+    # the text a language model's accuracy is judged and calibrated on when no inputs_path is
+    # given (core.text_prompt): a text file (None: the built-in passage) and a tokenizer.json
+    # (None: the one beside the model, if any)
+    prompt_text: str | None = None
+    tokenizer: str | None = None
 
     def validate(self, check_provider: bool = True) -> None:
         if not isinstance(self.runs, int) or self.runs < 1:

@@ -350,6 +350,18 @@ def _fixed(v: float | None, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
+def _tokens_html(accuracy: Any) -> str:
+    """The next-token line; judged on synthetic tokens, in warning colour with what to do."""
+    summary = getattr(accuracy, "summary", None)
+    line = summary() if callable(summary) else ""
+    if not line:
+        return ""
+    if getattr(accuracy, "synthetic", False):
+        return (f"<br><span style='color:#a15c00'>{line} — give a prompt in Run "
+                "settings</span>")
+    return f"; {line}"
+
+
 def _noise_html(message: str, noise: dict[str, Any]) -> str:
     """The noise verdict under a total: red-brown when the machine was busy."""
     if not message:
@@ -387,8 +399,9 @@ class PlotsPanel(QWidget):
         right = QWidget()
         rl = QVBoxLayout(right)
         rl.setContentsMargins(0, 0, 0, 0)
-        rl.addWidget(self.summary)
+        # a decoder's request first: time to first token and tokens/s are what its users feel
         rl.addWidget(self.request)
+        rl.addWidget(self.summary)
         rl.addWidget(self.total, 2)
         acc_label = QLabel("Accuracy per output (after vs before)")
         acc_label.setObjectName("sectionLabel")
@@ -504,14 +517,16 @@ class PlotsPanel(QWidget):
             plain = (f"; without the profiler {_ms(comparison.before.plain_ms['p50'])} → "
                      f"{_ms(comparison.after.plain_ms['p50'])} "
                      f"{_coloured(ps, getattr(comparison, 'plain_ratio', None))}")
-        summary = getattr(comparison.accuracy, "summary", None)
-        tokens = f"; {summary()}" if callable(summary) and summary() else ""
+        tokens = _tokens_html(comparison.accuracy)
         noise_fn = getattr(comparison, "noise", None)
         noise = _noise_html(noise_fn() if callable(noise_fn) else "",
                             b_noise if b_noise.get("busy") else a_noise)
+        # a decoder's totals are one step's: say which, beside the request's figures
+        step = getattr(comparison, "step", "")
+        step = f"{step[:1].upper()}{step[1:]}: " if step else ""
         self.summary.setText(
-            f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{tokens}{noise}"
-            if s else f"{_ms(b)} → {_ms(a)}{plain}{size}{tokens}{noise}")
+            f"{step}<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{tokens}"
+            f"{noise}" if s else f"{step}{_ms(b)} → {_ms(a)}{plain}{size}{tokens}{noise}")
 
     def show_request(self, request: Any | None) -> None:
         """Time to first token, tokens/s and the whole request, before → after
