@@ -36,6 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = {"runs": 2, "warmup": 0, "threads": 1}
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Prompt files go to the user's cache: here a temporary one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(params=["gqa", "hf"])
 def decoder(request, tmp_path):
     """A decoder with its tokenizer.json beside it, as genai and optimum folders have."""
@@ -103,6 +109,7 @@ def test_the_saved_prompt_decodes_after_the_text(decoder):
     assert prompt is not None
     path = prompt_file(prompt.feed)
     assert prompt_file(prompt.feed) == path  # one file per prompt
+    assert path.parent == decoder.parents[1] / "cache" / "opstudio" / "prompts"
     feeds = make_inputs(model, npz_path=path, phase="decode", model_path=decoder)
     assert feeds["input_ids"].shape == (1, 1)
     assert describe_step(model, feeds) == f"decode step after {prompt.tokens} tokens"

@@ -24,13 +24,12 @@ from opstudio.cli.common import (
     write_json,
 )
 from opstudio.core import reasons
-from opstudio.core.accuracy import SYNTHETIC
 from opstudio.core.advisor import CONFIDENCE, Budget, advise
 from opstudio.core.errors import OpstudioError
 from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.passes import TECHNIQUES
 from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
-from opstudio.core.text_prompt import with_text_prompt
+from opstudio.core.text_prompt import find_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -159,13 +158,11 @@ def run_llm(args: argparse.Namespace) -> int:
         if a not in ("awq", "rtn", "hqq", "gptq"):
             raise OpstudioError(f"--int4-algorithms: unknown algorithm {a!r}; "
                                 "expected some of awq, rtn, hqq, gptq")
-    settings, judged_on = with_text_prompt(settings, args.model)
-    if judged_on == SYNTHETIC:
+    if not args.inputs and args.tokenizer is None and find_tokenizer(args.model) is None:
+        # the planner judges on the built-in text when it has the tokenizer (its log says)
         print("note: no --inputs prompt and no tokenizer: agreement is judged on synthetic "
               "tokens, not a measure of quality; give the model's tokenizer.json with "
               "--tokenizer (or a prompt, an .npz of the model's inputs, with --inputs)")
-    elif not args.inputs:
-        print(f"agreement is judged on {judged_on}")
     variants = variants_for(names, "random", algorithms)
     progress = progress_printer()
     advice = advise_llm(args.model, settings, budget, variants, use_cache=not args.no_cache,

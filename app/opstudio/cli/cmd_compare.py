@@ -83,6 +83,8 @@ def print_summary(c: Comparison, top: int = 15) -> None:
               f"by provenance, weight or name), {changes['removed']} removed, "
               f"{changes['added']} added")
     tb, ta = c.before.total_ms, c.after.total_ms
+    if c.step:  # a decoder's totals are one step's
+        print(f"\nstep: {c.step}", end="")
     sp = speedup_label(c.speedup, c.total_ratio) or "n/a"
     print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp}"
           f"{_interval(c.total_ratio)})")

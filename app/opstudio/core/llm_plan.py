@@ -958,6 +958,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     path = str(model_path)
     phase = settings.phase or "decode"
     # without a prompt file, a text tokenized with the model's tokenizer when there is one
+    given = settings.inputs_path
     settings, judged_on = with_text_prompt(settings, path)
     model = load_model(path)
     if not _has_logits(model):
@@ -979,7 +980,9 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     log.append(f"accuracy: {split.describe}; units are ranked on the first half of the "
                "judged tokens and plans held to the budget on the second (from "
                f"{2 * MIN_CONFIRM} judged tokens on)")
-    calibration = _calibration_source(model, settings.inputs_path)
+    # the plan names the user's prompt file, not the text's (the optimizer and the app
+    # calibrate on the text themselves when the tokenizer is at hand)
+    calibration = _calibration_source(model, given)
     variants = [replace(v, params={**v.params, "calibration": "random"})
                 if "calibration" in v.params else v
                 for v in (variants if variants is not None else default_variants())]
@@ -1362,7 +1365,7 @@ def _named_calibration(recipe: Any, calibration: str) -> Any:
     of the samples the scan handed them, so that the plan runs as it is, without ``--inputs``."""
     from opstudio.core.recipe import Recipe
 
-    if calibration == "random":
+    if calibration == "random" or not recipe.steps:
         return recipe
     data = recipe.to_json()
     for step in data.get("steps", []):
