@@ -77,9 +77,11 @@ def test_first_compare_shows_the_request_and_judges_on_the_text(first_window, qt
     assert request.isVisible()
     assert "first token" in request.text() and "tokens/s" in request.text()
     assert "16 + 4 tokens" in request.text()
-    summary = window.plots.summary.text()
-    assert summary.startswith("Prefill of 128 tokens: ")
-    assert "judged on the built-in text (" in summary and "synthetic" not in summary
+    assert window.plots.summary.text().startswith("Prefill of 128 tokens: ")
+    tokens = window.plots.tokens
+    assert tokens.isVisible()
+    assert "judged on the built-in text (" in tokens.text() and "synthetic" not in tokens.text()
+    assert not window.plots.total.isVisible()  # the request stands for the step's total plot
     status = window.statusBar().currentMessage()
     assert status.startswith("Optimized: per request of 16+4 tokens, first token ")
     assert ", tokens/s " in status and "; prefill of 128 tokens: " in status
@@ -91,9 +93,8 @@ def test_first_compare_shows_the_request_and_judges_on_the_text(first_window, qt
 def test_without_a_tokenizer_the_accuracy_says_synthetic_tokens(first_window, qtbot, tmp_path):
     c = _compare(first_window, qtbot, _decoder(tmp_path, "gqa", tokenizer=False))
     assert c.accuracy.synthetic
-    summary = first_window.plots.summary.text()
     assert "on synthetic tokens: not a measure of quality — give a prompt in Run settings" \
-        in summary
+        in first_window.plots.tokens.text()
 
 
 def test_run_settings_offer_the_text_and_the_tokenizer(app, tmp_path):

@@ -96,7 +96,7 @@ def find_tokenizer(model_path: str | Path | None) -> Path | None:
     """``tokenizer.json`` beside the model, or in the folder above its own."""
     if model_path is None:
         return None
-    folder = Path(model_path).resolve().parent
+    folder = Path(model_path).absolute().parent
     for candidate in (folder / TOKENIZER_FILE, folder.parent / TOKENIZER_FILE):
         if candidate.is_file():
             return candidate
