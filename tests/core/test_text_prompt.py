@@ -155,13 +155,20 @@ def test_judging_names_what_the_accuracy_is_judged_on(tmp_path, decoder):
 
 
 def test_a_comparison_is_judged_on_the_text_and_timed_on_its_own_inputs(decoder):
-    settings = ProfileSettings(**FAST)
+    from opstudio.core.report import render_html
+
+    settings = ProfileSettings(**FAST, request=True, request_prompt=8, request_generate=4)
     c = compare_models(decoder, decoder, settings)
     assert c.accuracy.judged_on.startswith(BUILTIN_NAME) and not c.accuracy.synthetic
     assert "judged on the built-in text" in c.accuracy.summary()
     assert c.accuracy.outputs[0].shape[1] > 200  # the text's positions
     assert c.step == "prefill of 128 tokens"  # the timing is as the settings say
     assert c.to_json()["accuracy"]["judged_on"] == c.accuracy.judged_on
+    html = render_html(c)
+    assert html.count("judged on the built-in text (") == 2  # the card and the table's note
+    assert "median per run, profiled; prefill of 128 tokens" in html
+    assert "Time to first token" in html and "Tokens per second" in html
+    assert "a prompt of 8 tokens, 4 generated" in html
 
 
 def test_optimize_and_compare_calibrates_and_judges_on_the_text(decoder):
@@ -174,3 +181,6 @@ def test_optimize_and_compare_calibrates_and_judges_on_the_text(decoder):
     _, blind = optimize_and_compare(model, recipe, ProfileSettings(**FAST))
     assert blind.accuracy.synthetic
     assert "on synthetic tokens: not a measure of quality" in blind.accuracy.summary()
+    from opstudio.core.report import render_html
+
+    assert "; on synthetic tokens: not a measure of quality" in render_html(blind)
