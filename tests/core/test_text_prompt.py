@@ -184,3 +184,21 @@ def test_optimize_and_compare_calibrates_and_judges_on_the_text(decoder):
     from opstudio.core.report import render_html
 
     assert "; on synthetic tokens: not a measure of quality" in render_html(blind)
+
+
+def test_a_profile_names_the_step_it_ran(decoder):
+    from opstudio.core.document import profile_summary
+    from opstudio.core.profiler import Profile, profile_model
+
+    p = profile_model(decoder, ProfileSettings(**FAST, phase="decode", past=32))
+    assert p.step == "decode step after 32 tokens"
+    assert Profile.from_json(p.to_json()).step == p.step
+    assert profile_summary(p).startswith("Profiled (decode step after 32 tokens): ")
+    plain = profile_model(small_mlp_path(decoder.parent), ProfileSettings(**FAST))
+    assert plain.step == "" and "step" not in plain.to_json()
+
+
+def small_mlp_path(folder: Path) -> Path:
+    path = folder / "mlp.onnx"
+    save_model(small_mlp(), path)
+    return path

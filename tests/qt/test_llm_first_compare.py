@@ -90,6 +90,18 @@ def test_first_compare_shows_the_request_and_judges_on_the_text(first_window, qt
     assert layout.indexOf(request) < layout.indexOf(window.plots.summary)
 
 
+def test_a_profile_says_which_step_it_timed(first_window, qtbot, tmp_path):
+    window = first_window
+    assert window.open_model(_decoder(tmp_path, "hf", tokenizer=False))
+    window.set_run_settings(dataclasses.replace(window.run_settings, runs=2, warmup=0,
+                                                threads=1))
+    worker = window.run_profile()
+    assert worker is not None
+    qtbot.waitUntil(lambda: worker.is_done() and window.progress.isHidden(), timeout=120_000)
+    assert window.plots.summary.text().startswith("Prefill of 128 tokens: ")
+    assert window.statusBar().currentMessage().startswith("Profiled (prefill of 128 tokens): ")
+
+
 def test_without_a_tokenizer_the_accuracy_says_synthetic_tokens(first_window, qtbot, tmp_path):
     c = _compare(first_window, qtbot, _decoder(tmp_path, "gqa", tokenizer=False))
     assert c.accuracy.synthetic

@@ -35,7 +35,6 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
-from opstudio.core.phases import describe_step
 from opstudio.core.profiler import Profile, ProfileSettings, profile_models
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.provenance import get_origin
@@ -525,7 +524,6 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                                 None if isinstance(before, onnx.ModelProto) else before,
                                 settings)
         request = settings.request and has_kv_cache(graph_only)
-        step = describe_step(graph_only, inputs)
         del graph_only
         prof_before, prof_after = profile_models([before_path, after_path], settings,
                                                  inputs=inputs,
@@ -560,7 +558,7 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                                    profiled_rounds),
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
                                    plain_rounds),
-        request=requests, step=step,
+        request=requests, step=prof_before.step,
     )
 
 

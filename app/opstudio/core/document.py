@@ -118,7 +118,8 @@ class Document:
 def profile_summary(profile: Profile) -> str:
     """The status line after a profile: the time per run and the first thing to know."""
     total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
-    message = f"Profiled: {total:.3f} ms per run (p50)"
+    step = getattr(profile, "step", "")
+    message = f"Profiled{f' ({step})' if step else ''}: {total:.3f} ms per run (p50)"
     return message + (" — " + profile.notes[0] if profile.notes else "")
 
 

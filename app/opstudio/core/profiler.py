@@ -187,6 +187,9 @@ class Profile:
     # ms of every timed run in order (profiled model_run; plain): paired with another model's
     total_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
     plain_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
+    # the step of a decoder with a KV cache that was run ("prefill of 128 tokens"; "" for
+    # another model): every figure is that step's
+    step: str = ""
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -217,6 +220,7 @@ class Profile:
             "kernel_events": self.kernel_events,
             "notes": list(self.notes),
             "noise": dict(self.noise),
+            **({"step": self.step} if self.step else {}),
         }
 
     @classmethod
@@ -238,6 +242,7 @@ class Profile:
             onnxruntime=data.get("onnxruntime", ""),
             notes=[str(n) for n in data.get("notes", [])],
             noise=dict(data.get("noise", {})),
+            step=str(data.get("step", "")),
         )
 
     def to_csv(self) -> str:
@@ -310,6 +315,7 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
     from opstudio.core.inputs import make_inputs
     from opstudio.core.isolation import call_isolated
     from opstudio.core.model_io import load_model, save_model
+    from opstudio.core.phases import describe_step
     from opstudio.core.tempdir import opstudio_tempdir
 
     settings = settings or ProfileSettings()
@@ -341,9 +347,13 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
         profiles = call_isolated(_measure_in_child, paths, settings.to_json(), inputs,
                                  str(tmp), timeout=settings.timeout_s, progress=progress,
                                  cancelled=cancelled)
+        if first is None:
+            first = load_model(paths[0], load_external_data=False)
+    step = describe_step(first, inputs)
     for profile, label in zip(profiles, labels):
         profile.model = label
         profile.settings = settings
+        profile.step = step
     return profiles
 
 

@@ -352,6 +352,12 @@ def _fixed(v: float | None, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
+def _step_prefix(result: Any) -> str:
+    """ "Prefill of 128 tokens: " before a decoder's figures, which are that step's."""
+    step = getattr(result, "step", "")
+    return f"{step[:1].upper()}{step[1:]}: " if step else ""
+
+
 def _tokens_html(accuracy: Any) -> str:
     """The next-token line; judged on synthetic tokens, in warning colour with what to do."""
     summary = getattr(accuracy, "summary", None) if accuracy is not None else None
@@ -487,7 +493,8 @@ class PlotsPanel(QWidget):
         plain = (getattr(profile, "plain_ms", None) or {}).get("p50")
         extra = (f"; {_ms(plain)}{_ci_text(noise.get('plain_ci'))} without the profiler"
                  if plain else "")
-        self.summary.setText(f"<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
+        step = _step_prefix(profile)
+        self.summary.setText(f"{step}<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
                              f"(median, profiled){extra}; {len(profile.nodes)} operators "
                              f"measured.{_noise_html(noise.get('message', ''), noise)}")
 
@@ -537,8 +544,7 @@ class PlotsPanel(QWidget):
         noise = _noise_html(noise_fn() if callable(noise_fn) else "",
                             b_noise if b_noise.get("busy") else a_noise)
         # a decoder's totals are one step's: say which, beside the request's figures
-        step = getattr(comparison, "step", "")
-        step = f"{step[:1].upper()}{step[1:]}: " if step else ""
+        step = _step_prefix(comparison)
         self.summary.setText(
             f"{step}<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{noise}"
             if s else f"{step}{_ms(b)} → {_ms(a)}{plain}{size}{noise}")
