@@ -9,6 +9,7 @@ before/after difference whose paired interval holds 1 is greyed out and labelled
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -361,7 +362,7 @@ def _step_prefix(result: Any) -> str:
 def _tokens_html(accuracy: Any) -> str:
     """The next-token line; judged on synthetic tokens, in warning colour with what to do."""
     summary = getattr(accuracy, "summary", None) if accuracy is not None else None
-    line = summary() if callable(summary) else ""
+    line = html.escape(summary()) if callable(summary) else ""
     if not line:
         return ""
     if getattr(accuracy, "synthetic", False):
