@@ -213,3 +213,17 @@ def prompt_inputs(length: int = 5, vocab: int = 64, seed: int = 3,
     if position_ids:
         out["position_ids"] = np.arange(length, dtype=np.int64).reshape(1, -1)
     return out
+
+
+def word_tokenizer(path, vocab: int = 64, text: str | None = None) -> None:
+    """A word-level tokenizer.json of ``vocab`` entries (unknown words → [UNK], id 0) trained
+    on ``text`` (default the built-in passage), as a model's own tokenizer is saved beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from opstudio.core.text_prompt import builtin_text
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=["[UNK]"])
+    tok.train_from_iterator([text if text is not None else builtin_text()], trainer)
+    tok.save(str(path))

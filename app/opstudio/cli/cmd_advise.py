@@ -16,13 +16,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from opstudio.cli.cmd_profile import add_profile_flags, print_roofline, settings_from_args
-from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
+from opstudio.cli.common import (
+    add_text_flags,
+    clear_progress,
+    print_table,
+    progress_printer,
+    write_json,
+)
 from opstudio.core import reasons
 from opstudio.core.advisor import CONFIDENCE, Budget, advise
 from opstudio.core.errors import OpstudioError
 from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.passes import TECHNIQUES
 from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
+from opstudio.core.text_prompt import find_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing recipe file")
     p.add_argument("--json", metavar="PATH|-", help="write sensitivity, roofline and plan as JSON")
     add_profile_flags(p)
+    add_text_flags(p)
     p.set_defaults(func=run)
 
 
@@ -75,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         raise OpstudioError("--int4-algorithms applies with --budget-top1 or --budget-kl")
     if args.confidence != CONFIDENCE:
         raise OpstudioError("--confidence applies with --budget-top1 or --budget-kl")
+    for flag, value in (("--prompt-text", args.prompt_text), ("--tokenizer", args.tokenizer)):
+        if value is not None:
+            raise OpstudioError(f"{flag} applies with --budget-top1 or --budget-kl (the "
+                                "per-operator scan judges by cosine or SNR on the inputs)")
     budget = Budget(min_snr_db=args.budget_snr) if args.budget_snr is not None else \
         Budget(min_cosine=args.budget_cosine if args.budget_cosine is not None else 0.999)
     techniques = {}
@@ -146,9 +158,11 @@ def run_llm(args: argparse.Namespace) -> int:
         if a not in ("awq", "rtn", "hqq", "gptq"):
             raise OpstudioError(f"--int4-algorithms: unknown algorithm {a!r}; "
                                 "expected some of awq, rtn, hqq, gptq")
-    if settings.inputs_path is None:
-        print("note: no --inputs prompt: agreement is judged on random tokens; give a real "
-              "prompt (.npz of the model's inputs) for advice that means something")
+    if not args.inputs and args.tokenizer is None and find_tokenizer(args.model) is None:
+        # the planner judges on the built-in text when it has the tokenizer (its log says)
+        print("note: no --inputs prompt and no tokenizer: agreement is judged on synthetic "
+              "tokens, not a measure of quality; give the model's tokenizer.json with "
+              "--tokenizer (or a prompt, an .npz of the model's inputs, with --inputs)")
     variants = variants_for(names, "random", algorithms)
     progress = progress_printer()
     advice = advise_llm(args.model, settings, budget, variants, use_cache=not args.no_cache,

@@ -6,10 +6,12 @@ import argparse
 
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import (
+    add_text_flags,
     clear_progress,
     print_table,
     progress_printer,
     synthetic_past_note,
+    text_note,
     write_json,
 )
 from opstudio.cli.request_view import (
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH|-", help="write the comparison as JSON ('-' = stdout)")
     p.add_argument("--csv", metavar="PATH", help="write the per-operator table as CSV")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    add_text_flags(p)
     add_request_flags(p)
     p.set_defaults(func=run)
 
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if not quiet:
         clear_progress()
         print_summary(result, args.top)
-        note = synthetic_past_note(settings.phase, args.inputs)
+        note = synthetic_past_note(settings.phase, args.inputs,
+                                   judged_on_text=_on_text(result))
         if note:
             print(note)
         if result.request is not None:
@@ -79,6 +83,8 @@ def print_summary(c: Comparison, top: int = 15) -> None:
               f"by provenance, weight or name), {changes['removed']} removed, "
               f"{changes['added']} added")
     tb, ta = c.before.total_ms, c.after.total_ms
+    if c.step:  # a decoder's totals are one step's
+        print(f"\nstep: {c.step}", end="")
     sp = speedup_label(c.speedup, c.total_ratio) or "n/a"
     print(f"\ntotal (median, profiled): {tb['p50']:.3f} ms -> {ta['p50']:.3f} ms  ({sp}"
           f"{_interval(c.total_ratio)})")
@@ -105,7 +111,13 @@ def print_summary(c: Comparison, top: int = 15) -> None:
     print_table(("output", "max abs err", "mean abs err", "cosine", "SNR dB", "top-1", "KL nats"),
                 acc, "lrrrrrr")
     if c.accuracy.summary():
-        print(c.accuracy.summary())
+        print(c.accuracy.summary() + text_note(c.accuracy))
+
+
+def _on_text(c: Comparison) -> bool:
+    """The accuracy was judged on a text prompt, not on the timing inputs."""
+    return bool(c.accuracy.judged_on) and not c.accuracy.synthetic \
+        and not c.before.settings.inputs_path
 
 
 def _interval(ratio: Ratio | None) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from opstudio.cli.common import (
     add_input_flags,
+    add_text_flags,
     human_bytes,
     human_count,
     parse_dims,
@@ -25,6 +26,7 @@ from opstudio.cli.common import (
     parse_shapes,
     print_table,
     synthetic_past_note,
+    text_note,
     write_json,
 )
 from opstudio.core.errors import OpstudioError
@@ -49,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the step reports and accuracy as JSON ('-' = stdout)")
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic inputs (default 0)")
     add_input_flags(p)
+    add_text_flags(p)
     p.set_defaults(func=run)
 
 
@@ -56,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from opstudio.core.accuracy import compare_outputs, run_outputs
     from opstudio.core.inputs import NeedsInputs, make_inputs
     from opstudio.core.optimize import optimize
+    from opstudio.core.profiler import ProfileSettings
     from opstudio.core.recipe import Recipe
+    from opstudio.core.text_prompt import judging
 
     src, dst = Path(args.model), Path(args.output)
     if same_file(src, dst) or src.resolve() == dst.resolve():
@@ -66,24 +71,30 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.load(args.recipe)
     model = load_model(src, lazy=True)
     phase, past = parse_phase(args)
+    dims = parse_dims(args.dim)
     # only the accuracy check needs inputs; a technique that calibrates makes its own and
     # refuses, naming the flag, when it cannot
     inputs, not_measured = None, ""
     try:
-        inputs = make_inputs(model, dims=parse_dims(args.dim), shapes=parse_shapes(args.shape),
+        inputs = make_inputs(model, dims=dims, shapes=parse_shapes(args.shape),
                              npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
                              model_path=src)
     except NeedsInputs as exc:
         not_measured = f"{exc.why}; to measure it, {exc.remedy}"
+    # a language model is calibrated and judged on a text when its tokenizer is at hand
+    judge = judging(model, src, ProfileSettings(dims=dims, inputs_path=args.inputs,
+                                                prompt_text=args.prompt_text,
+                                                tokenizer=args.tokenizer))
+    judged = judge.feed if judge.feed is not None else inputs
     # the optimizer takes the model over (its weights are read once, into it)
-    result = optimize(model, recipe, inputs=inputs, consume=True)
+    result = optimize(model, recipe, inputs=judged, consume=True)
     del model
     # written first, then judged from the files: a failed check never loses the result
     save_model(result.model, dst, overwrite=args.overwrite)
     accuracy = None
-    if inputs is not None:
+    if judged is not None:
         try:
-            reference = run_outputs(src, inputs)
+            reference = run_outputs(src, judged)
         except OpstudioError as exc:  # the inputs do not fit the model: not the result's fault
             given = "the given" if args.inputs else "synthetic"
             cause = (str(exc.__cause__ or exc).strip().splitlines() or [""])[0][:200]
@@ -92,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
                             "--dim or --shape")
         else:
             try:
-                accuracy = compare_outputs(reference, run_outputs(dst, inputs))
+                accuracy = compare_outputs(reference, run_outputs(dst, judged))
             except OpstudioError as exc:
                 raise OpstudioError(
                     f"wrote {dst}, but could not check its accuracy: {exc}") from exc
+            accuracy.judged_on = judge.judged_on
     size_before, size_after = stored_bytes(src), stored_bytes(dst)
 
     quiet = args.report == "-"
@@ -105,8 +117,12 @@ def run(args: argparse.Namespace) -> int:
         if accuracy is None:
             print(f"accuracy vs the original: not measured, {not_measured}")
         else:
-            _print_accuracy(accuracy, args.inputs)
-            note = synthetic_past_note(phase, args.inputs)
+            on = (f" (inputs from {args.inputs})" if args.inputs else
+                  f", judged on {judge.judged_on}" if judge.feed is not None else
+                  " (synthetic inputs)")
+            _print_accuracy(accuracy, on)
+            note = synthetic_past_note(phase, args.inputs,
+                                       judged_on_text=judge.feed is not None)
             if note:
                 print(note)
         print(f"wrote {dst} ({human_bytes(size_after)}, was {human_bytes(size_before)})")
@@ -120,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_accuracy(accuracy: Any, inputs_path: str | None) -> None:
-    print("accuracy vs the original "
-          f"({'inputs from ' + inputs_path if inputs_path else 'synthetic inputs'}):")
+def _print_accuracy(accuracy: Any, on: str) -> None:
+    print(f"accuracy vs the original{on}:")
     rows = [(o.name, "[" + ",".join(map(str, o.shape)) + "]", _num(o.max_abs_err),
              _num(o.mean_abs_err), _num(o.cosine, 6), _snr(o.snr_db),
              "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
@@ -131,7 +146,7 @@ def _print_accuracy(accuracy: Any, inputs_path: str | None) -> None:
     print_table(("output", "shape", "max abs err", "mean abs err", "cosine", "SNR dB",
                  "top-1", "KL nats"), rows, "llrrrrrr")
     if accuracy.summary():
-        print(accuracy.summary())
+        print(accuracy.summary() + text_note(accuracy))
 
 
 def _print_step(step: Any) -> None:

@@ -83,7 +83,8 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
         dims=parse_dims(getattr(args, "dim", []) or []),
         shapes=parse_shapes(getattr(args, "shape", []) or []),
         inputs_path=getattr(args, "inputs", None), seed=getattr(args, "seed", 0),
-        until_stable=getattr(args, "until_stable", None))
+        until_stable=getattr(args, "until_stable", None),
+        prompt_text=getattr(args, "prompt_text", None), tokenizer=getattr(args, "tokenizer", None))
     settings.phase, settings.past = parse_phase(args)
     settings.validate()
     return settings

@@ -35,6 +35,28 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
                             f"(default {DEFAULT_DECODE_PAST}); implies --phase decode")
 
 
+def add_text_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the text a language model's accuracy is judged on (and
+    calibration runs on) when no --inputs is given: commands that measure accuracy take them."""
+    group = parser.add_argument_group("text prompt (a model that reads token ids)")
+    group.add_argument("--prompt-text", metavar="FILE",
+                       help="judge next-token agreement and KL on this UTF-8 text, tokenized "
+                            "with the model's tokenizer (default: a built-in passage of "
+                            "English prose); --inputs replaces it")
+    group.add_argument("--tokenizer", metavar="FILE",
+                       help="the model's Hugging Face tokenizer.json (or a folder holding "
+                            "one); default: tokenizer.json beside the model. Without one, "
+                            "accuracy is judged on synthetic tokens")
+
+
+def text_note(accuracy: Any) -> str:
+    """What follows the next-token line when it was judged on synthetic tokens."""
+    if not getattr(accuracy, "synthetic", False) or not accuracy.summary():
+        return ""
+    return (" — give the model's tokenizer.json with --tokenizer (or a prompt with "
+            "--inputs)")
+
+
 def parse_dims(items: Sequence[str]) -> dict[str, int]:
     dims: dict[str, int] = {}
     for item in items:
@@ -61,11 +83,13 @@ def parse_phase(args: argparse.Namespace) -> tuple[str | None, int | None]:
     return phase, past
 
 
-def synthetic_past_note(phase: str | None, inputs_path: str | None) -> str | None:
+def synthetic_past_note(phase: str | None, inputs_path: str | None,
+                        judged_on_text: bool = False) -> str | None:
     """A decode step on synthetic inputs has a past of zeros, not a prompt's KV cache: its
     logits are degenerate and say little about accuracy (measured: int4 on every MatMul of a
-    trained 135M decoder, cosine 0.78 after a zero past, 0.998 after a real prompt)."""
-    if phase != "decode" or inputs_path:
+    trained 135M decoder, cosine 0.78 after a zero past, 0.998 after a real prompt). Judged on
+    a text prompt instead, the accuracy is not the decode step's."""
+    if phase != "decode" or inputs_path or judged_on_text:
         return None
     return ("note: the decode step ran after a synthetic past of zeros; for accuracy that means "
             "something, give a real prompt with --inputs PROMPT.npz (its KV cache becomes the "

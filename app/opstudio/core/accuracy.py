@@ -41,6 +41,8 @@ VOCAB_MIN = 1000
 _KV_NAME = re.compile(r"present|past|cache|key_values|(^|[._/-])(key|value)s?([._/-]|\d|$)",
                       re.IGNORECASE)
 _NOT_VOCAB_NAME = re.compile(r"hidden|state|embed|feature|pool", re.IGNORECASE)
+# What an accuracy report judged on made-up token ids says it was judged on (core.text_prompt)
+SYNTHETIC = "synthetic tokens"
 # Rows of log-softmax computed at a time: bounds the float64 copies of a [seq, 150k] output.
 _KL_CHUNK_ELEMENTS = 1 << 22
 
@@ -74,9 +76,18 @@ class OutputAccuracy:
 @dataclass
 class AccuracyReport:
     outputs: list[OutputAccuracy] = field(default_factory=list)
+    # what the outputs were computed on, in words (core.text_prompt.Judging.judged_on): "the
+    # built-in text (312 tokens)", an inputs file's name, "synthetic tokens"; "" when unsaid
+    judged_on: str = ""
+
+    @property
+    def synthetic(self) -> bool:
+        """Judged on made-up token ids: next-token figures then measure nothing."""
+        return self.judged_on == SYNTHETIC
 
     def to_json(self) -> dict[str, Any]:
-        return {"outputs": [o.to_json() for o in self.outputs], "next_token": self.next_token()}
+        return {"outputs": [o.to_json() for o in self.outputs], "next_token": self.next_token(),
+                "judged_on": self.judged_on or None}
 
     def logits(self) -> list[OutputAccuracy]:
         return [o for o in self.outputs if o.kind == "logits"]
@@ -100,8 +111,11 @@ class AccuracyReport:
             return ""
         top1, kl = nt["top1_agreement"], nt["kl_divergence"]
         names = ", ".join(nt["outputs"])
-        return (f"next-token agreement {'n/a' if top1 is None else f'{top1:.2f}'}, "
+        line = (f"next-token agreement {'n/a' if top1 is None else f'{top1:.2f}'}, "
                 f"KL {'n/a' if kl is None else f'{kl:.3g}'} nats on {names}")
+        if self.synthetic:
+            return f"{line}, on synthetic tokens: not a measure of quality"
+        return f"{line}, judged on {self.judged_on}" if self.judged_on else line
 
     def worst_cosine(self) -> float | None:
         values = [o.cosine for o in self.outputs if o.cosine is not None]

@@ -40,6 +40,7 @@ from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.provenance import get_origin
 from opstudio.core.request import compare_requests, estimate_requests, has_kv_cache
 from opstudio.core.tempdir import opstudio_tempdir
+from opstudio.core.text_prompt import Judging, judging
 from opstudio.core.timing import Ratio, paired_speedup, quiet_rounds
 
 # What quantizers and exporters append to the name of a node they replace (``X_Q4``, ``X_quant``,
@@ -159,6 +160,9 @@ class Comparison:
     plain_ratio: Ratio | None = None
     # before/after of a whole request (settings.request on a KV-cache decoder; core.request)
     request: Any = None
+    # the step of a KV-cache decoder the profiles timed ("prefill of 128 tokens"; "" for
+    # another model): the totals and per-operator rows are that step's
+    step: str = ""
 
     @property
     def speedup(self) -> float | None:
@@ -268,6 +272,7 @@ class Comparison:
             "accuracy": self.accuracy.to_json(),
             "size_bytes": dict(self.size_bytes),
             **({"request": self.request.to_json()} if self.request is not None else {}),
+            **({"step": self.step} if self.step else {}),
         }
 
 
@@ -490,10 +495,13 @@ def _members(stats: Any, translate: Callable[[str], list[str]] | None) -> list[s
 def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onnx.ModelProto,
                    settings: ProfileSettings | None = None, *,
                    inputs: dict[str, np.ndarray] | None = None,
+                   judge: Judging | None = None,
                    progress: Progress | None = None,
                    cancelled: CancelCheck | None = None) -> Comparison:
     """Profile ``before`` and ``after`` on identical inputs, their runs taking turns in one
-    child process, and measure the accuracy change."""
+    child process, and measure the accuracy change: on ``judge``'s feed when it has one (a
+    text prompt), else on the timing inputs. Without ``judge`` and ``inputs``, what the
+    settings give (``text_prompt.judging``: a text when a tokenizer is beside ``before``)."""
     settings = settings or ProfileSettings()
 
     def report(lo: float, hi: float) -> Progress | None:
@@ -504,15 +512,19 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
     with opstudio_tempdir() as tmp:
         before_path = _as_file(before, Path(tmp) / "before.onnx")
         after_path = _as_file(after, Path(tmp) / "after.onnx")
+        graph_only = load_model(before_path, load_external_data=False)
         if inputs is None:
             if progress:
                 progress(0.0, "preparing inputs")
-            inputs = make_inputs(load_model(before_path, load_external_data=False),
-                                 dims=settings.dims, shapes=settings.shapes,
+            inputs = make_inputs(graph_only, dims=settings.dims, shapes=settings.shapes,
                                  npz_path=settings.inputs_path, seed=settings.seed,
                                  phase=settings.phase, past=settings.past, model_path=before_path)
-        request = settings.request and has_kv_cache(load_model(before_path,
-                                                               load_external_data=False))
+            if judge is None:
+                judge = judging(graph_only,
+                                None if isinstance(before, onnx.ModelProto) else before,
+                                settings)
+        request = settings.request and has_kv_cache(graph_only)
+        del graph_only
         prof_before, prof_after = profile_models([before_path, after_path], settings,
                                                  inputs=inputs,
                                                  progress=report(0.0, 0.6 if request else 0.9),
@@ -524,8 +536,11 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                 cancelled=cancelled))
         if progress:
             progress(0.9, "comparing outputs")
-        accuracy = call_isolated(evaluate, str(before_path), str(after_path), inputs,
+        judged = inputs if judge is None or judge.feed is None else judge.feed
+        accuracy = call_isolated(evaluate, str(before_path), str(after_path), judged,
                                  timeout=settings.timeout_s, cancelled=cancelled)
+        if judge is not None:
+            accuracy.judged_on = judge.judged_on
         sizes = {"before": stored_bytes(before_path), "after": stored_bytes(after_path)}
         mapping = map_nodes(load_model(before_path, load_external_data=False),
                             load_model(after_path, load_external_data=False))
@@ -543,7 +558,7 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
                                    profiled_rounds),
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
                                    plain_rounds),
-        request=requests,
+        request=requests, step=prof_before.step,
     )
 
 
@@ -594,13 +609,16 @@ class NotCompared:
 
 
 def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileSettings, *,
+                         model_path: str | Path | None = None,
                          progress: Progress | None = None,
                          cancelled: CancelCheck | None = None
                          ) -> tuple[Any, Comparison | NotCompared]:
     """Apply ``recipe`` to ``model``, then compare the two: what the GUI's "Optimize & compare"
-    runs. The inputs are made once and serve as calibration data and as the comparison's
-    inputs, so everything is measured on the same tensors. When they cannot be made, the
-    model is optimized all the same (a technique that calibrates refuses) and not compared."""
+    runs. The inputs are made once and serve as the comparison's timing inputs; calibration
+    and accuracy use the same tensors, or the text prompt when a tokenizer is beside
+    ``model_path`` (or named in the settings) and no inputs file is given. When the inputs
+    cannot be made, the model is optimized all the same (a technique that calibrates refuses)
+    and not compared."""
     from opstudio.core.optimize import optimize
 
     def part(lo: float, hi: float) -> Progress | None:
@@ -611,16 +629,17 @@ def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileS
     try:
         inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
                              npz_path=settings.inputs_path, seed=settings.seed,
-                             phase=settings.phase, past=settings.past)
+                             phase=settings.phase, past=settings.past, model_path=model_path)
     except NeedsInputs as exc:
         result = optimize(model, recipe, progress=part(0.0, 1.0), cancelled=cancelled)
         return result, NotCompared(exc.why)
-    result = optimize(model, recipe, inputs=inputs, progress=part(0.0, 0.25),
-                      cancelled=cancelled)
+    judge = judging(model, model_path, settings)
+    result = optimize(model, recipe, inputs=judge.feed if judge.feed is not None else inputs,
+                      progress=part(0.0, 0.25), cancelled=cancelled)
     try:
         comparison: Comparison | NotCompared = compare_models(
-            model, result.model, settings, inputs=inputs, progress=part(0.25, 1.0),
-            cancelled=cancelled)
+            model, result.model, settings, inputs=inputs, judge=judge,
+            progress=part(0.25, 1.0), cancelled=cancelled)
     except Cancelled:
         raise
     except OpstudioError:

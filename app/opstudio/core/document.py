@@ -127,7 +127,8 @@ class Document:
 def profile_summary(profile: Profile) -> str:
     """The status line after a profile: the time per run and the first thing to know."""
     total = profile.total_ms.get("p50") or profile.total_ms.get("mean", 0.0)
-    message = f"Profiled: {total:.3f} ms per run (p50)"
+    step = getattr(profile, "step", "")
+    message = f"Profiled{f' ({step})' if step else ''}: {total:.3f} ms per run (p50)"
     return message + (" — " + profile.notes[0] if profile.notes else "")
 
 
@@ -139,11 +140,22 @@ def not_compared_summary(not_compared: NotCompared) -> str:
 
 
 def comparison_summary(comparison: Comparison) -> str:
-    """The status line after Optimize & compare: the verdict with its interval ("≈ 1×" when
-    the change is within the noise), and how quiet the machine was."""
+    """The status line after Optimize & compare: for a decoder whose request was estimated,
+    its first token and tokens/s first; then the verdict with its interval ("≈ 1×" when the
+    change is within the noise), named by the step it timed, and how quiet the machine was."""
     verdict = comparison.verdict_text()
     if not verdict:
         return "Optimized"
     timed = "without the profiler" if comparison.plain_ratio is not None else "profiled"
     noise = comparison.noise()
-    return f"Optimized: {verdict} ({timed})" + (f" — {noise}" if noise else "")
+    request = comparison.request
+    first = ""
+    if request is not None:
+        parts = [f"{what} {r.label()}" for what, r in (("first token", request.ttft),
+                                                        ("tokens/s", request.decode))
+                 if r is not None]
+        if parts:
+            first = (f"per request of {request.before.prompt}+{request.before.generate} "
+                     f"tokens, {', '.join(parts)}; ")
+    step = f"{comparison.step}: " if comparison.step else ""
+    return (f"Optimized: {first}{step}{verdict} ({timed})" + (f" — {noise}" if noise else ""))

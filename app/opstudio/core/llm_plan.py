@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from opstudio.core.accuracy import SYNTHETIC
 from opstudio.core.errors import OpstudioError
 from opstudio.core.ort_session import create_session
 from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
@@ -946,6 +947,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     from opstudio.core.model_io import load_model
     from opstudio.core.recipe import Recipe
     from opstudio.core.sensitivity import _cache_key, cache_path
+    from opstudio.core.text_prompt import with_text_prompt
 
     started = time.perf_counter()
     log: list[str] = []
@@ -955,6 +957,9 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
 
     path = str(model_path)
     phase = settings.phase or "decode"
+    # without a prompt file, a text tokenized with the model's tokenizer when there is one
+    given = settings.inputs_path
+    settings, judged_on = with_text_prompt(settings, path)
     model = load_model(path)
     if not _has_logits(model):
         raise OpstudioError("the model has no logits output (a float output named …logits… "
@@ -969,10 +974,15 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     # samples: "random" takes those first) and judges on the rest; the plan it hands out
     # names the prompt itself when the prompt file feeds the model
     split = held_out(prompt)
+    if judged_on:
+        log.append(f"prompt: {judged_on}" + (": not a measure of quality; give a tokenizer or "
+                                             "a prompt" if judged_on == SYNTHETIC else ""))
     log.append(f"accuracy: {split.describe}; units are ranked on the first half of the "
                "judged tokens and plans held to the budget on the second (from "
                f"{2 * MIN_CONFIRM} judged tokens on)")
-    calibration = _calibration_source(model, settings.inputs_path)
+    # the plan names the user's prompt file, not the text's (the optimizer and the app
+    # calibrate on the text themselves when the tokenizer is at hand)
+    calibration = _calibration_source(model, given)
     variants = [replace(v, params={**v.params, "calibration": "random"})
                 if "calibration" in v.params else v
                 for v in (variants if variants is not None else default_variants())]
@@ -1355,7 +1365,7 @@ def _named_calibration(recipe: Any, calibration: str) -> Any:
     of the samples the scan handed them, so that the plan runs as it is, without ``--inputs``."""
     from opstudio.core.recipe import Recipe
 
-    if calibration == "random":
+    if calibration == "random" or not recipe.steps:
         return recipe
     data = recipe.to_json()
     for step in data.get("steps", []):

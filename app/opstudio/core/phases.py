@@ -374,3 +374,20 @@ def check_request(prompt: Any, generate: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OpstudioError(f"{flag} must be a whole number of tokens, 1 or more, "
                                 f"not {value!r}")
+
+
+def describe_step(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> str:
+    """Which step of a decoder with a KV cache ``inputs`` run, in words: "prefill of 128
+    tokens", "decode step after 512 tokens"; "" for a model without a KV cache."""
+    layout = kv_layout(model)
+    ids = layout.ids_input
+    if not layout.has_cache or ids is None or ids not in inputs:
+        return ""
+    pasts = [int(inputs[s.name].shape[-2]) for s in layout.kv_inputs if s.name in inputs]
+    past = max(pasts, default=0)
+    seq = int(inputs[ids].shape[1])
+    if past == 0:
+        return f"prefill of {seq} tokens"
+    if seq == 1:
+        return f"decode step after {past} tokens"
+    return f"{seq} tokens after {past}"

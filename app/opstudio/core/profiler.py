@@ -88,6 +88,11 @@ class ProfileSettings:
     request: bool = False
     request_prompt: int = 128
     request_generate: int = 128
+    # the text a language model's accuracy is judged and calibrated on when no inputs_path is
+    # given (core.text_prompt): a text file (None: the built-in passage) and a tokenizer.json
+    # (None: the one beside the model, if any)
+    prompt_text: str | None = None
+    tokenizer: str | None = None
 
     def validate(self, check_provider: bool = True) -> None:
         if not isinstance(self.runs, int) or self.runs < 1:
@@ -186,6 +191,9 @@ class Profile:
     plain_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
     # the inputs as fed: name, dtype and the shape every run had
     inputs: list[TensorInfo] = field(default_factory=list)
+    # the step of a decoder with a KV cache that was run ("prefill of 128 tokens"; "" for
+    # another model): every figure is that step's
+    step: str = ""
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -218,6 +226,7 @@ class Profile:
             "noise": dict(self.noise),
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape}
                        for t in self.inputs],
+            **({"step": self.step} if self.step else {}),
         }
 
     @classmethod
@@ -241,6 +250,7 @@ class Profile:
             noise=dict(data.get("noise", {})),
             inputs=[TensorInfo(str(t["name"]), t.get("dtype"), t.get("shape"))
                     for t in data.get("inputs", [])],
+            step=str(data.get("step", "")),
         )
 
     def to_csv(self) -> str:
@@ -313,6 +323,7 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
     from opstudio.core.inputs import make_inputs
     from opstudio.core.isolation import call_isolated
     from opstudio.core.model_io import load_model, save_model
+    from opstudio.core.phases import describe_step
     from opstudio.core.tempdir import opstudio_tempdir
 
     settings = settings or ProfileSettings()
@@ -337,17 +348,21 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
             if progress:
                 progress(0.0, "preparing inputs")
             if first is None:
-                first = load_model(paths[0], load_external_data=False)
+                first = load_model(paths[0], lazy=True)
             inputs = make_inputs(first, dims=settings.dims, shapes=settings.shapes,
                                  npz_path=settings.inputs_path, seed=settings.seed,
                                  phase=settings.phase, past=settings.past, model_path=paths[0])
         profiles = call_isolated(_measure_in_child, paths, settings.to_json(), inputs,
                                  str(tmp), timeout=settings.timeout_s, progress=progress,
                                  cancelled=cancelled)
+        if first is None:
+            first = load_model(paths[0], lazy=True)
+    step = describe_step(first, inputs)
     fed = [TensorInfo(name, str(a.dtype), list(a.shape)) for name, a in inputs.items()]
     for profile, label in zip(profiles, labels):
         profile.model = label
         profile.settings = settings
+        profile.step = step
         profile.inputs = list(fed)
     return profiles
 

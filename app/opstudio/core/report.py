@@ -90,8 +90,9 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
         f"<p class='meta'>before: <code>{_e(c.before_path or '(in memory)')}</code> &nbsp; "
         f"after: <code>{_e(c.after_path or '(in memory)')}</code> &nbsp; opstudio {__version__}</p>",
         "<div class='cards'>",
-        _card("Run time before", f"{_fmt_ms(tb.get('p50'))}", "median per run, profiled"),
-        _card("Run time after", f"{_fmt_ms(ta.get('p50'))}", "median per run, profiled"),
+        *_request_cards(c),
+        _card("Run time before", f"{_fmt_ms(tb.get('p50'))}", _run_note(c)),
+        _card("Run time after", f"{_fmt_ms(ta.get('p50'))}", _run_note(c)),
         _verdict_card(c),
         _card("Model size", f"{_fmt_bytes(size_b)} → {_fmt_bytes(size_a)}",
               "" if not size_b else f"{size_a / size_b:.0%} of before"),
@@ -165,8 +166,38 @@ def _next_token_card(c: Comparison) -> list[str]:
     if nt is None:
         return []
     top1, kl = nt["top1_agreement"], nt["kl_divergence"]
+    judged = c.accuracy.judged_on
+    on = ("; on synthetic tokens: not a measure of quality" if c.accuracy.synthetic else
+          f"; judged on {judged}" if judged else "")
     return [_card("Next-token agreement", "n/a" if top1 is None else f"{top1:.1%}",
-                  f"KL {'n/a' if kl is None else f'{kl:.3g}'} nats on {', '.join(nt['outputs'])}")]
+                  f"KL {'n/a' if kl is None else f'{kl:.3g}'} nats on "
+                  f"{', '.join(nt['outputs'])}{on}")]
+
+
+def _run_note(c: Comparison) -> str:
+    """A decoder's run is one step of it: which."""
+    return "median per run, profiled" + (f"; {c.step}" if c.step else "")
+
+
+def _request_cards(c: Comparison) -> list[str]:
+    """A decoder's request before → after: time to first token and tokens/s."""
+    from opstudio.core.request import duration, rate
+
+    r = c.request
+    if r is None:
+        return []
+    b, a = r.before, r.after
+    about = f"a prompt of {b.prompt} tokens, {b.generate} generated"
+    return [_card("Time to first token", f"{duration(b.ttft_ms)} → {duration(a.ttft_ms)}",
+                  f"{_ratio_words(r.ttft)}; {about}"),
+            _card("Tokens per second", f"{rate(b.tokens_per_s)} → {rate(a.tokens_per_s)}",
+                  f"{_ratio_words(r.decode)}; decode steps of the same request")]
+
+
+def _ratio_words(ratio: Any) -> str:
+    from opstudio.core.compare import speedup_label
+
+    return "" if ratio is None else speedup_label(ratio.median, ratio)
 
 
 def _accuracy_table(c: Comparison) -> str:

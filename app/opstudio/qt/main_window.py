@@ -29,6 +29,7 @@ from opstudio.core.graph import GraphInfo, input_specs, symbolic_dims
 from opstudio.core.opening import Opened, open_for_display
 from opstudio.core.optimize import OptimizeResult
 from opstudio.core.passes import ScanParams
+from opstudio.core.phases import kv_layout
 from opstudio.core.plan import Plan
 from opstudio.core.profiler import Profile, ProfileSettings
 from opstudio.core.provenance import derived_nodes
@@ -364,7 +365,9 @@ class MainWindow(QMainWindow):
     def edit_run_settings(self) -> None:
         dims = symbolic_dims(self.model) if self.model is not None else []
         specs = input_specs(self.model) if self.model is not None else []
-        dlg = RunSettingsDialog(self.run_settings, dims, self, inputs=specs)
+        reads_tokens = self.model is not None and kv_layout(self.model).ids_input is not None
+        dlg = RunSettingsDialog(self.run_settings, dims, self, inputs=specs,
+                                model_path=self.model_path, reads_tokens=reads_tokens)
         if dlg.exec():
             self.set_run_settings(dlg.settings())
 
@@ -386,7 +389,8 @@ class MainWindow(QMainWindow):
             self.show_error("the plan is empty: select operators and add a technique first")
             return None
         return self.runs.start(Worker(optimize_and_compare, self.model, self.plan.recipe(),
-                                      self.run_settings, name="optimize & compare"),
+                                      self.run_settings, model_path=self.model_path,
+                                      name="optimize & compare"),
                                lambda value: self.doc.set_comparison(*value),
                                "Optimizing and comparing")
 

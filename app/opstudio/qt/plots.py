@@ -9,6 +9,7 @@ before/after difference whose paired interval holds 1 is greyed out and labelled
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from PySide6.QtGui import QColor, QFont, QFontMetrics
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QSplitter,
@@ -360,6 +363,23 @@ def _fixed(v: float | None, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
+def _step_prefix(result: Any) -> str:
+    """ "Prefill of 128 tokens: " before a decoder's figures, which are that step's."""
+    step = getattr(result, "step", "")
+    return f"{step[:1].upper()}{step[1:]}: " if step else ""
+
+
+def _tokens_html(accuracy: Any) -> str:
+    """The next-token line; judged on synthetic tokens, in warning colour with what to do."""
+    summary = getattr(accuracy, "summary", None) if accuracy is not None else None
+    line = html.escape(summary()) if callable(summary) else ""
+    if not line:
+        return ""
+    if getattr(accuracy, "synthetic", False):
+        return f"<span style='color:#a15c00'>{line} — give a prompt in Run settings</span>"
+    return line
+
+
 def _noise_html(message: str, noise: dict[str, Any]) -> str:
     """The noise verdict under a total: red-brown when the machine was busy."""
     if not message:
@@ -393,26 +413,39 @@ class PlotsPanel(QWidget):
         self.request.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         self.request.hide()
         self.request_data: dict[str, Any] | None = None
+        # the next-token line, by the accuracy table: what it was judged on is part of it
+        self.tokens = QLabel()
+        self.tokens.setWordWrap(True)
+        self.tokens.hide()
 
         right = QWidget()
         rl = QVBoxLayout(right)
         rl.setContentsMargins(0, 0, 0, 0)
-        rl.addWidget(self.summary)
+        # a decoder's request first: time to first token and tokens/s are what its users feel
         rl.addWidget(self.request)
+        rl.addWidget(self.summary)
         rl.addWidget(self.total, 2)
         acc_label = QLabel("Accuracy per output (after vs before)")
         acc_label.setObjectName("sectionLabel")
+        acc_label.setWordWrap(True)  # the column may be narrow: no line sets its width
         rl.addWidget(acc_label)
+        rl.addWidget(self.tokens)
         rl.addWidget(self.accuracy, 3)
+        # a short dock scrolls the column rather than clip its words
+        column = QScrollArea()
+        column.setWidget(right)
+        column.setWidgetResizable(True)
+        column.setFrameShape(QFrame.Shape.NoFrame)
+        column.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.ops)
-        split.addWidget(right)
-        split.setStretchFactor(0, 3)
-        split.setStretchFactor(1, 2)
-        split.setSizes([600, 400])
+        split.addWidget(column)
+        split.setStretchFactor(0, 5)
+        split.setStretchFactor(1, 4)
+        split.setSizes([550, 450])
         split.setChildrenCollapsible(False)
         self.ops.setMinimumWidth(280)
-        right.setMinimumWidth(220)
+        column.setMinimumWidth(220)
 
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
@@ -446,6 +479,7 @@ class PlotsPanel(QWidget):
         self.timeline.set_events([])
         self.roofline.clear_points()
         self.accuracy.set_report(None)
+        self._show_tokens(None)
         self.summary.setText("Run a profile to see where the time goes.")
         self.show_request(None)
 
@@ -465,11 +499,13 @@ class PlotsPanel(QWidget):
         self.total.set_bars(["model"], [total], before_ci=[noise.get("total_ci")])
         self.timeline.set_events(getattr(profile, "kernel_events", []) or [])
         self.accuracy.set_report(None)
+        self._show_tokens(None)
         self.show_request(None)
         plain = (getattr(profile, "plain_ms", None) or {}).get("p50")
         extra = (f"; {_ms(plain)}{_ci_text(noise.get('plain_ci'))} without the profiler"
                  if plain else "")
-        self.summary.setText(f"<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
+        step = _step_prefix(profile)
+        self.summary.setText(f"{step}<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
                              f"(median, profiled){extra}; {len(profile.nodes)} operators "
                              f"measured.{_noise_html(noise.get('message', ''), noise)}")
 
@@ -522,20 +558,28 @@ class PlotsPanel(QWidget):
             plain = (f"; without the profiler {_ms(comparison.before.plain_ms['p50'])} → "
                      f"{_ms(comparison.after.plain_ms['p50'])} "
                      f"{_coloured(ps, getattr(comparison, 'plain_ratio', None))}")
-        summary = getattr(comparison.accuracy, "summary", None)
-        tokens = f"; {summary()}" if callable(summary) and summary() else ""
+        self._show_tokens(comparison.accuracy)
         noise_fn = getattr(comparison, "noise", None)
         noise = _noise_html(noise_fn() if callable(noise_fn) else "",
                             b_noise if b_noise.get("busy") else a_noise)
+        # a decoder's totals are one step's: say which, beside the request's figures
+        step = _step_prefix(comparison)
         self.summary.setText(
-            f"<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{tokens}{noise}"
-            if s else f"{_ms(b)} → {_ms(a)}{plain}{size}{tokens}{noise}")
+            f"{step}<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{noise}"
+            if s else f"{step}{_ms(b)} → {_ms(a)}{plain}{size}{noise}")
+
+    def _show_tokens(self, accuracy: Any) -> None:
+        text = _tokens_html(accuracy)
+        self.tokens.setText(text)
+        self.tokens.setVisible(bool(text))
 
     def show_request(self, request: Any | None) -> None:
         """Time to first token, tokens/s and the whole request, before → after
         (a ``request.RequestComparison``), or nothing."""
         from opstudio.core.request import duration, rate
 
+        # with a request, the totals of its one step stay in words; their plot gives way
+        self.total.setVisible(request is None)
         if request is None:
             self.request_data = None
             self.request.clear()

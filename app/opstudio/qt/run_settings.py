@@ -1,11 +1,17 @@
 """The run settings dialog: runs, warm-up, threads, optimization level, dims, input file, and
 for a decoder with a KV cache the phase (prefill or decode), the past length and whether a
-comparison also estimates a request (prompt P, generate G: ``core.request``)."""
+comparison also estimates a request (prompt P, generate G: ``core.request``); for a model that
+reads token ids, the text its accuracy is judged on and the tokenizer (``core.text_prompt``).
+
+The app's defaults (``app_defaults``) differ from the command line's in one point: a comparison
+of a decoder with a KV cache estimates a request, because time to first token and tokens/s are
+what its users feel; the prefill alone can hide a decode step made several times faster."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import Qt
@@ -30,26 +36,35 @@ from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, is_past_length_nam
 from opstudio.core.profiler import OPT_LEVELS, ProfileSettings
 from opstudio.core.tensor_groups import describe_tensors
 from opstudio.core.tensors import TensorInfo
+from opstudio.core.text_prompt import find_tokenizer
 
 
 def settings_to_json(s: ProfileSettings) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(s).items()}
 
 
+def app_defaults() -> ProfileSettings:
+    """The settings of a first session: a decoder with a KV cache is compared per request."""
+    return ProfileSettings(request=True)
+
+
 def settings_from_json(data: Any) -> ProfileSettings:
-    """Settings saved by an earlier session; unknown or bad keys are dropped, not fatal."""
+    """Settings saved by an earlier session over the app's defaults; unknown or bad keys are
+    dropped, not fatal."""
     if not isinstance(data, dict):
-        return ProfileSettings()
+        return app_defaults()
     names = {f.name for f in dataclasses.fields(ProfileSettings)}
     try:
-        return ProfileSettings(**{k: v for k, v in data.items() if k in names})
+        return dataclasses.replace(app_defaults(),
+                                   **{k: v for k, v in data.items() if k in names})
     except (TypeError, ValueError):
-        return ProfileSettings()
+        return app_defaults()
 
 
 class RunSettingsDialog(QDialog):
     def __init__(self, settings: ProfileSettings, symbolic_dims: Sequence[str] = (),
-                 parent: QWidget | None = None, *, inputs: Sequence[TensorInfo] = ()) -> None:
+                 parent: QWidget | None = None, *, inputs: Sequence[TensorInfo] = (),
+                 model_path: str | Path | None = None, reads_tokens: bool = False) -> None:
         super().__init__(parent)
         self.setWindowTitle("Run settings")
         self._base = settings
@@ -151,8 +166,24 @@ class RunSettingsDialog(QDialog):
         h.addWidget(self.inputs_path, 1)
         h.addWidget(browse)
         form.addRow("Inputs (.npz)", inputs_row)
+        self.prompt_text = QLineEdit(settings.prompt_text or "")
+        self.prompt_text.setPlaceholderText("the built-in English passage")
+        self.prompt_text.setToolTip("the text next-token agreement and KL are judged on (and "
+                                    "calibration runs on) when no .npz is given")
+        self.tokenizer = QLineEdit(settings.tokenizer or "")
+        found = find_tokenizer(model_path)
+        self.tokenizer.setPlaceholderText(
+            f"{found.name} beside the model" if found is not None else
+            "none beside the model: accuracy on synthetic tokens")
+        self.tokenizer.setToolTip("a Hugging Face tokenizer.json to tokenize the text with")
+        if reads_tokens:  # only a model that reads token ids is judged on text
+            form.addRow("Prompt text", self._file_row(self.prompt_text, "Prompt text",
+                                                      "Text (*.txt);;All files (*)"))
+            form.addRow("Tokenizer", self._file_row(self.tokenizer, "Tokenizer",
+                                                    "Tokenizer (tokenizer.json *.json)"))
         note = QLabel("Inputs are generated from the model's input types unless an .npz file with "
-                      "one array per input name is given.")
+                      "one array per input name is given. A language model's accuracy is "
+                      "judged on a real text when its tokenizer is known.")
         note.setWordWrap(True)
         note.setObjectName("hint")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok
@@ -163,6 +194,22 @@ class RunSettingsDialog(QDialog):
         lay.addLayout(form)
         lay.addWidget(note)
         lay.addWidget(buttons)
+
+    def _file_row(self, line: QLineEdit, title: str, filters: str) -> QWidget:
+        row = QWidget()
+        h = QHBoxLayout(row)
+        h.setContentsMargins(0, 0, 0, 0)
+        browse = QPushButton("Browse…")
+
+        def choose() -> None:
+            path, _ = QFileDialog.getOpenFileName(self, title, "", filters)
+            if path:
+                line.setText(path)
+
+        browse.clicked.connect(choose)
+        h.addWidget(line, 1)
+        h.addWidget(browse)
+        return row
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Model inputs", "", "NumPy archive (*.npz)")
@@ -191,6 +238,8 @@ class RunSettingsDialog(QDialog):
             self._base, runs=self.runs.value(), warmup=self.warmup.value(),
             threads=self.threads.value(), opt_level=self.opt_level.currentText(), dims=dims,
             inputs_path=self.inputs_path.text().strip() or None,
+            prompt_text=self.prompt_text.text().strip() or None,
+            tokenizer=self.tokenizer.text().strip() or None,
             phase=None if phase == "auto" else phase,
             past=self.past.value() if phase == "decode" else None,
             # a model without a KV cache keeps the choice for the next one that has
