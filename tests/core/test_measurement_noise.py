@@ -51,7 +51,7 @@ def test_a_model_against_its_identical_copy_is_no_significant_change(tmp_path):
     c = compare_models(a, b, ProfileSettings(**FEW))
     assert c.plain_ratio is not None and 1 <= c.plain_ratio.rounds <= 8
     assert c.significant is False and not c.total_ratio.significant
-    assert c.verdict_text().startswith("no significant change (≈ 1×")
+    assert c.verdict_text().startswith("≈ 1× (no change beyond the noise), 95 % interval")
     timed = [r for r in c.nodes if r.ratio is not None]
     assert {r.name for r in timed} >= {"mm_big", "mm_out"}
     assert sum(bool(r.significant) for r in timed) <= 1

@@ -18,7 +18,13 @@ from opstudio.cli.request_view import (
     print_request_comparison,
 )
 from opstudio.core import report
-from opstudio.core.compare import Comparison, NodeDelta, compare_models, speedup_label
+from opstudio.core.compare import (
+    Comparison,
+    NodeDelta,
+    compare_models,
+    operators_changed,
+    speedup_label,
+)
 from opstudio.core.timing import Ratio
 
 
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(c: Comparison, top: int = 15) -> None:
     rows = []
     for r in c.nodes[:top]:
-        # "≈ 1×" when the interval holds 1: a difference within the noise is no finding
+        # the verdict, not the median: "≈ 1×" within the noise, "too few runs" below 6 pairs
         rows.append((r.name, r.op_type, "-" if r.before_ms is None else f"{r.before_ms:.4f}",
                      "-" if r.after_ms is None else f"{r.after_ms:.4f}", r.label(),
                      "" if r.ratio is None else f"[{r.ratio.low:.2f}, {r.ratio.high:.2f}]",
@@ -93,8 +99,7 @@ def print_summary(c: Comparison, top: int = 15) -> None:
         print(f"noise: {c.noise()}")
     timed = [r for r in c.nodes if r.ratio is not None]
     if timed:
-        changed = sum(1 for r in timed if r.significant)
-        print(f"operators: {changed} of {len(timed)} changed significantly, the others ≈ 1×")
+        print(operators_changed(timed))
     sb, sa = c.size_bytes["before"], c.size_bytes["after"]
     print(f"size: {sb:,} -> {sa:,} bytes ({(sa / sb if sb else 0):.0%})")
     print()

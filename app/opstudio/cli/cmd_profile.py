@@ -195,7 +195,8 @@ def print_summary(p: Profile, top: int = 20, file=None) -> None:
         print(f"profiling overhead: {ov['ratio']:.2f}x — {ov.get('note', '')}", file=file)
     elif ov.get("ratio_ci"):
         # an overhead below 1 is never a finding: the note says what it means instead
-        shown = "not measured" if ov.get("significant") else "≈ 1×"
+        shown = ("too few runs to tell" if ov.get("label") == "too few runs" else
+                 "not measured" if ov.get("significant") else "≈ 1×")
         print(f"profiling overhead: {shown} — {ov.get('note', '')}", file=file)
     line = f"unattributed: {p.unattributed_ms:.4f} ms"
     if p.unattributed:

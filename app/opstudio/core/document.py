@@ -123,8 +123,9 @@ def profile_summary(profile: Profile) -> str:
 
 
 def comparison_summary(comparison: Comparison) -> str:
-    """The status line after Optimize & compare: the verdict with its interval ("≈ 1×" when
-    the change is within the noise), and how quiet the machine was."""
+    """The status line after Optimize & compare: the verdict with its interval
+    (``Comparison.verdict_text``: faster, slower, "≈ 1×" or too few runs to tell), and how quiet
+    the machine was."""
     verdict = comparison.verdict_text()
     if not verdict:
         return "Optimized"

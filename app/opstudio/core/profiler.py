@@ -927,7 +927,7 @@ def _overhead(profiled_us: Sequence[float], plain_us: Sequence[float],
     """Profiled vs plain wall time (the paired ratio of runs timed in turns, quiet rounds), and
     what the difference costs per kernel event. Profiling cannot make a run faster: a ratio
     below 1 means the plain runs were disturbed, and is said so, not stated as an overhead."""
-    from opstudio.core.timing import paired_ratio
+    from opstudio.core.timing import MIN_ROUNDS, UNDECIDED, paired_ratio
 
     if not profiled_us or not plain_us:
         return {"ratio": None, "note": "plain runs were not measured"}
@@ -942,10 +942,14 @@ def _overhead(profiled_us: Sequence[float], plain_us: Sequence[float],
     plain = float(np.median(plain_q)) / 1000.0
     per_kernel_us = max(0.0, (prof - plain) * 1000.0 / kernels_per_run) if kernels_per_run else 0.0
     out = {"ratio": None, "ratio_ci": [round(r.low, 4), round(r.high, 4)],
-           "significant": r.significant, "label": r.label(), "profiled_wall_ms": round(prof, 6),
+           "significant": r.significant, "label": r.label(),
+           "profiled_wall_ms": round(prof, 6),
            "plain_wall_ms": round(plain, 6), "kernels_per_run": round(kernels_per_run, 2),
            "per_kernel_us": round(per_kernel_us, 3)}
-    if r.high < 1.0:
+    if r.verdict == UNDECIDED:
+        out["note"] = (f"what profiling adds cannot be told from {r.rounds} pairs of runs "
+                       f"({MIN_ROUNDS} needed)")
+    elif r.high < 1.0:
         out["note"] = (f"the plain runs were slower than the profiled ones ({r.describe()}), "
                        "which profiling cannot cause: the machine was busy while they ran; no "
                        "overhead is stated")

@@ -34,14 +34,23 @@ SAME_WITHIN = 0.03
 MIN_ROUNDS = 6
 
 
+# What a paired before/after ratio says, the one decision every view shows (words, colour,
+# JSON ``verdict``): beyond the noise faster or slower, the same within it, or too few pairs
+# to tell (then never "≈ 1×": 5 pairs cannot show that nothing changed).
+FASTER, SLOWER, SAME, UNDECIDED = "faster", "slower", "same", "undecided"
+
+
 @dataclass(frozen=True)
 class Ratio:
-    """Median of time(A) / time(B) over paired runs, with its 95 % interval."""
+    """Median of time(A) / time(B) over paired runs, with its 95 % interval. Read as a
+    speedup (before / after): above 1 is faster."""
 
     median: float
     low: float
     high: float
     rounds: int
+    # sessions of each model the rounds were spread over (their differences are in the interval)
+    sessions: int = 1
 
     @property
     def faster(self) -> bool:
@@ -49,19 +58,50 @@ class Ratio:
         return self.high < 1.0
 
     @property
+    def verdict(self) -> str:
+        """``FASTER``/``SLOWER`` when the interval clears 1 by more than ``SAME_WITHIN`` (beyond
+        the noise of this measurement and beyond what two sessions of one model differ by),
+        ``SAME`` when it does not, ``UNDECIDED`` below ``MIN_ROUNDS`` pairs (3 pairs all above
+        1 happen by chance 1 in 4)."""
+        if self.rounds < MIN_ROUNDS:
+            return UNDECIDED
+        if self.low > 1.0 + SAME_WITHIN:
+            return FASTER
+        if self.high < 1.0 / (1.0 + SAME_WITHIN):
+            return SLOWER
+        return SAME
+
+    @property
     def significant(self) -> bool:
-        """The interval clears 1 by more than ``SAME_WITHIN``: A and B differ beyond the noise
-        of this measurement and beyond what two sessions of one model differ by. Fewer than
-        ``MIN_ROUNDS`` pairs never are (3 pairs all above 1 happen by chance 1 in 4)."""
-        return self.rounds >= MIN_ROUNDS and (self.high < 1.0 / (1.0 + SAME_WITHIN)
-                                              or self.low > 1.0 + SAME_WITHIN)
+        """A verdict of faster or slower."""
+        return self.verdict in (FASTER, SLOWER)
 
     def describe(self) -> str:
         return f"{self.median:.3f}× [{self.low:.3f}, {self.high:.3f}] over {self.rounds} rounds"
 
+    def too_few(self) -> str:
+        """"too few runs to tell (5 pairs; 6 needed)"."""
+        return f"too few runs to tell ({self.rounds} pairs; {MIN_ROUNDS} needed)"
+
     def label(self, digits: int = 2) -> str:
-        """How a ratio is shown: "≈ 1×" when the interval holds 1, else the median."""
-        return f"{self.median:.{digits}f}×" if self.significant else "≈ 1×"
+        """How a ratio is shown in a cell: the median beyond the noise, "≈ 1×" within it,
+        "too few runs" when the pairs cannot tell."""
+        v = self.verdict
+        if v == UNDECIDED:
+            return "too few runs"
+        return f"{self.median:.{digits}f}×" if v != SAME else "≈ 1×"
+
+    def words(self, digits: int = 2) -> str:
+        """The verdict in a sentence, a slowdown as plainly as a speedup: "1.85× faster",
+        "1.15× slower", "≈ 1× (no change beyond the noise)", "too few runs to tell (…)"."""
+        v = self.verdict
+        if v == FASTER:
+            return f"{self.median:.{digits}f}× faster"
+        if v == SLOWER:
+            return f"{1 / self.median:.{digits}f}× slower"
+        if v == SAME:
+            return "≈ 1× (no change beyond the noise)"
+        return self.too_few()
 
 
 @dataclass(frozen=True)
