@@ -51,6 +51,7 @@ def test_compare_writes_html_and_csv_and_prints_a_table(tmp_path, capsys):
     # would claim one
     assert "verdict: too few runs to tell (5 pairs; 6 needed)" in printed
     assert "operators: too few runs to tell (5 pairs; 6 needed)" in printed
+    assert "hint:" not in printed  # no KV cache, nothing to hint at
     assert "95% interval" in printed and "≈ 1×" not in printed
     assert html.read_text().startswith("<!doctype html>")
     assert csv.read_text().startswith("name,op_type")
