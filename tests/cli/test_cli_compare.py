@@ -1,6 +1,7 @@
 """`opstudio compare`: exit codes, the JSON contract, HTML/CSV outputs."""
 
 import json
+import re
 
 import onnx
 
@@ -49,8 +50,9 @@ def test_compare_writes_html_and_csv_and_prints_a_table(tmp_path, capsys):
     assert "total (median, profiled)" in printed and "cosine" in printed
     # a model against itself, with 5 runs: no verdict can be drawn from so few, and "≈ 1×"
     # would claim one
-    assert "verdict: too few runs to tell (5 pairs; 6 needed)" in printed
-    assert "operators: too few runs to tell (5 pairs; 6 needed)" in printed
+    # (rounds a busy machine disturbed are left out of the pairs: 5 or fewer)
+    assert re.search(r"verdict: too few runs to tell \([1-5] pairs; 6 needed\)", printed)
+    assert re.search(r"operators: too few runs to tell \([1-5] pairs; 6 needed\)", printed)
     assert "hint:" not in printed  # no KV cache, nothing to hint at
     assert "95% interval" in printed and "≈ 1×" not in printed
     assert html.read_text().startswith("<!doctype html>")

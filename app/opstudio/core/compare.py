@@ -572,7 +572,8 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
         total_ratio=paired_speedup(prof_before.total_series_ms, prof_after.total_series_ms,
                                    profiled_rounds),
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
-                                   plain_rounds),
+                                   plain_rounds,
+                                   (prof_before.plain_sessions, prof_after.plain_sessions)),
         request=requests,
     )
 

@@ -17,6 +17,9 @@ profiling overhead is the paired ratio of profiled to plain wall time (onnxrunti
 µs per kernel event, so models made of many tiny kernels read slower when profiled; the per-node
 split is still the profiler's). ``profile_models`` measures several models in one child, their
 rounds interleaved too: what ``compare`` uses, so that before and after see the same machine.
+There each model's plain runs are spread over ``PLAIN_SESSIONS`` sessions, every session of one
+meeting every session of the other, so that the verdict's interval holds what two sessions of
+one model differ by (``timing.session_interval``).
 
 A busy machine only ever slows runs down: runs far above the median (``timing.spread``) are
 *disturbed*; statistics come from the quiet runs, and ``noise`` says how many were left out.
@@ -182,6 +185,8 @@ class Profile:
     # ms of every timed run in order (profiled model_run; plain): paired with another model's
     total_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
     plain_series_ms: list[float] = field(default_factory=list, repr=False, compare=False)
+    # which of the model's plain sessions each plain run ran on (``PLAIN_SESSIONS``)
+    plain_sessions: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -356,6 +361,61 @@ def _profile_in_child(model_path: str, settings_json: dict[str, Any],
     return profile
 
 
+# Plain sessions of each model when several models are compared: two sessions of one model
+# differ steadily by a few percent (measured here up to 15 % on a loaded machine: where their
+# weights and buffers land), so the verdict's interval must hold that, which one session per
+# model cannot show. Round i runs one session of each model, A's and B's chosen so that every
+# pair of sessions meets equally often (a Latin square); ``timing.session_interval`` reads
+# the spread. More sessions would narrow the interval's t quantile, at a model's memory each.
+PLAIN_SESSIONS = 4
+# what the extra sessions may take of the machine's memory, together
+_SESSIONS_MEMORY_SHARE = 0.25
+
+
+def plain_sessions(paths: Sequence[str]) -> int:
+    """Plain sessions per model: ``PLAIN_SESSIONS`` for a comparison, fewer when that many
+    copies of the models would not fit ``_SESSIONS_MEMORY_SHARE`` of the memory, one for a
+    single model."""
+    if len(paths) < 2:
+        return 1
+    size = sum(_file_bytes(p) for p in paths)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1
+    fits = int(_SESSIONS_MEMORY_SHARE * memory // max(size, 1))
+    return max(1, min(PLAIN_SESSIONS, fits))
+
+
+def _file_bytes(path: str) -> int:
+    """A model file and the external-data files beside it (a model's weights in memory)."""
+    p = Path(path)
+    total = p.stat().st_size
+    for side in p.parent.glob(p.name + "*"):
+        if side != p and side.is_file():
+            total += side.stat().st_size
+    return total
+
+
+class _Rotation:
+    """Several sessions of model ``model`` (of ``models``), one of which runs in each round
+    (``turn``): model 0's session ``i mod k``, model m's ``(i + m·⌊i/k⌋) mod k``, so that over
+    k² rounds every session of one model meets every session of the other. ``used`` holds the
+    session of each run."""
+
+    def __init__(self, sessions: list[Any], model: int) -> None:
+        self.sessions, self.model, self.current = sessions, model, 0
+        self.used: list[int] = []
+
+    def turn(self, i: int) -> None:
+        k = len(self.sessions)
+        self.current = (i + self.model * (i // k)) % k
+
+    def run(self, outputs: Any, feeds: Any) -> None:
+        self.used.append(self.current)
+        self.sessions[self.current].run(outputs, feeds)
+
+
 class _Fed:
     """A session that runs on its own inputs whatever it is handed: sessions of models with
     different inputs take turns in one ``interleaved_times``."""
@@ -374,12 +434,12 @@ class _Side:
     work: Path
     dump: bool
     profiled: Any
-    plain: Any
+    plain: list[Any]  # one session or more (``PLAIN_SESSIONS``)
     feeds: dict[str, np.ndarray]
 
 
 def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
-               inputs: Mapping[str, np.ndarray]) -> _Side:
+               inputs: Mapping[str, np.ndarray], plains: int = 1) -> _Side:
     from opstudio.core.model_io import ensure_node_names, load_model, save_model
 
     work.mkdir(parents=True, exist_ok=True)
@@ -418,10 +478,10 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
         dump = False
         sess = _create_session(ort, model_path, profiling_options(False), settings.provider)
     feeds = _check_feeds(sess, inputs)
-    plain = None
+    plain = []
     if settings.measure_plain:
-        plain = _create_session(ort, model_path, _session_options(ort, settings),
-                                settings.provider)
+        plain = [_create_session(ort, model_path, _session_options(ort, settings),
+                                 settings.provider) for _ in range(plains)]
     return _Side(model, model_path, work, dump, sess, plain, feeds)
 
 
@@ -434,14 +494,17 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     settings = ProfileSettings.from_json(settings_json)
     report = progress or (lambda f, m: None)
     report(0.01, "loading the model" if len(model_paths) == 1 else "loading the models")
-    sides = [_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs)
+    plains = plain_sessions(model_paths)
+    sides = [_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs, plains)
              for i, path in enumerate(model_paths)]
     sessions: dict[str, Any] = {}
-    for kind in ("plain", "profiled"):
-        for i, side in enumerate(sides):
-            sess = getattr(side, kind)
-            if sess is not None:
-                sessions[f"{kind}{i}"] = _Fed(sess, side.feeds)
+    for i, side in enumerate(sides):
+        if len(side.plain) > 1:
+            sessions[f"plain{i}"] = _Rotation([_Fed(s, side.feeds) for s in side.plain], i)
+        elif side.plain:
+            sessions[f"plain{i}"] = _Fed(side.plain[0], side.feeds)
+    for i, side in enumerate(sides):
+        sessions[f"profiled{i}"] = _Fed(side.profiled, side.feeds)
     report(0.1, "warming up")
     times, stable = _rounds(sessions, settings, len(sides), sum(len(s.model.graph.node)
                                                                 for s in sides), report)
@@ -450,7 +513,7 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     for i, side in enumerate(sides):
         report(0.9, "attributing kernels to nodes")
         trace_path = side.profiled.end_profiling()
-        side.profiled = side.plain = None
+        side.profiled, side.plain = None, []
         try:
             trace = read_trace(trace_path)
         except (OSError, ValueError) as exc:
@@ -467,6 +530,9 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         plain = [t * 1e3 for t in times.get(f"plain{i}", [])]
         profile = build_profile(side.model, trace, settings.warmup, len(profiled), optimized,
                                 profiled, plain)
+        rotation = sessions.get(f"plain{i}")
+        if isinstance(rotation, _Rotation) and plain:
+            profile.plain_sessions = rotation.used[-len(plain):]
         if stable is not None:
             profile.noise["stable"] = stable
             if not stable["reached"]:
@@ -506,6 +572,11 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
     # than that holds would be timed but not profiled
     limit = max(wanted, TRACE_EVENT_CAP // max(3 * nodes, 1) - settings.warmup)
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    rotations = [s for s in sessions.values() if isinstance(s, _Rotation)]
+    for rotation in rotations:  # the others warm up in the first round
+        for sess in rotation.sessions[1:]:
+            for _ in range(settings.warmup):
+                sess.run(None, {})
     spent = 0.0
     done = 0
     pct = math.inf
@@ -514,6 +585,8 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
         left = wanted - done if target is None else limit - done
         if left <= 0:
             break
+        for rotation in rotations:
+            rotation.turn(done)
         chunk = interleaved_times(_round_order(sessions, models, done, settings.seed), {},
                                   rounds=1,
                                   warmup=settings.warmup if done == 0 else 0)
@@ -529,13 +602,13 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
         if budget is not None and spent >= budget:
             break
         if target is not None and done >= next_check:
-            pct = _unsettled_pct(times, models)
+            pct = _unsettled_pct(times, models, _used(sessions, times))
             if pct <= target:
                 break
             next_check = done + max(2, done // 10)
     if target is None:
         return times, None
-    pct = _unsettled_pct(times, models)
+    pct = _unsettled_pct(times, models, _used(sessions, times))
     return times, {"target_pct": target, "pct": round(pct, 3), "reached": pct <= target,
                    "rounds": done}
 
@@ -553,7 +626,15 @@ def _round_order(sessions: Mapping[str, Any], models: int, i: int,
             for k in reversed([k for k in keys if k.rstrip("0123456789") == kind])}
 
 
-def _unsettled_pct(times: Mapping[str, list[float]], models: int) -> float:
+def _used(sessions: Mapping[str, Any], times: Mapping[str, list[float]]
+          ) -> dict[str, list[int]]:
+    """The session each timed run of a rotating key ran on."""
+    return {k: s.used[-len(times[k]):] for k, s in sessions.items()
+            if isinstance(s, _Rotation) and times[k]}
+
+
+def _unsettled_pct(times: Mapping[str, list[float]], models: int,
+                   used: Mapping[str, Sequence[int]] | None = None) -> float:
     """How far (in % of the median) the 95 % interval of the total reaches: of each model's
     plain and profiled run time (quiet runs), or with several models, of the paired ratio of
     each to the first."""
@@ -569,7 +650,10 @@ def _unsettled_pct(times: Mapping[str, list[float]], models: int) -> float:
             lo, hi = median_interval(quiet)
         else:
             for i in range(1, models):
-                r = paired_ratio(times[f"{kind}0"], times[f"{kind}{i}"])
+                on = None
+                if used and f"{kind}0" in used and f"{kind}{i}" in used:
+                    on = (used[f"{kind}0"], used[f"{kind}{i}"])
+                r = paired_ratio(times[f"{kind}0"], times[f"{kind}{i}"], on)
                 med, lo, hi = r.median, r.low, r.high
                 worst = max(worst, 100.0 * max(hi - med, med - lo) / med if med > 0 else math.inf)
             continue
