@@ -58,7 +58,7 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.progress import CancelCheck, Progress
-from opstudio.core.timing import quiet_runs
+from opstudio.core.timing import UNCERTAIN_PCT, drift_pct, quiet_runs
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CONTROL_FLOW = {"If", "Loop", "Scan", "BeamSearch", "GreedySearch", "Sampling",
@@ -534,12 +534,16 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         if isinstance(rotation, _Rotation) and plain:
             profile.plain_sessions = rotation.used[-len(plain):]
         if stable is not None:
+            stable = dict(stable)
+            # the operators' own figures must have settled too, not only the total
+            moved = profile.noise.get("uncertain_pct")
+            if moved is not None and len(model_paths) == 1 and moved > stable["pct"]:
+                stable["pct"] = moved
+                stable["reached"] = moved <= stable["target_pct"]
             profile.noise["stable"] = stable
-            if not stable["reached"]:
-                profile.notes.append(
-                    f"the total did not settle within ±{stable['target_pct']:g} % in "
-                    f"{stable['rounds']} runs (±{stable['pct']:.1f} % reached); "
-                    "a busy machine, or raise --time-budget")
+            if not stable["reached"]:  # said once, in the words of --until-stable
+                profile.notes = [unsettled_note(stable), *(
+                    n for n in profile.notes if not n.startswith("figures uncertain"))]
         profile.settings = settings
         profile.onnxruntime = ort.__version__
         profiles.append(profile)
@@ -613,6 +617,13 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
                    "rounds": done}
 
 
+def unsettled_note(stable: Mapping[str, Any]) -> str:
+    """What --until-stable says when the figures would not settle."""
+    return (f"could not settle: figures uncertain to ±{stable['pct']:.0f} % after "
+            f"{stable['rounds']} runs (target ±{stable['target_pct']:g} %); the machine is too "
+            "busy for that, profile again when it is quieter or raise --time-budget")
+
+
 def _round_order(sessions: Mapping[str, Any], models: int, i: int,
                  seed: int = 0) -> dict[str, Any]:
     keys = list(sessions)
@@ -648,6 +659,8 @@ def _unsettled_pct(times: Mapping[str, list[float]], models: int,
             quiet = spread(times[f"{kind}0"]).quiet_ms
             med = float(np.median(quiet))
             lo, hi = median_interval(quiet)
+            # a median can be known closely while the runs still move with the load
+            worst = max(worst, drift_pct(quiet) or 0.0)
         else:
             for i in range(1, models):
                 on = None
@@ -952,6 +965,11 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
     kernels_per_run = sum(len(ev) for _, ev in runs) / n_runs
     overhead = _overhead(profiled_wall_us or [], plain_us, kernels_per_run)
     noise = _noise(total_us, plain_us)
+    noise["uncertain_pct"] = _uncertain_pct([total_us[i] for i in quiet],
+                                            [[n.series_ms[i] for i in quiet] for n in nodes])
+    if noise["uncertain_pct"] is not None and noise["uncertain_pct"] >= UNCERTAIN_PCT:
+        # first: the one note the app's status line shows
+        notes.insert(0, uncertain_note(noise["uncertain_pct"]))
     if noise["busy"]:
         notes.append(noise["message"])
 
@@ -977,6 +995,35 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         kernel_events=timeline, attribution=attr.method, notes=notes, noise=noise,
         total_series_ms=[t / 1000.0 for t in total_us],
         plain_series_ms=[t / 1000.0 for t in plain_us])
+
+
+# the heaviest operators, covering this share of the time, speak for the profile's figures
+_HEAVY_SHARE = 0.8
+_HEAVY_MAX = 10
+
+
+def _uncertain_pct(total: Sequence[float], series: Sequence[Sequence[float]]) -> float | None:
+    """How far the profile's figures could move (``timing.drift_pct``): of the total, and the
+    median of the heaviest operators' (those making up ``_HEAVY_SHARE`` of the time; ``series``
+    in the profile's order, slowest first), whichever is farther; None with too few runs."""
+    heavy: list[Sequence[float]] = []
+    covered = 0.0
+    sums = [float(np.sum(s)) for s in series]
+    whole = sum(sums)
+    for s, t in zip(series, sums):
+        if covered >= _HEAVY_SHARE * whole or len(heavy) >= _HEAVY_MAX:
+            break
+        heavy.append(s)
+        covered += t
+    drifts = [d for d in (drift_pct(s) for s in heavy) if d is not None]
+    found = [d for d in (drift_pct(total), float(np.median(drifts)) if drifts else None)
+             if d is not None]
+    return round(max(found), 1) if found else None
+
+
+def uncertain_note(pct: float) -> str:
+    return (f"figures uncertain to ±{pct:.0f} %: stretches of this profile's runs disagree by "
+            "that much (the machine is busy); profile again when it is quieter")
 
 
 def _noise(profiled_us: Sequence[float], plain_us: Sequence[float]) -> dict[str, Any]:

@@ -134,6 +134,26 @@ class Spread:
 
 _MAD_LIMIT = 3.5
 
+# A profile whose stretches of runs disagree by this much (%) says its figures are uncertain:
+# on 2 cores with three busy processes, two profiles of one model read the heavy operators
+# 27-28 % apart (with one busy process, 2-8 %).
+UNCERTAIN_PCT = 5.0
+_STRETCHES = 4
+
+
+def drift_pct(series: Sequence[float]) -> float | None:
+    """How far (in % of the median of all runs) the medians of ``_STRETCHES`` consecutive
+    stretches of runs stray from it, the farthest: what a profile taken a little earlier or
+    later could have read, from the profile's own runs. A machine that stays equally busy
+    moves every stretch alike; one whose load comes and goes moves them apart. None below
+    two stretches of 3 runs."""
+    x = np.asarray(series, dtype=float)
+    k = min(_STRETCHES, x.size // 3)
+    med = float(np.median(x)) if x.size else 0.0
+    if k < 2 or med <= 0:
+        return None
+    return 100.0 * max(abs(float(np.median(part)) - med) for part in np.array_split(x, k)) / med
+
 
 def spread(times_ms: Sequence[float]) -> Spread:
     t = np.asarray(times_ms, dtype=float)
