@@ -577,9 +577,10 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
     limit = max(wanted, TRACE_EVENT_CAP // max(3 * nodes, 1) - settings.warmup)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     rotations = [s for s in sessions.values() if isinstance(s, _Rotation)]
-    for rotation in rotations:  # the others warm up in the first round
+    for rotation in rotations:  # the first session warms up in the first round
         for sess in rotation.sessions[1:]:
-            for _ in range(settings.warmup):
+            # one run allocates what a session keeps; the first round warms the process
+            for _ in range(min(settings.warmup, 1)):
                 sess.run(None, {})
     spent = 0.0
     done = 0
