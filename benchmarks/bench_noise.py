@@ -19,6 +19,17 @@ stops itself, each busy-looping in 10 ms on / 10 ms off slices (half a core each
 Target: coverage of identical copies ≥ 90 % (quiet and busy); identical pairs called different
 in ≤ 5 % of operators and never in total; a change of 2× or more (the whole model or an
 operator, by its measured median) always significant.
+
+Measured (defaults, 2 cores shared with other work: 1-min load average 3.8-4.9 "quiet",
+4.0-7.6 with the two background processes; 491 s in all):
+
+- coverage of identical copies, whole model (plain runs on 4 sessions a model): 60/60 quiet,
+  60/60 busy; median width of the interval ×1.39 and ×1.64 (as wide as the machine's load
+  made the runs: ±1-3 % in its quiet moments). The profiled totals, one session a model,
+  held 1 in 53/60 and 55/60.
+- identical pairs called different: operators 41/2520 (1.6 %), whole model 0/120;
+- INT8 pairs missed: whole model 0/18, rewritten MatMuls 0/72; changes of 2× or more not
+  called: 1/80.
 """
 
 from __future__ import annotations
