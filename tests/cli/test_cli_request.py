@@ -55,10 +55,11 @@ def test_compare_request_before_and_after(decoder, tmp_path, capsys):
                  "--generate", "4", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "before → after" in text
+    assert "before → after" in text and "hint:" not in text
     for label in ("time to first token", "decode", "a request of 16+4 tokens"):
         line = next(x for x in text.splitlines() if x.strip().startswith(label))
-        assert " → " in line and ("×" in line)
+        # four pairs: "too few runs", never "≈ 1×"
+        assert " → " in line and "(too few runs [" in line and "≈ 1×" not in line
     data = json.loads(out.read_text())
     req = data["request"]
     assert (req["prompt"], req["generate"]) == (16, 4)
@@ -67,7 +68,8 @@ def test_compare_request_before_and_after(decoder, tmp_path, capsys):
         s = req["speedup"][key]
         assert s["ci"][0] <= s["median"] <= s["ci"][1]
         # four pairs never make a verdict
-        assert s["label"] == "≈ 1×" and s["significant"] is False
+        assert s["label"] == "too few runs" and s["verdict"] == "undecided"
+        assert s["significant"] is False
 
 
 def test_a_model_without_a_kv_cache_is_refused(tmp_path, capsys):
@@ -83,3 +85,16 @@ def test_a_model_without_a_kv_cache_is_refused(tmp_path, capsys):
     assert "no past key/value" in capsys.readouterr().err
     assert main(["profile", str(path), *FAST, "--request", "--prompt", "0"]) == 1
     assert "--prompt must be a whole number" in capsys.readouterr().err
+
+
+def test_compare_of_a_kv_decoder_hints_at_decode_and_request_unless_asked(decoder, capsys):
+    hint = "hint: this decoder has a KV cache and is timed here in prefill"
+    assert main(["compare", str(decoder), str(decoder), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert out.count(hint) == 1 and "--phase decode" in out and "--request" in out
+    assert main(["compare", str(decoder), str(decoder), *FAST, "--phase", "decode"]) == 0
+    assert "hint:" not in capsys.readouterr().out
+    # JSON on stdout stays JSON: the hint goes to stderr
+    assert main(["compare", str(decoder), str(decoder), *FAST, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["verdict"] == "undecided" and hint in captured.err

@@ -114,3 +114,10 @@ def test_comparison_summary_says_about_1x_within_the_noise(mlp_path):
     assert "≈ 1×" in text and "[0.97, 1.10]" in text and "without the profiler" in text
     text = summary(None, Ratio(1.85, 1.79, 1.92, rounds=30))
     assert "1.85× faster" in text and "[1.79, 1.92]" in text and "(profiled)" in text
+    # a slowdown is said as plainly as a speedup
+    text = summary(Ratio(0.87, 0.83, 0.92, rounds=30), None)
+    assert text.startswith("Optimized: 1.15× slower (0.87×), 95 % interval [0.83, 0.92]")
+    # 5 pairs cannot tell, whatever their interval: never "≈ 1×" nor "no change"
+    text = summary(Ratio(0.87, 0.83, 0.92, rounds=5), None)
+    assert text.startswith("Optimized: too few runs to tell (5 pairs; 6 needed)")
+    assert "≈ 1×" not in text and "no change" not in text

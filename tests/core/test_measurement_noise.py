@@ -51,14 +51,17 @@ def test_a_model_against_its_identical_copy_is_no_significant_change(tmp_path):
     c = compare_models(a, b, ProfileSettings(**FEW))
     assert c.plain_ratio is not None and 1 <= c.plain_ratio.rounds <= 8
     assert c.significant is False and not c.total_ratio.significant
-    assert c.verdict_text().startswith("no significant change (≈ 1×")
+    assert c.verdict_text().startswith("≈ 1× (no change beyond the noise), 95 % interval")
     timed = [r for r in c.nodes if r.ratio is not None]
     assert {r.name for r in timed} >= {"mm_big", "mm_out"}
     assert sum(bool(r.significant) for r in timed) <= 1
-    assert all(r.label() == "≈ 1×" for r in timed if not r.significant)
+    assert all(r.label() in ("≈ 1×", "too few runs") for r in timed if not r.significant)
     data = c.to_json()
+    # the interval itself holds 1 in 95 % of compares, not in every one: how often it does is
+    # measured by benchmarks/bench_noise.py and, on simulated sessions, test_session_interval
     lo, hi = data["speedup_ci"]
-    assert lo <= 1.0 <= hi and data["significant"] is False
+    assert lo <= c.plain_ratio.median <= hi and data["significant"] is False
+    assert data["verdict"] in ("same", "undecided")
     for row in data["nodes"]:
         assert {"speedup_ci", "significant"} <= set(row)
 

@@ -68,3 +68,23 @@ def test_median_interval_holds_the_median():
     t = np.random.default_rng(1).normal(3.0, 0.1, 40)
     lo, hi = median_interval(t)
     assert lo <= float(np.median(t)) <= hi and hi - lo < 0.2
+
+
+def test_one_verdict_of_three_states_a_slowdown_as_plain_as_a_speedup():
+    from opstudio.core.timing import FASTER, MIN_ROUNDS, SAME, SLOWER, UNDECIDED, Ratio
+
+    faster = Ratio(1.85, 1.79, 1.92, rounds=20)
+    assert faster.verdict == FASTER and faster.label() == "1.85×"
+    assert faster.words() == "1.85× faster"
+    slower = Ratio(0.87, 0.83, 0.92, rounds=20)
+    assert slower.verdict == SLOWER and slower.label() == "0.87×"
+    assert slower.words() == "1.15× slower"
+    same = Ratio(0.99, 0.95, 1.04, rounds=20)
+    assert same.verdict == SAME and same.label() == "≈ 1×" and not same.significant
+    # the interval of 5 pairs says 8-17 % slower, but 5 pairs on one side of 1 happen by
+    # chance 1 in 16: no verdict, and no "≈ 1×" either
+    few = Ratio(0.87, 0.83, 0.92, rounds=MIN_ROUNDS - 1)
+    assert few.verdict == UNDECIDED and not few.significant
+    assert few.label() == "too few runs"
+    assert few.words() == f"too few runs to tell ({MIN_ROUNDS - 1} pairs; {MIN_ROUNDS} needed)"
+    assert Ratio(0.87, 0.83, 0.92, rounds=MIN_ROUNDS).verdict == SLOWER

@@ -55,7 +55,8 @@ def test_window_shows_the_request_before_and_after(window, qtbot, tmp_path):
     assert data["tokens_per_s"] == pytest.approx((request.before.tokens_per_s,
                                                   request.after.tokens_per_s))
     assert set(data["labels"]) == {"ttft", "tokens_per_s", "total"}
-    assert all(label.endswith("×") for label in data["labels"].values())
+    # 3 runs (the fixture's settings) cannot tell: said so, never "≈ 1×"
+    assert set(data["labels"].values()) == {"too few runs"}
     assert window.plots.request.isVisible()
     text = window.plots.request.text()
     assert "16 + 4 tokens" in text and "first token" in text and "tokens/s" in text

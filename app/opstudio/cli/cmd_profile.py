@@ -19,7 +19,13 @@ from opstudio.cli.common import (
 )
 from opstudio.cli.request_view import add_request_flags, apply_request_args, print_request
 from opstudio.core.fileio import write_text_atomic
-from opstudio.core.profiler import OPT_LEVELS, Profile, ProfileSettings, profile_model
+from opstudio.core.profiler import (
+    OPT_LEVELS,
+    Profile,
+    ProfileSettings,
+    profile_model,
+    unsettled_note,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,8 +72,10 @@ def add_profile_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--until-stable", type=float, nargs="?", const=5.0, default=None,
                        metavar="PCT",
                        help="after --runs, keep running until the 95%% interval of the total's "
-                            "median is within PCT%% of it (default 5), or the time budget "
-                            "(--time-budget, else 30 s) is spent")
+                            "median is within PCT%% of it and stretches of the runs agree as "
+                            "closely, on the total and the heaviest operators (default 5); "
+                            "if that is not reached within the time budget (--time-budget, "
+                            "else 30 s), say so and print no figures (exit 1)")
     group.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
                        help=f"stop onnxruntime if it takes longer than S seconds in all "
                             f"(default {d.timeout_s:g})")
@@ -96,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
     wants_request = apply_request_args(args, settings, [args.model])
     profile = profile_model(args.model, settings,
                             progress=None if quiet else progress_printer())
+    stable = profile.noise.get("stable")
+    if stable and not stable["reached"]:
+        # figures that move by more than was asked are not printed as if they held
+        if not quiet:
+            clear_progress()
+        print(f"error: {unsettled_note(stable)}", file=sys.stderr)
+        return 1
     request = None
     if wants_request:
         from opstudio.core.request import estimate_requests
@@ -196,7 +211,8 @@ def print_summary(p: Profile, top: int = 20, file=None) -> None:
         print(f"profiling overhead: {ov['ratio']:.2f}x — {ov.get('note', '')}", file=file)
     elif ov.get("ratio_ci"):
         # an overhead below 1 is never a finding: the note says what it means instead
-        shown = "not measured" if ov.get("significant") else "≈ 1×"
+        shown = ("too few runs to tell" if ov.get("label") == "too few runs" else
+                 "not measured" if ov.get("significant") else "≈ 1×")
         print(f"profiling overhead: {shown} — {ov.get('note', '')}", file=file)
     line = f"unattributed: {p.unattributed_ms:.4f} ms"
     if p.unattributed:

@@ -4,8 +4,9 @@ Both models are profiled on the same inputs, generated once from the *before* mo
 from the user's ``.npz``), in one child process, their runs taking turns round by round
 (``profiler.profile_models``): run ``i`` of before and run ``i`` of after are moments apart, so
 the median of their paired ratios (``timing.paired_ratio``, with its 95 % interval)
-is nearly free of what else the machine was doing. A total or a node whose interval holds 1 is
-*no significant change* ("≈ 1×"), whatever its median says. Rows are keyed by original node names: the profile of an optimized
+is nearly free of what else the machine was doing. Each total and node gets the one verdict of
+``Ratio.verdict``: faster or slower beyond the noise, "≈ 1×" within it, or too few runs to tell,
+whatever its median says. Rows are keyed by original node names: the profile of an optimized
 model already reports kernels against the node they came from (provenance). When onnxruntime
 fuses nodes differently in the two models (``mm0`` alone before, ``mm0`` + ``add0`` fused after),
 the rows are merged into one group so that no time is compared against the wrong thing.
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from opstudio.core import timing
 from opstudio.core.accuracy import AccuracyReport, evaluate
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.inputs import NeedsInputs, make_inputs
@@ -89,20 +91,21 @@ class NodeDelta:
         return None if self.ratio is None else self.ratio.significant
 
     def label(self) -> str:
-        """The speedup as shown: "≈ 1×" when not significant, "" when there is none."""
+        """The speedup as shown (``Ratio.label``), "" when there is none."""
         return speedup_label(self.speedup, self.ratio)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "op_type": self.op_type,
                 "before_ms": _ms(self.before_ms), "after_ms": _ms(self.after_ms),
                 "speedup": _round(self.speedup), "speedup_ci": _ci(self.ratio),
-                "significant": self.significant, "group": self.group, "status": self.status,
+                "significant": self.significant, "verdict": _verdict(self.ratio),
+                "group": self.group, "status": self.status,
                 "after_names": list(self.after_names)}
 
 
 def speedup_label(speedup: float | None, ratio: Ratio | None, digits: int = 2) -> str:
-    """How a speedup is shown everywhere: the ratio's label ("≈ 1×" when its interval holds
-    1), the bare figure when it was not measured in pairs, "" when there is none."""
+    """How a speedup is shown everywhere: the ratio's label (``Ratio.label``), the bare figure
+    when it was not measured in pairs, "" when there is none."""
     if speedup is None:
         return ""
     return ratio.label(digits) if ratio is not None else f"{speedup:.{digits}f}×"
@@ -112,9 +115,33 @@ def interval_text(ratio: Ratio | None) -> str:
     """The 95 % interval in words, for tooltips and tables."""
     if ratio is None:
         return ""
-    verdict = "" if ratio.significant else "; no significant change"
-    return (f"95 % interval {ratio.low:.2f}–{ratio.high:.2f}× over {ratio.rounds} paired "
-            f"runs{verdict}")
+    return (f"{ratio.words()}: 95 % interval {ratio.low:.2f}–{ratio.high:.2f}× over "
+            f"{ratio.rounds} paired runs{_sessions(ratio)}")
+
+
+def operators_changed(rows: Sequence[NodeDelta]) -> str:
+    """How the timed operators' verdicts fall: "2 of 9 operators faster, 1 slower, the others
+    ≈ 1×" (with "too few runs to tell" when the pairs cannot)."""
+    counts = {v: sum(1 for r in rows if r.ratio is not None and r.ratio.verdict == v)
+              for v in (timing.FASTER, timing.SLOWER, timing.SAME, timing.UNDECIDED)}
+    undecided = [r.ratio for r in rows if r.ratio is not None and r.ratio.verdict == timing.UNDECIDED]
+    if undecided and len(undecided) == len(rows):
+        return f"operators: {undecided[0].too_few()}"
+    parts = [f"{counts[timing.FASTER]} of {len(rows)} operators faster beyond the noise",
+             f"{counts[timing.SLOWER]} slower"]
+    if counts[timing.UNDECIDED]:
+        parts.append(f"{counts[timing.UNDECIDED]} too few runs to tell")
+    parts.append(f"{counts[timing.SAME]} ≈ 1×")
+    return ", ".join(parts)
+
+
+def _sessions(ratio: Ratio) -> str:
+    return f" on {ratio.sessions} sessions of each model" if ratio.sessions > 1 else ""
+
+
+def _verdict(ratio: Ratio | None) -> str | None:
+    """The JSON ``verdict``: faster, slower, same, undecided (None: not timed in pairs)."""
+    return None if ratio is None else ratio.verdict
 
 
 @dataclass
@@ -196,16 +223,16 @@ class Comparison:
         return None if v is None else v.significant
 
     def verdict_text(self) -> str:
-        """One line: "1.85× faster [1.79, 1.92]" or "no significant change (≈ 1×, …)"."""
+        """One line, ``Ratio.words`` with the interval: "1.85× faster, 95 % interval [1.79,
+        1.92]", "1.15× slower (0.87×), …", "≈ 1× (no change beyond the noise), …", "too few
+        runs to tell (5 pairs; 6 needed), …"."""
         v = self.verdict
         if v is None:
             return ""
-        ci = f"[{v.low:.2f}, {v.high:.2f}]"
-        if not v.significant:
-            return f"no significant change (≈ 1×, 95 % interval {ci})"
-        if v.median >= 1:
-            return f"{v.median:.2f}× faster, 95 % interval {ci}"
-        return f"{1 / v.median:.2f}× slower ({v.median:.2f}×), 95 % interval {ci}"
+        ci = f"95 % interval [{v.low:.2f}, {v.high:.2f}]"
+        if v.verdict == timing.SLOWER:
+            return f"{v.words()} ({v.median:.2f}×), {ci}"
+        return f"{v.words()}, {ci}"
 
     def noise(self) -> str:
         """What the machine was like while the two were timed (the busier side speaks)."""
@@ -252,6 +279,7 @@ class Comparison:
             row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
             row["speedup_ci"] = _ci(ratio)
             row["significant"] = None if ratio is None else ratio.significant
+            row["verdict"] = _verdict(ratio)
             op_rows.append(row)
         return {
             "before_model": self.before_path,
@@ -261,6 +289,8 @@ class Comparison:
             # the whole model's verdict: the plain runs' ratio (else the profiled ones')
             "speedup_ci": _ci(self.verdict),
             "significant": self.significant,
+            # faster | slower | same | undecided (too few runs to tell)
+            "verdict": _verdict(self.verdict),
             "speedup": _round(self.speedup),
             "profiled_speedup_ci": _ci(self.total_ratio),
             "plain_speedup": _round(self.plain_speedup),
@@ -557,7 +587,8 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
         total_ratio=paired_speedup(prof_before.total_series_ms, prof_after.total_series_ms,
                                    profiled_rounds),
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
-                                   plain_rounds),
+                                   plain_rounds,
+                                   (prof_before.plain_sessions, prof_after.plain_sessions)),
         request=requests, step=prof_before.step,
     )
 

@@ -141,8 +141,9 @@ def not_compared_summary(not_compared: NotCompared) -> str:
 
 def comparison_summary(comparison: Comparison) -> str:
     """The status line after Optimize & compare: for a decoder whose request was estimated,
-    its first token and tokens/s first; then the verdict with its interval ("≈ 1×" when the
-    change is within the noise), named by the step it timed, and how quiet the machine was."""
+    its first token and tokens/s first; then the verdict with its interval
+    (``Comparison.verdict_text``: faster, slower, "≈ 1×" or too few runs to tell), named by the
+    step it timed, and how quiet the machine was."""
     verdict = comparison.verdict_text()
     if not verdict:
         return "Optimized"

@@ -17,6 +17,9 @@ profiling overhead is the paired ratio of profiled to plain wall time (onnxrunti
 µs per kernel event, so models made of many tiny kernels read slower when profiled; the per-node
 split is still the profiler's). ``profile_models`` measures several models in one child, their
 rounds interleaved too: what ``compare`` uses, so that before and after see the same machine.
+There each model's plain runs are spread over ``PLAIN_SESSIONS`` sessions, every session of one
+meeting every session of the other, so that the verdict's interval holds what two sessions of
+one model differ by (``timing.session_interval``).
 
 A busy machine only ever slows runs down: runs far above the median (``timing.spread``) are
 *disturbed*; statistics come from the quiet runs, and ``noise`` says how many were left out.
@@ -57,7 +60,7 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.tensor_groups import describe_tensors
 from opstudio.core.tensors import TensorInfo
-from opstudio.core.timing import quiet_runs
+from opstudio.core.timing import UNCERTAIN_PCT, drift_pct, quiet_runs
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CONTROL_FLOW = {"If", "Loop", "Scan", "BeamSearch", "GreedySearch", "Sampling",
@@ -194,6 +197,8 @@ class Profile:
     # the step of a decoder with a KV cache that was run ("prefill of 128 tokens"; "" for
     # another model): every figure is that step's
     step: str = ""
+    # which of the model's plain sessions each plain run ran on (``PLAIN_SESSIONS``)
+    plain_sessions: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -381,6 +386,61 @@ def _profile_in_child(model_path: str, settings_json: dict[str, Any],
     return profile
 
 
+# Plain sessions of each model when several models are compared: two sessions of one model
+# differ steadily by a few percent (measured here up to 15 % on a loaded machine: where their
+# weights and buffers land), so the verdict's interval must hold that, which one session per
+# model cannot show. Round i runs one session of each model, A's and B's chosen so that every
+# pair of sessions meets equally often (a Latin square); ``timing.session_interval`` reads
+# the spread. More sessions would narrow the interval's t quantile, at a model's memory each.
+PLAIN_SESSIONS = 4
+# what the extra sessions may take of the machine's memory, together
+_SESSIONS_MEMORY_SHARE = 0.25
+
+
+def plain_sessions(paths: Sequence[str]) -> int:
+    """Plain sessions per model: ``PLAIN_SESSIONS`` for a comparison, fewer when that many
+    copies of the models would not fit ``_SESSIONS_MEMORY_SHARE`` of the memory, one for a
+    single model."""
+    if len(paths) < 2:
+        return 1
+    size = sum(_file_bytes(p) for p in paths)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1
+    fits = int(_SESSIONS_MEMORY_SHARE * memory // max(size, 1))
+    return max(1, min(PLAIN_SESSIONS, fits))
+
+
+def _file_bytes(path: str) -> int:
+    """A model file and the external-data files beside it (a model's weights in memory)."""
+    p = Path(path)
+    total = p.stat().st_size
+    for side in p.parent.glob(p.name + "*"):
+        if side != p and side.is_file():
+            total += side.stat().st_size
+    return total
+
+
+class _Rotation:
+    """Several sessions of model ``model`` (of ``models``), one of which runs in each round
+    (``turn``): model 0's session ``i mod k``, model m's ``(i + m·⌊i/k⌋) mod k``, so that over
+    k² rounds every session of one model meets every session of the other. ``used`` holds the
+    session of each run."""
+
+    def __init__(self, sessions: list[Any], model: int) -> None:
+        self.sessions, self.model, self.current = sessions, model, 0
+        self.used: list[int] = []
+
+    def turn(self, i: int) -> None:
+        k = len(self.sessions)
+        self.current = (i + self.model * (i // k)) % k
+
+    def run(self, outputs: Any, feeds: Any) -> None:
+        self.used.append(self.current)
+        self.sessions[self.current].run(outputs, feeds)
+
+
 class _Fed:
     """A session that runs on its own inputs whatever it is handed: sessions of models with
     different inputs take turns in one ``interleaved_times``."""
@@ -399,12 +459,12 @@ class _Side:
     work: Path
     dump: bool
     profiled: Any
-    plain: Any
+    plain: list[Any]  # one session or more (``PLAIN_SESSIONS``)
     feeds: dict[str, np.ndarray]
 
 
 def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
-               inputs: Mapping[str, np.ndarray]) -> _Side:
+               inputs: Mapping[str, np.ndarray], plains: int = 1) -> _Side:
     from opstudio.core.model_io import ensure_node_names, load_model, save_model
 
     work.mkdir(parents=True, exist_ok=True)
@@ -443,10 +503,10 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
         dump = False
         sess = _create_session(ort, model_path, profiling_options(False), settings.provider)
     feeds = _check_feeds(sess, inputs)
-    plain = None
+    plain = []
     if settings.measure_plain:
-        plain = _create_session(ort, model_path, _session_options(ort, settings),
-                                settings.provider)
+        plain = [_create_session(ort, model_path, _session_options(ort, settings),
+                                 settings.provider) for _ in range(plains)]
     return _Side(model, model_path, work, dump, sess, plain, feeds)
 
 
@@ -459,14 +519,17 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     settings = ProfileSettings.from_json(settings_json)
     report = progress or (lambda f, m: None)
     report(0.01, "loading the model" if len(model_paths) == 1 else "loading the models")
-    sides = [_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs)
+    plains = plain_sessions(model_paths)
+    sides = [_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs, plains)
              for i, path in enumerate(model_paths)]
     sessions: dict[str, Any] = {}
-    for kind in ("plain", "profiled"):
-        for i, side in enumerate(sides):
-            sess = getattr(side, kind)
-            if sess is not None:
-                sessions[f"{kind}{i}"] = _Fed(sess, side.feeds)
+    for i, side in enumerate(sides):
+        if len(side.plain) > 1:
+            sessions[f"plain{i}"] = _Rotation([_Fed(s, side.feeds) for s in side.plain], i)
+        elif side.plain:
+            sessions[f"plain{i}"] = _Fed(side.plain[0], side.feeds)
+    for i, side in enumerate(sides):
+        sessions[f"profiled{i}"] = _Fed(side.profiled, side.feeds)
     report(0.1, "warming up")
     times, stable = _rounds(sessions, settings, len(sides), sum(len(s.model.graph.node)
                                                                 for s in sides), report)
@@ -475,7 +538,7 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     for i, side in enumerate(sides):
         report(0.9, "attributing kernels to nodes")
         trace_path = side.profiled.end_profiling()
-        side.profiled = side.plain = None
+        side.profiled, side.plain = None, []
         try:
             trace = read_trace(trace_path)
         except (OSError, ValueError) as exc:
@@ -492,13 +555,20 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         plain = [t * 1e3 for t in times.get(f"plain{i}", [])]
         profile = build_profile(side.model, trace, settings.warmup, len(profiled), optimized,
                                 profiled, plain)
+        rotation = sessions.get(f"plain{i}")
+        if isinstance(rotation, _Rotation) and plain:
+            profile.plain_sessions = rotation.used[-len(plain):]
         if stable is not None:
+            stable = dict(stable)
+            # the operators' own figures must have settled too, not only the total
+            moved = profile.noise.get("uncertain_pct")
+            if moved is not None and len(model_paths) == 1 and moved > stable["pct"]:
+                stable["pct"] = moved
+                stable["reached"] = moved <= stable["target_pct"]
             profile.noise["stable"] = stable
-            if not stable["reached"]:
-                profile.notes.append(
-                    f"the total did not settle within ±{stable['target_pct']:g} % in "
-                    f"{stable['rounds']} runs (±{stable['pct']:.1f} % reached); "
-                    "a busy machine, or raise --time-budget")
+            if not stable["reached"]:  # said once, in the words of --until-stable
+                profile.notes = [unsettled_note(stable), *(
+                    n for n in profile.notes if not n.startswith("figures uncertain"))]
         profile.settings = settings
         profile.onnxruntime = ort.__version__
         profiles.append(profile)
@@ -531,6 +601,12 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
     # than that holds would be timed but not profiled
     limit = max(wanted, TRACE_EVENT_CAP // max(3 * nodes, 1) - settings.warmup)
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    rotations = [s for s in sessions.values() if isinstance(s, _Rotation)]
+    for rotation in rotations:  # the first session warms up in the first round
+        for sess in rotation.sessions[1:]:
+            # one run allocates what a session keeps; the first round warms the process
+            for _ in range(min(settings.warmup, 1)):
+                sess.run(None, {})
     spent = 0.0
     done = 0
     pct = math.inf
@@ -539,6 +615,8 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
         left = wanted - done if target is None else limit - done
         if left <= 0:
             break
+        for rotation in rotations:
+            rotation.turn(done)
         chunk = interleaved_times(_round_order(sessions, models, done, settings.seed), {},
                                   rounds=1,
                                   warmup=settings.warmup if done == 0 else 0)
@@ -554,15 +632,22 @@ def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int,
         if budget is not None and spent >= budget:
             break
         if target is not None and done >= next_check:
-            pct = _unsettled_pct(times, models)
+            pct = _unsettled_pct(times, models, _used(sessions, times))
             if pct <= target:
                 break
             next_check = done + max(2, done // 10)
     if target is None:
         return times, None
-    pct = _unsettled_pct(times, models)
+    pct = _unsettled_pct(times, models, _used(sessions, times))
     return times, {"target_pct": target, "pct": round(pct, 3), "reached": pct <= target,
                    "rounds": done}
+
+
+def unsettled_note(stable: Mapping[str, Any]) -> str:
+    """What --until-stable says when the figures would not settle."""
+    return (f"could not settle: figures uncertain to ±{stable['pct']:.0f} % after "
+            f"{stable['rounds']} runs (target ±{stable['target_pct']:g} %); the machine is too "
+            "busy for that, profile again when it is quieter or raise --time-budget")
 
 
 def _round_order(sessions: Mapping[str, Any], models: int, i: int,
@@ -578,7 +663,15 @@ def _round_order(sessions: Mapping[str, Any], models: int, i: int,
             for k in reversed([k for k in keys if k.rstrip("0123456789") == kind])}
 
 
-def _unsettled_pct(times: Mapping[str, list[float]], models: int) -> float:
+def _used(sessions: Mapping[str, Any], times: Mapping[str, list[float]]
+          ) -> dict[str, list[int]]:
+    """The session each timed run of a rotating key ran on."""
+    return {k: s.used[-len(times[k]):] for k, s in sessions.items()
+            if isinstance(s, _Rotation) and times[k]}
+
+
+def _unsettled_pct(times: Mapping[str, list[float]], models: int,
+                   used: Mapping[str, Sequence[int]] | None = None) -> float:
     """How far (in % of the median) the 95 % interval of the total reaches: of each model's
     plain and profiled run time (quiet runs), or with several models, of the paired ratio of
     each to the first."""
@@ -592,9 +685,14 @@ def _unsettled_pct(times: Mapping[str, list[float]], models: int) -> float:
             quiet = spread(times[f"{kind}0"]).quiet_ms
             med = float(np.median(quiet))
             lo, hi = median_interval(quiet)
+            # a median can be known closely while the runs still move with the load
+            worst = max(worst, drift_pct(quiet) or 0.0)
         else:
             for i in range(1, models):
-                r = paired_ratio(times[f"{kind}0"], times[f"{kind}{i}"])
+                on = None
+                if used and f"{kind}0" in used and f"{kind}{i}" in used:
+                    on = (used[f"{kind}0"], used[f"{kind}{i}"])
+                r = paired_ratio(times[f"{kind}0"], times[f"{kind}{i}"], on)
                 med, lo, hi = r.median, r.low, r.high
                 worst = max(worst, 100.0 * max(hi - med, med - lo) / med if med > 0 else math.inf)
             continue
@@ -893,6 +991,11 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
     kernels_per_run = sum(len(ev) for _, ev in runs) / n_runs
     overhead = _overhead(profiled_wall_us or [], plain_us, kernels_per_run)
     noise = _noise(total_us, plain_us)
+    noise["uncertain_pct"] = _uncertain_pct([total_us[i] for i in quiet],
+                                            [[n.series_ms[i] for i in quiet] for n in nodes])
+    if noise["uncertain_pct"] is not None and noise["uncertain_pct"] >= UNCERTAIN_PCT:
+        # first: the one note the app's status line shows
+        notes.insert(0, uncertain_note(noise["uncertain_pct"]))
     if noise["busy"]:
         notes.append(noise["message"])
 
@@ -918,6 +1021,35 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
         kernel_events=timeline, attribution=attr.method, notes=notes, noise=noise,
         total_series_ms=[t / 1000.0 for t in total_us],
         plain_series_ms=[t / 1000.0 for t in plain_us])
+
+
+# the heaviest operators, covering this share of the time, speak for the profile's figures
+_HEAVY_SHARE = 0.8
+_HEAVY_MAX = 10
+
+
+def _uncertain_pct(total: Sequence[float], series: Sequence[Sequence[float]]) -> float | None:
+    """How far the profile's figures could move (``timing.drift_pct``): of the total, and the
+    median of the heaviest operators' (those making up ``_HEAVY_SHARE`` of the time; ``series``
+    in the profile's order, slowest first), whichever is farther; None with too few runs."""
+    heavy: list[Sequence[float]] = []
+    covered = 0.0
+    sums = [float(np.sum(s)) for s in series]
+    whole = sum(sums)
+    for s, t in zip(series, sums):
+        if covered >= _HEAVY_SHARE * whole or len(heavy) >= _HEAVY_MAX:
+            break
+        heavy.append(s)
+        covered += t
+    drifts = [d for d in (drift_pct(s) for s in heavy) if d is not None]
+    found = [d for d in (drift_pct(total), float(np.median(drifts)) if drifts else None)
+             if d is not None]
+    return round(max(found), 1) if found else None
+
+
+def uncertain_note(pct: float) -> str:
+    return (f"figures uncertain to ±{pct:.0f} %: stretches of this profile's runs disagree by "
+            "that much (the machine is busy); profile again when it is quieter")
 
 
 def _noise(profiled_us: Sequence[float], plain_us: Sequence[float]) -> dict[str, Any]:
@@ -952,7 +1084,7 @@ def _overhead(profiled_us: Sequence[float], plain_us: Sequence[float],
     """Profiled vs plain wall time (the paired ratio of runs timed in turns, quiet rounds), and
     what the difference costs per kernel event. Profiling cannot make a run faster: a ratio
     below 1 means the plain runs were disturbed, and is said so, not stated as an overhead."""
-    from opstudio.core.timing import paired_ratio
+    from opstudio.core.timing import MIN_ROUNDS, UNDECIDED, paired_ratio
 
     if not profiled_us or not plain_us:
         return {"ratio": None, "note": "plain runs were not measured"}
@@ -967,10 +1099,14 @@ def _overhead(profiled_us: Sequence[float], plain_us: Sequence[float],
     plain = float(np.median(plain_q)) / 1000.0
     per_kernel_us = max(0.0, (prof - plain) * 1000.0 / kernels_per_run) if kernels_per_run else 0.0
     out = {"ratio": None, "ratio_ci": [round(r.low, 4), round(r.high, 4)],
-           "significant": r.significant, "label": r.label(), "profiled_wall_ms": round(prof, 6),
+           "significant": r.significant, "label": r.label(),
+           "profiled_wall_ms": round(prof, 6),
            "plain_wall_ms": round(plain, 6), "kernels_per_run": round(kernels_per_run, 2),
            "per_kernel_us": round(per_kernel_us, 3)}
-    if r.high < 1.0:
+    if r.verdict == UNDECIDED:
+        out["note"] = (f"what profiling adds cannot be told from {r.rounds} pairs of runs "
+                       f"({MIN_ROUNDS} needed)")
+    elif r.high < 1.0:
         out["note"] = (f"the plain runs were slower than the profiled ones ({r.describe()}), "
                        "which profiling cannot cause: the machine was busy while they ran; no "
                        "overhead is stated")

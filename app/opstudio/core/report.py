@@ -4,7 +4,8 @@ The HTML page has no scripts and no external resources (it is opened from disk, 
 attached to CI runs): the charts are inline SVG drawn here, the tables plain HTML.
 
 Every speedup shown is the comparison's paired ratio (``timing.paired_ratio`` via ``compare``):
-one whose 95 % interval holds 1 reads "≈ 1×" in a neutral colour, the interval in its tooltip.
+its verdict (``Ratio.verdict``) decides the words and colour: faster green, slower red, "≈ 1×"
+and "too few runs" neutral, the interval in its tooltip.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opstudio import __version__
+from opstudio.core.compare import operators_changed
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.tensor_groups import group_tensors, shape_text
+from opstudio.core.timing import FASTER, SLOWER
 
 if TYPE_CHECKING:
     from opstudio.core.compare import Comparison
@@ -47,14 +50,15 @@ def nodes_csv(comparison: Comparison) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["name", "op_type", "before_ms", "after_ms", "speedup", "group", "status",
-                     "after_names", "speedup_low", "speedup_high", "significant"])
+                     "after_names", "speedup_low", "speedup_high", "significant", "verdict"])
     for row in comparison.nodes:
         r = row.ratio
         writer.writerow([row.name, row.op_type, _csv_ms(row.before_ms), _csv_ms(row.after_ms),
                          "" if row.speedup is None else f"{row.speedup:.4f}",
                          " ".join(row.group), row.status, " ".join(row.after_names),
                          "" if r is None else f"{r.low:.4f}", "" if r is None else f"{r.high:.4f}",
-                         "" if r is None else str(r.significant).lower()])
+                         "" if r is None else str(r.significant).lower(),
+                         "" if r is None else r.verdict])
     return buf.getvalue()
 
 
@@ -117,7 +121,8 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
 
 
 def _speedup_cell(speedup: float | None, ratio: Any) -> tuple[str, str, str]:
-    """(text, css class, tooltip) of a speedup: "≈ 1×" neutral when its interval holds 1."""
+    """(text, css class, tooltip) of a speedup: "≈ 1×" or "too few runs" neutral when the
+    ratio gives no verdict of faster or slower."""
     from opstudio.core.compare import interval_text, speedup_label
 
     text = speedup_label(speedup, ratio)
@@ -125,7 +130,7 @@ def _speedup_cell(speedup: float | None, ratio: Any) -> tuple[str, str, str]:
         return text, "neutral" if text else "", interval_text(ratio)
     if ratio is None:  # not measured in pairs: the figure, without a verdict
         return text, "", ""
-    return text, "good" if speedup > 1 else "bad", interval_text(ratio)
+    return text, "good" if ratio.verdict == FASTER else "bad", interval_text(ratio)
 
 
 def _verdict_card(c: Comparison) -> str:
@@ -137,6 +142,8 @@ def _verdict_card(c: Comparison) -> str:
     text, cls, tip = _speedup_cell(speed, v)
     which = "unprofiled" if c.plain_ratio is not None else "profiled"
     note = f"{which}; {interval_text(v)}" if v is not None else which
+    if v is not None and v.verdict == SLOWER:
+        text = f"{text} ({v.words()})"
     noise = c.noise()
     if noise:
         note += f"; {noise}"
@@ -150,10 +157,7 @@ def _significance_note(c: Comparison) -> str:
     timed = [r for r in c.nodes if r.ratio is not None]
     if not timed:
         return ""
-    changed = sum(1 for r in timed if r.significant)
-    return (f"<p class='meta'>{changed} of {len(timed)} operators changed beyond the noise "
-            "(95 % interval of the paired ratio excludes 1); the others read ≈ 1×. Hover a "
-            "speedup for its interval.</p>")
+    return f"<p class='meta'>{_e(operators_changed(timed))}. Hover a speedup for its interval.</p>"
 
 
 def _card(label: str, value: str, note: str) -> str:

@@ -184,7 +184,7 @@ class RequestComparison:
             if r is None:
                 return None
             return {"median": _r(r.median, 4), "ci": [_r(r.low, 4), _r(r.high, 4)],
-                    "significant": r.significant, "label": r.label()}
+                    "significant": r.significant, "verdict": r.verdict, "label": r.label()}
 
         return {"prompt": self.before.prompt, "generate": self.before.generate,
                 # the models are the comparison's before and after (paths may be temporary)

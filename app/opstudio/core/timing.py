@@ -17,6 +17,7 @@ depending on its neighbour).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,14 +37,23 @@ SAME_WITHIN = 0.03
 MIN_ROUNDS = 6
 
 
+# What a paired before/after ratio says, the one decision every view shows (words, colour,
+# JSON ``verdict``): beyond the noise faster or slower, the same within it, or too few pairs
+# to tell (then never "≈ 1×": 5 pairs cannot show that nothing changed).
+FASTER, SLOWER, SAME, UNDECIDED = "faster", "slower", "same", "undecided"
+
+
 @dataclass(frozen=True)
 class Ratio:
-    """Median of time(A) / time(B) over paired runs, with its 95 % interval."""
+    """Median of time(A) / time(B) over paired runs, with its 95 % interval. Read as a
+    speedup (before / after): above 1 is faster."""
 
     median: float
     low: float
     high: float
     rounds: int
+    # sessions of each model the rounds were spread over (their differences are in the interval)
+    sessions: int = 1
 
     @property
     def faster(self) -> bool:
@@ -51,19 +61,50 @@ class Ratio:
         return self.high < 1.0
 
     @property
+    def verdict(self) -> str:
+        """``FASTER``/``SLOWER`` when the interval clears 1 by more than ``SAME_WITHIN`` (beyond
+        the noise of this measurement and beyond what two sessions of one model differ by),
+        ``SAME`` when it does not, ``UNDECIDED`` below ``MIN_ROUNDS`` pairs (3 pairs all above
+        1 happen by chance 1 in 4)."""
+        if self.rounds < MIN_ROUNDS:
+            return UNDECIDED
+        if self.low > 1.0 + SAME_WITHIN:
+            return FASTER
+        if self.high < 1.0 / (1.0 + SAME_WITHIN):
+            return SLOWER
+        return SAME
+
+    @property
     def significant(self) -> bool:
-        """The interval clears 1 by more than ``SAME_WITHIN``: A and B differ beyond the noise
-        of this measurement and beyond what two sessions of one model differ by. Fewer than
-        ``MIN_ROUNDS`` pairs never are (3 pairs all above 1 happen by chance 1 in 4)."""
-        return self.rounds >= MIN_ROUNDS and (self.high < 1.0 / (1.0 + SAME_WITHIN)
-                                              or self.low > 1.0 + SAME_WITHIN)
+        """A verdict of faster or slower."""
+        return self.verdict in (FASTER, SLOWER)
 
     def describe(self) -> str:
         return f"{self.median:.3f}× [{self.low:.3f}, {self.high:.3f}] over {self.rounds} rounds"
 
+    def too_few(self) -> str:
+        """"too few runs to tell (5 pairs; 6 needed)"."""
+        return f"too few runs to tell ({self.rounds} pairs; {MIN_ROUNDS} needed)"
+
     def label(self, digits: int = 2) -> str:
-        """How a ratio is shown: "≈ 1×" when the interval holds 1, else the median."""
-        return f"{self.median:.{digits}f}×" if self.significant else "≈ 1×"
+        """How a ratio is shown in a cell: the median beyond the noise, "≈ 1×" within it,
+        "too few runs" when the pairs cannot tell."""
+        v = self.verdict
+        if v == UNDECIDED:
+            return "too few runs"
+        return f"{self.median:.{digits}f}×" if v != SAME else "≈ 1×"
+
+    def words(self, digits: int = 2) -> str:
+        """The verdict in a sentence, a slowdown as plainly as a speedup: "1.85× faster",
+        "1.15× slower", "≈ 1× (no change beyond the noise)", "too few runs to tell (…)"."""
+        v = self.verdict
+        if v == FASTER:
+            return f"{self.median:.{digits}f}× faster"
+        if v == SLOWER:
+            return f"{1 / self.median:.{digits}f}× slower"
+        if v == SAME:
+            return "≈ 1× (no change beyond the noise)"
+        return self.too_few()
 
 
 @dataclass(frozen=True)
@@ -94,6 +135,26 @@ class Spread:
 
 
 _MAD_LIMIT = 3.5
+
+# A profile whose stretches of runs disagree by this much (%) says its figures are uncertain:
+# on 2 cores with three busy processes, two profiles of one model read the heavy operators
+# 27-28 % apart (with one busy process, 2-8 %).
+UNCERTAIN_PCT = 5.0
+_STRETCHES = 4
+
+
+def drift_pct(series: Sequence[float]) -> float | None:
+    """How far (in % of the median of all runs) the medians of ``_STRETCHES`` consecutive
+    stretches of runs stray from it, the farthest: what a profile taken a little earlier or
+    later could have read, from the profile's own runs. A machine that stays equally busy
+    moves every stretch alike; one whose load comes and goes moves them apart. None below
+    two stretches of 3 runs."""
+    x = np.asarray(series, dtype=float)
+    k = min(_STRETCHES, x.size // 3)
+    med = float(np.median(x)) if x.size else 0.0
+    if k < 2 or med <= 0:
+        return None
+    return 100.0 * max(abs(float(np.median(part)) - med) for part in np.array_split(x, k)) / med
 
 
 def spread(times_ms: Sequence[float]) -> Spread:
@@ -134,10 +195,69 @@ def median_interval(times_ms: Sequence[float]) -> tuple[float, float]:
     return _median_ci(t)
 
 
-def paired_ratio(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> Ratio:
+def paired_ratio(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                 sessions: tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]
+                 | None = None) -> Ratio:
+    """Median of a/b over paired runs with its 95 % interval. With ``sessions`` (which session
+    of A and of B ran in each pair), the interval also holds what the sessions differ by
+    (``session_interval``)."""
     r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
     lo, hi = _median_ci(r)
-    return Ratio(float(np.median(r)), lo, hi, int(r.size))
+    k = 1
+    if sessions is not None:
+        sa, sb = (np.asarray(s, dtype=int) for s in sessions)
+        k = max(len(set(sa.tolist())), len(set(sb.tolist())))
+        between = session_interval(np.log(r), sa, sb)
+        if between is not None:
+            lo, hi = min(lo, float(np.exp(between[0]))), max(hi, float(np.exp(between[1])))
+    return Ratio(float(np.median(r)), lo, hi, int(r.size), sessions=k)
+
+
+# Student's t, 97.5 % quantile, by degrees of freedom (interpolated in 1/df: within 1 % from
+# 2 df on, wider than the true one below)
+_T975 = ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (6, 2.447), (7, 2.365),
+         (8, 2.306), (10, 2.228), (12, 2.179), (15, 2.131), (20, 2.086), (30, 2.042),
+         (60, 2.000), (math.inf, 1.960))
+
+
+def t975(df: float) -> float:
+    """Student's t quantile leaving 2.5 % above, for ``df`` (≥ 1, fractional allowed)."""
+    df = max(1.0, df)
+    for (d0, t0), (d1, t1) in itertools.pairwise(_T975):
+        if df <= d1:
+            x0, x1, x = 1 / d0, 1 / d1, 1 / df
+            return t0 + (t1 - t0) * (x0 - x) / (x0 - x1)
+    return 1.96
+
+
+def session_interval(log_r: np.ndarray, sa: np.ndarray, sb: np.ndarray
+                     ) -> tuple[float, float] | None:
+    """95 % interval of log(A/B) when A ran on several sessions and B on several, each pair
+    of runs on one session of each (``sa[i]``, ``sb[i]``), every session of A meeting every
+    session of B about equally often.
+
+    Two sessions of one model differ steadily by a few percent (where their memory lands), a
+    difference no number of runs on the same two sessions averages out. Each session's effect
+    is a draw, so the interval is over sessions: the median of the pairs each session of A
+    took part in (B's sessions balance out in it) spreads by A's session effects and the runs'
+    own noise, likewise for B; the median of all pairs varies by the sum of those spreads over
+    the sessions' count (erring wide: the runs' noise is counted on both sides), with
+    Satterthwaite's degrees of freedom for the t quantile. Medians, not means: on a busy
+    machine one run in ten is hit, and a mean of few runs follows it. None when either side
+    ran on one session only."""
+    ka, kb = sorted(set(sa.tolist())), sorted(set(sb.tolist()))
+    if len(ka) < 2 or len(kb) < 2:
+        return None
+    rows = np.array([np.median(log_r[sa == j]) for j in ka])
+    cols = np.array([np.median(log_r[sb == k]) for k in kb])
+    centre = float(np.median(log_r))
+    v_rows, v_cols = rows.var(ddof=1) / rows.size, cols.var(ddof=1) / cols.size
+    var = v_rows + v_cols
+    if var <= 0:
+        return centre, centre
+    df = var**2 / (v_rows**2 / (rows.size - 1) + v_cols**2 / (cols.size - 1))
+    half = t975(df) * math.sqrt(var)
+    return centre - half, centre + half
 
 
 def session(model: Any, threads: int = 0) -> Any:
@@ -231,17 +351,24 @@ def quiet_runs(values: Sequence[float]) -> list[int]:
 
 
 def paired_speedup(before_ms: Sequence[float], after_ms: Sequence[float],
-                   rounds: Sequence[int] | None = None) -> Ratio | None:
+                   rounds: Sequence[int] | None = None,
+                   sessions: tuple[Sequence[int], Sequence[int]] | None = None
+                   ) -> Ratio | None:
     """before/after of runs timed in turns (run i with run i), over ``rounds`` (default all),
     or None when either side did not run. Times under the trace's resolution count as half
-    of it."""
+    of it. ``sessions``: the session each run of before and of after ran on, when each model
+    ran on several (``paired_ratio``)."""
     n = min(len(before_ms), len(after_ms))
     keep = [i for i in (range(n) if rounds is None else rounds) if i < n]
     b = np.asarray(before_ms, dtype=float)[keep]
     a = np.asarray(after_ms, dtype=float)[keep]
     if b.size == 0 or not b.any() or not a.any():
         return None
-    return paired_ratio(np.maximum(b, _TRACE_RESOLUTION_MS), np.maximum(a, _TRACE_RESOLUTION_MS))
+    on = None
+    if sessions is not None and min(len(sessions[0]), len(sessions[1])) >= n:
+        on = (np.asarray(sessions[0], dtype=int)[keep], np.asarray(sessions[1], dtype=int)[keep])
+    return paired_ratio(np.maximum(b, _TRACE_RESOLUTION_MS), np.maximum(a, _TRACE_RESOLUTION_MS),
+                        on)
 
 
 def quiet_rounds(before_ms: Sequence[float], after_ms: Sequence[float]) -> list[int]:

@@ -63,7 +63,8 @@ class Delta(NamedTuple):
 
 
 def speedup_text(speedup: float | None, ratio: Ratio | None, status: str = SAME) -> str:
-    """A speedup cell: "removed"/"added", "≈ 1×" within the noise, else the ratio."""
+    """A speedup cell: "removed"/"added", else the ratio's label (``Ratio.label``: "≈ 1×"
+    within the noise, "too few runs" when the pairs cannot tell)."""
     if status in (REMOVED, ADDED):
         return status
     return speedup_label(speedup, ratio)

@@ -4,7 +4,8 @@ Each plot keeps the numbers it shows in ``data`` (tests read them) and can be sa
 through pyqtgraph's exporter.
 
 Bars carry error bars (the 95 % interval of each median, ``timing.median_interval``); a
-before/after difference whose paired interval holds 1 is greyed out and labelled "≈ 1×".
+before/after difference with no verdict of faster or slower (``Ratio.verdict``) is greyed out and
+labelled "≈ 1×", or "too few runs" when the pairs cannot tell.
 """
 
 from __future__ import annotations
@@ -54,15 +55,21 @@ def _elide(text: str, n: int = 34) -> str:
 
 
 def _coloured(ratio: float, paired: Any = None) -> str:
-    """A speedup in green/red, or "≈ 1×" in grey when its interval holds 1."""
+    """A speedup in green/red (a slowdown said in words), or in grey "≈ 1×" / "too few runs
+    to tell (…)" when the paired ratio gives no verdict."""
     from opstudio.core.compare import speedup_label
+    from opstudio.core.timing import SLOWER, UNDECIDED
 
     if paired is not None and not paired.significant:
-        return (f"<span style='color:{NEUTRAL}'><b>≈ 1×</b> "
+        text = paired.too_few() if paired.verdict == UNDECIDED else paired.label()
+        return (f"<span style='color:{NEUTRAL}'><b>{text}</b> "
                 f"[{paired.low:.2f}–{paired.high:.2f}]</span>")
     colour = "#1b7f3b" if ratio >= 1 else "#b3261e"
     ci = "" if paired is None else f" [{paired.low:.2f}–{paired.high:.2f}]"
-    return f"<span style='color:{colour}'><b>{speedup_label(ratio, paired)}</b>{ci}</span>"
+    text = speedup_label(ratio, paired)
+    if paired is not None and paired.verdict == SLOWER:
+        text += f", {paired.words()}"
+    return f"<span style='color:{colour}'><b>{text}</b>{ci}</span>"
 
 
 def _interval(series: Sequence[float] | None, value: float) -> tuple[float, float] | None:
@@ -595,7 +602,8 @@ class PlotsPanel(QWidget):
                                     ("total", request.total))}}
 
         def speedup(r: Any) -> str:
-            """The label alone ("1.52×", "≈ 1×"), coloured; the interval is in the tooltip."""
+            """The label alone ("1.52×", "≈ 1×", "too few runs"), coloured; the interval is in
+            the tooltip."""
             if r is None:
                 return ""
             colour = NEUTRAL if not r.significant else ("#1b7f3b" if r.median >= 1 else "#b3261e")
