@@ -41,6 +41,8 @@ VOCAB_MIN = 1000
 _KV_NAME = re.compile(r"present|past|cache|key_values|(^|[._/-])(key|value)s?([._/-]|\d|$)",
                       re.IGNORECASE)
 _NOT_VOCAB_NAME = re.compile(r"hidden|state|embed|feature|pool", re.IGNORECASE)
+# What an accuracy report judged on made-up token ids says it was judged on (core.text_prompt)
+SYNTHETIC = "synthetic tokens"
 # Rows of log-softmax computed at a time: bounds the float64 copies of a [seq, 150k] output.
 _KL_CHUNK_ELEMENTS = 1 << 22
 
