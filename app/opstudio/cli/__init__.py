@@ -17,7 +17,7 @@ from opstudio import __version__
 from opstudio.core.errors import OpstudioError
 
 # Order here is the order in ``opstudio --help``.
-COMMANDS = ("gui", "demo", "inspect", "profile", "optimize", "compare", "advise")
+COMMANDS = ("gui", "demo", "inspect", "profile", "optimize", "compare", "advise", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
