@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             if at is None:
                 print(f"the texts are the same ({len(result.runs[0].tokens)} tokens)")
             else:
-                a, b = (_token(result, r.tokens, at) for r in result.runs)
+                a, b = result.parted()
                 print(f"the texts part at generated token {at + 1} (marked {MARK}): "
                       f"{a} vs {b}")
         rows = [(g.label, str(len(g.tokens)) + (" (end of text)" if g.stopped_at_eos else ""),
@@ -78,10 +78,3 @@ def run(args: argparse.Namespace) -> int:
         write_json(result.to_json(), args.report)
     return 0
 
-
-def _token(result, tokens: list[int], at: int) -> str:
-    from opstudio.core.generate import load_tokenizer
-
-    if at >= len(tokens):
-        return "(ended)"
-    return repr(load_tokenizer(result.tokenizer).decode([tokens[at]]))

@@ -18,6 +18,7 @@ import onnx
 from opstudio.core import report
 from opstudio.core.advisor import Advice
 from opstudio.core.compare import Comparison
+from opstudio.core.deploy import FolderExport, write_folder
 from opstudio.core.errors import OpstudioError
 from opstudio.core.events import Event
 from opstudio.core.graph import GraphInfo
@@ -100,6 +101,14 @@ class Document:
         if self.model_path is not None and Path(path).resolve() == self.model_path:
             raise OpstudioError(f"{path}: is the original model; choose another file")
         return save_model(self.optimized.model, path, overwrite=overwrite)
+
+    def save_optimized_folder(self, folder: str | Path, overwrite: bool = False) -> FolderExport:
+        """The optimized model as a folder its runtime loads (``core.deploy``), for a model
+        that came from an onnxruntime-genai or HF/optimum folder."""
+        if self.optimized is None or self.model_path is None:
+            raise OpstudioError("nothing to save: run Optimize & compare first")
+        return write_folder(self.optimized.model, self.model_path, folder,
+                            steps=self.optimized.steps, overwrite=overwrite)
 
     def export_report(self, path: str | Path) -> Path:
         """HTML, JSON or CSV by the file's extension."""

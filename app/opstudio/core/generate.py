@@ -66,6 +66,15 @@ class SideBySide:
         """The run's text with ``mark`` before the first token that differs."""
         return marked_text(self.tokenizer, run.tokens, self.diverges_at, mark)
 
+    def parted(self) -> tuple[str, ...]:
+        """Each run's token where the texts part, quoted ("(ended)" for a text that ended)."""
+        at = self.diverges_at
+        if at is None:
+            return ()
+        tok = load_tokenizer(self.tokenizer)
+        return tuple(repr(str(tok.decode([r.tokens[at]]))) if at < len(r.tokens) else "(ended)"
+                     for r in self.runs)
+
     def to_json(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
                 "tokenizer": str(self.tokenizer), "diverges_at": self.diverges_at,
