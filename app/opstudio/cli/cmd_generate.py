@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opstudio.core.generate import side_by_side
+    from opstudio.core.generate import side_by_side_isolated
 
     if len(args.models) > 2:
         raise OpstudioError("generate takes one model, or two to compare (before and after)")
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.report == "-"
     progress = None if quiet else progress_printer()
     try:
-        result = side_by_side([Path(m) for m in args.models], args.prompt,
+        result = side_by_side_isolated([Path(m) for m in args.models], args.prompt,
                               model_path=args.models[0], tokenizer=args.tokenizer,
                               chat=args.chat, max_tokens=args.max_tokens, progress=progress)
     finally:

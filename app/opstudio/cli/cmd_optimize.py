@@ -121,7 +121,11 @@ def run(args: argparse.Namespace) -> int:
         if export is not None:
             _print_folder(export)
     if export is not None:
-        checked = check_loads(export)
+        from opstudio.core.isolation import call_isolated
+
+        # in a child, as every run of the model: a runtime that crashes leaves the folder
+        checked = call_isolated(check_loads, export, label="the runtime",
+                                task="loading the written folder")
         if not quiet:
             print(checked or "onnxruntime-genai is not installed: the folder was not run in it "
                              "(pip install onnxruntime-genai)")

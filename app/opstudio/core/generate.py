@@ -199,9 +199,11 @@ class Greedy:
         if isinstance(model, onnx.ModelProto):
             graph_only = model
         else:
-            model_path = model
             graph_only = load_model(model, load_external_data=False)
-        self.model, self.model_path = graph_only, model_path
+        # the folder the KV geometry is read from (genai_config.json): the original's
+        self.model = graph_only
+        self.model_path = model_path if model_path is not None or \
+            isinstance(model, onnx.ModelProto) else model
         self.layout = kv_layout(graph_only)
         if self.layout.ids_input is None:
             raise OpstudioError("generating text needs a model that reads token ids "
@@ -345,6 +347,30 @@ def side_by_side(models: Sequence[onnx.ModelProto | str | Path], prompt: str, *,
     return SideBySide(prompt=text, prompt_tokens=int(ids.size), tokenizer=tok_path, runs=runs,
                       diverges_at=(first_divergence(runs[0].tokens, runs[1].tokens)
                                    if len(runs) == 2 else None))
+
+
+def side_by_side_isolated(models: Sequence[onnx.ModelProto | str | Path], prompt: str, *,
+                          model_path: str | Path, progress: Progress | None = None,
+                          cancelled: CancelCheck | None = None, **kwargs: Any) -> SideBySide:
+    """``side_by_side`` in a child process (``isolation``), as every run of a model the user
+    brought: a model that crashes onnxruntime cannot take the app down. A model in memory (the
+    app's optimized one) goes to the child as a file in a private temporary folder."""
+    from opstudio.core.isolation import call_isolated
+    from opstudio.core.model_io import write_external
+    from opstudio.core.tempdir import opstudio_tempdir
+
+    with opstudio_tempdir(prefix="generate-") as folder:
+        paths: list[str | Path] = []
+        for i, model in enumerate(models):
+            if isinstance(model, onnx.ModelProto):
+                path = folder / f"model_{i}.onnx"
+                write_external(model, path, path.name + ".data")
+                paths.append(path)
+            else:
+                paths.append(model)
+        return call_isolated(side_by_side, paths, prompt, model_path=model_path,
+                             progress=progress, cancelled=cancelled, timeout=None,
+                             task="generating text", **kwargs)
 
 
 def _check_vocabulary(runners: Sequence[Greedy], ids: np.ndarray, tokenizer: Path) -> None:

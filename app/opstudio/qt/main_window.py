@@ -25,7 +25,7 @@ from opstudio.core.advisor import Advice, Budget, advise
 from opstudio.core.compare import Comparison, optimize_and_compare
 from opstudio.core.document import AnyAdvice, Document
 from opstudio.core.errors import OpstudioError
-from opstudio.core.generate import SideBySide, side_by_side
+from opstudio.core.generate import SideBySide, side_by_side_isolated
 from opstudio.core.graph import GraphInfo, input_specs, symbolic_dims
 from opstudio.core.opening import Opened, open_for_display
 from opstudio.core.optimize import OptimizeResult
@@ -421,7 +421,7 @@ class MainWindow(QMainWindow):
             models.append(self.optimized.model)
             labels.append("optimized")
         self.try_it.set_running(True)
-        worker = Worker(side_by_side, models, prompt, model_path=str(self.model_path),
+        worker = Worker(side_by_side_isolated, models, prompt, model_path=str(self.model_path),
                         labels=labels, tokenizer=tokenizer, chat=chat, max_tokens=max_tokens,
                         name="generate")
         worker.signals.finished.connect(lambda: self.try_it.set_running(False))
