@@ -98,3 +98,21 @@ def test_save_optimized_writes_a_genai_folder_and_asks_before_replacing(
     window.exports.save_optimized_dialog()
     assert asked and "is not empty" in asked[0]
     assert (out / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_export_plan_as_olive_workflow_from_the_menu(qtbot, decoder_window, tmp_path,
+                                                     monkeypatch):
+    window, path = decoder_window
+    action = window.window_actions.export_olive
+    assert not action.isEnabled()  # no plan yet
+    window.plan.replace(Recipe.from_json(INT4).steps, "int4")
+    assert action.isEnabled()
+    target = tmp_path / "workflow.json"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    action.trigger()
+    workflow = json.loads(target.read_text())
+    assert workflow["input_model"]["onnx_file_name"] == path.name
+    (olive_pass,) = workflow["passes"].values()
+    assert olive_pass["type"] == "OnnxBlockWiseRtnQuantization"
+    assert "/model/layers.0/attn/q_proj/MatMul" in olive_pass["nodes_to_include"]
+    assert window.statusBar().currentMessage() == f"Wrote {target}"

@@ -110,6 +110,21 @@ class Document:
         return write_folder(self.optimized.model, self.model_path, folder,
                             steps=self.optimized.steps, overwrite=overwrite)
 
+    def export_olive(self, path: str | Path) -> Path:
+        """The plan as an Olive workflow config (``core.olive``); Olive writes its result to
+        ``olive_output`` beside it. The dialog already asked before replacing a file."""
+        import json
+
+        from opstudio.core.fileio import write_text_atomic
+        from opstudio.core.olive import olive_workflow
+
+        if self.model is None or self.model_path is None:
+            raise OpstudioError("open a model first")
+        p = Path(path)
+        export = olive_workflow(self.plan.recipe(), self.model, self.model_path,
+                                p.absolute().parent / "olive_output")
+        return write_text_atomic(p, json.dumps(export.workflow, indent=2) + "\n", overwrite=True)
+
     def export_report(self, path: str | Path) -> Path:
         """HTML, JSON or CSV by the file's extension."""
         if self.comparison is None:

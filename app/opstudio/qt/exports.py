@@ -71,6 +71,18 @@ class Exports:
         if target:
             self._write(lambda: self.doc.export_report(target), "Wrote", target)
 
+    def export_olive_dialog(self) -> None:
+        """The plan as an Olive workflow (``core.olive``); the steps Olive cannot run are
+        named in the status line and in the file."""
+        path, model = self.doc.model_path, self.doc.model
+        if path is None or model is None or not self.doc.plan.steps:
+            return
+        suggested = str(path.with_name(path.stem + ".olive.json"))
+        target, _ = QFileDialog.getSaveFileName(self.parent, "Export plan as Olive workflow",
+                                                suggested, "Olive workflow (*.json)")
+        if target:
+            self._write(lambda: self.doc.export_olive(target), "Wrote", target)
+
     def _write(self, write: Callable[[], Path], verb: str, target: str) -> None:
         try:
             write()
