@@ -145,7 +145,7 @@ def test_inline_advise_runs(workdir, capsys, argv):
 def test_the_deploy_commands_run_on_a_genai_folder(workdir, capsys):
     from llm_builders import runtime_folder
 
-    blocks = re.findall(r"```bash\n(.*?)```", section("### Deploy"), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", section("## Deploy"), flags=re.S)
     commands = [shlex.split(line.strip()) for block in blocks
                 for line in block.strip().splitlines()]
     assert [c[:2] for c in commands] == [["opstudio", "optimize"], ["opstudio", "generate"],
