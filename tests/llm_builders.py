@@ -227,3 +227,69 @@ def word_tokenizer(path, vocab: int = 64, text: str | None = None) -> None:
     trainer = trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=["[UNK]"])
     tok.train_from_iterator([text if text is not None else builtin_text()], trainer)
     tok.save(str(path))
+
+
+def numbered_tokenizer(vocab: int = 64) -> str:
+    """A tokenizer.json for a tiny decoder: ``<s>``, ``</s>`` and the words w2 … w{vocab-1},
+    split on spaces, ``<s>`` put before every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", 0)])
+    return tok.to_str()
+
+
+def runtime_folder(folder, style: str = "gqa", *, layers: int = 2, vocab: int = 64,
+                   heads: int = 4, kv_heads: int = 2, hidden: int = 64,
+                   chat_template: str | None = None):
+    """``folder`` as the exporters leave it: ``model.onnx`` (``kv_decoder``) with an
+    onnxruntime-genai ``genai_config.json`` (``style="gqa"``) or an HF/optimum ``config.json``
+    and ``generation_config.json`` (``style="hf"``), a tokenizer (``numbered_tokenizer``) and its
+    config. Returns the model's path."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = kv_decoder(style, layers=layers, vocab=vocab, hidden=hidden, heads=heads,
+                       kv_heads=kv_heads)
+    onnx.save(model, folder / "model.onnx")
+    kv_heads = heads if style == "hf" else kv_heads
+    (folder / "tokenizer.json").write_text(numbered_tokenizer(vocab))
+    tok_config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template is not None:
+        tok_config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    if style == "gqa":
+        config = {
+            "model": {
+                "bos_token_id": 0, "context_length": 256, "eos_token_id": 1, "pad_token_id": 1,
+                "type": "qwen2", "vocab_size": vocab,
+                "decoder": {
+                    "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                    "filename": "model.onnx", "head_size": hidden // heads,
+                    "hidden_size": hidden, "num_attention_heads": heads,
+                    "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
+                    "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                               "past_key_names": "past_key_values.%d.key",
+                               "past_value_names": "past_key_values.%d.value"},
+                    "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                                "present_value_names": "present.%d.value"}}},
+            "search": {"do_sample": False, "max_length": 256, "min_length": 0, "num_beams": 1,
+                       "past_present_share_buffer": False, "top_k": 1, "top_p": 1.0,
+                       "temperature": 1.0, "repetition_penalty": 1.0}}
+        (folder / "genai_config.json").write_text(json.dumps(config, indent=4))
+    else:
+        config = {"architectures": ["TinyForCausalLM"], "model_type": "tiny",
+                  "hidden_size": hidden, "num_attention_heads": heads,
+                  "num_key_value_heads": kv_heads, "num_hidden_layers": layers,
+                  "intermediate_size": 4 * hidden, "vocab_size": vocab,
+                  "bos_token_id": 0, "eos_token_id": 1}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 0, "eos_token_id": 1}))
+    return folder / "model.onnx"

@@ -140,3 +140,25 @@ def test_inline_advise_runs(workdir, capsys, argv):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "plan (cosine ≥ 0.999 on every output)" in out
+
+
+def test_the_deploy_commands_run_on_a_genai_folder(workdir, capsys):
+    from llm_builders import runtime_folder
+
+    blocks = re.findall(r"```bash\n(.*?)```", section("## Deploy"), flags=re.S)
+    commands = [shlex.split(line.strip()) for block in blocks
+                for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands] == [["opstudio", "optimize"], ["opstudio", "generate"],
+                                         ["opstudio", "export-olive"]]
+    runtime_folder(workdir / "qwen")
+    (workdir / "int4.json").write_text(json.dumps(
+        {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight"}]}))
+    printed = {}
+    for argv in commands:
+        code = main(argv[1:])
+        out, err = capsys.readouterr()
+        assert code == 0, f"{' '.join(argv)}: {err}"
+        printed[argv[1]] = out
+    assert (workdir / "qwen-int4" / "genai_config.json").is_file()
+    assert "time to first token" in printed["generate"]
+    assert json.loads((workdir / "workflow.json").read_text())["passes"]

@@ -17,7 +17,8 @@ from opstudio import __version__
 from opstudio.core.errors import OpstudioError
 
 # Order here is the order in ``opstudio --help``.
-COMMANDS = ("gui", "demo", "inspect", "profile", "optimize", "compare", "advise")
+COMMANDS = ("gui", "demo", "inspect", "profile", "optimize", "compare", "advise", "generate",
+            "export-olive")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"opstudio.cli.cmd_{name}")
+            module = importlib.import_module(f"opstudio.cli.cmd_{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"opstudio.cli.cmd_{name}":
+            if exc.name != f"opstudio.cli.cmd_{name.replace('-', '_')}":
                 raise
             continue
         module.register(sub)

@@ -29,6 +29,7 @@ from opstudio.cli.common import (
     text_note,
     write_json,
 )
+from opstudio.core.deploy import check_loads, check_target, runtime_kind, wants_folder, write_folder
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model_io import load_model, same_file, save_model, stored_bytes
 
@@ -44,9 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and report what each step did and the accuracy against the original.")
     p.add_argument("model", help="path to the original .onnx file")
     p.add_argument("--recipe", required=True, metavar="R.json", help="the recipe to apply")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
-                   help="where to write the optimized model")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx|DIR/",
+                   help="where to write the optimized model; a folder (DIR/, or one that "
+                        "exists) for a model in an onnxruntime-genai or HF/optimum folder "
+                        "writes a folder that runtime loads: the model, its config updated "
+                        "for the plan, the tokenizer and generation files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT.onnx if it exists (with DIR/: write into a folder that "
+                        "is not empty, replacing the files the export writes)")
     p.add_argument("--report", metavar="PATH.json|-",
                    help="also write the step reports and accuracy as JSON ('-' = stdout)")
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic inputs (default 0)")
@@ -64,10 +70,21 @@ def run(args: argparse.Namespace) -> int:
     from opstudio.core.text_prompt import judging
 
     src, dst = Path(args.model), Path(args.output)
-    if same_file(src, dst) or src.resolve() == dst.resolve():
-        raise OpstudioError(f"{dst}: is the input model; choose another output file")
-    if dst.exists() and not args.overwrite:
-        raise OpstudioError(f"{dst}: already exists (use --overwrite to replace it)")
+    folder: Path | None = None
+    if wants_folder(args.output):
+        if runtime_kind(src) is not None:
+            folder = dst
+            check_target(src, folder, overwrite=args.overwrite)
+            dst = folder / src.name
+        else:  # a model on its own is written as a file, into that folder
+            if not dst.is_dir():
+                raise OpstudioError(f"{dst}: no such folder")
+            dst = dst / src.name
+    if folder is None:
+        if same_file(src, dst) or src.resolve() == dst.resolve():
+            raise OpstudioError(f"{dst}: is the input model; choose another output file")
+        if dst.exists() and not args.overwrite:
+            raise OpstudioError(f"{dst}: already exists (use --overwrite to replace it)")
     recipe = Recipe.load(args.recipe)
     model = load_model(src, lazy=True)
     phase, past = parse_phase(args)
@@ -90,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
     result = optimize(model, recipe, inputs=judged, consume=True)
     del model
     # written first, then judged from the files: a failed check never loses the result
-    save_model(result.model, dst, overwrite=args.overwrite)
+    export = None
+    if folder is not None:
+        export = write_folder(result.model, src, folder, steps=result.steps,
+                              overwrite=args.overwrite)
+    else:
+        save_model(result.model, dst, overwrite=args.overwrite)
     accuracy = None
     if judged is not None:
         try:
@@ -126,12 +148,26 @@ def run(args: argparse.Namespace) -> int:
             if note:
                 print(note)
         print(f"wrote {dst} ({human_bytes(size_after)}, was {human_bytes(size_before)})")
+        if export is not None:
+            _print_folder(export)
+    if export is not None:
+        from opstudio.core.isolation import call_isolated
+
+        # in a child, as every run of the model: a runtime that crashes leaves the folder
+        checked = call_isolated(check_loads, export, label="the runtime",
+                                task="loading the written folder")
+        if not quiet:
+            print(checked or "onnxruntime-genai is not installed: the folder was not run in it "
+                             "(pip install onnxruntime-genai)")
     if args.report:
         measured = ({"accuracy": accuracy.to_json()} if accuracy is not None
                     else {"accuracy": None, "accuracy_not_measured": not_measured})
         write_json({"model": str(src), "output": str(dst), "recipe": recipe.to_json(),
                     **result.to_json(), **measured,
-                    "size_bytes": {"before": size_before, "after": size_after}},
+                    "size_bytes": {"before": size_before, "after": size_after},
+                    **({"folder": {"path": str(export.folder), "runtime": export.kind,
+                                   "files": export.written, "config_changes": export.changed,
+                                   "notes": export.notes}} if export is not None else {})},
                    args.report)
     return 0
 
@@ -147,6 +183,15 @@ def _print_accuracy(accuracy: Any, on: str) -> None:
                  "top-1", "KL nats"), rows, "llrrrrrr")
     if accuracy.summary():
         print(accuracy.summary() + text_note(accuracy))
+
+
+def _print_folder(export: Any) -> None:
+    runtime = "onnxruntime-genai" if export.kind == "genai" else "HF/optimum"
+    print(f"wrote the {runtime} folder {export.folder}: {', '.join(export.written)}")
+    for key, value in export.changed.items():
+        print(f"  config: {key} = {value}")
+    for note in export.notes:
+        print(f"  note: {note}")
 
 
 def _print_step(step: Any) -> None:

@@ -18,6 +18,7 @@ import onnx
 from opstudio.core import report
 from opstudio.core.advisor import Advice
 from opstudio.core.compare import Comparison, NotCompared
+from opstudio.core.deploy import FolderExport, write_folder
 from opstudio.core.errors import OpstudioError
 from opstudio.core.events import Event
 from opstudio.core.graph import GraphInfo
@@ -108,6 +109,29 @@ class Document:
         if self.model_path is not None and Path(path).resolve() == self.model_path:
             raise OpstudioError(f"{path}: is the original model; choose another file")
         return save_model(self.optimized.model, path, overwrite=overwrite)
+
+    def save_optimized_folder(self, folder: str | Path, overwrite: bool = False) -> FolderExport:
+        """The optimized model as a folder its runtime loads (``core.deploy``), for a model
+        that came from an onnxruntime-genai or HF/optimum folder."""
+        if self.optimized is None or self.model_path is None:
+            raise OpstudioError("nothing to save: run Optimize & compare first")
+        return write_folder(self.optimized.model, self.model_path, folder,
+                            steps=self.optimized.steps, overwrite=overwrite)
+
+    def export_olive(self, path: str | Path) -> Path:
+        """The plan as an Olive workflow config (``core.olive``); Olive writes its result to
+        ``olive_output`` beside it. The dialog already asked before replacing a file."""
+        import json
+
+        from opstudio.core.fileio import write_text_atomic
+        from opstudio.core.olive import olive_workflow
+
+        if self.model is None or self.model_path is None:
+            raise OpstudioError("open a model first")
+        p = Path(path)
+        export = olive_workflow(self.plan.recipe(), self.model, self.model_path,
+                                p.absolute().parent / "olive_output")
+        return write_text_atomic(p, json.dumps(export.workflow, indent=2) + "\n", overwrite=True)
 
     def export_report(self, path: str | Path) -> Path:
         """HTML, JSON or CSV by the file's extension."""

@@ -10,8 +10,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtWidgets import QFileDialog, QStatusBar, QWidget
+from PySide6.QtWidgets import QFileDialog, QMessageBox, QStatusBar, QWidget
 
+from opstudio.core.deploy import runtime_kind
 from opstudio.core.document import Document
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model_io import save_model
@@ -29,12 +30,35 @@ class Exports:
         path = self.doc.model_path
         if self.doc.optimized is None or path is None:
             return
+        if runtime_kind(path) is not None:
+            self._save_folder_dialog(path)
+            return
         suggested = str(path.with_name(path.stem + ".optimized.onnx"))
         target, _ = QFileDialog.getSaveFileName(self.parent, "Save optimized model", suggested,
                                                 "ONNX model (*.onnx)")
         if target:
             # the dialog already asked before replacing an existing file
             self._write(lambda: self.doc.save_optimized(target, overwrite=True), "Saved", target)
+
+    def _save_folder_dialog(self, path: Path) -> None:
+        """A model from a runtime folder is saved as one: the user picks the folder."""
+        runtime = "onnxruntime-genai" if runtime_kind(path) == "genai" else "HF/optimum"
+        chosen = QFileDialog.getExistingDirectory(
+            self.parent, f"Save the optimized model as a {runtime} folder", str(path.parent.parent))
+        if not chosen:
+            return
+        target = Path(chosen)
+        overwrite = False
+        if target.is_dir() and any(target.iterdir()):
+            answer = QMessageBox.question(
+                self.parent, "Replace files?",
+                f"{target} is not empty. Replace the files the export writes (the model, its "
+                "config, the tokenizer and generation files)? Its other files stay.")
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+            overwrite = True
+        self._write(lambda: self.doc.save_optimized_folder(target, overwrite=overwrite).folder,
+                    f"Saved the {runtime} folder", chosen)
 
     def export_report_dialog(self) -> None:
         path = self.doc.model_path
@@ -46,6 +70,18 @@ class Exports:
             "HTML report (*.html);;JSON (*.json);;CSV (*.csv)")
         if target:
             self._write(lambda: self.doc.export_report(target), "Wrote", target)
+
+    def export_olive_dialog(self) -> None:
+        """The plan as an Olive workflow (``core.olive``); the steps Olive cannot run are
+        named in the status line and in the file."""
+        path, model = self.doc.model_path, self.doc.model
+        if path is None or model is None or not self.doc.plan.steps:
+            return
+        suggested = str(path.with_name(path.stem + ".olive.json"))
+        target, _ = QFileDialog.getSaveFileName(self.parent, "Export plan as Olive workflow",
+                                                suggested, "Olive workflow (*.json)")
+        if target:
+            self._write(lambda: self.doc.export_olive(target), "Wrote", target)
 
     def _write(self, write: Callable[[], Path], verb: str, target: str) -> None:
         try:

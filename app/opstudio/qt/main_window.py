@@ -25,6 +25,7 @@ from opstudio.core.advisor import Advice, Budget, advise
 from opstudio.core.compare import Comparison, optimize_and_compare
 from opstudio.core.document import AnyAdvice, Document
 from opstudio.core.errors import OpstudioError
+from opstudio.core.generate import SideBySide, side_by_side_isolated
 from opstudio.core.graph import GraphInfo, input_specs, symbolic_dims
 from opstudio.core.opening import Opened, open_for_display
 from opstudio.core.optimize import OptimizeResult
@@ -47,6 +48,7 @@ from opstudio.qt.results_view import ResultsView
 from opstudio.qt.run_settings import RunSettingsDialog, settings_from_json, settings_to_json
 from opstudio.qt.runs import RunController
 from opstudio.qt.session import Session
+from opstudio.qt.try_it import TryItPanel
 from opstudio.qt.welcome import WelcomePage
 from opstudio.qt.window_actions import WindowActions, about_text
 from opstudio.qt.worker import Worker
@@ -68,6 +70,7 @@ class MainWindow(QMainWindow):
         self.panel = NodePanel(self.doc.plan)
         self.plots = PlotsPanel()
         self.advisor = AdvisorPanel()
+        self.try_it = TryItPanel()
         self.welcome = WelcomePage()
         self.banner = ErrorBanner()
         self.banner_text = self.banner.text
@@ -170,12 +173,15 @@ class MainWindow(QMainWindow):
         # added last, as a tab behind the results, so it does not take a share of the width
         self.advisor_dock = self._dock("Advisor", self.advisor, bottom)
         self.tabifyDockWidget(self.plots_dock, self.advisor_dock)
+        self.try_it_dock = self._dock("Try it", self.try_it, bottom)
+        self.tabifyDockWidget(self.plots_dock, self.try_it_dock)
         self.plots_dock.raise_()
 
     def _connect(self) -> None:
         self.advisor.analyzeRequested.connect(self.run_advise)
         self.advisor.nodeClicked.connect(self.select_node_named)
         self.advisor.planAccepted.connect(self._on_plan_accepted)
+        self.try_it.generate_requested.connect(self.run_generate)
         self.plots.roofline.nodeClicked.connect(self.select_node_named)
         self.welcome.openRequested.connect(self.open_dialog)
         self.welcome.fileChosen.connect(self.open_model)
@@ -204,7 +210,8 @@ class MainWindow(QMainWindow):
         return dock
 
     def docks(self) -> tuple[QDockWidget, ...]:
-        return (self.table_dock, self.plots_dock, self.advisor_dock, self.panel_dock)
+        return (self.table_dock, self.plots_dock, self.advisor_dock, self.try_it_dock,
+                self.panel_dock)
 
     # --- opening ------------------------------------------------------------------------------
     def open_dialog(self) -> None:
@@ -239,6 +246,7 @@ class MainWindow(QMainWindow):
         self.table.set_graph(graph, derived_nodes(model))
         self.panel.set_model(model, graph)
         self.plots.clear()
+        self.try_it.clear()
         self.graph_bar.set_graph(graph)
         self.setWindowTitle(f"{opened.path.name} — opstudio")
         self.session.set_last_model(opened.path)
@@ -405,6 +413,29 @@ class MainWindow(QMainWindow):
                         budget, techniques, name="advise")
         worker.signals.finished.connect(lambda: self.advisor.set_running(False))
         return self.runs.start(worker, self.doc.set_advice, "Measuring sensitivity")
+
+    def run_generate(self) -> Worker | None:
+        """Greedy text of the original model and, once optimized, of the result beside it."""
+        if self.model_path is None or self.is_running():
+            return None
+        prompt, max_tokens, chat, tokenizer = self.try_it.request()
+        models: list[str | onnx.ModelProto] = [str(self.model_path)]
+        labels = ["original"]
+        if self.optimized is not None:
+            models.append(self.optimized.model)
+            labels.append("optimized")
+        self.try_it.set_running(True)
+        worker = Worker(side_by_side_isolated, models, prompt, model_path=str(self.model_path),
+                        labels=labels, tokenizer=tokenizer, chat=chat, max_tokens=max_tokens,
+                        name="generate")
+        worker.signals.finished.connect(lambda: self.try_it.set_running(False))
+        self.try_it_dock.show()
+        self.try_it_dock.raise_()
+        return self.runs.start(worker, self._on_generated, "Generating text")
+
+    def _on_generated(self, result: SideBySide) -> None:
+        self.try_it.show_result(result)
+        self.statusBar().showMessage(self.try_it.summary.text(), 10000)
 
     def advise_from_menu(self) -> None:
         self.advisor_dock.show()

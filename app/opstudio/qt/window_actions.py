@@ -67,6 +67,8 @@ class WindowActions:
         self.export = self._action("Export report…", s.exports.export_report_dialog)
         self.load_plan = self._action("Load plan…", s.panel._on_load)
         self.save_plan = self._action("Save plan…", s.panel._on_save)
+        self.export_olive = self._action("Export plan as Olive workflow…",
+                                         s.exports.export_olive_dialog)
         quit_action = self._action("Quit", window.close, QKeySequence.StandardKey.Quit)
         self.profile = self._action("Profile", s.run_profile, "F5",
                                     "Measure the model as it is (baseline)")
@@ -93,7 +95,8 @@ class WindowActions:
         self.recent_menu = file_menu.addMenu("Open recent")
         self._open_model = s.open_model
         file_menu.addSeparator()
-        for a in (self.save_model, self.export, self.load_plan, self.save_plan):
+        for a in (self.save_model, self.export, self.load_plan, self.save_plan,
+                  self.export_olive):
             file_menu.addAction(a)
         file_menu.addSeparator()
         file_menu.addAction(quit_action)
@@ -180,5 +183,6 @@ class WindowActions:
         self.cancel.setEnabled(running)
         self.save_model.setEnabled(doc.optimized is not None)
         self.export.setEnabled(doc.comparison is not None)
+        self.export_olive.setEnabled(has_model and bool(doc.plan.steps))
         self.netron.setEnabled(has_model)
         self.netron_opt.setEnabled(doc.optimized is not None)
