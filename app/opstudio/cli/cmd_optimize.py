@@ -15,12 +15,14 @@ from typing import Any
 
 from opstudio.cli.common import (
     add_input_flags,
+    clear_progress,
     human_bytes,
     human_count,
     parse_dims,
     parse_phase,
     parse_shapes,
     print_table,
+    progress_printer,
     synthetic_past_note,
     write_json,
 )
@@ -67,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
                          npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
                          model_path=src)
     # the optimizer takes the model over (its weights are read once, into it)
-    result = optimize(model, recipe, inputs=inputs, consume=True)
+    quiet = args.report == "-"
+    progress = None if quiet else progress_printer()
+    try:
+        result = optimize(model, recipe, inputs=inputs, consume=True, progress=progress)
+    finally:
+        if progress is not None:
+            clear_progress()
     del model
     # written first, then judged from the files: a failed check never loses the result
     save_model(result.model, dst, overwrite=args.overwrite)
@@ -77,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
         raise OpstudioError(f"wrote {dst}, but could not check its accuracy: {exc}") from exc
     size_before, size_after = stored_bytes(src), stored_bytes(dst)
 
-    quiet = args.report == "-"
     if not quiet:
         for step in result.steps:
             _print_step(step)
