@@ -198,3 +198,26 @@ def test_a_later_step_that_needs_the_weights_gets_them(tmp_path, monkeypatch):
     save_model(result.model, tmp_path / "out.onnx")
     ids = np.array([[1, 2, 3]], dtype=np.int64)
     assert create_session(tmp_path / "out.onnx").run(None, {"ids": ids})[0].shape == (1, 3, 16)
+
+
+def test_shared_weights_and_a_gemm_stream_as_in_memory(tmp_path):
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
+        helper.make_node("MatMul", ["a", "W"], ["b"], name="mm2"),  # the same weight again
+        helper.make_node("Gemm", ["b", "Wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 64])],
+        [helper.make_tensor_value_info("y", 1, [2, 16])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "Wg"),
+         numpy_helper.from_array(np.ones(16, np.float32), "bg")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    params = {"accuracy_level": 4, "symmetric": False}
+    pass_ = get_pass("int4-weight")
+    reference = pass_.apply(model, ["mm1", "mm2", "fc"], params, PassContext())
+    streamed = pass_.apply(lazy_copy(model, tmp_path), ["mm1", "mm2", "fc"], params,
+                           PassContext())
+    assert streamed.applied == ["mm1", "mm2", "fc"]
+    assert_same(streamed.model, reference.model)
