@@ -169,8 +169,10 @@ def gather_block_quantized(node: onnx.NodeProto, table: onnx.TensorProto,
     zeros: list[np.ndarray] = []
     for r0 in range(0, rows, step):
         band = np.asarray(value[r0:r0 + step])
-        packed, scale, zero = DefaultWeightOnlyQuantizer.quantize_ndarray(band, 1, block,
-                                                                          symmetric)
+        # its np.where divides by the zero scales of all-zero blocks before discarding them
+        with np.errstate(divide="ignore", invalid="ignore"):
+            packed, scale, zero = DefaultWeightOnlyQuantizer.quantize_ndarray(band, 1, block,
+                                                                              symmetric)
         del band
         scratch.write(packed)
         scales.append(scale)
