@@ -137,13 +137,15 @@ def test_each_tensor_reports_progress_and_cancel_stops_between_tensors(tmp_path)
         calls.append("asked")
         return len(calls) > 2
 
-    cancel_dir = tmp_path / "cancel"
+    cancel_dir, work = tmp_path / "cancel", tmp_path / "work"
     cancel_dir.mkdir()
+    work.mkdir()
     with pytest.raises(Cancelled):
         get_pass("int4-weight").apply(lazy_copy(decoder_like(64, 32, 16, 32), cancel_dir),
                                       ["embed", "mm_in", "mm"], {"accuracy_level": 4},
-                                      PassContext(cancelled=cancelled))
+                                      PassContext(cancelled=cancelled, workdir=str(work)))
     assert len(calls) == 3
+    assert list(work.iterdir()) == []  # the quantized tensor's scratch file went with it
 
 
 def test_optimize_keeps_weights_in_files_and_writes_what_the_in_memory_path_writes(

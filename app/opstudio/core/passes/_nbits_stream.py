@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,20 +30,11 @@ import onnx
 from onnx import helper
 
 from opstudio.core.graph_utils import node_reads
-from opstudio.core.model_io import tensor_array
+from opstudio.core.model_io import file_tensor, tensor_array
 from opstudio.core.tempdir import opstudio_temp_root
 
 # float bytes of one band quantized at once
 CHUNK_BYTES = 128 * 2**20
-_BASEPATH = "basepath"  # model_io's key for the folder of a weight left in its file
-
-
-@dataclass
-class Written:
-    """Where one quantized tensor lies in the scratch file."""
-
-    offset: int
-    length: int
 
 
 class ScratchFile:
@@ -62,12 +52,10 @@ class ScratchFile:
         self._file: BinaryIO = open(self.folder / self.name, "wb")  # noqa: SIM115
         self._offset = 0
 
-    def write(self, data: np.ndarray) -> Written:
+    def write(self, data: np.ndarray) -> None:
         payload = np.ascontiguousarray(data)
-        start = self._offset
         self._file.write(payload.data)
         self._offset += payload.nbytes
-        return Written(start, payload.nbytes)
 
     def begin(self) -> int:
         return self._offset
@@ -76,14 +64,8 @@ class ScratchFile:
                start: int) -> onnx.TensorProto:
         """A tensor whose data is what was written from ``start`` up to now."""
         self._file.flush()
-        out = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
-        out.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.name), ("offset", str(start)),
-                           ("length", str(self._offset - start)),
-                           (_BASEPATH, str(self.folder))):
-            entry = out.external_data.add()
-            entry.key, entry.value = key, value
-        return out
+        return file_tensor(name, data_type, dims, self.folder / self.name, start,
+                           self._offset - start)
 
     def close(self) -> None:
         self._file.close()
@@ -225,8 +207,11 @@ def rewrite(model: onnx.ModelProto, names: Sequence[str], bits: int, block: int,
                                                 level)
             model.graph.node[index].CopyFrom(created)
             model.graph.initializer.extend(tensors)
-    finally:
+    except BaseException:  # cancelled or failed: nothing will read the file
         scratch.close()
+        shutil.rmtree(scratch.folder, ignore_errors=True)
+        raise
+    scratch.close()
     _drop_unread(model)
 
 
