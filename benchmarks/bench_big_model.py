@@ -11,7 +11,17 @@ table gives each one's median over the rounds::
     python benchmarks/bench_big_model.py --open --code before=/path/to/main/app \
         --code after=app [--rounds 3]
 
-Without ``--open``, ``opstudio optimize``'s time and peak memory:
+``--optimize``: wall time and peak anonymous memory of ``opstudio optimize`` on the same 8B-shaped
+export, INT4 on every MatMul + the embedding (Gather → GatherBlockQuantized) and INT8
+weight-only on every MatMul, each ``--code`` in turn; then a child that loads the result in
+onnxruntime and runs decode steps (past 128): the first, and the median of five more, with the
+load's time and peak. A watchdog kills a
+run whose process tree passes ``--limit-gib`` of anonymous memory (reported as killed)::
+
+    python benchmarks/bench_big_model.py --optimize --code before=/path/to/main/app \
+        --code after=app [--rounds 1]
+
+Without ``--open``/``--optimize``, ``opstudio optimize``'s time and peak memory:
 
 An onnxruntime-genai export of a Qwen2.5-0.5B-shaped decoder (24 layers by default: ~1.9 GB of
 fp32 weights in ``model.onnx.data``) is optimized with each recipe below in a fresh child
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +75,41 @@ CHILD = textwrap.dedent("""
 
 
 INSPECT = "import sys; from opstudio.cli import main; sys.exit(main())"
+
+HERE_APP = str(Path(__file__).resolve().parents[1] / "app")
+
+BIG_RECIPES = {
+    "int4 MatMul+Gather": [{"op_types": ["MatMul", "Gather"], "technique": "int4-weight",
+                            "params": {}}],
+    "int8-weight MatMul": [{"op_types": ["MatMul"], "technique": "int8-weight", "params": {}}],
+}
+
+DECODE = textwrap.dedent("""
+    import json, sys, time
+    import onnxruntime as ort
+    from opstudio.core.inputs import make_inputs
+    from opstudio.core.model_io import load_model
+    started = time.perf_counter()
+    model = load_model(sys.argv[1], lazy=True)
+    feeds = make_inputs(model, phase="decode", past=128, model_path=sys.argv[1])
+    del model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+    loaded = time.perf_counter() - started
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    times = []
+    for _ in range(6):  # the first step pays for pages mapped from the file; then warm steps
+        t0 = time.perf_counter()
+        outputs = session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    warm = sorted(times[1:])[len(times[1:]) // 2]
+    print(json.dumps({"load_s": loaded, "first_s": times[0], "step_s": warm,
+                      "logits": list(outputs[0].shape),
+                      "finite": bool(all(o.size == 0 or abs(o).max() < float("inf")
+                                         for o in outputs[:1]))}))
+""")
 
 APP = textwrap.dedent("""
     import json, os, sys, tempfile, time
@@ -116,22 +162,86 @@ def tree_anon_bytes(root: int) -> int:
     return total
 
 
-def measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Wall seconds, peak anonymous memory of the process tree, and stdout of ``cmd``."""
-    with tempfile.TemporaryFile("w+") as out:
+class Killed(RuntimeError):
+    """The watchdog stopped a run that went over the memory limit."""
+
+
+def measured(cmd: list[str], env: dict[str, str],
+             limit: int | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak anonymous memory of the process tree, and stdout of ``cmd``; above
+    ``limit`` bytes the run's process group is killed (the machine is shared)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
+                                start_new_session=True)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, tree_anon_bytes(proc.pid))
+            if limit is not None and peak > limit:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise Killed(f"killed above {limit / 2**30:.1f} GiB after "
+                             f"{time.perf_counter() - started:.0f} s")
             time.sleep(0.02)
         seconds = time.perf_counter() - started
-        err = proc.stderr.read() if proc.stderr else ""
+        err.seek(0)
+        text_err = err.read()
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {err.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {text_err.strip().splitlines()[-1:]}")
     return seconds, peak, text
+
+
+def bench_optimize(model: Path, codes: dict[str, str], rounds: int, pause: float,
+                   limit: int) -> None:
+    weights = sum(f.stat().st_size for f in model.parent.glob("model.onnx*"))
+    print(f"{model}: {weights / 2**30:.2f} GiB on disk; watchdog at {limit / 2**30:.1f} GiB")
+    rows: list[tuple[str, ...]] = []
+    for r in range(rounds):
+        order = list(codes.items()) if r % 2 == 0 else list(codes.items())[::-1]
+        for name, steps in BIG_RECIPES.items():
+            for label, app_dir in order:
+                env = {**os.environ, "PYTHONPATH": str(Path(app_dir).resolve())}
+                with tempfile.TemporaryDirectory(prefix="bench-big-", dir=model.parent.parent) \
+                        as folder:
+                    recipe = Path(folder) / "recipe.json"
+                    recipe.write_text(json.dumps({"version": 1, "steps": steps}))
+                    out = Path(folder) / "out" / "model.onnx"
+                    out.parent.mkdir()
+                    cmd = [sys.executable, "-c", INSPECT, "optimize", str(model), "--recipe",
+                           str(recipe), "-o", str(out)]
+                    try:
+                        seconds, peak, _ = measured(cmd, env, limit)
+                    except (Killed, RuntimeError) as exc:
+                        rows.append((label, name, "-", "-", "-", "-", "-", str(exc)[:60]))
+                        print(f"{label} {name}: {exc}", file=sys.stderr, flush=True)
+                        time.sleep(pause)
+                        continue
+                    size = sum(f.stat().st_size for f in out.parent.glob("model.onnx*"))
+                    time.sleep(pause)
+                    try:
+                        # the result is checked with this checkout's code, whichever wrote it
+                        _, dpeak, text = measured([sys.executable, "-c", DECODE, str(out)],
+                                                  {**os.environ, "PYTHONPATH": HERE_APP}, limit)
+                        step = json.loads(text.strip().splitlines()[-1])
+                        decode = (f"{step['load_s']:.1f}", f"{dpeak / 2**30:.2f}",
+                                  f"ok {step['first_s'] * 1e3:.0f} / {step['step_s'] * 1e3:.0f} ms"
+                                  if step["finite"]
+                                  else "not finite")
+                    except (Killed, RuntimeError) as exc:
+                        decode = ("-", "-", str(exc)[:60])
+                    rows.append((label, name, f"{seconds:.1f}", f"{peak / 2**30:.2f}",
+                                 f"{size / 2**30:.2f}", *decode))
+                    print(f"round {r + 1}/{rounds} {label} {name} done", file=sys.stderr,
+                          flush=True)
+                time.sleep(pause)
+    headers = ("code", "recipe", "optimize s", "peak RssAnon GiB", "output GiB",
+               "decode: load s", "decode peak GiB", "decode step: first / warm median")
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
 def bench_open(model: Path, codes: dict[str, str], rounds: int, pause: float) -> None:
@@ -175,14 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--open", action="store_true",
                         help="time inspect and the app opening the 8B-shaped 2-layer export")
+    parser.add_argument("--optimize", action="store_true",
+                        help="time optimize INT4/INT8-weight of the 8B-shaped 2-layer export")
+    parser.add_argument("--limit-gib", type=float, default=12.0,
+                        help="kill a run above this much anonymous memory (default 12)")
     parser.add_argument("--code", action="append", default=[], metavar="LABEL=APP_DIR",
                         help="an opstudio version to run (its app folder); repeatable")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between runs")
     args = parser.parse_args(argv)
+    codes = dict(c.split("=", 1) for c in args.code) or {"this": HERE_APP}
+    if args.optimize:
+        bench_optimize(llama_export(2, "fp32", cache=args.cache), codes, args.rounds,
+                       args.pause, int(args.limit_gib * 2**30))
+        return 0
     if args.open:
-        codes = dict(c.split("=", 1) for c in args.code) or {
-            "this": str(Path(__file__).resolve().parents[1] / "app")}
         bench_open(llama_export(2, "fp32", cache=args.cache), codes, args.rounds, args.pause)
         return 0
     source = genai_export(args.layers, "fp32", cache=args.cache)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -280,3 +281,28 @@ def test_original_that_does_not_run_on_synthetic_inputs_leaves_accuracy_unmeasur
                  "--dim", "sequence=192"])
     text = capsys.readouterr().out
     assert code == 0 and "[2,8]" in text
+
+
+def test_a_big_model_is_quantized_tensor_by_tensor_with_a_progress_bar(tmp_path, capsys,
+                                                                       monkeypatch):
+    from opstudio.core import optimize as optimize_module
+
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)  # this small model counts as big
+    model = tmp_path / "model.onnx"
+    onnx.save_model(mlp(), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": "int4-weight", "params": {"accuracy_level": 4}}]}))
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
+                 "--dim", "batch=4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    matmuls = sum(n.op_type == "MatMul" for n in mlp().graph.node)
+    for k in range(1, matmuls + 1):
+        assert f"int4-weight: quantizing tensor {k} of {matmuls}" in captured.err
+    assert "cosine" in captured.out
+    assert (out.parent / "out.onnx.data").is_file()  # written from the quantized files

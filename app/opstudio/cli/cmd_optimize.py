@@ -19,12 +19,14 @@ from typing import Any
 from opstudio.cli.common import (
     add_input_flags,
     add_text_flags,
+    clear_progress,
     human_bytes,
     human_count,
     parse_dims,
     parse_phase,
     parse_shapes,
     print_table,
+    progress_printer,
     synthetic_past_note,
     text_note,
     write_json,
@@ -104,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
                                                 tokenizer=args.tokenizer))
     judged = judge.feed if judge.feed is not None else inputs
     # the optimizer takes the model over (its weights are read once, into it)
-    result = optimize(model, recipe, inputs=judged, consume=True)
+    quiet = args.report == "-"
+    progress = None if quiet else progress_printer()
+    try:
+        result = optimize(model, recipe, inputs=judged, consume=True, progress=progress)
+    finally:
+        if progress is not None:
+            clear_progress()
     del model
     # written first, then judged from the files: a failed check never loses the result
     export = None
@@ -132,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
             accuracy.judged_on = judge.judged_on
     size_before, size_after = stored_bytes(src), stored_bytes(dst)
 
-    quiet = args.report == "-"
     if not quiet:
         for step in result.steps:
             _print_step(step)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +349,19 @@ def _external_source(tensor: onnx.TensorProto) -> tuple[Path, int, int] | None:
     length = info.get("length")
     size = int(length) if length else target.stat().st_size - offset
     return target, offset, size
+
+
+def file_tensor(name: str, data_type: int, dims: Sequence[int], path: Path, offset: int,
+                length: int) -> onnx.TensorProto:
+    """A tensor whose data lies at ``offset`` in the file ``path``, read on demand as a lazy
+    load's weights are (a rewrite that writes its new weights to a file of its own)."""
+    out = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+    out.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", path.name), ("offset", str(offset)),
+                       ("length", str(length)), (_BASEPATH, str(path.parent.resolve()))):
+        entry = out.external_data.add()
+        entry.key, entry.value = key, value
+    return out
 
 
 def is_lazy(model: onnx.ModelProto) -> bool:

@@ -36,7 +36,9 @@ from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
 from opstudio.core.inputs import NeedsInputs
 from opstudio.core.model_io import (
+    LAZY_INLINE_ABOVE,
     ensure_node_names,
+    is_lazy,
     load_model,
     load_weights,
     model_size,
@@ -44,9 +46,14 @@ from opstudio.core.model_io import (
     save_model,
 )
 from opstudio.core.passes import ContractBroken, PassContext, RewriterFailed, get_pass
+from opstudio.core.passes._ort_support import tensor_nbytes
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
 from opstudio.core.tensors import human_bytes
+
+# A model opened lazily with more weight bytes than this keeps them in their files through the
+# steps whose pass streams them; a smaller one is read at once (and written inline, as before).
+STREAM_ABOVE = LAZY_INLINE_ABOVE
 
 
 @dataclass
@@ -102,12 +109,15 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
 
     ``calibration`` (or else ``inputs`` as a single sample) is what static INT8 calibrates on.
     With ``consume`` the caller hands ``model`` over (it may be changed) and no copy of the
-    weights is made: what a big model needs to be optimized within about twice its size.
+    weights is made: what a big model needs to be optimized within about twice its size. A model
+    opened lazily with more than ``STREAM_ABOVE`` bytes of weights keeps them in their files
+    through the steps whose pass reads one weight at a time (``Pass.reads_lazy``: round-to-nearest INT4/INT8 weight-only); before any
+    other step its weights are read into it.
     """
     current = model if consume else copy_model(model)
     del model
-    # the passes rewrite weights in memory: a model opened lazily gets them now (in the copy)
-    load_weights(current)
+    if is_lazy(current) and _weight_bytes(current) <= STREAM_ABOVE:
+        load_weights(current)  # small: read at once, rewritten and written as before
     ensure_node_names(current)
     validate(recipe, current)
     later = named_later(recipe)
@@ -129,6 +139,10 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         started = time.perf_counter()
         pass_ = get_pass(step.technique)
         params = pass_.validate_params(step.params)
+        if not pass_.reads_lazy(params) and is_lazy(current):
+            # this pass rewrites weights in memory: a model opened lazily gets them now
+            sub(0.0, f"{where}: reading the weights")
+            load_weights(current)
         if step.is_selector:
             targets, derived = _select(current, step, later[index - 1])
             notes = _selector_notes(current, step, recipe, later[index - 1], original_types)
@@ -196,7 +210,7 @@ def optimize_file(in_path: str | os.PathLike[str], recipe: Recipe,
         raise OpstudioError(f"{dst}: is the input model; choose another output file")
     if dst.exists() and not overwrite:
         raise OpstudioError(f"{dst}: already exists (choose another name or allow overwriting)")
-    result = optimize(load_model(src), recipe, inputs=inputs, calibration=calibration,
+    result = optimize(load_model(src, lazy=True), recipe, inputs=inputs, calibration=calibration,
                       progress=progress, cancelled=cancelled, consume=True)
     if cancelled is not None and cancelled():
         raise Cancelled()
@@ -302,6 +316,10 @@ def _check_model(model: onnx.ModelProto, where: str) -> None:
         validity.check_model(model)
     except validity.InvalidModel as exc:
         raise OpstudioError(f"{where}: the result is {exc}") from exc
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -145,6 +145,12 @@ class Pass:
             raise TypeError(f"{cls.__name__}: a pass implements _rewrite; apply runs the pass "
                             "contract around it and is not overridden")
 
+    def reads_lazy(self, params: Mapping[str, Any]) -> bool:
+        """True when the pass, with these validated ``params``, works on a model whose weights
+        stay in their files (``model_io.load_model(lazy=True)``), reading one weight at a time;
+        else the optimizer reads every weight into the model before the step."""
+        return False
+
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
         """``None`` if this pass can rewrite ``node`` with ``params``, else the reason in words.

@@ -6,7 +6,10 @@ The quantizer pads K up to a multiple of the block size, so any K works; a K sma
 block wastes most of the block and is refused. The ``accuracy_level`` (compute precision) is by
 default the one measured fastest on this machine (``_nbits``): on x86 that is 4, int8 activations,
 as onnxruntime-genai's builder writes. Only the chosen nodes are quantized: every other
-node goes to ``nodes_to_exclude``. A Gemm (``nn.Linear`` on 2-D inputs) is first rewritten as
+node goes to ``nodes_to_exclude``. A model whose weights stay in their files (``load_model(...,
+lazy=True)``) is quantized by round to nearest one weight at a time instead (``_nbits_stream``:
+the same library arithmetic on bands of the weight's memory map, written to a scratch file),
+so an 8B export never has all its weights in memory. A Gemm (``nn.Linear`` on 2-D inputs) is first rewritten as
 MatMul with ``alpha·op(B)`` plus an Add of ``beta·C``, since the quantizer only knows MatMul.
 """
 
@@ -18,10 +21,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.model_io import is_lazy, load_weights, tensor_array
 from opstudio.core.passes import _awq as awq
+from opstudio.core.passes import _nbits_stream as nbits_stream
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes._activations import calibrated_stats
 from opstudio.core.passes._calibration import (
@@ -84,6 +89,9 @@ class Int4WeightPass(Pass):
             raise OpstudioError(f"{self.technique}: algorithm '{algorithm}' needs PyTorch, which "
                                 "is not installed: pip install 'opstudio[llm]'")
         return out
+
+    def reads_lazy(self, params: Mapping[str, Any]) -> bool:
+        return params.get("algorithm", "rtn") == "rtn"
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
@@ -162,8 +170,23 @@ class Int4WeightPass(Pass):
         if algorithm == "awq":
             scaled = _awq_scale(work, names, params, ctx, notes)
         before = ort_support.shape_only_copy(work)
+        # before IR 4 every initializer is also a declared input, which the streamed path
+        # does not keep in step; such (old, small) models take the whole-model path
+        streamed = (algorithm == "rtn" and work.ir_version >= 4 and is_lazy(work)
+                    and _all_2d(work, names))
+        if not streamed:
+            load_weights(work)  # onnxruntime's quantizers read every weight from the proto
         with quiet_onnxruntime_logs():
-            if algorithm == "gptq":
+            if streamed:
+                def each(k: int, total: int, name: str) -> None:
+                    ctx.check_cancelled()
+                    ctx.report(0.1 + 0.85 * k / total,
+                               f"{self.technique}: quantizing tensor {k + 1} of {total} ({name})")
+
+                nbits_stream.rewrite(work, names, self.bits, block, params["symmetric"], level,
+                                     ctx.workdir, each)
+                result = work
+            elif algorithm == "gptq":
                 samples = calibration_samples(work, params["calibration"], params["samples"], ctx)
                 notes.append(f"GPTQ calibrated on {len(samples)} sample(s)")
                 result = _gptq(work, names, samples, block, params["symmetric"], level)
@@ -332,6 +355,19 @@ def _import_contrib_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+def _all_2d(model: onnx.ModelProto, names: Sequence[str]) -> bool:
+    """True when every MatMul of ``names`` has a 2-D weight initializer (the streamed path
+    writes no Reshape for a weight with leading 1s; onnxruntime's quantizer does)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = set(names)
+    for node in model.graph.node:
+        if node.name in wanted:
+            weight = inits.get(node.input[0 if node.op_type == "Gather" else 1])
+            if weight is None or len(weight.dims) != 2:
+                return False
+    return True
+
+
 def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:
     """Give each chosen MatMul its own weight when several chosen ones share one.
 
@@ -346,8 +382,13 @@ def _unshare_weights(model: onnx.ModelProto, chosen: Sequence[str]) -> None:
             continue
         weight = node.input[1]
         if weight in seen:
-            copy = numpy_helper.from_array(numpy_helper.to_array(inits[weight]),
-                                           f"{weight}_{node.name}")
+            if external_data_helper.uses_external_data(inits[weight]):  # a lazy one: the file
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[weight])
+                copy.name = f"{weight}_{node.name}"
+            else:
+                copy = numpy_helper.from_array(tensor_array(inits[weight]),
+                                               f"{weight}_{node.name}")
             append_initializer(model, copy)
             node.input[1] = copy.name
         seen.add(weight)

@@ -1,0 +1,230 @@
+"""Round-to-nearest MatMulNBits and GatherBlockQuantized one weight at a time, in chunks.
+
+onnxruntime's ``MatMulNBitsQuantizer`` takes the whole model in memory and makes several float
+copies of a weight (the proto's bytes, a numpy array, padding); for a 2 GB embedding or lm_head
+that is gigabytes. Its arithmetic works on independent columns of a MatMul weight (blocks run
+along K) and on independent rows of an embedding table (blocks run along a token's vector), so
+the same library functions, called on a band of columns or rows at a time, give the same bytes:
+``DefaultWeightOnlyQuantizer.qbits_block_quant`` (onnxruntime's C++ kernel) for MatMul weights,
+``DefaultWeightOnlyQuantizer.quantize_ndarray`` for tables. A weight is read from its memory map
+band by band and each quantized band is appended to a scratch file; the new initializers point
+at that file the way a lazily loaded model's weights point at theirs, and ``save_model`` copies
+them into the output's external-data file. Memory holds one band and one weight's scales.
+
+The nodes are built as onnxruntime builds them (names, inputs, attributes), so a model gets the
+same result through either path (tested tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from opstudio.core.graph_utils import node_reads
+from opstudio.core.model_io import file_tensor, tensor_array
+from opstudio.core.tempdir import opstudio_temp_root
+
+# float bytes of one band quantized at once
+CHUNK_BYTES = 128 * 2**20
+
+
+class ScratchFile:
+    """An append-only file the quantized tensors are written to, and tensors that refer to it.
+
+    Its folder lives in opstudio's temp folder until the process ends: the model that refers
+    to it is returned to the caller, who saves it (copying the data out) later.
+    """
+
+    def __init__(self, workdir: str | None = None) -> None:
+        root = Path(workdir) if workdir else opstudio_temp_root()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"weights-{os.getpid()}-", dir=root))
+        atexit.register(shutil.rmtree, self.folder, True)
+        self.name = "quantized.data"
+        self._file: BinaryIO = open(self.folder / self.name, "wb")  # noqa: SIM115
+        self._offset = 0
+
+    def write(self, data: np.ndarray) -> None:
+        payload = np.ascontiguousarray(data)
+        self._file.write(payload.data)
+        self._offset += payload.nbytes
+
+    def begin(self) -> int:
+        return self._offset
+
+    def tensor(self, name: str, data_type: int, dims: Sequence[int],
+               start: int) -> onnx.TensorProto:
+        """A tensor whose data is what was written from ``start`` up to now."""
+        self._file.flush()
+        return file_tensor(name, data_type, dims, self.folder / self.name, start,
+                           self._offset - start)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _quantizer(bits: int, block: int, symmetric: bool) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block, is_symmetric=symmetric, bits=bits))
+
+
+def _band(row_bytes: int, even: bool = False) -> int:
+    """Rows (or columns) per band: about ``CHUNK_BYTES`` of floats; an even count where two
+    int4 values share a byte across rows, so every band but the last packs whole bytes."""
+    size = max(1, CHUNK_BYTES // max(1, row_bytes))
+    return size + size % 2 if even else size
+
+
+def matmul_nbits(node: onnx.NodeProto, weight: onnx.TensorProto, scratch: ScratchFile,
+                 bits: int, block: int, symmetric: bool,
+                 level: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """``node`` (a MatMul with the 2-D constant ``weight``) as MatMulNBits, the weight
+    quantized band of columns by band of columns into ``scratch``."""
+    value = tensor_array(weight)
+    value = value.reshape(value.shape[-2], value.shape[-1])
+    k, n = value.shape
+    quantizer = _quantizer(bits, block, symmetric)
+    step = _band(k * value.dtype.itemsize)
+    start = scratch.begin()
+    scales: list[np.ndarray] = []
+    zeros: list[np.ndarray] = []
+    packed_shape: tuple[int, ...] = ()
+    for n0 in range(0, n, step):
+        band = np.ascontiguousarray(value[:, n0:n0 + step])
+        packed, scale, zero = quantizer.qbits_block_quant(band)
+        del band
+        scratch.write(packed)
+        packed_shape = packed.shape[1:]
+        scales.append(scale)
+        zeros.append(zero)
+    quantized = scratch.tensor(f"{weight.name}_Q{bits}", onnx.TensorProto.UINT8,
+                               (n, *packed_shape), start)
+    scale = np.concatenate(scales)
+    start = scratch.begin()
+    scratch.write(scale)
+    scale_tensor = scratch.tensor(f"{weight.name}_scales",
+                                  helper.np_dtype_to_tensor_dtype(scale.dtype), scale.shape, start)
+    tensors = [quantized, scale_tensor]
+    inputs = [node.input[0], quantized.name, scale_tensor.name]
+    if not symmetric:
+        zero = np.concatenate(zeros)
+        start = scratch.begin()
+        scratch.write(zero)
+        tensors.append(scratch.tensor(f"{weight.name}_zero_points", onnx.TensorProto.UINT8,
+                                      zero.shape, start))
+        inputs.append(tensors[-1].name)
+    kwargs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block}
+    if level:
+        kwargs["accuracy_level"] = level
+    created = helper.make_node("MatMulNBits", inputs, [node.output[0]],
+                               name=node.name + f"_Q{bits}" if node.name else "",
+                               domain="com.microsoft", **kwargs)
+    return created, tensors
+
+
+def gather_block_quantized(node: onnx.NodeProto, table: onnx.TensorProto,
+                           scratch: ScratchFile, block: int,
+                           symmetric: bool) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """``node`` (a Gather from the constant [vocab, hidden] ``table``) as 4-bit
+    GatherBlockQuantized, the table quantized band of rows by band of rows into ``scratch``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    value = tensor_array(table)
+    rows, width = value.shape
+    step = _band(width * value.dtype.itemsize, even=True)
+    qtype = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    start = scratch.begin()
+    scales: list[np.ndarray] = []
+    zeros: list[np.ndarray] = []
+    for r0 in range(0, rows, step):
+        band = np.asarray(value[r0:r0 + step])
+        # its np.where divides by the zero scales of all-zero blocks before discarding them
+        with np.errstate(divide="ignore", invalid="ignore"):
+            packed, scale, zero = DefaultWeightOnlyQuantizer.quantize_ndarray(band, 1, block,
+                                                                              symmetric)
+        del band
+        scratch.write(packed)
+        scales.append(scale)
+        if zero is not None:
+            zeros.append(zero)
+    quantized = scratch.tensor(f"{table.name}_Q4", qtype, (rows, width), start)
+    scale = np.concatenate(scales)
+    start = scratch.begin()
+    scratch.write(scale)
+    scale_tensor = scratch.tensor(f"{table.name}_scales",
+                                  helper.np_dtype_to_tensor_dtype(scale.dtype), scale.shape, start)
+    tensors = [quantized, scale_tensor]
+    inputs = [quantized.name, node.input[1], scale_tensor.name]
+    if not symmetric:
+        start = scratch.begin()
+        for zero in zeros:
+            scratch.write(zero)
+        tensors.append(scratch.tensor(f"{table.name}_zero_points", qtype, scale.shape, start))
+        inputs.append(tensors[-1].name)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    created = helper.make_node("GatherBlockQuantized", inputs, [node.output[0]],
+                               name=node.name + "_Q4" if node.name else "",
+                               domain="com.microsoft", gather_axis=axis, quantize_axis=1,
+                               block_size=block)
+    return created, tensors
+
+
+def rewrite(model: onnx.ModelProto, names: Sequence[str], bits: int, block: int,
+            symmetric: bool, level: int, workdir: str | None,
+            each: Callable[[int, int, str], None]) -> None:
+    """Quantize the weights of the nodes ``names`` of ``model`` in place, one after another
+    (``each(k, total, name)`` before node k: progress and cancel); weights no node reads any
+    more are dropped."""
+    wanted = set(names)
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    scratch = ScratchFile(workdir)
+    done = 0
+    try:
+        for index, node in enumerate(list(model.graph.node)):
+            if node.name not in wanted:
+                continue
+            each(done, len(wanted), node.name)
+            done += 1
+            gather = node.op_type == "Gather"
+            weight = model.graph.initializer[inits[node.input[0 if gather else 1]]]
+            if gather:
+                created, tensors = gather_block_quantized(node, weight, scratch, block, symmetric)
+            else:
+                created, tensors = matmul_nbits(node, weight, scratch, bits, block, symmetric,
+                                                level)
+            model.graph.node[index].CopyFrom(created)
+            model.graph.initializer.extend(tensors)
+    except BaseException:  # cancelled or failed: nothing will read the file
+        scratch.close()
+        shutil.rmtree(scratch.folder, ignore_errors=True)
+        raise
+    scratch.close()
+    _drop_unread(model)
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Remove initializers nothing reads any more, without copying the ones kept."""
+    read = {name for node in model.graph.node for name in node_reads(node)}
+    read |= {o.name for o in model.graph.output}
+    gone = [i for i, t in enumerate(model.graph.initializer) if t.name not in read]
+    names = {model.graph.initializer[i].name for i in gone}
+    for i in reversed(gone):
+        del model.graph.initializer[i]
+    kept = [i for i in model.graph.input if i.name not in names]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+

@@ -1,0 +1,225 @@
+"""int4-weight / int8-weight on a model whose weights stay in their files: one weight at a time,
+in bands, bit-exact against onnxruntime's MatMulNBits quantizer on the same model in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from opstudio.core import optimize as optimize_module
+from opstudio.core.errors import Cancelled
+from opstudio.core.model_io import is_lazy, load_model, save_model, tensor_array
+from opstudio.core.optimize import optimize, optimize_file
+from opstudio.core.ort_session import create_session
+from opstudio.core.passes import PassContext, get_pass
+from opstudio.core.passes import _nbits_stream as nbits_stream
+from opstudio.core.recipe import Recipe
+
+
+def decoder_like(k: int, n: int, vocab: int, hidden: int, fp16: bool = False) -> onnx.ModelProto:
+    """ids → Gather(table [vocab, hidden]) → MatMul(W_in [hidden, k]) → Relu → MatMul(W [k, n])
+    → MatMul(W_out [n, vocab]): three weights of unlike shapes, K not a multiple of the block."""
+    rng = np.random.default_rng(7)
+    dtype = np.float16 if fp16 else np.float32
+    elem = onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT
+
+    def weight(rows: int, cols: int, name: str) -> onnx.TensorProto:
+        value = rng.standard_normal((rows, cols)) / np.sqrt(rows)
+        value[0, : min(cols, 5)] = 0.0  # an all-zero stretch: the scale-0 branch
+        return numpy_helper.from_array(value.astype(dtype), name)
+
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "W_in"], ["h0"], name="mm_in"),
+        helper.make_node("Relu", ["h0"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W"], ["h1"], name="mm"),
+        helper.make_node("MatMul", ["h1", "W_out"], ["logits"], name="mm_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("logits", elem, [1, 3, vocab])],
+        [weight(vocab, hidden, "table"), weight(hidden, k, "W_in"), weight(k, n, "W"),
+         weight(n, vocab, "W_out")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def lazy_copy(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    path = folder / "model.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx's saver moves the data of the model it is given out of it
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    lazy = load_model(path, lazy=True)
+    assert is_lazy(lazy)
+    return lazy
+
+
+def assert_same(streamed: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """The same nodes (name, op, inputs, outputs, attributes) and the same tensors, byte for
+    byte, whatever their storage."""
+    def nodes(model: onnx.ModelProto) -> list[tuple]:
+        return [(n.name, n.op_type, n.domain, list(n.input), list(n.output),
+                 sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute))
+                for n in model.graph.node]
+
+    assert nodes(streamed) == nodes(reference)
+    mine = {t.name: t for t in streamed.graph.initializer}
+    theirs = {t.name: t for t in reference.graph.initializer}
+    assert sorted(mine) == sorted(theirs)
+    for name, tensor in theirs.items():
+        other = mine[name]
+        assert (other.data_type, list(other.dims)) == (tensor.data_type, list(tensor.dims)), name
+        a, b = tensor_array(other), tensor_array(tensor)
+        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8) if a.dtype.kind == "f"
+                                                     else a, b.view(np.uint8)
+                                                     if b.dtype.kind == "f" else b), name
+    assert [o.version for o in streamed.opset_import if o.domain == ""] == \
+           [o.version for o in reference.opset_import if o.domain == ""]
+
+
+CASES = [  # (technique, k, n, vocab, hidden, block, symmetric, fp16)
+    ("int4-weight", 100, 70, 37, 48, 32, True, False),
+    ("int4-weight", 100, 70, 37, 48, 16, False, False),
+    ("int4-weight", 64, 33, 41, 80, 32, False, True),
+    ("int4-weight", 130, 128, 64, 64, 64, True, True),
+    ("int8-weight", 100, 70, 37, 48, 32, True, False),
+    ("int8-weight", 96, 33, 40, 64, 16, False, False),
+]
+
+
+@pytest.mark.parametrize(("technique", "k", "n", "vocab", "hidden", "block", "symmetric",
+                          "fp16"), CASES)
+def test_streamed_bands_are_bit_exact_against_onnxruntimes_quantizer(
+        tmp_path, monkeypatch, technique, k, n, vocab, hidden, block, symmetric, fp16):
+    # a few hundred bytes per band: every weight is quantized in several bands, odd ones too
+    monkeypatch.setattr(nbits_stream, "CHUNK_BYTES", 700)
+    model = decoder_like(k, n, vocab, hidden, fp16)
+    nodes = ["embed", "mm_in", "mm", "mm_out"]
+    params = {"block_size": block, "symmetric": symmetric, "accuracy_level": 4}
+    pass_ = get_pass(technique)
+    reference = pass_.apply(model, nodes, params, PassContext())
+    streamed = pass_.apply(lazy_copy(model, tmp_path), nodes, params, PassContext())
+    assert streamed.applied == reference.applied
+    assert streamed.skipped == reference.skipped
+    assert streamed.details == reference.details
+    assert_same(streamed.model, reference.model)
+    # the quantized weights are still read from a file, not held in the model
+    assert is_lazy(streamed.model)
+    assert {t.name for t in streamed.model.graph.initializer} >= {f"W_Q{pass_.bits}", "W_scales"}
+
+
+def test_level_0_writes_no_accuracy_level(tmp_path):
+    model = decoder_like(64, 32, 16, 32)
+    params = {"block_size": 32, "accuracy_level": 0}
+    pass_ = get_pass("int4-weight")
+    reference = pass_.apply(model, ["mm"], params, PassContext())
+    streamed = pass_.apply(lazy_copy(model, tmp_path), ["mm"], params, PassContext())
+    assert_same(streamed.model, reference.model)
+
+
+def test_each_tensor_reports_progress_and_cancel_stops_between_tensors(tmp_path):
+    model = lazy_copy(decoder_like(64, 32, 16, 32), tmp_path)
+    seen: list[str] = []
+    get_pass("int4-weight").apply(model, ["embed", "mm_in", "mm"], {"accuracy_level": 4},
+                                  PassContext(progress=lambda f, m: seen.append(m)))
+    quantizing = [m for m in seen if "quantizing tensor" in m]
+    assert quantizing == ["int4-weight: quantizing tensor 1 of 3 (embed)",
+                          "int4-weight: quantizing tensor 2 of 3 (mm_in)",
+                          "int4-weight: quantizing tensor 3 of 3 (mm)"]
+
+    calls: list[str] = []
+
+    def cancelled() -> bool:  # let the first tensor through, then cancel
+        calls.append("asked")
+        return len(calls) > 2
+
+    cancel_dir, work = tmp_path / "cancel", tmp_path / "work"
+    cancel_dir.mkdir()
+    work.mkdir()
+    with pytest.raises(Cancelled):
+        get_pass("int4-weight").apply(lazy_copy(decoder_like(64, 32, 16, 32), cancel_dir),
+                                      ["embed", "mm_in", "mm"], {"accuracy_level": 4},
+                                      PassContext(cancelled=cancelled, workdir=str(work)))
+    assert len(calls) == 3
+    assert list(work.iterdir()) == []  # the quantized tensor's scratch file went with it
+
+
+def test_optimize_keeps_weights_in_files_and_writes_what_the_in_memory_path_writes(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)  # stream even this small model
+    model = decoder_like(100, 70, 37, 48)
+    (tmp_path / "src").mkdir()
+    source = tmp_path / "src" / "model.onnx"
+    # onnx's saver moves the data of the model it is given: it saves a copy
+    onnx.save_model(decoder_like(100, 70, 37, 48), str(source), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    recipe = Recipe.from_json({"version": 1, "steps": [
+        {"op_types": ["MatMul", "Gather"], "technique": "int4-weight",
+         "params": {"accuracy_level": 4}}]})
+    streamed = optimize(load_model(source, lazy=True), recipe, consume=True)
+    assert is_lazy(streamed.model)  # no step read every weight into memory
+    reference = optimize(model, recipe)
+    assert_same(streamed.model, reference.model)
+
+    out = optimize_file(source, recipe, tmp_path / "out.onnx")
+    assert out.steps[0].applied == ["embed", "mm_in", "mm", "mm_out"]
+    saved = load_model(tmp_path / "out.onnx")
+    assert_same(saved, reference.model)
+    ids = np.array([[0, 5, 36]], dtype=np.int64)
+    got = create_session(tmp_path / "out.onnx").run(None, {"ids": ids})[0]
+    want = create_session(reference.model).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_small_model_opened_lazily_is_read_at_once_as_before(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(decoder_like(64, 32, 16, 32), str(source), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    recipe = Recipe.from_json({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": "int4-weight", "params": {"accuracy_level": 4}}]})
+    result = optimize(load_model(source, lazy=True), recipe, consume=True)
+    assert not is_lazy(result.model)
+    assert result.model.SerializeToString() == optimize(load_model(source), recipe).model \
+        .SerializeToString()
+
+
+def test_a_later_step_that_needs_the_weights_gets_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)
+    source = tmp_path / "model.onnx"
+    onnx.save_model(decoder_like(64, 32, 16, 32), str(source), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    recipe = Recipe.from_json({"version": 1, "steps": [
+        {"nodes": ["mm"], "technique": "int4-weight", "params": {"accuracy_level": 4}},
+        {"nodes": ["mm_in"], "technique": "fp16", "params": {}}]})
+    result = optimize(load_model(source, lazy=True), recipe, consume=True)
+    assert [s.applied for s in result.steps] == [["mm"], ["mm_in"]]
+    save_model(result.model, tmp_path / "out.onnx")
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    assert create_session(tmp_path / "out.onnx").run(None, {"ids": ids})[0].shape == (1, 3, 16)
+
+
+def test_shared_weights_and_a_gemm_stream_as_in_memory(tmp_path):
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
+        helper.make_node("MatMul", ["a", "W"], ["b"], name="mm2"),  # the same weight again
+        helper.make_node("Gemm", ["b", "Wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 64])],
+        [helper.make_tensor_value_info("y", 1, [2, 16])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "Wg"),
+         numpy_helper.from_array(np.ones(16, np.float32), "bg")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    params = {"accuracy_level": 4, "symmetric": False}
+    pass_ = get_pass("int4-weight")
+    reference = pass_.apply(model, ["mm1", "mm2", "fc"], params, PassContext())
+    streamed = pass_.apply(lazy_copy(model, tmp_path), ["mm1", "mm2", "fc"], params,
+                           PassContext())
+    assert streamed.applied == ["mm1", "mm2", "fc"]
+    assert_same(streamed.model, reference.model)
