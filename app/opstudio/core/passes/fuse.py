@@ -1,0 +1,197 @@
+"""Fuse the chosen layers' norms and rotary embeddings into onnxruntime's fused kernels.
+
+An HF/optimum export of a decoder runs every RMSNorm as eight or nine small kernels and every
+rotary embedding as seven, on top of the cos/sin tables it computes again in every step. This
+pass rewrites them, unit by unit, into onnxruntime's contrib ops:
+
+- RMSNorm → ``SimplifiedLayerNormalization`` (onnxruntime registers it in the default domain);
+- residual Add + RMSNorm → ``SkipSimplifiedLayerNormalization`` (com.microsoft), which also
+  gives the sum the next residual reads;
+- rotate_half with cos/sin from position_ids → ``RotaryEmbedding`` (com.microsoft) reading
+  cos/sin caches of ``max_positions`` rows made once, and the graph's own position_ids.
+
+The matching is onnxscript's rewriter with the rules of ``_fusion_rules`` (its ``ort_fusions``
+rules extended for the exporter's forms). The math is the same up to float rounding; the model's
+inputs, outputs and KV layout do not change.
+
+A unit is what one fused kernel replaces. Naming any node of a unit fuses the whole unit (a
+layer's norm with its residual Add, a rotary embedding of q or k); a node in no unit is refused
+with the reason. Each fused node records every original node it replaced, so a profile reports
+its time against all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import onnx
+
+from opstudio.core import provenance
+from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
+
+_MAX_POSITIONS = 8192
+
+
+class FusePass(Pass):
+    technique = "fuse"
+    label = "Fuse"
+    description = ("rewrite the chosen layers' RMSNorms, residual Adds and rotary embeddings "
+                   "into onnxruntime's fused kernels (same math)")
+    params = (
+        ParamSpec("max_positions", "int", _MAX_POSITIONS, "Rotary cache length",
+                  "rows of the cos/sin caches a fused rotary embedding reads: the longest "
+                  "position the model can then be run at", minimum=16, maximum=1 << 20),
+    )
+    # before quantizers, which would otherwise see the norms' weights as their own
+    plan_order = 5
+    scan_params: ClassVar[ScanParams | None] = None
+    helps_when = "memory"
+    because = "one fused kernel replaces eight or more small ones and their launch overhead"
+    colour = "#16a085"
+
+    def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
+              params: Mapping[str, Any] | None = None) -> str | None:
+        max_positions = int(self.given_params(params)["max_positions"])
+        if node.name in _units(model, max_positions):
+            return None
+        if node.domain not in ("", "ai.onnx"):
+            return f"{node.domain}:{node.op_type} is already a fused kernel"
+        return ("not part of an RMSNorm, a residual Add before one, or a rotary embedding this "
+                "pass recognises")
+
+    def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
+                 ctx: PassContext) -> PassResult:
+        max_positions = int(params["max_positions"])
+        units = _units(work, max_positions)
+        allowed: set[str] = set()
+        for name in chosen:
+            allowed |= units[name]
+        ctx.report(0.1, f"fuse: matching {len(chosen)} node(s)")
+        ctx.check_cancelled()
+        fused, counts = _fuse(work, max_positions, allowed)
+        result = PassResult(model=fused)
+        result.applied = [name for name in chosen if name in _fused_names(fused)]
+        for name in chosen:
+            if name not in result.applied:
+                result.skipped[name] = "the unit could not be fused together with the others"
+        before = len(work.graph.node)
+        result.notes.append(
+            f"{', '.join(f'{n} {kind}' for kind, n in sorted(counts.items()))}: "
+            f"{before} → {len(fused.graph.node)} nodes")
+        for name in result.applied:
+            result.details[name] = {"unit": len(units[name])}
+        return result
+
+
+def _fused_names(model: onnx.ModelProto) -> set[str]:
+    names: set[str] = set()
+    for node in model.graph.node:
+        origins = provenance.get_origin(node)
+        if node.op_type in _FUSED_OPS and origins != [node.name]:
+            names.update(origins)
+    return names
+
+
+_FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+              "RotaryEmbedding")
+
+# model key -> node name -> the original nodes of its unit; the app asks ``check`` node by node
+_UNIT_CACHE: dict[tuple[str, int], dict[str, frozenset[str]]] = {}
+
+
+def _model_key(model: onnx.ModelProto) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for node in model.graph.node:
+        digest.update("\0".join([node.name, node.op_type, *node.input, "->", *node.output,
+                                 "|"]).encode())
+    return digest.hexdigest()
+
+
+def _units(model: onnx.ModelProto, max_positions: int) -> dict[str, frozenset[str]]:
+    """Node name -> the names of the unit it belongs to (fusing everything possible once)."""
+    key = (_model_key(model), max_positions)
+    found = _UNIT_CACHE.get(key)
+    if found is None:
+        fused, _ = _fuse(model, max_positions, None)
+        found = {}
+        for node in fused.graph.node:
+            origins = provenance.get_origin(node)
+            if node.op_type in _FUSED_OPS and origins != [node.name]:
+                unit = frozenset(origins)
+                for name in unit:
+                    found[name] = unit
+        if len(_UNIT_CACHE) > 8:
+            _UNIT_CACHE.clear()
+        _UNIT_CACHE[key] = found
+    return found
+
+
+def _fuse(model: onnx.ModelProto, max_positions: int,
+          allowed: set[str] | None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The model with every unit whose nodes are all in ``allowed`` (None: every unit) fused,
+    and how many of each fused op were made. ``model`` is not changed."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from opstudio.core.passes import _fusion_rules as rules
+
+    irmodel = ir.serde.deserialize_model(model)
+    counts: dict[str, int] = {}
+    # the norms first: the skip rule reads the norm they became
+    for ruleset in (rules.rotary_rules(max_positions), rules.norm_rules(), rules.skip_rules()):
+        _apply(irmodel, ruleset, allowed, counts)
+    if any(n.op_type == "RotaryEmbedding" for n in irmodel.graph):
+        # the cos/sin tables the fused layers no longer read
+        RemoveUnusedNodesPass()(irmodel)
+    for node in irmodel.graph:
+        if node.op_type in _FUSED_OPS and provenance.ORIGIN_KEY in node.metadata_props:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return ir.serde.serialize_model(irmodel), counts
+
+
+def _origins(node: Any) -> list[str]:
+    recorded = node.metadata_props.get(provenance.ORIGIN_KEY)
+    return recorded.split(",") if recorded else [node.name or ""]
+
+
+def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None,
+           counts: dict[str, int]) -> None:
+    from onnx_ir import convenience
+
+    graph = irmodel.graph
+    taken = {node.name for node in graph}
+    for node in graph:
+        for rule in ruleset:
+            delta = rule.try_rewrite(irmodel, graph, node)
+            if delta is None:
+                continue
+            origins: list[str] = []
+            for matched in sorted(delta.match.nodes, key=lambda n: n.name or ""):
+                origins.extend(o for o in _origins(matched) if o not in origins)
+            if allowed is not None and not set(origins) <= allowed:
+                continue
+            for init in delta.new_initializers:
+                if init.name not in graph.initializers:
+                    graph.initializers[init.name] = init
+            # named in the module of the node the result replaces (the norm, not the Add)
+            scope = (node.name or "").rsplit("/", 1)[0] or "/fuse"
+            for new in delta.new_nodes:
+                name = f"{scope}/{new.op_type}"
+                suffix = 0
+                while name in taken:
+                    suffix += 1
+                    name = f"{scope}/{new.op_type}_{suffix}"
+                taken.add(name)
+                new.name = name
+                for i, out in enumerate(new.outputs):
+                    if not out.name:
+                        out.name = f"{name}_output_{i}"
+                new.metadata_props[provenance.ORIGIN_KEY] = ",".join(origins)
+            convenience.replace_nodes_and_values(graph, node, delta.match.nodes, delta.new_nodes,
+                                                 delta.match.outputs, delta.new_outputs)
+            break
+
+
+PASS = FusePass()
