@@ -23,6 +23,7 @@ its time against all of them.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -102,10 +103,16 @@ _UNIT_CACHE: dict[tuple[str, int], dict[str, frozenset[str]]] = {}
 
 
 def _model_key(model: onnx.ModelProto) -> str:
+    """Changes with any node (attributes and Constant values too) and any small initializer,
+    which is what decides a unit; big weights by name and dims only (cheap on a large model)."""
     digest = hashlib.blake2b(digest_size=16)
     for node in model.graph.node:
-        digest.update("\0".join([node.name, node.op_type, *node.input, "->", *node.output,
-                                 "|"]).encode())
+        digest.update(node.SerializeToString())
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= 4096:
+            digest.update(tensor.SerializeToString())
+        else:
+            digest.update(f"{tensor.name}{list(tensor.dims)}".encode())
     return digest.hexdigest()
 
 
@@ -172,9 +179,12 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None,
                 origins.extend(o for o in _origins(matched) if o not in origins)
             if allowed is not None and not set(origins) <= allowed:
                 continue
-            for init in delta.new_initializers:
-                if init.name not in graph.initializers:
-                    graph.initializers[init.name] = init
+            # the rotary caches are made once and shared, maybe first by a match not taken
+            for new in delta.new_nodes:
+                for value in new.inputs:
+                    if value is not None and value.const_value is not None and \
+                            value.producer() is None and value.name not in graph.initializers:
+                        graph.initializers[value.name] = value
             # named in the module of the node the result replaces (the norm, not the Add)
             scope = (node.name or "").rsplit("/", 1)[0] or "/fuse"
             for new in delta.new_nodes:

@@ -1,0 +1,128 @@
+"""fuse: a decoder's norms, residual Adds and rotary embeddings become onnxruntime's fused
+kernels, unit by unit, with the same outputs up to float rounding."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from llm_builders import llama_decoder, llama_inputs
+from model_builders import apply_pass, run_ort, small_mlp
+from opstudio.core import provenance
+from opstudio.core.passes import PassContext, get_pass
+
+FUSE = get_pass("fuse")
+FUSED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+
+
+def _fused_ops(model):
+    return Counter(n.op_type for n in model.graph.node if n.op_type in FUSED)
+
+
+def _assert_same_outputs(before, after, feeds):
+    want, got = run_ort(before, feeds), run_ort(after, feeds)
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    logits_a, logits_b = want[0].reshape(-1, want[0].shape[-1]), got[0].reshape(
+        -1, got[0].shape[-1])
+    cosine = (logits_a * logits_b).sum(-1) / np.linalg.norm(logits_a, axis=-1) / np.linalg.norm(
+        logits_b, axis=-1)
+    assert cosine.min() >= 0.9999
+    assert (logits_a.argmax(-1) == logits_b.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("norm,axes", [("div", "attribute"), ("reciprocal", "input")])
+def test_every_unit_of_a_decoder_fuses_with_the_same_outputs(norm, axes):
+    model = llama_decoder(layers=2, norm=norm, axes=axes)
+    names = [n.name for n in model.graph.node]
+    result = apply_pass(FUSE, model, names, {})
+    # the first norm has no residual before it; 2 per layer then take the residual Add; and
+    # the rotary embeddings of q and k in each layer
+    assert _fused_ops(result.model) == {"SimplifiedLayerNormalization": 1,
+                                        "SkipSimplifiedLayerNormalization": 4,
+                                        "RotaryEmbedding": 4}
+    assert not [n for n in result.model.graph.node if n.op_type in ("Pow", "Sqrt", "Neg", "Cos")]
+    # the interface does not change
+    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    for feeds in (llama_inputs(seq=4, past=3), llama_inputs(seq=1, past=9, seed=2),
+                  llama_inputs(seq=6, past=0, seed=3)):
+        _assert_same_outputs(model, result.model, feeds)
+
+
+@pytest.mark.parametrize("named,fused", [
+    ("/model/layers.0/input_layernorm/Pow", {"SimplifiedLayerNormalization": 1}),
+    ("/model/layers.0/Add", {"SkipSimplifiedLayerNormalization": 1}),
+    ("/model/layers.0/post_attention_layernorm/Sqrt", {"SkipSimplifiedLayerNormalization": 1}),
+    ("/model/layers.1/self_attn/k_rot/Slice_1", {"RotaryEmbedding": 1}),
+])
+def test_naming_one_node_fuses_its_unit_only(named, fused):
+    model = llama_decoder(layers=2)
+    result = apply_pass(FUSE, model, [named], {})
+    assert result.applied == [named]
+    assert _fused_ops(result.model) == fused
+    _assert_same_outputs(model, result.model, llama_inputs())
+
+
+def test_a_fused_node_records_every_node_it_replaced():
+    model = llama_decoder(layers=1)
+    result = apply_pass(FUSE, model, ["/model/layers.0/post_attention_layernorm/Pow"], {})
+    (skip,) = [n for n in result.model.graph.node
+               if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert skip.name == "/model/layers.0/post_attention_layernorm/SkipSimplifiedLayerNormalization"
+    scope = "/model/layers.0/post_attention_layernorm"
+    assert set(provenance.get_origin(skip)) == {
+        "/model/layers.0/Add", *(f"{scope}/{op}" for op in (
+            "Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Cast_1", "Mul_1"))}
+    # every original node the fused one stands for is found from its name
+    derived = provenance.derived_nodes(result.model)
+    assert derived[f"{scope}/ReduceMean"] == [skip.name]
+
+
+def test_the_rotary_caches_are_shared_and_the_unused_tables_removed():
+    model = llama_decoder(layers=2)
+    names = [n.name for n in model.graph.node if "_rot/" in n.name]
+    result = apply_pass(FUSE, model, names, {"max_positions": 64})
+    rotary = [n for n in result.model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == 4 and len({(n.input[2], n.input[3]) for n in rotary}) == 1
+    assert all(n.input[1] == "position_ids" for n in rotary)
+    caches = {t.name: t for t in result.model.graph.initializer if t.name == rotary[0].input[2]}
+    assert list(caches[rotary[0].input[2]].dims) == [64, 8]
+    assert not [n for n in result.model.graph.node if n.op_type in ("Cos", "Sin")]
+    _assert_same_outputs(model, result.model, llama_inputs(seq=3, past=60))
+
+
+def test_only_the_named_layers_change():
+    model = llama_decoder(layers=2)
+    names = [n.name for n in model.graph.node if n.name.startswith("/model/layers.1/")]
+    result = apply_pass(FUSE, model, names, {})
+    untouched = [n.name for n in model.graph.node if n.name.startswith("/model/layers.0/")
+                 and n.name != "/model/layers.0/Add_1"]  # the residual before layer 1's norm
+    kept = {n.name for n in result.model.graph.node}
+    assert set(untouched) <= kept
+    # layer 1's last residual Add goes with the final norm after it
+    assert _fused_ops(result.model) == {"SkipSimplifiedLayerNormalization": 3,
+                                        "RotaryEmbedding": 2}
+    _assert_same_outputs(model, result.model, llama_inputs())
+
+
+def test_what_cannot_be_fused_is_refused_with_the_reason():
+    mlp = small_mlp()
+    reason = FUSE.check(mlp, mlp.graph.node[0])
+    assert reason and "RMSNorm" in reason
+    model = llama_decoder(layers=1)
+    by_name = {n.name: n for n in model.graph.node}
+    assert FUSE.check(model, by_name["/model/layers.0/self_attn/Softmax"]) is not None
+    assert FUSE.check(model, by_name["/model/layers.0/input_layernorm/Pow"]) is None
+    # a norm whose mean is not over the last axis is not an RMSNorm
+    for node in model.graph.node:
+        if node.name == "/model/layers.0/input_layernorm/ReduceMean":
+            node.attribute[0].ints[:] = [1]
+    assert FUSE.check(model, by_name["/model/layers.0/input_layernorm/Pow"]) is not None
+    result = FUSE.apply(model, ["/model/layers.0/input_layernorm/Pow"], {}, PassContext())
+    assert result.applied == [] and "RMSNorm" in result.skipped[
+        "/model/layers.0/input_layernorm/Pow"]
