@@ -169,8 +169,14 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None,
 
     graph = irmodel.graph
     taken = {node.name for node in graph}
+    # a match is anchored at one of a pattern's output nodes: trying only the rules one of
+    # whose outputs is this node's op saves most of a large model's matching time
+    anchors = [(rule, {p.op_type for p in rule._target_pattern.output_nodes})
+               for rule in ruleset]
     for node in graph:
-        for rule in ruleset:
+        for rule, ops in anchors:
+            if node.op_type not in ops:
+                continue
             delta = rule.try_rewrite(irmodel, graph, node)
             if delta is None:
                 continue
