@@ -2,7 +2,7 @@
 
 The model is SmolLM2-135M-Instruct as optimum exports it (real weights, fp16 storage behind
 Casts, 30 layers), in ``~/.cache/opstudio-bench/llm/trained_hf/`` with ``prompt_b.npz`` beside
-it. ``fuse`` is applied to every layer's norms and rotary embeddings (the recipe below, as
+it. ``fuse`` is applied to every layer's norms, rotary embeddings and attention (the recipe below, as
 ``opstudio optimize`` applies it), then both models are profiled at one decode step after a
 past of ``--past`` tokens, their rounds taking turns in one child process
 (``core.compare.compare_models``, as ``opstudio compare A B --phase decode --past 512``): the

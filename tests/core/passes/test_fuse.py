@@ -1,5 +1,5 @@
-"""fuse: a decoder's norms, residual Adds and rotary embeddings become onnxruntime's fused
-kernels, unit by unit, with the same outputs up to float rounding."""
+"""fuse: a decoder's norms, residual Adds, rotary embeddings and attention blocks become
+onnxruntime's fused kernels, unit by unit, with the same outputs up to float rounding."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from opstudio.core import provenance
 from opstudio.core.passes import PassContext, get_pass
 
 FUSE = get_pass("fuse")
-FUSED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+FUSED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+         "GroupQueryAttention")
+NO_ATTENTION = {"attention": False}
 
 
 def _fused_ops(model):
@@ -35,17 +37,20 @@ def _assert_same_outputs(before, after, feeds):
     assert (logits_a.argmax(-1) == logits_b.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("norm,axes", [("div", "attribute"), ("reciprocal", "input")])
-def test_every_unit_of_a_decoder_fuses_with_the_same_outputs(norm, axes):
+@pytest.mark.parametrize("norm,axes,attention", [("div", "attribute", True),
+                                                  ("reciprocal", "input", True),
+                                                  ("div", "attribute", False)])
+def test_every_unit_of_a_decoder_fuses_with_the_same_outputs(norm, axes, attention):
     model = llama_decoder(layers=2, norm=norm, axes=axes)
     names = [n.name for n in model.graph.node]
-    result = apply_pass(FUSE, model, names, {})
+    result = apply_pass(FUSE, model, names, {"attention": attention})
     # the first norm has no residual before it; 2 per layer then take the residual Add; and
-    # the rotary embeddings of q and k in each layer
-    assert _fused_ops(result.model) == {"SimplifiedLayerNormalization": 1,
-                                        "SkipSimplifiedLayerNormalization": 4,
-                                        "RotaryEmbedding": 4}
-    assert not [n for n in result.model.graph.node if n.op_type in ("Pow", "Sqrt", "Neg", "Cos")]
+    # each layer's attention, or without it the rotary embeddings of q and k
+    expected = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
+                **({"GroupQueryAttention": 2} if attention else {"RotaryEmbedding": 4})}
+    assert _fused_ops(result.model) == expected
+    gone = ("Pow", "Sqrt", "Neg", "Cos", *(("Softmax", "Expand") if attention else ()))
+    assert not [n for n in result.model.graph.node if n.op_type in gone]
     # the interface does not change
     assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
     assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
@@ -54,15 +59,18 @@ def test_every_unit_of_a_decoder_fuses_with_the_same_outputs(norm, axes):
         _assert_same_outputs(model, result.model, feeds)
 
 
-@pytest.mark.parametrize("named,fused", [
-    ("/model/layers.0/input_layernorm/Pow", {"SimplifiedLayerNormalization": 1}),
-    ("/model/layers.0/Add", {"SkipSimplifiedLayerNormalization": 1}),
-    ("/model/layers.0/post_attention_layernorm/Sqrt", {"SkipSimplifiedLayerNormalization": 1}),
-    ("/model/layers.1/self_attn/k_rot/Slice_1", {"RotaryEmbedding": 1}),
+@pytest.mark.parametrize("named,params,fused", [
+    ("/model/layers.0/input_layernorm/Pow", {}, {"SimplifiedLayerNormalization": 1}),
+    ("/model/layers.0/Add", {}, {"SkipSimplifiedLayerNormalization": 1}),
+    ("/model/layers.0/post_attention_layernorm/Sqrt", {},
+     {"SkipSimplifiedLayerNormalization": 1}),
+    ("/model/layers.1/self_attn/k_rot/Slice_1", NO_ATTENTION, {"RotaryEmbedding": 1}),
+    ("/model/layers.1/self_attn/k_rot/Slice_1", {}, {"GroupQueryAttention": 1}),
+    ("/model/layers.0/self_attn/Softmax", {}, {"GroupQueryAttention": 1}),
 ])
-def test_naming_one_node_fuses_its_unit_only(named, fused):
+def test_naming_one_node_fuses_its_unit_only(named, params, fused):
     model = llama_decoder(layers=2)
-    result = apply_pass(FUSE, model, [named], {})
+    result = apply_pass(FUSE, model, [named], params)
     assert result.applied == [named]
     assert _fused_ops(result.model) == fused
     _assert_same_outputs(model, result.model, llama_inputs())
@@ -86,7 +94,7 @@ def test_a_fused_node_records_every_node_it_replaced():
 def test_the_rotary_caches_are_shared_and_the_unused_tables_removed():
     model = llama_decoder(layers=2)
     names = [n.name for n in model.graph.node if "_rot/" in n.name]
-    result = apply_pass(FUSE, model, names, {"max_positions": 64})
+    result = apply_pass(FUSE, model, names, {"max_positions": 64, **NO_ATTENTION})
     rotary = [n for n in result.model.graph.node if n.op_type == "RotaryEmbedding"]
     assert len(rotary) == 4 and len({(n.input[2], n.input[3]) for n in rotary}) == 1
     assert all(n.input[1] == "position_ids" for n in rotary)
@@ -106,7 +114,7 @@ def test_only_the_named_layers_change():
     assert set(untouched) <= kept
     # layer 1's last residual Add goes with the final norm after it
     assert _fused_ops(result.model) == {"SkipSimplifiedLayerNormalization": 3,
-                                        "RotaryEmbedding": 2}
+                                        "GroupQueryAttention": 1}
     _assert_same_outputs(model, result.model, llama_inputs())
 
 
@@ -116,7 +124,9 @@ def test_what_cannot_be_fused_is_refused_with_the_reason():
     assert reason and "RMSNorm" in reason
     model = llama_decoder(layers=1)
     by_name = {n.name: n for n in model.graph.node}
-    assert FUSE.check(model, by_name["/model/layers.0/self_attn/Softmax"]) is not None
+    assert FUSE.check(model, by_name["/model/layers.0/self_attn/Softmax"]) is None
+    assert FUSE.check(model, by_name["/model/layers.0/self_attn/Softmax"], NO_ATTENTION)
+    assert FUSE.check(model, by_name["/model/layers.0/mlp/act_fn/Sigmoid"]) is not None
     assert FUSE.check(model, by_name["/model/layers.0/input_layernorm/Pow"]) is None
     # a norm whose mean is not over the last axis is not an RMSNorm
     for node in model.graph.node:
@@ -126,3 +136,22 @@ def test_what_cannot_be_fused_is_refused_with_the_reason():
     result = FUSE.apply(model, ["/model/layers.0/input_layernorm/Pow"], {}, PassContext())
     assert result.applied == [] and "RMSNorm" in result.skipped[
         "/model/layers.0/input_layernorm/Pow"]
+
+
+def test_an_attention_unit_is_its_block_and_the_lengths_are_computed_once():
+    model = llama_decoder(layers=2)
+    result = apply_pass(FUSE, model, [n.name for n in model.graph.node if "self_attn" in n.name],
+                        {})
+    gqa = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    assert len({(n.input[5], n.input[6]) for n in gqa}) == 1  # seqlens_k, total length shared
+    assert [n.op_type for n in result.model.graph.node].count("ReduceSum") == 1
+    assert gqa[0].input[3] == "past_key_values.0.key" and gqa[0].output[1] == "present.0.key"
+    attrs = {a.name: a for a in gqa[0].attribute}
+    assert attrs["num_heads"].i == 4 and attrs["kv_num_heads"].i == 2
+    origins = set(provenance.get_origin(gqa[0]))
+    a = "/model/layers.0/self_attn"
+    assert {f"{a}/Softmax", f"{a}/q_rot/Neg", f"{a}/Concat_k", f"{a}/repeat_v/Expand"} <= origins
+    assert f"{a}/q_proj/MatMul" not in origins  # the projections stay MatMuls (quantizable)
+    for feeds in (llama_inputs(seq=1, past=20), llama_inputs(seq=5, past=0, seed=4)):
+        _assert_same_outputs(model, result.model, feeds)

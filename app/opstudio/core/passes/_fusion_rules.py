@@ -336,3 +336,167 @@ def rotary_rules(max_positions: int) -> list[Any]:
 
 def _commuted(rules: list[Any]) -> list[Any]:
     return [variant for rule in rules for variant in rule.commute()]
+
+
+class Shared:
+    """Values several rewrites share (seqlens_k and the total length for every fused
+    attention): made by the first rewrite that is kept; dropped when the driver does not keep
+    the rewrite that made them, so no later one reads a value no node produces."""
+
+    def __init__(self) -> None:
+        self.values: tuple[Any, ...] | None = None
+        self.pending = False
+
+    def keep(self) -> None:
+        self.pending = False
+
+    def drop(self) -> None:
+        if self.pending:
+            self.values, self.pending = None, False
+
+
+class GqaRule(pattern.RewriteRuleClassBase):
+    """transformers' eager attention over a KV cache (q/k/v reshaped to heads, RotaryEmbedding
+    on q and k, past Concat, repeat_kv by Expand, scaled scores + the additive mask, Softmax, ·V,
+    heads merged) → GroupQueryAttention (com.microsoft) with rotary inside, seqlens_k and the
+    total length computed once from attention_mask."""
+
+    def __init__(self, name: str, *, casts: int, shared: Shared) -> None:
+        super().__init__(name)
+        self._casts = casts
+        self._shared = shared
+
+    def pattern(self, op: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, pos: Any,
+                cos: Any, sin: Any, mask: Any, scale: Any, sq: Any, sk: Any, sv: Any,
+                uk: Any, ek: Any, rk: Any, uv: Any, ev: Any, rv: Any, so: Any) -> Any:
+        def heads(x: Any, shape: Any) -> Any:
+            return op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True),
+                                perm=[0, 2, 1, 3])
+
+        def rope(x: Any, out: str) -> Any:
+            return op.RotaryEmbedding(x, pos, cos, sin, _domain="com.microsoft",
+                                      _allow_other_attributes=True, _outputs=[out])
+
+        q4 = rope(heads(q, sq), "q_rot")
+        present_k = op.Concat(past_k, rope(heads(k, sk), "k_rot"), axis=-2)
+        present_v = op.Concat(past_v, heads(v, sv), axis=-2)
+        k_rep = op.Reshape(op.Expand(op.Unsqueeze(present_k, uk), ek), rk,
+                           _allow_other_attributes=True)
+        v_rep = op.Reshape(op.Expand(op.Unsqueeze(present_v, uv), ev), rv,
+                           _allow_other_attributes=True)
+        scores = op.Mul(op.MatMul(q4, op.Transpose(k_rep, perm=[0, 1, 3, 2])), scale)
+        probs = op.Softmax(op.Add(scores, mask), _allow_other_attributes=True,
+                           _outputs=["probs"])
+        for _ in range(self._casts):
+            probs = op.Cast(probs, to=FLOAT.value)
+        context = op.Transpose(op.MatMul(probs, v_rep), perm=[0, 2, 1, 3])
+        out = op.Reshape(context, so, _allow_other_attributes=True)
+        return out, present_k, present_v
+
+    def check(self, op: Any, q: ir.Value, k: ir.Value, v: ir.Value, past_k: ir.Value,
+              past_v: ir.Value, pos: ir.Value, cos: ir.Value, mask: ir.Value, scale: ir.Value,
+              probs: ir.Value, q_rot: ir.Value, k_rot: ir.Value, uk: ir.Value, uv: ir.Value,
+              **_: Any) -> MatchResult:
+        result = MatchResult()
+        found = attention_shape(q, k, v, cos)
+        if isinstance(found, str):
+            return result.fail(found)
+        if _scalar(scale) is None:
+            return result.fail("the scores are scaled by a value that is not a constant")
+        softmax = probs.producer()
+        assert softmax is not None
+        if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+            return result.fail("the softmax is not over the keys")
+        for rot in (q_rot, k_rot):
+            node = rot.producer()
+            assert node is not None
+            if node.attributes.get_int("interleaved", 0) or \
+                    node.attributes.get_int("rotary_embedding_dim", 0):
+                return result.fail("the rotary embedding is interleaved or partial")
+        if _ints(uk) != [2] or _ints(uv) != [2]:
+            return result.fail("the KV heads are not repeated as transformers' repeat_kv does")
+        if not pos.is_graph_input():
+            return result.fail("the positions are not the graph's position_ids")
+        if not _identity_of(past_k).is_graph_input() or not _identity_of(past_v).is_graph_input():
+            return result.fail("the past keys/values are not the graph's KV cache inputs")
+        if _graph_input_above(mask, "attention_mask") is None:
+            return result.fail("the mask is not computed from the graph's attention_mask")
+        return result
+
+    def rewrite(self, op: Any, q: ir.Value, k: ir.Value, v: ir.Value, past_k: ir.Value,
+                past_v: ir.Value, cos: ir.Value, sin: ir.Value, mask: ir.Value,
+                scale: ir.Value, **_: Any) -> Any:
+        found = attention_shape(q, k, v, cos)
+        assert not isinstance(found, str)
+        if self._shared.values is None:
+            attention_mask = _graph_input_above(mask, "attention_mask")
+            one = op.initializer(ir.tensor(np.array([1], np.int64), name="fuse.one"))
+            total = op.ReduceSum(attention_mask, one, keepdims=0)
+            seqlens = op.Cast(op.Sub(total, one), to=ir.DataType.INT32.value)
+            second = op.initializer(ir.tensor(np.array(1, np.int64), name="fuse.index_1"))
+            length = op.Cast(op.Gather(op.Shape(attention_mask), second, axis=0),
+                             to=ir.DataType.INT32.value)
+            self._shared.values = (seqlens, length)
+            self._shared.pending = True
+        seqlens, length = self._shared.values
+        out, present_k, present_v = op.GroupQueryAttention(
+            q, k, v, _identity_of(past_k), _identity_of(past_v), seqlens, length, cos, sin,
+            num_heads=found["heads"], kv_num_heads=found["kv_heads"], scale=_scalar(scale),
+            do_rotary=1, rotary_interleaved=0, _domain="com.microsoft", _outputs=3)
+        return out, present_k, present_v
+
+
+def _identity_of(value: ir.Value) -> ir.Value:
+    """``value`` through Identity and one-input Concat nodes (torch's exporter writes the first
+    layer's past key as ``Concat(past_key_values.0.key)``)."""
+    producer = value.producer()
+    while producer is not None and len(producer.inputs) == 1 and \
+            producer.op_type in ("Identity", "Concat") and producer.inputs[0] is not None:
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
+
+
+def attention_shape(q: ir.Value, k: ir.Value, v: ir.Value, cos: ir.Value) -> dict[str, int] | str:
+    """Head counts from the projections' weights and the head size from the rotary cache."""
+    cache = const_array(cos)
+    if cache is None or cache.ndim != 2:
+        return "the rotary cache is not a constant table"
+    head = 2 * cache.shape[1]
+    widths = []
+    for value in (q, k, v):
+        matmul = _producer(value, "MatMul")
+        weight = None if matmul is None else const_array(_through_casts(matmul.inputs[1]))
+        if weight is None or weight.ndim != 2:
+            return ("a q/k/v projection is not a MatMul by a constant weight (fuse before "
+                    "quantizing)")
+        widths.append(weight.shape[1])
+    if any(w % head for w in widths) or widths[1] != widths[2] or widths[0] % widths[1]:
+        return "the q/k/v widths do not divide into heads of the rotary size"
+    return {"heads": widths[0] // head, "kv_heads": widths[1] // head, "head": head}
+
+
+def _graph_input_above(value: ir.Value, name: str, depth: int = 40) -> ir.Value | None:
+    """The graph input ``name`` if ``value`` is computed from it within ``depth`` nodes."""
+    seen: set[int] = set()
+    frontier: list[ir.Value | None] = [value]
+    for _ in range(depth):
+        following: list[ir.Value | None] = []
+        for item in frontier:
+            if item is None or id(item) in seen:
+                continue
+            seen.add(id(item))
+            if item.is_graph_input() and item.name == name:
+                return item
+            producer = item.producer()
+            if producer is not None:
+                following.extend(producer.inputs)
+        frontier = following
+        if not frontier:
+            break
+    return None
+
+
+def attention_rules(shared: Shared) -> list[Any]:
+    return _commuted([GqaRule.rule(f"GQA[{casts} casts]", casts=casts, shared=shared)
+                      for casts in (0, 2)])

@@ -1,23 +1,32 @@
-"""Fuse the chosen layers' norms and rotary embeddings into onnxruntime's fused kernels.
+"""Fuse the chosen layers' norms, rotary embeddings and attention into onnxruntime's kernels.
 
-An HF/optimum export of a decoder runs every RMSNorm as eight or nine small kernels and every
-rotary embedding as seven, on top of the cos/sin tables it computes again in every step. This
-pass rewrites them, unit by unit, into onnxruntime's contrib ops:
+An HF/optimum export of a decoder runs every RMSNorm as eight or nine small kernels, every
+rotary embedding as seven (on top of the cos/sin tables it computes again in every step), and
+every attention block as some eighty (shapes, reshapes, repeat_kv, mask, Softmax). This pass
+rewrites them, unit by unit, into onnxruntime's contrib ops:
 
 - RMSNorm → ``SimplifiedLayerNormalization`` (onnxruntime registers it in the default domain);
 - residual Add + RMSNorm → ``SkipSimplifiedLayerNormalization`` (com.microsoft), which also
   gives the sum the next residual reads;
 - rotate_half with cos/sin from position_ids → ``RotaryEmbedding`` (com.microsoft) reading
-  cos/sin caches of ``max_positions`` rows made once, and the graph's own position_ids.
+  cos/sin caches of ``max_positions`` rows made once, and the graph's own position_ids;
+- with ``attention`` (the default), the attention block from the q/k/v projections' outputs to
+  the merged heads → ``GroupQueryAttention`` (com.microsoft) with the rotary inside, reading the
+  same past and writing the same present tensors; seqlens_k and the total length are computed
+  once from attention_mask for all layers. GroupQueryAttention places each new token after the
+  mask's count of past tokens, as position_ids do for one unpadded sequence (what a generation
+  loop feeds); a padded batch, where position_ids and the mask say otherwise, is not kept.
 
 The matching is onnxscript's rewriter with the rules of ``_fusion_rules`` (its ``ort_fusions``
 rules extended for the exporter's forms). The math is the same up to float rounding; the model's
-inputs, outputs and KV layout do not change.
+inputs, outputs and KV layout do not change. The q/k/v, o and MLP projections stay MatMuls, so
+a later quantization step still takes them.
 
 A unit is what one fused kernel replaces. Naming any node of a unit fuses the whole unit (a
-layer's norm with its residual Add, a rotary embedding of q or k); a node in no unit is refused
-with the reason. Each fused node records every original node it replaced, so a profile reports
-its time against all of them.
+layer's norm with its residual Add, a layer's attention, or without ``attention`` the rotary
+embedding of q or k); a node in no unit is refused with the reason. Each fused node records
+every original node it replaced, so a profile reports its time against all of them; the nodes
+that only computed shapes for the replaced ones go with them.
 """
 
 from __future__ import annotations
@@ -38,12 +47,16 @@ _MAX_POSITIONS = 8192
 class FusePass(Pass):
     technique = "fuse"
     label = "Fuse"
-    description = ("rewrite the chosen layers' RMSNorms, residual Adds and rotary embeddings "
-                   "into onnxruntime's fused kernels (same math)")
+    description = ("rewrite the chosen layers' RMSNorms, residual Adds, rotary embeddings and "
+                   "attention into onnxruntime's fused kernels (same math)")
     params = (
         ParamSpec("max_positions", "int", _MAX_POSITIONS, "Rotary cache length",
                   "rows of the cos/sin caches a fused rotary embedding reads: the longest "
                   "position the model can then be run at", minimum=16, maximum=1 << 20),
+        ParamSpec("attention", "bool", True, "Attention → GroupQueryAttention",
+                  "also fuse each attention block (projections' outputs to the merged heads, "
+                  "RoPE, past Concat, repeat_kv, mask, Softmax) into GroupQueryAttention; off: "
+                  "norms and rotary embeddings only"),
     )
     # before quantizers, which would otherwise see the norms' weights as their own
     plan_order = 5
@@ -54,24 +67,24 @@ class FusePass(Pass):
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
-        max_positions = int(self.given_params(params)["max_positions"])
-        if node.name in _units(model, max_positions):
+        given = self.given_params(params)
+        if node.name in _units(model, int(given["max_positions"]), bool(given["attention"])):
             return None
         if node.domain not in ("", "ai.onnx"):
             return f"{node.domain}:{node.op_type} is already a fused kernel"
-        return ("not part of an RMSNorm, a residual Add before one, or a rotary embedding this "
-                "pass recognises")
+        return ("not part of an RMSNorm, a residual Add before one, a rotary embedding or "
+                "(with attention) an attention block this pass recognises")
 
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
-        max_positions = int(params["max_positions"])
-        units = _units(work, max_positions)
+        max_positions, attention = int(params["max_positions"]), bool(params["attention"])
+        units = _units(work, max_positions, attention)
         allowed: set[str] = set()
         for name in chosen:
             allowed |= units[name]
         ctx.report(0.1, f"fuse: matching {len(chosen)} node(s)")
         ctx.check_cancelled()
-        fused, counts = _fuse(work, max_positions, allowed)
+        fused, counts = _fuse(work, max_positions, attention, allowed)
         result = PassResult(model=fused)
         result.applied = [name for name in chosen if name in _fused_names(fused)]
         for name in chosen:
@@ -96,10 +109,10 @@ def _fused_names(model: onnx.ModelProto) -> set[str]:
 
 
 _FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-              "RotaryEmbedding")
+              "RotaryEmbedding", "GroupQueryAttention")
 
 # model key -> node name -> the original nodes of its unit; the app asks ``check`` node by node
-_UNIT_CACHE: dict[tuple[str, int], dict[str, frozenset[str]]] = {}
+_UNIT_CACHE: dict[tuple[str, int, bool], dict[str, frozenset[str]]] = {}
 
 
 def _model_key(model: onnx.ModelProto) -> str:
@@ -116,12 +129,13 @@ def _model_key(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def _units(model: onnx.ModelProto, max_positions: int) -> dict[str, frozenset[str]]:
+def _units(model: onnx.ModelProto, max_positions: int,
+           attention: bool) -> dict[str, frozenset[str]]:
     """Node name -> the names of the unit it belongs to (fusing everything possible once)."""
-    key = (_model_key(model), max_positions)
+    key = (_model_key(model), max_positions, attention)
     found = _UNIT_CACHE.get(key)
     if found is None:
-        fused, _ = _fuse(model, max_positions, None)
+        fused, _ = _fuse(model, max_positions, attention, None)
         found = {}
         for node in fused.graph.node:
             origins = provenance.get_origin(node)
@@ -135,27 +149,71 @@ def _units(model: onnx.ModelProto, max_positions: int) -> dict[str, frozenset[st
     return found
 
 
-def _fuse(model: onnx.ModelProto, max_positions: int,
+def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
           allowed: set[str] | None) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The model with every unit whose nodes are all in ``allowed`` (None: every unit) fused,
     and how many of each fused op were made. ``model`` is not changed."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     from opstudio.core.passes import _fusion_rules as rules
 
     irmodel = ir.serde.deserialize_model(model)
     counts: dict[str, int] = {}
-    # the norms first: the skip rule reads the norm they became
-    for ruleset in (rules.rotary_rules(max_positions), rules.norm_rules(), rules.skip_rules()):
-        _apply(irmodel, ruleset, allowed, counts)
-    if any(n.op_type == "RotaryEmbedding" for n in irmodel.graph):
-        # the cos/sin tables the fused layers no longer read
-        RemoveUnusedNodesPass()(irmodel)
+    shared = rules.Shared()
+    # the norms before the skip rule, which reads the norm they became; rotary before the
+    # attention rule, which reads the RotaryEmbedding it became
+    rulesets = [rules.rotary_rules(max_positions), rules.norm_rules(), rules.skip_rules()]
+    if attention:
+        rulesets.append(rules.attention_rules(shared))
+    live_before = _live(irmodel.graph)
+    read_before = {name for name, value in irmodel.graph.initializers.items() if value.uses()}
+    for ruleset in rulesets:
+        _apply(irmodel, ruleset, allowed, shared)
+        # what the fused kernels no longer read (the cos/sin tables, rotate_half's Shape/2,
+        # the attention's shapes and mask): gone before the next rules, which would see those
+        # readers as other uses of the values they match
+        _drop_dead(irmodel.graph, live_before)
+    irmodel.graph.sort()
+    outputs = {v.name for v in irmodel.graph.outputs}
+    for name in [name for name, value in irmodel.graph.initializers.items()
+                 if name in read_before and not value.uses() and name not in outputs]:
+        del irmodel.graph.initializers[name]
     for node in irmodel.graph:
         if node.op_type in _FUSED_OPS and provenance.ORIGIN_KEY in node.metadata_props:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return ir.serde.serialize_model(irmodel), counts
+
+
+def _live(graph: Any) -> set[int]:
+    """ids of the nodes the graph's outputs depend on (all nodes when a subgraph reads outer
+    values, which ``inputs`` does not show)."""
+    if any(attr.type in (ir_types().GRAPH, ir_types().GRAPHS)
+           for node in graph for attr in node.attributes.values()):
+        return {id(node) for node in graph}
+    live: set[int] = set()
+    stack = [v.producer() for v in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return live
+
+
+def ir_types() -> Any:
+    import onnx_ir as ir
+
+    return ir.AttributeType
+
+
+def _drop_dead(graph: Any, live_before: set[int]) -> None:
+    """Remove the nodes that fed the graph's outputs before and no longer do (never a node the
+    model already had dead: that is not this pass's to remove)."""
+    live = _live(graph)
+    dead = [node for node in graph if id(node) in live_before and id(node) not in live]
+    if dead:
+        graph.remove(dead, safe=True)
 
 
 def _origins(node: Any) -> list[str]:
@@ -163,8 +221,7 @@ def _origins(node: Any) -> list[str]:
     return recorded.split(",") if recorded else [node.name or ""]
 
 
-def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None,
-           counts: dict[str, int]) -> None:
+def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: Any) -> None:
     from onnx_ir import convenience
 
     graph = irmodel.graph
@@ -184,7 +241,9 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None,
             for matched in sorted(delta.match.nodes, key=lambda n: n.name or ""):
                 origins.extend(o for o in _origins(matched) if o not in origins)
             if allowed is not None and not set(origins) <= allowed:
+                shared.drop()
                 continue
+            shared.keep()
             # the rotary caches are made once and shared, maybe first by a match not taken
             for new in delta.new_nodes:
                 for value in new.inputs:
