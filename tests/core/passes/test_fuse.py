@@ -132,10 +132,11 @@ def test_what_cannot_be_fused_is_refused_with_the_reason():
     for node in model.graph.node:
         if node.name == "/model/layers.0/input_layernorm/ReduceMean":
             node.attribute[0].ints[:] = [1]
-    assert FUSE.check(model, by_name["/model/layers.0/input_layernorm/Pow"]) is not None
+    reason = "the mean is over axes [1], not the last one (-1)"
+    assert FUSE.check(model, by_name["/model/layers.0/input_layernorm/Pow"]) == reason
     result = FUSE.apply(model, ["/model/layers.0/input_layernorm/Pow"], {}, PassContext())
-    assert result.applied == [] and "RMSNorm" in result.skipped[
-        "/model/layers.0/input_layernorm/Pow"]
+    assert result.applied == [] and result.skipped == {
+        "/model/layers.0/input_layernorm/Pow": reason}
 
 
 def test_an_attention_unit_is_its_block_and_the_lengths_are_computed_once():
@@ -155,3 +156,21 @@ def test_an_attention_unit_is_its_block_and_the_lengths_are_computed_once():
     assert f"{a}/q_proj/MatMul" not in origins  # the projections stay MatMuls (quantizable)
     for feeds in (llama_inputs(seq=1, past=20), llama_inputs(seq=5, past=0, seed=4)):
         _assert_same_outputs(model, result.model, feeds)
+
+
+def test_a_recipe_quantizes_the_projections_of_the_fused_model():
+    from opstudio.core.optimize import optimize
+    from opstudio.core.recipe import Recipe, Step
+
+    model = llama_decoder(layers=2)
+    int8 = Step("int8-weight", {"accuracy_level": 4}, op_types=["MatMul"])
+    fuse = Step("fuse", {}, op_types=["Pow", "Softmax"])
+    result = optimize(model, Recipe([fuse, int8]))
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits"] == 15  # 7 a layer + lm_head
+    want, got = run_ort(model, llama_inputs()), run_ort(result.model, llama_inputs())
+    assert (want[0][0].argmax(-1) == got[0][0].argmax(-1)).mean() >= 0.75
+    # quantized first, the projections are no longer MatMuls by a weight: said so
+    late = optimize(model, Recipe([int8, fuse]))
+    reasons = late.steps[1].skipped
+    assert "fuse before quantizing" in reasons["/model/layers.0/self_attn/Softmax"]

@@ -68,8 +68,11 @@ class FusePass(Pass):
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
         given = self.given_params(params)
-        if node.name in _units(model, int(given["max_positions"]), bool(given["attention"])):
+        units, reasons = _units(model, int(given["max_positions"]), bool(given["attention"]))
+        if node.name in units:
             return None
+        if node.name in reasons:
+            return reasons[node.name]
         if node.domain not in ("", "ai.onnx"):
             return f"{node.domain}:{node.op_type} is already a fused kernel"
         return ("not part of an RMSNorm, a residual Add before one, a rotary embedding or "
@@ -78,7 +81,7 @@ class FusePass(Pass):
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
         max_positions, attention = int(params["max_positions"]), bool(params["attention"])
-        units = _units(work, max_positions, attention)
+        units, _ = _units(work, max_positions, attention)
         allowed: set[str] = set()
         for name in chosen:
             allowed |= units[name]
@@ -111,8 +114,10 @@ def _fused_names(model: onnx.ModelProto) -> set[str]:
 _FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
               "RotaryEmbedding", "GroupQueryAttention")
 
-# model key -> node name -> the original nodes of its unit; the app asks ``check`` node by node
-_UNIT_CACHE: dict[tuple[str, int, bool], dict[str, frozenset[str]]] = {}
+# model key -> (node name -> the original nodes of its unit, node name -> why its pattern was
+# refused); the app asks ``check`` node by node
+_Units = tuple[dict[str, frozenset[str]], dict[str, str]]
+_UNIT_CACHE: dict[tuple[str, int, bool], _Units] = {}
 
 
 def _model_key(model: onnx.ModelProto) -> str:
@@ -129,28 +134,47 @@ def _model_key(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def _units(model: onnx.ModelProto, max_positions: int,
-           attention: bool) -> dict[str, frozenset[str]]:
-    """Node name -> the names of the unit it belongs to (fusing everything possible once)."""
+def _units(model: onnx.ModelProto, max_positions: int, attention: bool) -> _Units:
+    """Node name -> the names of the unit it belongs to (fusing everything possible once), and
+    for nodes of a pattern that matched but was refused, the reason."""
     key = (_model_key(model), max_positions, attention)
     found = _UNIT_CACHE.get(key)
     if found is None:
-        fused, _ = _fuse(model, max_positions, attention, None)
-        found = {}
+        refusals = _Refusals()
+        fused, _ = _fuse(model, max_positions, attention, None, refusals)
+        units: dict[str, frozenset[str]] = {}
         for node in fused.graph.node:
             origins = provenance.get_origin(node)
             if node.op_type in _FUSED_OPS and origins != [node.name]:
                 unit = frozenset(origins)
                 for name in unit:
-                    found[name] = unit
+                    units[name] = unit
+        found = (units, refusals.reasons)
         if len(_UNIT_CACHE) > 8:
             _UNIT_CACHE.clear()
         _UNIT_CACHE[key] = found
     return found
 
 
+class _Refusals:
+    """Hears onnxscript's matcher (its tracer interface): a pattern that matched whole but whose
+    check refused it gives its reason to each node it covered."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def log(self, rule: Any, container: Any, node: Any, match: Any, status: Any) -> None:
+        from onnxscript.rewriter._basics import MatchStatus
+
+        if status == MatchStatus.CONDITION_FAILED and match.reason:
+            for matched in match.nodes:
+                for name in _origins(matched):
+                    self.reasons.setdefault(name, match.reason)
+
+
 def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
-          allowed: set[str] | None) -> tuple[onnx.ModelProto, dict[str, int]]:
+          allowed: set[str] | None,
+          refusals: _Refusals | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The model with every unit whose nodes are all in ``allowed`` (None: every unit) fused,
     and how many of each fused op were made. ``model`` is not changed."""
     import onnx_ir as ir
@@ -168,7 +192,7 @@ def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
     live_before = _live(irmodel.graph)
     read_before = {name for name, value in irmodel.graph.initializers.items() if value.uses()}
     for ruleset in rulesets:
-        _apply(irmodel, ruleset, allowed, shared)
+        _apply(irmodel, ruleset, allowed, shared, refusals)
         # what the fused kernels no longer read (the cos/sin tables, rotate_half's Shape/2,
         # the attention's shapes and mask): gone before the next rules, which would see those
         # readers as other uses of the values they match
@@ -221,7 +245,8 @@ def _origins(node: Any) -> list[str]:
     return recorded.split(",") if recorded else [node.name or ""]
 
 
-def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: Any) -> None:
+def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: Any,
+           refusals: _Refusals | None = None) -> None:
     from onnx_ir import convenience
 
     graph = irmodel.graph
@@ -234,7 +259,7 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: A
         for rule, ops in anchors:
             if node.op_type not in ops:
                 continue
-            delta = rule.try_rewrite(irmodel, graph, node)
+            delta = rule.try_rewrite(irmodel, graph, node, tracer=refusals)
             if delta is None:
                 continue
             origins: list[str] = []
