@@ -13,6 +13,13 @@ a Llama-family decoder as is:
   computed in the graph, and reads cos/sin from a cache, where the export computes them from
   position_ids in every step.
 
+onnxscript's GQA rule has the same outline (heads Reshape/Transpose, RotaryEmbedding, past
+Concat, repeat_kv by Unsqueeze/Expand/Reshape) but reads an ``SDPA`` node its own SDPA rule must
+make first, from a mask built its way. The rule here reads transformers' eager
+MatMul/Mul/Add/Softmax/MatMul directly, on the graph the rules above leave, and takes the
+additive mask as the causal and padding mask transformers builds from attention_mask (checked:
+it is computed from attention_mask), which GroupQueryAttention recomputes from seqlens_k.
+
 The rules below take those forms (and still the ones onnxscript's take). Each check says in
 words why a candidate is refused.
 """

@@ -58,7 +58,8 @@ class FusePass(Pass):
                   "RoPE, past Concat, repeat_kv, mask, Softmax) into GroupQueryAttention; off: "
                   "norms and rotary embeddings only"),
     )
-    # before quantizers, which would otherwise see the norms' weights as their own
+    # first: the attention rule reads the q/k/v projections' float weights (for the head
+    # counts), which a quantizer or pruner would have rewritten
     plan_order = 5
     scan_params: ClassVar[ScanParams | None] = None
     helps_when = "memory"
