@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     for side, p in (("unfused", comparison.before), ("fused", comparison.after)):
         print(f"{side:10} {(p.plain_ms or {}).get('p50', float('nan')):12.2f} "
               f"{p.total_ms['p50']:15.2f} {sum(kernels[side].values()):12d}")
-    print(f"speed-up (plain runs): {interval_text(comparison.plain_ratio)}")
-    print(f"speed-up (profiled runs): {interval_text(comparison.total_ratio)}")
+    for label, ratio in (("plain", comparison.plain_ratio), ("profiled", comparison.total_ratio)):
+        median = "n/a" if ratio is None else f"{ratio.median:.2f}×"
+        print(f"speed-up ({label} runs): {median}, {interval_text(ratio)}")
     print("\nkernels per step by op type (unfused → fused), where they differ:")
     for op in sorted(set(kernels["unfused"]) | set(kernels["fused"]),
                      key=lambda o: -kernels["unfused"][o]):
