@@ -261,15 +261,22 @@ def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: 
                                       name=name + "_cast"))
         return name
 
+    def constant(name: str, value: np.ndarray) -> str:
+        """A Constant node, as torch's exporter writes a norm's exponent and epsilon."""
+        nodes.append(helper.make_node("Constant", [], [f"{name}_output_0"], name=name,
+                                      value=numpy_helper.from_array(value)))
+        return f"{name}_output_0"
+
     def rms_norm(x: str, scope: str, w: str) -> str:
         x = node("Cast", [x], f"{scope}/Cast", to=TensorProto.FLOAT)
-        sq = node("Pow", [x, const(f"{scope}/two", np.array(2.0, np.float32))], f"{scope}/Pow")
+        sq = node("Pow", [x, constant(f"{scope}/Constant", np.array(2.0, np.float32))],
+                  f"{scope}/Pow")
         if axes == "attribute":
             mean = node("ReduceMean", [sq], f"{scope}/ReduceMean", axes=[-1], keepdims=1)
         else:
             mean = node("ReduceMean", [sq, const(f"{scope}/axes", np.array([-1], np.int64))],
                         f"{scope}/ReduceMean", keepdims=1)
-        var = node("Add", [mean, const(f"{scope}/eps", np.array(1e-5, np.float32))],
+        var = node("Add", [mean, constant(f"{scope}/Constant_1", np.array(1e-5, np.float32))],
                    f"{scope}/Add")
         rms = node("Sqrt", [var], f"{scope}/Sqrt")
         if norm == "div":

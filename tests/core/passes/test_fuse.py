@@ -174,3 +174,12 @@ def test_a_recipe_quantizes_the_projections_of_the_fused_model():
     late = optimize(model, Recipe([int8, fuse]))
     reasons = late.steps[1].skipped
     assert "fuse before quantizing" in reasons["/model/layers.0/self_attn/Softmax"]
+
+
+def test_check_leaves_the_model_alone():
+    # the app asks check about the open model itself; its Constant nodes stay as they were
+    model = llama_decoder(layers=1)
+    before = model.SerializeToString()
+    for node in model.graph.node[:20]:
+        FUSE.check(model, node)
+    assert model.SerializeToString() == before

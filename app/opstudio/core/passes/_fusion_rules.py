@@ -38,11 +38,28 @@ _FUSED_FLOAT_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormaliz
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant data (an initializer or a Constant node's), else None."""
+    """The value's constant data (an initializer or a Constant node's), else None.
+
+    Read here rather than with ``ir.convenience.get_const_tensor``, which names the Constant's
+    tensor after its output and so writes into the caller's model the IR was read from."""
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or \
+            len(node.attributes) != 1:
+        return None
+    name, attr = next(iter(node.attributes.items()))
+    if attr.is_ref():
+        return None
+    if name == "value":
+        return attr.as_tensor().numpy()
+    if name in ("value_float", "value_floats"):
+        return np.array(attr.value, dtype=np.float32)
+    if name in ("value_int", "value_ints"):
+        return np.array(attr.value, dtype=np.int64)
+    return None
 
 
 def _scalar(value: ir.Value | None) -> float | None:
