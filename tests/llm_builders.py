@@ -231,7 +231,7 @@ def word_tokenizer(path, vocab: int = 64, text: str | None = None) -> None:
 
 def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: int = 4,
                   kv_heads: int = 2, norm: str = "div", axes: str = "attribute",
-                  seed: int = 0) -> onnx.ModelProto:
+                  bias: bool = False, seed: int = 0) -> onnx.ModelProto:
     """A Llama-family decoder as torch's exporter writes it for HF/optimum (SmolLM2, Llama,
     Qwen2 without biases): RMSNorm as Cast/Pow/ReduceMean/Add/Sqrt/(Div 1 by | Reciprocal)/Mul/
     Cast/Mul by a float16 weight behind a Cast; residual Adds whose sum the next norm casts to
@@ -239,7 +239,7 @@ def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: 
     position_ids (Unsqueeze/Cast/Mul by inv_freq, Concat, Cos/Sin) and applied with rotate_half,
     whose Slices split the last axis at Shape/2; repeat_kv with Expand, causal plus padding mask,
     a SiLU MLP. ``norm`` is "div" or "reciprocal"; ``axes`` "attribute" (opset 17) or "input"
-    (opset 18, ReduceMean's axes as an input)."""
+    (opset 18, ReduceMean's axes as an input); ``bias`` adds q/k/v biases (Qwen2)."""
     rng = np.random.default_rng(seed)
     head = hidden // heads
     group = heads // kv_heads
@@ -357,6 +357,10 @@ def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: 
                     i: int = i) -> str:
             mm = node("MatMul", [src, weight(f"model.layers.{i}.{name}.weight", (hidden, width))],
                       f"{a}/{name.split('.')[-1]}/MatMul")
+            if bias:
+                mm = node("Add", [const(f"model.layers.{i}.{name}.bias", (
+                    0.3 * rng.standard_normal(width)).astype(np.float32)), mm],
+                    f"{a}/{name.split('.')[-1]}/Add")
             return node("Transpose", [node("Reshape", [mm, qkv_shape], f"{a}/{name}/Reshape")],
                         f"{a}/{name}/Transpose", perm=[0, 2, 1, 3])
 

@@ -37,11 +37,12 @@ def _assert_same_outputs(before, after, feeds):
     assert (logits_a.argmax(-1) == logits_b.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("norm,axes,attention", [("div", "attribute", True),
-                                                  ("reciprocal", "input", True),
-                                                  ("div", "attribute", False)])
-def test_every_unit_of_a_decoder_fuses_with_the_same_outputs(norm, axes, attention):
-    model = llama_decoder(layers=2, norm=norm, axes=axes)
+@pytest.mark.parametrize("norm,axes,attention,bias", [("div", "attribute", True, False),
+                                                       ("reciprocal", "input", True, False),
+                                                       ("div", "attribute", False, False),
+                                                       ("div", "attribute", True, True)])
+def test_every_unit_of_a_decoder_fuses_with_the_same_outputs(norm, axes, attention, bias):
+    model = llama_decoder(layers=2, norm=norm, axes=axes, bias=bias)
     names = [n.name for n in model.graph.node]
     result = apply_pass(FUSE, model, names, {"attention": attention})
     # the first norm has no residual before it; 2 per layer then take the residual Add; and

@@ -482,13 +482,17 @@ def _identity_of(value: ir.Value) -> ir.Value:
 
 
 def attention_shape(q: ir.Value, k: ir.Value, v: ir.Value, cos: ir.Value) -> dict[str, int] | str:
-    """Head counts from the projections' weights and the head size from the rotary cache."""
+    """Head counts from the projections' weights (behind a bias Add or not) and the head size
+    from the rotary cache."""
     cache = const_array(cos)
     if cache is None or cache.ndim != 2:
         return "the rotary cache is not a constant table"
     head = 2 * cache.shape[1]
     widths = []
     for value in (q, k, v):
+        add = _producer(value, "Add")  # a projection's bias (Qwen2): GroupQueryAttention reads
+        if add is not None:           # the biased q/k/v as they are
+            value = next((x for x in add.inputs if const_array(x) is None), value)
         matmul = _producer(value, "MatMul")
         weight = None if matmul is None else const_array(_through_casts(matmul.inputs[1]))
         if weight is None or weight.ndim != 2:
