@@ -490,10 +490,11 @@ def attention_shape(q: ir.Value, k: ir.Value, v: ir.Value, cos: ir.Value) -> dic
     head = 2 * cache.shape[1]
     widths = []
     for value in (q, k, v):
+        source: ir.Value | None = value
         add = _producer(value, "Add")  # a projection's bias (Qwen2): GroupQueryAttention reads
         if add is not None:           # the biased q/k/v as they are
-            value = next((x for x in add.inputs if const_array(x) is None), value)
-        matmul = _producer(value, "MatMul")
+            source = next((x for x in add.inputs if const_array(x) is None), value)
+        matmul = _producer(source, "MatMul")
         weight = None if matmul is None else const_array(_through_casts(matmul.inputs[1]))
         if weight is None or weight.ndim != 2:
             return ("a q/k/v projection is not a MatMul by a constant weight (fuse before "
