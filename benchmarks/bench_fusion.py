@@ -8,9 +8,11 @@ past of ``--past`` tokens, their rounds taking turns in one child process
 (``core.compare.compare_models``, as ``opstudio compare A B --phase decode --past 512``): the
 ratios are medians of per-round ratios with their 95 % bootstrap intervals. Printed: the step's
 time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
-change is significant, and next-token agreement on every position of ``prompt_b.npz``.
+change is significant, and next-token agreement on every position of ``prompt_b.npz``. With
+``--int4``, whole-model INT4 (``int4-weight`` on every MatMul, defaults) of the unfused model
+against the same INT4 of the fused one, timed the same way.
 
-    python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR]
+    python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Recipe
 
 FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse"}]}
+INT4_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight"}]}
 DEFAULT_MODEL = Path.home() / ".cache/opstudio-bench/llm/trained_hf/model.onnx"
 
 
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--past", type=int, default=512)
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("/tmp/opstudio-bench-fusion"))
+    parser.add_argument("--int4", action="store_true",
+                        help="also compare whole-model INT4 unfused against fused")
     args = parser.parse_args(argv)
     if not args.model.exists():
         print(f"{args.model}: not found (the trained HF-style export)", file=sys.stderr)
@@ -78,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
             feeds = {k: data[k] for k in data.files}
         report = evaluate(str(args.model), str(fused), feeds, threads=0)
         print(f"\non {prompt.name} ({feeds['input_ids'].shape[1]} tokens): {report.summary()}")
+    if args.int4:
+        int4 = [args.out / "int4.onnx", args.out / "fused_int4.onnx"]
+        for source, target in zip((args.model, fused), int4, strict=True):
+            optimize_file(source, Recipe.from_json(INT4_ALL), target, overwrite=True)
+        pair = compare_models(int4[0], int4[1], settings)
+        print(f"\nINT4 (every MatMul) unfused → fused: plain p50 "
+              f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
+              f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
+              f"{'n/a' if pair.plain_ratio is None else f'{pair.plain_ratio.median:.2f}×'}, "
+              f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
+              f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
     return 0
 
 
