@@ -293,3 +293,223 @@ def runtime_folder(folder, style: str = "gqa", *, layers: int = 2, vocab: int = 
         (folder / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 0, "eos_token_id": 1}))
     return folder / "model.onnx"
+
+
+def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: int = 4,
+                  kv_heads: int = 2, norm: str = "div", axes: str = "attribute",
+                  bias: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """A Llama-family decoder as torch's exporter writes it for HF/optimum (SmolLM2, Llama,
+    Qwen2 without biases): RMSNorm as Cast/Pow/ReduceMean/Add/Sqrt/(Div 1 by | Reciprocal)/Mul/
+    Cast/Mul by a float16 weight behind a Cast; residual Adds whose sum the next norm casts to
+    float and the following residual reads through that Cast; rotary embeddings computed from
+    position_ids (Unsqueeze/Cast/Mul by inv_freq, Concat, Cos/Sin) and applied with rotate_half,
+    whose Slices split the last axis at Shape/2; repeat_kv with Expand, causal plus padding mask,
+    a SiLU MLP. ``norm`` is "div" or "reciprocal"; ``axes`` "attribute" (opset 17) or "input"
+    (opset 18, ReduceMean's axes as an input); ``bias`` adds q/k/v biases (Qwen2)."""
+    rng = np.random.default_rng(seed)
+    head = hidden // heads
+    group = heads // kv_heads
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{name}_output_0"], name=name, **attrs))
+        return f"{name}_output_0"
+
+    def weight(name: str, shape: tuple[int, ...], scale: float = 0.3, offset: float = 0.0) -> str:
+        w = (offset + scale * rng.standard_normal(shape)).astype(np.float16)
+        const(name + "_fp16", w)
+        nodes.append(helper.make_node("Cast", [name + "_fp16"], [name], to=TensorProto.FLOAT,
+                                      name=name + "_cast"))
+        return name
+
+    def constant(name: str, value: np.ndarray) -> str:
+        """A Constant node, as torch's exporter writes a norm's exponent and epsilon."""
+        nodes.append(helper.make_node("Constant", [], [f"{name}_output_0"], name=name,
+                                      value=numpy_helper.from_array(value)))
+        return f"{name}_output_0"
+
+    def rms_norm(x: str, scope: str, w: str) -> str:
+        x = node("Cast", [x], f"{scope}/Cast", to=TensorProto.FLOAT)
+        sq = node("Pow", [x, constant(f"{scope}/Constant", np.array(2.0, np.float32))],
+                  f"{scope}/Pow")
+        if axes == "attribute":
+            mean = node("ReduceMean", [sq], f"{scope}/ReduceMean", axes=[-1], keepdims=1)
+        else:
+            mean = node("ReduceMean", [sq, const(f"{scope}/axes", np.array([-1], np.int64))],
+                        f"{scope}/ReduceMean", keepdims=1)
+        var = node("Add", [mean, constant(f"{scope}/Constant_1", np.array(1e-5, np.float32))],
+                   f"{scope}/Add")
+        rms = node("Sqrt", [var], f"{scope}/Sqrt")
+        if norm == "div":
+            inv = node("Div", [const(f"{scope}/one", np.array(1.0, np.float32)), rms],
+                       f"{scope}/Div")
+        else:
+            inv = node("Reciprocal", [rms], f"{scope}/Reciprocal")
+        y = node("Cast", [node("Mul", [x, inv], f"{scope}/Mul")], f"{scope}/Cast_1",
+                 to=TensorProto.FLOAT)
+        return node("Mul", [w, y], f"{scope}/Mul_1")
+
+    def i64(name: str, *values: int) -> str:
+        return const(name, np.array(values, np.int64))
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                            ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                            ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", vocab])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "past_sequence_length", head]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kind}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "total_sequence_length", head]))
+
+    emb = weight("model.embed_tokens.weight", (vocab, hidden), 1.0)
+    x = node("Gather", [emb, "input_ids"], "/model/embed_tokens/Gather")
+    # rotary: angles [batch, seq, head] from position_ids
+    r = "/model/rotary_emb"
+    pos = node("Cast", [node("Unsqueeze", ["position_ids", i64(f"{r}/axis2", 2)],
+                             f"{r}/Unsqueeze")], f"{r}/Cast", to=TensorProto.FLOAT)
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, head, 2, dtype=np.float32) / head)
+    freqs = node("Mul", [pos, const(f"{r}/inv_freq", inv_freq.astype(np.float32))], f"{r}/Mul")
+    angles = node("Concat", [freqs, freqs], f"{r}/Concat", axis=-1)
+    one = const(f"{r}/scaling", np.array(1.0, np.float32))
+    cos = node("Cast", [node("Mul", [node("Cos", [angles], f"{r}/Cos"), one], f"{r}/Mul_1")],
+               f"{r}/Cast_1", to=TensorProto.FLOAT)
+    sin = node("Cast", [node("Mul", [node("Sin", [angles], f"{r}/Sin"), one], f"{r}/Mul_2")],
+               f"{r}/Cast_2", to=TensorProto.FLOAT)
+    # mask [batch, 1, seq, total]: causal and padding, additive
+    m = "/model/mask"
+    total = node("Gather", [node("Shape", ["attention_mask"], f"{m}/Shape"),
+                            const(f"{m}/one", np.array(1, np.int64))], f"{m}/Gather", axis=0)
+    seq = node("Gather", [node("Shape", ["input_ids"], f"{m}/Shape_1"),
+                          const(f"{m}/one_b", np.array(1, np.int64))], f"{m}/Gather_1", axis=0)
+    step = const(f"{m}/step", np.array(1, np.int64))
+    rows = node("Unsqueeze", [node("Range", [node("Sub", [total, seq], f"{m}/Sub"), total, step],
+                                   f"{m}/Range"), i64(f"{m}/axis1", 1)], f"{m}/Unsqueeze")
+    cols = node("Unsqueeze", [node("Range", [const(f"{m}/zero", np.array(0, np.int64)), total,
+                                             step], f"{m}/Range_1"), i64(f"{m}/axis0", 0)],
+                f"{m}/Unsqueeze_1")
+    pad = node("Unsqueeze", [node("Cast", ["attention_mask"], f"{m}/Cast", to=TensorProto.BOOL),
+                             i64(f"{m}/axes12", 1, 2)], f"{m}/Unsqueeze_2")
+    allowed = node("And", [node("LessOrEqual", [cols, rows], f"{m}/LessOrEqual"), pad],
+                   f"{m}/And")
+    bias = node("Where", [allowed, const(f"{m}/zero_f", np.array(0.0, np.float32)),
+                          const(f"{m}/min", np.array(np.finfo(np.float32).min, np.float32))],
+                f"{m}/Where")
+
+    qkv_shape = i64("/model/qkv_shape", 0, 0, -1, head)
+    kv_expand = i64("/model/kv_expand", 1, 1, group, 1, 1)
+    kv_shape = i64("/model/kv_shape", 0, heads, -1, head)
+    out_shape = i64("/model/out_shape", 0, 0, hidden)
+    for i in range(layers):
+        lp = f"/model/layers.{i}"
+        a = f"{lp}/self_attn"
+        h = rms_norm(x, f"{lp}/input_layernorm",
+                     weight(f"model.layers.{i}.input_layernorm.weight", (hidden,), 0.1, 1.0))
+        residual = f"{lp}/input_layernorm/Cast_output_0"
+
+        def project(name: str, width: int, src: str, *, lp: str = lp, a: str = a,
+                    i: int = i) -> str:
+            mm = node("MatMul", [src, weight(f"model.layers.{i}.{name}.weight", (hidden, width))],
+                      f"{a}/{name.split('.')[-1]}/MatMul")
+            if bias:
+                mm = node("Add", [const(f"model.layers.{i}.{name}.bias", (
+                    0.3 * rng.standard_normal(width)).astype(np.float32)), mm],
+                    f"{a}/{name.split('.')[-1]}/Add")
+            return node("Transpose", [node("Reshape", [mm, qkv_shape], f"{a}/{name}/Reshape")],
+                        f"{a}/{name}/Transpose", perm=[0, 2, 1, 3])
+
+        def rotate(t: str, tag: str, *, a: str = a) -> str:
+            c = node("Unsqueeze", [cos, i64(f"{a}/{tag}/axis1", 1)], f"{a}/{tag}/Unsqueeze")
+            s = node("Unsqueeze", [sin, i64(f"{a}/{tag}/axis1b", 1)], f"{a}/{tag}/Unsqueeze_1")
+            half = node("Div", [node("Gather", [node("Shape", [t], f"{a}/{tag}/Shape"),
+                                                const(f"{a}/{tag}/three",
+                                                      np.array(3, np.int64))],
+                                     f"{a}/{tag}/Gather", axis=0),
+                                const(f"{a}/{tag}/two", np.array(2, np.int64))],
+                        f"{a}/{tag}/Div")
+            half = node("Unsqueeze", [half, i64(f"{a}/{tag}/axis0", 0)], f"{a}/{tag}/Unsqueeze_2")
+            last = i64(f"{a}/{tag}/last", 3)
+            stride = i64(f"{a}/{tag}/stride", 1)
+            x1 = node("Slice", [t, i64(f"{a}/{tag}/start", 0), half, last, stride],
+                      f"{a}/{tag}/Slice")
+            x2 = node("Slice", [t, half, i64(f"{a}/{tag}/end", 2 ** 62), last, stride],
+                      f"{a}/{tag}/Slice_1")
+            rot = node("Concat", [node("Neg", [x2], f"{a}/{tag}/Neg"), x1], f"{a}/{tag}/Concat",
+                       axis=-1)
+            return node("Add", [node("Mul", [t, c], f"{a}/{tag}/Mul"),
+                                node("Mul", [rot, s], f"{a}/{tag}/Mul_1")], f"{a}/{tag}/Add")
+
+        q = rotate(project("self_attn.q_proj", heads * head, h), "q_rot")
+        k = rotate(project("self_attn.k_proj", kv_heads * head, h), "k_rot")
+        v = project("self_attn.v_proj", kv_heads * head, h)
+        k = node("Concat", [f"past_key_values.{i}.key", k], f"{a}/Concat_k", axis=-2)
+        v = node("Concat", [f"past_key_values.{i}.value", v], f"{a}/Concat_v", axis=-2)
+        nodes[-2].output[0] = f"present.{i}.key"
+        nodes[-1].output[0] = f"present.{i}.value"
+        k, v = f"present.{i}.key", f"present.{i}.value"
+
+        def repeat(t: str, tag: str, *, a: str = a) -> str:
+            e = node("Expand", [node("Unsqueeze", [t, i64(f"{a}/{tag}/axis2", 2)],
+                                     f"{a}/{tag}/Unsqueeze"), kv_expand], f"{a}/{tag}/Expand")
+            return node("Reshape", [e, kv_shape], f"{a}/{tag}/Reshape")
+
+        kt = node("Transpose", [repeat(k, "repeat_k")], f"{a}/Transpose_kt", perm=[0, 1, 3, 2])
+        scores = node("Mul", [node("MatMul", [q, kt], f"{a}/MatMul"),
+                              const(f"{a}/scale", np.array(head ** -0.5, np.float32))],
+                      f"{a}/Mul_scale")
+        probs = node("Softmax", [node("Add", [scores, bias], f"{a}/Add_mask")], f"{a}/Softmax",
+                     axis=-1)
+        ctx = node("MatMul", [probs, repeat(v, "repeat_v")], f"{a}/MatMul_1")
+        ctx = node("Reshape", [node("Transpose", [ctx], f"{a}/Transpose_ctx", perm=[0, 2, 1, 3]),
+                               out_shape], f"{a}/Reshape_ctx")
+        o = node("MatMul", [ctx, weight(f"model.layers.{i}.self_attn.o_proj.weight",
+                                        (heads * head, hidden))], f"{a}/o_proj/MatMul")
+        x = node("Add", [residual, o], f"{lp}/Add")
+        h = rms_norm(x, f"{lp}/post_attention_layernorm",
+                     weight(f"model.layers.{i}.post_attention_layernorm.weight", (hidden,), 0.1,
+                            1.0))
+        residual = f"{lp}/post_attention_layernorm/Cast_output_0"
+        gate = node("MatMul", [h, weight(f"model.layers.{i}.mlp.gate_proj.weight",
+                                         (hidden, 2 * hidden))], f"{lp}/mlp/gate_proj/MatMul")
+        act = node("Mul", [gate, node("Sigmoid", [gate], f"{lp}/mlp/act_fn/Sigmoid")],
+                   f"{lp}/mlp/act_fn/Mul")
+        up = node("MatMul", [h, weight(f"model.layers.{i}.mlp.up_proj.weight",
+                                       (hidden, 2 * hidden))], f"{lp}/mlp/up_proj/MatMul")
+        down = node("MatMul", [node("Mul", [act, up], f"{lp}/mlp/Mul"),
+                               weight(f"model.layers.{i}.mlp.down_proj.weight",
+                                      (2 * hidden, hidden))], f"{lp}/mlp/down_proj/MatMul")
+        x = node("Add", [residual, down], f"{lp}/Add_1")
+    h = rms_norm(x, "/model/norm", weight("model.norm.weight", (hidden,), 0.1, 1.0))
+    lm = node("Transpose", [emb], "lm_head_tied_transpose", perm=[1, 0])
+    nodes.append(helper.make_node("MatMul", [h, lm], ["logits"], name="/lm_head/MatMul"))
+    graph = helper.make_graph(nodes, "llama_decoder", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17 if axes == "attribute" else 18)])
+    model.ir_version = 8
+    return model
+
+
+def llama_inputs(seq: int = 4, past: int = 3, *, layers: int = 2, vocab: int = 64,
+                 kv_heads: int = 2, head: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
+    """A decode-shaped feed for ``llama_decoder``: ``seq`` new tokens after ``past``."""
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64),
+             "attention_mask": np.ones((1, past + seq), np.int64),
+             "position_ids": np.arange(past, past + seq, dtype=np.int64).reshape(1, seq)}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal(
+                (1, kv_heads, past, head)).astype(np.float32)
+    return feeds

@@ -18,6 +18,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from llm_builders import llama_decoder, llama_inputs
 from model_builders import apply_pass, run_ort, small_mlp
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
@@ -46,7 +47,19 @@ PARAMS = {
     "int4-weight": {"accuracy_level": 1},
     "int8-weight": {"accuracy_level": 4},
     "fp16": {},
+    "fuse": {},
 }
+
+
+def _case(technique):
+    """The model each technique is run on, the nodes it must rewrite, a feed and the first
+    output's shape: small_mlp's two MatMuls, or for fuse a decoder's first norm and the rotary
+    embedding of its queries (fuse takes no MatMul)."""
+    if technique == "fuse":
+        nodes = ["/model/layers.0/input_layernorm/Pow", "/model/layers.0/self_attn/q_rot/Neg"]
+        return llama_decoder(layers=1), nodes, llama_inputs(layers=1), (1, 4, 64)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    return small_mlp(), ["fc1", "fc2"], {"x": x}, (3, 32)
 
 
 def test_every_technique_is_covered_here():
@@ -70,25 +83,24 @@ def test_declares_what_the_rest_of_opstudio_needs(technique):
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_keeps_the_contract_on_a_small_mlp(technique):
-    model = small_mlp()
+    model, nodes, feeds, shape = _case(technique)
     p = get_pass(technique)
-    first = apply_pass(p, model, ["fc1", "fc2"], PARAMS[technique])  # input intact, result valid
-    assert sorted(first.applied) == ["fc1", "fc2"], first.skipped
+    first = apply_pass(p, model, nodes, PARAMS[technique])  # input intact, result valid
+    assert sorted(first.applied) == sorted(nodes), first.skipped
     old = {n.name for n in model.graph.node}
     created = [n for n in first.model.graph.node if n.name not in old]
     assert created or technique == "prune"  # prune rewrites weights, not nodes
     for node in created:
         recorded = [p.value for p in node.metadata_props if p.key == provenance.ORIGIN_KEY]
         assert recorded and set(recorded[0].split(",")) <= old, f"{node.name} ({node.op_type})"
-    second = p.apply(model, ["fc1", "fc2"], p.validate_params(PARAMS[technique]), PassContext())
+    second = p.apply(model, nodes, p.validate_params(PARAMS[technique]), PassContext())
     assert first.model.SerializeToString() == second.model.SerializeToString()
     # the optimizer hands its own model over: rewritten in place, the same bytes
     owned = copy_model(model)
-    third = p.apply(owned, ["fc1", "fc2"], PARAMS[technique], PassContext(owns_model=True))
+    third = p.apply(owned, nodes, PARAMS[technique], PassContext(owns_model=True))
     assert third.model.SerializeToString() == first.model.SerializeToString()
-    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    (y,) = run_ort(first.model, {"x": x})
-    assert y.shape == (3, 32) and np.isfinite(y).all()
+    y = run_ort(first.model, feeds)[0]
+    assert y.shape == shape and np.isfinite(y).all()
 
 
 LAZY = [t for t in TECHNIQUES if get_pass(t).reads_lazy(get_pass(t).validate_params(PARAMS[t]))]
@@ -129,11 +141,11 @@ def test_keeps_the_contract_on_a_model_whose_weights_stay_in_their_files(techniq
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_what_check_refuses_apply_skips_with_the_same_reason(technique):
-    model = small_mlp()
+    model, nodes, _, _ = _case(technique)
     p = get_pass(technique)
     params = p.validate_params(PARAMS[technique])
     names = [n.name for n in model.graph.node]
-    result = p.apply(model, [*names, "fc1", "nope"], params, PassContext())
+    result = p.apply(model, [*names, nodes[0], "nope"], params, PassContext())
     assert result.skipped["nope"] == "no such node"
     for node in model.graph.node:
         reason = p.check(model, node, params)
@@ -141,7 +153,7 @@ def test_what_check_refuses_apply_skips_with_the_same_reason(technique):
             assert result.skipped[node.name] == reason
         else:
             assert node.name in result.applied, result.skipped.get(node.name)
-    assert result.applied.count("fc1") == 1  # a node asked for twice is rewritten once
+    assert result.applied.count(nodes[0]) == 1  # a node asked for twice is rewritten once
 
 
 def test_check_sees_the_params():

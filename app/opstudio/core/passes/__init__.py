@@ -24,6 +24,7 @@ _MODULES = {
     "int4-weight": "opstudio.core.passes.quantize_int4",
     "int8-weight": "opstudio.core.passes.quantize_int8_weight",
     "fp16": "opstudio.core.passes.fp16",
+    "fuse": "opstudio.core.passes.fuse",
 }
 
 TECHNIQUES = tuple(_MODULES)
