@@ -326,9 +326,22 @@ def chain_model(path, n):
     return path
 
 
-def test_opening_runs_off_the_ui_thread_and_can_be_cancelled(window, qtbot, mlp_path, tmp_path):
+def test_opening_runs_off_the_ui_thread_and_can_be_cancelled(window, qtbot, mlp_path, tmp_path,
+                                                             monkeypatch):
+    import time
+
     from PySide6.QtCore import QTimer
 
+    from opstudio.qt import main_window
+
+    opening = main_window.open_for_display
+
+    def slow_open(*args, **kwargs):
+        # a load that takes a while whatever the machine: the window must tick meanwhile
+        time.sleep(0.3)
+        return opening(*args, **kwargs)
+
+    monkeypatch.setattr(main_window, "open_for_display", slow_open)
     big = chain_model(tmp_path / "chain.onnx", 3000)
     ticks = []
     timer = QTimer()
