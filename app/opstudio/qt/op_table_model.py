@@ -22,7 +22,7 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QColor
 
-from opstudio.core.compare import ADDED, REMOVED, SAME, interval_text, speedup_label
+from opstudio.core.compare import ADDED, FUSED, REMOVED, SAME, interval_text, speedup_label
 from opstudio.core.graph import GraphInfo
 from opstudio.core.provenance import standing_for
 from opstudio.core.timing import Ratio, paired_speedup, quiet_rounds
@@ -42,7 +42,8 @@ SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
 _Index = QModelIndex | QPersistentModelIndex
 _STATUS_TIPS = {REMOVED: "removed: no node of the optimized model stands for it",
-                ADDED: "added: only in the optimized model"}
+                ADDED: "added: only in the optimized model",
+                FUSED: "fused: done inside a fused kernel of the optimized model"}
 
 
 class Delta(NamedTuple):
@@ -65,7 +66,7 @@ class Delta(NamedTuple):
 def speedup_text(speedup: float | None, ratio: Ratio | None, status: str = SAME) -> str:
     """A speedup cell: "removed"/"added", else the ratio's label (``Ratio.label``: "≈ 1×"
     within the noise, "too few runs" when the pairs cannot tell)."""
-    if status in (REMOVED, ADDED):
+    if status in (REMOVED, ADDED) or (status == FUSED and speedup is None):
         return status
     return speedup_label(speedup, ratio)
 
@@ -81,7 +82,7 @@ def speedup_colour(speedup: float | None, ratio: Ratio | None) -> QColor | None:
 
 
 def speedup_tip(speedup: float | None, ratio: Ratio | None, status: str = SAME) -> str | None:
-    if status in _STATUS_TIPS:
+    if status in _STATUS_TIPS and (status != FUSED or speedup is None):
         return _STATUS_TIPS[status]
     if ratio is not None:
         return interval_text(ratio)
