@@ -19,6 +19,7 @@ from PySide6.QtCore import (
     QPersistentModelIndex,
     QSortFilterProxyModel,
     Qt,
+    Signal,
 )
 from PySide6.QtGui import QColor
 
@@ -92,6 +93,8 @@ def speedup_tip(speedup: float | None, ratio: Ratio | None, status: str = SAME) 
 
 
 class OpTableModel(QAbstractTableModel):
+    timesChanged = Signal()  # a profile or a comparison came or went
+
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
         self.graph: GraphInfo | None = None
@@ -132,6 +135,7 @@ class OpTableModel(QAbstractTableModel):
                 for name in self.shown_as(getattr(s, "group", []) or []):
                     self.profile.setdefault(name, s)
         self._changed(COL_P50, COL_SHARE)
+        self.timesChanged.emit()
 
     def set_roofline(self, points: Iterable[Any]) -> None:
         by_stats = {p.name: p for p in points}
@@ -161,6 +165,19 @@ class OpTableModel(QAbstractTableModel):
                 for name in self.shown_as([row.name, *row.group]):
                     self.after[name] = delta
         self._changed(COL_P50, COL_SPEEDUP)
+        self.timesChanged.emit()
+
+    def heaviest_column(self) -> int:
+        """The column a newcomer wants the rows sorted by, heaviest first: time once there is
+        a profile, else FLOPs, else weights (-1, the graph's order, when none is known)."""
+        if self.profile or self.after:
+            return COL_P50
+        nodes = self.graph.nodes if self.graph is not None else []
+        if any(n.flops for n in nodes):
+            return COL_FLOPS
+        if any(n.param_bytes for n in nodes):
+            return COL_PARAMS
+        return -1
 
     def summed_ratio(self, deltas: Sequence[Delta]) -> Ratio | None:
         """before/after of these rows' times summed run by run, paired as their rows were;
