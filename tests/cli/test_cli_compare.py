@@ -92,6 +92,9 @@ def test_a_fused_decoder_is_summarised_by_its_kernels(tmp_path, capsys):
     assert gqa.op_type == "GroupQueryAttention" and gqa.status == "fused"
     assert f"{attn}/Softmax" in gqa.group and gqa.after_ms is not None
     assert c.node(f"{attn}/Softmax") is gqa
+    # the fused model's own profile names the row after its kernel too
+    (kernel,) = [s for s in c.after.nodes if s.name == f"{attn}/GroupQueryAttention"]
+    assert kernel.op_type == "GroupQueryAttention" and f"{attn}/Softmax" in kernel.group
     assert not [r for r in c.nodes if r.status == "removed"]
     members = {m for u in mapping.units for m in u.members}
     assert c.changes()["fused"] == len(members | set(mapping.absorbed))
