@@ -63,3 +63,50 @@ def test_compare_missing_file_is_one_line(tmp_path, capsys):
     code = main(["compare", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_a_fused_decoder_is_summarised_by_its_kernels(tmp_path, capsys):
+    from llm_builders import llama_decoder
+    from opstudio.core import report
+    from opstudio.core.compare import compare_models, map_nodes
+    from opstudio.core.profiler import ProfileSettings
+
+    model = llama_decoder(layers=2)
+    fused = optimize(model, Recipe([Step("fuse", {}, op_types=["Pow", "Softmax"])])).model
+    before, after = tmp_path / "before.onnx", tmp_path / "fused.onnx"
+    onnx.save(model, before)
+    onnx.save(fused, after)
+    # what the fused kernels stand for: their provenance, and the nodes only they read from
+    mapping = map_nodes(model, fused)
+    kernels = {u.name: u.op_type for u in mapping.units}
+    attn = "/model/layers.0/self_attn"
+    assert kernels[f"{attn}/GroupQueryAttention"] == "GroupQueryAttention"
+    assert sorted(kernels.values()).count("SkipSimplifiedLayerNormalization") == 4
+    assert "/model/mask/Where" in mapping.absorbed and "/model/rotary_emb/Cos" in mapping.absorbed
+    assert mapping.removed == [] and mapping.added == []
+
+    c = compare_models(before, after, ProfileSettings(runs=3, warmup=1, threads=1,
+                                                      measure_plain=False))
+    rows = {r.name: r for r in c.nodes}
+    gqa = rows[f"{attn}/GroupQueryAttention"]
+    assert gqa.op_type == "GroupQueryAttention" and gqa.status == "fused"
+    assert f"{attn}/Softmax" in gqa.group and gqa.after_ms is not None
+    assert c.node(f"{attn}/Softmax") is gqa
+    # the fused model's own profile names the row after its kernel too
+    (kernel,) = [s for s in c.after.nodes if s.name == f"{attn}/GroupQueryAttention"]
+    assert kernel.op_type == "GroupQueryAttention" and f"{attn}/Softmax" in kernel.group
+    assert not [r for r in c.nodes if r.status == "removed"]
+    members = {m for u in mapping.units for m in u.members}
+    assert c.changes()["fused"] == len(members | set(mapping.absorbed))
+    assert c.changes()["kernels"] == 7
+    text = c.changes_text()
+    assert text.startswith(f"{c.changes()['fused']} nodes fused into 7 kernels (")
+    assert "GroupQueryAttention ×2" in text and "removed" not in text
+    assert "GroupQueryAttention" in report.render_html(c) and text in report.render_html(c)
+
+    assert main(["compare", str(before), str(after), "--runs", "3", "--warmup", "1",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"AFTER's nodes: {text}" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"{attn}/GroupQueryAttention"))
+    assert "GroupQueryAttention" in line.split()[1] and "fused" in line

@@ -31,8 +31,9 @@ def panel(app, qtbot):
     return w
 
 
-def test_techniques_follow_the_core_check(panel):
+def test_techniques_follow_the_core_check(panel, qtbot):
     panel.set_selection(["relu0"])
+    qtbot.waitUntil(lambda: not panel.checking())  # fuse's check runs in a worker
     relu = next(n for n in panel.model.graph.node if n.name == "relu0")
     for p in available_passes():
         reason = p.check(panel.model, relu)
@@ -137,3 +138,51 @@ def test_planned_nodes_show_their_steps_technique_and_params(panel):
     panel.select_technique("prune")
     panel.set_selection(["mm0", "mm1"])
     assert panel.current_technique() == "prune"  # mm0 and mm1 are in different steps
+
+
+def test_a_slow_check_runs_off_the_ui_thread_and_its_answer_arrives(panel, qtbot, monkeypatch):
+    import threading
+    import time
+
+    from PySide6.QtCore import QTimer
+
+    fuse = get_pass("fuse")
+    assert fuse.slow_check and not get_pass("int8-dynamic").slow_check
+    ui_thread = threading.get_ident()
+    asked_in: list[int] = []
+
+    def slow(model, node, params=None):
+        asked_in.append(threading.get_ident())
+        time.sleep(0.8)
+        return None if node.name == "mm0" else f"{node.name} is not fusable here"
+
+    monkeypatch.setattr(type(fuse), "check", lambda self, *a, **k: slow(*a, **k))
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    started = time.perf_counter()
+    panel.set_selection(["relu0"])
+    # the panel came back at once, the other techniques answered, fuse is being asked
+    assert time.perf_counter() - started < 0.5
+    assert panel.checking()
+    assert not panel.radio["fuse"].isEnabled()
+    assert panel.reason_labels["fuse"].text() == "checking…"
+    qtbot.waitUntil(lambda: not panel.checking(), timeout=5000)
+    timer.stop()
+    assert asked_in and ui_thread not in asked_in
+    assert len(ticks) >= 20  # the event loop ran all along (0.8 s at 20 ms a tick)
+    assert panel.reason_labels["fuse"].text() == "relu0 is not fusable here"
+    assert panel.radio["fuse"].toolTip() == "relu0 is not fusable here"
+    assert not panel.radio["fuse"].isEnabled()
+
+    # accepted: the technique is enabled once the answer arrives, and can be planned
+    panel.set_selection(["mm0"])
+    qtbot.waitUntil(lambda: not panel.checking(), timeout=5000)
+    assert panel.radio["fuse"].isEnabled() and panel.reasons["fuse"] is None
+    # an answer for a selection since replaced is dropped
+    panel.set_selection(["relu0"])
+    panel.set_selection(["mm0"])
+    qtbot.waitUntil(lambda: not panel.checking(), timeout=5000)
+    qtbot.wait(900)  # the first, stale answer ("relu0 …") has come back by now
+    assert panel.reasons["fuse"] is None and panel.radio["fuse"].isEnabled()

@@ -47,7 +47,7 @@ def column(table, col):
 def test_cells_show_graph_profile_plan_and_comparison(app, qtbot):
     table, graph = make_table(qtbot)
     m = table.model
-    assert column(table, COL_NAME) == [n.name for n in graph.nodes]
+    assert sorted(column(table, COL_NAME)) == sorted(n.name for n in graph.nodes)
     mm0 = graph.node("mm0").index
     assert m.value(mm0, COL_SHAPE) == "[2,64]"
     assert m.value(mm0, COL_FLOPS) == 2 * 2 * 32 * 64
@@ -72,6 +72,43 @@ def test_cells_show_graph_profile_plan_and_comparison(app, qtbot):
     assert m.data(m.index(mm0, COL_SPEEDUP)) == "2.00×"
 
 
+def _descending(table, col):
+    """The column's sort values top to bottom: heaviest first, the unknown (-inf) last."""
+    p = table.proxy
+    values = [p.data(p.index(r, col), SORT_ROLE) for r in range(p.rowCount())]
+    return values == sorted(values, reverse=True), values
+
+
+def test_heaviest_rows_first_before_and_after_a_profile(app, qtbot):
+    table, graph = make_table(qtbot)
+    # before a profile: by FLOPs, the MatMuls first, the nodes of unknown FLOPs last
+    ordered, flops = _descending(table, COL_FLOPS)
+    assert ordered and flops[0] > 0 and flops[0] == max(n.flops or 0 for n in graph.nodes)
+    assert table.proxy.data(table.proxy.index(0, COL_OP)) == "MatMul"
+    # profiled: by time, heaviest first; unmeasured nodes last
+    profile = SimpleNamespace(nodes=[
+        SimpleNamespace(name="relu0", mean_ms=0.1, p50_ms=0.9, share=0.6, group=[]),
+        SimpleNamespace(name="mm1", mean_ms=0.3, p50_ms=0.25, share=0.25, group=[])])
+    table.model.set_profile(profile)
+    p = table.proxy
+    assert [p.data(p.index(r, COL_NAME)) for r in range(2)] == ["relu0", "mm1"]
+    assert _descending(table, COL_P50)[0]
+    # a sort the user chose by clicking a header stays through the next profile
+    table.view.horizontalHeader().sectionClicked.emit(COL_NAME)
+    table.view.sortByColumn(COL_NAME, Qt.SortOrder.AscendingOrder)
+    table.model.set_profile(profile)
+    names = [p.data(p.index(r, COL_NAME)) for r in range(p.rowCount())]
+    assert names == sorted(names)
+    # a new model: heaviest first again
+    table.set_graph(graph)
+    assert _descending(table, COL_FLOPS)[0]
+    # a graph whose FLOPs are unknown: by weights
+    for n in graph.nodes:
+        n.flops = None
+    table.set_graph(graph)
+    assert table.proxy.sortColumn() == COL_PARAMS and _descending(table, COL_PARAMS)[0]
+
+
 def test_numeric_sort_and_filter(app, qtbot):
     table, _graph = make_table(qtbot)
     table.view.sortByColumn(COL_FLOPS, Qt.SortOrder.DescendingOrder)
@@ -91,12 +128,14 @@ def test_selection_sync_both_ways(app, qtbot):
     table.set_selection([1, 3])  # from the graph: no echo back
     assert table.selected() == [1, 3] and got == []
     sm = table.view.selectionModel()
-    sm.select(table.proxy.index(4, 0), QItemSelectionModel.SelectionFlag.ClearAndSelect
+    fifth = table.proxy.index(4, 0)
+    node = table.proxy.mapToSource(fifth).row()
+    sm.select(fifth, QItemSelectionModel.SelectionFlag.ClearAndSelect
               | QItemSelectionModel.SelectionFlag.Rows)
-    assert got[-1] == [4]
+    assert got[-1] == [node]
     # selection survives sorting: rows are node indices, not view positions
     table.view.sortByColumn(COL_NAME, Qt.SortOrder.DescendingOrder)
-    assert table.selected() == [4]
+    assert table.selected() == [node]
 
 
 # --- speedups and their verdicts ----------------------------------------------------------------

@@ -98,14 +98,11 @@ def print_summary(c: Comparison, top: int = 15) -> None:
         rows.append((r.name, r.op_type, "-" if r.before_ms is None else f"{r.before_ms:.4f}",
                      "-" if r.after_ms is None else f"{r.after_ms:.4f}", r.label(),
                      "" if r.ratio is None else f"[{r.ratio.low:.2f}, {r.ratio.high:.2f}]",
-                     f"+{len(r.group) - 1}" if r.group else "", _change(r)))
+                     _group(r), _change(r)))
     print_table(("operator", "op type", "before ms", "after ms", "speedup", "95% interval",
                  "group", "change"), rows, "llrrrrll")
-    changes = c.changes()
-    if any(changes.values()):
-        print(f"AFTER's nodes: {changes['mapped']} renamed or replaced (matched to the originals "
-              f"by provenance, weight or name), {changes['removed']} removed, "
-              f"{changes['added']} added")
+    if c.changes_text():
+        print(f"AFTER's nodes: {c.changes_text()}")
     tb, ta = c.before.total_ms, c.after.total_ms
     if c.step:  # a decoder's totals are one step's
         print(f"\nstep: {c.step}", end="")
@@ -145,6 +142,13 @@ def _on_text(c: Comparison) -> bool:
 
 def _interval(ratio: Ratio | None) -> str:
     return "" if ratio is None else f" [{ratio.low:.2f}, {ratio.high:.2f}]"
+
+
+def _group(row: NodeDelta) -> str:
+    """"+N" other nodes; a row named after its fused kernel counts every node it stands for."""
+    if not row.group:
+        return ""
+    return f"{len(row.group)} nodes" if row.name not in row.group else f"+{len(row.group) - 1}"
 
 
 def _change(row: NodeDelta) -> str:

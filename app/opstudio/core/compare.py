@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ _MIN_WEIGHT_ELEMENTS = 16
 # followed back to the initializers they read.
 _CONST_DEPTH = 4
 
-SAME, MAPPED, REMOVED, ADDED = "same", "mapped", "removed", "added"
+SAME, MAPPED, REMOVED, ADDED, FUSED = "same", "mapped", "removed", "added", "fused"
 
 
 
@@ -69,7 +70,9 @@ class NodeDelta:
     before_ms: float | None  # None: the node is not in BEFORE (added)
     after_ms: float | None  # None: no node of AFTER stands for it (removed)
     group: list[str] = field(default_factory=list)
-    status: str = SAME  # same, mapped (renamed or replaced in AFTER), removed, added
+    # same, mapped (renamed or replaced in AFTER), removed, added, fused (into a kernel of
+    # AFTER standing for several nodes: the row is named after that kernel)
+    status: str = SAME
     after_names: list[str] = field(default_factory=list)  # AFTER's nodes when renamed
     # before/after of the paired runs, with its interval (None: one side missing or not timed)
     ratio: Ratio | None = None
@@ -145,6 +148,16 @@ def _verdict(ratio: Ratio | None) -> str | None:
 
 
 @dataclass
+class FusedUnit:
+    """One kernel of AFTER standing for several nodes of BEFORE (``fuse``: an attention block
+    becomes one GroupQueryAttention), with the helpers computing its inputs."""
+
+    name: str  # the fused node's name
+    op_type: str
+    members: list[str]  # BEFORE's nodes it stands for
+
+
+@dataclass
 class NodeMap:
     """Which nodes of BEFORE each node of AFTER stands for, and how that was found."""
     origins: dict[str, list[str]] = field(default_factory=dict)  # AFTER node -> BEFORE nodes
@@ -155,6 +168,10 @@ class NodeMap:
     # "mm0_lowrank_a"): the names rows of each side carry, per node
     before_rows: dict[str, list[str]] = field(default_factory=dict)
     after_rows: dict[str, list[str]] = field(default_factory=dict)
+    units: list[FusedUnit] = field(default_factory=list)  # AFTER's kernels fusing BEFORE's nodes
+    # BEFORE's nodes gone from AFTER whose outputs only fused nodes read (a mask, rotary tables,
+    # a norm's constants): the fused kernels do their work, so they are not "removed"
+    absorbed: list[str] = field(default_factory=list)
 
     def renamed(self) -> dict[str, list[str]]:
         """AFTER's row name -> BEFORE's row names, for the nodes found by weight or name (the
@@ -190,6 +207,9 @@ class Comparison:
     # the step of a KV-cache decoder the profiles timed ("prefill of 128 tokens"; "" for
     # another model): the totals and per-operator rows are that step's
     step: str = ""
+    # AFTER's fused kernels (map_nodes) and how many of BEFORE's nodes they stand for
+    units: list[FusedUnit] = field(default_factory=list)
+    fused_nodes: int = 0
 
     @property
     def speedup(self) -> float | None:
@@ -259,12 +279,31 @@ class Comparison:
         return rows
 
     def changes(self) -> dict[str, int]:
-        """How many rows were matched by weight or name, removed or added."""
+        """How many rows were matched by weight or name, removed or added; how many nodes were
+        fused into how many kernels."""
         counts = {MAPPED: 0, REMOVED: 0, ADDED: 0}
         for row in self.nodes:
             if row.status in counts:
                 counts[row.status] += 1
-        return counts
+        return {**counts, FUSED: self.fused_nodes, "kernels": len(self.units)}
+
+    def changes_text(self) -> str:
+        """The changes in one line ("" when none): "104 nodes fused into 7 kernels
+        (GroupQueryAttention ×2, …)", then the renamed, removed and added rows."""
+        n = self.changes()
+        parts = []
+        if n[FUSED]:
+            kinds = Counter(u.op_type for u in self.units)
+            parts.append(f"{n[FUSED]} nodes fused into {n['kernels']} kernels ("
+                         + ", ".join(f"{op} ×{k}" for op, k in kinds.most_common()) + ")")
+        if n[MAPPED] or not parts:
+            parts.append(f"{n[MAPPED]} renamed or replaced (matched to the originals by "
+                         "provenance, weight or name)")
+        if n[REMOVED] or not n[FUSED]:
+            parts.append(f"{n[REMOVED]} removed")
+        if n[ADDED] or not n[FUSED]:
+            parts.append(f"{n[ADDED]} added")
+        return ", ".join(parts) if any(n.values()) else ""
 
     def node(self, name: str) -> NodeDelta | None:
         for row in self.nodes:
@@ -345,9 +384,54 @@ def map_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMap:
         else:
             out.origins[node.name], out.how[node.name] = [], ""
             out.added.append(node.name)
+    out.units = _fused_units(after, out)
     claimed = out.claimed()
-    out.removed = [n for n in b_names if n not in claimed]
+    out.absorbed = _absorbed(before, {m for u in out.units for m in u.members},
+                             [n for n in b_names if n not in claimed])
+    absorbed = set(out.absorbed)
+    out.removed = [n for n in b_names if n not in claimed and n not in absorbed]
     return out
+
+
+def _fused_units(after: onnx.ModelProto, mapping: NodeMap) -> list[FusedUnit]:
+    """AFTER's nodes standing for several of BEFORE's by provenance, one unit per set of
+    originals: a GroupQueryAttention and the helpers computing its sequence lengths carry the
+    same set, and the contrib-domain node among them is the kernel that names it."""
+    by_set: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
+    for node in after.graph.node:
+        origins = mapping.origins.get(node.name, [])
+        if mapping.how.get(node.name) == "provenance" and len(origins) > 1:
+            by_set.setdefault(tuple(sorted(origins)), []).append(node)
+    units = []
+    for nodes in by_set.values():
+        kernel = next((n for n in nodes if n.domain not in ("", "ai.onnx")), nodes[-1])
+        units.append(FusedUnit(kernel.name, kernel.op_type, list(mapping.origins[kernel.name])))
+    return units
+
+
+def _absorbed(before: onnx.ModelProto, fused: set[str], gone: list[str]) -> list[str]:
+    """Those of ``gone`` whose outputs only fused nodes (or other such nodes) read, and that no
+    graph output is: what a fused kernel computes inside itself."""
+    if not fused or not gone:
+        return []
+    readers: dict[str, list[str]] = {}
+    for node in before.graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node.name)
+    outputs = {o.name for o in before.graph.output}
+    nodes = {n.name: n for n in before.graph.node}
+    inside = set(fused)
+    candidates = set(gone)
+    changed = True
+    while changed:
+        changed = False
+        for name in candidates - inside:
+            outs = [o for o in nodes[name].output if o]
+            users = [r for o in outs for r in readers.get(o, [])]
+            if users and not outputs.intersection(outs) and all(u in inside for u in users):
+                inside.add(name)
+                changed = True
+    return [n for n in gone if n in inside]
 
 
 def _by_weight(node: onnx.NodeProto, weights: list[str], readers: Mapping[str, list[str]],
@@ -487,16 +571,23 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None,
             for m in members:
                 if m not in c["members"]:
                     c["members"].append(m)
+    unit_of = {m: u for u in (mapping.units if mapping is not None else []) for m in u.members}
+    absorbed = set(mapping.absorbed) if mapping is not None else set()
     rows = []
     for c in (clusters[r] for r in order):
         before_ms: float | None = c["before"]
         after_ms: float | None = c["after"]
         status = MAPPED if c["renamed"] else SAME
+        units = Counter(unit_of[m].name for m in c["members"] if m in unit_of)
+        if units:  # named after its kernel, not after whichever member came first
+            unit = next(u for u in unit_of.values() if u.name == units.most_common(1)[0][0])
+            c["name"], c["op_type"], status = unit.name, unit.op_type, FUSED
         if "after" not in c["sides"]:
             # in AFTER but not run (onnxruntime folded it) costs 0 ms; not in AFTER at all, nothing
             gone = mapping is None or not any(m in claimed for m in c["members"])
             if gone:
-                after_ms, status = None, REMOVED
+                after_ms = None
+                status = FUSED if all(m in absorbed for m in c["members"]) else REMOVED
         elif "before" not in c["sides"]:
             new = (not any(m in b_known for m in c["members"]) if mapping is None
                    else not any(m in claimed for m in c["members"]))
@@ -508,7 +599,8 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None,
         if before_ms is not None and after_ms is not None and after_ms > 0:
             ratio = paired_speedup(b_series, a_series, rounds)
         rows.append(NodeDelta(c["name"], c["op_type"], before_ms, after_ms,
-                              group=c["members"] if len(c["members"]) > 1 else [],
+                              group=(c["members"] if len(c["members"]) > 1
+                                     or c["name"] not in c["members"] else []),
                               status=status, after_names=list(dict.fromkeys(c["renamed"])),
                               ratio=ratio, before_series=b_series, after_series=a_series))
     rows.sort(key=lambda r: (-(r.before_ms if r.before_ms is not None else -1.0), r.name))
@@ -589,7 +681,8 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
                                    plain_rounds,
                                    (prof_before.plain_sessions, prof_after.plain_sessions)),
-        request=requests, step=prof_before.step,
+        request=requests, step=prof_before.step, units=mapping.units,
+        fused_nodes=len({m for u in mapping.units for m in u.members} | set(mapping.absorbed)),
     )
 
 

@@ -221,12 +221,8 @@ def _accuracy_table(c: Comparison) -> str:
 
 
 def _changes_note(c: Comparison) -> str:
-    counts = c.changes()
-    if not any(counts.values()):
-        return ""
-    return (f"<p class='meta'>{counts['mapped']} node(s) of the optimized model renamed or "
-            f"replaced, matched to their originals by provenance, weight or name; "
-            f"{counts['removed']} removed (no counterpart after); {counts['added']} added.</p>")
+    text = c.changes_text()
+    return f"<p class='meta'>The optimized model's nodes: {_e(text)}.</p>" if text else ""
 
 
 def _nodes_table(nodes: Sequence[Any]) -> str:

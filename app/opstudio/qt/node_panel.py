@@ -1,7 +1,9 @@
 """The optimization panel: techniques for the selected nodes, their parameters, and the plan.
 
 Each technique comes from ``opstudio.core.passes``; it is enabled only when its ``check`` accepts
-every selected node, otherwise it stays visible, disabled, with the core's reason. Parameter
+every selected node, otherwise it stays visible, disabled, with the core's reason. A pass whose
+check analyses the whole model (``Pass.slow_check``: fuse, 1.6 s on a 30-layer decoder) is asked
+in a ``Worker`` off the UI thread; its technique reads "checking…" until the answer arrives. Parameter
 editors are generated from the pass's ``ParamSpec``s. The plan is the core's ``Plan`` (recipe
 steps with undo); the panel edits it and shows it as it changes.
 """
@@ -42,8 +44,10 @@ from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.passes.base import ParamSpec, Pass
 from opstudio.core.plan import Plan
 from opstudio.core.recipe import Recipe, Step
+from opstudio.qt.worker import Worker
 
 MAX_CHECKED = 5000  # checking more nodes than this per selection would stall the UI
+CHECKING = "checking…"  # a slow check's reason until its answer arrives
 
 
 def available_passes() -> list[Pass]:
@@ -168,6 +172,41 @@ def _editor(spec: ParamSpec) -> tuple[QWidget, Any, Any]:
     return row, lambda: line.text() or None, lambda v: line.setText(str(v or ""))
 
 
+def selection_reason(p: Pass, model: onnx.ModelProto | None,
+                     nodes: dict[str, onnx.NodeProto], selection: Sequence[str],
+                     params: dict[str, Any]) -> str | None:
+    """Why ``p`` cannot take the selected nodes (the first reason, with how many it refuses),
+    None when it takes them all."""
+    if model is None or not selection:  # nothing is selectable without a model
+        return "select one or more operators first"
+    if len(selection) > MAX_CHECKED:
+        return f"more than {MAX_CHECKED} operators selected; narrow the selection"
+    bad: dict[str, list[str]] = {}
+    for name in selection:
+        node = nodes.get(name)
+        if node is None:
+            return f"{name}: not in the model"
+        try:
+            why = p.check(model, node, params)
+        except Exception as exc:  # a check must never break the panel
+            why = f"cannot check ({type(exc).__name__}: {exc})"
+        if why:
+            bad.setdefault(why, []).append(name)
+    if not bad:
+        return None
+    why, names = next(iter(bad.items()))
+    if len(selection) == 1:
+        return why
+    count = sum(len(v) for v in bad.values())
+    return f"{count} of {len(selection)} selected cannot take it — {names[0]}: {why}"
+
+
+def _reason_for(technique: str, generation: int, *args: Any, progress: Any = None,
+                cancelled: Any = None) -> tuple[str, int, str | None]:
+    """``selection_reason`` in a worker, its answer labelled with what was asked."""
+    return technique, generation, selection_reason(*args)
+
+
 class NodePanel(QWidget):
     """Technique chooser + parameters for the selection, and the plan list below it."""
 
@@ -182,6 +221,8 @@ class NodePanel(QWidget):
         self.selection: list[str] = []
         self.passes = available_passes()
         self.reasons: dict[str, str | None] = {}
+        self._checks: dict[str, Worker] = {}  # technique -> its slow check of the selection
+        self._generation = 0  # the selection's; answers for an older one are dropped
 
         self.header = QLabel("Select operators in the graph or the table.")
         self.header.setWordWrap(True)
@@ -289,7 +330,45 @@ class NodePanel(QWidget):
             kinds = ", ".join(f"{op} ×{c}" for op, c in sorted(ops.items(), key=lambda kv: -kv[1]))
             self.header.setText(f"<b>{n} selected</b> — {kinds}" if n > 1
                                 else f"<b>{self.selection[0]}</b> — {kinds}")
-        self.reasons = {p.technique: self._reason(p) for p in self.passes}
+        self._generation += 1
+        for worker in self._checks.values():
+            worker.cancel()
+        self._checks = {}
+        self.reasons = {}
+        for p in self.passes:
+            if p.slow_check and self._checkable():
+                self.reasons[p.technique] = CHECKING
+                self._check_in_background(p)
+            else:
+                self.reasons[p.technique] = self._reason(p)
+        self._show_reasons()
+
+    def _checkable(self) -> bool:
+        return self.model is not None and 0 < len(self.selection) <= MAX_CHECKED
+
+    def _check_in_background(self, p: Pass) -> None:
+        worker = Worker(_reason_for, p.technique, self._generation, p, self.model, self._nodes,
+                        list(self.selection), self.editor_for[p.technique].values(),
+                        name=f"check {p.technique}")
+        # a bound method: Qt drops the connection if the panel goes first
+        worker.signals.result.connect(self._on_checked)
+        self._checks[p.technique] = worker
+        worker.start()
+
+    def _on_checked(self, answer: tuple[str, int, str | None]) -> None:
+        technique, generation, why = answer
+        if generation != self._generation:  # asked for a selection since replaced
+            return
+        self._checks.pop(technique, None)
+        self.reasons[technique] = why
+        self._show_reasons()
+
+    def checking(self) -> bool:
+        """A slow check of the selection is still running."""
+        return bool(self._checks)
+
+    def _show_reasons(self) -> None:
+        n = len(self.selection)
         first_ok = None
         for p in self.passes:
             reason = self.reasons[p.technique]
@@ -334,28 +413,8 @@ class NodePanel(QWidget):
         return None
 
     def _reason(self, p: Pass) -> str | None:
-        if self.model is None or not self.selection:  # nothing is selectable without a model
-            return "select one or more operators first"
-        if len(self.selection) > MAX_CHECKED:
-            return f"more than {MAX_CHECKED} operators selected; narrow the selection"
-        bad: dict[str, list[str]] = {}
-        for name in self.selection:
-            node = self._nodes.get(name)
-            if node is None:
-                return f"{name}: not in the model"
-            try:
-                why = p.check(self.model, node, self.editor_for[p.technique].values())
-            except Exception as exc:  # a check must never break the panel
-                why = f"cannot check ({type(exc).__name__}: {exc})"
-            if why:
-                bad.setdefault(why, []).append(name)
-        if not bad:
-            return None
-        why, names = next(iter(bad.items()))
-        if len(self.selection) == 1:
-            return why
-        count = sum(len(v) for v in bad.values())
-        return f"{count} of {len(self.selection)} selected cannot take it — {names[0]}: {why}"
+        return selection_reason(p, self.model, self._nodes, self.selection,
+                                self.editor_for[p.technique].values())
 
     def _remark(self, p: Pass) -> str | None:
         remark = getattr(p, "remark", None)

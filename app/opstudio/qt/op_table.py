@@ -150,6 +150,10 @@ class OpTable(QWidget):
             v.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
             v.customContextMenuRequested.connect(
                 lambda pos, v=v: self._show_menu(v, pos))
+        # the heaviest rows first (heaviest_column) until the user sorts by a column of choice
+        self._user_sorted = False
+        self.view.horizontalHeader().sectionClicked.connect(self._on_user_sort)
+        self.model.timesChanged.connect(self.sort_heaviest_first)
         self.tree.setColumnWidth(COL_NAME, 206)
         self.tree.setColumnWidth(COL_OP, 74)
         # the totals (time, share, FLOPs, weights) side by side, before the empty after/speedup
@@ -178,6 +182,8 @@ class OpTable(QWidget):
     def set_graph(self, graph: GraphInfo | None,
                   derived: dict[str, list[str]] | None = None) -> None:
         self.model.set_graph(graph, derived)
+        self._user_sorted = False
+        self.sort_heaviest_first()
         grouping = group_layers(n.name for n in graph.nodes) if graph is not None else None
         self.grouping = grouping if grouping is not None and grouping.has_layers() else None
         self.tree_model.set_grouping(self.grouping)
@@ -187,6 +193,19 @@ class OpTable(QWidget):
             self.set_grouped(False)  # back to the flat table
         elif self.grouped():
             self.layersShown.emit(self.grouping)
+
+    def sort_heaviest_first(self) -> None:
+        """Sort the flat table by time once profiled, else by FLOPs (or weights), heaviest
+        first and unknown last: not a column of Casts with empty cells in graph order. The
+        layer tree keeps the run's order. A sort the user chose is kept."""
+        if self._user_sorted:
+            return
+        col = self.model.heaviest_column()
+        self.view.sortByColumn(col, Qt.SortOrder.DescendingOrder if col >= 0
+                               else Qt.SortOrder.AscendingOrder)
+
+    def _on_user_sort(self, _section: int) -> None:
+        self._user_sorted = True
 
     def share_once(self) -> np.ndarray:
         """Share of the run per node, a fused group's on its first node only (NaN: not

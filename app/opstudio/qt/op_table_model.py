@@ -19,10 +19,11 @@ from PySide6.QtCore import (
     QPersistentModelIndex,
     QSortFilterProxyModel,
     Qt,
+    Signal,
 )
 from PySide6.QtGui import QColor
 
-from opstudio.core.compare import ADDED, REMOVED, SAME, interval_text, speedup_label
+from opstudio.core.compare import ADDED, FUSED, REMOVED, SAME, interval_text, speedup_label
 from opstudio.core.graph import GraphInfo
 from opstudio.core.provenance import standing_for
 from opstudio.core.timing import Ratio, paired_speedup, quiet_rounds
@@ -42,7 +43,8 @@ SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
 _Index = QModelIndex | QPersistentModelIndex
 _STATUS_TIPS = {REMOVED: "removed: no node of the optimized model stands for it",
-                ADDED: "added: only in the optimized model"}
+                ADDED: "added: only in the optimized model",
+                FUSED: "fused: done inside a fused kernel of the optimized model"}
 
 
 class Delta(NamedTuple):
@@ -65,7 +67,7 @@ class Delta(NamedTuple):
 def speedup_text(speedup: float | None, ratio: Ratio | None, status: str = SAME) -> str:
     """A speedup cell: "removed"/"added", else the ratio's label (``Ratio.label``: "≈ 1×"
     within the noise, "too few runs" when the pairs cannot tell)."""
-    if status in (REMOVED, ADDED):
+    if status in (REMOVED, ADDED) or (status == FUSED and speedup is None):
         return status
     return speedup_label(speedup, ratio)
 
@@ -81,7 +83,7 @@ def speedup_colour(speedup: float | None, ratio: Ratio | None) -> QColor | None:
 
 
 def speedup_tip(speedup: float | None, ratio: Ratio | None, status: str = SAME) -> str | None:
-    if status in _STATUS_TIPS:
+    if status in _STATUS_TIPS and (status != FUSED or speedup is None):
         return _STATUS_TIPS[status]
     if ratio is not None:
         return interval_text(ratio)
@@ -91,6 +93,8 @@ def speedup_tip(speedup: float | None, ratio: Ratio | None, status: str = SAME) 
 
 
 class OpTableModel(QAbstractTableModel):
+    timesChanged = Signal()  # a profile or a comparison came or went
+
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
         self.graph: GraphInfo | None = None
@@ -131,6 +135,7 @@ class OpTableModel(QAbstractTableModel):
                 for name in self.shown_as(getattr(s, "group", []) or []):
                     self.profile.setdefault(name, s)
         self._changed(COL_P50, COL_SHARE)
+        self.timesChanged.emit()
 
     def set_roofline(self, points: Iterable[Any]) -> None:
         by_stats = {p.name: p for p in points}
@@ -160,6 +165,19 @@ class OpTableModel(QAbstractTableModel):
                 for name in self.shown_as([row.name, *row.group]):
                     self.after[name] = delta
         self._changed(COL_P50, COL_SPEEDUP)
+        self.timesChanged.emit()
+
+    def heaviest_column(self) -> int:
+        """The column a newcomer wants the rows sorted by, heaviest first: time once there is
+        a profile, else FLOPs, else weights (-1, the graph's order, when none is known)."""
+        if self.profile or self.after:
+            return COL_P50
+        nodes = self.graph.nodes if self.graph is not None else []
+        if any(n.flops for n in nodes):
+            return COL_FLOPS
+        if any(n.param_bytes for n in nodes):
+            return COL_PARAMS
+        return -1
 
     def summed_ratio(self, deltas: Sequence[Delta]) -> Ratio | None:
         """before/after of these rows' times summed run by run, paired as their rows were;

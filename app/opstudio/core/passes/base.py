@@ -138,6 +138,9 @@ class Pass:
     helps_when: str = ""
     because: str = ""
     colour: str = "#2a3240"
+    # check analyses the whole model the first time it is asked (seconds on a large model):
+    # the app asks it off the UI thread
+    slow_check: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

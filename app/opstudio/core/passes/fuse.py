@@ -65,6 +65,7 @@ class FusePass(Pass):
     helps_when = "memory"
     because = "one fused kernel replaces eight or more small ones and their launch overhead"
     colour = "#16a085"
+    slow_check = True  # the first check fuses the whole model to find its units
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
