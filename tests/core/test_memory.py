@@ -79,6 +79,7 @@ def test_compare_prints_the_memory_line_in_text_json_and_html(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "before memory: weights " in printed and "after memory: weights " in printed
     assert "KV cache 512 B/token, 2.0 KiB at past 4" in printed
+    assert "anonymous with all 2 models" in printed  # one process measured both
     page = html.read_text()
     assert "<h2>Memory</h2>" in page and "KV cache 512 B/token" in page
     assert main(["compare", str(path), str(path), *flags, "--json", "-"]) == 0

@@ -5,11 +5,11 @@ Three figures, each for what it is:
   external-data files, which the kernel pages in and out and shares between sessions, or held
   inline in the model);
 - a session's *anonymous* memory: the growth of ``RssAnon`` (``/proc/self/status``) of the
-  process that measured, over creating one session and running it once. Pages of mapped weight
-  files are not anonymous and do not count; copies onnxruntime makes (pre-packed MatMul
-  weights, folded constants, the arena) do. ``RssAnon`` has no high-water mark, so the
-  process's peak is the largest of samples taken after every session is created and after
-  every round of runs;
+  process that measured, over creating the model's first session. Pages of mapped weight files
+  are not anonymous and do not count; copies onnxruntime makes (pre-packed MatMul weights,
+  folded constants) do. ``RssAnon`` has no high-water mark, so the process's peak, which also
+  holds what runs allocate, is the largest of samples taken after every session is created and
+  after every round of runs;
 - for a decoder with a KV cache, the cache's bytes per token (of every layer's keys and values
   as fed) and at the past that was run.
 """
@@ -73,9 +73,10 @@ def kv_bytes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
 class Memory:
     weights_bytes: int = 0
     weights_mapped: bool = False  # in external-data files, mapped rather than copied
-    session_bytes: int | None = None  # one session's anonymous memory, created and run once
+    session_bytes: int | None = None  # anonymous memory creating one session took
     peak_bytes: int | None = None  # the measuring process's largest RssAnon sampled
     sessions: int = 0  # sessions of this model open at once
+    models: int = 1  # models measured together in that process (compare: 2)
     kv_token_bytes: int | None = None
     past: int | None = None
 
@@ -93,7 +94,8 @@ class Memory:
             parts.append(f"session {fmt_bytes(self.session_bytes)} anonymous"
                          + (f" (×{self.sessions} open)" if self.sessions > 1 else ""))
         if self.peak_bytes is not None:
-            parts.append(f"process peak {fmt_bytes(self.peak_bytes)} anonymous")
+            parts.append(f"process peak {fmt_bytes(self.peak_bytes)} anonymous"
+                         + (f" with all {self.models} models" if self.models > 1 else ""))
         if self.kv_token_bytes is not None:
             kv = f"KV cache {fmt_bytes(self.kv_token_bytes)}/token"
             if self.past:
@@ -106,7 +108,7 @@ class Memory:
                                "weights_mapped": self.weights_mapped,
                                "session_anon_bytes": self.session_bytes,
                                "process_peak_anon_bytes": self.peak_bytes,
-                               "sessions": self.sessions}
+                               "sessions": self.sessions, "models": self.models}
         if self.kv_token_bytes is not None:
             out.update(kv_bytes_per_token=self.kv_token_bytes, past=self.past,
                        kv_bytes_at_past=self.kv_past_bytes)
@@ -118,7 +120,7 @@ class Memory:
                    weights_mapped=bool(data.get("weights_mapped", False)),
                    session_bytes=data.get("session_anon_bytes"),
                    peak_bytes=data.get("process_peak_anon_bytes"),
-                   sessions=int(data.get("sessions", 0)),
+                   sessions=int(data.get("sessions", 0)), models=int(data.get("models", 1)),
                    kv_token_bytes=data.get("kv_bytes_per_token"), past=data.get("past"))
 
 

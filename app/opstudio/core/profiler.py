@@ -630,7 +630,7 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         profile.settings = settings
         profile.onnxruntime = ort.__version__
         profile.memory = Memory(session_bytes=session_bytes, peak_bytes=peak_bytes,
-                                sessions=open_at_once)
+                                sessions=open_at_once, models=len(sides))
         if shared and plain:
             profile.notes.append(
                 "a big model: one session per model, timed with the profiler and then without "
