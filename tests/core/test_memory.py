@@ -1,6 +1,7 @@
 """The memory line of profile and compare: weights, a session's anonymous memory, KV cache."""
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -102,3 +103,16 @@ def test_profile_prints_the_memory_line(tmp_path, capsys):
     assert "session " in line and "anonymous" in line
     assert np.isclose(float(line.split("weights ")[1].split()[0]),
                       weights / 2**10 if weights >= 2**10 else weights, atol=0.05)
+
+
+def test_anon_peak_sees_memory_freed_before_the_block_ends():
+    from opstudio.core.memory import AnonPeak, anon_bytes
+
+    start = anon_bytes()
+    with AnonPeak(interval=0.005) as watch:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        time.sleep(0.1)
+        del block
+    assert start is not None and watch.peak is not None
+    assert watch.peak - start >= 60 * 2**20
+    assert anon_bytes() < watch.peak  # gone again, still counted

@@ -7,9 +7,9 @@ Three figures, each for what it is:
 - a session's *anonymous* memory: the growth of ``RssAnon`` (``/proc/self/status``) of the
   process that measured, over creating the model's first session. Pages of mapped weight files
   are not anonymous and do not count; copies onnxruntime makes (pre-packed MatMul weights,
-  folded constants) do. ``RssAnon`` has no high-water mark, so the process's peak, which also
-  holds what runs allocate, is the largest of samples taken after every session is created and
-  after every round of runs;
+  folded constants) do. ``RssAnon`` has no high-water mark, so the process's peak is the
+  largest of samples taken every 10 ms while the sessions are created (``AnonPeak``) and after
+  every round of runs (what runs allocate; no sampling thread competes with timed runs);
 - for a decoder with a KV cache, the cache's bytes per token (of every layer's keys and values
   as fed) and at the past that was run.
 """
@@ -17,6 +17,7 @@ Three figures, each for what it is:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,36 @@ def anon_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+class AnonPeak:
+    """The largest ``anon_bytes`` seen while the ``with`` block runs, sampled every
+    ``interval`` s on a thread: creating a session holds transient copies of weights (read,
+    then pre-packed) that a sample taken after it would miss. Not for timed runs: the sampling
+    thread would compete with them."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak = interval, anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def _take(self) -> None:
+        now = anon_bytes()
+        if now is not None and (self.peak is None or now > self.peak):
+            self.peak = now
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
 
 
 def weight_bytes(model: onnx.ModelProto) -> tuple[int, bool]:

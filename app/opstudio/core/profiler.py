@@ -57,7 +57,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.memory import Memory, anon_bytes, kv_bytes, weight_bytes
+from opstudio.core.memory import AnonPeak, Memory, anon_bytes, kv_bytes, weight_bytes
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.tensor_groups import describe_tensors
 from opstudio.core.tensors import TensorInfo
@@ -563,9 +563,11 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         report(fraction, message)
 
     sides = []
-    for i, path in enumerate(model_paths):
-        sides.append(_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs, plains))
-        peak.append(anon_bytes())
+    with AnonPeak() as opening:
+        for i, path in enumerate(model_paths):
+            sides.append(_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs,
+                                    plains))
+    peak.append(opening.peak)
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
         if len(side.plain) > 1:
