@@ -21,7 +21,15 @@ run whose process tree passes ``--limit-gib`` of anonymous memory (reported as k
     python benchmarks/bench_big_model.py --optimize --code before=/path/to/main/app \
         --code after=app [--rounds 1]
 
-Without ``--open``/``--optimize``, ``opstudio optimize``'s time and peak memory:
+``--compare``: wall time and peak anonymous memory of ``opstudio compare`` of the 8B-shaped
+export against its INT4 (MatMul + Gather) version in decode phase (past 128), each ``--code`` in
+turn, with the memory line compare prints. The INT4 model is built once into
+``--int4 PATH`` (default: beside the cache's export) by this checkout's ``opstudio optimize``::
+
+    python benchmarks/bench_big_model.py --compare [--int4 /tmp/int4/model.onnx] \
+        [--runs 6] [--limit-gib 14]
+
+Without ``--open``/``--optimize``/``--compare``, ``opstudio optimize``'s time and peak memory:
 
 An onnxruntime-genai export of a Qwen2.5-0.5B-shaped decoder (24 layers by default: ~1.9 GB of
 fp32 weights in ``model.onnx.data``) is optimized with each recipe below in a fresh child
@@ -279,6 +287,35 @@ def bench_open(model: Path, codes: dict[str, str], rounds: int, pause: float) ->
             print(f"{what}: {a} / {b} = {ta / tb:.1f}× the time")
 
 
+def bench_compare(model: Path, int4: Path, codes: dict[str, str], runs: int,
+                  limit: int) -> None:
+    env = dict(os.environ)
+    if not int4.is_file():
+        int4.parent.mkdir(parents=True, exist_ok=True)
+        recipe = int4.parent / "recipe.json"
+        recipe.write_text(json.dumps({"version": 1, "steps": RECIPES[
+            "int4-weight, every MatMul + embedding"]}))
+        env["PYTHONPATH"] = HERE_APP
+        seconds, peak, _ = measured([sys.executable, "-c", INSPECT, "optimize", str(model),
+                                     "--recipe", str(recipe), "-o", str(int4)], env, limit)
+        print(f"built {int4}: {seconds:.0f} s, peak RssAnon {peak / 2**30:.2f} GiB")
+    print(f"{model} vs {int4}; watchdog at {limit / 2**30:.1f} GiB")
+    print(f"{'code':10} {'compare s':>10} {'peak RssAnon GiB':>17}  memory lines")
+    for label, app_dir in codes.items():
+        env["PYTHONPATH"] = app_dir
+        cmd = [sys.executable, "-c", INSPECT, "compare", str(model), str(int4),
+               "--phase", "decode", "--past", "128", "--runs", str(runs)]
+        try:
+            seconds, peak, out = measured(cmd, env, limit)
+        except (Killed, RuntimeError) as exc:
+            print(f"{label:10} {exc}")
+            continue
+        lines = [li for li in out.splitlines() if "memory:" in li]
+        print(f"{label:10} {seconds:10.1f} {peak / 2**30:17.2f}  {lines[0] if lines else '-'}")
+        for li in lines[1:]:
+            print(f"{'':40}{li}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -287,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="time inspect and the app opening the 8B-shaped 2-layer export")
     parser.add_argument("--optimize", action="store_true",
                         help="time optimize INT4/INT8-weight of the 8B-shaped 2-layer export")
+    parser.add_argument("--compare", action="store_true",
+                        help="time compare of the 8B-shaped export vs its INT4, decode phase")
+    parser.add_argument("--int4", default=None, help="the INT4 model for --compare")
+    parser.add_argument("--runs", type=int, default=6, help="compare's --runs")
     parser.add_argument("--limit-gib", type=float, default=12.0,
                         help="kill a run above this much anonymous memory (default 12)")
     parser.add_argument("--code", action="append", default=[], metavar="LABEL=APP_DIR",
@@ -298,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.optimize:
         bench_optimize(llama_export(2, "fp32", cache=args.cache), codes, args.rounds,
                        args.pause, int(args.limit_gib * 2**30))
+        return 0
+    if args.compare:
+        model = llama_export(2, "fp32", cache=args.cache)
+        int4 = Path(args.int4) if args.int4 else model.parent.parent / "int4" / "model.onnx"
+        bench_compare(model, int4, codes, args.runs, int(args.limit_gib * 2**30))
         return 0
     if args.open:
         bench_open(llama_export(2, "fp32", cache=args.cache), codes, args.rounds, args.pause)

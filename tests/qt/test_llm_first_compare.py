@@ -78,6 +78,10 @@ def test_first_compare_shows_the_request_and_judges_on_the_text(first_window, qt
     assert "first token" in request.text() and "tokens/s" in request.text()
     assert "16 + 4 tokens" in request.text()
     assert window.plots.summary.text().startswith("Prefill of 128 tokens: ")
+    # what each model needs of memory, for the people who ask how much RAM it takes
+    summary = window.plots.summary.text()
+    assert "before memory: weights " in summary and "after memory: weights " in summary
+    assert f"KV cache {'1.0 KiB' if style == 'hf' else '512 B'}/token" in summary
     tokens = window.plots.tokens
     assert tokens.isVisible()
     assert "judged on the built-in text (" in tokens.text() and "synthetic" not in tokens.text()
@@ -99,6 +103,8 @@ def test_a_profile_says_which_step_it_timed(first_window, qtbot, tmp_path):
     assert worker is not None
     qtbot.waitUntil(lambda: worker.is_done() and window.progress.isHidden(), timeout=120_000)
     assert window.plots.summary.text().startswith("Prefill of 128 tokens: ")
+    assert "<br>memory: weights " in window.plots.summary.text()
+    assert "anonymous, KV cache 1.0 KiB/token" in window.plots.summary.text()
     assert window.statusBar().currentMessage().startswith("Profiled (prefill of 128 tokens): ")
 
 

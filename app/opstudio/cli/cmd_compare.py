@@ -123,6 +123,9 @@ def print_summary(c: Comparison, top: int = 15) -> None:
         print(operators_changed(timed))
     sb, sa = c.size_bytes["before"], c.size_bytes["after"]
     print(f"size: {sb:,} -> {sa:,} bytes ({(sa / sb if sb else 0):.0%})")
+    for side, p in (("before", c.before), ("after", c.after)):
+        if p.memory is not None:
+            print(f"{side} {p.memory.line()}")
     print()
     acc = [(o.name, _f(o.max_abs_err), _f(o.mean_abs_err), _f(o.cosine, 6), _f(o.snr_db, 1),
             "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",

@@ -219,6 +219,8 @@ def print_summary(p: Profile, top: int = 20, file=None) -> None:
         line += " (" + ", ".join(u["kernel"] for u in p.unattributed[:5]) + \
             (", …" if len(p.unattributed) > 5 else "") + ")"
     print(f"{line};  between kernels (not traced): {p.untraced_ms:.4f} ms", file=file)
+    if p.memory is not None:
+        print(p.memory.line(), file=file)
     for note in p.notes:
         if note != noise.get("message"):
             print(f"note: {note}", file=file)

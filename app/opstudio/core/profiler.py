@@ -57,6 +57,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.memory import AnonPeak, Memory, anon_bytes, kv_bytes, weight_bytes
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.tensor_groups import describe_tensors
 from opstudio.core.tensors import TensorInfo
@@ -199,6 +200,8 @@ class Profile:
     step: str = ""
     # which of the model's plain sessions each plain run ran on (``PLAIN_SESSIONS``)
     plain_sessions: list[int] = field(default_factory=list, repr=False, compare=False)
+    # what running the model takes of memory (``core.memory``)
+    memory: Memory | None = None
 
     def node(self, name: str) -> NodeStats | None:
         """The row of original node ``name`` (also when it is a member of a fused group)."""
@@ -232,6 +235,7 @@ class Profile:
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape}
                        for t in self.inputs],
             **({"step": self.step} if self.step else {}),
+            **({"memory": self.memory.to_json()} if self.memory is not None else {}),
         }
 
     @classmethod
@@ -256,6 +260,7 @@ class Profile:
             inputs=[TensorInfo(str(t["name"]), t.get("dtype"), t.get("shape"))
                     for t in data.get("inputs", [])],
             step=str(data.get("step", "")),
+            memory=Memory.from_json(data["memory"]) if data.get("memory") else None,
         )
 
     def to_csv(self) -> str:
@@ -336,11 +341,13 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
     with opstudio_tempdir(prefix="profile-") as tmp:
         paths, labels = [], []
         first: onnx.ModelProto | None = None
+        weights: list[tuple[int, bool]] = []
         for i, model in enumerate(models):
             if isinstance(model, onnx.ModelProto):
                 path = tmp / f"model{i}.onnx"
                 save_model(model, path, overwrite=True)
                 labels.append(model.graph.name or "model")
+                weights.append(weight_bytes(model))
                 if i == 0:
                     first = model
             else:
@@ -348,6 +355,8 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
                 labels.append(str(model))
                 if not path.is_file():
                     raise OpstudioError(f"{path}: no such file")
+                weights.append(weight_bytes(load_model(path, load_external_data=False,
+                                                       name_nodes=False)))
             paths.append(str(path))
         if inputs is None:
             if progress:
@@ -358,17 +367,24 @@ def profile_models(models: Sequence[str | Path | onnx.ModelProto],
                                  npz_path=settings.inputs_path, seed=settings.seed,
                                  phase=settings.phase, past=settings.past, model_path=paths[0])
         profiles = call_isolated(_measure_in_child, paths, settings.to_json(), inputs,
-                                 str(tmp), timeout=settings.timeout_s, progress=progress,
+                                 str(tmp), shared=shared_session(paths),
+                                 timeout=settings.timeout_s, progress=progress,
                                  cancelled=cancelled)
         if first is None:
             first = load_model(paths[0], lazy=True)
     step = describe_step(first, inputs)
     fed = [TensorInfo(name, str(a.dtype), list(a.shape)) for name, a in inputs.items()]
-    for profile, label in zip(profiles, labels):
+    kv = kv_bytes(first, inputs)
+    for profile, label, (size, mapped) in zip(profiles, labels, weights):
         profile.model = label
         profile.settings = settings
         profile.step = step
         profile.inputs = list(fed)
+        memory = profile.memory or Memory()
+        memory.weights_bytes, memory.weights_mapped = size, mapped
+        if kv is not None:
+            memory.kv_token_bytes, memory.past = kv
+        profile.memory = memory
     return profiles
 
 
@@ -410,6 +426,18 @@ def plain_sessions(paths: Sequence[str]) -> int:
         return 1
     fits = int(_SESSIONS_MEMORY_SHARE * memory // max(size, 1))
     return max(1, min(PLAIN_SESSIONS, fits))
+
+
+# Above this many bytes of weights in any model measured, every model gets one session,
+# shared by the profiled and the plain runs (profiling first, then, with the profiler ended,
+# plain), instead of one profiled session beside one or more plain ones: each session of a big
+# model holds its own pre-packed copy of the weights.
+SHARED_SESSION_BYTES = 2**30
+
+
+def shared_session(paths: Sequence[str]) -> bool:
+    """True when the models' sessions must be shared (``SHARED_SESSION_BYTES``)."""
+    return any(_file_bytes(p) > SHARED_SESSION_BYTES for p in paths)
 
 
 def _file_bytes(path: str) -> int:
@@ -459,8 +487,9 @@ class _Side:
     work: Path
     dump: bool
     profiled: Any
-    plain: list[Any]  # one session or more (``PLAIN_SESSIONS``)
+    plain: list[Any]  # one session or more (``PLAIN_SESSIONS``), none when shared
     feeds: dict[str, np.ndarray]
+    session_bytes: int | None = None  # RssAnon that creating the profiled session took
 
 
 def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
@@ -494,6 +523,7 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
         return so
 
     dump = settings.opt_level != "disable"
+    before = anon_bytes()
     try:
         sess = _create_session(ort, model_path, profiling_options(dump), settings.provider)
     except OpstudioError:
@@ -502,26 +532,42 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
         # Some providers compile nodes that cannot be saved; attribute by kernel names then.
         dump = False
         sess = _create_session(ort, model_path, profiling_options(False), settings.provider)
+    after = anon_bytes()
+    grown = None if before is None or after is None else max(0, after - before)
     feeds = _check_feeds(sess, inputs)
     plain = []
     if settings.measure_plain:
         plain = [_create_session(ort, model_path, _session_options(ort, settings),
                                  settings.provider) for _ in range(plains)]
-    return _Side(model, model_path, work, dump, sess, plain, feeds)
+    return _Side(model, model_path, work, dump, sess, plain, feeds, grown)
 
 
 def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
                       inputs: dict[str, np.ndarray], workdir: str,
-                      progress: Progress | None = None) -> list[Profile]:
+                      progress: Progress | None = None, shared: bool | None = None
+                      ) -> list[Profile]:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)
     settings = ProfileSettings.from_json(settings_json)
     report = progress or (lambda f, m: None)
     report(0.01, "loading the model" if len(model_paths) == 1 else "loading the models")
-    plains = plain_sessions(model_paths)
-    sides = [_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs, plains)
-             for i, path in enumerate(model_paths)]
+    if shared is None:
+        shared = shared_session(model_paths)
+    plains = 0 if shared else plain_sessions(model_paths)
+    peak = [anon_bytes()]
+
+    def sampled(fraction: float, message: str) -> None:
+        # RssAnon has no high-water mark: sample it after every round
+        peak.append(anon_bytes())
+        report(fraction, message)
+
+    sides = []
+    with AnonPeak() as opening:
+        for i, path in enumerate(model_paths):
+            sides.append(_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs,
+                                    plains))
+    peak.append(opening.peak)
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
         if len(side.plain) > 1:
@@ -531,13 +577,27 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     for i, side in enumerate(sides):
         sessions[f"profiled{i}"] = _Fed(side.profiled, side.feeds)
     report(0.1, "warming up")
-    times, stable = _rounds(sessions, settings, len(sides), sum(len(s.model.graph.node)
-                                                                for s in sides), report)
+    nodes = sum(len(s.model.graph.node) for s in sides)
+    times, stable = _rounds(sessions, settings, len(sides), nodes, sampled)
+    traces = [side.profiled.end_profiling() for side in sides]
+    if shared and settings.measure_plain:
+        # the profiler is off once its trace is written: the same sessions time the plain runs
+        plain_sessions_ = {f"plain{i}": _Fed(side.profiled, side.feeds)
+                           for i, side in enumerate(sides)}
+        report(0.5, "timing without the profiler")
+        plain_times, plain_stable = _rounds(plain_sessions_, settings, len(sides), nodes,
+                                            sampled)
+        times.update(plain_times)
+        if plain_stable is not None and (stable is None or plain_stable["pct"] > stable["pct"]):
+            stable = plain_stable
+    peak_bytes = max((p for p in peak if p is not None), default=None)
 
     profiles = []
     for i, side in enumerate(sides):
         report(0.9, "attributing kernels to nodes")
-        trace_path = side.profiled.end_profiling()
+        trace_path = traces[i]
+        session_bytes = side.session_bytes
+        open_at_once = 1 + len(side.plain)
         side.profiled, side.plain = None, []
         try:
             trace = read_trace(trace_path)
@@ -571,6 +631,12 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
                     n for n in profile.notes if not n.startswith("figures uncertain"))]
         profile.settings = settings
         profile.onnxruntime = ort.__version__
+        profile.memory = Memory(session_bytes=session_bytes, peak_bytes=peak_bytes,
+                                sessions=open_at_once, models=len(sides))
+        if shared and plain:
+            profile.notes.append(
+                "a big model: one session per model, timed with the profiler and then without "
+                "it, so the profiler's overhead is from runs minutes apart")
         profiles.append(profile)
     report(1.0, "done")
     return profiles

@@ -102,6 +102,7 @@ def render_html(comparison: Comparison, steps: Sequence[StepReport] = (), *, tit
               "" if not size_b else f"{size_a / size_b:.0%} of before"),
         *_next_token_card(c),
         "</div>",
+        *_memory_lines(c),
         "<h2>Accuracy</h2>", _accuracy_table(c),
         "<h2>Where the time went</h2>", bars, op_bars,
         "<h2>Operators</h2>", _changes_note(c), _significance_note(c), _nodes_table(c.nodes),
@@ -158,6 +159,13 @@ def _significance_note(c: Comparison) -> str:
     if not timed:
         return ""
     return f"<p class='meta'>{_e(operators_changed(timed))}. Hover a speedup for its interval.</p>"
+
+
+def _memory_lines(c: Comparison) -> list[str]:
+    """What each model needs of memory to run (``core.memory``)."""
+    lines = [f"<p class='meta'>{side}: {_e(p.memory.line())}</p>"
+             for side, p in (("before", c.before), ("after", c.after)) if p.memory is not None]
+    return ["<h2>Memory</h2>", *lines] if lines else []
 
 
 def _card(label: str, value: str, note: str) -> str:

@@ -370,6 +370,12 @@ def _fixed(v: float | None, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
+def _memory_html(profile: Any, side: str = "") -> str:
+    """The memory line of a profile (``core.memory``) on a line of its own, or nothing."""
+    memory = getattr(profile, "memory", None)
+    return f"<br>{side}{html.escape(memory.line())}" if memory is not None else ""
+
+
 def _step_prefix(result: Any) -> str:
     """ "Prefill of 128 tokens: " before a decoder's figures, which are that step's."""
     step = getattr(result, "step", "")
@@ -514,7 +520,8 @@ class PlotsPanel(QWidget):
         step = _step_prefix(profile)
         self.summary.setText(f"{step}<b>{_ms(total)}</b>{_ci_text(noise.get('total_ci'))} per run "
                              f"(median, profiled){extra}; {len(profile.nodes)} operators "
-                             f"measured.{_noise_html(noise.get('message', ''), noise)}")
+                             f"measured.{_noise_html(noise.get('message', ''), noise)}"
+                             f"{_memory_html(profile)}")
 
     def show_not_compared(self, reason: str, message: str) -> None:
         """Optimized without measuring: the baseline stays in the plots, the accuracy table
@@ -571,9 +578,11 @@ class PlotsPanel(QWidget):
                             b_noise if b_noise.get("busy") else a_noise)
         # a decoder's totals are one step's: say which, beside the request's figures
         step = _step_prefix(comparison)
+        memory = (_memory_html(comparison.before, "before ")
+                  + _memory_html(comparison.after, "after "))
         self.summary.setText(
             f"{step}<b>{_ms(b)} → {_ms(a)}</b>  {_coloured(s, total_ratio)}{plain}{size}{noise}"
-            if s else f"{step}{_ms(b)} → {_ms(a)}{plain}{size}{noise}")
+            f"{memory}" if s else f"{step}{_ms(b)} → {_ms(a)}{plain}{size}{noise}{memory}")
 
     def _show_tokens(self, accuracy: Any) -> None:
         text = _tokens_html(accuracy)
