@@ -53,7 +53,7 @@ class FusePass(Pass):
         ParamSpec("max_positions", "int", _MAX_POSITIONS, "Rotary cache length",
                   "rows of the cos/sin caches a fused rotary embedding reads: the longest "
                   "position the model can then be run at", minimum=16, maximum=1 << 20),
-        ParamSpec("attention", "bool", True, "Attention → GroupQueryAttention",
+        ParamSpec("attention", "bool", True, "Fuse attention",
                   "also fuse each attention block (projections' outputs to the merged heads, "
                   "RoPE, past Concat, repeat_kv, mask, Softmax) into GroupQueryAttention; off: "
                   "norms and rotary embeddings only"),
