@@ -108,11 +108,12 @@ def test_profile_prints_the_memory_line(tmp_path, capsys):
 def test_anon_peak_sees_memory_freed_before_the_block_ends():
     from opstudio.core.memory import AnonPeak, anon_bytes
 
-    start = anon_bytes()
     with AnonPeak(interval=0.005) as watch:
         block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        during = anon_bytes()
         time.sleep(0.1)
         del block
-    assert start is not None and watch.peak is not None
-    assert watch.peak - start >= 60 * 2**20
-    assert anon_bytes() < watch.peak  # gone again, still counted
+    # what was held while the block lived (other tests' frees make a start figure unreliable)
+    assert during is not None and watch.peak is not None
+    assert watch.peak >= during - 4 * 2**20
+    assert anon_bytes() < watch.peak - 32 * 2**20  # gone again, still counted
