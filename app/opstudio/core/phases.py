@@ -39,6 +39,8 @@ DEFAULT_DECODE_PAST = 512
 GENAI_CONFIG = "genai_config.json"
 
 _FLOAT = {"float16", "float32", "float64", "bfloat16"}
+# a quantized cache (kv-cache pass): int8, or uint8 holding two int4 values
+_CACHE_TYPES = _FLOAT | {"int8", "uint8"}
 # A dim named like a size of the cache's tensors, not its length: "kv_cache_dim" is a head size.
 _SIZE_WORDS = ("dim", "head", "size", "hidden", "embed", "width", "channel", "feature")
 _WEIGHT_PATH = {"Cast", "Identity", "DequantizeLinear"}
@@ -80,9 +82,16 @@ class KvLayout:
         return bool(self.kv_inputs)
 
 
+def cache_zeros(shape: Any, dtype: Any) -> np.ndarray:
+    """An empty-valued KV cache: zeros, but for a uint8 cache of two int4 codes per byte the
+    code of zero in both nibbles (onnxruntime stores a 4-bit value offset by 8)."""
+    dtype = np.dtype(dtype)
+    return np.full(shape, 0x88 if dtype == np.uint8 else 0, dtype=dtype)
+
+
 def is_kv_input(spec: TensorInfo) -> bool:
     low = spec.name.lower()
-    return (("past" in low or "cache" in low) and spec.dtype in _FLOAT
+    return (("past" in low or "cache" in low) and spec.dtype in _CACHE_TYPES
             and spec.shape is not None and len(spec.shape) >= 4)
 
 
