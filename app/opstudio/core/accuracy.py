@@ -249,6 +249,8 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
     """All outputs of one onnxruntime run on the CPU, by name, in the model's order."""
     import onnxruntime as ort
 
+    from opstudio.core.phases import fit_cache_feed
+
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -267,7 +269,7 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
     try:
         session = create_session(model_or_path, options)
         names = [o.name for o in session.get_outputs()]
-        feeds = {i.name: _fit_cache(i, inputs[i.name]) for i in session.get_inputs()
+        feeds = {i.name: fit_cache_feed(i, inputs[i.name]) for i in session.get_inputs()
                  if i.name in inputs}
         values = session.run(names, feeds)
     except Exception as exc:  # onnxruntime's own exception types
@@ -275,25 +277,6 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
         raise OpstudioError(f"onnxruntime could not run the model "
                             f"({text[0][:300] if text else type(exc).__name__})") from exc
     return dict(zip(names, values))
-
-
-def _fit_cache(arg: Any, value: np.ndarray) -> np.ndarray:
-    """A float past fed to a quantized KV cache input (int8, or uint8 of int4 pairs): the
-    before and after of a kv-cache step share one feed, whose past is empty or zeros (what
-    synthetic inputs hold); those are the same cache in the quantized type."""
-    from opstudio.core.phases import cache_zeros
-
-    quantized = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(arg.type)
-    value = np.asarray(value)
-    if quantized is None or not np.issubdtype(value.dtype, np.floating) or value.ndim < 4:
-        return value
-    if np.any(value):
-        raise OpstudioError(f"'{arg.name}' is a quantized KV cache ({np.dtype(quantized).name}); "
-                            "a float past of non-zero values cannot be fed to it")
-    shape = list(value.shape)
-    if isinstance(arg.shape[-1], int):
-        shape[-1] = arg.shape[-1]
-    return cache_zeros(shape, quantized)
 
 
 def evaluate(before: onnx.ModelProto | str | os.PathLike[str],

@@ -145,3 +145,15 @@ def test_other_nodes_are_refused_with_the_reason():
     _, result = _quantized(8, prompt_inputs(8))
     node = next(n for n in result.model.graph.node if n.op_type == "GroupQueryAttention")
     assert kv.check(result.model, node) == "its KV cache is already quantized"
+
+
+def test_compare_times_the_float_and_the_quantized_cache_on_one_feed(tmp_path):
+    from opstudio.core.compare import compare_models
+    from opstudio.core.profiler import ProfileSettings
+
+    model = kv_decoder("gqa", layers=LAYERS)
+    _, result = _quantized(8, prompt_inputs(8))
+    comparison = compare_models(model, result.model,
+                                ProfileSettings(runs=2, warmup=1, phase="decode", past=16))
+    assert comparison.before.total_ms["p50"] > 0 and comparison.after.total_ms["p50"] > 0
+    assert [o.name for o in comparison.accuracy.outputs] == ["logits"]
