@@ -64,6 +64,7 @@ from opstudio.core.graph import TensorInfo, input_specs
 from opstudio.core.phases import (
     DEFAULT_SEQ,
     KvLayout,
+    cache_zeros,
     derive_dims,
     is_past_length_name,
     is_prompt,
@@ -439,7 +440,9 @@ def _values(r: ResolvedInput, seed: int, bound: int | None, seq_guess: int,
     if dtype == np.bool_:
         return np.zeros(shape, dtype=np.bool_)
     is_int = np.issubdtype(dtype, np.integer)
-    if "past" in low or "cache" in low or "token_type" in low or "segment" in low:
+    if "past" in low or "cache" in low:
+        return cache_zeros(shape, dtype) if len(shape) >= 4 else np.zeros(shape, dtype=dtype)
+    if "token_type" in low or "segment" in low:
         return np.zeros(shape, dtype=dtype)
     if "mask" in low:
         return np.ones(shape, dtype=dtype)

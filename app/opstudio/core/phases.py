@@ -39,6 +39,8 @@ DEFAULT_DECODE_PAST = 512
 GENAI_CONFIG = "genai_config.json"
 
 _FLOAT = {"float16", "float32", "float64", "bfloat16"}
+# a quantized cache (kv-cache pass): int8, or uint8 holding two int4 values
+_CACHE_TYPES = _FLOAT | {"int8", "uint8"}
 # A dim named like a size of the cache's tensors, not its length: "kv_cache_dim" is a head size.
 _SIZE_WORDS = ("dim", "head", "size", "hidden", "embed", "width", "channel", "feature")
 _WEIGHT_PATH = {"Cast", "Identity", "DequantizeLinear"}
@@ -80,9 +82,36 @@ class KvLayout:
         return bool(self.kv_inputs)
 
 
+def cache_zeros(shape: Any, dtype: Any) -> np.ndarray:
+    """An empty-valued KV cache: zeros, but for a uint8 cache of two int4 codes per byte the
+    code of zero in both nibbles (onnxruntime stores a 4-bit value offset by 8)."""
+    dtype = np.dtype(dtype)
+    return np.full(shape, 0x88 if dtype == np.uint8 else 0, dtype=dtype)
+
+
+def fit_cache_feed(arg: Any, value: np.ndarray) -> np.ndarray:
+    """``value`` as the session input ``arg`` (onnxruntime's NodeArg) takes it: a float past
+    fed to a quantized KV cache input (int8, or uint8 of int4 pairs) becomes the same cache in
+    that type. The before and after of a kv-cache step share one feed, whose past is empty or
+    zeros (what synthetic inputs hold); a past of real values cannot be converted."""
+    quantized = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(arg.type)
+    value = np.asarray(value)
+    low = arg.name.lower()
+    if quantized is None or not np.issubdtype(value.dtype, np.floating) or value.ndim < 4 \
+            or not ("past" in low or "cache" in low):
+        return value
+    if np.any(value):
+        raise OpstudioError(f"'{arg.name}' is a quantized KV cache ({np.dtype(quantized).name}); "
+                            "a float past of non-zero values cannot be fed to it")
+    shape = list(value.shape)
+    if isinstance(arg.shape[-1], int):
+        shape[-1] = arg.shape[-1]
+    return cache_zeros(shape, quantized)
+
+
 def is_kv_input(spec: TensorInfo) -> bool:
     low = spec.name.lower()
-    return (("past" in low or "cache" in low) and spec.dtype in _FLOAT
+    return (("past" in low or "cache" in low) and spec.dtype in _CACHE_TYPES
             and spec.shape is not None and len(spec.shape) >= 4)
 
 

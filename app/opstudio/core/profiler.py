@@ -791,11 +791,13 @@ def _create_session(ort: Any, path: str, so: Any, provider: str) -> Any:
 
 
 def _check_feeds(sess: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [i.name for i in sess.get_inputs()]
-    missing = [n for n in names if n not in inputs]
+    from opstudio.core.phases import fit_cache_feed
+
+    args = sess.get_inputs()
+    missing = [i.name for i in args if i.name not in inputs]
     if missing:
         raise OpstudioError(f"no value for model input '{missing[0]}'")
-    return {n: inputs[n] for n in names}
+    return {i.name: fit_cache_feed(i, inputs[i.name]) for i in args}
 
 
 def _run(sess: Any, feeds: Mapping[str, np.ndarray]) -> None:

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from llm_builders import llama_decoder, llama_inputs
+from llm_builders import kv_decoder, llama_decoder, llama_inputs, prompt_inputs
 from model_builders import apply_pass, run_ort, small_mlp
 from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
@@ -48,6 +48,7 @@ PARAMS = {
     "int8-weight": {"accuracy_level": 4},
     "fp16": {},
     "fuse": {},
+    "kv-cache": {"samples": 1},
 }
 
 
@@ -55,6 +56,13 @@ def _case(technique):
     """The model each technique is run on, the nodes it must rewrite, a feed and the first
     output's shape: small_mlp's two MatMuls, or for fuse a decoder's first norm and the rotary
     embedding of its queries (fuse takes no MatMul)."""
+    if technique == "kv-cache":
+        model = kv_decoder("gqa", layers=1)
+        nodes = [n.name for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        feeds = {**prompt_inputs(4), **{f"past_key_values.0.{kind}": np.zeros((1, 2, 0, 16),
+                                                                             np.int8)
+                                        for kind in ("key", "value")}}
+        return model, nodes, feeds, (1, 4, 64)
     if technique == "fuse":
         nodes = ["/model/layers.0/input_layernorm/Pow", "/model/layers.0/self_attn/q_rot/Neg"]
         return llama_decoder(layers=1), nodes, llama_inputs(layers=1), (1, 4, 64)
@@ -89,7 +97,8 @@ def test_keeps_the_contract_on_a_small_mlp(technique):
     assert sorted(first.applied) == sorted(nodes), first.skipped
     old = {n.name for n in model.graph.node}
     created = [n for n in first.model.graph.node if n.name not in old]
-    assert created or technique == "prune"  # prune rewrites weights, not nodes
+    # prune rewrites weights, kv-cache the attention's attributes and cache types, not nodes
+    assert created or technique in ("prune", "kv-cache")
     for node in created:
         recorded = [p.value for p in node.metadata_props if p.key == provenance.ORIGIN_KEY]
         assert recorded and set(recorded[0].split(",")) <= old, f"{node.name} ({node.op_type})"

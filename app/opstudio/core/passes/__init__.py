@@ -25,6 +25,7 @@ _MODULES = {
     "int8-weight": "opstudio.core.passes.quantize_int8_weight",
     "fp16": "opstudio.core.passes.fp16",
     "fuse": "opstudio.core.passes.fuse",
+    "kv-cache": "opstudio.core.passes.kv_cache",
 }
 
 TECHNIQUES = tuple(_MODULES)
