@@ -78,3 +78,17 @@ def ir3_computed_weights(hidden: int = 16) -> onnx.ModelProto:
         nodes, "ir3", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
         [numpy_helper.from_array(a, name) for name, a in arrays.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+
+
+def framed_matmul(seed: int = 7) -> onnx.ModelProto:
+    """A model that runs only on a whole number of 96-sample frames: the 128 samples of
+    default synthetic inputs make onnxruntime refuse it (Reshape to [-1, 96])."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "frames"], ["f"], name="frame"),
+         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "sequence"])],
+        [helper.make_tensor_value_info("y", 1, ["n", 8])],
+        [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
+         numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

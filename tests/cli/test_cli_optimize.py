@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from model_builders import framed_matmul
 from opstudio.cli import main
 from opstudio.core.model_io import save_model
 
@@ -258,17 +259,8 @@ def test_a_technique_that_calibrates_still_refuses_naming_the_flag(tmp_path, cap
 
 def test_original_that_does_not_run_on_synthetic_inputs_leaves_accuracy_unmeasured(tmp_path,
                                                                                    capsys):
-    rng = np.random.default_rng(7)
-    # 128 samples by default: not a whole number of 96-sample frames
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "frames"], ["f"], name="frame"),
-         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", 1, [1, "sequence"])],
-        [helper.make_tensor_value_info("y", 1, ["n", 8])],
-        [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
-         numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
     model, out = tmp_path / "framed.onnx", tmp_path / "out.onnx"
-    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    save_model(framed_matmul(), model)
     recipe = _recipe(tmp_path, "int8-dynamic")
     code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out)])
     text = capsys.readouterr().out

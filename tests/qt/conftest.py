@@ -53,13 +53,14 @@ def mlp_path(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def window(app, qtbot, settings):
-    from opstudio.core.profiler import ProfileSettings
+def shown_window(qtbot, settings, run_settings=None):
+    """A main window on screen (``run_settings`` None: the app's own defaults); closed, its
+    work cancelled, when the generator resumes."""
     from opstudio.qt.main_window import MainWindow
 
     w = MainWindow(settings)
-    w.set_run_settings(ProfileSettings(runs=3, warmup=1, threads=1, dims={"batch": 2}))
+    if run_settings is not None:
+        w.set_run_settings(run_settings)
     qtbot.addWidget(w)
     w.resize(1400, 900)
     w.show()
@@ -69,3 +70,11 @@ def window(app, qtbot, settings):
         w.worker.cancel()
         qtbot.waitUntil(w.worker.is_done, timeout=15000)
     w.close()
+
+
+@pytest.fixture
+def window(app, qtbot, settings):
+    from opstudio.core.profiler import ProfileSettings
+
+    yield from shown_window(qtbot, settings,
+                            ProfileSettings(runs=3, warmup=1, threads=1, dims={"batch": 2}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import shown_window
 
 from llm_builders import kv_decoder, word_tokenizer
 from opstudio.core.model_io import save_model
@@ -21,18 +22,7 @@ KV_DIMS = ["batch_size", "sequence_length", "total_sequence_length", "past_seque
 @pytest.fixture
 def first_window(app, qtbot, settings):
     """A window of a first session: nothing saved, the app's own defaults."""
-    from opstudio.qt.main_window import MainWindow
-
-    w = MainWindow(settings)
-    qtbot.addWidget(w)
-    w.resize(1400, 900)
-    w.show()
-    qtbot.waitExposed(w)
-    yield w
-    if w.worker is not None and not w.worker.is_done():
-        w.worker.cancel()
-        qtbot.waitUntil(w.worker.is_done, timeout=15000)
-    w.close()
+    yield from shown_window(qtbot, settings)
 
 
 def _decoder(tmp_path, style: str, tokenizer: bool):

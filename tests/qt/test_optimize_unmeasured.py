@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from model_builders import framed_matmul
 from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Step
 
@@ -57,17 +58,8 @@ def test_a_technique_that_calibrates_is_refused_with_the_reason(window, qtbot, t
 
 def test_an_original_that_does_not_run_on_the_inputs_is_optimized_not_compared(window, qtbot,
                                                                               tmp_path):
-    rng = np.random.default_rng(7)
-    # 128 samples by default: not a whole number of 96-sample frames
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "frames"], ["f"], name="frame"),
-         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", 1, [1, "sequence"])],
-        [helper.make_tensor_value_info("y", 1, ["n", 8])],
-        [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
-         numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
     path = tmp_path / "framed.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(framed_matmul(), path)
     window.open_model(path)
     _compare(qtbot, window, "int8-dynamic")
     assert not window.banner.isVisible(), window.banner_text.text()
