@@ -298,3 +298,24 @@ def test_a_big_model_is_quantized_tensor_by_tensor_with_a_progress_bar(tmp_path,
         assert f"int4-weight: quantizing tensor {k} of {matmuls}" in captured.err
     assert "cosine" in captured.out
     assert (out.parent / "out.onnx.data").is_file()  # written from the quantized files
+
+
+def test_a_step_selects_the_op_types_an_earlier_step_creates(tmp_path, capsys):
+    from llm_builders import llama_decoder, llama_inputs
+
+    model, prompt, out = tmp_path / "llama.onnx", tmp_path / "prompt.npz", tmp_path / "out.onnx"
+    save_model(llama_decoder(layers=2), model)
+    np.savez(prompt, **llama_inputs(past=0, layers=2))
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"op_types": ["Pow", "Neg"], "technique": "fuse"},
+        {"op_types": ["GroupQueryAttention"], "technique": "kv-cache", "params": {"bits": 8}}]}))
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(out),
+                 "--inputs", str(prompt)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    second = next(line for line in text.splitlines() if line.startswith("step 2:"))
+    assert second.startswith("step 2: kv-cache") and "2 node(s) rewritten, 0 skipped" in second
+    gqa = [n for n in onnx.load(out).graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(
+        any(a.name == "k_quant_type" and a.s == b"PER_CHANNEL" for a in n.attribute) for n in gqa)

@@ -367,3 +367,36 @@ def test_a_failure_inside_onnxruntimes_quantizer_names_the_step_and_what_to_do()
                               "while calibrating ("), message
     assert message.endswith("give calibration inputs the model runs on (--inputs, or an .npz "
                             "as 'calibration'), or leave these nodes out of the step")
+
+
+def _fuse_then_kv_cache(attention: bool = True) -> Recipe:
+    return recipe({"op_types": ["Pow", "Neg"], "technique": "fuse",
+                   "params": {"attention": attention}},
+                  {"op_types": ["GroupQueryAttention"], "technique": "kv-cache",
+                   "params": {"bits": 8}})
+
+
+def test_a_step_selects_op_types_an_earlier_step_created():
+    from llm_builders import llama_decoder, llama_inputs
+
+    model = llama_decoder(layers=3)
+    assert not any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    result = optimize(model, _fuse_then_kv_cache(),
+                      calibration=[llama_inputs(past=0, layers=3)])
+    fused, cached = result.steps
+    gqa = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 3 and fused.applied
+    # every layer's attention got the quantized cache: the step rewrote each GQA node
+    assert len(cached.applied) == 3 and not cached.skipped
+    assert all(any(a.name == "k_quant_type" and a.s != b"NONE" for a in n.attribute)
+               for n in gqa)
+
+
+def test_a_step_whose_op_types_an_earlier_step_did_not_create_is_an_error_when_it_runs():
+    from llm_builders import llama_decoder, llama_inputs
+
+    with pytest.raises(OpstudioError, match=r"^step 2 \(kv-cache\): selects no node: the model "
+                                            r"has no 'GroupQueryAttention' nodes; choose op types "
+                                            r"it has \(no earlier step made one\)$"):
+        optimize(llama_decoder(layers=1), _fuse_then_kv_cache(attention=False),
+                 calibration=[llama_inputs(past=0, layers=1)])

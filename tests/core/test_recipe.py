@@ -230,3 +230,21 @@ def test_a_selector_finding_nothing_says_what_the_user_can_do():
     with pytest.raises(OpstudioError, match=r"no 'MatMul' or 'Conv' nodes outside If/Loop/Scan "
                                             r"bodies \(MatMul only inside them"):
         validate(steps({"op_types": ["MatMul", "Conv"], "technique": "fp16"}), branched)
+
+
+def test_a_selector_for_op_types_an_earlier_step_creates_is_checked_when_it_runs():
+    # MatMulNBits exists only after int4-weight: validate leaves step 2 to the optimizer
+    made = steps({"nodes": ["mm0"], "technique": "int4-weight", "params": {}},
+                 {"op_types": ["MatMulNBits"], "technique": "fp16"})
+    assert validate(made, model()) == {2}
+    # int8-dynamic makes no MatMulNBits, so nothing can produce what step 2 selects
+    never = steps({"nodes": ["mm0"], "technique": "int8-dynamic"},
+                  {"op_types": ["MatMulNBits"], "technique": "fp16"})
+    with pytest.raises(OpstudioError, match=r"^step 2 \(fp16\): selects no node: the model has "
+                                            r"no 'MatMulNBits' nodes; choose op types it has$"):
+        validate(never, model())
+    # a step before the one that creates them does not count
+    early = steps({"op_types": ["MatMulNBits"], "technique": "fp16"},
+                  {"nodes": ["mm0"], "technique": "int4-weight", "params": {}})
+    with pytest.raises(OpstudioError, match=r"^step 1 \(fp16\): selects no node"):
+        validate(early, model())

@@ -3,9 +3,10 @@
 Each step runs its pass on the result of the previous step. Which nodes a step takes:
 
 - a selector (``op_types`` and/or ``name_pattern``): every node of the current model of one of
-  those types whose name, or the original name it stands for, matches a pattern. Nodes the pass
-  cannot take are skipped and reported with the reason; op types the model lacks are noted and
-  skipped. A node that a *later* step names explicitly is left to that step (with a note): an
+  those types whose name, or the original name it stands for, matches a pattern; so a step may
+  select op types an earlier step made (``kv-cache`` on GroupQueryAttention after ``fuse``).
+  Nodes the pass cannot take are skipped and reported with the reason; op types the model lacks
+  are noted and skipped. A node that a *later* step names explicitly is left to that step (with a note): an
   explicit name says more about that node than a type does.
 - ``nodes``: names always refer to the original model. A name still present in the current model
   is that node; a name an earlier step rewrote stands for the nodes that came from it (their
@@ -48,7 +49,7 @@ from opstudio.core.model_io import (
 from opstudio.core.passes import ContractBroken, PassContext, RewriterFailed, get_pass
 from opstudio.core.passes._ort_support import tensor_nbytes
 from opstudio.core.progress import CancelCheck, Progress
-from opstudio.core.recipe import Recipe, Step, known_as, named_later, validate
+from opstudio.core.recipe import Recipe, Step, known_as, named_later, no_match_reason, validate
 from opstudio.core.tensors import human_bytes
 
 # A model opened lazily with more weight bytes than this keeps them in their files through the
@@ -119,7 +120,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
     if is_lazy(current) and _weight_bytes(current) <= STREAM_ABOVE:
         load_weights(current)  # small: read at once, rewritten and written as before
     ensure_node_names(current)
-    validate(recipe, current)
+    deferred = validate(recipe, current)
     later = named_later(recipe)
     original_types = {n.op_type for n in current.graph.node}
     samples: list[Mapping[str, np.ndarray]] = list(calibration or ([inputs] if inputs else []))
@@ -144,6 +145,10 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
             sub(0.0, f"{where}: reading the weights")
             load_weights(current)
         if step.is_selector:
+            if index in deferred and not any(step.selects(n.op_type, known_as(n))
+                                             for n in current.graph.node):
+                raise OpstudioError(f"{where}: selects no node: {no_match_reason(step, current)} "
+                                    "(no earlier step made one)")
             targets, derived = _select(current, step, later[index - 1])
             notes = _selector_notes(current, step, recipe, later[index - 1], original_types)
         else:

@@ -30,7 +30,9 @@ a node some *later* step names explicitly is left to that step by selector steps
 ``load``/``from_json`` check the shape of the file; ``validate`` checks it against a model: every
 named node exists, every selector selects at least one node, the technique is known, its
 parameters are valid, and each named node can take the technique (for nodes no earlier step
-rewrote). Errors name the step (1-based) and the node: ``step 2 (lowrank): node 'mm9' is not in
+rewrote). A selector is resolved against the model as it is when its step runs, so it may select
+op types an earlier step creates (``fuse`` then ``kv-cache`` on ``["GroupQueryAttention"]``);
+such a step is checked to select something when it runs. Errors name the step (1-based) and the node: ``step 2 (lowrank): node 'mm9' is not in
 the model``.
 """
 
@@ -227,17 +229,22 @@ def _kind(value: Any) -> str:
             int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def validate(recipe: Recipe, model: onnx.ModelProto) -> None:
+def validate(recipe: Recipe, model: onnx.ModelProto) -> set[int]:
     """Check ``recipe`` against ``model``; raise ``OpstudioError`` naming the step and the node.
 
     Applicability is checked on the original model for the nodes no earlier step has touched;
-    the optimizer checks the rest when it reaches them (and writes nothing if one fails).
+    the optimizer checks the rest when it reaches them (and writes nothing if one fails). A
+    selector that selects nothing in ``model`` but names an op type an earlier step's technique
+    creates (``Pass.creates``: ``fuse`` makes GroupQueryAttention, …) is checked when its step
+    runs instead; the steps (1-based) left to that check are returned.
     """
     from opstudio.core.passes import get_pass
 
     by_name = {n.name: n for n in model.graph.node}
     later = named_later(recipe)
     touched: set[str] = set()
+    made: set[str] = set()  # op types the steps so far can create
+    deferred: set[int] = set()
     for index, step in enumerate(recipe.steps, start=1):
         where = step.describe(index)
         try:
@@ -262,9 +269,13 @@ def validate(recipe: Recipe, model: onnx.ModelProto) -> None:
             touched.update(step.nodes)
         else:
             selected = [n.name for n in model.graph.node if step.selects(n.op_type, known_as(n))]
-            if not selected:
+            if not selected and made.intersection(step.op_types or ()):
+                deferred.add(index)  # an earlier step makes nodes of these types
+            elif not selected:
                 raise OpstudioError(f"{where}: selects no node: {no_match_reason(step, model)}")
             touched.update(n for n in selected if n not in later[index - 1])
+        made.update(pass_.creates)
+    return deferred
 
 
 def named_later(recipe: Recipe) -> list[dict[str, int]]:

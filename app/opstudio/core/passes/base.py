@@ -141,6 +141,9 @@ class Pass:
     # check analyses the whole model the first time it is asked (seconds on a large model):
     # the app asks it off the UI thread
     slow_check: bool = False
+    # Op types its rewrite puts into a model: a later recipe step may select them by op type
+    # although the original model has none (``recipe.validate`` defers such a selector).
+    creates: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

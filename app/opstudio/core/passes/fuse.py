@@ -44,6 +44,10 @@ from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, 
 _MAX_POSITIONS = 8192
 
 
+_FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+              "RotaryEmbedding", "GroupQueryAttention")
+
+
 class FusePass(Pass):
     technique = "fuse"
     label = "Fuse"
@@ -66,6 +70,7 @@ class FusePass(Pass):
     because = "one fused kernel replaces eight or more small ones and their launch overhead"
     colour = "#16a085"
     slow_check = True  # the first check fuses the whole model to find its units
+    creates = frozenset(_FUSED_OPS)
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
@@ -112,9 +117,6 @@ def _fused_names(model: onnx.ModelProto) -> set[str]:
             names.update(origins)
     return names
 
-
-_FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-              "RotaryEmbedding", "GroupQueryAttention")
 
 # model key -> (node name -> the original nodes of its unit, node name -> why its pattern was
 # refused); the app asks ``check`` node by node

@@ -61,6 +61,7 @@ class Int4WeightPass(Pass):
     helps_when = "memory"
     because = "weight-only INT4 cuts the bytes read 8×"
     colour = "#8e44ad"
+    creates = frozenset({"MatMulNBits", "GatherBlockQuantized"})
     scan_params: ClassVar[ScanParams | None] = {"block_size": 32, "symmetric": True}
     bits = 4
     label = "INT4 weights"

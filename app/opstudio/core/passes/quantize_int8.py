@@ -167,6 +167,7 @@ class Int8DynamicPass(_Int8Pass):
     technique = "int8-dynamic"
     plan_order = 60
     colour = "#2f7ed8"
+    creates = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
     # Both variants run the same kernels at the same speed, but which one is more accurate
     # differs from node to node (measured on a GPT-2-sized block: per-channel was 1.7 dB better
     # on the second MLP projection and 3.9 dB worse on the QKV projection; on x86 without VNNI
@@ -206,6 +207,7 @@ class Int8StaticPass(_Int8Pass):
     technique = "int8-static"
     plan_order = 50
     colour = "#1b5fa8"
+    creates = frozenset({"QuantizeLinear", "DequantizeLinear"})
     label = "INT8 static"
     description = ("int8 weights and activations with ranges calibrated on sample inputs "
                    "(onnxruntime quantize_static, QDQ format)")
