@@ -37,3 +37,11 @@ def test_import_contracts_are_kept():
                     pytrace=False)
     kept = re.search(r"Contracts: (\d+) kept, 0 broken", proc.stdout)
     assert kept and int(kept.group(1)) >= 3, proc.stdout  # the contracts were read and checked
+
+
+def test_only_ort_session_builds_session_options():
+    # one session factory: every onnxruntime option a session gets is chosen in one place
+    package = ROOT / "app" / "opstudio"
+    builders = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                      if "SessionOptions(" in p.read_text(encoding="utf-8"))
+    assert builders == ["core/ort_session.py"], builders

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.ort_session import create_session
+from opstudio.core.ort_session import create_session, session_options
 
 # Exporters name logits "logits"; a differently named rank ≥ 2 float output at least this wide is
 # taken for a vocabulary unless its name says it holds states or embeddings (a 1024-wide
@@ -247,25 +247,13 @@ def run_outputs(model_or_path: onnx.ModelProto | str | os.PathLike[str],
                 inputs: Mapping[str, np.ndarray], threads: int = 1,
                 opt_level: str = "all") -> dict[str, np.ndarray]:
     """All outputs of one onnxruntime run on the CPU, by name, in the model's order."""
-    import onnxruntime as ort
 
     from opstudio.core.phases import fit_cache_feed
 
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if opt_level not in levels:
-        raise OpstudioError(f"unknown optimization level {opt_level!r}; "
-                            f"expected one of {', '.join(levels)}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = levels[opt_level]
-    options.log_severity_level = 3
     # outputs, not speed: without prepacked copies, weights mapped from a file stay there
     # instead of taking as much anonymous memory again
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    options = session_options(threads=threads, inter_threads=1, opt_level=opt_level,
+                              prepacking=False)
     try:
         session = create_session(model_or_path, options)
         names = [o.name for o in session.get_outputs()]

@@ -190,10 +190,8 @@ class Greedy:
 
     def __init__(self, model: onnx.ModelProto | str | Path, prompt: np.ndarray, *,
                  model_path: str | Path | None = None, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         from opstudio.core.model_io import load_model
-        from opstudio.core.ort_session import create_session
+        from opstudio.core.ort_session import create_session, session_options
         from opstudio.core.phases import kv_layout
 
         if isinstance(model, onnx.ModelProto):
@@ -208,9 +206,7 @@ class Greedy:
         if self.layout.ids_input is None:
             raise OpstudioError("generating text needs a model that reads token ids "
                                 "(an input such as input_ids [batch, sequence])")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options = session_options(threads=threads)
         try:
             self.session = create_session(model, options)
         except Exception as exc:  # onnxruntime raises its own types

@@ -49,7 +49,7 @@ import onnx
 
 from opstudio.core.accuracy import SYNTHETIC
 from opstudio.core.errors import OpstudioError
-from opstudio.core.ort_session import create_session
+from opstudio.core.ort_session import create_session, session_options
 from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
 
 SCANNED = ("MatMul", "Gemm")
@@ -395,16 +395,10 @@ def apply_recipe(model: onnx.ModelProto, recipe_json: Mapping[str, Any],
 
 
 def _session(model: onnx.ModelProto | str, threads: int, opt_level: str = "disable") -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
     # the scan compares like with like: graph optimizations change neither side's numerics
     # noticeably and cost seconds per session on a 7000-node decoder
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                                     if opt_level == "disable"
-                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    opts = session_options(threads=threads,
+                           opt_level="disable" if opt_level == "disable" else "all")
     return create_session(model, opts)
 
 

@@ -58,6 +58,7 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.memory import AnonPeak, Memory, anon_bytes, kv_bytes, weight_bytes
+from opstudio.core.ort_session import session_options
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.tensor_groups import describe_tensors
 from opstudio.core.tensors import TensorInfo
@@ -511,16 +512,14 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
         model = load_model(named, load_external_data=False)
 
     def profiling_options(dump: bool) -> Any:
-        so = _session_options(ort, settings)
-        so.enable_profiling = True
-        so.profile_file_prefix = str(work / "ort_profile")
-        if dump:
-            so.optimized_model_filepath = str(work / "optimized.onnx")
-            so.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
-            so.add_session_config_entry(
-                "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        return so
+        if not dump:
+            return _session_options(ort, settings, profile_prefix=str(work / "ort_profile"))
+        return _session_options(
+            ort, settings, profile_prefix=str(work / "ort_profile"),
+            optimized_model_path=str(work / "optimized.onnx"),
+            config={"session.optimized_model_external_initializers_file_name":
+                    "optimized.onnx.data",
+                    "session.optimized_model_external_initializers_min_size_in_bytes": "1024"})
 
     dump = settings.opt_level != "disable"
     before = anon_bytes()
@@ -766,21 +765,11 @@ def _unsettled_pct(times: Mapping[str, list[float]], models: int,
     return worst
 
 
-def _session_options(ort: Any, settings: ProfileSettings) -> Any:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[settings.opt_level]
-    if settings.threads:
-        so.intra_op_num_threads = settings.threads
-    # sessions take turns: one whose threads spin after its run steals the cores from the next
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+def _session_options(ort: Any, settings: ProfileSettings, **more: Any) -> Any:
+    # sessions take turns: one whose threads spin after its run steals the cores from the next.
     # Failures come back as exceptions and are reported once, in words; keep the log quiet.
-    so.log_severity_level = 4
-    return so
+    return session_options(threads=settings.threads, opt_level=settings.opt_level,
+                           spinning=False, log_severity=4, **more)
 
 
 def _create_session(ort: Any, path: str, so: Any, provider: str) -> Any:

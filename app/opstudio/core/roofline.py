@@ -30,6 +30,7 @@ from onnx import TensorProto, helper
 
 from opstudio.core.graph import GraphInfo
 from opstudio.core.machine_cache import cache_dir, machine_key
+from opstudio.core.ort_session import session_options
 from opstudio.core.provenance import standing_for
 
 # Op types whose arithmetic runs on 8-bit integers (on the CPU provider).
@@ -107,9 +108,7 @@ def measure_machine(threads: int = 0, *, use_cache: bool = True, refresh: bool =
         if known is not None:
             return known
 
-    opts = ort.SessionOptions()
-    if threads > 0:
-        opts.intra_op_num_threads = threads
+    opts = session_options(threads=threads, log_severity=None)
     rng = np.random.default_rng(0)
 
     gemm = _single_op_model("MatMul", [gemm_n, gemm_n], [gemm_n, gemm_n])

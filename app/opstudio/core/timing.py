@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from opstudio.core.ort_session import create_session
+from opstudio.core.ort_session import create_session, session_options
 
 # pairs a verdict needs: n pairs on one side of 1 by chance is 2 in 2**n
 # Two sessions of the very same model, timed in turns, still differ steadily by a few percent
@@ -262,14 +262,7 @@ def session_interval(log_r: np.ndarray, sa: np.ndarray, sb: np.ndarray
 
 def session(model: Any, threads: int = 0) -> Any:
     """An onnxruntime CPU session for a path or ModelProto, set up for fair alternation."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return create_session(model, opts)
+    return create_session(model, session_options(threads=threads, spinning=False))
 
 
 def interleaved_times(sessions: Mapping[str, Any], feeds: Mapping[str, Any], *,

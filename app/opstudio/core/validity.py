@@ -22,7 +22,7 @@ from onnx import helper
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model_io import without_initializers
-from opstudio.core.ort_session import create_session
+from opstudio.core.ort_session import create_session, session_options
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 # where the skeleton puts default-domain ops onnx does not know (onnxruntime's, by exporters)
@@ -91,14 +91,9 @@ def check_loads(model: onnx.ModelProto) -> None:
     loaded from there: onnxruntime then maps the weights from the file instead of holding a
     serialized copy and its own copy of them beside the model.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
     # loading is the question, not speed: prepacked copies of the weights cost seconds and
     # memory the size of the weights
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    options = session_options(threads=1, prepacking=False)
     try:
         create_session(model, options)
     except Exception as exc:  # onnxruntime raises its own exception types

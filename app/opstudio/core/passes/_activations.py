@@ -20,7 +20,7 @@ from onnx import helper
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.graph_utils import copy_model
-from opstudio.core.ort_session import create_session
+from opstudio.core.ort_session import create_session, session_options
 from opstudio.core.passes.base import PassContext
 
 
@@ -43,8 +43,6 @@ def input_stats(model: onnx.ModelProto, node_names: Sequence[str],
                 samples: Sequence[Mapping[str, np.ndarray]], *, gram: bool = False,
                 ctx: PassContext | None = None) -> dict[str, InputStats]:
     """Per named node: statistics of its first input over ``samples``."""
-    import onnxruntime as ort
-
     if not samples:
         raise OpstudioError("no calibration samples to measure activations on")
     by_name = {n.name: n for n in model.graph.node}
@@ -55,8 +53,7 @@ def input_stats(model: onnx.ModelProto, node_names: Sequence[str],
     for name in tensors:
         if name not in present:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     try:
         session = create_session(probe, options)
     except Exception as exc:  # onnxruntime raises its own exception types

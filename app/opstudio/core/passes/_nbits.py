@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.machine_cache import cache_dir, machine_key
+from opstudio.core.ort_session import session_options
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 
 LEVEL_NAMES = {0: "unset (float32)", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}
@@ -90,10 +91,7 @@ def measure_levels(bits: int, block_size: int, threads: int = 0,
     levels = levels or candidate_levels()
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((_SIZE, _SIZE)) * 0.02).astype(np.float32)
-    options = ort.SessionOptions()
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options = session_options(threads=threads)
     sessions = {}
     for level in levels:
         model = quantized_matmul(weight, bits, block_size, level)
