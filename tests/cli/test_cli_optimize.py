@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from model_builders import framed_matmul
 from opstudio.cli import main
 from opstudio.core.model_io import save_model
+from opstudio.core.passes import PassResult, get_pass
 
 
 def mlp() -> onnx.ModelProto:
@@ -319,3 +320,30 @@ def test_a_step_selects_the_op_types_an_earlier_step_creates(tmp_path, capsys):
     gqa = [n for n in onnx.load(out).graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(
         any(a.name == "k_quant_type" and a.s == b"PER_CHANNEL" for a in n.attribute) for n in gqa)
+
+
+def test_a_pass_that_breaks_the_contract_is_an_internal_error_with_a_traceback(
+        files, capsys, monkeypatch):
+    tmp, model, _ = files
+    recipe = tmp / "one.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [
+        {"nodes": ["mm0"], "technique": "int8-dynamic", "params": {}}]}))
+    pass_ = get_pass("int8-dynamic")
+
+    def forgetful(work, chosen, params, ctx):  # adds a node that records no original node
+        out = work.graph.node[0].output[0]
+        work.graph.node[0].output[0] = f"{out}_pre"
+        work.graph.node.insert(1, helper.make_node("Identity", [f"{out}_pre"], [out],
+                                                   name="untraced"))
+        return PassResult(model=work, applied=list(chosen))
+
+    monkeypatch.setattr(pass_, "_rewrite", forgetful)
+    code = main(["optimize", str(model), "--recipe", str(recipe), "-o", str(tmp / "out.onnx"),
+                 "--dim", "batch=4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" in err and "ContractBroken" in err
+    assert ("error: internal error: this is a defect of opstudio's int8-dynamic pass: please "
+            "report it (step 1 (int8-dynamic): int8-dynamic: created node") in err
+    assert "created node 'untraced' (Identity) records no original node" in err
+    assert not (tmp / "out.onnx").exists()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from opstudio.core.errors import Cancelled, GraphError, OpstudioError
+from opstudio.core.errors import Cancelled, ContractBroken, GraphError, OpstudioError
 from opstudio.core.isolation import call_isolated, death_message
 
 # Functions the child runs must be importable by module name.
@@ -183,3 +183,16 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def break_contract():
+    raise ContractBroken("prune: changed the model it was given instead of its working copy",
+                         "prune")
+
+
+def test_a_broken_pass_contract_in_the_child_stays_a_defect():
+    with pytest.raises(ContractBroken, match="prune: changed the model it was given") as caught:
+        call_isolated(break_contract)
+    assert not isinstance(caught.value, OpstudioError)
+    assert caught.value.technique == "prune"
+    assert "break_contract" in caught.value.child_traceback

@@ -8,7 +8,7 @@ import time
 import pytest
 from PySide6.QtCore import QThread
 
-from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.errors import Cancelled, ContractBroken, OpstudioError
 from opstudio.qt.worker import Worker
 
 
@@ -169,3 +169,20 @@ def test_the_window_shows_details_of_a_failure(app, qtbot):
     assert window.banner.text.text() == "profiling failed: onnxruntime crashed"
     assert "OpstudioError" in window.banner.details
     assert not window.banner.details_button.isHidden()
+
+
+def test_a_broken_pass_contract_is_an_internal_error_with_its_traceback(app, qtbot, capsys):
+    def defective(*, progress=None, cancelled=None):
+        raise ContractBroken("lowrank: created node 'x' (Identity) records no original node",
+                             "lowrank")
+
+    w = Worker(defective, name="optimize")
+    failures = []
+    w.signals.failed.connect(failures.append)
+    with qtbot.waitSignals([w.signals.failed, w.signals.error, w.signals.finished],
+                           order="strict", timeout=5000):
+        w.start()
+    (failure,) = failures
+    assert failure.message.startswith("optimize: internal error: this is a defect of "
+                                      "opstudio's lowrank pass: please report it (lowrank: ")
+    assert "Traceback" in failure.details and "ContractBroken" in failure.details

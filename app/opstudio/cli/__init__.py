@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from opstudio import __version__
-from opstudio.core.errors import OpstudioError
+from opstudio.core.errors import ContractBroken, OpstudioError
 
 # Order here is the order in ``opstudio --help``.
 COMMANDS = ("gui", "demo", "inspect", "profile", "optimize", "compare", "advise", "generate",
@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except OpstudioError as exc:
         return _fail(str(exc), args.debug)
+    except ContractBroken as exc:
+        return _defect(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -66,6 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def gui_main() -> int:
     return main(["gui", *sys.argv[1:]])
+
+
+def _defect(exc: ContractBroken) -> int:
+    # not the user's doing: the traceback is what a report needs, so it is always shown
+    traceback.print_exc()
+    print(getattr(exc, "child_traceback", ""), end="", file=sys.stderr)
+    print(f"error: internal error: {exc.report_line()}", file=sys.stderr)
+    return 1
 
 
 def _fail(message: str, debug: bool) -> int:

@@ -20,6 +20,22 @@ class GraphError(OpstudioError):
     """The graph is malformed (a cycle, a dangling input…)."""
 
 
+class ContractBroken(Exception):
+    """A pass broke the pass contract (``opstudio.core.passes.base``): a defect of the pass,
+    not of the model or the user's input, so it is no ``OpstudioError``: the CLI and the app
+    show it as an internal error with its traceback."""
+
+    def __init__(self, message: str, technique: str = "") -> None:
+        super().__init__(message)
+        self.technique = technique
+
+    def report_line(self) -> str:
+        """One line asking for a report, with what the check found."""
+        lines = str(self).strip().splitlines()
+        return (f"this is a defect of opstudio's {self.technique or 'optimization'} pass: "
+                f"please report it ({lines[0] if lines else 'the pass contract was broken'})")
+
+
 class Cancelled(OpstudioError):
     """Work was stopped because the user asked for it."""
 

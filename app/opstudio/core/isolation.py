@@ -8,7 +8,7 @@ take the caller (the GUI, the CLI) down with it.
   ``Cancelled`` is raised, all within a second;
 - past ``timeout`` seconds → the child is killed and ``OpstudioError("… did not finish within N s")``;
 - the child raises → the parent raises ``OpstudioError`` with the child's message (an
-  ``OpstudioError`` subclass keeps its class); the child's traceback is kept on the exception as
+  ``OpstudioError`` subclass keeps its class, a ``ContractBroken`` stays one); the child's traceback is kept on the exception as
   ``child_traceback`` for ``--debug``;
 - the child dies (segfault, ``os._exit``, killed for lack of memory) → ``OpstudioError`` saying so
   in words, with the exit code or signal.
@@ -41,7 +41,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.errors import Cancelled, ContractBroken, OpstudioError
 from opstudio.core.progress import CancelCheck, Progress
 
 T = TypeVar("T")
@@ -241,19 +241,22 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         "module": cls.__module__,
         "name": cls.__qualname__,
         "opstudio": isinstance(exc, OpstudioError),
+        "defect_of": exc.technique if isinstance(exc, ContractBroken) else None,
         "message": message,
         "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
     }
 
 
-def _rebuild(info: dict[str, Any]) -> OpstudioError:
-    err: OpstudioError | None = None
-    if info.get("opstudio"):
+def _rebuild(info: dict[str, Any]) -> OpstudioError | ContractBroken:
+    err: OpstudioError | ContractBroken | None = None
+    if info.get("defect_of") is not None:
+        err = ContractBroken(info["message"], info["defect_of"])
+    elif info.get("opstudio"):
         with contextlib.suppress(Exception):
             cls = getattr(importlib.import_module(info["module"]), info["name"])
             if isinstance(cls, type) and issubclass(cls, OpstudioError):
                 err = cls(info["message"])
     if err is None:
         err = OpstudioError(info["message"])
-    err.child_traceback = info.get("traceback", "")  # type: ignore[attr-defined]
+    err.child_traceback = info.get("traceback", "")  # type: ignore[union-attr]
     return err

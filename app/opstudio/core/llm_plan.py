@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.accuracy import SYNTHETIC
-from opstudio.core.errors import OpstudioError
+from opstudio.core.errors import ContractBroken, OpstudioError
 from opstudio.core.ort_session import create_session, session_options
 from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
 
@@ -567,7 +567,7 @@ def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
                 rewritten = apply_recipe(model, recipe_json, [split.calibration])
                 logits = _session(rewritten, threads, opt_level).run([name], dict(prompt))[0]
                 done[task_id] = judged(reference, logits, split)
-            except OpstudioError as exc:
+            except (OpstudioError, ContractBroken) as exc:
                 done[task_id] = {"error": str(exc)}
             except Exception as exc:  # a pass or onnxruntime refusing a combination
                 done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}

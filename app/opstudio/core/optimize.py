@@ -170,7 +170,9 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
                               cancelled=cancelled, owns_model=True, check_validity=False)
             try:
                 result = pass_.apply(current, targets, params, ctx)
-            except (ContractBroken, RewriterFailed) as exc:  # say which step met it
+            except ContractBroken as exc:  # say which step met it; a defect stays one
+                raise ContractBroken(f"{where}: {exc}", exc.technique) from exc
+            except RewriterFailed as exc:  # say which step met it
                 raise OpstudioError(f"{where}: {exc}") from exc
             except NeedsInputs as exc:  # calibration data, made when none was given
                 raise OpstudioError(f"{where} runs the model on sample inputs, which cannot be "

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from opstudio.core import reasons
-from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.errors import Cancelled, ContractBroken, OpstudioError
 from opstudio.core.inputs import make_inputs
 from opstudio.core.isolation import call_isolated
 from opstudio.core.model_io import load_model
@@ -338,7 +338,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                 discount = end_to_end(run_time(baseline) * (1.0 - ratio.median), node_gain)
         except Cancelled:
             raise
-        except OpstudioError as exc:
+        except (OpstudioError, ContractBroken) as exc:
             failure = str(exc)
         for node in nodes:
             e = errors.get(node, {})
@@ -380,7 +380,7 @@ def _errors_one_at_a_time(model_path: str, technique: str, params: Mapping[str, 
             report = compare_outputs(reference, run_outputs(rewritten, inputs))
             cosine, snr = worst_output_error(report)
             out[name] = {"cosine": cosine, "snr_db": snr}
-        except OpstudioError as exc:
+        except (OpstudioError, ContractBroken) as exc:
             out[name] = {"error": str(exc)}
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
-from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.errors import Cancelled, ContractBroken, OpstudioError
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ class Worker(QRunnable):
             self._emit("cancelled")
         except OpstudioError as exc:
             self._fail(_one_line(str(exc)), exc)
+        except ContractBroken as exc:  # a defect of a pass: the traceback goes with the report
+            traceback.print_exc()
+            self._fail(f"{self.name}: internal error: {exc.report_line()}", exc)
         except MemoryError as exc:
             self._fail(f"{self.name}: out of memory", exc)
         except Exception as exc:  # a bug must not take the app down: report it in words
@@ -89,6 +92,8 @@ class Worker(QRunnable):
 
     def _fail(self, message: str, exc: BaseException) -> None:
         details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if isinstance(exc, ContractBroken):  # the part that ran in a child process, if any
+            details += getattr(exc, "child_traceback", "")
         self._emit("failed", WorkerFailure(message, details))
         self._emit("error", message)
 

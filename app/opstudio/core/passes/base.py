@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 
 from opstudio.core import provenance, validity
-from opstudio.core.errors import OpstudioError
+from opstudio.core.errors import ContractBroken, OpstudioError
 from opstudio.core.graph_utils import copy_model, nodes_by_name
 from opstudio.core.progress import CancelCheck, Progress
 
@@ -110,10 +110,6 @@ ScanParams = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 class RewriterFailed(OpstudioError):
     """onnxruntime's quantizer or float16 converter failed on a model a pass handed it in good
     faith; the optimizer prefixes the step, the message says what the user can do."""
-
-
-class ContractBroken(OpstudioError):
-    """A pass broke the contract of this module: a defect of the pass, not of the model."""
 
 
 class Pass:
@@ -199,17 +195,18 @@ class Pass:
         result.skipped = {**skipped, **result.skipped}
         if before is not None and _fingerprint(model) != before:
             raise ContractBroken(f"{self.technique}: changed the model it was given instead of "
-                                 "its working copy")
+                                 "its working copy", self.technique)
         for node in result.model.graph.node:
             if node.name not in originals and not _has_origin(node):
                 raise ContractBroken(
                     f"{self.technique}: created node '{node.name}' ({node.op_type}) records no "
-                    "original node")
+                    "original node", self.technique)
         if ctx.check_validity and result.applied:
             try:
                 validity.check_model(result.model)
             except validity.InvalidModel as exc:
-                raise ContractBroken(f"{self.technique}: the result is {exc}") from exc
+                raise ContractBroken(f"{self.technique}: the result is {exc}",
+                                     self.technique) from exc
         ctx.report(1.0, f"{self.technique}: done")
         return result
 
