@@ -45,3 +45,63 @@ def test_only_ort_session_builds_session_options():
     builders = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                       if "SessionOptions(" in p.read_text(encoding="utf-8"))
     assert builders == ["core/ort_session.py"], builders
+
+
+def _private_imports(path: Path, package: Path) -> list[str]:
+    """``from X import _name`` and imports of a private module, unless ``path`` lives in the
+    package that owns the private module (``passes/`` importing its own ``_helpers``)."""
+    import ast
+
+    here = ".".join(("opstudio", *path.relative_to(package).parent.parts))
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module]
+            names = [(node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            modules, names = [a.name for a in node.names], []
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            private = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
+            if parts[0] == "opstudio" and private is not None and \
+                    ".".join(parts[:private]) != here:
+                found.append(f"{path.relative_to(package)}:{node.lineno} imports {module}")
+        for module, name in names:
+            if not module.startswith("opstudio") or not name.startswith("_") or \
+                    name.startswith("__"):
+                continue
+            own_helper = module == here and (package.parent / module.replace(".", "/")
+                                             / f"{name}.py").exists()
+            if not own_helper:
+                found.append(f"{path.relative_to(package)}:{node.lineno} imports {name} "
+                             f"from {module}")
+    return found
+
+
+def test_no_private_names_are_imported_across_modules():
+    # a name with a leading underscore belongs to its module; another module that needs it
+    # asks for a public name (or, for passes/ helpers, the one re-exported by passes/__init__)
+    package = ROOT / "app" / "opstudio"
+    found = [hit for p in sorted(package.rglob("*.py")) for hit in _private_imports(p, package)]
+    assert not found, "\n".join(found)
+
+
+def test_the_private_import_check_sees_a_private_import(tmp_path):
+    package = tmp_path / "opstudio"
+    (package / "core" / "passes").mkdir(parents=True)
+    (package / "core" / "passes" / "_helper.py").write_text("")
+    outside = package / "core" / "user.py"
+    outside.write_text("from opstudio.core.profiler import _rounds\n"
+                       "from opstudio.core.passes._helper import x\n"
+                       "from opstudio.core.passes import _helper\n"
+                       "from onnxscript.rewriter._basics import MatchStatus\n")
+    inside = package / "core" / "passes" / "lowrank.py"
+    inside.write_text("from opstudio.core.passes import _helper\n"
+                      "from opstudio.core.passes._helper import x\n")
+    assert _private_imports(outside, package) == [
+        "core/user.py:1 imports _rounds from opstudio.core.profiler",
+        "core/user.py:2 imports opstudio.core.passes._helper",
+        "core/user.py:3 imports _helper from opstudio.core.passes"]
+    assert _private_imports(inside, package) == []

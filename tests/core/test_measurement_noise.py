@@ -137,7 +137,7 @@ def forked_children(monkeypatch):
 def test_profile_says_the_machine_was_busy_when_plain_runs_are_slowed(forked_children,
                                                                       monkeypatch, capsys):
     """Every third plain run is held up 40 ms, as another process taking the core would."""
-    real_run = profiler._Fed.run
+    real_run = profiler.Fed.run
     calls = {"plain": 0}
 
     def slowed(self, outputs, feeds):
@@ -147,7 +147,7 @@ def test_profile_says_the_machine_was_busy_when_plain_runs_are_slowed(forked_chi
                 time.sleep(0.04)
         return real_run(self, outputs, feeds)
 
-    monkeypatch.setattr(profiler._Fed, "run", slowed)
+    monkeypatch.setattr(profiler.Fed, "run", slowed)
     p = profile_model(chain(big=False), ProfileSettings(runs=12, warmup=0, threads=1))
     # the 4 held up, and any the machine itself disturbed
     assert p.noise["busy"] and p.noise["disturbed"]["plain"] >= 4

@@ -66,7 +66,7 @@ def test_a_profile_whose_operators_moved_says_its_figures_are_uncertain():
 def drifting(monkeypatch):
     """Every run of the child takes longer than the one before, as on a machine getting busier
     and busier: nothing settles."""
-    real_run = profiler._Fed.run
+    real_run = profiler.Fed.run
     calls = {"n": 0}
 
     def run(self, outputs, feeds):
@@ -74,7 +74,7 @@ def drifting(monkeypatch):
         time.sleep(0.002 * (1 + calls["n"] / 30))
         return real_run(self, outputs, feeds)
 
-    monkeypatch.setattr(profiler._Fed, "run", run)
+    monkeypatch.setattr(profiler.Fed, "run", run)
 
 
 def test_until_stable_reports_that_it_could_not_settle(forked_children, monkeypatch):  # noqa: F811

@@ -97,7 +97,7 @@ def test_cache_key_follows_the_onnxruntime_and_opstudio_versions(tmp_path, monke
     settings = ProfileSettings()
 
     def key(*extra):
-        return sensitivity._cache_key(model, settings, {"int8-dynamic": {}}, 40, extra)
+        return sensitivity.cache_key(model, settings, {"int8-dynamic": {}}, 40, extra)
 
     plain, with_prompt = key(), key(prompt)
     assert plain != with_prompt

@@ -235,7 +235,7 @@ class Greedy:
         return feeds
 
     def _decode_feeds(self, token: int, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from opstudio.core.inputs import _presents
+        from opstudio.core.inputs import present_outputs
 
         assert self.feeds is not None
         total = int(self.ids.shape[1])
@@ -250,20 +250,20 @@ class Greedy:
                 feeds[name] = np.array([[total - 1]], dtype=old.dtype)
             else:
                 feeds[name] = old
-        for name, value in _presents(self.layout, outputs).items():
+        for name, value in present_outputs(self.layout, outputs).items():
             feeds[name] = value.astype(self.feeds[name].dtype, copy=False)
         return feeds
 
     def step(self) -> tuple[int, float]:
         """The next token and the seconds the model took to give it."""
-        from opstudio.core.inputs import _logits
+        from opstudio.core.inputs import logits_output
 
         if self.feeds is None or not self.layout.has_cache:
             self.feeds = self._prefill_feeds(self.ids)
         start = time.perf_counter()
         values = self.session.run(self.output_names, self.feeds)
         outputs = dict(zip(self.output_names, values))
-        token = int(_logits(outputs)[0, -1].argmax())
+        token = int(logits_output(outputs)[0, -1].argmax())
         seconds = time.perf_counter() - start
         self.ids = np.concatenate([self.ids, [[token]]], axis=1)
         if self.layout.has_cache:

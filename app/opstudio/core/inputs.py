@@ -511,8 +511,8 @@ def decode_after_prompt(model: onnx.ModelProto, prompt: Mapping[str, np.ndarray]
     prefill = build_inputs(model, dims, shapes, dict(prompt), seed, max_bytes,
                            phase="prefill", model_path=model_path)
     outputs = run_outputs(source, prefill, threads=0)
-    logits = _logits(outputs)
-    presents = _presents(layout, outputs)
+    logits = logits_output(outputs)
+    presents = present_outputs(layout, outputs)
 
     fixed = {k: v for k, v in dims.items() if k not in layout.past and k not in layout.seq
              and k not in layout.total}
@@ -544,7 +544,7 @@ def _runnable(model: onnx.ModelProto, model_path: str | Path | None) -> onnx.Mod
     return model
 
 
-def _logits(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+def logits_output(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
     value: np.ndarray | None
     if "logits" in outputs:
         value = outputs["logits"]
@@ -558,7 +558,7 @@ def _logits(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(value)
 
 
-def _presents(layout: KvLayout, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def present_outputs(layout: KvLayout, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each past input's value: the output of the prefill that continues it."""
     present_names = [k for k in outputs if "present" in k.lower()]
     found: dict[str, np.ndarray] = {}

@@ -284,7 +284,7 @@ class LlmAdvice:
 def find_targets(model: onnx.ModelProto) -> list[Target]:
     """Every MatMul/Gemm with a constant 2-D weight, with its layer and role."""
     from opstudio.core.layers import scope_of
-    from opstudio.core.passes import _ort_support as ort_support
+    from opstudio.core.passes import constant_value
 
     shapes = _weight_shapes(model)
     out = []
@@ -293,7 +293,7 @@ def find_targets(model: onnx.ModelProto) -> list[Target]:
             continue
         shape = shapes.get(node.input[1])
         if shape is None:
-            value, _ = ort_support.constant_value(model, node.input[1])
+            value, _ = constant_value(model, node.input[1])
             shape = None if value is None else tuple(value.shape)
         if shape is None or len(shape) != 2:
             continue
@@ -940,7 +940,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     from opstudio.core.isolation import call_isolated
     from opstudio.core.model_io import load_model
     from opstudio.core.recipe import Recipe
-    from opstudio.core.sensitivity import _cache_key, cache_path
+    from opstudio.core.sensitivity import cache_key, cache_path
     from opstudio.core.text_prompt import with_text_prompt
 
     started = time.perf_counter()
@@ -983,7 +983,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     targets = find_targets(model)
     layers = sorted({t.layer for t in targets if t.layer is not None})
     extra = [settings.inputs_path] if settings.inputs_path else []
-    key = _cache_key(Path(path), settings, {"variants": [v.to_json() for v in variants],
+    key = cache_key(Path(path), settings, {"variants": [v.to_json() for v in variants],
                                             "phase": phase, "layer_samples": layer_samples,
                                             "scan": SCAN_FORMAT},
                      0, extra)
@@ -1374,7 +1374,7 @@ def _calibration_source(model: onnx.ModelProto, npz: str | None) -> str:
     else "random", which calibrates on the samples the optimizer is given (the prompt here)."""
     if not npz:
         return "random"
-    from opstudio.core.passes._calibration import model_inputs
+    from opstudio.core.passes import model_inputs
 
     try:
         with np.load(npz, allow_pickle=False) as data:

@@ -71,7 +71,7 @@ class AnonPeak:
 
 def weight_bytes(model: onnx.ModelProto) -> tuple[int, bool]:
     """The bytes of ``model``'s initializers, and whether most of them lie in external files."""
-    from opstudio.core.passes._ort_support import tensor_nbytes
+    from opstudio.core.passes import tensor_nbytes
 
     total = external = 0
     for tensor in model.graph.initializer:

@@ -46,8 +46,13 @@ from opstudio.core.model_io import (
     same_file,
     save_model,
 )
-from opstudio.core.passes import ContractBroken, PassContext, RewriterFailed, get_pass
-from opstudio.core.passes._ort_support import tensor_nbytes
+from opstudio.core.passes import (
+    ContractBroken,
+    PassContext,
+    RewriterFailed,
+    get_pass,
+    tensor_nbytes,
+)
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, no_match_reason, validate
 from opstudio.core.tensors import human_bytes

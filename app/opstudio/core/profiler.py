@@ -470,7 +470,7 @@ class _Rotation:
         self.sessions[self.current].run(outputs, feeds)
 
 
-class _Fed:
+class Fed:
     """A session that runs on its own inputs whatever it is handed: sessions of models with
     different inputs take turns in one ``interleaved_times``."""
 
@@ -513,8 +513,8 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
 
     def profiling_options(dump: bool) -> Any:
         if not dump:
-            return _session_options(ort, settings, profile_prefix=str(work / "ort_profile"))
-        return _session_options(
+            return profile_session_options(ort, settings, profile_prefix=str(work / "ort_profile"))
+        return profile_session_options(
             ort, settings, profile_prefix=str(work / "ort_profile"),
             optimized_model_path=str(work / "optimized.onnx"),
             config={"session.optimized_model_external_initializers_file_name":
@@ -524,19 +524,19 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
     dump = settings.opt_level != "disable"
     before = anon_bytes()
     try:
-        sess = _create_session(ort, model_path, profiling_options(dump), settings.provider)
+        sess = load_session(ort, model_path, profiling_options(dump), settings.provider)
     except OpstudioError:
         if not dump:
             raise
         # Some providers compile nodes that cannot be saved; attribute by kernel names then.
         dump = False
-        sess = _create_session(ort, model_path, profiling_options(False), settings.provider)
+        sess = load_session(ort, model_path, profiling_options(False), settings.provider)
     after = anon_bytes()
     grown = None if before is None or after is None else max(0, after - before)
-    feeds = _check_feeds(sess, inputs)
+    feeds = check_feeds(sess, inputs)
     plain = []
     if settings.measure_plain:
-        plain = [_create_session(ort, model_path, _session_options(ort, settings),
+        plain = [load_session(ort, model_path, profile_session_options(ort, settings),
                                  settings.provider) for _ in range(plains)]
     return _Side(model, model_path, work, dump, sess, plain, feeds, grown)
 
@@ -570,21 +570,21 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
         if len(side.plain) > 1:
-            sessions[f"plain{i}"] = _Rotation([_Fed(s, side.feeds) for s in side.plain], i)
+            sessions[f"plain{i}"] = _Rotation([Fed(s, side.feeds) for s in side.plain], i)
         elif side.plain:
-            sessions[f"plain{i}"] = _Fed(side.plain[0], side.feeds)
+            sessions[f"plain{i}"] = Fed(side.plain[0], side.feeds)
     for i, side in enumerate(sides):
-        sessions[f"profiled{i}"] = _Fed(side.profiled, side.feeds)
+        sessions[f"profiled{i}"] = Fed(side.profiled, side.feeds)
     report(0.1, "warming up")
     nodes = sum(len(s.model.graph.node) for s in sides)
-    times, stable = _rounds(sessions, settings, len(sides), nodes, sampled)
+    times, stable = run_rounds(sessions, settings, len(sides), nodes, sampled)
     traces = [side.profiled.end_profiling() for side in sides]
     if shared and settings.measure_plain:
         # the profiler is off once its trace is written: the same sessions time the plain runs
-        plain_sessions_ = {f"plain{i}": _Fed(side.profiled, side.feeds)
+        plain_sessions_ = {f"plain{i}": Fed(side.profiled, side.feeds)
                            for i, side in enumerate(sides)}
         report(0.5, "timing without the profiler")
-        plain_times, plain_stable = _rounds(plain_sessions_, settings, len(sides), nodes,
+        plain_times, plain_stable = run_rounds(plain_sessions_, settings, len(sides), nodes,
                                             sampled)
         times.update(plain_times)
         if plain_stable is not None and (stable is None or plain_stable["pct"] > stable["pct"]):
@@ -641,7 +641,7 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     return profiles
 
 
-def _rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int, nodes: int,
+def run_rounds(sessions: Mapping[str, Any], settings: ProfileSettings, models: int, nodes: int,
             report: Callable[[float, str], None]
             ) -> tuple[dict[str, list[float]], dict[str, Any] | None]:
     """Timed rounds of ``sessions`` (ms per run per key) and how stable the total got.
@@ -765,21 +765,21 @@ def _unsettled_pct(times: Mapping[str, list[float]], models: int,
     return worst
 
 
-def _session_options(ort: Any, settings: ProfileSettings, **more: Any) -> Any:
+def profile_session_options(ort: Any, settings: ProfileSettings, **more: Any) -> Any:
     # sessions take turns: one whose threads spin after its run steals the cores from the next.
     # Failures come back as exceptions and are reported once, in words; keep the log quiet.
     return session_options(threads=settings.threads, opt_level=settings.opt_level,
                            spinning=False, log_severity=4, **more)
 
 
-def _create_session(ort: Any, path: str, so: Any, provider: str) -> Any:
+def load_session(ort: Any, path: str, so: Any, provider: str) -> Any:
     try:
         return ort.InferenceSession(path, so, providers=[provider])
     except Exception as exc:
         raise OpstudioError(f"onnxruntime cannot load the model: {_ort_message(exc)}") from None
 
 
-def _check_feeds(sess: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def check_feeds(sess: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     from opstudio.core.phases import fit_cache_feed
 
     args = sess.get_inputs()

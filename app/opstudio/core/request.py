@@ -304,25 +304,25 @@ def _time_in_child(paths: list[str], settings_json: dict[str, Any],
     import onnxruntime as ort
 
     from opstudio.core.profiler import (
+        Fed,
         ProfileSettings,
-        _check_feeds,
-        _create_session,
-        _Fed,
-        _rounds,
-        _session_options,
+        check_feeds,
+        load_session,
+        profile_session_options,
+        run_rounds,
     )
 
     ort.set_default_logger_severity(4)
     settings = ProfileSettings.from_json(settings_json)
     report = progress or (lambda f, m: None)
     report(0.01, "loading the models" if len(paths) > 1 else "loading the model")
-    opened = [_create_session(ort, p, _session_options(ort, settings), settings.provider)
+    opened = [load_session(ort, p, profile_session_options(ort, settings), settings.provider)
               for p in paths]
     # one kind per phase and past, the models side by side in each: profiler's rounds swap
     # the models within a kind ("prefill:0", "prefill:1", "decode@128:0", …)
-    sessions = {f"{kind}:{i}": _Fed(sess, _check_feeds(sess, kind_feeds))
+    sessions = {f"{kind}:{i}": Fed(sess, check_feeds(sess, kind_feeds))
                 for kind, kind_feeds in feeds.items() for i, sess in enumerate(opened)}
     report(0.1, "warming up")
-    times, _ = _rounds(sessions, settings, len(paths), 0, report)
+    times, _ = run_rounds(sessions, settings, len(paths), 0, report)
     report(1.0, "done")
     return [{kind: list(times[f"{kind}:{i}"]) for kind in feeds} for i in range(len(paths))]

@@ -267,7 +267,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
                   for k, v in (techniques or DEFAULT_TECHNIQUES).items()}
     entries = scan_entries(techniques)
     path = Path(model_path)
-    key = _cache_key(path, settings, techniques, max_nodes)
+    key = cache_key(path, settings, techniques, max_nodes)
     cache = _cache_dir() / f"{key}.json"
     if use_cache and cache.is_file():
         try:
@@ -404,7 +404,7 @@ def versions() -> dict[str, str]:
     return {"onnxruntime": onnxruntime.__version__, "opstudio": __version__}
 
 
-def _cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],
+def cache_key(path: Path, settings: ProfileSettings, techniques: Mapping[str, Any],
                max_nodes: int, extra_files: Sequence[str | os.PathLike[str]] = ()) -> str:
     """The model's bytes (and ``extra_files``', e.g. a prompt), the settings, the techniques
     and the software versions."""
