@@ -12,7 +12,16 @@ change is significant, and next-token agreement on every position of ``prompt_b.
 ``--int4``, whole-model INT4 (``int4-weight`` on every MatMul, defaults) of the unfused model
 against the same INT4 of the fused one, timed the same way.
 
+With ``--anchor``, the same weights as onnxruntime-genai's builder exports them (fp32 and INT4,
+``llm_exports.py trained genai fp32|int4``, in ``~/.cache/opstudio-bench/llm/trained_genai/``)
+join unfused, fused and both INT4s in one interleaved run (``core.profiler.profile_models``, on
+the decode feeds made for the HF export; the genai export reads the inputs it has). Each row has
+its median step with a 95 % interval and its memory limit: the bytes a step reads (weights as
+onnxruntime holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather
+not counted, plus the KV cache at the past) over this machine's bandwidth (``core.roofline``).
+
     python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
+                                      [--anchor] [--genai DIR]
 """
 
 from __future__ import annotations
@@ -24,16 +33,22 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from opstudio.core.accuracy import evaluate
 from opstudio.core.compare import compare_models, interval_text
+from opstudio.core.model_io import load_model
 from opstudio.core.optimize import optimize_file
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.passes._ort_support import tensor_nbytes
+from opstudio.core.profiler import Profile, ProfileSettings, profile_models
 from opstudio.core.recipe import Recipe
+from opstudio.core.roofline import measure_machine
+from opstudio.core.timing import Ratio, median_interval, paired_speedup, quiet_rounds
 
 FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse"}]}
 INT4_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight"}]}
 DEFAULT_MODEL = Path.home() / ".cache/opstudio-bench/llm/trained_hf/model.onnx"
+DEFAULT_GENAI = Path.home() / ".cache/opstudio-bench/llm/trained_genai"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/opstudio-bench-fusion"))
     parser.add_argument("--int4", action="store_true",
                         help="also compare whole-model INT4 unfused against fused")
+    parser.add_argument("--anchor", action="store_true",
+                        help="time unfused, fused, both INT4s and the genai builder's fp32 and "
+                             "INT4 exports together, with each one's memory limit")
+    parser.add_argument("--genai", type=Path, default=DEFAULT_GENAI,
+                        help="folder with the genai builder's fp32/ and int4/ exports")
     args = parser.parse_args(argv)
     if not args.model.exists():
         print(f"{args.model}: not found (the trained HF-style export)", file=sys.stderr)
@@ -83,10 +103,21 @@ def main(argv: list[str] | None = None) -> int:
             feeds = {k: data[k] for k in data.files}
         report = evaluate(str(args.model), str(fused), feeds, threads=0)
         print(f"\non {prompt.name} ({feeds['input_ids'].shape[1]} tokens): {report.summary()}")
-    if args.int4:
+    if args.int4 or args.anchor:
         int4 = [args.out / "int4.onnx", args.out / "fused_int4.onnx"]
         for source, target in zip((args.model, fused), int4, strict=True):
             optimize_file(source, Recipe.from_json(INT4_ALL), target, overwrite=True)
+    if args.anchor:
+        genai = [args.genai / "fp32" / "model.onnx", args.genai / "int4" / "model.onnx"]
+        missing = [str(p) for p in genai if not p.exists()]
+        if missing:
+            print(f"{missing[0]}: not found (build it with benchmarks/llm_exports.py trained "
+                  "genai fp32|int4)", file=sys.stderr)
+            return 1
+        anchor_table([("unfused fp32", args.model), ("fused fp32", fused),
+                      ("unfused INT4", int4[0]), ("fused INT4", int4[1]),
+                      ("genai fp32", genai[0]), ("genai INT4", genai[1])], settings)
+    if args.int4:
         pair = compare_models(int4[0], int4[1], settings)
         print(f"\nINT4 (every MatMul) unfused → fused: plain p50 "
               f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
@@ -95,6 +126,76 @@ def main(argv: list[str] | None = None) -> int:
               f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
               f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
     return 0
+
+
+def bytes_read(path: Path) -> int:
+    """Weight bytes one decode step reads: initializers at the dtype onnxruntime holds them in
+    (an fp16 initializer behind a Cast is folded to the Cast's type), leaving out tables read
+    only by a Gather's data input (an embedding: one row per token)."""
+    model = load_model(path, load_external_data=False, name_nodes=False)
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+
+    def gathered(name: str) -> bool:
+        uses = readers.get(name, [])
+        return bool(uses) and all(
+            (n.op_type == "Gather" and i == 0) or (n.op_type == "Cast" and gathered(n.output[0]))
+            for n, i in uses)
+
+    total = 0
+    for tensor in model.graph.initializer:
+        if gathered(tensor.name):
+            continue
+        n = tensor_nbytes(tensor)
+        casts = [node for node, _ in readers.get(tensor.name, []) if node.op_type == "Cast"]
+        if casts and tensor.data_type == onnx.TensorProto.FLOAT16:
+            to = next(a.i for a in casts[0].attribute if a.name == "to")
+            n = n // 2 * onnx.helper.tensor_dtype_to_np_dtype(to).itemsize
+        total += n
+    return total
+
+
+def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings) -> None:
+    """All ``models`` timed in turn in one process; each row against the genai INT4 (last)."""
+    machine = measure_machine()
+    profiles = profile_models([p for _, p in models], settings)
+    first = profiles[0]
+    kv = (first.memory.kv_token_bytes * first.memory.past) if first.memory else 0
+    print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
+          f"in one process; bandwidth {machine.bandwidth_gbs:.1f} GB/s (core.roofline); "
+          f"KV at the past {kv / 1e6:.1f} MB")
+    print(f"{'model':13} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
+          f"{'limit ms':>8} {'× limit':>7}  {'vs genai INT4 (speed-up, 95 %)':30}")
+    anchor = profiles[-1]
+    for (label, path), p in zip(models, profiles, strict=True):
+        series = p.plain_series_ms or p.total_series_ms
+        lo, hi = median_interval(series)
+        median = float(np.median(series))
+        read = bytes_read(path) + kv
+        limit_ms = read / (machine.bandwidth_gbs * 1e9) * 1e3
+        ratio = against(anchor, p)
+        vs = "—" if p is anchor else (
+            "n/a" if ratio is None else f"{ratio.median:.2f}× [{ratio.low:.2f}, {ratio.high:.2f}]")
+        print(f"{label:13} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+              f"{len(p.kernel_events):7d} {read / 1e6:8.1f} {limit_ms:8.2f} "
+              f"{median / limit_ms:7.2f}  {vs}")
+    pairs = [("fused fp32 vs unfused fp32", 0, 1), ("fused fp32 vs genai fp32", 4, 1),
+             ("fused INT4 vs unfused INT4", 2, 3), ("fused INT4 vs genai INT4", 5, 3)]
+    for text, before, after in pairs:
+        ratio = against(profiles[before], profiles[after])
+        print(f"{text}: {'n/a' if ratio is None else f'{ratio.median:.2f}×'}, "
+              f"{interval_text(ratio)}")
+
+
+def against(before: Profile, after: Profile) -> Ratio | None:
+    """Speed-up of ``after`` over ``before`` from their plain runs, paired round by round."""
+    b, a = before.plain_series_ms, after.plain_series_ms
+    if not b or not a:
+        b, a = before.total_series_ms, after.total_series_ms
+        return paired_speedup(b, a, quiet_rounds(b, a))
+    return paired_speedup(b, a, quiet_rounds(b, a), (before.plain_sessions, after.plain_sessions))
 
 
 if __name__ == "__main__":
