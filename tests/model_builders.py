@@ -92,3 +92,15 @@ def framed_matmul(seed: int = 7) -> onnx.ModelProto:
         [numpy_helper.from_array(np.array([-1, 96], np.int64), "frames"),
          numpy_helper.from_array(rng.standard_normal((96, 8)).astype(np.float32), "W")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def unsized_matmul(seed: int = 6) -> onnx.ModelProto:
+    """One MatMul whose input has a dim no default covers ('height'): synthetic inputs cannot
+    be made for it without --dim."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, "height", 32])],
+        [helper.make_tensor_value_info("y", 1, [1, "height", 16])],
+        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

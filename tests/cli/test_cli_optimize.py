@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from model_builders import framed_matmul
+from model_builders import framed_matmul, unsized_matmul
 from opstudio.cli import main
 from opstudio.core.model_io import save_model
 from opstudio.core.passes import PassResult, get_pass
@@ -207,15 +207,9 @@ def test_an_external_data_model_is_judged_from_the_files(tmp_path, capsys):
 
 
 def _unsized(tmp_path):
-    """A model whose input has a dim no default covers ('height'), and a recipe for it."""
-    rng = np.random.default_rng(6)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", 1, [1, "height", 32])],
-        [helper.make_tensor_value_info("y", 1, [1, "height", 16])],
-        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W")])
+    """A model whose input has a dim no default covers ('height')."""
     model = tmp_path / "unsized.onnx"
-    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    save_model(unsized_matmul(), model)
     return model
 
 

@@ -4,24 +4,16 @@ the reason, as ``opstudio optimize`` does; a technique that calibrates is refuse
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
-from model_builders import framed_matmul
+from model_builders import framed_matmul, unsized_matmul
 from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Step
 
 
 def _unsized(tmp_path):
-    rng = np.random.default_rng(6)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", 1, [1, "height", 32])],
-        [helper.make_tensor_value_info("y", 1, [1, "height", 16])],
-        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W")])
     path = tmp_path / "unsized.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(unsized_matmul(), path)
     return path
 
 

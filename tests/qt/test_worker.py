@@ -127,6 +127,17 @@ def test_garbage_is_collected_in_the_ui_thread_never_in_a_worker(app, qtbot):
     assert collected_in and set(collected_in) == {threading.main_thread().ident}
 
 
+def _failure_of(qtbot, w):
+    """Start ``w``, which fails, and return its one failure once finished has followed."""
+    failures = []
+    w.signals.failed.connect(failures.append)
+    with qtbot.waitSignals([w.signals.failed, w.signals.error, w.signals.finished],
+                           order="strict", timeout=5000):
+        w.start()
+    (failure,) = failures
+    return failure
+
+
 def test_failure_carries_the_traceback_with_its_cause(app, qtbot):
     def wrapped(*, progress=None, cancelled=None):
         try:
@@ -134,13 +145,7 @@ def test_failure_carries_the_traceback_with_its_cause(app, qtbot):
         except ValueError as exc:
             raise OpstudioError("cannot load the model") from exc
 
-    w = Worker(wrapped, name="load")
-    failures = []
-    w.signals.failed.connect(failures.append)
-    with qtbot.waitSignals([w.signals.failed, w.signals.error, w.signals.finished],
-                           order="strict", timeout=5000):
-        w.start()
-    (failure,) = failures
+    failure = _failure_of(qtbot, Worker(wrapped, name="load"))
     assert failure.message == "cannot load the model"
     assert "ShapeInferenceError" in failure.details and "Traceback" in failure.details
 
@@ -176,13 +181,7 @@ def test_a_broken_pass_contract_is_an_internal_error_with_its_traceback(app, qtb
         raise ContractBroken("lowrank: created node 'x' (Identity) records no original node",
                              "lowrank")
 
-    w = Worker(defective, name="optimize")
-    failures = []
-    w.signals.failed.connect(failures.append)
-    with qtbot.waitSignals([w.signals.failed, w.signals.error, w.signals.finished],
-                           order="strict", timeout=5000):
-        w.start()
-    (failure,) = failures
+    failure = _failure_of(qtbot, Worker(defective, name="optimize"))
     assert failure.message.startswith("optimize: internal error: this is a defect of "
                                       "opstudio's lowrank pass: please report it (lowrank: ")
     assert "Traceback" in failure.details and "ContractBroken" in failure.details
