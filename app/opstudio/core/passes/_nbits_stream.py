@@ -67,6 +67,15 @@ class ScratchFile:
         return file_tensor(name, data_type, dims, self.folder / self.name, start,
                            self._offset - start)
 
+    def put(self, name: str, array: np.ndarray, data_type: int | None = None
+            ) -> onnx.TensorProto:
+        """``array`` written whole, as tensor ``name`` (its own dtype unless ``data_type``)."""
+        start = self.begin()
+        self.write(array)
+        if data_type is None:
+            data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        return self.tensor(name, data_type, array.shape, start)
+
     def close(self) -> None:
         self._file.close()
 
@@ -112,19 +121,12 @@ def matmul_nbits(node: onnx.NodeProto, weight: onnx.TensorProto, scratch: Scratc
         zeros.append(zero)
     quantized = scratch.tensor(f"{weight.name}_Q{bits}", onnx.TensorProto.UINT8,
                                (n, *packed_shape), start)
-    scale = np.concatenate(scales)
-    start = scratch.begin()
-    scratch.write(scale)
-    scale_tensor = scratch.tensor(f"{weight.name}_scales",
-                                  helper.np_dtype_to_tensor_dtype(scale.dtype), scale.shape, start)
+    scale_tensor = scratch.put(f"{weight.name}_scales", np.concatenate(scales))
     tensors = [quantized, scale_tensor]
     inputs = [node.input[0], quantized.name, scale_tensor.name]
     if not symmetric:
-        zero = np.concatenate(zeros)
-        start = scratch.begin()
-        scratch.write(zero)
-        tensors.append(scratch.tensor(f"{weight.name}_zero_points", onnx.TensorProto.UINT8,
-                                      zero.shape, start))
+        tensors.append(scratch.put(f"{weight.name}_zero_points", np.concatenate(zeros),
+                                   onnx.TensorProto.UINT8))
         inputs.append(tensors[-1].name)
     kwargs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block}
     if level:
@@ -161,18 +163,15 @@ def gather_block_quantized(node: onnx.NodeProto, table: onnx.TensorProto,
         if zero is not None:
             zeros.append(zero)
     quantized = scratch.tensor(f"{table.name}_Q4", qtype, (rows, width), start)
-    scale = np.concatenate(scales)
-    start = scratch.begin()
-    scratch.write(scale)
-    scale_tensor = scratch.tensor(f"{table.name}_scales",
-                                  helper.np_dtype_to_tensor_dtype(scale.dtype), scale.shape, start)
+    scale_tensor = scratch.put(f"{table.name}_scales", np.concatenate(scales))
     tensors = [quantized, scale_tensor]
     inputs = [quantized.name, node.input[1], scale_tensor.name]
     if not symmetric:
         start = scratch.begin()
         for zero in zeros:
             scratch.write(zero)
-        tensors.append(scratch.tensor(f"{table.name}_zero_points", qtype, scale.shape, start))
+        tensors.append(scratch.tensor(f"{table.name}_zero_points", qtype,
+                                      list(scale_tensor.dims), start))
         inputs.append(tensors[-1].name)
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
     created = helper.make_node("GatherBlockQuantized", inputs, [node.output[0]],
