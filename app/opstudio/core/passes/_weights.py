@@ -285,11 +285,7 @@ def undeclare_initializers(model: onnx.ModelProto) -> list[str]:
     inits = {i.name for i in graph.initializer}
     kept = [v for v in graph.input if v.name not in inits]
     if len(kept) != len(graph.input):
-        copies = [onnx.ValueInfoProto() for _ in kept]
-        for copy, info in zip(copies, kept):
-            copy.CopyFrom(info)
-        del graph.input[:]
-        graph.input.extend(copies)
+        _set_inputs(graph, kept)
     return order
 
 
@@ -317,13 +313,17 @@ def declare_initializers(model: onnx.ModelProto, order: Iterable[str] = ()) -> l
             old.CopyFrom(info)
     rank = {name: k for k, name in enumerate(order)}
     if rank:
-        infos = sorted(graph.input, key=lambda v: rank.get(v.name, len(rank)))
-        copies = [onnx.ValueInfoProto() for _ in infos]
-        for copy, info in zip(copies, infos):
-            copy.CopyFrom(info)
-        del graph.input[:]
-        graph.input.extend(copies)
+        _set_inputs(graph, sorted(graph.input, key=lambda v: rank.get(v.name, len(rank))))
     return added
+
+
+def _set_inputs(graph: onnx.GraphProto, infos: list[onnx.ValueInfoProto]) -> None:
+    """The graph's inputs replaced by ``infos`` (copied first: they may be its own entries)."""
+    copies = [onnx.ValueInfoProto() for _ in infos]
+    for copy, info in zip(copies, infos):
+        copy.CopyFrom(info)
+    del graph.input[:]
+    graph.input.extend(copies)
 
 
 def remove_unused(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
