@@ -36,6 +36,7 @@ from opstudio.core import provenance, reasons, validity
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.graph_utils import copy_model
 from opstudio.core.inputs import NeedsInputs
+from opstudio.core.memory import weight_bytes
 from opstudio.core.model_io import (
     LAZY_INLINE_ABOVE,
     ensure_node_names,
@@ -51,7 +52,6 @@ from opstudio.core.passes import (
     PassContext,
     RewriterFailed,
     get_pass,
-    tensor_nbytes,
 )
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.recipe import Recipe, Step, known_as, named_later, no_match_reason, validate
@@ -122,7 +122,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
     """
     current = model if consume else copy_model(model)
     del model
-    if is_lazy(current) and _weight_bytes(current) <= STREAM_ABOVE:
+    if is_lazy(current) and weight_bytes(current)[0] <= STREAM_ABOVE:
         load_weights(current)  # small: read at once, rewritten and written as before
     ensure_node_names(current)
     deferred = validate(recipe, current)
@@ -328,10 +328,6 @@ def _check_model(model: onnx.ModelProto, where: str) -> None:
         validity.check_model(model)
     except validity.InvalidModel as exc:
         raise OpstudioError(f"{where}: the result is {exc}") from exc
-
-
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
 def _first_line(exc: BaseException) -> str:
