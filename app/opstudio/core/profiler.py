@@ -429,6 +429,17 @@ def plain_sessions(paths: Sequence[str]) -> int:
     return max(1, min(PLAIN_SESSIONS, fits))
 
 
+def _sessions_that_fit(session_bytes: Sequence[int | None]) -> int:
+    """How many sessions of every model fit ``_SESSIONS_MEMORY_SHARE`` of the memory, each as
+    big as that model's first one was measured (unmeasured: no limit from it)."""
+    held = sum(b for b in session_bytes if b)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1
+    return PLAIN_SESSIONS if held <= 0 else int(_SESSIONS_MEMORY_SHARE * memory // held)
+
+
 # Above this many bytes of weights in any model measured, every model gets one session,
 # shared by the profiled and the plain runs (profiling first, then, with the profiler ended,
 # plain), instead of one profiled session beside one or more plain ones: each session of a big
@@ -494,7 +505,7 @@ class _Side:
 
 
 def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
-               inputs: Mapping[str, np.ndarray], plains: int = 1) -> _Side:
+               inputs: Mapping[str, np.ndarray]) -> _Side:
     from opstudio.core.model_io import ensure_node_names, load_model, save_model
 
     work.mkdir(parents=True, exist_ok=True)
@@ -534,11 +545,8 @@ def _open_side(ort: Any, model_path: str, settings: ProfileSettings, work: Path,
     after = anon_bytes()
     grown = None if before is None or after is None else max(0, after - before)
     feeds = check_feeds(sess, inputs)
-    plain = []
-    if settings.measure_plain:
-        plain = [load_session(ort, model_path, profile_session_options(ort, settings),
-                                 settings.provider) for _ in range(plains)]
-    return _Side(model, model_path, work, dump, sess, plain, feeds, grown)
+    # the plain sessions are opened once every model's profiled one is measured
+    return _Side(model, model_path, work, dump, sess, [], feeds, grown)
 
 
 def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
@@ -564,8 +572,14 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     sides = []
     with AnonPeak() as opening:
         for i, path in enumerate(model_paths):
-            sides.append(_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs,
-                                    plains))
+            sides.append(_open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs))
+        if plains and settings.measure_plain:
+            # a session can hold several times its file (fp16 weights cast to fp32, prepacked
+            # copies): the plain sessions are counted by what the profiled ones took
+            plains = max(1, min(plains, _sessions_that_fit([s.session_bytes for s in sides])))
+            for side in sides:
+                side.plain = [load_session(ort, side.path, profile_session_options(ort, settings),
+                                           settings.provider) for _ in range(plains)]
     peak.append(opening.peak)
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
