@@ -137,10 +137,11 @@ def test_roofline_places_the_operators_under_this_machines_ceilings(model_path, 
 
 def test_until_stable_and_the_noise_line(model_path, capsys):
     code = main(["profile", str(model_path), "--runs", "6", "--warmup", "1", "--threads", "1",
-                 "--dim", "seq=16", "--until-stable", "50", "--time-budget", "2"])
+                 "--dim", "seq=16", "--until-stable", "90", "--time-budget", "5"])
+    # a target any machine reaches: what is checked is the line, not this machine's calm
     assert code == 0
     text = capsys.readouterr().out
-    assert "until stable: ±" in text and "(target ±50 %" in text
+    assert "until stable: ±" in text and "(target ±90 %" in text
     assert "noise: " in text and "median ms" in text.splitlines()[0]
     code = main(["profile", str(model_path), *FAST, "--dim", "seq=16", "--until-stable", "0"])
     assert code == 1 and "--until-stable takes a percentage" in capsys.readouterr().err
