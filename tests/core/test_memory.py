@@ -106,13 +106,18 @@ def test_profile_prints_the_memory_line(tmp_path, capsys):
 
 
 def test_anon_peak_sees_memory_freed_before_the_block_ends():
+    import mmap
+
     from opstudio.core.memory import AnonPeak, anon_bytes
 
     with AnonPeak(interval=0.005) as watch:
-        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        # fresh private anonymous pages, touched (an allocator could hand back pages the
+        # process holds; a shared mapping counts as RssShmem)
+        block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block.write(b"\x01" * len(block))
         during = anon_bytes()
         time.sleep(0.1)
-        del block
+        block.close()
     # what was held while the block lived (other tests' frees make a start figure unreliable)
     assert during is not None and watch.peak is not None
     assert watch.peak >= during - 4 * 2**20
