@@ -366,7 +366,12 @@ def file_tensor(name: str, data_type: int, dims: Sequence[int], path: Path, offs
 
 def is_lazy(model: onnx.ModelProto) -> bool:
     """True while some weight of ``model`` is still read from its file on demand."""
-    return any(_external_source(t) is not None for t in iter_all_tensors(model))
+    return any(is_lazy_tensor(t) for t in iter_all_tensors(model))
+
+
+def is_lazy_tensor(tensor: onnx.TensorProto) -> bool:
+    """True while ``tensor``'s data is still read from its file on demand."""
+    return _external_source(tensor) is not None
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
