@@ -4,10 +4,22 @@ converter and quantizer there)."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from lazy_models import streamed_and_reference
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from lazy_models import assert_same, decoder_like, streamed_and_reference
+from opstudio.core import optimize as optimize_module
+from opstudio.core.errors import Cancelled, OpstudioError
+from opstudio.core.model_io import is_lazy, load_model
+from opstudio.core.optimize import optimize, optimize_file
+from opstudio.core.ort_session import create_session
 from opstudio.core.passes import _stream as stream
+from opstudio.core.recipe import Recipe
+from opstudio.core.tempdir import opstudio_temp_root
 
 
 def test_fp16_casts_each_weight_as_onnxruntimes_converter_does(tmp_path, monkeypatch):
@@ -23,3 +35,88 @@ def test_int8_dynamic_quantizes_each_weight_as_onnxruntimes_quantizer_does(
     streamed = streamed_and_reference(tmp_path, "int8-dynamic", {"per_channel": per_channel},
                                       ["mm_in", "mm", "mm_out"])
     assert streamed.applied == ["mm_in", "mm", "mm_out"]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.0, 0.9])
+def test_prune_zeroes_each_weight_as_the_in_memory_pass_does(tmp_path, monkeypatch, sparsity):
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 700)
+    model = decoder_like(100, 70, 37, 48)
+    # ties at the cut: the earlier elements in row-major order go first
+    w = next(t for t in model.graph.initializer if t.name == "W")
+    w.CopyFrom(numpy_helper.from_array(np.round(numpy_helper.to_array(w), 1), "W"))
+    streamed = streamed_and_reference(tmp_path, "prune", {"sparsity": sparsity},
+                                      ["mm_in", "mm", "mm_out"], model, sizes=False)
+    assert streamed.details["mm"]["zeroed"] == round(sparsity * 100 * 70)
+
+
+@pytest.mark.parametrize("params", [{"rank": 8}, {"energy": 0.5}])
+def test_lowrank_factorizes_each_weight_as_the_in_memory_pass_does(tmp_path, params):
+    streamed = streamed_and_reference(tmp_path, "lowrank", params, ["mm_in", "mm", "mm_out"])
+    assert streamed.applied == ["mm_in", "mm", "mm_out"]
+
+
+def _saved_lazily(tmp_path):
+    source = tmp_path / "src" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(decoder_like(100, 70, 37, 48), str(source), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    return source
+
+
+@pytest.mark.parametrize("technique", ["fp16", "int8-dynamic", "lowrank", "prune"])
+def test_optimize_streams_a_big_model_and_writes_what_the_in_memory_path_writes(
+        tmp_path, monkeypatch, technique):
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)  # this small model counts as big
+    source = _saved_lazily(tmp_path)
+    recipe = Recipe.from_json({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": technique, "params": {}}]})
+    seen: list[str] = []
+    streamed = optimize(load_model(source, lazy=True), recipe, consume=True,
+                        progress=lambda f, m: seen.append(m))
+    assert is_lazy(streamed.model)  # no step read every weight into memory
+    assert not any("reading all" in m for m in seen)
+    assert any("tensor 3 of 3" in m for m in seen), seen
+    reference = optimize(decoder_like(100, 70, 37, 48), recipe)
+    assert_same(streamed.model, reference.model)
+    optimize_file(source, recipe, tmp_path / "out.onnx")
+    ids = np.array([[0, 5, 36]], dtype=np.int64)
+    got = create_session(tmp_path / "out.onnx").run(None, {"ids": ids})[0]
+    want = create_session(reference.model).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cancel_between_tensors_leaves_no_output_and_no_scratch(tmp_path, monkeypatch):
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)
+    source = _saved_lazily(tmp_path)
+    recipe = Recipe.from_json({"version": 1, "steps": [
+        {"op_types": ["MatMul"], "technique": "int8-dynamic", "params": {}}]})
+    started: list[str] = []
+    scratch = set(opstudio_temp_root().glob(f"weights-{os.getpid()}-*"))
+
+    def progress(fraction: float, message: str) -> None:
+        if "quantizing tensor" in message:
+            started.append(message)
+
+    with pytest.raises(Cancelled):  # flips once the first tensor is under way
+        optimize_file(source, recipe, tmp_path / "out.onnx", progress=progress,
+                      cancelled=lambda: bool(started))
+    assert started == ["int8-dynamic: quantizing tensor 1 of 3 (W_in)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # the first tensor's scratch file went with it
+    assert set(opstudio_temp_root().glob(f"weights-{os.getpid()}-*")) == scratch
+
+
+def test_a_step_that_cannot_stream_says_so_and_is_refused_when_it_would_not_fit(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)
+    source = _saved_lazily(tmp_path)
+    recipe = Recipe.from_json({"version": 1, "steps": [
+        {"nodes": ["mm_in"], "technique": "prune", "params": {"structured": True}}]})
+    monkeypatch.setattr(optimize_module, "available_bytes", lambda: 1000)
+    with pytest.raises(OpstudioError, match=r"step 1 \(prune\).*rewrites the model in memory "
+                       r".*only 1000 B is free.*one weight at a time: .*fp16"):
+        optimize(load_model(source, lazy=True), recipe, consume=True)
+    monkeypatch.setattr(optimize_module, "available_bytes", lambda: 2**40)
+    result = optimize(load_model(source, lazy=True), recipe, consume=True)
+    assert any(n.startswith("read all ") and "prune with these parameters rewrites the model "
+               "in memory" in n for n in result.steps[0].notes), result.steps[0].notes

@@ -15,6 +15,7 @@ scratch file goes, so nothing partial is left behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ import onnx
 from onnx import helper
 
 from opstudio.core.graph_utils import node_reads
-from opstudio.core.model_io import file_tensor, tensor_array
+from opstudio.core.model_io import file_tensor, is_lazy, tensor_array
 from opstudio.core.tempdir import opstudio_temp_root
 
 # float bytes of one band quantized at once
@@ -114,19 +115,50 @@ def rewrite_each(items: Sequence[T], label: Callable[[T], str], verb: str, techn
     """``step(item, scratch)`` for each item in order; before each, cancel is checked and
     ``"<technique>: <verb> tensor k of N (<label>)"`` reported between ``lo`` and ``hi``.
     A cancel or failure removes the scratch file."""
-    scratch = ScratchFile(workdir)
     total = len(items)
-    try:
+    with _scratch(workdir) as scratch:
         for k, item in enumerate(items):
             check_cancelled()
             report(lo + (hi - lo) * k / max(1, total),
                    f"{technique}: {verb} tensor {k + 1} of {total} ({label(item)})")
             step(item, scratch)
+
+
+@contextlib.contextmanager
+def _scratch(workdir: str | None) -> Iterator[ScratchFile]:
+    scratch = ScratchFile(workdir)
+    try:
+        yield scratch
     except BaseException:  # cancelled or failed: nothing will read the file
         scratch.close()
         shutil.rmtree(scratch.folder, ignore_errors=True)
         raise
     scratch.close()
+
+
+@contextlib.contextmanager
+def scratch_for(model: onnx.ModelProto, workdir: str | None) -> Iterator[ScratchFile | None]:
+    """A scratch file for the weights a rewrite of a lazily opened ``model`` creates (``spill``
+    moves them there), or None for a model held in memory; removed on cancel or failure."""
+    if not is_lazy(model):
+        yield None
+        return
+    with _scratch(workdir) as scratch:
+        yield scratch
+
+
+_SPILL_MIN_BYTES = 1024  # smaller tensors stay in the model, as the saver leaves them
+
+
+def spill(model: onnx.ModelProto, since: int, scratch: ScratchFile) -> None:
+    """The initializers of ``model`` from position ``since`` on (what a step just added)
+    written to ``scratch`` and pointed at there, so the model does not hold their data."""
+    for tensor in model.graph.initializer[since:]:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < _SPILL_MIN_BYTES:
+            continue
+        start = scratch.begin()
+        scratch.write(np.frombuffer(tensor.raw_data, np.uint8))
+        tensor.CopyFrom(scratch.tensor(tensor.name, tensor.data_type, tensor.dims, start))
 
 
 def drop_unread(model: onnx.ModelProto) -> None:
