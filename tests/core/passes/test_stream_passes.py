@@ -120,3 +120,17 @@ def test_a_step_that_cannot_stream_says_so_and_is_refused_when_it_would_not_fit(
     result = optimize(load_model(source, lazy=True), recipe, consume=True)
     assert any(n.startswith("read all ") and "prune with these parameters rewrites the model "
                "in memory" in n for n in result.steps[0].notes), result.steps[0].notes
+
+
+def test_the_float16_cast_is_the_converters_to_the_bit():
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from opstudio.core.passes.fp16 import FP16_MAX, FP16_MIN_POSITIVE, to_float16
+
+    rng = np.random.default_rng(5)
+    values = np.concatenate([
+        rng.standard_normal(1000) * 10.0 ** rng.integers(-12, 7, 1000),
+        [0.0, -0.0, np.inf, -np.inf, np.nan, FP16_MAX, -FP16_MAX, 65505.0, -1e9,
+         FP16_MIN_POSITIVE, -FP16_MIN_POSITIVE, 1e-30, -1e-30, 3e-8]]).astype(np.float32)
+    want = convert_np_to_float16(values, FP16_MIN_POSITIVE, FP16_MAX)
+    np.testing.assert_array_equal(to_float16(values).view(np.uint16), want.view(np.uint16))

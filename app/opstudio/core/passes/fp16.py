@@ -17,9 +17,9 @@ pass says so per node (``cpu_fp16_kernel``) instead of refusing.
 
 A model whose weights stay in their files (``load_model(lazy=True)``) goes through the same
 converter as it is: a weight it leaves in its file has no data in the proto, so the converter
-only retypes it. Each weight it retyped is then cast tensor by tensor, band by band, with the
-converter's own ``convert_np_to_float16`` (elementwise: the same bytes), into a scratch file
-(``_stream``); the range check reads a weight in bands too.
+only retypes it. Each weight it retyped is then cast tensor by tensor, band by band, as the
+converter's ``convert_np_to_float16`` casts (elementwise: the same bytes, tested against it),
+into a scratch file (``_stream``); the range check reads a weight in bands too.
 """
 
 from __future__ import annotations
@@ -251,12 +251,23 @@ def range_problem(value: np.ndarray) -> str | None:
     return None
 
 
+def to_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) as the converter's ``convert_np_to_float16`` stores them, without
+    its debug statistics (which cost it several passes over the data): a magnitude strictly
+    between 0 and ``FP16_MIN_POSITIVE`` becomes it, one beyond ``FP16_MAX`` becomes it, sign
+    kept; zeros, infinities and NaNs stay as they are."""
+    out = np.array(values, dtype=np.float32)
+    size = np.abs(out)
+    for mask, bound in (((size > 0) & (size < FP16_MIN_POSITIVE), FP16_MIN_POSITIVE),
+                        ((size > FP16_MAX) & np.isfinite(size), FP16_MAX)):
+        out[mask] = np.copysign(np.float32(bound), out[mask])
+    return out.astype(np.float16)
+
+
 def _cast_lazy_weights(result: onnx.ModelProto, before: onnx.ModelProto,
                        ctx: PassContext) -> None:
     """Cast the weights the converter retyped to float16 but left in their files (a lazily
     opened model), one tensor at a time into a scratch file."""
-    from onnxruntime.transformers.float16 import convert_np_to_float16
-
     was_float = {t.name for t in before.graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT}
     todo = [t for t in result.graph.initializer
@@ -266,7 +277,7 @@ def _cast_lazy_weights(result: onnx.ModelProto, before: onnx.ModelProto,
     def cast(tensor: onnx.TensorProto, scratch: stream.ScratchFile) -> None:
         start = scratch.begin()
         for band in stream.row_bands(stream.as_stored(tensor, onnx.TensorProto.FLOAT)):
-            scratch.write(convert_np_to_float16(band, FP16_MIN_POSITIVE, FP16_MAX))
+            scratch.write(to_float16(band))
         tensor.CopyFrom(scratch.tensor(tensor.name, onnx.TensorProto.FLOAT16, tensor.dims,
                                        start))
 
