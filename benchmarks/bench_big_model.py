@@ -368,8 +368,9 @@ def bench_suite(model: Path, runs: int, limit: int) -> None:
             out.parent.mkdir()
             run(f"optimize {name}", ["optimize", str(model), "--recipe", str(recipe), "-o",
                                      str(out)])
-            size = sum(f.stat().st_size for f in out.parent.glob("model.onnx*"))
-            rows[-1] = (*rows[-1][:3], f"output {size / 2**30:.2f} GiB")
+            if out.is_file():
+                size = sum(f.stat().st_size for f in out.parent.glob("model.onnx*"))
+                rows[-1] = (*rows[-1][:3], f"output {size / 2**30:.2f} GiB")
             if name.startswith("int4") and out.is_file():
                 int4 = out
             else:
