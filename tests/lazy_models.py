@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from opstudio.core.model_io import is_lazy, load_model, tensor_array
+from opstudio.core.model.model_io import is_lazy, load_model, tensor_array
 from opstudio.core.passes import PassContext, get_pass
 
 

@@ -98,7 +98,7 @@ def kv_bytes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
     """(KV-cache bytes per token, the past fed in tokens) of a decoder with a KV cache, from
     the cache inputs as fed ([batch, kv heads, past, head size] per layer, keys and values),
     None for another model."""
-    from opstudio.core.phases import kv_layout
+    from opstudio.core.model.phases import kv_layout
 
     per_token, past = 0, 0
     for spec in kv_layout(model).kv_inputs:

@@ -32,12 +32,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from opstudio.core import provenance, reasons, validity
+from opstudio.core.model import provenance, validity
+
+from opstudio.core.plan import reasons
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.graph_utils import copy_model
-from opstudio.core.inputs import NeedsInputs
-from opstudio.core.memory import available_bytes, weight_bytes
-from opstudio.core.model_io import (
+from opstudio.core.model.graph_utils import copy_model
+from opstudio.core.measure.inputs import NeedsInputs
+from opstudio.core.measure.memory import available_bytes, weight_bytes
+from opstudio.core.model.model_io import (
     LAZY_INLINE_ABOVE,
     ensure_node_names,
     is_lazy,
@@ -55,8 +57,8 @@ from opstudio.core.passes import (
     get_pass,
 )
 from opstudio.core.progress import CancelCheck, Progress
-from opstudio.core.recipe import Recipe, Step, known_as, named_later, no_match_reason, validate
-from opstudio.core.tensors import human_bytes
+from opstudio.core.plan.recipe import Recipe, Step, known_as, named_later, no_match_reason, validate
+from opstudio.core.model.tensors import human_bytes
 
 # A model opened lazily with more weight bytes than this keeps them in their files through the
 # steps whose pass streams them; a smaller one is read at once (and written inline, as before).

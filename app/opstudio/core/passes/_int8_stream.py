@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from opstudio.core.graph_utils import consumers
+from opstudio.core.model.graph_utils import consumers
 from opstudio.core.passes._stream import (
     ScratchFile,
     as_stored,

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from opstudio.core.model_io import tensor_array
+from opstudio.core.model.model_io import tensor_array
 from opstudio.core.passes._stream import ScratchFile, band_size, drop_unread, rewrite_each
 
 

@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from opstudio.core.graph_utils import nodes_by_name, topo_sort
-from opstudio.core.model_io import is_lazy_tensor
+from opstudio.core.model.graph_utils import nodes_by_name, topo_sort
+from opstudio.core.model.model_io import is_lazy_tensor
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes import _stream as stream
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs

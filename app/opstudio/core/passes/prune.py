@@ -58,10 +58,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import graph_utils, provenance
+from opstudio.core.model import graph_utils, provenance
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import analyze
-from opstudio.core.model_io import is_lazy_tensor, model_size
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import is_lazy_tensor, model_size
 from opstudio.core.passes import _heads as heads
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes import _stream as stream
