@@ -11,15 +11,15 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-import opstudio.core.optimize as optimize_module
 import opstudio.core.passes as passes_module
-from opstudio.core import provenance
+import opstudio.core.plan.optimize as optimize_module
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.model_io import save_model
-from opstudio.core.optimize import NothingRewritten, optimize, optimize_file
+from opstudio.core.model import provenance
+from opstudio.core.model.model_io import save_model
 from opstudio.core.passes import Pass, PassContext, PassResult
 from opstudio.core.passes.lowrank import PASS as LOWRANK
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.optimize import NothingRewritten, optimize, optimize_file
+from opstudio.core.plan.recipe import Recipe
 
 RNG = np.random.default_rng(3)
 
