@@ -22,13 +22,13 @@ from opstudio.cli.common import (
     write_json,
 )
 from opstudio.cli.progress import progress_line
+from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.text_prompt import find_tokenizer
+from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan import reasons
 from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
-from opstudio.core.errors import OpstudioError
 from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
-from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
-from opstudio.core.measure.text_prompt import find_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:

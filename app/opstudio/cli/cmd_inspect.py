@@ -17,8 +17,8 @@ from opstudio.cli.common import (
     write_json,
 )
 from opstudio.cli.progress import progress_line
-from opstudio.core.model.graph import GraphInfo, analyze, input_specs
 from opstudio.core.measure.inputs import decode_step_dims
+from opstudio.core.model.graph import GraphInfo, analyze, input_specs
 from opstudio.core.model.model_io import load_model
 from opstudio.core.model.phases import DEFAULT_DECODE_PAST
 from opstudio.core.model.tensor_groups import describe_tensors

@@ -116,11 +116,15 @@ def run(args: argparse.Namespace) -> int:
             [request] = estimate_requests([args.model], settings, progress=progress)
     roofline = None
     if args.roofline:
-        from opstudio.core.model.graph import analyze
         from opstudio.core.measure.inputs import make_inputs
+        from opstudio.core.measure.roofline import (
+            dims_from_inputs,
+            measure_machine,
+            profile_roofline,
+        )
+        from opstudio.core.model.graph import analyze
         from opstudio.core.model.model_io import load_model
         from opstudio.core.model.provenance import derived_nodes
-        from opstudio.core.measure.roofline import dims_from_inputs, measure_machine, profile_roofline
 
         model = load_model(args.model, load_external_data=False)
         inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,

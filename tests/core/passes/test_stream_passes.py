@@ -4,22 +4,25 @@ converter and quantizer there)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from lazy_models import assert_same, decoder_like, streamed_and_reference
-from opstudio.core.plan import optimize as optimize_module
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.model.model_io import is_lazy, load_model
-from opstudio.core.plan.optimize import optimize, optimize_file
 from opstudio.core.model.runtime import create_session
 from opstudio.core.passes import _stream as stream
+from opstudio.core.plan.optimize import optimize, optimize_file
 from opstudio.core.plan.recipe import Recipe
 from opstudio.core.tempdir import opstudio_temp_root
+
+# the module, not the function ``opstudio.core.plan`` exports under its name
+optimize_module = importlib.import_module("opstudio.core.plan.optimize")
 
 
 def test_fp16_casts_each_weight_as_onnxruntimes_converter_does(tmp_path, monkeypatch):
@@ -134,3 +137,43 @@ def test_the_float16_cast_is_the_converters_to_the_bit():
          FP16_MIN_POSITIVE, -FP16_MIN_POSITIVE, 1e-30, -1e-30, 3e-8]]).astype(np.float32)
     want = convert_np_to_float16(values, FP16_MIN_POSITIVE, FP16_MAX)
     np.testing.assert_array_equal(to_float16(values).view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_dynamic_feeds_a_tied_embedding_as_onnxruntime_does(tmp_path, per_channel):
+    # the lm_head's weight is also the embedding table, through a Transpose left float
+    rng = np.random.default_rng(2)
+    n, vocab = 24, 40
+    nodes = [
+        helper.make_node("Transpose", ["W_out"], ["table"], name="tie", perm=[1, 0]),
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "W"], ["h"], name="mm"),
+        helper.make_node("MatMul", ["h", "W_out"], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3, vocab])],
+        [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((n, vocab)).astype(np.float32),
+                                 "W_out")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    streamed = streamed_and_reference(tmp_path, "int8-dynamic", {"per_channel": per_channel},
+                                      ["mm", "lm_head"], model)
+    # the Transpose comes first: it keeps reading the float weight, as with onnxruntime
+    assert {"W_out", "W_out_quantized"} <= {t.name for t in streamed.model.graph.initializer}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_dynamic_dequantizes_a_weight_a_later_float_matmul_reads(tmp_path, per_channel):
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="mm2")]  # left float
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    streamed = streamed_and_reference(tmp_path, "int8-dynamic", {"per_channel": per_channel},
+                                      ["mm1"], model)
+    assert "W_DequantizeLinear" in {n.name for n in streamed.model.graph.node}

@@ -11,10 +11,12 @@ a scratch file (``_stream``).
 
 The nodes are built as onnxruntime's ``MatMulInteger`` rule builds them (a
 ``DynamicQuantizeLinear`` per activation, ``MatMulInteger``, ``Cast``, the two ``Mul``\\ s,
-their names), tested node by node and byte by byte against ``quantize_dynamic``. What this
-path does not cover (a weight also read by a node left float, which onnxruntime feeds through
-a ``DequantizeLinear``; weights that are not 2-D; opsets before 11, where onnxruntime builds
-other nodes) goes through onnxruntime with the weights read in.
+their names; a weight also read by a node left float keeps its float initializer for a reader
+that comes before the first quantized one, such as the ``Transpose`` of an lm_head tied to the
+embedding, and is fed to one after it through a ``DequantizeLinear`` under its own name, as
+onnxruntime's node-by-node walk does), tested node by node and byte by byte against ``quantize_dynamic``. What
+this path does not cover (weights that are not 2-D, or read by float nodes both before and
+after; opsets before 11, where onnxruntime builds other nodes) goes through onnxruntime with the weights read in.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from opstudio.core.model.graph_utils import consumers
+from opstudio.core.model.graph_utils import node_reads
 from opstudio.core.passes._stream import (
     ScratchFile,
     as_stored,
@@ -46,7 +48,6 @@ def streamable(model: onnx.ModelProto, names: Sequence[str]) -> bool:
         return False
     wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer}
-    users = consumers(model.graph)
     outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:
         if node.name not in wanted:
@@ -54,9 +55,27 @@ def streamable(model: onnx.ModelProto, names: Sequence[str]) -> bool:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or weight.data_type != _FLOAT or len(weight.dims) != 2:
             return False
-        if weight.name in outputs or any(u.name not in wanted for u in users.get(weight.name, [])):
+        if weight.name in outputs:
             return False
-    return True
+    return all(len(kinds) < 2 for kinds in _float_readers(model, wanted).values())
+
+
+def _float_readers(model: onnx.ModelProto, wanted: set[str]) -> dict[str, set[str]]:
+    """Per weight of the chosen MatMuls that nodes left float read too: "before" when such a
+    node comes before the first chosen reader (it keeps the float weight), "after" when after
+    it (onnxruntime dequantizes the weight for it)."""
+    first: dict[str, int] = {}
+    for k, node in enumerate(model.graph.node):
+        if node.name in wanted:
+            first.setdefault(node.input[1], k)
+    kinds: dict[str, set[str]] = {}
+    for k, node in enumerate(model.graph.node):
+        if node.name in wanted:
+            continue
+        for name in node_reads(node):
+            if name in first:
+                kinds.setdefault(name, set()).add("before" if k < first[name] else "after")
+    return kinds
 
 
 def _range(value: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +149,7 @@ def rewrite(model: onnx.ModelProto, names: Sequence[str], per_channel: bool,
 
     wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer}
+    shared = [w for w, kinds in _float_readers(model, wanted).items() if kinds == {"after"}]
     weights = list(dict.fromkeys(n.input[1] for n in model.graph.node if n.name in wanted))
     made: list[onnx.TensorProto] = []
 
@@ -145,6 +165,18 @@ def rewrite(model: onnx.ModelProto, names: Sequence[str], per_channel: bool,
             replacements[node.name] = _nodes(node, node.input[1], node.input[0] in quantized)
             quantized.add(node.input[0])
     replace_nodes(model.graph, replacements)
+    dequantized = [helper.make_node("DequantizeLinear", [w + "_quantized", w + "_scale",
+                                                         w + "_zero_point"], [w],
+                                    w + "_DequantizeLinear",
+                                    **({"axis": -1} if per_channel else {}))
+                   for w in shared]
+    if dequantized:  # first, as onnxruntime puts them; the float weight itself goes
+        rest = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend([*dequantized, *rest])
+        gone = [k for k, t in enumerate(model.graph.initializer) if t.name in set(shared)]
+        for k in reversed(gone):
+            del model.graph.initializer[k]
     model.graph.initializer.extend(made)
     model.producer_name, model.producer_version = __producer__, __version__  # as onnxruntime
     drop_unread(model)

@@ -58,8 +58,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.model import graph_utils, provenance
 from opstudio.core.errors import OpstudioError
+from opstudio.core.model import graph_utils, provenance
 from opstudio.core.model.graph import analyze
 from opstudio.core.model.model_io import is_lazy_tensor, model_size
 from opstudio.core.passes import _heads as heads

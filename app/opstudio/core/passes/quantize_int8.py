@@ -28,7 +28,12 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model.graph_utils import nodes_by_name
-from opstudio.core.model.model_io import EXTERNAL_DATA_THRESHOLD, is_lazy, load_weights
+from opstudio.core.model.model_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    inline_bytes,
+    is_lazy,
+    load_weights,
+)
 from opstudio.core.passes import _int8_stream as int8_stream
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes import _smoothquant as smoothquant
@@ -133,7 +138,7 @@ class _Int8Pass(Pass):
         with ort_support.private_workdir(ctx.workdir) as folder:
             src, dst = folder / "input.onnx", folder / "quantized.onnx"
             # protobuf caps one message at 2 GiB: big models go through external data
-            large = work.ByteSize() > EXTERNAL_DATA_THRESHOLD
+            large = inline_bytes(work) > EXTERNAL_DATA_THRESHOLD
             onnx.save_model(work, str(src), save_as_external_data=large,
                             all_tensors_to_one_file=True, location="input.onnx.data")
             op_types = sorted({by_name[n].op_type for n in names})
