@@ -22,6 +22,7 @@ after; opsets before 11, where onnxruntime builds other nodes) goes through onnx
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -165,10 +166,10 @@ def rewrite(model: onnx.ModelProto, names: Sequence[str], per_channel: bool,
             replacements[node.name] = _nodes(node, node.input[1], node.input[0] in quantized)
             quantized.add(node.input[0])
     replace_nodes(model.graph, replacements)
+    axis: dict[str, Any] = {"axis": -1} if per_channel else {}
     dequantized = [helper.make_node("DequantizeLinear", [w + "_quantized", w + "_scale",
                                                          w + "_zero_point"], [w],
-                                    w + "_DequantizeLinear",
-                                    **({"axis": -1} if per_channel else {}))
+                                    name=w + "_DequantizeLinear", **axis)
                    for w in shared]
     if dequantized:  # first, as onnxruntime puts them; the float weight itself goes
         rest = list(model.graph.node)
