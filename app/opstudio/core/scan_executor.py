@@ -95,8 +95,11 @@ class RayScan:
         try:
             ray.init(address=None if self.address == "auto" else self.address, **options)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, grpc's errors…
+            hint = "" if self.address == "auto" else (
+                "; check that its client port is reachable from here (and, when the cluster "
+                "asks for a token, that RAY_AUTH_MODE=token and its token are set here)")
             raise OpstudioError(f"cannot reach the Ray cluster at {self.address}: "
-                                f"{_first_line(exc)}") from None
+                                f"{_first_line(exc)}{hint}") from None
         _connected = self.address
 
     def slots(self) -> int:
@@ -170,6 +173,7 @@ class RayScan:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while queue or running:
+                pool.fill(len(queue))
                 while pool.idle and queue:
                     actor = pool.idle.pop()
                     item_id, payload = queue.pop(0)
@@ -190,7 +194,7 @@ class RayScan:
                         if "creation task" in str(exc):
                             raise OpstudioError(f"a worker on the cluster could not start: "
                                                 f"{_cause(exc)}") from None
-                        pool.replace(actor)
+                        pool.drop(actor)
                         tries[item_id] = tries.get(item_id, 0) + 1
                         if tries[item_id] <= RETRIES:
                             queue.insert(0, (item_id, payload))
@@ -206,27 +210,32 @@ class RayScan:
         finally:
             pool.close(ray)
         if failed:
-            raise OpstudioError(f"workers on the cluster died {RETRIES + 1} times while "
-                                f"{task} {', '.join(failed)}; the other results are kept: "
-                                "run again to resume")
+            tried = "once" if RETRIES == 0 else f"{RETRIES + 1} times"
+            raise OpstudioError(f"workers on the cluster died while {task} {', '.join(failed)} "
+                                f"(tried {tried}); the other results are kept: run again to "
+                                "resume")
 
 
 class _Pool:
-    """The workers of one ``RayScan.run``: those free for a job, and a fresh one for each
-    that died."""
+    """The workers of one ``RayScan.run``: up to ``size`` of them while there are jobs to
+    hand out (a dead one is replaced only when one is wanted), and those free for a job."""
 
     def __init__(self, start: Callable[[], Any], size: int) -> None:
         self.start, self.size = start, size
-        self.all = [start() for _ in range(size)]
-        self.idle = list(self.all)
+        self.live: list[Any] = []
+        self.idle: list[Any] = []
 
-    def replace(self, dead: Any) -> None:
-        fresh = self.start()
-        self.all = [fresh if a is dead else a for a in self.all]
-        self.idle.append(fresh)
+    def fill(self, waiting: int) -> None:
+        while len(self.live) < self.size and len(self.idle) < waiting:
+            actor = self.start()
+            self.live.append(actor)
+            self.idle.append(actor)
+
+    def drop(self, dead: Any) -> None:
+        self.live.remove(dead)
 
     def close(self, ray: Any) -> None:
-        for actor in self.all:
+        for actor in self.live:
             ray.kill(actor)
 
 
