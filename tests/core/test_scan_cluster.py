@@ -19,10 +19,10 @@ import onnx
 import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
-from opstudio.core import llm_plan
+from opstudio.core.plan import llm_plan
 from opstudio.core.errors import OpstudioError
-from opstudio.core.llm_plan import Variant, find_targets, recipe_of
-from opstudio.core.scan_executor import RayScan, open_cluster
+from opstudio.core.plan.llm_plan import Variant, find_targets, recipe_of
+from opstudio.core.plan.scan_executor import RayScan, open_cluster
 
 ray = pytest.importorskip("ray")
 
@@ -53,8 +53,8 @@ def decoder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jobs(decoder):
     """Four role rewrites and their results judged here, in this process."""
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
 
     model = load_model(decoder / "model.onnx")
     prompt = make_inputs(model, npz_path=decoder / "prompt.npz", phase="prefill")
@@ -184,7 +184,7 @@ class _DyingScan(RayScan):
 
 def test_a_killed_worker_loses_no_finished_result_and_a_rerun_resumes(cluster, decoder, jobs,
                                                                       tmp_path, monkeypatch):
-    from opstudio.core import scan_executor
+    from opstudio.core.plan import scan_executor
 
     prompt, tasks, expected = jobs
     folder = tmp_path / "marks"

@@ -12,7 +12,7 @@ from onnx import external_data_helper
 from llm_builders import kv_decoder
 from opstudio.cli import main
 from opstudio.core.errors import OpstudioError
-from opstudio.core.scan_executor import cluster_address, model_files, open_cluster
+from opstudio.core.plan.scan_executor import cluster_address, model_files, open_cluster
 
 
 def test_cluster_values():

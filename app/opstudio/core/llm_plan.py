@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from opstudio.core.accuracy import SYNTHETIC
+from opstudio.core.measure.accuracy import SYNTHETIC
 from opstudio.core.errors import ContractBroken, OpstudioError
-from opstudio.core.ort_session import create_session, session_options
+from opstudio.core.model.runtime import create_session, session_options
 from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
 
 if TYPE_CHECKING:
-    from opstudio.core.scan_executor import RayScan
+    from opstudio.core.plan.scan_executor import RayScan
 
 SCANNED = ("MatMul", "Gemm")
 # layers measured alone to rank layer sensitivity (all of them when there are this few)
@@ -286,7 +286,7 @@ class LlmAdvice:
 
 def find_targets(model: onnx.ModelProto) -> list[Target]:
     """Every MatMul/Gemm with a constant 2-D weight, with its layer and role."""
-    from opstudio.core.layers import scope_of
+    from opstudio.core.model.layers import scope_of
     from opstudio.core.passes import constant_value
 
     shapes = _weight_shapes(model)
@@ -362,7 +362,7 @@ def _check(pass_: Any, model: onnx.ModelProto, node: onnx.NodeProto,
 def recipe_of(variant_nodes: Sequence[tuple[Variant, Sequence[Target]]]) -> Any:
     """One step per technique and param set, in plan order."""
     from opstudio.core.passes import plan_rank
-    from opstudio.core.recipe import Recipe, Step
+    from opstudio.core.plan.recipe import Recipe, Step
 
     groups: dict[tuple[str, str], tuple[str, dict[str, Any], list[str]]] = {}
     for variant, targets in variant_nodes:
@@ -383,7 +383,7 @@ def apply_recipe(model: onnx.ModelProto, recipe_json: Mapping[str, Any],
     """The passes of a recipe applied in turn, without the optimizer's validity check: for the
     scan's many throwaway rewrites (the final plan goes through ``optimize``)."""
     from opstudio.core.passes import PassContext, get_pass
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.plan.recipe import Recipe
 
     current, owned = model, False
     for step in Recipe.from_json(recipe_json).steps:
@@ -406,7 +406,7 @@ def _session(model: onnx.ModelProto | str, threads: int, opt_level: str = "disab
 
 
 def logits_name(model: onnx.ModelProto, outputs: Mapping[str, np.ndarray]) -> str:
-    from opstudio.core.accuracy import output_kind
+    from opstudio.core.measure.accuracy import output_kind
 
     names = [k for k, v in outputs.items()
              if np.issubdtype(np.asarray(v).dtype, np.floating)
@@ -481,7 +481,7 @@ def judged(ref: np.ndarray, new: np.ndarray, held: HeldOut | None = None) -> dic
     on the confirming half: a plan assembled from the units that happened to hurt least on
     some text is flattered by that text (on A's held-out tokens, plans chosen at top-1 0.91–0.94
     gave 0.88–0.89 on another prompt); text it was not chosen on is a fair test."""
-    from opstudio.core.accuracy import agreement_per_position, kl_per_position
+    from opstudio.core.measure.accuracy import agreement_per_position, kl_per_position
 
     if held is not None and ref.ndim >= 3:
         ref = ref[held.rows, held.positions]
@@ -557,7 +557,7 @@ class Judge:
 
     def __init__(self, model_path: str, prompt: Mapping[str, np.ndarray], threads: int = 0,
                  opt_level: str = "disable") -> None:
-        from opstudio.core.model_io import load_model
+        from opstudio.core.model.model_io import load_model
 
         self.model = load_model(model_path)
         self.prompt, self.threads, self.opt_level = prompt, threads, opt_level
@@ -671,7 +671,7 @@ def build_and_judge(model_path: str, prompt: Mapping[str, np.ndarray],
                     ) -> dict[str, dict[str, Any]]:
     """Runs in a child: each recipe applied, judged on the prompt and saved in ``folder``,
     for ``measure_speed`` to time (models are built side by side, timed together)."""
-    from opstudio.core.model_io import load_model, save_model
+    from opstudio.core.model.model_io import load_model, save_model
 
     model = load_model(model_path)
     name, reference = _reference_logits(model, _session(model, threads), prompt)
@@ -760,8 +760,8 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
     built once is both timed and judged. ``prebuilt``: task -> ``build_and_judge``'s result,
     models judged (and built, when they name a ``path``) beforehand by other processes."""
-    from opstudio.core.model_io import load_model
-    from opstudio.core.timing import interleaved_times, paired_ratio, session
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
 
     path, store, done, todo = _pending(cache, "speed", tasks)
     if todo:
@@ -914,7 +914,7 @@ def most_accurate_of_fastest(holding: Sequence[Held], tie_ms: float) -> Held:
 def needed_agreement(budget: float, positions: int, confidence: float) -> float | None:
     """The least measured top-1 agreement on ``positions`` whose lower bound holds ``budget``
     (None: not even agreement everywhere does)."""
-    from opstudio.core.accuracy import agreement_low
+    from opstudio.core.measure.accuracy import agreement_low
 
     for agree in range(math.floor(budget * positions), positions + 1):
         if agreement_low(agree / positions, positions, confidence) >= budget - 1e-12:
@@ -984,13 +984,13 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     the prefill with ``settings.phase == "prefill"``), verify and time; see the module doc.
     ``cluster``: "auto" or "ray://HOST:PORT" judges the scan's variants on Ray's workers
     (``scan_executor``); timing stays here."""
-    from opstudio.core.inputs import make_inputs
+    from opstudio.core.measure.inputs import make_inputs
     from opstudio.core.isolation import call_isolated
-    from opstudio.core.model_io import load_model
-    from opstudio.core.recipe import Recipe
-    from opstudio.core.scan_executor import open_cluster
-    from opstudio.core.sensitivity import cache_key, cache_path
-    from opstudio.core.text_prompt import with_text_prompt
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.plan.recipe import Recipe
+    from opstudio.core.plan.scan_executor import open_cluster
+    from opstudio.core.plan.sensitivity import cache_key, cache_path
+    from opstudio.core.measure.text_prompt import with_text_prompt
 
     started = time.perf_counter()
     # refused before any work when its workers cannot read the model
@@ -1051,7 +1051,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     if not any(usable.values()):
         reasons_ = [f"{label}: {why}" for label, nodes in refused.items()
                     for why in nodes.values()]
-        from opstudio.core import reasons
+        from opstudio.core.plan import reasons
 
         nothing = (reasons.summarise(reasons_, limit=4) if reasons_
                    else "the model has no MatMul or Gemm with a constant weight")
@@ -1391,7 +1391,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
 
 def _has_logits(model: onnx.ModelProto) -> bool:
     """An output that ``accuracy`` will take for logits, judged from its declared shape."""
-    from opstudio.core.accuracy import output_kind
+    from opstudio.core.measure.accuracy import output_kind
 
     for out in model.graph.output:
         dims = out.type.tensor_type.shape.dim
@@ -1408,7 +1408,7 @@ def _has_logits(model: onnx.ModelProto) -> bool:
 def _named_calibration(recipe: Any, calibration: str) -> Any:
     """``recipe`` with its calibrated steps reading ``calibration`` (the prompt file) instead
     of the samples the scan handed them, so that the plan runs as it is, without ``--inputs``."""
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.plan.recipe import Recipe
 
     if calibration == "random" or not recipe.steps:
         return recipe

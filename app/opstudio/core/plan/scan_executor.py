@@ -266,7 +266,7 @@ def model_files(model_path: str) -> list[str]:
     import onnx
     from onnx import external_data_helper
 
-    from opstudio.core.model_io import iter_all_tensors
+    from opstudio.core.model.model_io import iter_all_tensors
 
     folder = os.path.dirname(model_path)
     files = {model_path}
