@@ -19,8 +19,8 @@ import onnx
 import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
-from opstudio.core.plan import llm_plan
 from opstudio.core.errors import OpstudioError
+from opstudio.core.plan import llm_plan
 from opstudio.core.plan.llm_plan import Variant, find_targets, recipe_of
 from opstudio.core.plan.scan_executor import RayScan, open_cluster
 

@@ -23,13 +23,13 @@ from opstudio.cli.common import (
     progress_printer,
     write_json,
 )
+from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.text_prompt import find_tokenizer
+from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan import reasons
 from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
-from opstudio.core.errors import OpstudioError
 from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
-from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
-from opstudio.core.measure.text_prompt import find_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -38,10 +38,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.plan.advisor import CONFIDENCE, Advice, Budget
 from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice
-from opstudio.core.passes import TECHNIQUES, get_pass
-from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")
