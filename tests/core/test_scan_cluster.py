@@ -22,7 +22,7 @@ from llm_builders import kv_decoder, prompt_inputs
 from opstudio.core.errors import OpstudioError
 from opstudio.core.plan import llm_plan
 from opstudio.core.plan.llm_plan import Variant, find_targets, recipe_of
-from opstudio.core.plan.scan_executor import RayScan, open_cluster
+from opstudio.core.plan.scan_executor import RayScan
 
 ray = pytest.importorskip("ray")
 
@@ -72,11 +72,11 @@ def cluster_command() -> list[str]:
     return shlex.split(line)
 
 
-def test_the_readme_command_gives_the_plan_the_local_pool_gives(cluster, decoder, tmp_path,
-                                                                monkeypatch, capsys):
-    """The README's command, with and without ``--cluster auto``. Timing stays on this
-    machine either way, so the run on Ray reuses the local run's timings (a second timing
-    would differ by noise) and measures every accuracy again, on the workers."""
+def test_the_readme_command_gives_the_plan_the_local_pool_gives(cluster, decoder, jobs,
+                                                                tmp_path, monkeypatch):
+    """The README's command, then the same without ``--cluster auto``. Timing stays on this
+    machine either way, so the local run reuses the first run's timings (a second timing would
+    differ by noise) and measures every accuracy again, in its own processes."""
     from opstudio.cli import cmd_advise, main
 
     argv = cluster_command()
@@ -84,34 +84,44 @@ def test_the_readme_command_gives_the_plan_the_local_pool_gives(cluster, decoder
     for name in ("model.onnx", "prompt.npz"):
         (tmp_path / name).symlink_to(decoder / name)
     monkeypatch.chdir(tmp_path)
-    # a short scan: two techniques, brief timings, a prompt too short for a 90 % bound
+    # a short scan: one technique in two block sizes, brief timings, a prompt too short for a
+    # 90 % bound
     quick = ["--techniques", "int8-weight", "--confidence", "0.5", "--threads", "1"]
     monkeypatch.setattr(cmd_advise, "advise_llm",
                         functools.partial(llm_plan.advise_llm, time_budget_s=0.3))
-    at = argv.index("--cluster")
-    here = [*argv[1:at], *argv[at + 2:]]
-    local_plan = tmp_path / "local-plan.json"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "local"))
-    assert main([*here[:-1], str(local_plan), *quick, "--json", "local.json"]) == 0
-    capsys.readouterr()
-
-    (cached,) = (tmp_path / "local").rglob("*.llm.json")
-    timings = {"speed": json.loads(cached.read_text())["speed"]}
-    mine = tmp_path / "ray" / cached.relative_to(tmp_path / "local")
-    mine.parent.mkdir(parents=True)
-    mine.write_text(json.dumps(timings))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ray"))
-    judged_there: list[str] = []
+    judged_there: dict[str, dict] = {}
 
     def run(self, factory, args, items, on_result, **kwargs):
-        judged_there.extend(i for i, _ in items)
+        judged_there.update(items)
         real_run(self, factory, args, items, on_result, **kwargs)
 
     real_run = RayScan.run
     monkeypatch.setattr(RayScan, "run", run)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ray"))
     assert main([*argv[1:], *quick, "--json", "ray.json"]) == 0
-    # the scan's rewrites went to the cluster (the plans it verified were judged here)
-    assert judged_there and all(i.split("|")[0] in ("role", "layer") for i in judged_there)
+    # the whole-model variants and the scan by role and layer went to the cluster (the
+    # plans it verified were judged here)
+    assert {i.split("|")[0] for i in judged_there} == {"whole", "role", "layer"}
+    (cached,) = (tmp_path / "ray").rglob("*.llm.json")
+    speed = json.loads(cached.read_text())["speed"]
+    prompt, _, _ = jobs
+    judge = llm_plan.Judge(str(decoder / "model.onnx"), prompt, 1)
+    for task_id, recipe in judged_there.items():
+        if task_id.startswith("whole|"):  # judged there, timed here
+            assert speed[task_id]["ratio"] > 0
+            expected = judge(recipe)
+            assert {k: speed[task_id].get(k) for k in expected} == expected
+
+    mine = tmp_path / "local" / cached.relative_to(tmp_path / "ray")
+    mine.parent.mkdir(parents=True)
+    mine.write_text(json.dumps({"speed": speed}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "local"))
+    judged_there.clear()
+    at = argv.index("--cluster")
+    local_plan = tmp_path / "local-plan.json"
+    here = [*argv[1:at], *argv[at + 2:-1], str(local_plan)]
+    assert main([*here, *quick, "--json", "local.json"]) == 0
+    assert not judged_there
     local, there = (json.loads((tmp_path / f).read_text()) for f in ("local.json", "ray.json"))
     for advice in (local, there):
         advice.pop("seconds")
@@ -120,17 +130,6 @@ def test_the_readme_command_gives_the_plan_the_local_pool_gives(cluster, decoder
     assert plan.exists() == local_plan.exists()
     if plan.exists():
         assert json.loads(plan.read_text()) == json.loads(local_plan.read_text())
-
-
-def test_whole_model_variants_are_judged_there_and_timed_here(cluster, decoder, jobs, tmp_path):
-    prompt, tasks, expected = jobs
-    scan = open_cluster("auto", str(decoder / "model.onnx"))
-    assert scan is not None
-    out = llm_plan.speed_in_parallel(str(decoder / "model.onnx"), prompt, prompt, tasks[:1],
-                                     str(tmp_path / "scan.json"), 1, 0.2, cluster=scan)
-    for task_id, _ in tasks[:1]:
-        assert out[task_id]["ratio"] > 0 and out[task_id]["base_ms"] > 0
-        assert {k: out[task_id][k] for k in expected[task_id]} == expected[task_id]
 
 
 def test_workers_that_cannot_read_the_model_are_refused(cluster, decoder, tmp_path):

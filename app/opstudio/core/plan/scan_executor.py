@@ -16,7 +16,8 @@ What the workers need:
 - the prompt, handed over through Ray's object store (put once, read by every worker).
 
 Each worker is a Ray actor holding the model and the original's logits, judging one job at a
-time on one core; jobs are handed out as workers free up. Results come back one by one and
+time on one core; jobs are handed out as workers free up, and the workers stay for the scan's
+next round of jobs (the model is loaded once per worker). Results come back one by one and
 the caller writes each into its cache as it arrives, so a killed worker loses only the job it
 was running. That job goes to a fresh worker (up to ``RETRIES`` times); a job that kills its
 worker every time is reported after the other jobs have finished, like a crash in the local
@@ -28,9 +29,11 @@ only when a cluster is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,6 +82,13 @@ class RayScan:
         self.model_path = os.path.abspath(model_path)
         self.sizes = {f: os.path.getsize(f) for f in model_files(self.model_path)}
         self.need = MEMORY_MULTIPLE * sum(self.sizes.values())
+        # the workers of the last run, kept for the next one with the same factory and
+        # arguments (a scan judges in two rounds: loading the model once per worker is enough);
+        # stopped with this object, or when a run fails
+        self._pool: _Pool | None = None
+        self._pool_key: tuple[Any, ...] = ()
+        self._args: list[Any] = []
+        self._stop = weakref.finalize(self, _Pool.close, None)
 
     def connect(self) -> None:
         """Joins the cluster; ``auto`` starts a Ray on this machine unless one runs already.
@@ -160,12 +170,7 @@ class RayScan:
         if not items:
             return
         ray = _ray()
-        # inside a list, the references reach the worker as they are (it reads them from the
-        # object store itself), not as constructor arguments Ray would resolve
-        refs = [ray.put(a) for a in args]
-        worker = ray.remote(_Worker).options(num_cpus=1, memory=self.need or None,
-                                             max_restarts=0)
-        pool = _Pool(lambda: worker.remote(factory, refs), min(len(items), self.slots()))
+        pool = self._workers(ray, factory, args, min(len(items), self.slots()))
         queue = list(items)
         running: dict[Any, tuple[Any, str, Any]] = {}
         tries: dict[str, int] = {}
@@ -207,18 +212,45 @@ class RayScan:
                         done = len(items) - len(queue) - len(running) - len(failed)
                         progress(done / len(items), f"{task} {item_id} on the cluster "
                                  f"({pool.size} workers)")
-        finally:
-            pool.close(ray)
+        except BaseException:
+            self.close()
+            raise
         if failed:
+            self.close()
             tried = "once" if RETRIES == 0 else f"{RETRIES + 1} times"
             raise OpstudioError(f"workers on the cluster died while {task} {', '.join(failed)} "
                                 f"(tried {tried}); the other results are kept: run again to "
                                 "resume")
 
+    def close(self) -> None:
+        """Stops the workers kept from the last run."""
+        self._stop()
+        self._pool, self._pool_key = None, ()
+
+    def _workers(self, ray: Any, factory: Callable[..., Any], args: Sequence[Any],
+                 size: int) -> _Pool:
+        """The last run's workers when they hold the same factory and arguments (the same
+        objects), else new ones; ``args`` go through the object store once."""
+        key = (factory, *(a if isinstance(a, (str, int, float)) else id(a) for a in args))
+        if self._pool is None or key != self._pool_key:
+            self.close()
+            # inside a list, the references reach the worker as they are (it reads them from
+            # the object store itself), not as constructor arguments Ray would resolve
+            refs = [ray.put(a) for a in args]
+            worker = ray.remote(_Worker).options(num_cpus=1, memory=self.need or None,
+                                                 max_restarts=0)
+            self._pool = _Pool(lambda: worker.remote(factory, refs), size)
+            # the arguments stay referenced with the key, so their ids cannot be reused
+            self._pool_key, self._args = key, list(args)
+            self._stop = weakref.finalize(self, _Pool.close, self._pool)
+        self._pool.size = max(self._pool.size, size)
+        self._pool.idle = list(self._pool.live)
+        return self._pool
+
 
 class _Pool:
-    """The workers of one ``RayScan.run``: up to ``size`` of them while there are jobs to
-    hand out (a dead one is replaced only when one is wanted), and those free for a job."""
+    """The workers of a ``RayScan``: up to ``size`` of them while there are jobs to hand out
+    (a dead one is replaced only when one is wanted), and those free for a job."""
 
     def __init__(self, start: Callable[[], Any], size: int) -> None:
         self.start, self.size = start, size
@@ -234,9 +266,16 @@ class _Pool:
     def drop(self, dead: Any) -> None:
         self.live.remove(dead)
 
-    def close(self, ray: Any) -> None:
-        for actor in self.live:
-            ray.kill(actor)
+    @staticmethod
+    def close(pool: _Pool | None) -> None:
+        if pool is None:
+            return
+        with contextlib.suppress(Exception):  # Ray may be shut down already (at exit)
+            ray = _ray()
+            for actor in pool.live:
+                ray.kill(actor)
+        pool.live.clear()
+        pool.idle.clear()
 
 
 def open_cluster(cluster: str | None, model_path: str) -> RayScan | None:
