@@ -66,7 +66,7 @@ def jobs(decoder):
 
 def cluster_command() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Scans on a cluster", 1)[1].split("\n## ", 1)[0]
+    section = text.split("\n## Scans on a cluster", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     (line,) = block.strip().splitlines()
     return shlex.split(line)
