@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,9 +21,8 @@ from opstudio.core.passes.lowrank import PASS as LOWRANK
 from opstudio.core.plan.optimize import NothingRewritten, optimize, optimize_file
 from opstudio.core.plan.recipe import Recipe
 
-# the module, not the function plan/__init__ re-exports under the same name
-optimize_module = sys.modules["opstudio.core.plan.optimize"]
-
+# the module, not the function `opstudio.core.plan` names after it
+optimize_module = importlib.import_module("opstudio.core.plan.optimize")
 RNG = np.random.default_rng(3)
 
 

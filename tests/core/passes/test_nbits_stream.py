@@ -3,7 +3,7 @@ in bands, bit-exact against onnxruntime's MatMulNBits quantizer on the same mode
 
 from __future__ import annotations
 
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,8 @@ from opstudio.core.passes import _nbits_stream as nbits_stream
 from opstudio.core.plan.optimize import optimize, optimize_file
 from opstudio.core.plan.recipe import Recipe
 
-# the module, not the function plan/__init__ re-exports under the same name
-optimize_module = sys.modules["opstudio.core.plan.optimize"]
+# the module, not the function `opstudio.core.plan` names after it
+optimize_module = importlib.import_module("opstudio.core.plan.optimize")
 
 
 def decoder_like(k: int, n: int, vocab: int, hidden: int, fp16: bool = False) -> onnx.ModelProto:
