@@ -330,6 +330,11 @@ class FamilyGqaRule(pattern.RewriteRuleClassBase):
               past_v: ir.Value, mask: ir.Value, scale: ir.Value, probs: ir.Value,
               **rest: Any) -> MatchResult:
         result = MatchResult()
+        for past in (past_k, past_v):
+            if not _identity_of(past).is_graph_input():
+                # e.g. transformers' sliding-window cache, which keeps only the last tokens
+                return result.fail("its past keys/values are not the graph's KV cache inputs "
+                                   "as fed (the model trims or rewrites them first)")
         found = self._layout(q, k, v, past_k, past_v, rest)
         if isinstance(found, str):
             return result.fail(found)
@@ -348,9 +353,6 @@ class FamilyGqaRule(pattern.RewriteRuleClassBase):
             return result.fail(window)
         if rest.get("q_rot") is not None and not rest["pos"].is_graph_input():
             return result.fail("its rotary positions are not the graph's position_ids")
-        for past in (past_k, past_v):
-            if not _identity_of(past).is_graph_input():
-                return result.fail("its past keys/values are not the graph's KV cache inputs")
         return result
 
     def _layout(self, q: ir.Value, k: ir.Value, v: ir.Value, past_k: ir.Value,
@@ -463,8 +465,10 @@ class PartialRotaryRule(pattern.RewriteRuleClassBase):
         if _ints(a0) not in ([3], [-1]) or _ints(a1) not in ([3], [-1]) or \
                 _ints(t0) != [1] or _ints(t1) != [1]:
             return result.fail("the rotary part is not sliced from the head's last axis")
-        if _ints(s0) != [0] or _ints(e0) != [rotary] or _ints(s1) != [rotary] or \
-                (_ints(e1) or [0])[0] <= rotary:
+        # the split point: ``rotary`` or, as Phi-3 writes it, cos.shape[-1] computed in the
+        # graph (the rotary part is multiplied by cos, so it is that wide when it runs)
+        if _ints(s0) != [0] or (_ints(e1) or [0])[0] <= rotary or not (
+                _index_root(e0) is _index_root(s1) or _ints(e0) == _ints(s1) == [rotary]):
             return result.fail("the rotary part is not the first dims of each head")
         return result
 
@@ -474,6 +478,16 @@ class PartialRotaryRule(pattern.RewriteRuleClassBase):
         # for a 4-D input onnxruntime takes the heads from its shape; the attribute must be set
         return op.RotaryEmbedding(x, pos, cos, sin, interleaved=0, rotary_embedding_dim=rotary,
                                   num_heads=1, _domain="com.microsoft")
+
+
+def _index_root(value: ir.Value) -> ir.Value:
+    """``value`` before the Unsqueezes and Casts torch's exporter puts on a slice bound."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in ("Unsqueeze", "Cast") and \
+            producer.inputs[0] is not None:
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
 
 
 class SkipLayerNormRule(pattern.RewriteRuleClassBase):

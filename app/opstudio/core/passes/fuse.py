@@ -18,7 +18,10 @@ rewrites them, unit by unit, into onnxruntime's contrib ops:
   loop feeds); a padded batch, where position_ids and the mask say otherwise, is not kept.
 
 The matching is onnxscript's rewriter with the rules of ``_fusion_rules`` (its ``ort_fusions``
-rules extended for the exporter's forms). The math is the same up to float rounding; the model's
+rules extended for the exporter's forms) and, for Mistral, Gemma, Phi and GPT-2, of
+``_fusion_families`` (sliding windows and softcap as GroupQueryAttention attributes, q/k norms,
+partial rotary, LayerNorm with its residual → SkipLayerNormalization). What a kernel cannot
+express exactly is refused for that layer, with the layer and the reason. The math is the same up to float rounding; the model's
 inputs, outputs and KV layout do not change. The q/k/v, o and MLP projections stay MatMuls, so
 a later quantization step still takes them.
 
@@ -175,8 +178,10 @@ class _Refusals:
         if status == MatchStatus.CONDITION_FAILED and match.reason:
             names = [name for matched in match.nodes for name in _origins(matched)]
             reason = f"{_unit_of(names, getattr(rule, 'name', '') or '')}: {match.reason}"
+            # the last rule's: the families' rules, tried after the Llama layout's, are the
+            # more general ones, and say more about a block that neither takes
             for name in names:
-                self.reasons.setdefault(name, reason)
+                self.reasons[name] = reason
 
 
 _LAYER = re.compile(r"(?:layers|layer|h|blocks|block)\.(\d+)[/.]")
