@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 FAMILIES = {
     # heads, kv_heads, head, rotary dims (0: learned positions), norm, softcap, windows per
     # layer (0: full), q/k norms, packed c_attn
-    "gemma2": dict(heads=4, kv_heads=2, head=16, rotary=16, norm="rms", softcap=5.0,
+    "gemma2": dict(heads=4, kv_heads=2, head=16, rotary=16, norm="rms_offset", softcap=5.0,
                    windows=(3, 0), qk_norm=False, packed=False),
     # the Llama layout with sliding-window layers only (Mistral)
     "mistral": dict(heads=4, kv_heads=2, head=16, rotary=16, norm="rms", softcap=0.0,
@@ -66,9 +66,15 @@ def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.Model
         rms = node("Sqrt", [node("Add", [mean, f32(f"{scope}/eps", 1e-6)], f"{scope}/Add")],
                    f"{scope}/Sqrt")
         inv = node("Div", [f32(f"{scope}/one", 1.0), rms], f"{scope}/Div")
-        # Gemma's (1 + w), folded by the exporter into one constant
-        return node("Mul", [node("Mul", [x, inv], f"{scope}/Mul"),
-                            weight(f"{scope}.weight", (width,), 0.1, 1.0)], f"{scope}/Mul_1")
+        if spec["norm"] == "rms":
+            w = weight(f"{scope}.weight", (width,), 0.1, 1.0)
+        else:
+            # Gemma's (1 + w), unfolded, from an fp16 weight: as an export without constant
+            # folding writes it
+            w = node("Add", [node("Cast", [const(f"{scope}.weight_fp16", (
+                0.1 * rng.standard_normal(width)).astype(np.float16))], f"{scope}/Cast_w",
+                to=TensorProto.FLOAT), f32(f"{scope}/one_w", 1.0)], f"{scope}/Add_w")
+        return node("Mul", [node("Mul", [x, inv], f"{scope}/Mul"), w], f"{scope}/Mul_1")
 
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", d])
               for n, d in (("input_ids", "sequence_length"),
@@ -132,7 +138,7 @@ def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.Model
         a = f"/layers.{i}/attn"
         h = norm(x, f"/layers.{i}/ln_1", hidden)
         # the residual reads the norm's float Cast, as in a torch export
-        residual = f"/layers.{i}/ln_1/Cast_output_0" if spec["norm"] == "rms" else x
+        residual = f"/layers.{i}/ln_1/Cast_output_0" if spec["norm"] != "layer" else x
         if spec["packed"]:
             flat = node("Reshape", [h, i64(f"{a}/flat", -1, hidden)], f"{a}/c_attn/Reshape")
             qkv = node("Gemm", [flat, weight(f"layers.{i}.c_attn.weight", (hidden, 3 * hidden)),
@@ -234,7 +240,7 @@ def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.Model
                  f"{a}/o_proj/MatMul")
         x = node("Add", [residual, o], f"/layers.{i}/Add")
         h = norm(x, f"/layers.{i}/ln_2", hidden)
-        residual = f"/layers.{i}/ln_2/Cast_output_0" if spec["norm"] == "rms" else x
+        residual = f"/layers.{i}/ln_2/Cast_output_0" if spec["norm"] != "layer" else x
         up = node("MatMul", [h, weight(f"layers.{i}.up.weight", (hidden, 2 * hidden))],
                   f"/layers.{i}/mlp/up/MatMul")
         act = node("Mul", [up, node("Sigmoid", [up], f"/layers.{i}/mlp/Sigmoid")],

@@ -34,6 +34,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.pattern import MatchResult
 
 from opstudio.core.passes._fusion_rules import (
+    RmsNormRule,
     Shared,
     _identity_of,
     _ints,
@@ -526,6 +527,40 @@ class SkipLayerNormRule(pattern.RewriteRuleClassBase):
         return normalized, total
 
 
+class OffsetRmsNormRule(RmsNormRule):
+    """Gemma's RMSNorm weighted by ``(1 + w)`` as an export writes it when it does not fold
+    constants: the sum becomes the SimplifiedLayerNormalization's weight."""
+
+    # onnxscript names a pattern's variables after its parameters: the signatures differ
+    def pattern(self, op: Any, x: Any, two: Any, axes: Any, epsilon: Any,  # type: ignore[override]
+                one: Any, w: Any, offset: Any) -> Any:
+        return super().pattern(op, x, two, axes, epsilon, one, op.Add(w, offset))
+
+    def check(self, op: Any, x: ir.Value, two: ir.Value,  # type: ignore[override]
+              epsilon: ir.Value, w: ir.Value, offset: ir.Value, mean: ir.Value,
+              **rest: Any) -> MatchResult:
+        if _scalar(offset) is None:
+            return MatchResult().fail("the weight is offset by a value that is not a constant")
+        return super().check(op, x, two, epsilon, w, mean, **rest)
+
+    def rewrite(self, op: Any, x: ir.Value, epsilon: ir.Value,  # type: ignore[override]
+                w: ir.Value, offset: ir.Value, **_: Any) -> Any:
+        weight = const_array(_through_float(w))
+        assert weight is not None
+        total = (weight.astype(np.float32) + np.float32(_scalar(offset))).astype(np.float32)
+        scale = op.initializer(ir.tensor(total, name=f"{w.name}.offset"))
+        return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=_scalar(epsilon),
+                                               stash_type=1)
+
+
+def norm_rules() -> list[Any]:
+    return [variant for reciprocal in (False, True) for axes_input in (False, True)
+            for variant in OffsetRmsNormRule.rule(
+                f"OffsetRmsNorm[{'recip' if reciprocal else 'div'},"
+                f"{'axes-in' if axes_input else 'axes-attr'}]", reciprocal=reciprocal,
+                axes_input=axes_input, out_cast=False, scale_first=False).commute()]
+
+
 def rotary_rules() -> list[Any]:
     return [PartialRotaryRule.rule("PartialRotary")]
 
@@ -550,9 +585,8 @@ def _ends_attention(node: ir.Node, softcap: bool, casts: int, shape_of_context: 
     add = None if softmax is None else _producer(softmax.inputs[0], "Add")
     if add is None:
         return False
-    capped = any(_producer(_producer(x, "Mul") and x.producer().inputs[0], "Tanh")  # type: ignore[union-attr]
-                 or _producer(_producer(x, "Mul") and x.producer().inputs[1], "Tanh")  # type: ignore[union-attr]
-                 for x in add.inputs)
+    muls = [mul for mul in (_producer(x, "Mul") for x in add.inputs) if mul is not None]
+    capped = any(_producer(x, "Tanh") is not None for mul in muls for x in mul.inputs)
     concat = _producer(node.inputs[1], "Concat")
     context_shape = concat is not None and any(
         _producer(x, "Unsqueeze") is not None for x in concat.inputs)

@@ -108,7 +108,8 @@ class FusePass(Pass):
         result.notes.append(
             f"{', '.join(f'{n} {kind}' for kind, n in sorted(counts.items()))}: "
             f"{before} → {len(fused.graph.node)} nodes")
-        result.notes.extend(f"not fused: {reason}" for reason in refused_in_layers(reasons, chosen))
+        refused = {name: reason for name, reason in reasons.items() if name not in units}
+        result.notes.extend(f"not fused: {reason}" for reason in refused_in_layers(refused, chosen))
         for name in result.applied:
             result.details[name] = {"unit": len(units[name])}
         return result
@@ -229,7 +230,8 @@ def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
     # the rotary rules again after the norms: a q/k norm (Gemma 3) is known to give float only
     # once it is fused
     rotary = rules.rotary_rules(max_positions) + families.rotary_rules()
-    rulesets = [rotary, rules.norm_rules(), rules.skip_rules(), families.skip_rules(), rotary]
+    rulesets = [rotary, rules.norm_rules() + families.norm_rules(), rules.skip_rules(),
+                families.skip_rules(), rotary]
     if attention:
         rulesets.append(rules.attention_rules(shared) + families.attention_rules(shared, probe))
     live_before = _live(irmodel.graph)
