@@ -30,6 +30,8 @@ FAMILIES = {
 
 
 def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """``family``'s decoder with 2 layers; an embedding of more than 65,536 values (vocab ≥ 1025
+    at a hidden size of 64) is one the mask's probe must not copy."""
     spec = FAMILIES[family]
     heads, kv_heads, head, rotary = spec["heads"], spec["kv_heads"], spec["head"], spec["rotary"]
     hidden = heads * head
@@ -112,8 +114,10 @@ def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.Model
     m = "/mask"
     total = node("Gather", [node("Shape", ["attention_mask"], f"{m}/Shape"), i64(f"{m}/one", 1)],
                  f"{m}/Gather", axis=0)
-    seq = node("Gather", [node("Shape", ["input_ids"], f"{m}/Shape_1"), i64(f"{m}/one_b", 1)],
-               f"{m}/Gather_1", axis=0)
+    # the new tokens counted from the embeddings' shape, as transformers' mask code does
+    seq = node("Gather", [node("Shape", [x], f"{m}/Shape_1"),
+                          const(f"{m}/one_b", np.array(1, np.int64))], f"{m}/Gather_1", axis=0)
+    seq = node("Unsqueeze", [seq, i64(f"{m}/axis_seq", 0)], f"{m}/Unsqueeze_seq")
     step = const(f"{m}/step", np.array([1], np.int64))
     rows = node("Unsqueeze", [node("Range", [node("Sub", [total, seq], f"{m}/Sub"), total, step],
                                    f"{m}/Range"), i64(f"{m}/axis1", 1)], f"{m}/Unsqueeze")
@@ -249,8 +253,9 @@ def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.Model
                     f"/layers.{i}/mlp/down/MatMul")
         x = node("Add", [residual, down], f"/layers.{i}/Add_1")
     h = norm(x, "/norm", hidden)
-    nodes.append(helper.make_node("MatMul", [h, weight("lm_head.weight", (hidden, vocab))],
-                                  ["logits"], name="/lm_head/MatMul"))
+    # the lm_head tied to the embedding (a second use of it)
+    lm = node("Transpose", [emb], "/lm_head/Transpose", perm=[1, 0])
+    nodes.append(helper.make_node("MatMul", [h, lm], ["logits"], name="/lm_head/MatMul"))
     graph = helper.make_graph(nodes, f"{family}_decoder", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -19,9 +19,9 @@ FUSE = get_pass("fuse")
 FEEDS = ((6, 0), (1, 9), (4, 5))  # prefill, decode past the windows, a chunk after a past
 
 
-def _assert_same_logits(before, after, family):
+def _assert_same_logits(before, after, family, vocab=64):
     for seq, past in FEEDS:
-        feeds = family_inputs(family, seq, past)
+        feeds = family_inputs(family, seq, past, vocab=vocab)
         want, got = run_ort(before, feeds), run_ort(after, feeds)
         for a, b in zip(want, got, strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
@@ -51,7 +51,9 @@ def _attention(model):
     ("gpt2", {"SkipLayerNormalization": 5}, [{"num_heads": 4, "kv_num_heads": 4}] * 2),
 ])
 def test_each_family_fuses_every_layer_with_the_same_outputs(family, fused, attention):
-    model = family_decoder(family)
+    # Mistral's embedding is too large for the mask's probe to copy: it reads its shape only
+    vocab = 1100 if family == "mistral" else 64
+    model = family_decoder(family, vocab=vocab)
     result = apply_pass(FUSE, model, [n.name for n in model.graph.node], {"max_positions": 64})
     counts = Counter(n.op_type for n in result.model.graph.node)
     assert counts["GroupQueryAttention"] == 2
@@ -66,7 +68,7 @@ def test_each_family_fuses_every_layer_with_the_same_outputs(family, fused, atte
         assert all(not a.get("do_rotary") for a in made)
     assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
     assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
-    _assert_same_logits(model, result.model, family)
+    _assert_same_logits(model, result.model, family, vocab)
 
 
 def test_an_attention_groupqueryattention_cannot_express_is_refused_per_layer():

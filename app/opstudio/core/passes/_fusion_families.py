@@ -87,6 +87,9 @@ class MaskProbe:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # a small graph: one thread, which never spins against a busy machine
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
         session = ort.InferenceSession(model.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         probes = ((3, 5), (2, max(self._max_positions - 2, 8)))
@@ -138,25 +141,51 @@ class MaskProbe:
                 if len(nodes) > _PROBE_NODES:
                     return "its mask is computed from the layers' values, not the inputs"
             elif value.const_value is not None:
-                if value.const_value.size > 1 << 16:
-                    return "its mask is computed from the model's weights"
                 constants.append(value)
             elif value.is_graph_input():
                 inputs.append(value)
+        inside = {id(node) for node in nodes}
+        if any(v.const_value is not None and v.const_value.size > 1 << 16 and
+               not _only_gathered(v, inside) for v in constants):
+            return "its mask is computed from the model's weights"
         order = {id(node): i for i, node in enumerate(mask.graph or [])} if mask.graph else {}
         nodes.sort(key=lambda node: order.get(id(node), 0))
         graph = onnx.helper.make_graph(
             [ir.serde.serialize_node(node) for node in nodes], "mask_probe",
             [ir.serde.serialize_value(v) for v in sorted(inputs, key=lambda v: v.name or "")],
             [onnx.helper.make_value_info(mask.name or "mask", onnx.TypeProto())],
-            [ir.serde.serialize_tensor(v.const_value) for v in constants
-             if v.const_value is not None])
+            [_stand_in(v.const_value) for v in constants if v.const_value is not None])
         for tensor, value in zip(graph.initializer, constants, strict=True):
             tensor.name = value.name or tensor.name
         model = onnx.helper.make_model(graph, opset_imports=[
             onnx.helper.make_opsetid(domain, version) for domain, version in self._opsets.items()])
         model.ir_version = self._ir_version
         return model
+
+
+def _only_gathered(value: ir.Value, inside: set[int]) -> bool:
+    """Read by the nodes ``inside`` only as the table rows are gathered from (through Casts):
+    an embedding, whose shape, not its values, a mask from the embeddings' Shape reads."""
+    for use in value.uses():
+        node = use.node
+        if id(node) not in inside:
+            continue
+        if node.op_type == "Cast":
+            if not all(_only_gathered(out, inside) for out in node.outputs):
+                return False
+        elif node.op_type != "Gather" or use.idx != 0 or \
+                node.attributes.get_int("axis", 0) != 0:
+            return False
+    return True
+
+
+def _stand_in(tensor: Any) -> onnx.TensorProto:
+    """A weight as the probe needs it: a large embedding becomes one zero row (the probe's
+    token ids are all 0), so the probe never copies a model's weights."""
+    if tensor.size <= 1 << 16:
+        return ir.serde.serialize_tensor(tensor)
+    dtype = tensor.dtype.numpy()
+    return onnx.numpy_helper.from_array(np.zeros((1, *tensor.shape[1:]), dtype), tensor.name)
 
 
 def _expected(seq: int, past: int, window: int) -> np.ndarray:
@@ -565,54 +594,113 @@ def rotary_rules() -> list[Any]:
     return [PartialRotaryRule.rule("PartialRotary")]
 
 
-def skip_rules() -> list[Any]:
-    return [variant for variant in SkipLayerNormRule.rule("SkipLayerNorm").commute()]
-
-
-def _ends_attention(node: ir.Node, softcap: bool, casts: int, shape_of_context: bool) -> bool:
-    """The node merges the heads of Softmax(·)·V as the variant does: where its first output is.
-    onnxscript tries every combination of Concat nodes for the other two outputs before it
-    looks at the first one's inputs, so a variant is tried only where it can match."""
+def _attention_nodes(node: ir.Node, softcap: bool, casts: int,
+                     shape_of_context: bool) -> list[ir.Node] | None:
+    """The nodes a variant's three outputs would be (the heads merged, the present K and V
+    Concats) when ``node`` merges the heads of Softmax(·)·V as the variant does; else None."""
     if node.op_type != "Reshape":
-        return False
+        return None
     transpose = _producer(node.inputs[0], "Transpose")
-    matmul = None if transpose is None else _producer(transpose.inputs[0], "MatMul")
-    probs = None if matmul is None else matmul.inputs[0]
+    context = None if transpose is None else _producer(transpose.inputs[0], "MatMul")
+    probs = None if context is None else context.inputs[0]
     for _ in range(casts):
         cast = _producer(probs, "Cast")
         probs = None if cast is None else cast.inputs[0]
     softmax = _producer(probs, "Softmax")
     add = None if softmax is None else _producer(softmax.inputs[0], "Add")
-    if add is None:
-        return False
+    if context is None or add is None:
+        return None
     muls = [mul for mul in (_producer(x, "Mul") for x in add.inputs) if mul is not None]
-    capped = any(_producer(x, "Tanh") is not None for mul in muls for x in mul.inputs)
+    if any(_producer(x, "Tanh") is not None for mul in muls for x in mul.inputs) != softcap:
+        return None
     concat = _producer(node.inputs[1], "Concat")
-    context_shape = concat is not None and any(
-        _producer(x, "Unsqueeze") is not None for x in concat.inputs)
-    return capped == softcap and (context_shape or not shape_of_context)
+    if shape_of_context and (concat is None or
+                             not any(_producer(x, "Unsqueeze") for x in concat.inputs)):
+        return None
+    qk = next((m for m in map(_scores_of, add.inputs) if m is not None), None)
+    keys = None if qk is None else _producer(qk.inputs[1], "Transpose")
+    present_k = None if keys is None else _present(keys.inputs[0])
+    present_v = _present(context.inputs[1])
+    if present_k is None or present_v is None:
+        return None
+    return [node, present_k, present_v]
 
 
-def _guarded(rule: Any, softcap: bool, casts: int, shape_of_context: bool) -> Any:
+def _scores_of(value: ir.Value | None) -> ir.Node | None:
+    """The q·kᵀ MatMul behind the scale and the softcap (Mul, Div, Tanh)."""
+    for _ in range(5):
+        producer = None if value is None else value.producer()
+        if producer is None:
+            return None
+        if producer.op_type == "MatMul":
+            return producer
+        if producer.op_type not in ("Mul", "Div", "Tanh"):
+            return None
+        value = next((x for x in producer.inputs if const_array(x) is None), None)
+    return None
+
+
+def _present(value: ir.Value | None) -> ir.Node | None:
+    """The past Concat behind repeat_kv (Unsqueeze/Expand/Reshape) or without it."""
+    reshape = _producer(value, "Reshape")
+    expand = None if reshape is None else _producer(reshape.inputs[0], "Expand")
+    unsqueeze = None if expand is None else _producer(expand.inputs[0], "Unsqueeze")
+    if unsqueeze is not None:
+        value = unsqueeze.inputs[0]
+    return _producer(value, "Concat")
+
+
+class _Candidates:
+    """The graph as onnxscript's matcher sees it, iterated as a few nodes only: for a pattern
+    with several outputs, the matcher tries every combination of the graph's nodes of the
+    other outputs' op types (every Concat of the model, squared, for each attention block)."""
+
+    def __init__(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
+        self.graph = graph
+        self._nodes = nodes
+
+    def __iter__(self) -> Any:
+        return iter(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+
+def _focused(rule: Any, find: Any) -> Any:
+    """``rule`` tried only where ``find`` locates its output nodes, and against those only."""
     tried = rule.try_rewrite
 
     def try_rewrite(model: Any, graph: Any, node: ir.Node, **kwargs: Any) -> Any:
-        if not _ends_attention(node, softcap, casts, shape_of_context):
+        nodes = find(node)
+        if nodes is None:
             return None
-        return tried(model, graph, node, **kwargs)
+        return tried(model, _Candidates(graph, nodes), node, **kwargs)
 
     rule.try_rewrite = try_rewrite
     return rule
 
 
+def _skip_nodes(node: ir.Node) -> list[ir.Node] | None:
+    add = _producer(node.inputs[0], "Add") if node.op_type == "LayerNormalization" else None
+    return None if add is None else [node, add]
+
+
+def skip_rules() -> list[Any]:
+    return [_focused(variant, _skip_nodes)
+            for variant in SkipLayerNormRule.rule("SkipLayerNorm").commute()]
+
+
 def attention_rules(shared: Shared, probe: MaskProbe) -> list[Any]:
     # rotary with or without softcap (Llama, Phi, Gemma 2/3), and neither (GPT-2, which also
     # merges the heads to the context's own shape)
-    return [_guarded(variant, softcap, casts, shape) for rope, softcap, shape in ((True, False, False), (True, True, False),
-                                                 (False, False, True), (False, False, False))
-            for casts in (0, 1, 2)
-            for variant in FamilyGqaRule.rule(
-                f"FamilyGQA[{'rope,' if rope else ''}{'softcap,' if softcap else ''}"
-                f"{'context shape,' if shape else ''}{casts} casts]", rope=rope,
-                softcap=softcap, casts=casts, shape_of_context=shape, shared=shared,
-                probe=probe).commute()]
+    rules = []
+    for rope, softcap, shape in ((True, False, False), (True, True, False), (False, False, True),
+                                 (False, False, False)):
+        for casts in (0, 1, 2):
+            name = (f"FamilyGQA[{'rope,' if rope else ''}{'softcap,' if softcap else ''}"
+                    f"{'context shape,' if shape else ''}{casts} casts]")
+            rule = FamilyGqaRule.rule(name, rope=rope, softcap=softcap, casts=casts,
+                                      shape_of_context=shape, shared=shared, probe=probe)
+            rules += [_focused(variant, lambda node, c=casts, s=softcap, sh=shape:
+                               _attention_nodes(node, s, c, sh)) for variant in rule.commute()]
+    return rules
