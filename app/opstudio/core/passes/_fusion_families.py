@@ -36,11 +36,11 @@ from onnxscript.rewriter.pattern import MatchResult
 from opstudio.core.passes._fusion_rules import (
     RmsNormRule,
     Shared,
-    _identity_of,
-    _ints,
-    _producer,
-    _scalar,
     const_array,
+    identity_of,
+    ints_of,
+    producer_of,
+    scalar_of,
     shared_lengths,
 )
 
@@ -83,15 +83,11 @@ class MaskProbe:
         model = self._subgraph(mask)
         if isinstance(model, str):
             return model
-        import onnxruntime as ort
+        from opstudio.core.model.runtime import create_session, session_options
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         # a small graph: one thread, which never spins against a busy machine
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = create_session(model, session_options(threads=1, inter_threads=1,
+                                                        spinning=False))
         probes = ((3, 5), (2, max(self._max_positions - 2, 8)))
         allowed = []
         for seq, past in probes:
@@ -223,12 +219,12 @@ def _probe_feeds(session: Any, seq: int, past: int) -> dict[str, np.ndarray] | s
 def _width(value: ir.Value | None) -> int | None:
     """Columns a projection output has: a MatMul/Gemm by a constant weight, behind a bias Add,
     a Reshape, or a Slice/Split of a packed projection's last axis."""
-    add = _producer(value, "Add")
+    add = producer_of(value, "Add")
     if add is not None:
         value = next((x for x in add.inputs if const_array(_through_float(x)) is None), None)
-    reshape = _producer(value, "Reshape")
+    reshape = producer_of(value, "Reshape")
     if reshape is not None:
-        shape = _ints(reshape.inputs[1])
+        shape = ints_of(reshape.inputs[1])
         if shape and shape[-1] > 0:
             return shape[-1]
         value = reshape.inputs[0]
@@ -244,13 +240,13 @@ def _width(value: ir.Value | None) -> int | None:
         return int(weight.shape[0] if transposed else weight.shape[1])
     if node.op_type == "Slice":
         full = _width(node.inputs[0])
-        starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
-        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 else [-1]
+        starts, ends = ints_of(node.inputs[1]), ints_of(node.inputs[2])
+        axes = ints_of(node.inputs[3]) if len(node.inputs) > 3 else [-1]
         if full is None or starts is None or ends is None or axes not in ([-1], [2]):
             return None
         return max(0, min(ends[0], full) - starts[0])
     if node.op_type == "Split":
-        sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        sizes = ints_of(node.inputs[1]) if len(node.inputs) > 1 else None
         full = _width(node.inputs[0])
         if node.attributes.get_int("axis", 0) not in (-1, 2) or full is None:
             return None
@@ -361,22 +357,22 @@ class FamilyGqaRule(pattern.RewriteRuleClassBase):
               **rest: Any) -> MatchResult:
         result = MatchResult()
         for past in (past_k, past_v):
-            if not _identity_of(past).is_graph_input():
+            if not identity_of(past).is_graph_input():
                 # e.g. transformers' sliding-window cache, which keeps only the last tokens
                 return result.fail("its past keys/values are not the graph's KV cache inputs "
                                    "as fed (the model trims or rewrites them first)")
         found = self._layout(q, k, v, past_k, past_v, rest)
         if isinstance(found, str):
             return result.fail(found)
-        if _scalar(scale) is None:
+        if scalar_of(scale) is None:
             return result.fail("its scores are scaled by a value that is not a constant")
         softmax = probs.producer()
         assert softmax is not None
         if softmax.attributes.get_int("axis", -1) not in (-1, 3):
             return result.fail("its softmax is not over the keys")
         if rest.get("capped") is not None and \
-                (_scalar(rest.get("cap_in")) is None or
-                 _scalar(rest.get("cap_in")) != _scalar(rest.get("cap_out"))):
+                (scalar_of(rest.get("cap_in")) is None or
+                 scalar_of(rest.get("cap_in")) != scalar_of(rest.get("cap_out"))):
             return result.fail("its scores are soft-capped by different or varying values")
         window = self._probe.window(mask)
         if isinstance(window, str):
@@ -388,7 +384,7 @@ class FamilyGqaRule(pattern.RewriteRuleClassBase):
     def _layout(self, q: ir.Value, k: ir.Value, v: ir.Value, past_k: ir.Value,
                 past_v: ir.Value, rest: dict[str, Any]) -> dict[str, Any] | str:
         """Head counts, head size and rotary width, or why GroupQueryAttention can't take them."""
-        dims = _kv_dims(_identity_of(past_k))
+        dims = _kv_dims(identity_of(past_k))
         if dims is None:
             return "its KV cache inputs do not declare the KV heads and head size"
         kv_heads, head = dims
@@ -434,21 +430,21 @@ class FamilyGqaRule(pattern.RewriteRuleClassBase):
         found = self._layout(q, k, v, past_k, past_v, rest)
         assert not isinstance(found, str)
         window = self._probe.window(mask)
-        value = float(_scalar(scale) or 1.0)
+        value = float(scalar_of(scale) or 1.0)
         if rest.get("scaled_div") is not None:
             value = 1.0 / value
         seqlens, length = shared_lengths(op, self._shared, mask)
-        head = _kv_dims(_identity_of(past_k))[1]  # type: ignore[index]
+        head = _kv_dims(identity_of(past_k))[1]  # type: ignore[index]
         q = _normed(op, q, rest.get("q_norm") or rest.get("q_norm_t"), found["heads"], head)
         k = _normed(op, k, rest.get("k_norm") or rest.get("k_norm_t"), found["kv_heads"], head)
-        inputs = [q, k, v, _identity_of(past_k), _identity_of(past_v), seqlens, length]
+        inputs = [q, k, v, identity_of(past_k), identity_of(past_v), seqlens, length]
         attrs: dict[str, Any] = {"num_heads": found["heads"], "kv_num_heads": found["kv_heads"],
                                  "scale": value}
         if found["rotary"]:
             inputs += [rest["cos"], rest["sin"]]
             attrs.update(do_rotary=1, rotary_interleaved=0)
         if rest.get("capped") is not None:
-            attrs["softcap"] = float(_scalar(rest["cap_in"]) or 0.0)
+            attrs["softcap"] = float(scalar_of(rest["cap_in"]) or 0.0)
         if isinstance(window, int) and window:
             attrs["local_window_size"] = window
         return op.GroupQueryAttention(*inputs, **attrs, _domain="com.microsoft", _outputs=3)
@@ -492,13 +488,13 @@ class PartialRotaryRule(pattern.RewriteRuleClassBase):
                 or node.attributes.get_int("rotary_embedding_dim", 0) != 0:
             return result.fail("the rotary part is not a plain rotary embedding")
         rotary = 2 * cache.shape[1]
-        if _ints(a0) not in ([3], [-1]) or _ints(a1) not in ([3], [-1]) or \
-                _ints(t0) != [1] or _ints(t1) != [1]:
+        if ints_of(a0) not in ([3], [-1]) or ints_of(a1) not in ([3], [-1]) or \
+                ints_of(t0) != [1] or ints_of(t1) != [1]:
             return result.fail("the rotary part is not sliced from the head's last axis")
         # the split point: ``rotary`` or, as Phi-3 writes it, cos.shape[-1] computed in the
         # graph (the rotary part is multiplied by cos, so it is that wide when it runs)
-        if _ints(s0) != [0] or (_ints(e1) or [0])[0] <= rotary or not (
-                _index_root(e0) is _index_root(s1) or _ints(e0) == _ints(s1) == [rotary]):
+        if ints_of(s0) != [0] or (ints_of(e1) or [0])[0] <= rotary or not (
+                _index_root(e0) is _index_root(s1) or ints_of(e0) == ints_of(s1) == [rotary]):
             return result.fail("the rotary part is not the first dims of each head")
         return result
 
@@ -568,7 +564,7 @@ class OffsetRmsNormRule(RmsNormRule):
     def check(self, op: Any, x: ir.Value, two: ir.Value,  # type: ignore[override]
               epsilon: ir.Value, w: ir.Value, offset: ir.Value, mean: ir.Value,
               **rest: Any) -> MatchResult:
-        if _scalar(offset) is None:
+        if scalar_of(offset) is None:
             return MatchResult().fail("the weight is offset by a value that is not a constant")
         return super().check(op, x, two, epsilon, w, mean, **rest)
 
@@ -576,9 +572,9 @@ class OffsetRmsNormRule(RmsNormRule):
                 w: ir.Value, offset: ir.Value, **_: Any) -> Any:
         weight = const_array(_through_float(w))
         assert weight is not None
-        total = (weight.astype(np.float32) + np.float32(_scalar(offset))).astype(np.float32)
+        total = (weight.astype(np.float32) + np.float32(scalar_of(offset))).astype(np.float32)
         scale = op.initializer(ir.tensor(total, name=f"{w.name}.offset"))
-        return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=_scalar(epsilon),
+        return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=scalar_of(epsilon),
                                                stash_type=1)
 
 
@@ -600,25 +596,25 @@ def _attention_nodes(node: ir.Node, softcap: bool, casts: int,
     Concats) when ``node`` merges the heads of Softmax(·)·V as the variant does; else None."""
     if node.op_type != "Reshape":
         return None
-    transpose = _producer(node.inputs[0], "Transpose")
-    context = None if transpose is None else _producer(transpose.inputs[0], "MatMul")
+    transpose = producer_of(node.inputs[0], "Transpose")
+    context = None if transpose is None else producer_of(transpose.inputs[0], "MatMul")
     probs = None if context is None else context.inputs[0]
     for _ in range(casts):
-        cast = _producer(probs, "Cast")
+        cast = producer_of(probs, "Cast")
         probs = None if cast is None else cast.inputs[0]
-    softmax = _producer(probs, "Softmax")
-    add = None if softmax is None else _producer(softmax.inputs[0], "Add")
+    softmax = producer_of(probs, "Softmax")
+    add = None if softmax is None else producer_of(softmax.inputs[0], "Add")
     if context is None or add is None:
         return None
-    muls = [mul for mul in (_producer(x, "Mul") for x in add.inputs) if mul is not None]
-    if any(_producer(x, "Tanh") is not None for mul in muls for x in mul.inputs) != softcap:
+    muls = [mul for mul in (producer_of(x, "Mul") for x in add.inputs) if mul is not None]
+    if any(producer_of(x, "Tanh") is not None for mul in muls for x in mul.inputs) != softcap:
         return None
-    concat = _producer(node.inputs[1], "Concat")
+    concat = producer_of(node.inputs[1], "Concat")
     if shape_of_context and (concat is None or
-                             not any(_producer(x, "Unsqueeze") for x in concat.inputs)):
+                             not any(producer_of(x, "Unsqueeze") for x in concat.inputs)):
         return None
     qk = next((m for m in map(_scores_of, add.inputs) if m is not None), None)
-    keys = None if qk is None else _producer(qk.inputs[1], "Transpose")
+    keys = None if qk is None else producer_of(qk.inputs[1], "Transpose")
     present_k = None if keys is None else _present(keys.inputs[0])
     present_v = _present(context.inputs[1])
     if present_k is None or present_v is None:
@@ -642,12 +638,12 @@ def _scores_of(value: ir.Value | None) -> ir.Node | None:
 
 def _present(value: ir.Value | None) -> ir.Node | None:
     """The past Concat behind repeat_kv (Unsqueeze/Expand/Reshape) or without it."""
-    reshape = _producer(value, "Reshape")
-    expand = None if reshape is None else _producer(reshape.inputs[0], "Expand")
-    unsqueeze = None if expand is None else _producer(expand.inputs[0], "Unsqueeze")
+    reshape = producer_of(value, "Reshape")
+    expand = None if reshape is None else producer_of(reshape.inputs[0], "Expand")
+    unsqueeze = None if expand is None else producer_of(expand.inputs[0], "Unsqueeze")
     if unsqueeze is not None:
         value = unsqueeze.inputs[0]
-    return _producer(value, "Concat")
+    return producer_of(value, "Concat")
 
 
 class _Candidates:
@@ -681,7 +677,7 @@ def _focused(rule: Any, find: Any) -> Any:
 
 
 def _skip_nodes(node: ir.Node) -> list[ir.Node] | None:
-    add = _producer(node.inputs[0], "Add") if node.op_type == "LayerNormalization" else None
+    add = producer_of(node.inputs[0], "Add") if node.op_type == "LayerNormalization" else None
     return None if add is None else [node, add]
 
 

@@ -543,3 +543,10 @@ def _graph_input_above(value: ir.Value, name: str, depth: int = 40) -> ir.Value 
 def attention_rules(shared: Shared) -> list[Any]:
     return _commuted([GqaRule.rule(f"GQA[{casts} casts]", casts=casts, shared=shared)
                       for casts in (0, 2)])
+
+
+# the helpers ``_fusion_families`` reads the same graphs with
+identity_of = _identity_of
+ints_of = _ints
+producer_of = _producer
+scalar_of = _scalar
