@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_exports import DEFAULT_CACHE, trained_decoder
 from opstudio.core.accuracy import mean_kl_divergence, top1_agreement
-from opstudio.core.advisor import CONFIDENCE, Budget, advise
+from opstudio.core.advisor import advise
 from opstudio.core.inputs import make_inputs
 from opstudio.core.model_io import load_model
 from opstudio.core.optimize import optimize
+from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.profiler import ProfileSettings
 from opstudio.core.recipe import Recipe, Step
 from opstudio.core.timing import interleaved_times, paired_ratio, session
@@ -53,7 +54,7 @@ from opstudio.core.timing import interleaved_times, paired_ratio, session
 
 def whole(model, technique: str, params: dict) -> Recipe:
     """``technique`` on every MatMul with a constant weight (the lm_head included)."""
-    from opstudio.core.llm_plan import find_targets
+    from opstudio.core.plan.llm import find_targets
 
     return Recipe([Step(technique, dict(params), nodes=[t.node for t in find_targets(model)])])
 

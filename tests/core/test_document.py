@@ -15,9 +15,9 @@ from opstudio.core.document import Document, comparison_summary, profile_summary
 from opstudio.core.errors import OpstudioError
 from opstudio.core.opening import open_for_display
 from opstudio.core.optimize import optimize
-from opstudio.core.plan import Plan
 from opstudio.core.profiler import ProfileSettings, profile_model
 from opstudio.core.recipe import Recipe, Step
+from opstudio.core.session.edits import Plan
 from opstudio.core.timing import Ratio
 
 

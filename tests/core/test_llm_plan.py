@@ -10,13 +10,15 @@ import onnx
 import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
-from opstudio.core import llm_plan
 from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
-from opstudio.core.llm_plan import (
+from opstudio.core.plan import llm as llm_plan
+from opstudio.core.plan.llm import (
+    Option as _Option,
+)
+from opstudio.core.plan.llm import (
     Target,
     Variant,
-    _Option,
     find_targets,
     fit_top1,
     layer_weights,

@@ -23,14 +23,14 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.events import Event
 from opstudio.core.graph import GraphInfo
 from opstudio.core.layout import Layout
-from opstudio.core.llm_plan import LlmAdvice
 from opstudio.core.model_io import save_model
 from opstudio.core.opening import Opened
 from opstudio.core.optimize import OptimizeResult
-from opstudio.core.plan import Plan
+from opstudio.core.plan.llm import LlmAdvice
 from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
 from opstudio.core.recipe import Step
 from opstudio.core.roofline import Machine
+from opstudio.core.session.edits import Plan
 
 AnyAdvice = Advice | LlmAdvice  # per operator, or per layer and role of a language model
 

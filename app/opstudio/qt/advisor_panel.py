@@ -7,7 +7,7 @@ hands the proposed plan to the plan editor, where it can be edited and undone li
 
 A language model is budgeted by next-token top-1 agreement or KL on the prompt and planned for
 its decode step (or prefill): the panel then shows the scan by role and the frontier of
-agreement against speedup (``opstudio.core.llm_plan.LlmAdvice``). Cosine and SNR budgets stay
+agreement against speedup (``opstudio.core.plan.llm.LlmAdvice``). Cosine and SNR budgets stay
 for models without logits.
 """
 
@@ -38,9 +38,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.advisor import CONFIDENCE, Advice, Budget
-from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice
+from opstudio.core.advisor import Advice
 from opstudio.core.passes import TECHNIQUES, get_pass
+from opstudio.core.plan.budget import CONFIDENCE, Budget
+from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice
 from opstudio.core.profiler import ProfileSettings
 from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
 

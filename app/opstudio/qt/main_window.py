@@ -31,11 +31,11 @@ from opstudio.core.opening import Opened, open_for_display
 from opstudio.core.optimize import OptimizeResult
 from opstudio.core.passes import ScanParams
 from opstudio.core.phases import kv_layout
-from opstudio.core.plan import Plan
 from opstudio.core.profiler import Profile, ProfileSettings
 from opstudio.core.provenance import derived_nodes
 from opstudio.core.recipe import Recipe, Step
 from opstudio.core.roofline import profile_with_machine
+from opstudio.core.session.edits import Plan
 from opstudio.qt.advisor_panel import AdvisorPanel
 from opstudio.qt.banner import ErrorBanner
 from opstudio.qt.exports import Exports

@@ -1,0 +1,1 @@
+"""Planning: the accuracy budget and the advisors."""

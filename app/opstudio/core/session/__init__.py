@@ -1,0 +1,1 @@
+"""The document being edited in the app and its edits."""
