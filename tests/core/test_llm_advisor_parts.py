@@ -208,3 +208,38 @@ def test_the_step_timer_times_a_plan_and_its_start_once(monkeypatch):
     assert timer(plan, start).median == 0.9
     assert timer(plan, Recipe([])).median == 0.7 and timer(start, Recipe([])).median == 0.75
     assert len(calls) == 1 and calls[0][1] == 6.0  # timed together, three times longer
+
+
+# --- fusion before the plan ----------------------------------------------------------------
+
+def test_fusion_is_judged_exact_timed_and_kept_only_where_it_pays(tmp_path, monkeypatch):
+    from llm_builders import llama_decoder
+    from opstudio.core.plan.llm.fusion import fused_scan
+    from opstudio.core.plan.llm.variants import default_variants
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path, npz = tmp_path / "d.onnx", tmp_path / "p.npz"
+    model = llama_decoder(layers=2, vocab=256, hidden=64)
+    onnx.save(model, path)
+    np.savez(npz, **prompt_inputs(40, vocab=256, position_ids=True))
+    settings = ProfileSettings(threads=1, inputs_path=str(npz))
+    variants = [v for v in default_variants(torch=False) if v.id in ("fuse", "int8-weight")]
+    scan = Scan.prepare(str(path), settings, variants)
+    assert [v.id for v in scan.variants] == ["int8-weight"]  # fusion is not scanned by unit
+    fused, fusion = fused_scan(scan, settings, variants, Budget(min_top1=0.9, confidence=0.5),
+                               tmp_path, 0.3, lambda f, m: None)
+    assert fusion is not None and set(fusion.tried) == {"fuse",
+                                                        "fuse (norms and rotary only)"}
+    for tried in fusion.tried.values():
+        # the same math: every next token agrees
+        assert tried["top1"] == 1.0 and tried["kl"] < 1e-6 and tried["ratio"] > 0
+    paying = [t for t in fusion.tried.values() if t["ratio"] < 0.98 and t["high"] < 1.0]
+    assert (fusion.step is not None) == bool(paying)
+    if fusion.step is not None:
+        # the scan now plans the quantizers on the fused model, whose projections keep their
+        # names, so the plan's steps apply after the fuse step
+        assert fused.path == fusion.path and fused.path != str(path)
+        assert {t.node for t in fused.targets} <= {n.name for n in model.graph.node}
+        assert any("kept" in line for line in fused.log)
+    else:
+        assert fused is scan

@@ -84,6 +84,9 @@ class LlmAdvice:
     log: list[str] = field(default_factory=list)
     seconds: float = 0.0
     nothing_applies: str | None = None
+    # the fusion applied before the plan (its step leads the recipe), and what each one tried
+    # measured; None when fusion was not tried
+    fusion: dict[str, Any] | None = None
 
     def variant(self, vid: str) -> Variant:
         return next(v for v in self.variants if v.id == vid)
@@ -100,7 +103,8 @@ class LlmAdvice:
             "speedup": None if self.speedup is None else asdict(self.speedup),
             "frontier": [asdict(p) for p in self.frontier],
             "refused": self.refused, "log": list(self.log), "seconds": self.seconds,
-            "nothing_applies": self.nothing_applies}
+            "nothing_applies": self.nothing_applies,
+            **({} if self.fusion is None else {"fusion": self.fusion})}
 
 
 # --- targets -------------------------------------------------------------------------------

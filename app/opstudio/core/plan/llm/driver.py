@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opstudio.core.plan.budget import Budget, Timer, Verify
 from opstudio.core.plan.llm.advice import LlmAdvice
@@ -16,6 +16,7 @@ from opstudio.core.plan.llm.confirm import (
     try_limit,
 )
 from opstudio.core.plan.llm.frontier import FrontierRecorder
+from opstudio.core.plan.llm.fusion import Fusion, fused_scan
 from opstudio.core.plan.llm.limits import LimitSearch
 from opstudio.core.plan.llm.predict import (
     LAYER_SAMPLES,
@@ -27,10 +28,11 @@ from opstudio.core.plan.llm.predict import (
     unit_options,
 )
 from opstudio.core.plan.llm.scan import Scan
-from opstudio.core.plan.llm.variants import Variant
+from opstudio.core.plan.llm.variants import Variant, default_variants
 from opstudio.core.profiler import ProfileSettings
 from opstudio.core.progress import CancelCheck, Progress, clamped, stopper
 from opstudio.core.recipe import Recipe
+from opstudio.core.tempdir import opstudio_tempdir
 
 
 def advise_llm(model_path: str, settings: ProfileSettings, budget: Budget,
@@ -43,11 +45,25 @@ def advise_llm(model_path: str, settings: ProfileSettings, budget: Budget,
     the prefill with ``settings.phase == "prefill"``), verify and time; see the package doc.
     ``verify``/``timer``: measure plans otherwise than on the prompt and step of ``settings``."""
     started, say, stop = time.perf_counter(), clamped(progress), stopper(cancelled)
-    scan = Scan.prepare(model_path, settings, variants, use_cache=use_cache,
-                        layer_samples=layer_samples)
-    if (nothing := scan.nothing_applies(budget, started)) is not None:
-        return nothing
-    stop()
+    variants = list(variants) if variants is not None else default_variants()
+    with opstudio_tempdir(prefix="fused-") as folder:
+        scan = Scan.prepare(model_path, settings, variants, use_cache=use_cache,
+                            layer_samples=layer_samples)
+        if (nothing := scan.nothing_applies(budget, started)) is not None:
+            return nothing
+        stop()
+        scan, fusion = fused_scan(scan, settings, variants, budget, folder, time_budget_s, say,
+                                  cancelled, use_cache=use_cache, layer_samples=layer_samples)
+        return _plan(scan, fusion, budget, verify, timer, layer_samples, time_budget_s, say,
+                     stop, cancelled, started)
+
+
+def _plan(scan: Scan, fusion: Fusion | None, budget: Budget, verify: Verify | None,
+          timer: Timer | None, layer_samples: int, time_budget_s: float, say: Progress,
+          stop: Callable[[], None], cancelled: CancelCheck | None, started: float
+          ) -> LlmAdvice:
+    """The plan on ``scan``'s model (the fused one when ``fusion`` kept one), led by the
+    fusion's step."""
     scan.time_whole(time_budget_s, say, cancelled)
     scan.judge_units(budget, layer_samples, say, cancelled, stop)
     options, notes = unit_options(scan.whole, scan.roles, scan.role_nodes, scan.weights,
@@ -86,11 +102,14 @@ def advise_llm(model_path: str, settings: ProfileSettings, budget: Budget,
     frontier.whole(scan.whole, scan.vmap, judge.holds)
     say(1.0, "advice ready")
     recipe = _named_calibration(confirmed.recipe if confirmed else Recipe([]), scan.calibration)
+    if fusion is not None and fusion.step is not None:
+        recipe = Recipe([fusion.step, *recipe.steps])
     return LlmAdvice(budget, scan.phase, scan.base_ms, scan.variants, scan.roles, scan.whole,
                      scan.layer_kl, scan.measured_layers, confirmed.chosen if confirmed else [],
                      recipe, confirmed.verified if confirmed else None,
                      confirmed.speed if confirmed else None, frontier.points, scan.refused,
-                     scan.log, time.perf_counter() - started)
+                     scan.log, time.perf_counter() - started,
+                     fusion=None if fusion is None else fusion.to_json())
 
 
 def _named_calibration(recipe: Recipe, calibration: str) -> Recipe:

@@ -79,29 +79,31 @@ class Scan:
     @classmethod
     def prepare(cls, model_path: str, settings: ProfileSettings,
                 variants: Sequence[Variant] | None = None, *, use_cache: bool = True,
-                layer_samples: int = LAYER_SAMPLES) -> Scan:
+                layer_samples: int = LAYER_SAMPLES, source: str | None = None) -> Scan:
         """The prompt (split into calibration and judged tokens), the step to time, the
-        targets each variant can take and the cache the measurements go to."""
+        targets each variant can take and the cache the measurements go to. ``source``: the
+        user's model when ``model_path`` is a rewrite of it (its tokenizer and
+        genai_config.json sit beside the former). Fusion is not scanned (``fusion``)."""
         from opstudio.core.inputs import make_inputs
         from opstudio.core.model_io import load_model
         from opstudio.core.sensitivity import cache_key, cache_path
         from opstudio.core.text_prompt import with_text_prompt
 
-        path = str(model_path)
+        path, beside = str(model_path), str(source or model_path)
         phase = settings.phase or "decode"
         # without a prompt file, a text tokenized with the model's tokenizer when there is one
         given = settings.inputs_path
-        settings, judged_on = with_text_prompt(settings, path)
+        settings, judged_on = with_text_prompt(settings, beside)
         model = load_model(path)
         if not _has_logits(model):
             raise OpstudioError("the model has no logits output (a float output named …logits… "
                                 "or as wide as a vocabulary): budget it by cosine or SNR instead")
         prompt = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
                              npz_path=settings.inputs_path, seed=settings.seed, phase="prefill",
-                             model_path=path)
+                             model_path=beside)
         timed = prompt if phase == "prefill" else make_inputs(
             model, dims=settings.dims, shapes=settings.shapes, npz_path=settings.inputs_path,
-            seed=settings.seed, phase="decode", past=settings.past, model_path=path)
+            seed=settings.seed, phase="decode", past=settings.past, model_path=beside)
         # the scan calibrates on the first part of the prompt (handed to every pass as its
         # samples: "random" takes those first) and judges on the rest; the plan it hands out
         # names the prompt itself when the prompt file feeds the model
@@ -115,7 +117,8 @@ class Scan:
                    f"{2 * MIN_CONFIRM} judged tokens on)")
         variants = [replace(v, params={**v.params, "calibration": "random"})
                     if "calibration" in v.params else v
-                    for v in (variants if variants is not None else default_variants())]
+                    for v in (variants if variants is not None else default_variants())
+                    if v.technique != "fuse"]
         targets = find_targets(model)
         extra = [settings.inputs_path] if settings.inputs_path else []
         key = cache_key(Path(path), settings, {"variants": [v.to_json() for v in variants],

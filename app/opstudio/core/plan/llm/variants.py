@@ -63,7 +63,8 @@ def default_variants(calibration: str = "random", *, torch: bool | None = None,
         return {"block_size": block, "symmetric": False, "algorithm": "awq",
                 "accuracy_level": "auto", **cal}
 
-    out = [Variant("int4-awq", "int4-weight", awq(32), "INT4 AWQ"),
+    out = [Variant("fuse", "fuse", {}, "fused norms, rotary and attention (exact)"),
+           Variant("int4-awq", "int4-weight", awq(32), "INT4 AWQ"),
            Variant("int4-awq64", "int4-weight", awq(64), "INT4 AWQ, blocks of 64")]
     if rtn:
         out.append(Variant("int4-rtn", "int4-weight", {"block_size": 32, "symmetric": True,
@@ -89,7 +90,7 @@ def default_variants(calibration: str = "random", *, torch: bool | None = None,
     return out
 
 
-LLM_TECHNIQUES = ("int4-weight", "int8-weight", "int8-dynamic", "lowrank", "prune")
+LLM_TECHNIQUES = ("fuse", "int4-weight", "int8-weight", "int8-dynamic", "lowrank", "prune")
 
 
 def variants_for(techniques: Sequence[str] | Mapping[str, Any], calibration: str = "random",
