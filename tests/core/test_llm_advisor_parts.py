@@ -239,7 +239,34 @@ def test_fusion_is_judged_exact_timed_and_kept_only_where_it_pays(tmp_path, monk
         # the scan now plans the quantizers on the fused model, whose projections keep their
         # names, so the plan's steps apply after the fuse step
         assert fused.path == fusion.path and fused.path != str(path)
-        assert {t.node for t in fused.targets} <= {n.name for n in model.graph.node}
+        assert {t.node for t in fused.targets if t.op == "MatMul"} <= {
+            n.name for n in model.graph.node}
         assert any("kept" in line for line in fused.log)
     else:
         assert fused is scan
+
+
+# --- the KV cache as a candidate -----------------------------------------------------------
+
+def test_the_kv_cache_is_a_candidate_at_a_long_past_and_is_measured(tmp_path, monkeypatch):
+    from opstudio.core.plan.llm.measure import measure_accuracy, measure_speed
+    from opstudio.core.plan.llm.variants import default_variants, recipe_of
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "gqa.onnx"
+    onnx.save(kv_decoder("gqa", layers=2, vocab=512, hidden=64, max_positions=2048, seed=1),
+              path)
+    kv = [v for v in default_variants(torch=False) if v.technique == "kv-cache"]
+    short = Scan.prepare(str(path), ProfileSettings(threads=1, phase="decode", past=512), kv)
+    assert not short.variants and "not tried" in short.log[-1]
+    scan = Scan.prepare(str(path), ProfileSettings(threads=1, phase="decode", past=1024), kv)
+    assert [v.technique for v in scan.variants] == ["kv-cache"]
+    nodes = scan.usable[kv[0].id]
+    assert len(nodes) == 2 and all(t.op == "GroupQueryAttention" for t in nodes)
+    assert not any(np.any(v) for k, v in scan.timed.items() if "past" in k)
+    # a quantized cache is fed the float past in its own type, timed and judged
+    tasks = [("kv", recipe_of([(kv[0], nodes)]).to_json())]
+    speed = measure_speed(str(path), scan.timed, [scan.split.calibration], tasks, None, 1, 0.2)
+    assert "error" not in speed["kv"] and speed["kv"]["ratio"] > 0
+    acc = measure_accuracy(str(path), scan.prompt, tasks, None, 1)
+    assert "error" not in acc["kv"] and 0 <= acc["kv"]["top1"] <= 1

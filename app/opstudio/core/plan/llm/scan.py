@@ -31,6 +31,8 @@ from opstudio.core.plan.llm.predict import (
     sample_layers,
 )
 from opstudio.core.plan.llm.variants import (
+    KV_OP,
+    KV_PAST,
     Target,
     Variant,
     applicable,
@@ -120,6 +122,7 @@ class Scan:
                     for v in (variants if variants is not None else default_variants())
                     if v.technique != "fuse"]
         targets = find_targets(model)
+        variants, timed = _kv_candidates(variants, targets, phase, timed, log)
         extra = [settings.inputs_path] if settings.inputs_path else []
         key = cache_key(Path(path), settings, {"variants": [v.to_json() for v in variants],
                                                 "phase": phase, "layer_samples": layer_samples,
@@ -289,6 +292,28 @@ class Scan:
         chosen = [Choice(u[0], u[1], o.variant, o.nodes, o.gain, o.err)
                   for u, o in sorted(choice.items())]
         return recipe_of(pairs), chosen
+
+
+def _kv_candidates(variants: list[Variant], targets: Sequence[Target], phase: str,
+                   timed: dict[str, np.ndarray], log: list[str]
+                   ) -> tuple[list[Variant], dict[str, np.ndarray]]:
+    """``kv-cache`` is a candidate on a decode step whose past is long (``KV_PAST``) and a
+    model with GroupQueryAttention. The step is then timed on a past of zeros as long as the
+    prompt's: a quantized cache is fed the same past in its own type (``fit_cache_feed``),
+    and attention over zeros reads and computes as much as over the prompt's keys."""
+    if not any(v.technique == "kv-cache" for v in variants):
+        return variants, timed
+    past = max((np.shape(v)[-2] for k, v in timed.items()
+                if "past" in k.lower() and np.ndim(v) >= 4), default=0)
+    if phase != "decode" or past < KV_PAST or not any(t.op == KV_OP for t in targets):
+        log.append(f"KV cache: a candidate on a decode step with a past of {KV_PAST} tokens or "
+                   f"more and GroupQueryAttention (fused, or exported so); here the {phase} "
+                   f"step's past is {past}: not tried")
+        return [v for v in variants if v.technique != "kv-cache"], timed
+    log.append(f"KV cache: the step is timed on a zero-valued past of {past} tokens, which a "
+               "quantized cache takes in its own type")
+    return variants, {k: (np.zeros_like(v) if "past" in k.lower() and np.ndim(v) >= 4 else v)
+                      for k, v in timed.items()}
 
 
 def _has_logits(model: onnx.ModelProto) -> bool:

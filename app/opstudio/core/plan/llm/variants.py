@@ -16,6 +16,11 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.recipe import Recipe
 
 SCANNED = ("MatMul", "Gemm")
+# the node whose KV cache ``kv-cache`` quantizes (fused by ``fuse``, or exported so)
+KV_OP = "GroupQueryAttention"
+# a decode step's past (tokens) from which the KV cache is a candidate: below it the cache is a
+# small part of the bytes a step reads
+KV_PAST = 1024
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ def default_variants(calibration: str = "random", *, torch: bool | None = None,
         out.append(Variant("int4-gptq", "int4-weight",
                            {"block_size": 32, "algorithm": "gptq", **cal}, "INT4 GPTQ"))
     out += [
+        Variant("kv-int8", "kv-cache", {"bits": 8, **cal}, "KV cache INT8"),
         Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level": "auto"},
                 "INT8 weight-only"),
         Variant("int8-weight64", "int8-weight", {"block_size": 64, "accuracy_level": "auto"},
@@ -90,7 +96,8 @@ def default_variants(calibration: str = "random", *, torch: bool | None = None,
     return out
 
 
-LLM_TECHNIQUES = ("fuse", "int4-weight", "int8-weight", "int8-dynamic", "lowrank", "prune")
+LLM_TECHNIQUES = ("fuse", "kv-cache", "int4-weight", "int8-weight", "int8-dynamic", "lowrank",
+                  "prune")
 
 
 def variants_for(techniques: Sequence[str] | Mapping[str, Any], calibration: str = "random",
@@ -127,6 +134,7 @@ class Target:
     role: str
     k: int
     n: int
+    op: str = "MatMul"
 
     @property
     def unit(self) -> tuple[int, str]:
@@ -135,13 +143,18 @@ class Target:
 
 
 def find_targets(model: onnx.ModelProto) -> list[Target]:
-    """Every MatMul/Gemm with a constant 2-D weight, with its layer and role."""
+    """Every MatMul/Gemm with a constant 2-D weight, with its layer and role; and every
+    GroupQueryAttention (what ``kv-cache`` takes)."""
     from opstudio.core.layers import scope_of
     from opstudio.core.passes import constant_value
 
     shapes = _weight_shapes(model)
     out = []
     for node in model.graph.node:
+        if node.op_type == KV_OP and node.domain == "com.microsoft":
+            scope = scope_of(node.name)
+            out.append(Target(node.name, scope.layer, scope.role, 0, 0, op=KV_OP))
+            continue
         if node.op_type not in SCANNED or len(node.input) < 2:
             continue
         shape = shapes.get(node.input[1])
@@ -186,6 +199,8 @@ def applicable(model: onnx.ModelProto, targets: Sequence[Target], variant: Varia
     refused: dict[str, str] = {}
     for t in targets:
         node = by_name[t.node]
+        if (variant.technique == "kv-cache") != (t.op == KV_OP):
+            continue  # the cache is the attention node's; every other technique a weight's
         if variant.technique == "prune" and "gate" not in t.role.lower():
             continue  # a gated MLP is pruned through its gate projection, jointly
         why = _check(pass_, model, node, variant.params_for(t.k, t.n))
@@ -234,7 +249,10 @@ def mlp_partner(role: str, gate_role: str) -> bool:
 
 
 def bytes_saved(variant: Variant, t: Target) -> float:
-    """Weight bytes the node stops reading (float32 before; what matters is the proportion)."""
+    """Weight bytes the node stops reading (float32 before; what matters is the proportion).
+    Every layer's KV cache is as large as every other's: an equal share."""
+    if variant.technique == "kv-cache":
+        return 1.0
     before = 4.0 * t.k * t.n
     if variant.technique == "int4-weight":
         after = t.k * t.n * (0.5 + 4.0 / int(variant.params.get("block_size", 32)))
