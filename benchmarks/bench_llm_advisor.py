@@ -61,7 +61,8 @@ def whole(model, technique: str, params: dict) -> Recipe:
     """``technique`` on every MatMul with a constant weight (the lm_head included)."""
     from opstudio.core.plan.llm import find_targets
 
-    return Recipe([Step(technique, dict(params), nodes=[t.node for t in find_targets(model)])])
+    return Recipe([Step(technique, dict(params),
+                        nodes=[t.node for t in find_targets(model) if t.op != "GroupQueryAttention"])])
 
 
 def logits(sess, feeds) -> np.ndarray:
