@@ -25,9 +25,9 @@ from opstudio.core.plan.llm.predict import (
 )
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.plan.llm.variants import Target, Variant
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.timing import Ratio
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.measure.timing import Ratio
 
 INT8 = Variant("int8", "int8-weight", {"block_size": 32}, "INT8")
 INT4 = Variant("int4", "int4-weight", {"block_size": 32}, "INT4")

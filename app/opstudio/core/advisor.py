@@ -22,9 +22,9 @@ from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.passes import ScanParams, get_pass, plan_rank
 from opstudio.core.plan.budget import Budget, Timer, Verification, Verify
 from opstudio.core.plan.llm import advise_llm, variants_for
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.sensitivity import Candidate
-from opstudio.core.timing import measured_timer
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.plan.sensitivity import Candidate
+from opstudio.core.measure.timing import measured_timer
 
 # A candidate must save at least this share of its node's time, and this much absolutely,
 # to be worth any error at all (below it the gain is within run-to-run noise).
@@ -388,7 +388,7 @@ def measured_verifier(model: Any, inputs: Mapping[str, Any],
     """A ``verify`` for ``greedy_plan``: apply the recipe and measure the outputs' error, in a
     child process (a rewrite that crashes onnxruntime must not take the caller down). The
     original model's outputs are computed once, on the first call, and reused."""
-    from opstudio.core.accuracy import run_outputs
+    from opstudio.core.measure.accuracy import run_outputs
     from opstudio.core.isolation import call_isolated
 
     reference: dict[str, Any] = {}
@@ -407,10 +407,10 @@ def measured_verifier(model: Any, inputs: Mapping[str, Any],
 def _verify_in_child(model_path: str, recipe_json: Mapping[str, Any],
                      inputs: Mapping[str, Any],
                      reference: Mapping[str, Any]) -> tuple[float | None, float | None]:
-    from opstudio.core.accuracy import compare_outputs, run_outputs
-    from opstudio.core.model_io import load_model
-    from opstudio.core.optimize import optimize
-    from opstudio.core.sensitivity import worst_output_error
+    from opstudio.core.measure.accuracy import compare_outputs, run_outputs
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.plan.optimize import optimize
+    from opstudio.core.plan.sensitivity import worst_output_error
 
     optimized = optimize(load_model(model_path), Recipe.from_json(recipe_json),
                          inputs=dict(inputs)).model
@@ -482,11 +482,11 @@ def advise(model_path: str, settings: Any, budget: Budget,
             techniques, settings.inputs_path or "random")
         return advise_llm(model_path, settings, budget, variants, use_cache=use_cache,
                           progress=progress, cancelled=cancelled)
-    from opstudio.core.graph import analyze
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
-    from opstudio.core.roofline import analyze_roofline, dims_from_inputs, measure_machine
-    from opstudio.core.sensitivity import analyze_sensitivity
+    from opstudio.core.model.graph import analyze
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.measure.roofline import analyze_roofline, dims_from_inputs, measure_machine
+    from opstudio.core.plan.sensitivity import analyze_sensitivity
 
     def part(lo: float, hi: float) -> Callable[[float, str], None] | None:
         if progress is None:
@@ -510,7 +510,7 @@ def advise(model_path: str, settings: Any, budget: Budget,
         # a kernel beat the cached ceiling: it was measured on a busy machine; measure again
         machine = measure_machine(settings.threads, use_cache=True, refresh=True)
         points = {p.name: p for p in analyze_roofline(graph, node_ms, machine)}
-    from opstudio.core.sensitivity import run_time
+    from opstudio.core.plan.sensitivity import run_time
 
     plan = greedy_plan(sens.candidates, budget,
                        measured_verifier(str(model_path), inputs, settings.timeout_s, cancelled),

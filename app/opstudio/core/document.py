@@ -15,21 +15,21 @@ from pathlib import Path
 
 import onnx
 
-from opstudio.core import report
-from opstudio.core.advisor import Advice
-from opstudio.core.compare import Comparison, NotCompared
-from opstudio.core.deploy import FolderExport, write_folder
+from opstudio.core.plan import report
+from opstudio.core.plan.advisor import Advice
+from opstudio.core.measure.compare import Comparison, NotCompared
+from opstudio.core.plan.deploy import FolderExport, write_folder
 from opstudio.core.errors import OpstudioError
-from opstudio.core.events import Event
-from opstudio.core.graph import GraphInfo
-from opstudio.core.layout import Layout
-from opstudio.core.model_io import save_model
-from opstudio.core.opening import Opened
-from opstudio.core.optimize import OptimizeResult
+from opstudio.core.session.events import Event
+from opstudio.core.model.graph import GraphInfo
+from opstudio.core.model.layout import Layout
+from opstudio.core.model.model_io import save_model
+from opstudio.core.session.opening import Opened
+from opstudio.core.plan.optimize import OptimizeResult
 from opstudio.core.plan.llm import LlmAdvice
-from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
-from opstudio.core.recipe import Step
-from opstudio.core.roofline import Machine
+from opstudio.core.measure.profiler import NodeStats, Profile, ProfileSettings
+from opstudio.core.plan.recipe import Step
+from opstudio.core.measure.roofline import Machine
 from opstudio.core.session.edits import Plan
 
 AnyAdvice = Advice | LlmAdvice  # per operator, or per layer and role of a language model
@@ -124,7 +124,7 @@ class Document:
         import json
 
         from opstudio.core.fileio import write_text_atomic
-        from opstudio.core.olive import olive_workflow
+        from opstudio.core.plan.olive import olive_workflow
 
         if self.model is None or self.model_path is None:
             raise OpstudioError("open a model first")

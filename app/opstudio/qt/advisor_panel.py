@@ -1,6 +1,6 @@
 """The advisor: per-node sensitivity as a table and a scatter plot, and the automatic plan.
 
-The panel only displays an ``opstudio.core.advisor.Advice`` and asks for work through signals:
+The panel only displays an ``opstudio.core.plan.advisor.Advice`` and asks for work through signals:
 ``analyzeRequested(budget, techniques)`` starts a run (the main window owns the worker),
 ``nodeClicked(name)`` selects a node (a table row or a scatter point), ``planAccepted(recipe)``
 hands the proposed plan to the plan editor, where it can be edited and undone like any edit.
@@ -38,12 +38,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.advisor import Advice
+from opstudio.core.plan.advisor import Advice
 from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")
 KIND_COSINE, KIND_SNR, KIND_TOP1, KIND_KL = range(4)

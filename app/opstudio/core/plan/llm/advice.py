@@ -8,7 +8,7 @@ from typing import Any
 
 from opstudio.core.plan.budget import Budget
 from opstudio.core.plan.llm.variants import Variant
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.recipe import Recipe
 
 
 @dataclass

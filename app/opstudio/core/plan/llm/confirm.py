@@ -29,8 +29,8 @@ from opstudio.core.plan.llm.predict import (
 )
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.progress import CancelCheck
-from opstudio.core.recipe import Recipe
-from opstudio.core.timing import Ratio
+from opstudio.core.plan.recipe import Recipe
+from opstudio.core.measure.timing import Ratio
 
 # the final plan-against-start timing runs this many times the scan's time per variant
 FINAL_TIMING = 3

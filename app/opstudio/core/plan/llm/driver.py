@@ -29,9 +29,9 @@ from opstudio.core.plan.llm.predict import (
 )
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.plan.llm.variants import Variant, default_variants
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.progress import CancelCheck, Progress, clamped, stopper
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.recipe import Recipe
 from opstudio.core.tempdir import opstudio_tempdir
 
 

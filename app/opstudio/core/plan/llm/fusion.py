@@ -22,9 +22,9 @@ from opstudio.core.plan.llm.measure import build_and_judge, measure_speed
 from opstudio.core.plan.llm.predict import LAYER_SAMPLES, Judge, pays
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.plan.llm.variants import Variant
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.progress import CancelCheck, Progress
-from opstudio.core.recipe import Step
+from opstudio.core.plan.recipe import Step
 
 # the fusions tried: every unit (attention included), and norms and rotary embeddings alone
 TRIES = ({"attention": True}, {"attention": False})
@@ -49,9 +49,9 @@ def build_fusions(model_path: str, prompt: Mapping[str, np.ndarray],
                   progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Runs in a child: each fusion of every unit it finds, judged on the prompt and saved in
     ``folder`` (``build_and_judge``), with the nodes it took."""
-    from opstudio.core.model_io import load_model
+    from opstudio.core.model.model_io import load_model
     from opstudio.core.passes.fuse import fusable_nodes
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.plan.recipe import Recipe
 
     model = load_model(model_path)
     tasks: list[tuple[str, dict[str, Any]]] = []

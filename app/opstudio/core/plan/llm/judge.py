@@ -15,7 +15,7 @@ from opstudio.core.errors import OpstudioError
 
 
 def logits_name(model: onnx.ModelProto, outputs: Mapping[str, np.ndarray]) -> str:
-    from opstudio.core.accuracy import output_kind
+    from opstudio.core.measure.accuracy import output_kind
 
     names = [k for k, v in outputs.items()
              if np.issubdtype(np.asarray(v).dtype, np.floating)
@@ -90,7 +90,7 @@ def judged(ref: np.ndarray, new: np.ndarray, held: HeldOut | None = None) -> dic
     on the confirming half: a plan assembled from the units that happened to hurt least on
     some text is flattered by that text (on A's held-out tokens, plans chosen at top-1 0.91–0.94
     gave 0.88–0.89 on another prompt); text it was not chosen on is a fair test."""
-    from opstudio.core.accuracy import agreement_per_position, kl_per_position
+    from opstudio.core.measure.accuracy import agreement_per_position, kl_per_position
 
     if held is not None and ref.ndim >= 3:
         ref = ref[held.rows, held.positions]

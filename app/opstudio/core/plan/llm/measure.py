@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import ContractBroken, OpstudioError
-from opstudio.core.ort_session import create_session, session_options
+from opstudio.core.model.runtime import create_session, session_options
 from opstudio.core.plan.llm.judge import JUDGED, held_out, judged, logits_name
 from opstudio.core.progress import CancelCheck, Progress
 
@@ -24,7 +24,7 @@ def apply_recipe(model: onnx.ModelProto, recipe_json: Mapping[str, Any],
     """The passes of a recipe applied in turn, without the optimizer's validity check: for the
     scan's many throwaway rewrites (the final plan goes through ``optimize``)."""
     from opstudio.core.passes import PassContext, get_pass
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.plan.recipe import Recipe
 
     current, owned = model, False
     for step in Recipe.from_json(recipe_json).steps:
@@ -93,7 +93,7 @@ def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Runs in a child: top-1 agreement and KL of the prompt's logits for each ``(id,
     recipe)``, the model loaded once; each result is written to ``cache`` as it comes."""
-    from opstudio.core.model_io import load_model
+    from opstudio.core.model.model_io import load_model
 
     path, store, done, todo = _pending(cache, "accuracy", tasks)
     if todo:
@@ -181,7 +181,7 @@ def build_and_judge(model_path: str, prompt: Mapping[str, np.ndarray],
                     ) -> dict[str, dict[str, Any]]:
     """Runs in a child: each recipe applied, judged on the prompt and saved in ``folder``,
     for ``measure_speed`` to time (models are built side by side, timed together)."""
-    from opstudio.core.model_io import load_model, save_model
+    from opstudio.core.model.model_io import load_model, save_model
 
     model = load_model(model_path)
     name, reference = _reference_logits(model, _session(model, threads), prompt)
@@ -256,8 +256,8 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
     built once is both timed and judged. ``prebuilt``: task -> ``build_and_judge``'s result,
     models built (and judged) beforehand by other processes."""
-    from opstudio.core.model_io import load_model
-    from opstudio.core.timing import interleaved_times, paired_ratio, session
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
 
     path, store, done, todo = _pending(cache, "speed", tasks)
     if todo:
@@ -317,7 +317,7 @@ def _triple(r: Any) -> list[float]:
 
 def fitted(sess: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``feeds`` as ``sess`` takes them: a float past becomes a quantized KV cache's type."""
-    from opstudio.core.profiler import check_feeds
+    from opstudio.core.measure.profiler import check_feeds
 
     return check_feeds(sess, feeds) if FittedSession.quantized(sess) else dict(feeds)
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from opstudio.core.accuracy import agreement_low
+from opstudio.core.measure.accuracy import agreement_low
 from opstudio.core.plan.budget import Budget
 from opstudio.core.plan.llm.advice import Choice, RoleResult, WholeResult
 from opstudio.core.plan.llm.judge import half

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from opstudio.core.accuracy import SYNTHETIC
+from opstudio.core.measure.accuracy import SYNTHETIC
 from opstudio.core.errors import OpstudioError
 from opstudio.core.plan.budget import Budget
 from opstudio.core.plan.llm.advice import Choice, LlmAdvice, RoleResult, WholeResult, fmt
@@ -40,9 +40,9 @@ from opstudio.core.plan.llm.variants import (
     find_targets,
     recipe_of,
 )
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.progress import CancelCheck, Progress, part
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.recipe import Recipe
 
 # a variant at least this many times less accurate (KL) than a no slower one is not scanned
 DOMINANCE = 10.0
@@ -86,10 +86,10 @@ class Scan:
         targets each variant can take and the cache the measurements go to. ``source``: the
         user's model when ``model_path`` is a rewrite of it (its tokenizer and
         genai_config.json sit beside the former). Fusion is not scanned (``fusion``)."""
-        from opstudio.core.inputs import make_inputs
-        from opstudio.core.model_io import load_model
-        from opstudio.core.sensitivity import cache_key, cache_path
-        from opstudio.core.text_prompt import with_text_prompt
+        from opstudio.core.measure.inputs import make_inputs
+        from opstudio.core.model.model_io import load_model
+        from opstudio.core.plan.sensitivity import cache_key, cache_path
+        from opstudio.core.measure.text_prompt import with_text_prompt
 
         path, beside = str(model_path), str(source or model_path)
         phase = settings.phase or "decode"
@@ -153,7 +153,7 @@ class Scan:
         """The advice when no variant can take any node (with what each said), else None."""
         if any(self.usable.values()):
             return None
-        from opstudio.core import reasons
+        from opstudio.core.plan import reasons
 
         reasons_ = [f"{label}: {why}" for label, nodes in self.refused.items()
                     for why in nodes.values()]
@@ -318,7 +318,7 @@ def _kv_candidates(variants: list[Variant], targets: Sequence[Target], phase: st
 
 def _has_logits(model: onnx.ModelProto) -> bool:
     """An output that ``accuracy`` will take for logits, judged from its declared shape."""
-    from opstudio.core.accuracy import output_kind
+    from opstudio.core.measure.accuracy import output_kind
 
     for out in model.graph.output:
         dims = out.type.tensor_type.shape.dim

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.recipe import Recipe
 
 SCANNED = ("MatMul", "Gemm")
 # the node whose KV cache ``kv-cache`` quantizes (fused by ``fuse``, or exported so)
@@ -145,7 +145,7 @@ class Target:
 def find_targets(model: onnx.ModelProto) -> list[Target]:
     """Every MatMul/Gemm with a constant 2-D weight, with its layer and role; and every
     GroupQueryAttention (what ``kv-cache`` takes)."""
-    from opstudio.core.layers import scope_of
+    from opstudio.core.model.layers import scope_of
     from opstudio.core.passes import constant_value
 
     shapes = _weight_shapes(model)
@@ -227,7 +227,7 @@ def _check(pass_: Any, model: onnx.ModelProto, node: onnx.NodeProto,
 def recipe_of(variant_nodes: Sequence[tuple[Variant, Sequence[Target]]]) -> Recipe:
     """One step per technique and param set, in plan order."""
     from opstudio.core.passes import plan_rank
-    from opstudio.core.recipe import Step
+    from opstudio.core.plan.recipe import Step
 
     groups: dict[tuple[str, str], tuple[str, dict[str, Any], list[str]]] = {}
     for variant, targets in variant_nodes:
