@@ -47,14 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_exports import DEFAULT_CACHE, trained_decoder
 from opstudio.core.measure.accuracy import mean_kl_divergence, top1_agreement
-from opstudio.core.plan.advisor import advise
 from opstudio.core.measure.inputs import make_inputs
-from opstudio.core.model.model_io import load_model
-from opstudio.core.plan.optimize import optimize
-from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.measure.profiler import ProfileSettings
-from opstudio.core.plan.recipe import Recipe, Step
 from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
+from opstudio.core.model.model_io import load_model
+from opstudio.core.plan.advisor import advise
+from opstudio.core.plan.budget import CONFIDENCE, Budget
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 
 def whole(model, technique: str, params: dict) -> Recipe:
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--techniques", default=None,
                         help="what the advisor tries, comma-separated (default: all)")
     parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--basic", action="store_true",
+                        help="rows: whole RTN INT4, whole INT8 weight-only and the plan only")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_gptq:
             recipes["INT4 gptq"] = whole(model, "int4-weight", {
                 "algorithm": "gptq", "calibration": str(prompt_a), "samples": 1})
+    if args.basic:
+        recipes = {k: v for k, v in recipes.items()
+                   if k in ("whole RTN INT4", "whole INT8 weight-only") or k.startswith("advisor")}
     feeds_a = make_inputs(model, npz_path=prompt_a, phase="prefill")
     feeds_b = make_inputs(model, npz_path=prompt_b, phase="prefill")
     built = {"original": model}

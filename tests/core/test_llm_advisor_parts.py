@@ -9,6 +9,8 @@ import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.timing import Ratio
 from opstudio.core.plan.budget import Budget
 from opstudio.core.plan.llm.advice import Choice, FrontierPoint, RoleResult, WholeResult
 from opstudio.core.plan.llm.confirm import StepTimer, confirm
@@ -25,9 +27,7 @@ from opstudio.core.plan.llm.predict import (
 )
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.plan.llm.variants import Target, Variant
-from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.recipe import Recipe, Step
-from opstudio.core.measure.timing import Ratio
 
 INT8 = Variant("int8", "int8-weight", {"block_size": 32}, "INT8")
 INT4 = Variant("int4", "int4-weight", {"block_size": 32}, "INT4")

@@ -10,9 +10,10 @@ import onnx
 import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
-from opstudio.core.plan.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan import llm as llm_plan
+from opstudio.core.plan.advisor import Budget, advise
 from opstudio.core.plan.llm import (
     Option as _Option,
 )
@@ -26,7 +27,6 @@ from opstudio.core.plan.llm import (
     recipe_of,
     sample_layers,
 )
-from opstudio.core.measure.profiler import ProfileSettings
 
 VOCAB = 4096  # a real vocabulary's lm_head: weight-only quantization pays on a decode step
 HIDDEN = 256

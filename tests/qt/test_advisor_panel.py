@@ -6,8 +6,8 @@ import onnx
 import pytest
 from qt_models import mlp_model
 
-from opstudio.core.plan.advisor import Budget, advise
 from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.advisor import Budget, advise
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,14 @@ from opstudio.cli.common import (
     progress_printer,
     write_json,
 )
+from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.text_prompt import find_tokenizer
+from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan import reasons
 from opstudio.core.plan.advisor import advise
-from opstudio.core.errors import OpstudioError
-from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
-from opstudio.core.measure.text_prompt import find_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:

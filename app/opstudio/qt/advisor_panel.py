@@ -38,11 +38,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.plan.advisor import Advice
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.passes import TECHNIQUES, get_pass
+from opstudio.core.plan.advisor import Advice
 from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice
-from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")

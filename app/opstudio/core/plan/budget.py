@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Protocol
 
-from opstudio.core.measure.accuracy import agreement_low
 from opstudio.core.errors import OpstudioError
-from opstudio.core.plan.recipe import Recipe
+from opstudio.core.measure.accuracy import agreement_low
 from opstudio.core.measure.timing import Ratio
+from opstudio.core.plan.recipe import Recipe
 
 # One-sided confidence at which a next-token budget must hold on the judged positions.
 CONFIDENCE = 0.9

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from opstudio.core.session.events import Event
 from opstudio.core.model.graph import GraphInfo
 from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.session.events import Event
 
 
 @dataclass(frozen=True)

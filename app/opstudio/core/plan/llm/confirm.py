@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.timing import Ratio
 from opstudio.core.plan.budget import Timer, Verification, Verify
 from opstudio.core.plan.llm.advice import Choice, FrontierPoint, fmt
 from opstudio.core.plan.llm.frontier import FrontierRecorder
@@ -28,9 +29,8 @@ from opstudio.core.plan.llm.predict import (
     plan_for_limit,
 )
 from opstudio.core.plan.llm.scan import Scan
-from opstudio.core.progress import CancelCheck
 from opstudio.core.plan.recipe import Recipe
-from opstudio.core.measure.timing import Ratio
+from opstudio.core.progress import CancelCheck
 
 # the final plan-against-start timing runs this many times the scan's time per variant
 FINAL_TIMING = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.budget import Budget, Timer, Verify
 from opstudio.core.plan.llm.advice import LlmAdvice
 from opstudio.core.plan.llm.confirm import (
@@ -29,9 +30,8 @@ from opstudio.core.plan.llm.predict import (
 )
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.plan.llm.variants import Variant, default_variants
-from opstudio.core.measure.profiler import ProfileSettings
-from opstudio.core.progress import CancelCheck, Progress, clamped, stopper
 from opstudio.core.plan.recipe import Recipe
+from opstudio.core.progress import CancelCheck, Progress, clamped, stopper
 from opstudio.core.tempdir import opstudio_tempdir
 
 

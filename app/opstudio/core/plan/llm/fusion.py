@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.budget import Budget
 from opstudio.core.plan.llm.advice import fmt
 from opstudio.core.plan.llm.measure import build_and_judge, measure_speed
 from opstudio.core.plan.llm.predict import LAYER_SAMPLES, Judge, pays
 from opstudio.core.plan.llm.scan import Scan
 from opstudio.core.plan.llm.variants import Variant
-from opstudio.core.measure.profiler import ProfileSettings
-from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.plan.recipe import Step
+from opstudio.core.progress import CancelCheck, Progress
 
 # the fusions tried: every unit (attention included), and norms and rotary embeddings alone
 TRIES = ({"attention": True}, {"attention": False})

@@ -256,8 +256,8 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
     built once is both timed and judged. ``prebuilt``: task -> ``build_and_judge``'s result,
     models built (and judged) beforehand by other processes."""
-    from opstudio.core.model.model_io import load_model
     from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
+    from opstudio.core.model.model_io import load_model
 
     path, store, done, todo = _pending(cache, "speed", tasks)
     if todo:

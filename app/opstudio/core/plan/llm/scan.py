@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from opstudio.core.measure.accuracy import SYNTHETIC
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.accuracy import SYNTHETIC
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.budget import Budget
 from opstudio.core.plan.llm.advice import Choice, LlmAdvice, RoleResult, WholeResult, fmt
 from opstudio.core.plan.llm.judge import MIN_CONFIRM, HeldOut, half, held_out
@@ -40,9 +41,8 @@ from opstudio.core.plan.llm.variants import (
     find_targets,
     recipe_of,
 )
-from opstudio.core.measure.profiler import ProfileSettings
-from opstudio.core.progress import CancelCheck, Progress, part
 from opstudio.core.plan.recipe import Recipe
+from opstudio.core.progress import CancelCheck, Progress, part
 
 # a variant at least this many times less accurate (KL) than a no slower one is not scanned
 DOMINANCE = 10.0
@@ -87,9 +87,9 @@ class Scan:
         user's model when ``model_path`` is a rewrite of it (its tokenizer and
         genai_config.json sit beside the former). Fusion is not scanned (``fusion``)."""
         from opstudio.core.measure.inputs import make_inputs
+        from opstudio.core.measure.text_prompt import with_text_prompt
         from opstudio.core.model.model_io import load_model
         from opstudio.core.plan.sensitivity import cache_key, cache_path
-        from opstudio.core.measure.text_prompt import with_text_prompt
 
         path, beside = str(model_path), str(source or model_path)
         phase = settings.phase or "decode"
