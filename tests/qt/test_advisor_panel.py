@@ -188,5 +188,5 @@ def test_next_token_budget_phase_and_past_from_the_controls(qtbot):
     assert panel.budget() == Budget(max_kl=0.05)
     with qtbot.waitSignal(panel.analyzeRequested) as blocker:
         panel.analyze_button.click()
-    assert set(blocker.args[1]) <= {"int4-weight", "int8-weight", "int8-dynamic", "lowrank",
-                                    "prune"}
+    assert set(blocker.args[1]) <= {"fuse", "kv-cache", "int4-weight", "int8-weight",
+                                    "int8-dynamic", "lowrank", "prune"}
