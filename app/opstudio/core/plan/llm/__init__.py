@@ -54,6 +54,7 @@ from opstudio.core.plan.llm.judge import (
     next_token_error,
 )
 from opstudio.core.plan.llm.measure import (
+    Judge,
     accuracy_in_parallel,
     apply_recipe,
     measure_accuracy,
@@ -81,7 +82,7 @@ from opstudio.core.plan.llm.variants import (
 )
 
 __all__ = [
-    "CALIBRATION_TOKENS", "LLM_TECHNIQUES", "Choice", "FrontierPoint", "Held", "HeldOut",
+    "CALIBRATION_TOKENS", "LLM_TECHNIQUES", "Choice", "FrontierPoint", "Held", "HeldOut", "Judge",
     "LlmAdvice", "Option", "PromptVerifier", "RoleResult", "StepTimer", "Target", "Variant",
     "WholeResult", "accuracy_in_parallel", "advise_llm", "apply_recipe", "default_variants",
     "find_targets", "fit_top1", "half", "held_out", "judged", "layer_weights", "logits_name",

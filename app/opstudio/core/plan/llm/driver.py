@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.budget import Budget, Timer, Verify
@@ -34,17 +35,27 @@ from opstudio.core.plan.recipe import Recipe
 from opstudio.core.progress import CancelCheck, Progress, clamped, stopper
 from opstudio.core.tempdir import opstudio_tempdir
 
+if TYPE_CHECKING:
+    from opstudio.core.plan.scan_executor import RayScan
+
 
 def advise_llm(model_path: str, settings: ProfileSettings, budget: Budget,
                variants: Sequence[Variant] | None = None, *, verify: Verify | None = None,
                timer: Timer | None = None, use_cache: bool = True,
                layer_samples: int = LAYER_SAMPLES, time_budget_s: float = 6.0,
                progress: Progress | None = None,
-               cancelled: CancelCheck | None = None) -> LlmAdvice:
+               cancelled: CancelCheck | None = None, cluster: str | None = None) -> LlmAdvice:
     """Scan by role and layer, plan within ``budget`` (top-1 or KL) for the decode step (or
     the prefill with ``settings.phase == "prefill"``), verify and time; see the package doc.
-    ``verify``/``timer``: measure plans otherwise than on the prompt and step of ``settings``."""
+    ``verify``/``timer``: measure plans otherwise than on the prompt and step of ``settings``.
+    ``cluster``: "auto" or "ray://HOST:PORT" judges the scan's variants on Ray's workers
+    (``scan_executor``; fusion, which plans on a rewritten model, is then not tried); timing
+    stays here."""
+    from opstudio.core.plan.scan_executor import open_cluster
+
     started, say, stop = time.perf_counter(), clamped(progress), stopper(cancelled)
+    # refused before any work when its workers cannot read the model
+    ray_scan = open_cluster(cluster, str(model_path))
     variants = list(variants) if variants is not None else default_variants()
     with opstudio_tempdir(prefix="fused-") as folder:
         scan = Scan.prepare(model_path, settings, variants, use_cache=use_cache,
@@ -53,19 +64,20 @@ def advise_llm(model_path: str, settings: ProfileSettings, budget: Budget,
             return nothing
         stop()
         scan, fusion = fused_scan(scan, settings, variants, budget, folder, time_budget_s, say,
-                                  cancelled, use_cache=use_cache, layer_samples=layer_samples)
+                                  cancelled, use_cache=use_cache, layer_samples=layer_samples,
+                                  skip=ray_scan is not None)
         return _plan(scan, fusion, budget, verify, timer, layer_samples, time_budget_s, say,
-                     stop, cancelled, started)
+                     stop, cancelled, started, ray_scan)
 
 
 def _plan(scan: Scan, fusion: Fusion | None, budget: Budget, verify: Verify | None,
           timer: Timer | None, layer_samples: int, time_budget_s: float, say: Progress,
-          stop: Callable[[], None], cancelled: CancelCheck | None, started: float
-          ) -> LlmAdvice:
+          stop: Callable[[], None], cancelled: CancelCheck | None, started: float,
+          cluster: RayScan | None = None) -> LlmAdvice:
     """The plan on ``scan``'s model (the fused one when ``fusion`` kept one), led by the
     fusion's step."""
-    scan.time_whole(time_budget_s, say, cancelled)
-    scan.judge_units(budget, layer_samples, say, cancelled, stop)
+    scan.time_whole(time_budget_s, say, cancelled, cluster)
+    scan.judge_units(budget, layer_samples, say, cancelled, stop, cluster)
     options, notes = unit_options(scan.whole, scan.roles, scan.role_nodes, scan.weights,
                                   scan.targets, scan.usable, scan.vmap, scan.base_ms, scan.phase)
     guess, fit, note = first_limit(budget, scan.measured_points())

@@ -115,10 +115,16 @@ def _task(params: Mapping[str, Any]) -> str:
 def fused_scan(scan: Scan, settings: ProfileSettings, variants: Sequence[Variant],
                budget: Budget, folder: Path, time_budget_s: float, say: Progress,
                cancelled: CancelCheck | None = None, *, use_cache: bool = True,
-               layer_samples: int = LAYER_SAMPLES) -> tuple[Scan, Fusion | None]:
+               layer_samples: int = LAYER_SAMPLES, skip: bool = False
+               ) -> tuple[Scan, Fusion | None]:
     """With ``fuse`` among the variants: the fusion that pays, and the scan prepared again
-    on the fused model (``scan`` itself when none pays or fuse was not asked for)."""
+    on the fused model (``scan`` itself when none pays or fuse was not asked for; ``skip``:
+    not tried, which the log says)."""
     if not any(v.technique == "fuse" for v in variants):
+        return scan, None
+    if skip:
+        scan.log.append("fuse: not tried when the scan runs on a cluster (its workers read "
+                        "the model as it is)")
         return scan, None
     fusion = fuse_first(scan.path, scan.prompt, scan.timed, folder, Judge(budget),
                         scan.settings.threads, time_budget_s,

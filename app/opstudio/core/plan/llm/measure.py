@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -17,6 +17,9 @@ from opstudio.core.errors import ContractBroken, OpstudioError
 from opstudio.core.model.runtime import create_session, session_options
 from opstudio.core.plan.llm.judge import JUDGED, held_out, judged, logits_name
 from opstudio.core.progress import CancelCheck, Progress
+
+if TYPE_CHECKING:
+    from opstudio.core.plan.scan_executor import RayScan
 
 
 def apply_recipe(model: onnx.ModelProto, recipe_json: Mapping[str, Any],
@@ -87,31 +90,46 @@ def _reference_logits(model: onnx.ModelProto, session: Any,
     return name, first[name]
 
 
+class Judge:
+    """The model loaded once with its logits on the prompt; called with a recipe, the
+    rewrite's top-1 agreement and KL against them (or why it failed). What a scan job does,
+    in a child process here or on a cluster's worker (``scan_executor``)."""
+
+    def __init__(self, model_path: str, prompt: Mapping[str, np.ndarray], threads: int = 0,
+                 opt_level: str = "disable") -> None:
+        from opstudio.core.model.model_io import load_model
+
+        self.model = load_model(model_path)
+        self.prompt, self.threads, self.opt_level = prompt, threads, opt_level
+        self.name, self.reference = _reference_logits(
+            self.model, _session(self.model, threads, opt_level), prompt)
+        self.split = held_out(prompt)
+
+    def __call__(self, recipe_json: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            rewritten = apply_recipe(self.model, recipe_json, [self.split.calibration])
+            sess = _session(rewritten, self.threads, self.opt_level)
+            logits = sess.run([self.name], fitted(sess, self.prompt))[0]
+            return judged(self.reference, logits, self.split)
+        except (OpstudioError, ContractBroken) as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a pass or onnxruntime refusing a combination
+            return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
                      tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                      threads: int = 0, opt_level: str = "disable",
                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Runs in a child: top-1 agreement and KL of the prompt's logits for each ``(id,
     recipe)``, the model loaded once; each result is written to ``cache`` as it comes."""
-    from opstudio.core.model.model_io import load_model
-
     path, store, done, todo = _pending(cache, "accuracy", tasks)
     if todo:
-        model = load_model(model_path)
-        name, reference = _reference_logits(model, _session(model, threads, opt_level), prompt)
-        split = held_out(prompt)
+        judge = Judge(model_path, prompt, threads, opt_level)
         for index, (task_id, recipe_json) in enumerate(todo):
             if progress is not None:
                 progress(index / len(todo), f"accuracy: {task_id}")
-            try:
-                rewritten = apply_recipe(model, recipe_json, [split.calibration])
-                sess = _session(rewritten, threads, opt_level)
-                logits = sess.run([name], fitted(sess, prompt))[0]
-                done[task_id] = judged(reference, logits, split)
-            except (OpstudioError, ContractBroken) as exc:
-                done[task_id] = {"error": str(exc)}
-            except Exception as exc:  # a pass or onnxruntime refusing a combination
-                done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            done[task_id] = judge(recipe_json)
             store["accuracy"] = done
             _write_cache(path, store)
     return {i: done[i] for i, _ in tasks if i in done}
@@ -139,15 +157,27 @@ def accuracy_in_parallel(model_path: str, prompt: Mapping[str, np.ndarray],
                          tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                          threads: int = 0, workers: int = 2, timeout: float | None = None,
                          cancelled: CancelCheck | None = None,
-                         progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+                         progress: Progress | None = None,
+                         cluster: RayScan | None = None) -> dict[str, dict[str, Any]]:
     """``measure_accuracy`` split over ``workers`` child processes: most of a rewrite's time is
     the pass's single-threaded Python, so two of them keep two cores busy. Each writes its own
-    part of the cache; the parts are merged when they are done (or on the next run)."""
+    part of the cache; the parts are merged when they are done (or on the next run). With a
+    ``cluster``, the jobs run on its workers instead, each result cached as it arrives."""
     from concurrent.futures import ThreadPoolExecutor
 
     from opstudio.core.isolation import call_isolated
 
     done = _merge_parts(cache)
+    if cluster is not None:
+        path, store, done, todo = _pending(cache, "accuracy", tasks)
+
+        def keep(task_id: str, result: dict[str, Any]) -> None:
+            done[task_id] = result
+            _write_cache(path, store)
+
+        cluster.run(Judge, (cluster.model_path, prompt, 1), todo, keep, timeout=timeout,
+                    cancelled=cancelled, progress=progress, task="judging")
+        return {i: done[i] for i, _ in tasks if i in done}
     todo = [(i, r) for i, r in tasks if i not in done]
     workers = max(1, min(workers, len(todo)))
     if todo:
@@ -207,9 +237,12 @@ def speed_in_parallel(model_path: str, timed: Mapping[str, np.ndarray],
                       tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                       threads: int = 0, time_budget_s: float = 8.0, workers: int = 2,
                       timeout: float | None = None, cancelled: CancelCheck | None = None,
-                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+                      progress: Progress | None = None,
+                      cluster: RayScan | None = None) -> dict[str, dict[str, Any]]:
     """The whole-model variants built and judged by ``workers`` processes side by side
-    (``build_and_judge``), then timed together in one (``measure_speed``)."""
+    (``build_and_judge``), then timed together in one (``measure_speed``). With a
+    ``cluster``, its workers judge them and they are built again here to be timed: latency
+    is this machine's."""
     from concurrent.futures import ThreadPoolExecutor
 
     from opstudio.core.isolation import call_isolated
@@ -219,6 +252,17 @@ def speed_in_parallel(model_path: str, timed: Mapping[str, np.ndarray],
     todo = [(i, r) for i, r in tasks if i not in done]
     if not todo:
         return {i: done[i] for i, _ in tasks if i in done}
+    if cluster is not None:
+        judged_there = accuracy_in_parallel(
+            model_path, prompt, todo, cache, threads, timeout=timeout, cancelled=cancelled,
+            progress=None if progress is None else lambda f, m: progress(0.5 * f, m),
+            cluster=cluster)
+        return call_isolated(measure_speed, model_path, timed, [held_out(prompt).calibration],
+                             tasks, cache, threads, time_budget_s, None, judged_there,
+                             timeout=timeout, cancelled=cancelled,
+                             progress=(None if progress is None else
+                                       lambda f, m: progress(0.5 + 0.5 * f, m)),
+                             task="timing the variants")
     workers = max(1, min(workers, len(todo)))
     fractions = [0.0] * workers
     with opstudio_tempdir(prefix="variants-") as folder:
@@ -255,7 +299,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     on ``decode`` (ratios of paired runs with their interval), and the original's median ms;
     with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
     built once is both timed and judged. ``prebuilt``: task -> ``build_and_judge``'s result,
-    models built (and judged) beforehand by other processes."""
+    models judged (and built, when they name a ``path``) beforehand by other processes."""
     from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
     from opstudio.core.model.model_io import load_model
 
@@ -276,8 +320,9 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                 built = (prebuilt or {}).get(task_id)
                 if built is not None and "error" in built:
                     raise OpstudioError(built["error"])
+                # judged elsewhere, and maybe built only there (on a cluster's worker)
                 sessions[task_id] = FittedSession.of(session(
-                    built["path"] if built is not None
+                    built["path"] if built is not None and "path" in built
                     else apply_recipe(model, recipe_json, samples), threads))
                 if built is not None:
                     errors[task_id] = {k: built[k] for k in JUDGED if k in built}

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -43,6 +43,9 @@ from opstudio.core.plan.llm.variants import (
 )
 from opstudio.core.plan.recipe import Recipe
 from opstudio.core.progress import CancelCheck, Progress, part
+
+if TYPE_CHECKING:
+    from opstudio.core.plan.scan_executor import RayScan
 
 # a variant at least this many times less accurate (KL) than a no slower one is not scanned
 DOMINANCE = 10.0
@@ -164,7 +167,7 @@ class Scan:
                          time.perf_counter() - started, nothing_applies=nothing)
 
     def time_whole(self, time_budget_s: float, say: Progress,
-                   cancelled: CancelCheck | None = None) -> None:
+                   cancelled: CancelCheck | None = None, cluster: RayScan | None = None) -> None:
         """Speed first: every variant on every node it takes, timed against the original (and
         judged on the prompt as it is built); a variant that does not make the step faster is
         not worth scanning by role."""
@@ -175,7 +178,7 @@ class Scan:
             self.path, self.timed, self.prompt, speed_tasks, self.cache, self.settings.threads,
             time_budget_s, workers=ACCURACY_WORKERS,
             timeout=max(self.settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-            progress=part(say, 0.0, 0.25))
+            progress=part(say, 0.0, 0.25), cluster=cluster)
         self.base_ms = next((s["base_ms"] for s in self.speed.values() if "base_ms" in s), 0.0)
 
     def _pays(self, v: Variant) -> bool:
@@ -226,7 +229,8 @@ class Scan:
 
     def judge_units(self, budget: Budget, layer_samples: int, say: Progress,
                     cancelled: CancelCheck | None = None,
-                    stop: Callable[[], None] | None = None) -> None:
+                    stop: Callable[[], None] | None = None,
+                    cluster: RayScan | None = None) -> None:
         """Accuracy by role and by layer (every variant on every node was judged as it was
         timed); what ranks the units is measured on the search half of the judged tokens."""
         tasks = self._unit_tasks(layer_samples)
@@ -236,7 +240,8 @@ class Scan:
         acc = accuracy_in_parallel(self.path, self.prompt, tasks, self.cache,
                                    self.settings.threads, workers=ACCURACY_WORKERS,
                                    timeout=max(self.settings.timeout_s, 60.0) * 10,
-                                   cancelled=cancelled, progress=part(say, 0.25, 0.75))
+                                   cancelled=cancelled, progress=part(say, 0.25, 0.75),
+                                   cluster=cluster)
         self.roles = [RoleResult(vid, role, [t.node for t in ts],
                                  half(acc.get(f"role|{vid}|{role}", {}), "search").get("top1"),
                                  half(acc.get(f"role|{vid}|{role}", {}), "search").get("kl"),
