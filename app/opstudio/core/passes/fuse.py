@@ -166,6 +166,13 @@ def _units(model: onnx.ModelProto, max_positions: int, attention: bool) -> _Unit
     return found
 
 
+def fusable_nodes(model: onnx.ModelProto, attention: bool = True,
+                  max_positions: int = _MAX_POSITIONS) -> list[str]:
+    """Every node of every unit the pass can fuse (one matching of the whole model; asking
+    ``check`` node by node hashes the model once a node)."""
+    return sorted(_units(model, max_positions, attention)[0])
+
+
 class _Refusals:
     """Hears onnxscript's matcher (its tracer interface): a pattern that matched whole but whose
     check refused it gives its reason to each node it covered."""
