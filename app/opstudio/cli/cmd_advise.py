@@ -5,7 +5,7 @@ printed, grouped), and 0 when rewrites were measured but none pays within the bu
 
 With ``--budget-top1`` or ``--budget-kl`` a language model is planned for its decode step (or
 prefill, ``--phase prefill``) by layer and role, judged by next-token agreement on the prompt in
-``--inputs`` (``opstudio.core.plan.llm_plan``); the frontier of agreement against speedup is printed.
+``--inputs`` (``opstudio.core.plan.llm``); the frontier of agreement against speedup is printed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.measure.text_prompt import find_tokenizer
 from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan import reasons
-from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
-from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
+from opstudio.core.plan.advisor import advise
+from opstudio.core.plan.budget import CONFIDENCE, Budget
+from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 
