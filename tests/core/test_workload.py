@@ -50,6 +50,13 @@ def test_each_kind_of_feed_and_the_layout_are_made_once(monkeypatch, tmp_path):
     assert w.judging().feed is not None  # the tokenizer beside the model
 
 
+def test_a_request_keeps_the_shapes_its_lengths_do_not_set():
+    model = kv_decoder("gqa")
+    w = Workload(model, FeedSpec(shapes={"input_ids": [1, 9], "attention_mask": [1, 9]}))
+    assert w.main()["input_ids"].shape == (1, 9)
+    assert w.prefill(4)["input_ids"].shape == (1, 4) and w.decode(4)["attention_mask"].shape == (1, 5)
+
+
 def test_tensors_given_are_the_main_feed():
     model = kv_decoder("gqa")
     feeds = {"input_ids": np.zeros((1, 3), np.int64)}

@@ -17,7 +17,8 @@ rounds ``timing.spread`` calls disturbed left out; two models are compared by th
 of the same rounds (``timing.paired_speedup``), "≈ 1×" when the interval holds 1.
 
 Inputs are synthetic (``workload.Workload.prefill`` and ``decode``): the lengths are the
-request's; other ``--dim`` values (a batch size) apply.
+request's; other ``--dim`` values (a batch size) and the ``--shape`` of inputs no length sizes
+apply.
 """
 
 from __future__ import annotations

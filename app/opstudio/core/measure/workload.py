@@ -98,14 +98,16 @@ class Workload:
         return self._made(s.dims, s.phase, s.past, s.shapes, s.inputs_path)
 
     def prefill(self, prompt: int) -> dict[str, np.ndarray]:
-        """A request's prefill of ``prompt`` synthetic tokens (the spec's other dims apply)."""
+        """A request's prefill of ``prompt`` synthetic tokens (the spec's other dims and shapes
+        apply)."""
         seq = dict.fromkeys(self._request_layout().seq, prompt)
-        return self._made({**self._fixed_dims(), **seq}, PREFILL, None)
+        return self._made({**self._fixed_dims(), **seq}, PREFILL, None, self._fixed_shapes())
 
     def decode(self, past: int) -> dict[str, np.ndarray]:
-        """The decode step of one synthetic token after ``past`` (the spec's other dims apply)."""
+        """The decode step of one synthetic token after ``past`` (the spec's other dims and
+        shapes apply)."""
         self._request_layout()
-        return self._made(self._fixed_dims(), "decode", past)
+        return self._made(self._fixed_dims(), "decode", past, self._fixed_shapes())
 
     def judging(self) -> Judging:
         """What accuracy is judged on (the user's inputs, a text prompt, the timing feed),
@@ -137,11 +139,27 @@ class Workload:
                 "length cannot be set (the prefill of a request runs the whole prompt at once)")
         return layout
 
+    def _lengths(self) -> set[str]:
+        layout = self.layout
+        return {*layout.past, *layout.seq, *layout.total}
+
     def _fixed_dims(self) -> dict[str, int]:
         """The spec's dims a request keeps: all but the lengths, which are the request's."""
-        layout = self.layout
-        lengths = {*layout.past, *layout.seq, *layout.total}
+        lengths = self._lengths()
         return {k: v for k, v in self.spec.dims.items() if k not in lengths}
+
+    def _fixed_shapes(self) -> dict[str, list[int]]:
+        """The spec's shapes a request keeps: of the inputs no length sizes. (Arrays of an
+        inputs file are not used: a prompt there has its own length, the request's are P and
+        P+G tokens.)"""
+        if not self.spec.shapes:
+            return {}
+        from opstudio.core.model.graph import input_specs
+
+        lengths = self._lengths()
+        sized = {s.name for s in input_specs(self.model)
+                 if any(isinstance(d, str) and d in lengths for d in s.shape or [])}
+        return {k: v for k, v in self.spec.shapes.items() if k not in sized}
 
     def _made(self, dims: Mapping[str, int], phase: str | None, past: int | None,
               shapes: Mapping[str, list[int]] | None = None,
