@@ -71,6 +71,7 @@ class RunSettings:
                     f"(available: {', '.join(available)})")
 
     def to_json(self) -> dict[str, Any]:
+        """All fields, of a ``ProfileSettings`` too (``from_json`` keeps those it knows)."""
         return asdict(self)
 
     @classmethod
@@ -108,15 +109,12 @@ class FeedSpec:
 
 
 @dataclass
-class ProfileSettings(RunSettings, FeedSpec):
+class ProfileSettings(FeedSpec, RunSettings):
     """Both halves, as the command line and the app's Run settings hold them."""
 
     def validate(self, check_provider: bool = True) -> None:
         RunSettings.validate(self, check_provider)
         FeedSpec.validate(self)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ProfileSettings:
