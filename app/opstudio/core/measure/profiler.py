@@ -1,6 +1,6 @@
 """Per-operator latency of a model on onnxruntime, reported against the original nodes.
 
-``profile_model`` runs the model in a child process (``isolation.call_isolated``): a model that
+``profile_model(model, run, workload)`` runs the model in a child process (``isolation.call_isolated``): a model that
 crashes or hangs onnxruntime cannot take the caller down, a hung run is stopped after
 ``timeout_s`` and cancel stops it within a second.
 
@@ -24,16 +24,10 @@ one model differ by (``timing.session_interval``).
 A busy machine only ever slows runs down: runs far above the median (``timing.spread``) are
 *disturbed*; statistics come from the quiet runs, and ``noise`` says how many were left out.
 
-Control flow: an ``If``/``Loop``/``Scan`` event already contains the time of the kernels of its
-subgraphs, which are also listed on their own. Those inner events are charged to the control-flow
-node for ``calls`` and ``kernels`` only; their time is counted once, in the node's own event.
-
-Statistics per node are over the quiet timed runs of the node's summed kernel time per run: mean,
-p50, p90, min, std (rows sorted by p50: one outlier run does not move a median); ``calls`` is how many times the node ran per run: the most executions of any of
-its kernels (1 for a plain or fused node, n for a kernel in a Loop body run n times);
-``share`` is the mean over the mean ``model_run``. Time of kernels no
-node could be found for is ``unattributed_ms`` (listed in ``unattributed``); the rest of the run
-the trace does not see (the executor between kernels) is ``untraced_ms``.
+The inputs are the main feed of a ``workload.Workload``, resolved once per model and shared
+with the request and the accuracy of the same command. The child's sessions and round scheduler
+are ``rounds``; the trace read into per-node statistics is ``trace``; the result types
+``profile``.
 """
 
 from __future__ import annotations

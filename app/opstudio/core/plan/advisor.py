@@ -564,18 +564,22 @@ def explain(c: Candidate, point: Any, machine: Any) -> str:
 def advise(model_path: str, settings: Any, budget: Budget,
            techniques: Mapping[str, ScanParams] | None = None, *, max_nodes: int = 40,
            use_cache: bool = True, progress: Callable[[float, str], None] | None = None,
-           cancelled: Callable[[], bool] | None = None) -> Any:
+           cancelled: Callable[[], bool] | None = None, cluster: str | None = None) -> Any:
     """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``.
 
     A next-token budget (top-1 or KL) plans a language model's decode (or prefill) step by
-    layer and role instead and returns an ``llm_plan.LlmAdvice``."""
+    layer and role instead and returns an ``llm_plan.LlmAdvice``; its scan's judging runs on
+    a Ray ``cluster`` when one is named ("auto", "ray://HOST:PORT")."""
     if budget.next_token:
         from opstudio.core.plan.llm_plan import advise_llm, variants_for
 
         variants = None if techniques is None else variants_for(
             techniques, settings.inputs_path or "random")
         return advise_llm(model_path, settings, budget, variants, use_cache=use_cache,
-                          progress=progress, cancelled=cancelled)
+                          progress=progress, cancelled=cancelled, cluster=cluster)
+    if cluster not in (None, "", "local"):
+        raise OpstudioError("only the next-token advisor's scan runs on a cluster (a top-1 "
+                            "or KL budget); the per-operator scan times every rewrite here")
     from opstudio.core.measure.roofline import analyze_roofline, dims_from_inputs, measure_machine
     from opstudio.core.measure.workload import Workload
     from opstudio.core.model.graph import analyze
