@@ -26,6 +26,7 @@ from opstudio.core.passes import ScanParams, get_pass, plan_rank
 from opstudio.core.plan.recipe import Recipe, Step
 from opstudio.core.plan.sensitivity import Candidate
 from opstudio.core.plan.timer import measured_timer
+from opstudio.core.progress import part
 
 # A candidate must save at least this share of its node's time, and this much absolutely,
 # to be worth any error at all (below it the gain is within run-to-run noise).
@@ -586,18 +587,12 @@ def advise(model_path: str, settings: Any, budget: Budget,
     from opstudio.core.model.model_io import load_model
     from opstudio.core.plan.sensitivity import analyze_sensitivity
 
-    def part(lo: float, hi: float) -> Callable[[float, str], None] | None:
-        if progress is None:
-            return None
-        return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
-
     model = load_model(model_path, lazy=True)  # inputs and the analysis need no weight
     workload = Workload(model, settings, model_path)
     inputs = workload.main()
     sens = analyze_sensitivity(model_path, settings, techniques, max_nodes=max_nodes,
                                workload=workload, use_cache=use_cache,
-                               progress=part(0.0, 0.75),
-                               cancelled=cancelled)
+                               progress=part(progress, 0.0, 0.75), cancelled=cancelled)
     if progress is not None:
         progress(0.75, "measuring this machine's roofline")
     machine = measure_machine(settings.threads)
@@ -614,7 +609,7 @@ def advise(model_path: str, settings: Any, budget: Budget,
                        measured_verifier(str(model_path), inputs, settings.timeout_s, cancelled),
                        timer=measured_timer(str(model_path), inputs, settings.threads,
                                             timeout_s=settings.timeout_s, cancelled=cancelled),
-                       progress=part(0.8, 1.0), cancelled=cancelled,
+                       progress=part(progress, 0.8, 1.0), cancelled=cancelled,
                        run_ms=run_time(sens.baseline))
     if progress is not None:
         progress(1.0, "advice ready")
