@@ -121,19 +121,7 @@ class AdvisorPanel(QWidget):
             "The plan must hold the budget by a one-sided bound at this confidence on the "
             "prompt's judged tokens, so that it carries over to other text; 0.50 judges on "
             "the measured value alone. Short prompts need a lower value or a longer prompt")
-        # where a next-token scan judges its variants; timing stays here in every case
-        self.cluster = QComboBox()
-        self.cluster.setEditable(True)
-        self.cluster.addItems(list(CLUSTER_CHOICES))
-        self.cluster.setPlaceholderText("ray://HOST:PORT")
-        self.cluster.setMinimumContentsLength(18)
-        self.cluster.setToolTip(
-            "Where the scan builds and judges its variants: this machine's processes, a Ray "
-            "on this machine (started if none runs), or a Ray cluster's client address, "
-            "ray://HOST:PORT (the model must be on a path every node reads). Timing always "
-            "runs on this machine: the plan is for its latency. Ray: pip install "
-            "'opstudio[cluster]'")
-        self.cluster.currentTextChanged.connect(self.clusterChanged.emit)
+        self.cluster = self._cluster_field()
         self.checks: dict[str, QCheckBox] = {}
         techniques = QHBoxLayout()
         techniques.setSpacing(10)
@@ -244,6 +232,22 @@ class AdvisorPanel(QWidget):
         layout.addWidget(split, 1)
 
     # --- inputs ------------------------------------------------------------------------------
+    def _cluster_field(self) -> QComboBox:
+        """Where a next-token scan judges its variants; timing stays here in every case."""
+        box = QComboBox()
+        box.setEditable(True)
+        box.addItems(list(CLUSTER_CHOICES))
+        box.setPlaceholderText("ray://HOST:PORT")
+        box.setMinimumContentsLength(18)
+        box.setToolTip(
+            "Where the scan builds and judges its variants: this machine's processes, a Ray "
+            "on this machine (started if none runs), or a Ray cluster's client address, "
+            "ray://HOST:PORT (the model must be on a path every node reads). Timing always "
+            "runs on this machine: the plan is for its latency. Ray: pip install "
+            "'opstudio[cluster]'")
+        box.currentTextChanged.connect(self.clusterChanged.emit)
+        return box
+
     def budget(self) -> Budget:
         kind, value = self.kind.currentIndex(), self.value.value()
         if kind == KIND_COSINE:
