@@ -32,6 +32,7 @@ from opstudio.core.measure.accuracy import compare_outputs, run_outputs
 from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.measure.timing import Ratio, interleaved_times, paired_ratio, session
+from opstudio.core.measure.workload import Workload
 from opstudio.core.model.model_io import load_model, save_model
 from opstudio.core.passes._ort_support import fold_constant_inputs
 from opstudio.core.plan.advisor import Budget, greedy_plan, measured_timer, measured_verifier
@@ -81,7 +82,8 @@ def bench(name: str, src: Path, work: Path, args: argparse.Namespace,
     settings = ProfileSettings(runs=args.runs, warmup=3, threads=args.threads,
                                measure_plain=False)
     t0 = time.perf_counter()
-    sens = analyze_sensitivity(fp32, settings, inputs=inputs, use_cache=False,
+    sens = analyze_sensitivity(fp32, settings, workload=Workload.of(fp32, settings, feeds=inputs),
+                               use_cache=False,
                                max_nodes=args.max_nodes)
     budget = Budget(min_snr_db=qd_snr)
     plan = greedy_plan(sens.candidates, budget, measured_verifier(str(fp32), inputs),

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from llm_builders import kv_decoder
 from model_builders import small_mlp
 from opstudio.cli import main
-from opstudio.core.measure import profiler
+from opstudio.core.measure import rounds
 from opstudio.core.measure.memory import Memory
 from opstudio.core.measure.profiler import ProfileSettings, profile_model, profile_models
 
@@ -56,7 +56,7 @@ def test_weights_in_an_external_file_are_said_to_be_mapped(tmp_path):
 
 def test_a_big_model_shares_one_session_between_profiled_and_plain_runs(tmp_path,
                                                                         monkeypatch):
-    monkeypatch.setattr(profiler, "SHARED_SESSION_BYTES", 0)
+    monkeypatch.setattr(rounds, "SHARED_SESSION_BYTES", 0)
     model = small_mlp()
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(model, a)

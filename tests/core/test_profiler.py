@@ -20,6 +20,7 @@ from opstudio.core.measure.profiler import (
     build_profile,
     profile_model,
 )
+from opstudio.core.measure.workload import Workload
 from opstudio.core.model.model_io import load_model, save_model
 
 RNG = np.random.default_rng(0)
@@ -111,7 +112,7 @@ def test_if_branch_kernels_are_not_double_counted():
     m = _model(nodes, [_vi("x", [128, 256]), _vi("c", [], TensorProto.BOOL)],
                [_vi("y", [128, 256])], [w])
     inputs = {"x": RNG.standard_normal((128, 256)).astype(np.float32), "c": np.array(True)}
-    p = profile_model(m, ProfileSettings(**FAST, measure_plain=False), inputs=inputs)
+    p = profile_model(m, ProfileSettings(**FAST, measure_plain=False), Workload(m, feeds=inputs))
     (node,) = p.nodes
     assert node.name == "if0" and node.op_type == "If"
     assert {"then_mm", "then_relu"} <= set(node.kernels)
@@ -135,7 +136,7 @@ def test_loop_body_kernels_count_as_calls():
     }""")
     m.graph.node[1].name = "loop0"
     inputs = {"x": np.ones((4, 64), np.float32), "n": np.array(4, np.int64)}
-    p = profile_model(m, ProfileSettings(**FAST, measure_plain=False), inputs=inputs)
+    p = profile_model(m, ProfileSettings(**FAST, measure_plain=False), Workload(m, feeds=inputs))
     loop = p.node("loop0")
     assert loop.op_type == "Loop" and loop.calls == 4  # the body ran 4 times per run
     assert {"Sin_1", "Identity_0"} <= set(loop.kernels)
@@ -170,8 +171,9 @@ def test_cancel_and_errors():
     with pytest.raises(OpstudioError, match="execution provider 'NopeExecutionProvider' is not"):
         profile_model(mlp(), ProfileSettings(provider="NopeExecutionProvider"))
     with pytest.raises(OpstudioError, match=r"onnxruntime failed to run the model: \S"):
-        profile_model(mlp(), ProfileSettings(**FAST),
-                      inputs={"x": np.zeros((2, 7), np.float32)})
+        model = mlp()
+        profile_model(model, ProfileSettings(**FAST),
+                      Workload(model, feeds={"x": np.zeros((2, 7), np.float32)}))
     with pytest.raises(OpstudioError, match=r"input 'x' dim 0 \('width'\) is unknown"):
         bad = mlp()
         bad.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "width"

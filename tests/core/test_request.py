@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from llm_builders import kv_decoder
 from opstudio.core.errors import OpstudioError
-from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.profiler import FeedSpec, ProfileSettings
 from opstudio.core.measure.request import (
     check_request,
     compare_requests,
@@ -20,6 +20,7 @@ from opstudio.core.measure.request import (
     require_kv_cache,
     step_weights,
 )
+from opstudio.core.measure.workload import Workload
 from opstudio.core.model.model_io import save_model
 
 
@@ -126,7 +127,8 @@ def test_bad_lengths_and_a_model_without_a_kv_cache_are_refused():
 
 def test_inputs_of_each_run_have_the_request_lengths():
     model = kv_decoder("gqa", head_dim_name="kv_cache_dim")
-    feeds = request_inputs(model, 12, 5, dims={"past_sequence_length": 99})
+    feeds = request_inputs(Workload(model, FeedSpec(dims={"past_sequence_length": 99},
+                                                    request_prompt=12, request_generate=5)))
     assert list(feeds) == ["prefill", "decode@12", "decode@17"]
     assert feeds["prefill"]["input_ids"].shape == (1, 12)
     assert feeds["prefill"]["past_key_values.0.key"].shape == (1, 2, 0, 16)

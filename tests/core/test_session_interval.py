@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from opstudio.core.measure.compare import compare_models
-from opstudio.core.measure.profiler import PLAIN_SESSIONS, ProfileSettings, _Rotation
+from opstudio.core.measure.profiler import PLAIN_SESSIONS, ProfileSettings
+from opstudio.core.measure.rounds import Rotation
 from opstudio.core.measure.timing import FASTER, paired_ratio
 
 
@@ -16,7 +17,7 @@ def timed_on_sessions(rng, n, k, session_sd, run_sd, speedup=1.0):
     """Paired run times of A and B = A made ``speedup``× faster, each model on ``k`` sessions
     whose steady offsets are drawn with ``session_sd`` (log scale), rotated as the profiler
     does; a tenth of the runs hit by another process."""
-    rot_a, rot_b = _Rotation([None] * k, 0), _Rotation([None] * k, 1)
+    rot_a, rot_b = Rotation([None] * k, 0), Rotation([None] * k, 1)
     sa, sb = [], []
     for i in range(n):
         rot_a.turn(i)
@@ -32,7 +33,7 @@ def timed_on_sessions(rng, n, k, session_sd, run_sd, speedup=1.0):
 
 def test_rotation_meets_every_pair_of_sessions_in_k_squared_rounds():
     k = 4
-    a, b = _Rotation([None] * k, 0), _Rotation([None] * k, 1)
+    a, b = Rotation([None] * k, 0), Rotation([None] * k, 1)
     pairs = set()
     for i in range(k * k):
         a.turn(i)

@@ -27,6 +27,7 @@ from opstudio.core.measure.compare import (
     speedup_label,
 )
 from opstudio.core.measure.timing import Ratio
+from opstudio.core.measure.workload import Workload
 from opstudio.core.plan import report
 
 
@@ -50,13 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    requested = apply_request_args(args, settings, [args.before, args.after])
+    # the inputs of both, made from the first (the request's flags are read into its spec)
+    workload = Workload.of(args.before, settings)
+    requested = apply_request_args(args, settings, workload, [args.after])
     quiet = args.json == "-"
-    hint = None if requested or settings.phase is not None else kv_cache_hint(args.before)
+    hint = None if requested or settings.phase is not None else kv_cache_hint(workload)
     if hint:
         print(hint, file=sys.stderr if quiet else sys.stdout)
     with progress_line(not quiet) as progress:
-        result = compare_models(args.before, args.after, settings, progress=progress)
+        result = compare_models(args.before, args.after, settings, workload, progress=progress)
     if not quiet:
         print_summary(result, args.top)
         note = synthetic_past_note(settings.phase, args.inputs,
@@ -75,14 +78,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def kv_cache_hint(path: str) -> str | None:
+def kv_cache_hint(workload: Workload) -> str | None:
     """For a decoder with a KV cache compared as documented (the prefill): what its users
     feel is the decode step and the request, which a newcomer would not know to ask for (INT4
     on a trained decoder measured slower in prefill and 2.6× faster in decode)."""
-    from opstudio.core.measure.request import has_kv_cache
-    from opstudio.core.model.model_io import load_model
-
-    if not has_kv_cache(load_model(path, load_external_data=False)):
+    if not workload.has_kv_cache:
         return None
     return ("hint: this decoder has a KV cache and is timed here in prefill; add --phase decode "
             "for the step that makes each token, or --request for time to first token and "

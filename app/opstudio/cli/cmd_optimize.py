@@ -72,9 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from opstudio.core.measure.accuracy import compare_outputs, run_outputs
-    from opstudio.core.measure.inputs import NeedsInputs, make_inputs
-    from opstudio.core.measure.profiler import ProfileSettings
-    from opstudio.core.measure.text_prompt import judging
+    from opstudio.core.measure.inputs import NeedsInputs
+    from opstudio.core.measure.settings import FeedSpec
+    from opstudio.core.measure.workload import Workload
     from opstudio.core.plan.optimize import optimize
     from opstudio.core.plan.recipe import Recipe
 
@@ -100,17 +100,17 @@ def run(args: argparse.Namespace) -> int:
     dims = parse_dims(args.dim)
     # only the accuracy check needs inputs; a technique that calibrates makes its own and
     # refuses, naming the flag, when it cannot
+    workload = Workload(model, FeedSpec(dims=dims, shapes=parse_shapes(args.shape),
+                                        inputs_path=args.inputs, seed=args.seed, phase=phase,
+                                        past=past, prompt_text=args.prompt_text,
+                                        tokenizer=args.tokenizer), src)
     inputs, not_measured = None, ""
     try:
-        inputs = make_inputs(model, dims=dims, shapes=parse_shapes(args.shape),
-                             npz_path=args.inputs, seed=args.seed, phase=phase, past=past,
-                             model_path=src)
+        inputs = workload.main()
     except NeedsInputs as exc:
         not_measured = f"{exc.why}; to measure it, {exc.remedy}"
     # a language model is calibrated and judged on a text when its tokenizer is at hand
-    judge = judging(model, src, ProfileSettings(dims=dims, inputs_path=args.inputs,
-                                                prompt_text=args.prompt_text,
-                                                tokenizer=args.tokenizer))
+    judge = workload.judging()
     judged = judge.feed if judge.feed is not None else inputs
     # the optimizer takes the model over (its weights are read once, into it)
     quiet = args.report == "-"

@@ -25,6 +25,7 @@ from opstudio.core.measure.profiler import (
     profile_model,
     unsettled_note,
 )
+from opstudio.core.measure.workload import Workload
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,9 +101,10 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     quiet = args.json == "-"
-    wants_request = apply_request_args(args, settings, [args.model])
+    workload = Workload.of(args.model, settings)
+    wants_request = apply_request_args(args, settings, workload)
     with progress_line(not quiet) as progress:
-        profile = profile_model(args.model, settings, progress=progress)
+        profile = profile_model(args.model, settings, workload, progress=progress)
     stable = profile.noise.get("stable")
     if stable and not stable["reached"]:
         # figures that move by more than was asked are not printed as if they held
@@ -113,23 +115,18 @@ def run(args: argparse.Namespace) -> int:
         from opstudio.core.measure.request import estimate_requests
 
         with progress_line(not quiet) as progress:
-            [request] = estimate_requests([args.model], settings, progress=progress)
+            [request] = estimate_requests([args.model], settings, workload, progress=progress)
     roofline = None
     if args.roofline:
-        from opstudio.core.measure.inputs import make_inputs
         from opstudio.core.measure.roofline import (
             dims_from_inputs,
             measure_machine,
             profile_roofline,
         )
         from opstudio.core.model.graph import analyze
-        from opstudio.core.model.model_io import load_model
         from opstudio.core.model.provenance import derived_nodes
 
-        model = load_model(args.model, load_external_data=False)
-        inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                             npz_path=settings.inputs_path, seed=settings.seed,
-                             phase=settings.phase, past=settings.past, model_path=args.model)
+        model, inputs = workload.model, workload.main()
         machine = measure_machine(settings.threads)
         points = profile_roofline(analyze(model, dims_from_inputs(model, inputs)), profile,
                                   machine, derived_nodes(model))

@@ -18,6 +18,7 @@ from opstudio.core.measure.request import (
     require_kv_cache,
     with_interval,
 )
+from opstudio.core.measure.workload import Workload, no_kv_cache
 
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +34,11 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"tokens generated (default {DEFAULT_GENERATE}); implies --request")
 
 
-def apply_request_args(args: argparse.Namespace, settings: Any, models: Sequence[str]) -> bool:
-    """Put ``--request/--prompt/--generate`` in ``settings``; refuse a model without a KV
-    cache before anything is timed. True when a request is to be estimated."""
+def apply_request_args(args: argparse.Namespace, settings: Any, workload: Workload,
+                       others: Sequence[str] = ()) -> bool:
+    """Put ``--request/--prompt/--generate`` in ``settings`` (the spec of ``workload``); refuse
+    a model without a KV cache (the workload's, or one of ``others``, compared with it) before
+    anything is timed. True when a request is to be estimated."""
     from opstudio.core.model.model_io import load_model
 
     prompt, generate = getattr(args, "prompt", None), getattr(args, "generate", None)
@@ -45,7 +48,9 @@ def apply_request_args(args: argparse.Namespace, settings: Any, models: Sequence
     settings.request_prompt = DEFAULT_PROMPT if prompt is None else prompt
     settings.request_generate = DEFAULT_GENERATE if generate is None else generate
     settings.validate(check_provider=False)
-    for path in models:
+    if not workload.has_kv_cache:
+        raise no_kv_cache(workload.path or "the model")
+    for path in others:
         require_kv_cache(load_model(path, load_external_data=False), path)
     return True
 

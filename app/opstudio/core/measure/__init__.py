@@ -40,14 +40,8 @@ from opstudio.core.measure.inputs import (
     run_dims,
 )
 from opstudio.core.measure.memory import weight_bytes
-from opstudio.core.measure.profiler import (
-    OPT_LEVELS,
-    NodeStats,
-    Profile,
-    ProfileSettings,
-    profile_model,
-    unsettled_note,
-)
+from opstudio.core.measure.profile import NodeStats, Profile
+from opstudio.core.measure.profiler import profile_model, profile_models
 from opstudio.core.measure.request import (
     DEFAULT_GENERATE,
     DEFAULT_PROMPT,
@@ -70,6 +64,8 @@ from opstudio.core.measure.roofline import (
     profile_roofline,
     profile_with_machine,
 )
+from opstudio.core.measure.rounds import unsettled_note
+from opstudio.core.measure.settings import OPT_LEVELS, FeedSpec, ProfileSettings, RunSettings
 from opstudio.core.measure.text_prompt import find_tokenizer, judging, with_text_prompt
 from opstudio.core.measure.timing import (
     FASTER,
@@ -83,6 +79,7 @@ from opstudio.core.measure.timing import (
     quiet_rounds,
     session,
 )
+from opstudio.core.measure.workload import Workload
 
 __all__ = [
     "ADDED",
@@ -97,6 +94,7 @@ __all__ = [
     "SYNTHETIC",
     "UNDECIDED",
     "Comparison",
+    "FeedSpec",
     "Generation",
     "Greedy",
     "Machine",
@@ -109,7 +107,9 @@ __all__ = [
     "Ratio",
     "RequestComparison",
     "RequestEstimate",
+    "RunSettings",
     "SideBySide",
+    "Workload",
     "agreement_low",
     "agreement_per_position",
     "analyze_roofline",
@@ -138,6 +138,7 @@ __all__ = [
     "paired_ratio",
     "paired_speedup",
     "profile_model",
+    "profile_models",
     "profile_roofline",
     "profile_with_machine",
     "quiet_rounds",

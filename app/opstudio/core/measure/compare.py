@@ -36,11 +36,12 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.isolation import call_isolated
 from opstudio.core.measure import timing
 from opstudio.core.measure.accuracy import AccuracyReport, evaluate
-from opstudio.core.measure.inputs import make_inputs
-from opstudio.core.measure.profiler import Profile, ProfileSettings, profile_models
-from opstudio.core.measure.request import compare_requests, estimate_requests, has_kv_cache
-from opstudio.core.measure.text_prompt import Judging, judging
+from opstudio.core.measure.profile import Profile
+from opstudio.core.measure.profiler import profile_models
+from opstudio.core.measure.request import compare_requests, estimate_requests
+from opstudio.core.measure.settings import ProfileSettings, RunSettings
 from opstudio.core.measure.timing import Ratio, paired_speedup, quiet_rounds
+from opstudio.core.measure.workload import Workload, workload_for
 from opstudio.core.model.model_io import load_model, stored_bytes
 from opstudio.core.model.provenance import get_origin
 from opstudio.core.progress import CancelCheck, Progress
@@ -615,16 +616,14 @@ def _members(stats: Any, translate: Callable[[str], list[str]] | None) -> list[s
 
 
 def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onnx.ModelProto,
-                   settings: ProfileSettings | None = None, *,
-                   inputs: dict[str, np.ndarray] | None = None,
-                   judge: Judging | None = None,
+                   run: RunSettings | None = None, workload: Workload | None = None, *,
                    progress: Progress | None = None,
                    cancelled: CancelCheck | None = None) -> Comparison:
-    """Profile ``before`` and ``after`` on identical inputs, their runs taking turns in one
-    child process, and measure the accuracy change: on ``judge``'s feed when it has one (a
-    text prompt), else on the timing inputs. Without ``judge`` and ``inputs``, what the
-    settings give (``text_prompt.judging``: a text when a tokenizer is beside ``before``)."""
-    settings = settings or ProfileSettings()
+    """Profile ``before`` and ``after`` on the main feed of ``workload`` (by default the feed
+    spec ``run`` carries, resolved on ``before``), their runs taking turns in one child
+    process, and measure the accuracy change on what the workload's judging says: a text
+    prompt when a tokenizer is at hand (``text_prompt.judging``), else the timing feed."""
+    run = run or ProfileSettings()
 
     def report(lo: float, hi: float) -> Progress | None:
         if progress is None:
@@ -634,38 +633,34 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
     with opstudio_tempdir() as tmp:
         before_path = _as_file(before, Path(tmp) / "before.onnx")
         after_path = _as_file(after, Path(tmp) / "after.onnx")
-        graph_only = load_model(before_path, load_external_data=False)
-        if inputs is None:
+        if workload is None:
             if progress:
                 progress(0.0, "preparing inputs")
-            inputs = make_inputs(graph_only, dims=settings.dims, shapes=settings.shapes,
-                                 npz_path=settings.inputs_path, seed=settings.seed,
-                                 phase=settings.phase, past=settings.past, model_path=before_path)
-            if judge is None:
-                judge = judging(graph_only,
-                                None if isinstance(before, onnx.ModelProto) else before,
-                                settings)
-        request = settings.request and has_kv_cache(graph_only)
-        del graph_only
-        prof_before, prof_after = profile_models([before_path, after_path], settings,
-                                                 inputs=inputs,
+            workload = workload_for([before], run, None)
+        inputs = workload.main()
+        judge = workload.judging()
+        request = workload.spec.request and workload.has_kv_cache
+        prof_before, prof_after = profile_models([before_path, after_path], run, workload,
                                                  progress=report(0.0, 0.6 if request else 0.9),
                                                  cancelled=cancelled)
         requests = None
         if request:
             requests = compare_requests(*estimate_requests(
-                [before_path, after_path], settings, progress=report(0.6, 0.9),
+                [before_path, after_path], run, workload, progress=report(0.6, 0.9),
                 cancelled=cancelled))
         if progress:
             progress(0.9, "comparing outputs")
-        judged = inputs if judge is None or judge.feed is None else judge.feed
+        judged = inputs if judge.feed is None else judge.feed
         accuracy = call_isolated(evaluate, str(before_path), str(after_path), judged,
-                                 timeout=settings.timeout_s, cancelled=cancelled)
-        if judge is not None:
-            accuracy.judged_on = judge.judged_on
-        sizes = {"before": stored_bytes(before_path), "after": stored_bytes(after_path)}
-        mapping = map_nodes(load_model(before_path, load_external_data=False),
-                            load_model(after_path, load_external_data=False))
+                                 timeout=run.timeout_s, cancelled=cancelled)
+        accuracy.judged_on = judge.judged_on
+        # each file's graph read once (the workload holds the first's when read from its file)
+        before_graph = workload.model if workload.path == str(before_path) else \
+            load_model(before_path, load_external_data=False)
+        after_graph = load_model(after_path, load_external_data=False)
+        sizes = {"before": stored_bytes(before_path, before_graph),
+                 "after": stored_bytes(after_path, after_graph)}
+        mapping = map_nodes(before_graph, after_graph)
     if progress:
         progress(1.0, "done")
     profiled_rounds = quiet_rounds(prof_before.total_series_ms, prof_after.total_series_ms)

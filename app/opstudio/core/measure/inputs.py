@@ -274,27 +274,31 @@ def make_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 shapes: Mapping[str, list[int]] | None = None,
                 npz_path: str | Path | None = None, seed: int = 0,
                 max_bytes: int = 2**31, *, phase: str | None = None, past: int | None = None,
-                model_path: str | Path | None = None) -> dict[str, np.ndarray]:
+                model_path: str | Path | None = None,
+                layout: KvLayout | None = None) -> dict[str, np.ndarray]:
     """One array per model input, in the model's input order.
 
     ``phase``/``past`` choose the step of a KV-cache decoder to run (``opstudio.core.model.phases``);
     ``model_path`` lets the KV geometry be read from a ``genai_config.json`` beside the model
-    and lets a decode after a prompt in ``npz_path`` run the prompt first."""
+    and lets a decode after a prompt in ``npz_path`` run the prompt first. ``layout`` is the
+    model's ``kv_layout`` when the caller holds it (``workload.Workload`` does)."""
+    layout = layout or kv_layout(model)
     supplied = load_npz(model, npz_path) if npz_path is not None else {}
-    if phase == "decode" and supplied and is_prompt(model, supplied):
+    if phase == "decode" and supplied and is_prompt(model, supplied, layout):
         return decode_after_prompt(model, supplied, model_path=model_path, dims=dict(dims or {}),
                                    shapes=dict(shapes or {}), seed=seed, max_bytes=max_bytes,
-                                   past=past)
+                                   past=past, layout=layout)
     return build_inputs(model, dims, shapes, supplied, seed, max_bytes, phase=phase, past=past,
-                        model_path=model_path)
+                        model_path=model_path, layout=layout)
 
 
 def build_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None,
                  shapes: Mapping[str, list[int]] | None, supplied: Mapping[str, np.ndarray],
                  seed: int = 0, max_bytes: int = 2**31, *, phase: str | None = None,
-                 past: int | None = None,
-                 model_path: str | Path | None = None) -> dict[str, np.ndarray]:
+                 past: int | None = None, model_path: str | Path | None = None,
+                 layout: KvLayout | None = None) -> dict[str, np.ndarray]:
     """``make_inputs`` on arrays already loaded: ``supplied`` are used as they are."""
+    layout = layout or kv_layout(model)
     dims = dict(dims or {})
     shapes = dict(shapes or {})
     specs = input_specs(model)
@@ -315,7 +319,8 @@ def build_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None,
             f"--shape {unknown[0]}: the model has no input of that name "
             f"(inputs: {name_list(s.name for s in specs)})")
     if todo:
-        dims, _ = derive_dims(model, dims, phase=phase, past=past, model_path=model_path)
+        dims, _ = derive_dims(model, dims, phase=phase, past=past, model_path=model_path,
+                              layout=layout)
     resolved = [_resolve_one(spec, dims, shapes) for spec in todo]
     total = 0
     for r in resolved:
@@ -331,7 +336,6 @@ def build_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None,
             f"{_gib(max_bytes)} limit; choose smaller --dim/--shape values")
     bounds = index_bounds(model)
     seq_guess = max((d for r in resolved for d in r.shape[1:]), default=DEFAULT_SEQ)
-    layout = kv_layout(model)
     # New tokens sit after the past: their positions count on from its length.
     kv_shapes = [r.shape for r in resolved if r.name in {s.name for s in layout.kv_inputs}]
     kv_shapes += [supplied[s.name].shape for s in layout.kv_inputs if s.name in supplied]
@@ -491,13 +495,14 @@ def _first_line(exc: BaseException) -> str:
 def decode_after_prompt(model: onnx.ModelProto, prompt: Mapping[str, np.ndarray], *,
                         model_path: str | Path | None, dims: Mapping[str, int],
                         shapes: Mapping[str, list[int]], seed: int, max_bytes: int,
-                        past: int | None = None) -> dict[str, np.ndarray]:
+                        past: int | None = None,
+                        layout: KvLayout | None = None) -> dict[str, np.ndarray]:
     """Inputs of the decode step that follows ``prompt``: a prefill run gives the past (its
     ``present.*`` outputs) and the new token (the argmax of its last logits)."""
     from opstudio.core.measure.accuracy import run_outputs
     from opstudio.core.measure.inputs import build_inputs
 
-    layout = kv_layout(model)
+    layout = layout or kv_layout(model)
     ids_name = layout.ids_input
     assert ids_name is not None
     ids = prompt[ids_name]
@@ -509,7 +514,7 @@ def decode_after_prompt(model: onnx.ModelProto, prompt: Mapping[str, np.ndarray]
                             f"itself ({length} tokens); leave out --past")
     source = _runnable(model, model_path)
     prefill = build_inputs(model, dims, shapes, dict(prompt), seed, max_bytes,
-                           phase="prefill", model_path=model_path)
+                           phase="prefill", model_path=model_path, layout=layout)
     outputs = run_outputs(source, prefill, threads=0)
     logits = logits_output(outputs)
     presents = present_outputs(layout, outputs)
@@ -517,7 +522,7 @@ def decode_after_prompt(model: onnx.ModelProto, prompt: Mapping[str, np.ndarray]
     fixed = {k: v for k, v in dims.items() if k not in layout.past and k not in layout.seq
              and k not in layout.total}
     feeds = build_inputs(model, fixed, shapes, {}, seed, max_bytes, phase="decode",
-                         past=length, model_path=model_path)
+                         past=length, model_path=model_path, layout=layout)
     feeds[ids_name] = logits[:, -1, :].argmax(axis=-1).reshape(-1, 1).astype(ids.dtype)
     for name, value in presents.items():
         feeds[name] = value.astype(feeds[name].dtype, copy=False)

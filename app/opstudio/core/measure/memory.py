@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from opstudio.core.model.phases import KvLayout, kv_layout
+
 
 def anon_bytes() -> int | None:
     """This process's anonymous resident memory (``RssAnon``), None where /proc does not say."""
@@ -93,15 +95,13 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[int, bool]:
     return total, total > 0 and 2 * external >= total
 
 
-def kv_bytes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
-             ) -> tuple[int, int] | None:
+def kv_bytes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+             layout: KvLayout | None = None) -> tuple[int, int] | None:
     """(KV-cache bytes per token, the past fed in tokens) of a decoder with a KV cache, from
     the cache inputs as fed ([batch, kv heads, past, head size] per layer, keys and values),
     None for another model."""
-    from opstudio.core.model.phases import kv_layout
-
     per_token, past = 0, 0
-    for spec in kv_layout(model).kv_inputs:
+    for spec in (layout or kv_layout(model)).kv_inputs:
         a = inputs.get(spec.name)
         if a is None or a.ndim < 4:
             continue

@@ -16,8 +16,9 @@ interpolated steps. Medians and their 95 % intervals come from those per-round s
 rounds ``timing.spread`` calls disturbed left out; two models are compared by the paired ratios
 of the same rounds (``timing.paired_speedup``), "≈ 1×" when the interval holds 1.
 
-Inputs are synthetic (``inputs.make_inputs`` in each phase): the lengths are the request's;
-other ``--dim`` values (a batch size) apply.
+Inputs are synthetic (``workload.Workload.prefill`` and ``decode``): the lengths are the
+request's; other ``--dim`` values (a batch size) and the ``--shape`` of inputs no length sizes
+apply.
 """
 
 from __future__ import annotations
@@ -32,12 +33,20 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure.settings import RunSettings
 from opstudio.core.measure.timing import (
     Ratio,
     median_interval,
     paired_speedup,
     quiet_rounds,
     spread,
+)
+from opstudio.core.measure.workload import (
+    PREFILL,
+    Workload,
+    decode_kind,
+    no_kv_cache,
+    workload_for,
 )
 from opstudio.core.model.phases import check_request
 
@@ -46,17 +55,12 @@ CancelCheck = Callable[[], bool]
 
 DEFAULT_PROMPT = 128
 DEFAULT_GENERATE = 128
-PREFILL = "prefill"
 
 
 def decode_pasts(prompt: int, generate: int) -> tuple[int, ...]:
     """Past lengths the decode step is timed at: the request's first step and one past its
     last, so every step in between is interpolated, never extrapolated."""
     return (prompt, prompt + generate)
-
-
-def decode_kind(past: int) -> str:
-    return f"decode@{past}"
 
 
 def has_kv_cache(model: onnx.ModelProto) -> bool:
@@ -67,10 +71,7 @@ def has_kv_cache(model: onnx.ModelProto) -> bool:
 
 def require_kv_cache(model: onnx.ModelProto, name: str = "the model") -> None:
     if not has_kv_cache(model):
-        raise OpstudioError(
-            f"--request: {name} has no past key/value (KV-cache) input, so it has no decode "
-            "step: a request's time (prefill, then one decode step per token) needs a decoder "
-            "exported with its KV cache (past_key_values.N.key/value inputs)")
+        raise no_kv_cache(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,55 +250,41 @@ def _rs(ci: Sequence[float], digits: int = 6) -> list[float | None]:
 # Measurement
 
 
-def request_inputs(model: onnx.ModelProto, prompt: int, generate: int, *,
-                   dims: Mapping[str, int] | None = None, seed: int = 0,
-                   model_path: str | Path | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """Feeds of each kind of run: the prefill of ``prompt`` tokens and the decode step at each
-    of ``decode_pasts``. Dims the phases set (lengths) are the request's, not ``dims``'."""
-    from opstudio.core.measure.inputs import make_inputs
-    from opstudio.core.model.phases import kv_layout
-
+def request_inputs(workload: Workload) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds of each kind of run of ``workload``'s request (its spec's ``request_prompt`` and
+    ``request_generate``): the prefill of the prompt and the decode step at each of
+    ``decode_pasts``. Dims the phases set (lengths) are the request's, not the spec's."""
+    prompt, generate = workload.spec.request_prompt, workload.spec.request_generate
     check_request(prompt, generate)
-    require_kv_cache(model)
-    layout = kv_layout(model)
-    if not layout.seq:
-        raise OpstudioError(
-            "--request: the model's token input has no named sequence dim, so the prompt "
-            "length cannot be set (the prefill of a request runs the whole prompt at once)")
-    lengths = {*layout.past, *layout.seq, *layout.total}
-    fixed = {k: v for k, v in (dims or {}).items() if k not in lengths}
-    feeds = {PREFILL: make_inputs(model, dims={**fixed, **dict.fromkeys(layout.seq, prompt)},
-                                  seed=seed, phase="prefill", model_path=model_path)}
+    feeds = {PREFILL: workload.prefill(prompt)}
     for past in decode_pasts(prompt, generate):
-        feeds[decode_kind(past)] = make_inputs(model, dims=fixed, seed=seed, phase="decode",
-                                               past=past, model_path=model_path)
+        feeds[decode_kind(past)] = workload.decode(past)
     return feeds
 
 
-def estimate_requests(models: Sequence[str | Path], settings: Any,
-                      progress: Progress | None = None,
+def estimate_requests(models: Sequence[str | Path], run: RunSettings,
+                      workload: Workload | None = None, progress: Progress | None = None,
                       cancelled: CancelCheck | None = None) -> list[RequestEstimate]:
-    """Each model's request (``settings.request_prompt`` + ``settings.request_generate``
-    tokens), the models' runs interleaved in one child process on the inputs made from the
-    first (``settings`` is a ``profiler.ProfileSettings``: runs, warm-up, threads, time budget,
-    optimization level, provider and seed apply)."""
+    """Each model's request (the workload's ``request_prompt`` + ``request_generate`` tokens),
+    the models' runs interleaved in one child process on the feeds of ``workload`` (made from
+    the first model; by default from ``run``'s own feed spec when it is a ``ProfileSettings``):
+    runs, warm-up, threads, time budget, optimization level and provider apply."""
     from opstudio.core.isolation import call_isolated
-    from opstudio.core.model.model_io import load_model
 
-    prompt, generate = settings.request_prompt, settings.request_generate
     paths = [str(m) for m in models]
     for p in paths:
         if not Path(p).is_file():
             raise OpstudioError(f"{p}: no such file")
+    workload = workload_for(paths, run, workload)
+    prompt, generate = workload.spec.request_prompt, workload.spec.request_generate
     if progress:
         progress(0.0, "preparing the request's inputs")
-    first = load_model(paths[0], load_external_data=False)
-    feeds = request_inputs(first, prompt, generate, dims=settings.dims, seed=settings.seed,
-                           model_path=paths[0])
+    feeds = request_inputs(workload)
     # the request's own lengths decide when to stop, not --until-stable on another total
-    child_settings = dataclasses.replace(settings, until_stable=None).to_json()
-    series = call_isolated(_time_in_child, paths, child_settings, feeds,
-                           timeout=settings.timeout_s, progress=progress, cancelled=cancelled,
+    child_settings = dataclasses.replace(RunSettings.from_json(run.to_json()),
+                                         until_stable=None).to_json()
+    series = call_isolated(_time_in_child, paths, child_settings, feeds, workload.spec.seed,
+                           timeout=run.timeout_s, progress=progress, cancelled=cancelled,
                            task="timing the request")
     pasts = decode_pasts(prompt, generate)
     return [estimate(s[PREFILL], {p: s[decode_kind(p)] for p in pasts}, prompt, generate,
@@ -305,13 +292,12 @@ def estimate_requests(models: Sequence[str | Path], settings: Any,
 
 
 def _time_in_child(paths: list[str], settings_json: dict[str, Any],
-                   feeds: dict[str, dict[str, np.ndarray]],
+                   feeds: dict[str, dict[str, np.ndarray]], seed: int,
                    progress: Progress | None = None) -> list[dict[str, list[float]]]:
     import onnxruntime as ort
 
-    from opstudio.core.measure.profiler import (
+    from opstudio.core.measure.rounds import (
         Fed,
-        ProfileSettings,
         check_feeds,
         load_session,
         profile_session_options,
@@ -319,7 +305,7 @@ def _time_in_child(paths: list[str], settings_json: dict[str, Any],
     )
 
     ort.set_default_logger_severity(4)
-    settings = ProfileSettings.from_json(settings_json)
+    settings = RunSettings.from_json(settings_json)
     report = progress or (lambda f, m: None)
     report(0.01, "loading the models" if len(paths) > 1 else "loading the model")
     opened = [load_session(ort, p, profile_session_options(ort, settings), settings.provider)
@@ -329,6 +315,6 @@ def _time_in_child(paths: list[str], settings_json: dict[str, Any],
     sessions = {f"{kind}:{i}": Fed(sess, check_feeds(sess, kind_feeds))
                 for kind, kind_feeds in feeds.items() for i, sess in enumerate(opened)}
     report(0.1, "warming up")
-    times, _ = run_rounds(sessions, settings, len(paths), 0, report)
+    times, _ = run_rounds(sessions, settings, len(paths), 0, report, seed)
     report(1.0, "done")
     return [{kind: list(times[f"{kind}:{i}"]) for kind in feeds} for i in range(len(paths))]

@@ -33,6 +33,8 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.measure.accuracy import SYNTHETIC
+from opstudio.core.measure.settings import FeedSpec
+from opstudio.core.model.phases import KvLayout
 
 TOKENIZER_FILE = "tokenizer.json"
 BUILTIN_NAME = "the built-in text"
@@ -134,13 +136,14 @@ def tokenize(text: str, tokenizer: str | Path) -> np.ndarray:
 
 def text_prompt(model: onnx.ModelProto, model_path: str | Path | None, *,
                 tokenizer: str | Path | None = None, text: str | Path | None = None,
-                dims: Mapping[str, int] | None = None) -> TextPrompt | None:
+                dims: Mapping[str, int] | None = None,
+                layout: KvLayout | None = None) -> TextPrompt | None:
     """The prompt of the text (default the built-in passage) for ``model``, or None when the
     model reads no token ids or no tokenizer is named or found beside it."""
     from opstudio.core.measure.inputs import build_inputs, index_bounds
     from opstudio.core.model.phases import is_past_length_name, kv_layout
 
-    layout = kv_layout(model)
+    layout = layout or kv_layout(model)
     ids_name = layout.ids_input
     if ids_name is None:
         return None
@@ -169,27 +172,30 @@ def text_prompt(model: onnx.ModelProto, model_path: str | Path | None, *,
     fixed = {k: v for k, v in (dims or {}).items()
              if k not in lengths and not is_past_length_name(k) and "batch" not in k.lower()}
     feed = build_inputs(model, fixed, None, {ids_name: ids}, phase="prefill" if
-                        layout.has_cache else None, model_path=model_path)
+                        layout.has_cache else None, model_path=model_path, layout=layout)
     return TextPrompt(feed=feed, tokens=int(ids.shape[1]), text_name=name, tokenizer=found)
 
 
-def judging(model: onnx.ModelProto, model_path: str | Path | None, settings: Any) -> Judging:
-    """What a comparison's accuracy is judged on under ``settings`` (a ``ProfileSettings``):
-    the user's ``--inputs``, else the text prompt when a tokenizer is at hand, else the timing
-    inputs, called synthetic tokens for a model that reads token ids."""
+def judging(model: onnx.ModelProto, model_path: str | Path | None, spec: FeedSpec,
+            layout: KvLayout | None = None) -> Judging:
+    """What a comparison's accuracy is judged on under ``spec``: the user's ``--inputs``,
+    else the text prompt when a tokenizer is at hand, else the timing inputs, called synthetic
+    tokens for a model that reads token ids. ``layout`` is the model's ``kv_layout`` when the
+    caller holds it."""
     from opstudio.core.model.phases import kv_layout
 
-    if settings.inputs_path:
-        return Judging(None, Path(settings.inputs_path).name)
-    prompt = text_prompt(model, model_path, tokenizer=settings.tokenizer,
-                         text=settings.prompt_text, dims=settings.dims)
+    if spec.inputs_path:
+        return Judging(None, Path(spec.inputs_path).name)
+    layout = layout or kv_layout(model)
+    prompt = text_prompt(model, model_path, tokenizer=spec.tokenizer,
+                         text=spec.prompt_text, dims=spec.dims, layout=layout)
     if prompt is not None:
         return Judging(prompt.feed, prompt.describe())
-    if settings.tokenizer is None and settings.prompt_text is not None \
-            and kv_layout(model).ids_input is not None:
+    if spec.tokenizer is None and spec.prompt_text is not None \
+            and layout.ids_input is not None:
         raise OpstudioError("--prompt-text: no tokenizer.json beside the model to tokenize "
                             "the text with; name one with --tokenizer")
-    return Judging(None, SYNTHETIC if kv_layout(model).ids_input is not None else "")
+    return Judging(None, SYNTHETIC if layout.ids_input is not None else "")
 
 
 def prompt_file(feed: Mapping[str, np.ndarray]) -> Path:

@@ -462,14 +462,16 @@ def _copy_range(source: tuple[Path, int, int], out) -> None:
             left -= len(chunk)
 
 
-def stored_bytes(path: str | os.PathLike[str]) -> int:
-    """The size on disk of the .onnx file plus the external-data files it references."""
+def stored_bytes(path: str | os.PathLike[str], model: onnx.ModelProto | None = None) -> int:
+    """The size on disk of the .onnx file plus the external-data files it references
+    (``model``: its graph, when the caller has read it)."""
     p = Path(path)
     total = p.stat().st_size
-    try:
-        model = load_model(p, load_external_data=False, name_nodes=False)
-    except OpstudioError:
-        return total
+    if model is None:
+        try:
+            model = load_model(p, load_external_data=False, name_nodes=False)
+        except OpstudioError:
+            return total
     seen: set[str] = set()
     for t in iter_all_tensors(model):
         for entry in t.external_data:

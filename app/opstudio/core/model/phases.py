@@ -164,13 +164,14 @@ def kv_layout(model: onnx.ModelProto) -> KvLayout:
 
 
 def derive_dims(model: onnx.ModelProto, dims: Mapping[str, int], *, phase: str | None = None,
-                past: int | None = None, model_path: str | Path | None = None
-                ) -> tuple[dict[str, int], list[str]]:
+                past: int | None = None, model_path: str | Path | None = None,
+                layout: KvLayout | None = None) -> tuple[dict[str, int], list[str]]:
     """``dims`` completed with the values the phase implies and the dims that follow from
     others; given dims (``--dim``, or read off ``--inputs`` arrays) are kept. Also the notes
-    saying how each derived value was chosen."""
+    saying how each derived value was chosen. ``layout`` is the model's ``kv_layout`` when the
+    caller holds it."""
     check_phase(phase, past)
-    layout = kv_layout(model)
+    layout = layout or kv_layout(model)
     out = dict(dims)
     notes: list[str] = []
     if phase is None and past is not None:
@@ -390,9 +391,10 @@ def _genai_config_geometry(path: Path) -> tuple[int | None, int | None]:
 # Decode after a real prompt
 
 
-def is_prompt(model: onnx.ModelProto, supplied: Mapping[str, np.ndarray]) -> bool:
+def is_prompt(model: onnx.ModelProto, supplied: Mapping[str, np.ndarray],
+              layout: KvLayout | None = None) -> bool:
     """``supplied`` holds a prompt's token ids and no past (or a past of length 0)."""
-    layout = kv_layout(model)
+    layout = layout or kv_layout(model)
     if not layout.has_cache or layout.ids_input not in supplied:
         return False
     return all(supplied[s.name].shape[-2] == 0 for s in layout.kv_inputs if s.name in supplied)
@@ -405,10 +407,11 @@ def check_request(prompt: Any, generate: Any) -> None:
                                 f"not {value!r}")
 
 
-def describe_step(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> str:
+def describe_step(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+                  layout: KvLayout | None = None) -> str:
     """Which step of a decoder with a KV cache ``inputs`` run, in words: "prefill of 128
     tokens", "decode step after 512 tokens"; "" for a model without a KV cache."""
-    layout = kv_layout(model)
+    layout = layout or kv_layout(model)
     ids = layout.ids_input
     if not layout.has_cache or ids is None or ids not in inputs:
         return ""

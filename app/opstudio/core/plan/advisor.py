@@ -487,18 +487,17 @@ def advise(model_path: str, settings: Any, budget: Budget,
     if cluster not in (None, "", "local"):
         raise OpstudioError("only the next-token advisor's scan runs on a cluster (a top-1 "
                             "or KL budget); the per-operator scan times every rewrite here")
-    from opstudio.core.measure.inputs import make_inputs
     from opstudio.core.measure.roofline import analyze_roofline, dims_from_inputs, measure_machine
+    from opstudio.core.measure.workload import Workload
     from opstudio.core.model.graph import analyze
     from opstudio.core.model.model_io import load_model
     from opstudio.core.plan.sensitivity import analyze_sensitivity
 
     model = load_model(model_path, lazy=True)  # inputs and the analysis need no weight
-    inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                         npz_path=settings.inputs_path, seed=settings.seed,
-                         phase=settings.phase, past=settings.past, model_path=model_path)
+    workload = Workload(model, settings, model_path)
+    inputs = workload.main()
     sens = analyze_sensitivity(model_path, settings, techniques, max_nodes=max_nodes,
-                               inputs=inputs, use_cache=use_cache,
+                               workload=workload, use_cache=use_cache,
                                progress=part(progress, 0.0, 0.75), cancelled=cancelled)
     if progress is not None:
         progress(0.75, "measuring this machine's roofline")

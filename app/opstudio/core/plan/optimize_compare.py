@@ -13,9 +13,9 @@ import onnx
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.isolation import call_isolated
 from opstudio.core.measure.compare import Comparison, NotCompared, compare_models
-from opstudio.core.measure.inputs import NeedsInputs, make_inputs
-from opstudio.core.measure.profiler import ProfileSettings
-from opstudio.core.measure.text_prompt import judging
+from opstudio.core.measure.inputs import NeedsInputs
+from opstudio.core.measure.settings import ProfileSettings
+from opstudio.core.measure.workload import Workload
 from opstudio.core.progress import CancelCheck, Progress
 from opstudio.core.tempdir import opstudio_tempdir
 
@@ -38,20 +38,19 @@ def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileS
             return None
         return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
 
+    workload = Workload(model, settings, model_path)
     try:
-        inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                             npz_path=settings.inputs_path, seed=settings.seed,
-                             phase=settings.phase, past=settings.past, model_path=model_path)
+        inputs = workload.main()
     except NeedsInputs as exc:
         result = optimize(model, recipe, progress=part(0.0, 1.0), cancelled=cancelled)
         return result, NotCompared(exc.why)
-    judge = judging(model, model_path, settings)
+    judge = workload.judging()
     result = optimize(model, recipe, inputs=judge.feed if judge.feed is not None else inputs,
                       progress=part(0.0, 0.25), cancelled=cancelled)
     try:
         comparison: Comparison | NotCompared = compare_models(
-            model, result.model, settings, inputs=inputs, judge=judge,
-            progress=part(0.25, 1.0), cancelled=cancelled)
+            model, result.model, settings, workload, progress=part(0.25, 1.0),
+            cancelled=cancelled)
     except Cancelled:
         raise
     except OpstudioError:

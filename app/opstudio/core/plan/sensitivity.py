@@ -31,8 +31,10 @@ import onnx
 
 from opstudio.core.errors import Cancelled, ContractBroken, OpstudioError
 from opstudio.core.isolation import call_isolated
-from opstudio.core.measure.inputs import make_inputs
-from opstudio.core.measure.profiler import Profile, ProfileSettings, profile_model
+from opstudio.core.measure.profile import Profile
+from opstudio.core.measure.profiler import profile_model
+from opstudio.core.measure.settings import ProfileSettings
+from opstudio.core.measure.workload import Workload
 from opstudio.core.model.model_io import load_model
 from opstudio.core.passes import ScanParams, default_scan
 from opstudio.core.plan import reasons
@@ -258,7 +260,7 @@ def pick_candidates(model: onnx.ModelProto, baseline: Profile, techniques: Itera
 
 def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSettings | None = None,
                         techniques: Mapping[str, ScanParams] | None = None, *,
-                        max_nodes: int = 40, inputs: dict[str, np.ndarray] | None = None,
+                        max_nodes: int = 40, workload: Workload | None = None,
                         baseline: Profile | None = None, use_cache: bool = True,
                         progress: Progress | None = None,
                         cancelled: CancelCheck | None = None) -> Sensitivity:
@@ -279,13 +281,11 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
     stop = stopper(cancelled)
 
     model = load_model(path, lazy=True)  # inputs and the candidates' checks: no weight is copied
-    if inputs is None:
-        inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                             npz_path=settings.inputs_path, seed=settings.seed,
-                             phase=settings.phase, past=settings.past, model_path=path)
+    workload = workload or Workload(model, settings, path)
+    inputs = workload.main()
     if baseline is None:
         say(0.0, "profiling the original model")
-        baseline = profile_model(path, settings, inputs=inputs, cancelled=cancelled,
+        baseline = profile_model(path, settings, workload, cancelled=cancelled,
                                  progress=part(say, 0.0, 0.2))
     plan, refused = pick_candidates(model, baseline, techniques, max_nodes=max_nodes)
     before = {s.name: s.p50_ms for s in baseline.nodes}
@@ -319,7 +319,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
             if applied:
                 combined = optimize(model, Recipe([Step(technique, params, nodes=applied)]),
                                     inputs=inputs).model
-                prof = profile_model(combined, settings, inputs=inputs, cancelled=cancelled,
+                prof = profile_model(combined, settings, workload, cancelled=cancelled,
                                      progress=part(say, lo + 0.6 * span, lo + span))
                 split_before, after = split_rows(baseline, prof, weighted)
                 # The two profiles were taken at different moments; if the machine got busier
