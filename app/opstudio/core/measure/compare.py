@@ -44,7 +44,7 @@ from opstudio.core.measure.timing import Ratio, paired_speedup, quiet_rounds
 from opstudio.core.measure.workload import Workload, workload_for
 from opstudio.core.model.model_io import load_model, stored_bytes
 from opstudio.core.model.provenance import get_origin
-from opstudio.core.progress import CancelCheck, Progress
+from opstudio.core.progress import CancelCheck, Progress, part
 from opstudio.core.tempdir import opstudio_tempdir
 
 # What quantizers and exporters append to the name of a node they replace (``X_Q4``, ``X_quant``,
@@ -625,11 +625,6 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
     prompt when a tokenizer is at hand (``text_prompt.judging``), else the timing feed."""
     run = run or ProfileSettings()
 
-    def report(lo: float, hi: float) -> Progress | None:
-        if progress is None:
-            return None
-        return lambda f, msg: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), msg)
-
     with opstudio_tempdir() as tmp:
         before_path = _as_file(before, Path(tmp) / "before.onnx")
         after_path = _as_file(after, Path(tmp) / "after.onnx")
@@ -641,12 +636,12 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
         judge = workload.judging()
         request = workload.spec.request and workload.has_kv_cache
         prof_before, prof_after = profile_models([before_path, after_path], run, workload,
-                                                 progress=report(0.0, 0.6 if request else 0.9),
+                                                 progress=part(progress, 0.0, 0.6 if request else 0.9),
                                                  cancelled=cancelled)
         requests = None
         if request:
             requests = compare_requests(*estimate_requests(
-                [before_path, after_path], run, workload, progress=report(0.6, 0.9),
+                [before_path, after_path], run, workload, progress=part(progress, 0.6, 0.9),
                 cancelled=cancelled))
         if progress:
             progress(0.9, "comparing outputs")

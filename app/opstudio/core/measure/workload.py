@@ -97,6 +97,13 @@ class Workload:
         s = self.spec
         return self._made(s.dims, s.phase, s.past, s.shapes, s.inputs_path)
 
+    def at(self, phase: str) -> dict[str, np.ndarray]:
+        """The spec's feed (dims, shapes, inputs file) at ``phase`` instead of the spec's own:
+        a prefill of the whole prompt, or the decode step at the spec's past."""
+        s = self.spec
+        return self._made(s.dims, phase, s.past if phase == "decode" else None, s.shapes,
+                          s.inputs_path)
+
     def prefill(self, prompt: int) -> dict[str, np.ndarray]:
         """A request's prefill of ``prompt`` synthetic tokens (the spec's other dims and shapes
         apply)."""

@@ -16,7 +16,7 @@ from opstudio.core.measure.compare import Comparison, NotCompared, compare_model
 from opstudio.core.measure.inputs import NeedsInputs
 from opstudio.core.measure.settings import ProfileSettings
 from opstudio.core.measure.workload import Workload
-from opstudio.core.progress import CancelCheck, Progress
+from opstudio.core.progress import CancelCheck, Progress, part
 from opstudio.core.tempdir import opstudio_tempdir
 
 
@@ -33,23 +33,18 @@ def optimize_and_compare(model: onnx.ModelProto, recipe: Any, settings: ProfileS
     and not compared."""
     from opstudio.core.plan.optimize import optimize
 
-    def part(lo: float, hi: float) -> Progress | None:
-        if progress is None:
-            return None
-        return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
-
     workload = Workload(model, settings, model_path)
     try:
         inputs = workload.main()
     except NeedsInputs as exc:
-        result = optimize(model, recipe, progress=part(0.0, 1.0), cancelled=cancelled)
+        result = optimize(model, recipe, progress=part(progress, 0.0, 1.0), cancelled=cancelled)
         return result, NotCompared(exc.why)
     judge = workload.judging()
     result = optimize(model, recipe, inputs=judge.feed if judge.feed is not None else inputs,
-                      progress=part(0.0, 0.25), cancelled=cancelled)
+                      progress=part(progress, 0.0, 0.25), cancelled=cancelled)
     try:
         comparison: Comparison | NotCompared = compare_models(
-            model, result.model, settings, workload, progress=part(0.25, 1.0),
+            model, result.model, settings, workload, progress=part(progress, 0.25, 1.0),
             cancelled=cancelled)
     except Cancelled:
         raise

@@ -89,8 +89,8 @@ class Scan:
         targets each variant can take and the cache the measurements go to. ``source``: the
         user's model when ``model_path`` is a rewrite of it (its tokenizer and
         genai_config.json sit beside the former). Fusion is not scanned (``fusion``)."""
-        from opstudio.core.measure.inputs import make_inputs
         from opstudio.core.measure.text_prompt import with_text_prompt
+        from opstudio.core.measure.workload import Workload
         from opstudio.core.model.model_io import load_model
         from opstudio.core.plan.sensitivity import cache_key, cache_path
 
@@ -103,12 +103,9 @@ class Scan:
         if not _has_logits(model):
             raise OpstudioError("the model has no logits output (a float output named …logits… "
                                 "or as wide as a vocabulary): budget it by cosine or SNR instead")
-        prompt = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
-                             npz_path=settings.inputs_path, seed=settings.seed, phase="prefill",
-                             model_path=beside)
-        timed = prompt if phase == "prefill" else make_inputs(
-            model, dims=settings.dims, shapes=settings.shapes, npz_path=settings.inputs_path,
-            seed=settings.seed, phase="decode", past=settings.past, model_path=beside)
+        workload = Workload(model, settings, beside)
+        prompt = workload.at("prefill")
+        timed = prompt if phase == "prefill" else workload.at("decode")
         # the scan calibrates on the first part of the prompt (handed to every pass as its
         # samples: "random" takes those first) and judges on the rest; the plan it hands out
         # names the prompt itself when the prompt file feeds the model
