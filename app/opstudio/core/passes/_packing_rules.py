@@ -162,13 +162,17 @@ class PackQkvRule(pattern.RewriteRuleClassBase):
 
 
 class PackGateUpRule(pattern.RewriteRuleClassBase):
-    """(g · sigmoid(g)) · u with g = MatMul(x, Wg), u = MatMul(x, Wu) → one MatMul(x, Wg|Wu)
-    split in two, the gate as it was."""
+    """act(g) · u with g = MatMul(x, Wg), u = MatMul(x, Wu) → one MatMul(x, Wg|Wu) split in
+    two, the gate as it was. ``activation`` writes the gate, for the pattern and the rewrite
+    alike: SiLU here; another family's gate (GeGLU) is a subclass overriding it."""
+
+    def activation(self, op: Any, gate: Any) -> Any:
+        return op.Mul(gate, op.Sigmoid(gate))
 
     def pattern(self, op: Any, x: Any, wg: Any, wu: Any) -> Any:
         gate = op.MatMul(x, wg, _outputs=["gate"])
         up = op.MatMul(x, wu, _outputs=["up"])
-        activated = op.Mul(gate, op.Sigmoid(gate, _outputs=["sigmoid"]), _outputs=["silu"])
+        activated = self.activation(op, gate)
         return op.Mul(activated, up, _outputs=["out"])
 
     def check(self, op: Any, wg: ir.Value, wu: ir.Value, **_: Any) -> MatchResult:
@@ -178,8 +182,7 @@ class PackGateUpRule(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op: Any, x: ir.Value, wg: ir.Value, wu: ir.Value, gate: ir.Value,
-                up: ir.Value, sigmoid: ir.Value, silu: ir.Value, out: ir.Value,
-                **_: Any) -> Any:
+                up: ir.Value, out: ir.Value, **_: Any) -> Any:
         projections = _origins(gate, up)
         stored = _stored_weight(wg)
         assert stored is not None
@@ -190,9 +193,38 @@ class PackGateUpRule(pattern.RewriteRuleClassBase):
                                          name=_weight_name([wg, wu], "gate_up_split")))
         g, u = op.Split(packed, sizes, axis=-1, _outputs=2, _name="gate_up_proj/Split")
         _stands_for(g, projections)
-        g_sigmoid = _stands_for(op.Sigmoid(g), _origins(sigmoid))
-        activated = _stands_for(op.Mul(g, g_sigmoid), _origins(silu))
+        matched = out.producer()
+        assert matched is not None
+        old_gate = next(v for v in matched.inputs if v is not None and v is not up)
+        activated = self.activation(op, g)
+        gate_origins = ",".join(_between(gate, old_gate))
+        for node in _between_nodes(g, activated):
+            node.metadata_props[provenance.ORIGIN_KEY] = gate_origins
         return _stands_for(op.Mul(activated, u), _origins(out))
+
+
+def _between_nodes(start: ir.Value, end: ir.Value) -> list[ir.Node]:
+    """The nodes that compute ``end`` from ``start`` (up from ``end``, stopping at ``start``
+    and at constants)."""
+    found: list[ir.Node] = []
+    stack = [end.producer()]
+    while stack:
+        node = stack.pop()
+        if node is None or node in found:
+            continue
+        found.append(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None and v is not start)
+    return found
+
+
+def _between(start: ir.Value, end: ir.Value) -> list[str]:
+    """The original nodes the nodes computing ``end`` from ``start`` stand for."""
+    names: list[str] = []
+    for node in _between_nodes(start, end):
+        for name in _origins(*node.outputs[:1]).split(","):
+            if name not in names:
+                names.append(name)
+    return names
 
 
 def packing_rules() -> list[Any]:
