@@ -76,6 +76,8 @@ def test_each_packed_node_stands_for_the_projections_it_replaced():
     packed = apply_pass(FUSE, model, [f"{mlp}/act_fn/Sigmoid"], {})
     gate_up = _by_name(packed.model)[f"{mlp}/gate_up_proj/MatMul"]
     assert provenance.get_origin(gate_up) == [f"{mlp}/gate_proj/MatMul", f"{mlp}/up_proj/MatMul"]
+    (sigmoid,) = [n for n in packed.model.graph.node if n.op_type == "Sigmoid"]
+    assert set(provenance.get_origin(sigmoid)) == {f"{mlp}/act_fn/Sigmoid", f"{mlp}/act_fn/Mul"}
     assert not [n for n in packed.model.graph.node if n.op_type == "GroupQueryAttention"]
     _close(model, packed.model, llama_inputs(layers=1))
 
