@@ -24,7 +24,7 @@ counted, plus the KV cache at the past in the row's cache type) over this machin
 (``core.roofline``).
 
     python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
-                                      [--anchor] [--genai DIR]
+                                      [--anchor] [--genai DIR] [--bandwidth GBS]
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                              "INT4 exports together, with each one's memory limit")
     parser.add_argument("--genai", type=Path, default=DEFAULT_GENAI,
                         help="folder with the genai builder's fp32/ and int4/ exports")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="memory bandwidth in GB/s for the memory limit (default: "
+                             "core.roofline's cached measurement, which a busy machine lowers)")
     args = parser.parse_args(argv)
     if not args.model.exists():
         print(f"{args.model}: not found (the trained HF-style export)", file=sys.stderr)
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{missing[0]}: not found (build it with benchmarks/llm_exports.py trained "
                   "genai fp32|int4)", file=sys.stderr)
             return 1
-        anchor_table(anchor_models(args, fused, int4[1], feeds, genai), settings)
+        anchor_table(anchor_models(args, fused, int4[1], feeds, genai), settings,
+                     args.bandwidth)
     if args.int4:
         pair = compare_models(int4[0], int4[1], settings)
         print(f"\nINT4 (every MatMul) unfused → fused: plain p50 "
@@ -196,15 +200,17 @@ def bytes_read(path: Path) -> int:
     return total
 
 
-def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings) -> None:
+def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
+                 bandwidth_gbs: float | None = None) -> None:
     """All ``models`` timed in turn in one process; each row against the genai INT4 (last).
     ``np`` rows are fused without packing the projections."""
-    machine = measure_machine()
+    bandwidth = bandwidth_gbs or measure_machine().bandwidth_gbs
     profiles = profile_models([p for _, p in models], settings)
     first = profiles[0]
     kv = (first.memory.kv_token_bytes * first.memory.past) if first.memory else 0
     print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
-          f"in one process; bandwidth {machine.bandwidth_gbs:.1f} GB/s (core.roofline); "
+          f"in one process; bandwidth {bandwidth:.1f} GB/s "
+          f"({'given' if bandwidth_gbs else 'core.roofline'}); "
           f"KV at the past {kv / 1e6:.1f} MB")
     print(f"{'model':14} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
           f"{'limit ms':>8} {'× limit':>7}  {'vs genai INT4 (speed-up, 95 %)':30}")
@@ -214,7 +220,7 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings) -> N
         lo, hi = median_interval(series)
         median = float(np.median(series))
         read = bytes_read(path) + kv * cache_itemsize(path) // 4
-        limit_ms = read / (machine.bandwidth_gbs * 1e9) * 1e3
+        limit_ms = read / (bandwidth * 1e9) * 1e3
         ratio = against(anchor, p)
         vs = "—" if p is anchor else (
             "n/a" if ratio is None else f"{ratio.median:.2f}× [{ratio.low:.2f}, {ratio.high:.2f}]")
