@@ -80,7 +80,7 @@ def _check_weights(weights: list[ir.Value], result: MatchResult) -> MatchResult:
     return result
 
 
-def _packed_weight(op: Any, weights: list[ir.Value], name: str) -> Any:
+def _packed_weight(op: Any, weights: list[ir.Value], name: str, module: str) -> Any:
     """One initializer of the weights side by side along N, stored as they were (an fp16
     concatenation behind one Cast when all were fp16 behind Casts)."""
     stored = [_stored_weight(w) for w in weights]
@@ -91,7 +91,9 @@ def _packed_weight(op: Any, weights: list[ir.Value], name: str) -> Any:
         arrays = [a.astype(np.float32) for a in arrays]
     packed = op.initializer(ir.tensor(np.concatenate(arrays, axis=1), name=name))
     # the one Cast stands for the weights' Casts
-    return _stands_for(op.Cast(packed, to=FLOAT.value), _origins(*weights)) if casts else packed
+    if not casts:
+        return packed
+    return _stands_for(op.Cast(packed, to=FLOAT.value, _name=f"{module}/Cast"), _origins(*weights))
 
 
 def _weight_name(weights: list[ir.Value], suffix: str) -> str:
@@ -143,7 +145,8 @@ class PackQkvRule(pattern.RewriteRuleClassBase):
                 cos: ir.Value, sin: ir.Value, out: ir.Value, **rest: Any) -> Any:
         matmuls = [rest[f"{tag}_mm"] for tag in "qkv"]
         projections = _origins(*matmuls)
-        weight = _packed_weight(op, [wq, wk, wv], _weight_name([wq, wk, wv], "qkv"))
+        weight = _packed_weight(op, [wq, wk, wv], _weight_name([wq, wk, wv], "qkv"),
+                               "qkv_proj")
         qkv = _stands_for(op.MatMul(x, weight, _name="qkv_proj/MatMul"), projections)
         if self._bias:
             arrays = [const_array(rest[b]) for b in ("bq", "bk", "bv")]
@@ -156,7 +159,8 @@ class PackQkvRule(pattern.RewriteRuleClassBase):
         assert node is not None
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         outputs = op.GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos,
-                                         sin, **attrs, _domain="com.microsoft", _outputs=3)
+                                         sin, **attrs, _domain="com.microsoft", _outputs=3,
+                                         _name=(node.name or "").rsplit("/", 1)[-1] or None)
         _stands_for(outputs[0], _origins(out))
         return outputs
 
@@ -187,7 +191,8 @@ class PackGateUpRule(pattern.RewriteRuleClassBase):
         stored = _stored_weight(wg)
         assert stored is not None
         width = stored[0].shape[1]
-        weight = _packed_weight(op, [wg, wu], _weight_name([wg, wu], "gate_up"))
+        weight = _packed_weight(op, [wg, wu], _weight_name([wg, wu], "gate_up"),
+                               "gate_up_proj")
         packed = _stands_for(op.MatMul(x, weight, _name="gate_up_proj/MatMul"), projections)
         sizes = op.initializer(ir.tensor(np.array([width, width], np.int64),
                                          name=_weight_name([wg, wu], "gate_up_split")))

@@ -295,11 +295,15 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: A
                         graph.initializers[value.name] = value
             # named in the module of the node the result replaces (the norm, not the Add)
             scope = (node.name or "").rsplit("/", 1)[0] or "/fuse"
+            replaced = {m.name: m.op_type for m in delta.match.nodes}
             for new in delta.new_nodes:
-                # a rule may name its nodes (``qkv_proj/MatMul``) and say which of the matched
-                # nodes each stands for; otherwise each stands for all of them
+                # a rule may name its nodes (``qkv_proj/MatMul``; a kernel it rewires by the
+                # name it had) and say which of the matched nodes each stands for; otherwise
+                # each stands for all of them
                 base = f"{scope}/{new.name or new.op_type}"
                 name, suffix = base, 0
+                if new.name and replaced.get(base) == new.op_type:
+                    taken.discard(base)
                 while name in taken:
                     suffix += 1
                     name = f"{base}_{suffix}"
