@@ -10,14 +10,15 @@ ratios are medians of per-round ratios with their 95 % bootstrap intervals. Prin
 time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
 change is significant, and next-token agreement on every position of ``prompt_b.npz``. With
 ``--int4``, whole-model INT4 (``int4-weight`` on every MatMul, defaults) of the unfused model
-against the same INT4 of the fused one, timed the same way.
+against the same INT4 of the fused one, and of the model fused without packing the projections
+(``pack`` false) against the packed one, each pair timed the same way.
 
 With ``--anchor``, the same weights as onnxruntime-genai's builder exports them (fp32 and INT4,
 ``llm_exports.py trained genai fp32|int4``, in ``~/.cache/opstudio-bench/llm/trained_genai/``)
 are timed in one interleaved run (``core.profiler.profile_models``, on the decode feeds made for
-the HF export; the genai export reads the inputs it has) with: unfused fp32; fused fp32 without
-and with packing (``pack``); fused + INT4 without and with packing; fused + INT8 weight-only;
-fused + INT4 + ``kv-cache`` int8 (scales calibrated on ``prompt_b.npz``). Each row has its median
+the HF export; the genai export reads the inputs it has) with: unfused fp32; fused fp32; fused +
+INT4; fused + INT8 weight-only; fused + INT4 + ``kv-cache`` int8 (scales calibrated on
+``prompt_b.npz``). Each row has its median
 step with a 95 % interval and its memory limit: the bytes a step reads (weights as onnxruntime
 holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather not
 counted, plus the KV cache at the past in the row's cache type) over this machine's bandwidth
@@ -130,29 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         anchor_table(anchor_models(args, fused, int4[1], feeds, genai), settings,
                      args.bandwidth)
     if args.int4:
-        pair = compare_models(int4[0], int4[1], settings)
-        print(f"\nINT4 (every MatMul) unfused → fused: plain p50 "
-              f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
-              f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
-              f"{'n/a' if pair.plain_ratio is None else f'{pair.plain_ratio.median:.2f}×'}, "
-              f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
-              f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
+        unpacked = [args.out / "unpacked.onnx", args.out / "unpacked_int4.onnx"]
+        optimize_file(args.model, Recipe.from_json(UNPACKED), unpacked[0], overwrite=True)
+        optimize_file(unpacked[0], Recipe.from_json(INT4_ALL), unpacked[1], overwrite=True)
+        for text, before, after in (("unfused → fused", int4[0], int4[1]),
+                                    ("fused unpacked → packed", unpacked[1], int4[1])):
+            pair = compare_models(before, after, settings)
+            print(f"\nINT4 (every MatMul) {text}: plain p50 "
+                  f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
+                  f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
+                  f"{'n/a' if pair.plain_ratio is None else f'{pair.plain_ratio.median:.2f}×'}, "
+                  f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
+                  f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
     return 0
 
 
 def anchor_models(args: argparse.Namespace, fused: Path, fused_int4: Path,
                   prompt: dict[str, np.ndarray], genai: list[Path]) -> list[tuple[str, Path]]:
     """The anchor table's rows, made from the trained export (genai's builder's last)."""
-    made = {name: args.out / f"{name}.onnx" for name in ("unpacked", "unpacked_int4",
-                                                         "fused_int8w", "fused_int4_kv8")}
-    optimize_file(args.model, Recipe.from_json(UNPACKED), made["unpacked"], overwrite=True)
-    optimize_file(made["unpacked"], Recipe.from_json(INT4_ALL), made["unpacked_int4"],
-                  overwrite=True)
+    made = {name: args.out / f"{name}.onnx" for name in ("fused_int8w", "fused_int4_kv8")}
     optimize_file(fused, Recipe.from_json(INT8_ALL), made["fused_int8w"], overwrite=True)
     optimize_file(fused_int4, Recipe.from_json(KV8_ALL), made["fused_int4_kv8"], overwrite=True,
                   calibration=[prompt] if prompt else None)
-    return [("unfused fp32", args.model), ("fused fp32 np", made["unpacked"]),
-            ("fused fp32", fused), ("fused INT4 np", made["unpacked_int4"]),
+    return [("unfused fp32", args.model), ("fused fp32", fused),
             ("fused INT4", fused_int4), ("fused INT8w", made["fused_int8w"]),
             ("fused INT4 KV8", made["fused_int4_kv8"]), ("genai fp32", genai[0]),
             ("genai INT4", genai[1])]
@@ -202,8 +203,7 @@ def bytes_read(path: Path) -> int:
 
 def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
                  bandwidth_gbs: float | None = None) -> None:
-    """All ``models`` timed in turn in one process; each row against the genai INT4 (last).
-    ``np`` rows are fused without packing the projections."""
+    """All ``models`` timed in turn in one process; each row against the genai INT4 (last)."""
     bandwidth = bandwidth_gbs or measure_machine().bandwidth_gbs
     profiles = profile_models([p for _, p in models], settings)
     first = profiles[0]
@@ -228,8 +228,7 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
               f"{len(p.kernel_events):7d} {read / 1e6:8.1f} {limit_ms:8.2f} "
               f"{median / limit_ms:7.2f}  {vs}")
     index = {label: i for i, (label, _) in enumerate(models)}
-    pairs = [("fused fp32", "unfused fp32"), ("fused fp32", "fused fp32 np"),
-             ("fused fp32", "genai fp32"), ("fused INT4", "fused INT4 np"),
+    pairs = [("fused fp32", "unfused fp32"), ("fused fp32", "genai fp32"),
              ("fused INT4", "genai INT4"), ("fused INT4 KV8", "genai INT4")]
     for after, before in pairs:
         text = f"{after} vs {before}"
