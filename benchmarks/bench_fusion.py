@@ -39,15 +39,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from opstudio.core.accuracy import evaluate
-from opstudio.core.compare import compare_models, interval_text
-from opstudio.core.model_io import load_model
-from opstudio.core.optimize import optimize_file
+from opstudio.core.measure.accuracy import evaluate
+from opstudio.core.measure.compare import compare_models, interval_text
+from opstudio.core.model.model_io import load_model
+from opstudio.core.plan.optimize import optimize_file
 from opstudio.core.passes._ort_support import tensor_nbytes
-from opstudio.core.profiler import Profile, ProfileSettings, profile_models
-from opstudio.core.recipe import Recipe
-from opstudio.core.roofline import measure_machine
-from opstudio.core.timing import Ratio, median_interval, paired_speedup, quiet_rounds
+from opstudio.core.measure.profiler import Profile, ProfileSettings, profile_models
+from opstudio.core.plan.recipe import Recipe
+from opstudio.core.measure.roofline import measure_machine
+from opstudio.core.measure.timing import Ratio, median_interval, paired_speedup, quiet_rounds
 
 FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg", "Sigmoid"], "technique": "fuse"}]}
 UNPACKED = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse",

@@ -220,7 +220,7 @@ def word_tokenizer(path, vocab: int = 64, text: str | None = None) -> None:
     on ``text`` (default the built-in passage), as a model's own tokenizer is saved beside it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from opstudio.core.text_prompt import builtin_text
+    from opstudio.core.measure.text_prompt import builtin_text
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -7,8 +7,8 @@ import onnx
 
 from model_builders import small_mlp
 from opstudio.cli import main
-from opstudio.core.optimize import optimize
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 
 def test_compare_json_contract(tmp_path, capsys):
@@ -67,9 +67,9 @@ def test_compare_missing_file_is_one_line(tmp_path, capsys):
 
 def test_a_fused_decoder_is_summarised_by_its_kernels(tmp_path, capsys):
     from llm_builders import llama_decoder
-    from opstudio.core import report
-    from opstudio.core.compare import compare_models, map_nodes
-    from opstudio.core.profiler import ProfileSettings
+    from opstudio.core.plan import report
+    from opstudio.core.measure.compare import compare_models, map_nodes
+    from opstudio.core.measure.profiler import ProfileSettings
 
     model = llama_decoder(layers=2)
     fused = optimize(model, Recipe([Step("fuse", {}, op_types=["Pow", "Softmax"])])).model

@@ -10,7 +10,7 @@ import pytest
 
 from llm_builders import llama_decoder, llama_inputs
 from model_builders import apply_pass, run_ort, small_mlp
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 from opstudio.core.passes import PassContext, get_pass
 
 FUSE = get_pass("fuse")
@@ -162,8 +162,8 @@ def test_an_attention_unit_is_its_block_and_the_lengths_are_computed_once():
 
 
 def test_a_recipe_quantizes_the_projections_of_the_fused_model():
-    from opstudio.core.optimize import optimize
-    from opstudio.core.recipe import Recipe, Step
+    from opstudio.core.plan.optimize import optimize
+    from opstudio.core.plan.recipe import Recipe, Step
 
     model = llama_decoder(layers=2)
     int8 = Step("int8-weight", {"accuracy_level": 4}, op_types=["MatMul"])

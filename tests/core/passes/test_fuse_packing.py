@@ -11,10 +11,10 @@ import pytest
 
 from llm_builders import llama_decoder, llama_inputs
 from model_builders import apply_pass, run_ort
-from opstudio.core import provenance
-from opstudio.core.optimize import optimize
+from opstudio.core.model import provenance
+from opstudio.core.plan.optimize import optimize
 from opstudio.core.passes import get_pass
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.plan.recipe import Recipe, Step
 
 FUSE = get_pass("fuse")
 A = "/model/layers.0/self_attn"

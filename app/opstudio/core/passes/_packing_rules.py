@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.pattern import MatchResult
 
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 from opstudio.core.passes._fusion_rules import FLOAT, const_array
 
 

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import onnx
 
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
 
 _MAX_POSITIONS = 8192
