@@ -28,15 +28,15 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import gpt2_block, resnet_like
-from opstudio.core.accuracy import compare_outputs, run_outputs
-from opstudio.core.advisor import Budget, greedy_plan, measured_timer, measured_verifier
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import load_model, save_model
-from opstudio.core.optimize import optimize
+from opstudio.core.measure.accuracy import compare_outputs, run_outputs
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.timing import Ratio, interleaved_times, paired_ratio, session
+from opstudio.core.model.model_io import load_model, save_model
 from opstudio.core.passes._ort_support import fold_constant_inputs
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.sensitivity import analyze_sensitivity, run_time, worst_output_error
-from opstudio.core.timing import Ratio, interleaved_times, paired_ratio, session
+from opstudio.core.plan.advisor import Budget, greedy_plan, measured_timer, measured_verifier
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.sensitivity import analyze_sensitivity, run_time, worst_output_error
 
 GENERATED = {"gpt2_block": gpt2_block, "resnet_like": resnet_like}
 

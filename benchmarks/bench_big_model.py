@@ -71,8 +71,8 @@ RECIPES = {
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
-    from opstudio.core.optimize import optimize_file
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.plan.optimize import optimize_file
+    from opstudio.core.plan.recipe import Recipe
     started = time.perf_counter()
     result = optimize_file(sys.argv[1], Recipe.from_json(json.loads(sys.argv[2])), sys.argv[3])
     print(json.dumps({
@@ -95,8 +95,8 @@ BIG_RECIPES = {
 DECODE = textwrap.dedent("""
     import json, sys, time
     import onnxruntime as ort
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
     started = time.perf_counter()
     model = load_model(sys.argv[1], lazy=True)
     feeds = make_inputs(model, phase="decode", past=128, model_path=sys.argv[1])

@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_advisor import parse_shape
 from models import resnet_like
-from opstudio.core.accuracy import compare_outputs, run_outputs
-from opstudio.core.graph import analyze
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import load_model
+from opstudio.core.measure.accuracy import compare_outputs, run_outputs
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.measure.roofline import dims_from_inputs
+from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import load_model
 from opstudio.core.passes import PassContext, _weights
 from opstudio.core.passes.lowrank import PASS as LOWRANK
-from opstudio.core.roofline import dims_from_inputs
-from opstudio.core.timing import interleaved_times, paired_ratio, session
 
 METHODS = ("svd", "tucker2")
 

@@ -3,11 +3,11 @@
 The model is SmolLM2-135M-Instruct as optimum exports it (real weights, fp16 storage behind
 Casts, 30 layers), in ``~/.cache/opstudio-bench/llm/trained_hf/`` with ``prompt_b.npz`` beside
 it. ``fuse`` is applied to every layer's norms, rotary embeddings, attention (q|k|v packed) and
-SiLU MLP (gate|up packed) (the recipe below, as ``opstudio optimize`` applies it), then both models are profiled at one decode step after a
-past of ``--past`` tokens, their rounds taking turns in one child process
-(``core.compare.compare_models``, as ``opstudio compare A B --phase decode --past 512``): the
-ratios are medians of per-round ratios with their 95 % bootstrap intervals. Printed: the step's
-time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
+SiLU MLP (gate|up packed) (the recipe below, as ``opstudio optimize`` applies it), then both
+models are profiled at one decode step after a past of ``--past`` tokens, their rounds taking
+turns in one child process (``core.compare.compare_models``, as ``opstudio compare A B --phase
+decode --past 512``): the ratios are medians of per-round ratios with their 95 % bootstrap
+intervals. Printed: the step's time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
 change is significant, and next-token agreement on every position of ``prompt_b.npz``. With
 ``--int4``, whole-model INT4 (``int4-weight`` on every MatMul, defaults) of the unfused model
 against the same INT4 of the fused one, and of the model fused without packing the projections
@@ -41,13 +41,13 @@ import onnx
 
 from opstudio.core.measure.accuracy import evaluate
 from opstudio.core.measure.compare import compare_models, interval_text
-from opstudio.core.model.model_io import load_model
-from opstudio.core.plan.optimize import optimize_file
-from opstudio.core.passes._ort_support import tensor_nbytes
 from opstudio.core.measure.profiler import Profile, ProfileSettings, profile_models
-from opstudio.core.plan.recipe import Recipe
 from opstudio.core.measure.roofline import measure_machine
 from opstudio.core.measure.timing import Ratio, median_interval, paired_speedup, quiet_rounds
+from opstudio.core.model.model_io import load_model
+from opstudio.core.passes._ort_support import tensor_nbytes
+from opstudio.core.plan.optimize import optimize_file
+from opstudio.core.plan.recipe import Recipe
 
 FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg", "Sigmoid"], "technique": "fuse"}]}
 UNPACKED = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse",

@@ -18,8 +18,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import numpy as np
 from PySide6.QtWidgets import QApplication
 
-from opstudio.core.graph import GraphInfo, NodeInfo
-from opstudio.core.layout import compute_layout
+from opstudio.core.model.graph import GraphInfo, NodeInfo
+from opstudio.core.model.layout import compute_layout
 from opstudio.qt.app import create_app
 from opstudio.qt.graph_view import GraphView
 

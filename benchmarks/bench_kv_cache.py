@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from opstudio.core.compare import compare_models, interval_text
-from opstudio.core.optimize import optimize_file
-from opstudio.core.ort_session import create_session
-from opstudio.core.phases import cache_zeros
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe
+from opstudio.core.measure.compare import compare_models, interval_text
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.model.phases import cache_zeros
+from opstudio.core.model.runtime import create_session
+from opstudio.core.plan.optimize import optimize_file
+from opstudio.core.plan.recipe import Recipe
 
 FUSE_ALL = {"op_types": ["Pow", "Neg"], "technique": "fuse"}
 DEFAULT_MODEL = Path.home() / ".cache/opstudio-bench/llm/trained_hf/model.onnx"

@@ -16,7 +16,7 @@ when reading the INT4 rows.
 2. Every model below is judged on prompt B, which the advisor never saw: top-1 agreement and
    mean KL of the logits at every position of a prefill, against the original.
 3. Decode step (one token after prompt B's real KV cache) of every model, all timed in one
-   process taking turns round by round (``opstudio.core.timing``): speedup = median of the
+   process taking turns round by round (``opstudio.core.measure.timing``): speedup = median of the
    per-round ratios original / variant, with its 95 % interval.
 
 Rows: whole-model RTN INT4, INT8 weight-only (blocks of 32, the default, and of 64) and INT8
@@ -41,19 +41,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_exports import DEFAULT_CACHE, trained_decoder
-from opstudio.core.accuracy import mean_kl_divergence, top1_agreement
-from opstudio.core.advisor import CONFIDENCE, Budget, advise
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import load_model
-from opstudio.core.optimize import optimize
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.timing import interleaved_times, paired_ratio, session
+from opstudio.core.measure.accuracy import mean_kl_divergence, top1_agreement
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
+from opstudio.core.model.model_io import load_model
+from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 
 def whole(model, technique: str, params: dict) -> Recipe:
     """``technique`` on every MatMul with a constant weight (the lm_head included)."""
-    from opstudio.core.llm_plan import find_targets
+    from opstudio.core.plan.llm_plan import find_targets
 
     return Recipe([Step(technique, dict(params), nodes=[t.node for t in find_targets(model)])])
 

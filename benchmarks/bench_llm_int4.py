@@ -7,7 +7,7 @@ measured fastest here) → compared with what the builder itself writes for ``-p
 
 Prefill (a prompt of 128 tokens, past 0) and decode (one token after a past of 512, the past
 being each model's own KV cache from a prefill of the same prompt) are timed with the three models
-taking turns round by round in one process (``opstudio.core.timing``), and every ratio is the
+taking turns round by round in one process (``opstudio.core.measure.timing``), and every ratio is the
 median of per-round ratios with its 95 % bootstrap interval. Accuracy is the logits' cosine and
 next-token agreement against fp32 (random weights: agreement means little, cosine is the check).
 
@@ -31,10 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_exports import DEFAULT_CACHE, genai_export
-from opstudio.core.accuracy import compare_outputs
-from opstudio.core.optimize import optimize_file
-from opstudio.core.recipe import Recipe
-from opstudio.core.timing import interleaved_times, paired_ratio, session
+from opstudio.core.measure.accuracy import compare_outputs
+from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
+from opstudio.core.plan.optimize import optimize_file
+from opstudio.core.plan.recipe import Recipe
 
 INT4_ALL = {"version": 1, "steps": [
     {"op_types": ["MatMul", "Gather"], "technique": "int4-weight", "params": {}}]}

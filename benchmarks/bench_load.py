@@ -115,7 +115,7 @@ def ui_part(nodes: int, runs: int, tmp: Path) -> None:
     from PySide6.QtCore import QElapsedTimer, QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from opstudio.core.profiler import ProfileSettings
+    from opstudio.core.measure.profiler import ProfileSettings
     from opstudio.qt.app import create_app
     from opstudio.qt.main_window import MainWindow
 
@@ -174,9 +174,9 @@ def ui_part(nodes: int, runs: int, tmp: Path) -> None:
 
 
 def big_part(gib: float, tmp: Path) -> None:
-    from opstudio.core.graph import analyze
-    from opstudio.core.model_io import load_model
-    from opstudio.core.profiler import ProfileSettings, profile_model
+    from opstudio.core.measure.profiler import ProfileSettings, profile_model
+    from opstudio.core.model.graph import analyze
+    from opstudio.core.model.model_io import load_model
 
     t0 = time.perf_counter()
     path = big_external_model(tmp, gib)

@@ -45,10 +45,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from opstudio.core.accuracy import compare_outputs, run_outputs
-from opstudio.core.model_io import load_model
-from opstudio.core.optimize import optimize
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.measure.accuracy import compare_outputs, run_outputs
+from opstudio.core.model.model_io import load_model
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 
 def load_feeds(path: Path) -> dict[str, np.ndarray]:

@@ -48,10 +48,10 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import gpt2_block
-from opstudio.core.compare import compare_models
-from opstudio.core.optimize import optimize
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 MODELS = {  # name: (d, heads, mlp, seq)
     "small": (256, 4, 1024, 32),

@@ -1,4 +1,4 @@
-"""Profiling overhead and run-to-run spread of ``opstudio.core.profiler`` on generated models.
+"""Profiling overhead and run-to-run spread of ``opstudio.core.measure.profiler`` on generated models.
 
 For models of roughly 1 ms, 10 ms, 100 ms and 1 s per run (MLP blocks of growing width, a conv
 net), prints:
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.model_io import save_model
-from opstudio.core.profiler import ProfileSettings, profile_model
+from opstudio.core.measure.profiler import ProfileSettings, profile_model
+from opstudio.core.model.model_io import save_model
 from opstudio.core.tempdir import opstudio_tempdir
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import gpt2_block, resnet_like
-from opstudio.core.compare import compare_models
 from opstudio.core.errors import OpstudioError
-from opstudio.core.optimize import optimize
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 WEIGHTED = ("MatMul", "Gemm", "Conv")
 TECHNIQUES = [

@@ -25,7 +25,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_load import chain_model
-from opstudio.core.profiler import read_trace
+from opstudio.core.measure.profiler import read_trace
 
 
 def main() -> int:

@@ -26,8 +26,8 @@ from pathlib import Path
 import onnx
 
 from opstudio.cli import main as cli_main
-from opstudio.core.graph import GraphInfo, analyze, input_specs
-from opstudio.core.model_io import load_model
+from opstudio.core.model.graph import GraphInfo, analyze, input_specs
+from opstudio.core.model.model_io import load_model
 
 HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "ConvInteger",
          "QLinearMatMul", "QLinearConv", "FusedMatMul", "MatMulNBits"}

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from opstudio.cli import main as cli_main
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 
 PLAN = {"version": 1, "steps": [
     {"name_pattern": "*/attn/q_proj/MatMul", "technique": "lowrank", "params": {"rank": 8}},
@@ -130,8 +130,8 @@ def main() -> int:
                          for op in ("MatMulNBits", "MatMulInteger", "MatMul")}
     print(f"\nop counts: {counts}")
 
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
 
     feed = make_inputs(load_model(args.model, load_external_data=False), dims={"batch_size": 1,
                        "sequence_length": 16}, phase="prefill", model_path=args.model)

@@ -136,8 +136,8 @@ def _names(m: onnx.ModelProto, rng: random.Random) -> list[str]:
 
 
 def run_case(path: str) -> None:
-    from opstudio.core.graph import analyze
-    from opstudio.core.model_io import load_model
+    from opstudio.core.model.graph import analyze
+    from opstudio.core.model.model_io import load_model
 
     model = load_model(path)
     analyze(model)

@@ -32,7 +32,7 @@ def run_ort(model: onnx.ModelProto, feeds: dict) -> list:
 
 def apply_pass(pass_, model: onnx.ModelProto, nodes: list, params: dict):
     """Run a pass as the optimizer does, checking it left its input alone and made a valid model."""
-    from opstudio.core import validity
+    from opstudio.core.model import validity
     from opstudio.core.passes import PassContext
 
     before = model.SerializeToString()

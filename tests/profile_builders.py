@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from opstudio.core.profiler import NodeStats, Profile, ProfileSettings
+from opstudio.core.measure.profiler import NodeStats, Profile, ProfileSettings
 
 
 def node_stats(name: str, ms: float, op: str = "MatMul", group: Sequence[str] = (),

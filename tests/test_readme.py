@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from opstudio.cli import main
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,9 +113,9 @@ def test_the_examples_and_the_recipe_run_as_written(workdir, capsys):
 
 
 def test_the_recipe_notes_which_step_takes_lm_head(workdir):
-    from opstudio.core.model_io import load_model
-    from opstudio.core.optimize import optimize
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.plan.optimize import optimize
+    from opstudio.core.plan.recipe import Recipe
 
     result = optimize(load_model(ROOT / "resources" / "tiny_llm.onnx"),
                       Recipe.from_json(readme_recipe()))

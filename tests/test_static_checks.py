@@ -44,7 +44,7 @@ def test_only_ort_session_builds_session_options():
     package = ROOT / "app" / "opstudio"
     builders = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                       if "SessionOptions(" in p.read_text(encoding="utf-8"))
-    assert builders == ["core/ort_session.py"], builders
+    assert builders == ["core/model/runtime.py"], builders
 
 
 def _private_imports(path: Path, package: Path) -> list[str]:
@@ -93,7 +93,7 @@ def test_the_private_import_check_sees_a_private_import(tmp_path):
     (package / "core" / "passes").mkdir(parents=True)
     (package / "core" / "passes" / "_helper.py").write_text("")
     outside = package / "core" / "user.py"
-    outside.write_text("from opstudio.core.profiler import _rounds\n"
+    outside.write_text("from opstudio.core.measure.profiler import _rounds\n"
                        "from opstudio.core.passes._helper import x\n"
                        "from opstudio.core.passes import _helper\n"
                        "from onnxscript.rewriter._basics import MatchStatus\n")
@@ -101,7 +101,7 @@ def test_the_private_import_check_sees_a_private_import(tmp_path):
     inside.write_text("from opstudio.core.passes import _helper\n"
                       "from opstudio.core.passes._helper import x\n")
     assert _private_imports(outside, package) == [
-        "core/user.py:1 imports _rounds from opstudio.core.profiler",
+        "core/user.py:1 imports _rounds from opstudio.core.measure.profiler",
         "core/user.py:2 imports opstudio.core.passes._helper",
         "core/user.py:3 imports _helper from opstudio.core.passes"]
     assert _private_imports(inside, package) == []

@@ -6,7 +6,7 @@ import onnx
 
 from model_builders import small_mlp
 from opstudio.cli import main
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.recipe import Recipe
 
 
 def mlp_model(path):

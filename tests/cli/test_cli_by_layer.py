@@ -8,8 +8,8 @@ import pytest
 
 from layer_models import PER_LAYER, layered_decoder
 from opstudio.cli import main
-from opstudio.core.graph import analyze
-from opstudio.core.model_io import save_model
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import save_model
 
 FAST = ["--runs", "3", "--warmup", "1", "--threads", "1"]
 

@@ -67,9 +67,9 @@ def test_compare_missing_file_is_one_line(tmp_path, capsys):
 
 def test_a_fused_decoder_is_summarised_by_its_kernels(tmp_path, capsys):
     from llm_builders import llama_decoder
-    from opstudio.core.plan import report
     from opstudio.core.measure.compare import compare_models, map_nodes
     from opstudio.core.measure.profiler import ProfileSettings
+    from opstudio.core.plan import report
 
     model = llama_decoder(layers=2)
     fused = optimize(model, Recipe([Step("fuse", {}, op_types=["Pow", "Softmax"])])).model

@@ -9,7 +9,7 @@ import pytest
 
 from llm_builders import runtime_folder
 from opstudio.cli import main
-from opstudio.core.generate import Greedy
+from opstudio.core.measure.generate import Greedy
 
 INT4 = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight",
                                  "params": {"block_size": 16}}]}

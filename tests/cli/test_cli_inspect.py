@@ -293,7 +293,7 @@ def test_console_script_in_a_subprocess(tmp_path):
 def test_inspect_reads_no_weight_data(tmp_path, capsys, monkeypatch) -> None:
     from onnx import external_data_helper
 
-    from opstudio.core import model_io
+    from opstudio.core.model import model_io
 
     path = tmp_path / "model.onnx"
     onnx.save_model(mlp_model(), str(path), save_as_external_data=True,

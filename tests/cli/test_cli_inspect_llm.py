@@ -11,10 +11,10 @@ import pytest
 from llm_builders import kv_decoder
 from opstudio.cli import main
 from opstudio.cli.common import human_count
-from opstudio.core.graph import analyze
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import save_model
-from opstudio.core.roofline import dims_from_inputs
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.measure.roofline import dims_from_inputs
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import save_model
 
 NOTE = "dims not given: shown for a decode step at past 512; --dim NAME=N to choose"
 

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from model_builders import framed_matmul, unsized_matmul
 from opstudio.cli import main
-from opstudio.core.model_io import save_model
+from opstudio.core.model.model_io import save_model
 from opstudio.core.passes import PassResult, get_pass
 
 
@@ -168,8 +168,8 @@ def test_zero_rewrites_exit_1_and_write_nothing(tmp_path, capsys):
 
 
 def test_the_result_is_written_before_it_is_judged(files, capsys, monkeypatch):
-    from opstudio.core import accuracy
     from opstudio.core.errors import OpstudioError
+    from opstudio.core.measure import accuracy
 
     def fails(*_args, **_kwargs):
         raise OpstudioError("onnxruntime could not run the model (out of memory)")
@@ -272,7 +272,7 @@ def test_original_that_does_not_run_on_synthetic_inputs_leaves_accuracy_unmeasur
 
 def test_a_big_model_is_quantized_tensor_by_tensor_with_a_progress_bar(tmp_path, capsys,
                                                                        monkeypatch):
-    from opstudio.core import optimize as optimize_module
+    from opstudio.core.plan import optimize as optimize_module
 
     monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)  # this small model counts as big
     model = tmp_path / "model.onnx"

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.cli import main
-from opstudio.core.model_io import save_model
+from opstudio.core.model.model_io import save_model
 
 FAST = ["--runs", "3", "--warmup", "1", "--threads", "1"]
 

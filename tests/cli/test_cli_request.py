@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from llm_builders import kv_decoder
 from opstudio.cli import main
-from opstudio.core.model_io import save_model
+from opstudio.core.model.model_io import save_model
 
 FAST = ["--runs", "4", "--warmup", "1", "--threads", "1", "--top", "3"]
 

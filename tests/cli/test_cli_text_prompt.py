@@ -9,7 +9,7 @@ import pytest
 
 from llm_builders import kv_decoder, word_tokenizer
 from opstudio.cli import main
-from opstudio.core.model_io import save_model
+from opstudio.core.model.model_io import save_model
 
 FAST = ["--runs", "2", "--warmup", "0", "--threads", "1"]
 

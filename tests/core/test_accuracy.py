@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from opstudio.core.accuracy import compare_outputs, evaluate, run_outputs
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import save_model
+from opstudio.core.measure.accuracy import compare_outputs, evaluate, run_outputs
+from opstudio.core.model.model_io import save_model
 
 
 def test_known_error():

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from opstudio.core.advisor import Budget, Verification, greedy_plan, recipe_for
 from opstudio.core.errors import OpstudioError
-from opstudio.core.sensitivity import Candidate
+from opstudio.core.plan.advisor import Budget, Verification, greedy_plan, recipe_for
+from opstudio.core.plan.sensitivity import Candidate
 
 
 def cand(node, technique, before, after, snr, op_type="MatMul", error=None):
@@ -107,7 +107,7 @@ def test_budget_validation():
 
 
 def test_a_next_token_budget_holds_by_its_confidence_bound():
-    from opstudio.core.accuracy import agreement_low
+    from opstudio.core.measure.accuracy import agreement_low
 
     sure, plain = Budget(min_top1=0.9), Budget(min_top1=0.9, confidence=0.5)
     # 0.92 measured on 50 positions could well be 0.88 on the next text; on 2000 it could not
@@ -157,7 +157,7 @@ def test_no_upgrade_past_the_budget():
 
 
 def test_savings_are_discounted_to_what_the_whole_model_gained():
-    from opstudio.core.sensitivity import end_to_end
+    from opstudio.core.plan.sensitivity import end_to_end
 
     assert end_to_end(model_gain_ms=1.0, node_gain_ms=2.0) == 0.5  # costs landed elsewhere
     assert end_to_end(model_gain_ms=-0.3, node_gain_ms=2.0) == 0.0  # the model got slower
@@ -195,7 +195,7 @@ def test_savings_below_a_percent_of_the_run_are_not_worth_any_error():
 def ratio_timer(step_ratios):
     """A timer that says how much faster the model is with each technique's step: with/without
     time ratios per technique, their product over the steps that differ."""
-    from opstudio.core.timing import Ratio
+    from opstudio.core.measure.timing import Ratio
 
     calls = []
 
@@ -261,7 +261,7 @@ def test_an_upgrade_must_save_clearly_more_than_noise():
 
 
 def test_scan_entries_name_variants_by_what_differs():
-    from opstudio.core.sensitivity import scan_entries
+    from opstudio.core.plan.sensitivity import scan_entries
 
     entries = scan_entries({"int8-dynamic": [{"per_channel": False}, {"per_channel": True}],
                             "fp16": {}})
@@ -312,7 +312,7 @@ def _variant_cands(snr_tensor, snr_channel):
 def _variant_model(cands, per_channel_cost):
     """A model where each INT8 node saves 1 ms and a per-channel node costs ``per_channel_cost``
     ms more: a timer and a verifier that know the variants apart."""
-    from opstudio.core.timing import Ratio
+    from opstudio.core.measure.timing import Ratio
 
     by_key = {(c.node, c.params["per_channel"]): c for c in cands}
     calls = []
@@ -363,8 +363,8 @@ def test_a_variant_that_runs_the_whole_model_faster_replaces_the_more_accurate_o
 
 
 def sensitivity(candidates, refused=None):
-    from opstudio.core.profiler import Profile
-    from opstudio.core.sensitivity import Sensitivity
+    from opstudio.core.measure.profiler import Profile
+    from opstudio.core.plan.sensitivity import Sensitivity
 
     return Sensitivity(baseline=Profile.from_json(BASELINE), candidates=candidates,
                        refused=refused or {})
@@ -389,7 +389,7 @@ def test_nothing_applies_groups_refusals_and_failures_with_counts():
                    "its weight '…' is a graph input, not a constant initializer ×2 | lowrank: "
                    "the result is not a valid ONNX model (bad)")
     # the reasons survive the cache's JSON round trip
-    from opstudio.core.sensitivity import Sensitivity
+    from opstudio.core.plan.sensitivity import Sensitivity
 
     again = Sensitivity.from_json(sensitivity(failed, refused).to_json())
     assert again.why_nothing_applies() == why

@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.attribution import attribute
-from opstudio.core.inputs import make_inputs
-from opstudio.core.provenance import set_origin
+from opstudio.core.measure.attribution import attribute
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.model.provenance import set_origin
 
 RNG = np.random.default_rng(0)
 

@@ -6,11 +6,11 @@ import onnx
 import pytest
 
 from model_builders import small_mlp
-from opstudio.core import report
-from opstudio.core.compare import compare_models, match_nodes
-from opstudio.core.optimize import optimize
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.measure.compare import compare_models, match_nodes
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan import report
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 from profile_builders import node_stats, profile_of
 
 

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import report
-from opstudio.core.compare import compare_models, map_nodes, match_nodes
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.compare import compare_models, map_nodes, match_nodes
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan import report
 from profile_builders import node_stats, profile_of
 
 DIM = 64

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from opstudio.core.graph import analyze
-from opstudio.core.model_io import load_model
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import load_model
 
 RESOURCES = Path(__file__).resolve().parents[2] / "resources"
 

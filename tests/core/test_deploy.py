@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 from llm_builders import runtime_folder
-from opstudio.core.deploy import runtime_kind, wants_folder, write_folder
 from opstudio.core.errors import OpstudioError
-from opstudio.core.optimize import StepReport
+from opstudio.core.plan.deploy import runtime_kind, wants_folder, write_folder
+from opstudio.core.plan.optimize import StepReport
 
 
 def heads_step(after: dict[str, int]) -> StepReport:

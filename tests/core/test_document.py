@@ -9,16 +9,16 @@ import onnx
 import pytest
 
 from model_builders import small_mlp
-from opstudio.core.accuracy import AccuracyReport
-from opstudio.core.compare import Comparison
-from opstudio.core.document import Document, comparison_summary, profile_summary
 from opstudio.core.errors import OpstudioError
-from opstudio.core.opening import open_for_display
-from opstudio.core.optimize import optimize
-from opstudio.core.plan import Plan
-from opstudio.core.profiler import ProfileSettings, profile_model
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.timing import Ratio
+from opstudio.core.measure.accuracy import AccuracyReport
+from opstudio.core.measure.compare import Comparison
+from opstudio.core.measure.profiler import ProfileSettings, profile_model
+from opstudio.core.measure.timing import Ratio
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.session.document import Document, comparison_summary, profile_summary
+from opstudio.core.session.edits import Plan
+from opstudio.core.session.opening import open_for_display
 
 
 def test_plan_undo_redo_and_history_events():

@@ -8,9 +8,9 @@ from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from opstudio.cli import main
-from opstudio.core.accuracy import run_outputs
 from opstudio.core.errors import ModelLoadError, OpstudioError
-from opstudio.core.model_io import load_model
+from opstudio.core.measure.accuracy import run_outputs
+from opstudio.core.model.model_io import load_model
 
 
 def corrupt_file(tmp_path):

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.graph import analyze
-from opstudio.core.tensors import nbytes, numel
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.tensors import nbytes, numel
 
 MS = "com.microsoft"
 F32, I32, I64, U8 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8

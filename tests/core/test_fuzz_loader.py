@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.cli import main
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import analyze
-from opstudio.core.model_io import load_model
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import load_model
 
 
 def seed_model() -> bytes:

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from llm_builders import runtime_folder
-from opstudio.core.accuracy import run_outputs
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.generate import (
+from opstudio.core.measure.accuracy import run_outputs
+from opstudio.core.measure.generate import (
     Greedy,
     apply_chat,
     eos_ids,

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.errors import GraphError
-from opstudio.core.graph import analyze, input_specs, symbolic_dims, topological_order
+from opstudio.core.model.graph import analyze, input_specs, symbolic_dims, topological_order
 
 
 def make(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:

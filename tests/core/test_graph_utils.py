@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from opstudio.core.errors import GraphError
-from opstudio.core.graph_utils import (
+from opstudio.core.model.graph_utils import (
     consumers,
     outer_reads,
     producers,

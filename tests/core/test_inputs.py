@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.inputs import index_bounds, make_inputs, resolve_input_specs
+from opstudio.core.measure.inputs import index_bounds, make_inputs, resolve_input_specs
 
 
 def _model(inputs, nodes=(), outputs=None, inits=()):
@@ -180,8 +180,8 @@ def test_exporter_made_up_dim_names_count_as_unnamed():
 
 def test_decode_step_dims_are_those_a_decode_run_feeds():
     from llm_builders import kv_decoder, tiny_decoder
-    from opstudio.core.inputs import decode_step_dims
-    from opstudio.core.roofline import dims_from_inputs
+    from opstudio.core.measure.inputs import decode_step_dims
+    from opstudio.core.measure.roofline import dims_from_inputs
 
     for model in (kv_decoder("gqa", layers=2), kv_decoder("hf", layers=2), tiny_decoder()):
         dims = decode_step_dims(model)

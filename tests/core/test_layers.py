@@ -7,8 +7,8 @@ import time
 import pytest
 
 from layer_models import PER_LAYER, layered_decoder
-from opstudio.core.graph import analyze
-from opstudio.core.layers import (
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.layers import (
     ATTENTION,
     EMBEDDING,
     LM_HEAD,
@@ -161,7 +161,7 @@ def test_grouping_is_fast_on_a_big_graph():
 
 
 def _chain(names, extra_edges=()):
-    from opstudio.core.graph import GraphInfo, NodeInfo
+    from opstudio.core.model.graph import GraphInfo, NodeInfo
 
     nodes = [NodeInfo(index=i, name=n, op_type="Relu", domain="", inputs=[f"t{i - 1}"],
                       outputs=[f"t{i}"], output_shapes=[[1]], flops=10, param_bytes=4)
@@ -172,7 +172,7 @@ def _chain(names, extra_edges=()):
 
 
 def test_collapse_folds_a_layer_into_one_node():
-    from opstudio.core.layers import collapse_layers
+    from opstudio.core.model.layers import collapse_layers
 
     graph = analyze(layered_decoder(layers=3), {"batch": 1, "seq": 4})
     g = group_layers(n.name for n in graph.nodes)
@@ -198,7 +198,7 @@ def test_collapse_folds_a_layer_into_one_node():
 
 
 def test_a_layer_a_path_leaves_and_reenters_stays_open():
-    from opstudio.core.layers import collapse_layers
+    from opstudio.core.model.layers import collapse_layers
 
     # layers.1/a → outside → layers.1/b: as one box, the layer would feed itself
     graph = _chain(["/model/layers.0/x", "/model/layers.1/a", "helper",
@@ -226,7 +226,7 @@ def test_sums_with_an_unknown_member_are_unknown_when_every_node_counts():
 
 
 def test_folded_layers_show_no_flops_while_dims_are_missing():
-    from opstudio.core.layers import collapse_layers
+    from opstudio.core.model.layers import collapse_layers
 
     model = layered_decoder(layers=2)
     for dims, known in (({"batch": 1}, False), ({"batch": 1, "seq": 4}, True)):

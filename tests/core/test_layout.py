@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from opstudio.core.graph import analyze
-from opstudio.core.layout import MAX_DUMMY_SPAN, NODE_GAP, compute_layout, layout_arrays
-from opstudio.core.model_io import ensure_node_names
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.layout import MAX_DUMMY_SPAN, NODE_GAP, compute_layout, layout_arrays
+from opstudio.core.model.model_io import ensure_node_names
 
 
 def random_dag(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

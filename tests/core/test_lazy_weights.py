@@ -11,19 +11,21 @@ import pytest
 from onnx import external_data_helper
 
 from model_builders import small_mlp
-from opstudio.core import accuracy, model_io, ort_session, validity
-from opstudio.core.graph import analyze
-from opstudio.core.model_io import (
+from opstudio.core.measure import accuracy
+from opstudio.core.model import model_io, validity
+from opstudio.core.model import runtime as ort_session
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import (
     is_lazy,
     load_model,
     load_weights,
     save_model,
     tensor_array,
 )
-from opstudio.core.opening import open_for_display
-from opstudio.core.optimize import optimize
 from opstudio.core.passes import get_pass
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe
+from opstudio.core.session.opening import open_for_display
 
 
 def external(model: onnx.ModelProto, folder: Path) -> Path:

@@ -10,7 +10,12 @@ import pytest
 from onnx import numpy_helper
 
 from llm_builders import decoder_inputs, tiny_decoder
-from opstudio.core.accuracy import compare_outputs, evaluate, mean_kl_divergence, output_kind
+from opstudio.core.measure.accuracy import (
+    compare_outputs,
+    evaluate,
+    mean_kl_divergence,
+    output_kind,
+)
 
 
 def test_kl_divergence_of_known_distributions():

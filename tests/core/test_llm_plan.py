@@ -10,10 +10,11 @@ import onnx
 import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
-from opstudio.core import llm_plan
-from opstudio.core.advisor import Budget, advise
 from opstudio.core.errors import OpstudioError
-from opstudio.core.llm_plan import (
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan import llm_plan
+from opstudio.core.plan.advisor import Budget, advise
+from opstudio.core.plan.llm_plan import (
     Target,
     Variant,
     _Option,
@@ -24,7 +25,6 @@ from opstudio.core.llm_plan import (
     recipe_of,
     sample_layers,
 )
-from opstudio.core.profiler import ProfileSettings
 
 VOCAB = 4096  # a real vocabulary's lm_head: weight-only quantization pays on a decode step
 HIDDEN = 256
@@ -35,7 +35,7 @@ INT8W = Variant("int8-weight", "int8-weight", {"block_size": 32, "accuracy_level
 
 
 def _logits(model: onnx.ModelProto, feeds) -> np.ndarray:
-    from opstudio.core.timing import session
+    from opstudio.core.measure.timing import session
 
     sess = session(model)
     outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dict(feeds))))
@@ -220,9 +220,9 @@ def test_too_short_a_prompt_for_the_confidence_is_said_and_nothing_holds(decoder
 
 
 def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(decoder, advice):
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
-    from opstudio.core.optimize import optimize
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.plan.optimize import optimize
 
     path, prompt = decoder
     assert advice.phase == "decode" and advice.base_ms > 0
@@ -260,7 +260,7 @@ def test_top1_budget_holds_on_the_prompt_and_the_plan_is_an_ordinary_recipe(deco
 
 
 def test_the_decode_step_is_what_is_timed(decoder, advice):
-    from opstudio.core.sensitivity import cache_path
+    from opstudio.core.plan.sensitivity import cache_path
 
     files = list(cache_path("x", "llm").parent.glob("*.llm.json"))
     assert len(files) == 1
@@ -273,8 +273,8 @@ def test_the_decode_step_is_what_is_timed(decoder, advice):
 
 def test_the_scan_resumes_from_its_cache(decoder, tmp_path):
     path, prompt = decoder
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
 
     model = load_model(path)
     feeds = make_inputs(model, npz_path=prompt, phase="prefill")
@@ -296,8 +296,8 @@ def test_the_scan_resumes_from_its_cache(decoder, tmp_path):
 def test_a_few_timed_variants_are_paired_with_each_other_too(decoder, tmp_path):
     """The advisor's last choice (upgraded plan or one technique everywhere) compares the two
     in their own paired rounds."""
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
 
     path, prompt = decoder
     model = load_model(path)
@@ -350,8 +350,8 @@ def test_targets_of_a_weightless_model(tmp_path):
 
 
 def test_parallel_workers_share_one_cache_and_an_interrupted_part_is_kept(decoder, tmp_path):
-    from opstudio.core.inputs import make_inputs
-    from opstudio.core.model_io import load_model
+    from opstudio.core.measure.inputs import make_inputs
+    from opstudio.core.model.model_io import load_model
 
     path, prompt = decoder
     model = load_model(path)

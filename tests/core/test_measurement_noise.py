@@ -11,10 +11,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import isolation, profiler
-from opstudio.core.compare import compare_models
-from opstudio.core.profiler import ProfileSettings, build_profile, profile_model
-from opstudio.core.timing import median_interval, paired_ratio
+from opstudio.core import isolation
+from opstudio.core.measure import profiler
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.profiler import ProfileSettings, build_profile, profile_model
+from opstudio.core.measure.timing import median_interval, paired_ratio
 
 
 def chain(big: bool, seed: int = 0) -> onnx.ModelProto:

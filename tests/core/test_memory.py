@@ -10,9 +10,9 @@ from onnx import numpy_helper
 from llm_builders import kv_decoder
 from model_builders import small_mlp
 from opstudio.cli import main
-from opstudio.core import profiler
-from opstudio.core.memory import Memory
-from opstudio.core.profiler import ProfileSettings, profile_model, profile_models
+from opstudio.core.measure import profiler
+from opstudio.core.measure.memory import Memory
+from opstudio.core.measure.profiler import ProfileSettings, profile_model, profile_models
 
 LAYERS, KV_HEADS, HEAD = 2, 2, 16  # kv_decoder's defaults: hidden 64 over 4 heads
 
@@ -108,7 +108,7 @@ def test_profile_prints_the_memory_line(tmp_path, capsys):
 def test_anon_peak_sees_memory_freed_before_the_block_ends():
     import mmap
 
-    from opstudio.core.memory import AnonPeak, anon_bytes
+    from opstudio.core.measure.memory import AnonPeak, anon_bytes
 
     with AnonPeak(interval=0.005) as watch:
         # fresh private anonymous pages, touched (an allocator could hand back pages the

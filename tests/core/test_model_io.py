@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.errors import ModelLoadError, OpstudioError
-from opstudio.core.model_io import ensure_node_names, load_model, save_model
+from opstudio.core.model.model_io import ensure_node_names, load_model, save_model
 
 
 def small_model(names: list[str] | None = None, weight_size: int = 64) -> onnx.ModelProto:
@@ -268,7 +268,7 @@ def test_save_into_missing_folder(tmp_path):
 
 
 def test_save_big_model_writes_external_data(tmp_path, monkeypatch):
-    import opstudio.core.model_io as model_io
+    import opstudio.core.model.model_io as model_io
 
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
     p = save_model(small_model(), tmp_path / "big.onnx")

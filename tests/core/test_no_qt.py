@@ -14,7 +14,7 @@ QT_MODULES = ("PySide6", "pyqtgraph", "shiboken6", "PyQt5", "PyQt6")
 
 def test_core_modules_import_no_qt():
     names = sorted(m.name for m in pkgutil.walk_packages(opstudio.core.__path__, "opstudio.core."))
-    assert "opstudio.core.graph" in names and "opstudio.core.model_io" in names
+    assert "opstudio.core.model.graph" in names and "opstudio.core.model.model_io" in names
     script = (
         "import importlib, json, sys\n"
         f"for name in {names!r}:\n"

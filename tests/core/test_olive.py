@@ -11,8 +11,8 @@ import pytest
 from llm_builders import kv_decoder
 from opstudio.cli import main
 from opstudio.core.errors import OpstudioError
-from opstudio.core.olive import NOT_EXPORTED_KEY, olive_workflow
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.olive import NOT_EXPORTED_KEY, olive_workflow
+from opstudio.core.plan.recipe import Recipe
 
 PLAN = {"version": 1, "steps": [
     {"name_pattern": "*/q_proj/MatMul", "technique": "lowrank", "params": {"rank": 8}},

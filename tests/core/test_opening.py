@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from opstudio.core.errors import Cancelled, ModelLoadError
-from opstudio.core.opening import display_dims, open_for_display
+from opstudio.core.session.opening import display_dims, open_for_display
 
 
 def dynamic_relu(path):
@@ -43,7 +43,7 @@ def test_cancel_and_bad_files(tmp_path):
 
 def test_a_kv_decoder_opens_with_the_dims_its_run_will_use(tmp_path):
     from llm_builders import kv_decoder
-    from opstudio.core.model_io import save_model
+    from opstudio.core.model.model_io import save_model
 
     path = tmp_path / "decoder.onnx"
     save_model(kv_decoder("hf", layers=3), path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,16 +12,17 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-import opstudio.core.optimize as optimize_module
 import opstudio.core.passes as passes_module
-from opstudio.core import provenance
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.model_io import save_model
-from opstudio.core.optimize import NothingRewritten, optimize, optimize_file
+from opstudio.core.model import provenance
+from opstudio.core.model.model_io import save_model
 from opstudio.core.passes import Pass, PassContext, PassResult
 from opstudio.core.passes.lowrank import PASS as LOWRANK
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan.optimize import NothingRewritten, optimize, optimize_file
+from opstudio.core.plan.recipe import Recipe
 
+# the module, not the function `opstudio.core.plan` names after it
+optimize_module = importlib.import_module("opstudio.core.plan.optimize")
 RNG = np.random.default_rng(3)
 
 

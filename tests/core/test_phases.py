@@ -11,10 +11,10 @@ import pytest
 from llm_builders import kv_decoder, prompt_inputs
 from opstudio.cli import main
 from opstudio.cli.common import parse_dims
-from opstudio.core.accuracy import run_outputs
 from opstudio.core.errors import OpstudioError
-from opstudio.core.inputs import make_inputs
-from opstudio.core.phases import derive_dims
+from opstudio.core.measure.accuracy import run_outputs
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.model.phases import derive_dims
 
 
 def _shapes(feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -11,9 +11,9 @@ import pytest
 from test_measurement_noise import chain, forked_children  # noqa: F401 (a fixture)
 
 from opstudio.cli import main
-from opstudio.core import profiler
-from opstudio.core.profiler import ProfileSettings, build_profile, profile_model
-from opstudio.core.timing import drift_pct
+from opstudio.core.measure import profiler
+from opstudio.core.measure.profiler import ProfileSettings, build_profile, profile_model
+from opstudio.core.measure.timing import drift_pct
 
 
 def two_ops() -> onnx.ModelProto:
@@ -54,7 +54,7 @@ def test_a_profile_whose_operators_moved_says_its_figures_are_uncertain():
     assert p.notes[0].startswith("figures uncertain to ±13 %: stretches of this profile's runs")
     assert p.to_json()["noise"]["uncertain_pct"] == p.noise["uncertain_pct"]
     # the app's status line after a profile says it first
-    from opstudio.core.document import profile_summary
+    from opstudio.core.session.document import profile_summary
 
     assert "— figures uncertain to ±13 %" in profile_summary(p)
     steady = build_profile(two_ops(), trace_of([1000 + i % 3 for i in range(20)]), warmup=0,

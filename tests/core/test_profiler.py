@@ -13,14 +13,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.model_io import load_model, save_model
-from opstudio.core.profiler import (
+from opstudio.core.measure.profiler import (
     NodeStats,
     Profile,
     ProfileSettings,
     build_profile,
     profile_model,
 )
+from opstudio.core.model.model_io import load_model, save_model
 
 RNG = np.random.default_rng(0)
 FAST = dict(runs=5, warmup=1, threads=1)
@@ -279,7 +279,7 @@ def test_folders_of_dead_processes_are_swept(private_tmp):
 def test_trace_is_read_a_line_at_a_time_keeping_only_runs_and_kernels(tmp_path):
     import json as _json
 
-    from opstudio.core.profiler import read_trace
+    from opstudio.core.measure.profiler import read_trace
 
     events = [
         {"cat": "Session", "pid": 1, "tid": 1, "dur": 5, "ts": 0, "ph": "X",
@@ -311,7 +311,7 @@ def test_fast_trace_reading_gives_what_the_json_parser_gives(tmp_path):
 
     import onnxruntime as ort
 
-    from opstudio.core.profiler import read_trace
+    from opstudio.core.measure.profiler import read_trace
 
     so = ort.SessionOptions()
     so.enable_profiling = True

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.recipe import Recipe, Step, named_later, step_from_parts, validate
+from opstudio.core.plan.recipe import Recipe, Step, named_later, step_from_parts, validate
 
 
 def model() -> onnx.ModelProto:

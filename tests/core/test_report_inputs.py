@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 from llm_builders import kv_decoder
-from opstudio.core import report
-from opstudio.core.compare import compare_models
-from opstudio.core.model_io import save_model
-from opstudio.core.profiler import Profile, ProfileSettings
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.profiler import Profile, ProfileSettings
+from opstudio.core.model.model_io import save_model
+from opstudio.core.plan import report
 
 
 def test_the_report_folds_a_30_layer_kv_cache_into_one_row(tmp_path):
@@ -33,8 +33,8 @@ def test_the_report_folds_a_30_layer_kv_cache_into_one_row(tmp_path):
 
 
 def test_a_report_of_profiles_without_inputs_has_no_inputs_section():
-    from opstudio.core.accuracy import AccuracyReport
-    from opstudio.core.compare import Comparison, match_nodes
+    from opstudio.core.measure.accuracy import AccuracyReport
+    from opstudio.core.measure.compare import Comparison, match_nodes
     from profile_builders import node_stats, profile_of
 
     before, after = profile_of(node_stats("mm0", 2.0)), profile_of(node_stats("mm0", 1.0))

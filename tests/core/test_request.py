@@ -9,9 +9,8 @@ from onnx import TensorProto, helper
 
 from llm_builders import kv_decoder
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import save_model
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.request import (
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.request import (
     check_request,
     compare_requests,
     decode_pasts,
@@ -21,6 +20,7 @@ from opstudio.core.request import (
     require_kv_cache,
     step_weights,
 )
+from opstudio.core.model.model_io import save_model
 
 
 def linear_rounds(prompt, generate, rounds=30, prefill=800.0, base=20.0, per_past=0.01,

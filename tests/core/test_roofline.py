@@ -7,14 +7,14 @@ import json
 import pytest
 from onnx import TensorProto, helper
 
-from opstudio.core.graph import analyze
-from opstudio.core.roofline import (
+from opstudio.core.measure.roofline import (
     Machine,
     analyze_roofline,
     cached_machine,
     measure_machine,
     profile_roofline,
 )
+from opstudio.core.model.graph import analyze
 from profile_builders import node_stats, profile_of
 
 MACHINE = Machine(peak_gflops=100.0, bandwidth_gbs=10.0, threads=1, onnxruntime="x",
@@ -97,9 +97,9 @@ def test_the_machine_is_measured_once_and_then_read_from_the_cache(tmp_path, mon
 
 
 def test_an_int8_model_is_placed_per_original_node_under_the_int8_roof():
-    from opstudio.core.optimize import optimize
-    from opstudio.core.provenance import derived_nodes
-    from opstudio.core.recipe import Recipe, Step
+    from opstudio.core.model.provenance import derived_nodes
+    from opstudio.core.plan.optimize import optimize
+    from opstudio.core.plan.recipe import Recipe, Step
 
     model = matmul_relu(64, 256, 256)
     model.graph.initializer[0].CopyFrom(helper.make_tensor(

@@ -7,11 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.advisor import Budget, greedy_plan, measured_verifier
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import load_model
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.sensitivity import analyze_sensitivity
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.model.model_io import load_model
+from opstudio.core.plan.advisor import Budget, greedy_plan, measured_verifier
+from opstudio.core.plan.sensitivity import analyze_sensitivity
 
 
 def two_branch_model(path):
@@ -87,8 +87,8 @@ def test_measured_plan_meets_the_budget_end_to_end(scanned):
 
 
 def test_cache_key_follows_the_onnxruntime_and_opstudio_versions(tmp_path, monkeypatch):
-    from opstudio.core import sensitivity
-    from opstudio.core.profiler import ProfileSettings
+    from opstudio.core.measure.profiler import ProfileSettings
+    from opstudio.core.plan import sensitivity
 
     model = tmp_path / "m.onnx"
     model.write_bytes(b"model bytes")

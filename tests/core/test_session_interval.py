@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from opstudio.core.compare import compare_models
-from opstudio.core.profiler import PLAIN_SESSIONS, ProfileSettings, _Rotation
-from opstudio.core.timing import FASTER, paired_ratio
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.profiler import PLAIN_SESSIONS, ProfileSettings, _Rotation
+from opstudio.core.measure.timing import FASTER, paired_ratio
 
 
 def timed_on_sessions(rng, n, k, session_sd, run_sd, speedup=1.0):
@@ -78,6 +78,6 @@ def test_compare_times_each_model_on_several_sessions(tmp_path):
     assert set(zip(sa, sb)) == {(j, m) for j in range(PLAIN_SESSIONS)
                                 for m in range(PLAIN_SESSIONS)}
     assert c.plain_ratio.sessions == PLAIN_SESSIONS
-    from opstudio.core.compare import interval_text
+    from opstudio.core.measure.compare import interval_text
 
     assert interval_text(c.plain_ratio).endswith("paired runs on 4 sessions of each model")

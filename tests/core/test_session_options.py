@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.ort_session import session_options
+from opstudio.core.model.runtime import session_options
 
 
 def test_named_settings_reach_the_options(tmp_path):

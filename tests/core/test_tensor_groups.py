@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opstudio.core.tensor_groups import describe_tensors, group_tensors, name_list, number_set
-from opstudio.core.tensors import TensorInfo
+from opstudio.core.model.tensor_groups import describe_tensors, group_tensors, name_list, number_set
+from opstudio.core.model.tensors import TensorInfo
 
 KV = ["batch_size", 2, "past_sequence_length", 16]
 

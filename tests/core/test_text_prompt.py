@@ -13,15 +13,12 @@ import pytest
 
 from llm_builders import kv_decoder, word_tokenizer
 from model_builders import small_mlp
-from opstudio.core.accuracy import SYNTHETIC
-from opstudio.core.compare import compare_models, optimize_and_compare
 from opstudio.core.errors import OpstudioError
-from opstudio.core.inputs import make_inputs
-from opstudio.core.model_io import save_model
-from opstudio.core.phases import describe_step, is_prompt
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.text_prompt import (
+from opstudio.core.measure.accuracy import SYNTHETIC
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.text_prompt import (
     BUILTIN_NAME,
     builtin_text,
     find_tokenizer,
@@ -31,6 +28,10 @@ from opstudio.core.text_prompt import (
     tokenize,
     with_text_prompt,
 )
+from opstudio.core.model.model_io import save_model
+from opstudio.core.model.phases import describe_step, is_prompt
+from opstudio.core.plan.optimize_compare import optimize_and_compare
+from opstudio.core.plan.recipe import Recipe, Step
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"runs": 2, "warmup": 0, "threads": 1}
@@ -155,7 +156,7 @@ def test_judging_names_what_the_accuracy_is_judged_on(tmp_path, decoder):
 
 
 def test_a_comparison_is_judged_on_the_text_and_timed_on_its_own_inputs(decoder):
-    from opstudio.core.report import render_html
+    from opstudio.core.plan.report import render_html
 
     settings = ProfileSettings(**FAST, request=True, request_prompt=8, request_generate=4)
     c = compare_models(decoder, decoder, settings)
@@ -172,7 +173,7 @@ def test_a_comparison_is_judged_on_the_text_and_timed_on_its_own_inputs(decoder)
 
 
 def test_optimize_and_compare_calibrates_and_judges_on_the_text(decoder):
-    from opstudio.core.model_io import load_model
+    from opstudio.core.model.model_io import load_model
 
     model = load_model(decoder)
     recipe = Recipe([Step("fp16", {}, nodes=["/lm_head/MatMul"])])
@@ -181,14 +182,14 @@ def test_optimize_and_compare_calibrates_and_judges_on_the_text(decoder):
     _, blind = optimize_and_compare(model, recipe, ProfileSettings(**FAST))
     assert blind.accuracy.synthetic
     assert "on synthetic tokens: not a measure of quality" in blind.accuracy.summary()
-    from opstudio.core.report import render_html
+    from opstudio.core.plan.report import render_html
 
     assert "; on synthetic tokens: not a measure of quality" in render_html(blind)
 
 
 def test_a_profile_names_the_step_it_ran(decoder):
-    from opstudio.core.document import profile_summary
-    from opstudio.core.profiler import Profile, profile_model
+    from opstudio.core.measure.profiler import Profile, profile_model
+    from opstudio.core.session.document import profile_summary
 
     p = profile_model(decoder, ProfileSettings(**FAST, phase="decode", past=32))
     assert p.step == "decode step after 32 tokens"

@@ -7,8 +7,9 @@ import onnx
 import pytest
 
 from model_builders import small_mlp
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.timing import interleaved_times, measured_timer, paired_ratio, session
+from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.plan.timer import measured_timer
 
 
 def test_a_clear_difference_is_faster_and_noise_is_not():
@@ -41,7 +42,7 @@ def test_measured_timer_compares_two_recipes_of_the_real_model(tmp_path):
 
 
 def test_verdict_on_synthetic_samples_equal_shifted_and_heavy_tailed():
-    from opstudio.core.timing import spread
+    from opstudio.core.measure.timing import spread
 
     rng = np.random.default_rng(0)
     base = rng.normal(10.0, 0.3, 60)
@@ -63,7 +64,7 @@ def test_verdict_on_synthetic_samples_equal_shifted_and_heavy_tailed():
 
 
 def test_median_interval_holds_the_median():
-    from opstudio.core.timing import median_interval
+    from opstudio.core.measure.timing import median_interval
 
     t = np.random.default_rng(1).normal(3.0, 0.1, 40)
     lo, hi = median_interval(t)
@@ -71,7 +72,7 @@ def test_median_interval_holds_the_median():
 
 
 def test_one_verdict_of_three_states_a_slowdown_as_plain_as_a_speedup():
-    from opstudio.core.timing import FASTER, MIN_ROUNDS, SAME, SLOWER, UNDECIDED, Ratio
+    from opstudio.core.measure.timing import FASTER, MIN_ROUNDS, SAME, SLOWER, UNDECIDED, Ratio
 
     faster = Ratio(1.85, 1.79, 1.92, rounds=20)
     assert faster.verdict == FASTER and faster.label() == "1.85×"

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import model_io, ort_session, validity
+from opstudio.core.model import model_io, validity
+from opstudio.core.model import runtime as ort_session
 
 
 def _norm_model(op_domain: str = "") -> onnx.ModelProto:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from opstudio.core import report
-from opstudio.core.accuracy import AccuracyReport
-from opstudio.core.compare import Comparison, NodeDelta
-from opstudio.core.timing import Ratio
+from opstudio.core.measure.accuracy import AccuracyReport
+from opstudio.core.measure.compare import Comparison, NodeDelta
+from opstudio.core.measure.timing import Ratio
+from opstudio.core.plan import report
 from profile_builders import node_stats, profile_of
 
 CASES = {  # verdict: (ratio, words in the HTML card, css class)

@@ -74,7 +74,7 @@ def shown_window(qtbot, settings, run_settings=None):
 
 @pytest.fixture
 def window(app, qtbot, settings):
-    from opstudio.core.profiler import ProfileSettings
+    from opstudio.core.measure.profiler import ProfileSettings
 
     yield from shown_window(qtbot, settings,
                             ProfileSettings(runs=3, warmup=1, threads=1, dims={"batch": 2}))

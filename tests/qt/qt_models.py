@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.graph import GraphInfo, NodeInfo
+from opstudio.core.model.graph import GraphInfo, NodeInfo
 
 
 def mlp_model(hidden: int = 64, seed: int = 0) -> onnx.ModelProto:

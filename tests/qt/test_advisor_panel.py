@@ -6,8 +6,8 @@ import onnx
 import pytest
 from qt_models import mlp_model
 
-from opstudio.core.advisor import Budget, advise
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.advisor import Budget, advise
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_numeric_columns_sort_by_value_not_text(qtbot, advice):
 
 
 def _llm_advice(budget, with_plan=True):
-    from opstudio.core.llm_plan import (
+    from opstudio.core.plan.llm_plan import (
         Choice,
         FrontierPoint,
         LlmAdvice,
@@ -113,7 +113,7 @@ def _llm_advice(budget, with_plan=True):
                         [f"/model/layers.{i}/mlp/up_proj/MatMul" for i in range(3)], 0.99, 0.01)]
     chosen = [Choice(i, "mlp/up_proj/MatMul", "int8-weight",
                      [f"/model/layers.{i}/mlp/up_proj/MatMul"], 0.1, 0.003) for i in range(2)]
-    from opstudio.core.llm_plan import Target
+    from opstudio.core.plan.llm_plan import Target
 
     recipe = recipe_of([(variants[1], [Target(c.nodes[0], c.layer, c.role, 64, 256)
                                        for c in chosen])]) if with_plan else recipe_of([])

@@ -116,8 +116,8 @@ def test_edge_tooltip_names_the_tensor(app, qtbot):
 def _layered_view(qtbot):
     """A shown graph view of a 3-layer decoder, with the grouping of its nodes by layer."""
     from layer_models import layered_decoder
-    from opstudio.core.graph import analyze
-    from opstudio.core.layers import group_layers
+    from opstudio.core.model.graph import analyze
+    from opstudio.core.model.layers import group_layers
 
     graph = analyze(layered_decoder(layers=3), {"batch": 1, "seq": 4})
     view = GraphView()

@@ -7,7 +7,7 @@ import onnx
 from PySide6.QtCore import QPoint, Qt
 from qt_models import mlp_model
 
-from opstudio.core.model_io import is_lazy
+from opstudio.core.model.model_io import is_lazy
 
 
 def test_external_data_model_opens_lazily_and_optimizes(window, qtbot, tmp_path):

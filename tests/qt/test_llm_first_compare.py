@@ -11,9 +11,9 @@ import pytest
 from conftest import shown_window
 
 from llm_builders import kv_decoder, word_tokenizer
-from opstudio.core.model_io import save_model
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Step
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.model.model_io import save_model
+from opstudio.core.plan.recipe import Step
 from opstudio.qt.run_settings import RunSettingsDialog, app_defaults, settings_from_json
 
 KV_DIMS = ["batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"]

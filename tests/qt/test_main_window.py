@@ -17,8 +17,8 @@ from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import load_model
-from opstudio.core.recipe import Step
+from opstudio.core.model.model_io import load_model
+from opstudio.core.plan.recipe import Step
 from opstudio.qt.main_window import MainWindow
 from opstudio.qt.op_table import (
     COL_AFTER,
@@ -367,9 +367,9 @@ def test_an_optimized_file_shows_its_profile_on_the_nodes_that_run(window, qtbot
     stand for mm0 now (its MatMulInteger and scale nodes)."""
     from qt_models import mlp_model
 
-    from opstudio.core.model_io import save_model
-    from opstudio.core.optimize import optimize
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.model.model_io import save_model
+    from opstudio.core.plan.optimize import optimize
+    from opstudio.core.plan.recipe import Recipe
 
     quantized = optimize(mlp_model(hidden=256), Recipe([Step("int8-dynamic", {},
                                                              nodes=["mm0"])])).model

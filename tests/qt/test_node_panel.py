@@ -9,10 +9,10 @@ import pytest
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
 from qt_models import mlp_model
 
-from opstudio.core.model_io import ensure_node_names
+from opstudio.core.model.model_io import ensure_node_names
 from opstudio.core.passes import get_pass
-from opstudio.core.plan import Plan
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.session.edits import Plan
 from opstudio.qt.node_panel import NodePanel, available_passes
 
 EDITOR_TYPES = {"int": QSpinBox, "float": QDoubleSpinBox, "bool": QCheckBox,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from qt_models import mlp_model
 
-from opstudio.core.model_io import ensure_node_names
-from opstudio.core.plan import Plan
+from opstudio.core.model.model_io import ensure_node_names
+from opstudio.core.session.edits import Plan
 from opstudio.qt.node_panel import NodePanel
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core.plan import Plan
+from opstudio.core.session.edits import Plan
 from opstudio.qt.node_panel import NodePanel
 
 

@@ -8,10 +8,10 @@ import numpy as np
 from PySide6.QtCore import QItemSelectionModel, Qt
 from qt_models import mlp_model
 
-from opstudio.core.compare import ADDED, REMOVED, NodeDelta
-from opstudio.core.graph import analyze
-from opstudio.core.model_io import ensure_node_names
-from opstudio.core.timing import paired_speedup
+from opstudio.core.measure.compare import ADDED, REMOVED, NodeDelta
+from opstudio.core.measure.timing import paired_speedup
+from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import ensure_node_names
 from opstudio.qt import theme
 from opstudio.qt.op_table import (
     COL_AFTER,

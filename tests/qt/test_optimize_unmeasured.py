@@ -7,8 +7,8 @@ from __future__ import annotations
 import onnx
 
 from model_builders import framed_matmul, unsized_matmul
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Step
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.recipe import Step
 
 
 def _unsized(tmp_path):

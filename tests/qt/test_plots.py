@@ -86,7 +86,7 @@ def test_hover_shows_values(app, qtbot, monkeypatch):
 
 
 def test_roofline_draws_the_int8_roof_only_for_integer_kernels(app, qtbot):
-    from opstudio.core.roofline import Machine, RooflinePoint
+    from opstudio.core.measure.roofline import Machine, RooflinePoint
     from opstudio.qt.roofline_plot import RooflinePlot
 
     machine = Machine(peak_gflops=100.0, bandwidth_gbs=10.0, threads=1, onnxruntime="x",

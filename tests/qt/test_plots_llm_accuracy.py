@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from opstudio.core.accuracy import compare_outputs
-from opstudio.core.compare import NodeDelta
+from opstudio.core.measure.accuracy import compare_outputs
+from opstudio.core.measure.compare import NodeDelta
 from opstudio.qt.plots import PlotsPanel
 
 

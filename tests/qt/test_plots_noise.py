@@ -7,8 +7,8 @@ import onnx
 import pyqtgraph as pg
 
 from model_builders import small_mlp
-from opstudio.core.compare import compare_models
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.qt.plots import PlotsPanel
 
 

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from llm_builders import kv_decoder
-from opstudio.core.model_io import save_model
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Step
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.model.model_io import save_model
+from opstudio.core.plan.recipe import Step
 from opstudio.qt.run_settings import RunSettingsDialog, settings_from_json, settings_to_json
 
 KV_DIMS = ["batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"]

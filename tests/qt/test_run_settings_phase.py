@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opstudio.core.profiler import ProfileSettings
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.qt.run_settings import RunSettingsDialog
 
 KV_DIMS = ["batch_size", "sequence_length", "total_sequence_length", "past_sequence_length",
@@ -50,7 +50,7 @@ def test_past_zero_is_a_value_and_prefill_has_no_past(app):
 def test_the_model_inputs_are_listed_with_the_kv_cache_folded(window, qtbot, tmp_path,
                                                               monkeypatch):
     from llm_builders import kv_decoder
-    from opstudio.core.model_io import save_model
+    from opstudio.core.model.model_io import save_model
 
     path = tmp_path / "decoder30.onnx"
     save_model(kv_decoder("gqa", layers=30), path)

@@ -9,9 +9,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from llm_builders import runtime_folder
-from opstudio.core.generate import side_by_side
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.recipe import Recipe
+from opstudio.core.measure.generate import side_by_side
+from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.plan.recipe import Recipe
 
 INT4 = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight",
                                  "params": {"block_size": 16}}]}

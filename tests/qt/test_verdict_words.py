@@ -8,7 +8,7 @@ import dataclasses
 import pyqtgraph as pg
 from test_main_window import click_node, run_and_wait
 
-from opstudio.core.timing import Ratio
+from opstudio.core.measure.timing import Ratio
 from opstudio.qt import theme
 from opstudio.qt.op_table import COL_SPEEDUP
 

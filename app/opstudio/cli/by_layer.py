@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from opstudio.cli.common import print_table
-from opstudio.core.layers import MODULE_LABELS, MODULES, LayerGrouping, Totals, group_layers
+from opstudio.core.model.layers import MODULE_LABELS, MODULES, LayerGrouping, Totals, group_layers
 
 # a column: header, value per node name, and how to print a sum
 Column = tuple[str, Mapping[str, float | None], Callable[[float], str]]

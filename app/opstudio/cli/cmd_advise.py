@@ -5,7 +5,7 @@ printed, grouped), and 0 when rewrites were measured but none pays within the bu
 
 With ``--budget-top1`` or ``--budget-kl`` a language model is planned for its decode step (or
 prefill, ``--phase prefill``) by layer and role, judged by next-token agreement on the prompt in
-``--inputs`` (``opstudio.core.llm_plan``); the frontier of agreement against speedup is printed.
+``--inputs`` (``opstudio.core.plan.llm_plan``); the frontier of agreement against speedup is printed.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from opstudio.cli.common import (
     progress_printer,
     write_json,
 )
-from opstudio.core import reasons
-from opstudio.core.advisor import CONFIDENCE, Budget, advise
 from opstudio.core.errors import OpstudioError
-from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
+from opstudio.core.measure.text_prompt import find_tokenizer
 from opstudio.core.passes import TECHNIQUES
-from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
-from opstudio.core.text_prompt import find_tokenizer
+from opstudio.core.plan import reasons
+from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
+from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
+from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -20,15 +20,15 @@ from opstudio.cli.request_view import (
     apply_request_args,
     print_request_comparison,
 )
-from opstudio.core import report
-from opstudio.core.compare import (
+from opstudio.core.measure.compare import (
     Comparison,
     NodeDelta,
     compare_models,
     operators_changed,
     speedup_label,
 )
-from opstudio.core.timing import Ratio
+from opstudio.core.measure.timing import Ratio
+from opstudio.core.plan import report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,8 +81,8 @@ def kv_cache_hint(path: str) -> str | None:
     """For a decoder with a KV cache compared as documented (the prefill): what its users
     feel is the decode step and the request, which a newcomer would not know to ask for (INT4
     on a trained decoder measured slower in prefill and 2.6× faster in decode)."""
-    from opstudio.core.model_io import load_model
-    from opstudio.core.request import has_kv_cache
+    from opstudio.core.measure.request import has_kv_cache
+    from opstudio.core.model.model_io import load_model
 
     if not has_kv_cache(load_model(path, load_external_data=False)):
         return None

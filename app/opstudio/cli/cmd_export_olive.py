@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from opstudio.core.fileio import write_text_atomic
-    from opstudio.core.model_io import load_model
-    from opstudio.core.olive import olive_workflow
-    from opstudio.core.recipe import Recipe
+    from opstudio.core.model.model_io import load_model
+    from opstudio.core.plan.olive import olive_workflow
+    from opstudio.core.plan.recipe import Recipe
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opstudio.core.generate import side_by_side_isolated
+    from opstudio.core.measure.generate import side_by_side_isolated
 
     if len(args.models) > 2:
         raise OpstudioError("generate takes one model, or two to compare (before and after)")

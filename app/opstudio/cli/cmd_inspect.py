@@ -16,11 +16,11 @@ from opstudio.cli.common import (
     print_table,
     write_json,
 )
-from opstudio.core.graph import GraphInfo, analyze, input_specs
-from opstudio.core.inputs import decode_step_dims
-from opstudio.core.model_io import load_model
-from opstudio.core.phases import DEFAULT_DECODE_PAST
-from opstudio.core.tensor_groups import describe_tensors
+from opstudio.core.measure.inputs import decode_step_dims
+from opstudio.core.model.graph import GraphInfo, analyze, input_specs
+from opstudio.core.model.model_io import load_model
+from opstudio.core.model.phases import DEFAULT_DECODE_PAST
+from opstudio.core.model.tensor_groups import describe_tensors
 
 
 def register(sub: argparse._SubParsersAction) -> None:

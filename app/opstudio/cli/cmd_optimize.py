@@ -31,9 +31,15 @@ from opstudio.cli.common import (
     text_note,
     write_json,
 )
-from opstudio.core.deploy import check_loads, check_target, runtime_kind, wants_folder, write_folder
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import load_model, same_file, save_model, stored_bytes
+from opstudio.core.model.model_io import load_model, same_file, save_model, stored_bytes
+from opstudio.core.plan.deploy import (
+    check_loads,
+    check_target,
+    runtime_kind,
+    wants_folder,
+    write_folder,
+)
 
 MAX_SKIPPED_SHOWN = 12
 # Figures shown first, in this order; "<x>_before"/"<x>_after" pairs print as "x a → b".
@@ -64,12 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opstudio.core.accuracy import compare_outputs, run_outputs
-    from opstudio.core.inputs import NeedsInputs, make_inputs
-    from opstudio.core.optimize import optimize
-    from opstudio.core.profiler import ProfileSettings
-    from opstudio.core.recipe import Recipe
-    from opstudio.core.text_prompt import judging
+    from opstudio.core.measure.accuracy import compare_outputs, run_outputs
+    from opstudio.core.measure.inputs import NeedsInputs, make_inputs
+    from opstudio.core.measure.profiler import ProfileSettings
+    from opstudio.core.measure.text_prompt import judging
+    from opstudio.core.plan.optimize import optimize
+    from opstudio.core.plan.recipe import Recipe
 
     src, dst = Path(args.model), Path(args.output)
     folder: Path | None = None

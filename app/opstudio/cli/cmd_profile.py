@@ -19,7 +19,7 @@ from opstudio.cli.common import (
 )
 from opstudio.cli.request_view import add_request_flags, apply_request_args, print_request
 from opstudio.core.fileio import write_text_atomic
-from opstudio.core.profiler import (
+from opstudio.core.measure.profiler import (
     OPT_LEVELS,
     Profile,
     ProfileSettings,
@@ -113,17 +113,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     request = None
     if wants_request:
-        from opstudio.core.request import estimate_requests
+        from opstudio.core.measure.request import estimate_requests
 
         [request] = estimate_requests([args.model], settings,
                                       progress=None if quiet else progress_printer())
     roofline = None
     if args.roofline:
-        from opstudio.core.graph import analyze
-        from opstudio.core.inputs import make_inputs
-        from opstudio.core.model_io import load_model
-        from opstudio.core.provenance import derived_nodes
-        from opstudio.core.roofline import dims_from_inputs, measure_machine, profile_roofline
+        from opstudio.core.measure.inputs import make_inputs
+        from opstudio.core.measure.roofline import (
+            dims_from_inputs,
+            measure_machine,
+            profile_roofline,
+        )
+        from opstudio.core.model.graph import analyze
+        from opstudio.core.model.model_io import load_model
+        from opstudio.core.model.provenance import derived_nodes
 
         model = load_model(args.model, load_external_data=False)
         inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
@@ -165,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_by_layer(model_path: str, profile: Profile) -> None:
     from opstudio.cli.by_layer import print_by_layer
-    from opstudio.core.model_io import load_model
+    from opstudio.core.model.model_io import load_model
 
     names = [n.name for n in load_model(model_path, load_external_data=False).graph.node]
     known = set(names)

@@ -11,9 +11,11 @@ from typing import Any
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.fileio import write_text_atomic
-from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, check_phase, is_past_length_name
-from opstudio.core.report import json_default
-from opstudio.core.tensors import human_bytes as human_bytes  # the commands import it from here
+from opstudio.core.model.phases import DEFAULT_DECODE_PAST, PHASES, check_phase, is_past_length_name
+from opstudio.core.model.tensors import (
+    human_bytes as human_bytes,  # the commands import it from here
+)
+from opstudio.core.plan.report import json_default
 
 
 def add_input_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """``--request`` of ``profile`` and ``compare``: time to first token, tokens/s and the time of
-a whole request of a decoder with a KV cache (``opstudio.core.request``)."""
+a whole request of a decoder with a KV cache (``opstudio.core.measure.request``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from opstudio.core.request import (
+from opstudio.core.measure.request import (
     DEFAULT_GENERATE,
     DEFAULT_PROMPT,
     RequestComparison,
@@ -36,7 +36,7 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 def apply_request_args(args: argparse.Namespace, settings: Any, models: Sequence[str]) -> bool:
     """Put ``--request/--prompt/--generate`` in ``settings``; refuse a model without a KV
     cache before anything is timed. True when a request is to be estimated."""
-    from opstudio.core.model_io import load_model
+    from opstudio.core.model.model_io import load_model
 
     prompt, generate = getattr(args, "prompt", None), getattr(args, "generate", None)
     if not (getattr(args, "request", False) or prompt is not None or generate is not None):
@@ -65,7 +65,7 @@ def print_request(r: RequestEstimate, file: Any = None) -> None:
 
 
 def print_request_comparison(c: RequestComparison, file: Any = None) -> None:
-    from opstudio.core.compare import speedup_label
+    from opstudio.core.measure.compare import speedup_label
 
     file = file or sys.stdout
     b, a = c.before, c.after

@@ -1,13 +1,13 @@
 """The advisor: per-node sensitivity as a table and a scatter plot, and the automatic plan.
 
-The panel only displays an ``opstudio.core.advisor.Advice`` and asks for work through signals:
+The panel only displays an ``opstudio.core.plan.advisor.Advice`` and asks for work through signals:
 ``analyzeRequested(budget, techniques)`` starts a run (the main window owns the worker),
 ``nodeClicked(name)`` selects a node (a table row or a scatter point), ``planAccepted(recipe)``
 hands the proposed plan to the plan editor, where it can be edited and undone like any edit.
 
 A language model is budgeted by next-token top-1 agreement or KL on the prompt and planned for
 its decode step (or prefill): the panel then shows the scan by role and the frontier of
-agreement against speedup (``opstudio.core.llm_plan.LlmAdvice``). Cosine and SNR budgets stay
+agreement against speedup (``opstudio.core.plan.llm_plan.LlmAdvice``). Cosine and SNR budgets stay
 for models without logits.
 """
 
@@ -38,11 +38,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.advisor import CONFIDENCE, Advice, Budget
-from opstudio.core.llm_plan import LLM_TECHNIQUES, LlmAdvice
+from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.passes import TECHNIQUES, get_pass
-from opstudio.core.profiler import ProfileSettings
-from opstudio.core.sensitivity import DEFAULT_TECHNIQUES
+from opstudio.core.plan.advisor import CONFIDENCE, Advice, Budget
+from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice
+from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")
 KIND_COSINE, KIND_SNR, KIND_TOP1, KIND_KL = range(4)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QFileDialog, QMessageBox, QStatusBar, QWidget
 
-from opstudio.core.deploy import runtime_kind
-from opstudio.core.document import Document
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import save_model
+from opstudio.core.model.model_io import save_model
+from opstudio.core.plan.deploy import runtime_kind
+from opstudio.core.session.document import Document
 from opstudio.qt.netron_view import NetronWindow
 
 

@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.graph import GraphInfo
+from opstudio.core.model.graph import GraphInfo
 from opstudio.qt.graph_view import GraphView
 
 

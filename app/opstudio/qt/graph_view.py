@@ -7,7 +7,7 @@ layout as numpy arrays and, on each paint, culls to the exposed rectangle and dr
   node) and edges as one path of line pieces;
 - close up: rounded boxes with the op type, and the node name once there is room for it.
 
-The layout is computed once per graph (``opstudio.core.layout``), never per frame.
+The layout is computed once per graph (``opstudio.core.model.layout``), never per frame.
 Selection: click, Ctrl-click (toggle), drag on the background for a rubber band; middle or
 right drag pans, the wheel zooms. Hovering an edge shows its tensor and shape.
 """
@@ -42,9 +42,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.graph import GraphInfo
-from opstudio.core.layers import Collapsed, LayerGrouping, LayerKey, collapse_layers
-from opstudio.core.layout import Layout, compute_layout, label_width, layout_arrays
+from opstudio.core.model.graph import GraphInfo
+from opstudio.core.model.layers import Collapsed, LayerGrouping, LayerKey, collapse_layers
+from opstudio.core.model.layout import Layout, compute_layout, label_width, layout_arrays
 
 # op type -> palette slot; a restrained, light palette so heat colours stand out later
 CATEGORY_OPS = {

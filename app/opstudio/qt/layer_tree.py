@@ -20,8 +20,8 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QFont
 
-from opstudio.core.layers import MODULE_LABELS, LayerGrouping, LayerKey
-from opstudio.core.timing import Ratio
+from opstudio.core.measure.timing import Ratio
+from opstudio.core.model.layers import MODULE_LABELS, LayerGrouping, LayerKey
 from opstudio.qt import op_table_model as ot
 from opstudio.qt import theme
 

@@ -21,21 +21,22 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.advisor import Advice, Budget, advise
-from opstudio.core.compare import Comparison, optimize_and_compare
-from opstudio.core.document import AnyAdvice, Document
 from opstudio.core.errors import OpstudioError
-from opstudio.core.generate import SideBySide, side_by_side_isolated
-from opstudio.core.graph import GraphInfo, input_specs, symbolic_dims
-from opstudio.core.opening import Opened, open_for_display
-from opstudio.core.optimize import OptimizeResult
+from opstudio.core.measure.compare import Comparison
+from opstudio.core.measure.generate import SideBySide, side_by_side_isolated
+from opstudio.core.measure.profiler import Profile, ProfileSettings
+from opstudio.core.measure.roofline import profile_with_machine
+from opstudio.core.model.graph import GraphInfo, input_specs, symbolic_dims
+from opstudio.core.model.phases import kv_layout
+from opstudio.core.model.provenance import derived_nodes
 from opstudio.core.passes import ScanParams
-from opstudio.core.phases import kv_layout
-from opstudio.core.plan import Plan
-from opstudio.core.profiler import Profile, ProfileSettings
-from opstudio.core.provenance import derived_nodes
-from opstudio.core.recipe import Recipe, Step
-from opstudio.core.roofline import profile_with_machine
+from opstudio.core.plan.advisor import Advice, Budget, advise
+from opstudio.core.plan.optimize import OptimizeResult
+from opstudio.core.plan.optimize_compare import optimize_and_compare
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.session.document import AnyAdvice, Document
+from opstudio.core.session.edits import Plan
+from opstudio.core.session.opening import Opened, open_for_display
 from opstudio.qt.advisor_panel import AdvisorPanel
 from opstudio.qt.banner import ErrorBanner
 from opstudio.qt.exports import Exports

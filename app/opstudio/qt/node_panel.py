@@ -39,11 +39,11 @@ from PySide6.QtWidgets import (
 )
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import GraphInfo
+from opstudio.core.model.graph import GraphInfo
 from opstudio.core.passes import TECHNIQUES, get_pass
 from opstudio.core.passes.base import ParamSpec, Pass
-from opstudio.core.plan import Plan
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.plan.recipe import Recipe, Step
+from opstudio.core.session.edits import Plan
 from opstudio.qt.worker import Worker
 
 MAX_CHECKED = 5000  # checking more nodes than this per selection would stall the UI

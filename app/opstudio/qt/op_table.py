@@ -35,8 +35,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.graph import GraphInfo
-from opstudio.core.layers import MODULE_LABELS, LayerGrouping, group_layers
+from opstudio.core.model.graph import GraphInfo
+from opstudio.core.model.layers import MODULE_LABELS, LayerGrouping, group_layers
 from opstudio.qt import op_table_model as ot_model
 from opstudio.qt.layer_tree import LAYER, MODULE, OP, LayerFilterProxy, LayerTreeModel
 from opstudio.qt.op_table_model import (

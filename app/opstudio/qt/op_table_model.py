@@ -23,10 +23,10 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QColor
 
-from opstudio.core.compare import ADDED, FUSED, REMOVED, SAME, interval_text, speedup_label
-from opstudio.core.graph import GraphInfo
-from opstudio.core.provenance import standing_for
-from opstudio.core.timing import Ratio, paired_speedup, quiet_rounds
+from opstudio.core.measure.compare import ADDED, FUSED, REMOVED, SAME, interval_text, speedup_label
+from opstudio.core.measure.timing import Ratio, paired_speedup, quiet_rounds
+from opstudio.core.model.graph import GraphInfo
+from opstudio.core.model.provenance import standing_for
 from opstudio.qt import theme
 
 # measured columns first: they are what one sorts by and must be visible in a narrow dock

@@ -57,8 +57,8 @@ def _elide(text: str, n: int = 34) -> str:
 def _coloured(ratio: float, paired: Any = None) -> str:
     """A speedup in green/red (a slowdown said in words), or in grey "≈ 1×" / "too few runs
     to tell (…)" when the paired ratio gives no verdict."""
-    from opstudio.core.compare import speedup_label
-    from opstudio.core.timing import SLOWER, UNDECIDED
+    from opstudio.core.measure.compare import speedup_label
+    from opstudio.core.measure.timing import SLOWER, UNDECIDED
 
     if paired is not None and not paired.significant:
         text = paired.too_few() if paired.verdict == UNDECIDED else paired.label()
@@ -75,7 +75,7 @@ def _coloured(ratio: float, paired: Any = None) -> str:
 def _interval(series: Sequence[float] | None, value: float) -> tuple[float, float] | None:
     """95 % interval of the median of ``series``, stretched to hold ``value`` (a row's value
     is its members' medians summed, the series their sum per run)."""
-    from opstudio.core.timing import median_interval
+    from opstudio.core.measure.timing import median_interval
 
     if series is None or len(series) < 2:
         return None
@@ -179,7 +179,7 @@ class BarsPlot(pg.PlotWidget):
             top = max(top, float(hi.max()))
         font = QFont()
         font.setPixelSize(11)
-        from opstudio.core.compare import speedup_label
+        from opstudio.core.measure.compare import speedup_label
 
         for i in range(n):
             s = speedup[i] if i < len(speedup) else None
@@ -233,7 +233,7 @@ class BarsPlot(pg.PlotWidget):
             s = self.data["speedup"][i] if i < len(self.data["speedup"]) else None
             r = self.data["ratios"][i] if i < len(self.data["ratios"]) else None
             if s is not None:
-                from opstudio.core.compare import interval_text, speedup_label
+                from opstudio.core.measure.compare import interval_text, speedup_label
 
                 lines.append(f"speedup: {speedup_label(s, r)}")
                 if r is not None:
@@ -592,7 +592,7 @@ class PlotsPanel(QWidget):
     def show_request(self, request: Any | None) -> None:
         """Time to first token, tokens/s and the whole request, before → after
         (a ``request.RequestComparison``), or nothing."""
-        from opstudio.core.request import duration, rate
+        from opstudio.core.measure.request import duration, rate
 
         # with a request, the totals of its one step stay in words; their plot gives way
         self.total.setVisible(request is None)
@@ -626,7 +626,7 @@ class PlotsPanel(QWidget):
             f"{speedup(request.decode)}<br>"
             f"total {duration(b.total_ms)} → {duration(a.total_ms)}"
             f"{speedup(request.total)}")
-        from opstudio.core.compare import interval_text
+        from opstudio.core.measure.compare import interval_text
 
         self.request.setToolTip(
             f"A prompt of {b.prompt} tokens, then {b.generate} generated. "

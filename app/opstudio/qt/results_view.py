@@ -11,15 +11,15 @@ from collections.abc import Callable
 import numpy as np
 from PySide6.QtWidgets import QStatusBar
 
-from opstudio.core.compare import Comparison, NotCompared
-from opstudio.core.document import (
+from opstudio.core.measure.compare import Comparison, NotCompared
+from opstudio.core.measure.profiler import Profile
+from opstudio.core.measure.roofline import Machine, cached_machine, profile_roofline
+from opstudio.core.session.document import (
     Document,
     comparison_summary,
     not_compared_summary,
     profile_summary,
 )
-from opstudio.core.profiler import Profile
-from opstudio.core.roofline import Machine, cached_machine, profile_roofline
 from opstudio.qt.graph_view import GraphView
 from opstudio.qt.op_table import OpTable
 from opstudio.qt.plots import PlotsPanel

@@ -31,12 +31,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.inputs import default_dim
-from opstudio.core.phases import DEFAULT_DECODE_PAST, PHASES, is_past_length_name
-from opstudio.core.profiler import OPT_LEVELS, ProfileSettings
-from opstudio.core.tensor_groups import describe_tensors
-from opstudio.core.tensors import TensorInfo
-from opstudio.core.text_prompt import find_tokenizer
+from opstudio.core.measure.inputs import default_dim
+from opstudio.core.measure.profiler import OPT_LEVELS, ProfileSettings
+from opstudio.core.measure.text_prompt import find_tokenizer
+from opstudio.core.model.phases import DEFAULT_DECODE_PAST, PHASES, is_past_length_name
+from opstudio.core.model.tensor_groups import describe_tensors
+from opstudio.core.model.tensors import TensorInfo
 
 
 def settings_to_json(s: ProfileSettings) -> dict[str, Any]:

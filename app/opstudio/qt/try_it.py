@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from opstudio.core.generate import Generation, SideBySide
+from opstudio.core.measure.generate import Generation, SideBySide
 from opstudio.qt.theme import NOISE, SLOWER
 
 DEFAULT_PROMPT = "The capital of France is"

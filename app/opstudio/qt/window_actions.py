@@ -14,8 +14,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QMainWindow, QMessageBox, QPushButton, QToolBar
 
-from opstudio.core.document import Document
-from opstudio.core.plan import Plan
+from opstudio.core.session.document import Document
+from opstudio.core.session.edits import Plan
 from opstudio.qt.exports import Exports
 from opstudio.qt.graph_toolbar import GraphToolbar
 from opstudio.qt.graph_view import GraphView

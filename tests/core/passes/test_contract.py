@@ -20,11 +20,10 @@ from onnx import helper
 
 from llm_builders import kv_decoder, llama_decoder, llama_inputs, prompt_inputs
 from model_builders import apply_pass, run_ort, small_mlp
-from opstudio.core.model import provenance
 from opstudio.core.errors import OpstudioError
+from opstudio.core.model import provenance
 from opstudio.core.model.graph_utils import copy_model
 from opstudio.core.model.model_io import is_lazy, load_model, save_model
-from opstudio.core.plan.optimize import optimize
 from opstudio.core.model.runtime import create_session
 from opstudio.core.passes import (
     TECHNIQUES,
@@ -36,6 +35,7 @@ from opstudio.core.passes import (
     get_pass,
     plan_rank,
 )
+from opstudio.core.plan.optimize import optimize
 from opstudio.core.plan.recipe import Recipe, Step
 
 # params that make each technique rewrite small_mlp's two MatMuls

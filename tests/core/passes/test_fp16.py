@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 from opstudio.core.passes import PassContext, get_pass
 
 RNG = np.random.default_rng(2)

@@ -12,8 +12,8 @@ import pytest
 from llm_builders import llama_decoder, llama_inputs
 from model_builders import apply_pass, run_ort
 from opstudio.core.model import provenance
-from opstudio.core.plan.optimize import optimize
 from opstudio.core.passes import get_pass
+from opstudio.core.plan.optimize import optimize
 from opstudio.core.plan.recipe import Recipe, Step
 
 FUSE = get_pass("fuse")

@@ -10,11 +10,11 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from model_builders import ir3_computed_weights, run_ort
-from opstudio.core import validity
-from opstudio.core.optimize import optimize
+from opstudio.core.model import validity
 from opstudio.core.passes import RewriterFailed
 from opstudio.core.passes._ort_support import ort_rewriter
-from opstudio.core.recipe import Recipe, Step
+from opstudio.core.plan.optimize import optimize
+from opstudio.core.plan.recipe import Recipe, Step
 
 X = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
 

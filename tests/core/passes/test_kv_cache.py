@@ -8,9 +8,9 @@ from onnx import TensorProto, numpy_helper
 
 from llm_builders import kv_decoder, llama_decoder, llama_inputs, prompt_inputs
 from model_builders import apply_pass
-from opstudio.core.accuracy import evaluate
-from opstudio.core.inputs import make_inputs
-from opstudio.core.ort_session import create_session
+from opstudio.core.measure.accuracy import evaluate
+from opstudio.core.measure.inputs import make_inputs
+from opstudio.core.model.runtime import create_session
 from opstudio.core.passes import PassContext, get_pass
 
 LAYERS, KV_HEADS, HEAD = 2, 2, 16
@@ -148,8 +148,8 @@ def test_other_nodes_are_refused_with_the_reason():
 
 
 def test_compare_times_the_float_and_the_quantized_cache_on_one_feed(tmp_path):
-    from opstudio.core.compare import compare_models
-    from opstudio.core.profiler import ProfileSettings
+    from opstudio.core.measure.compare import compare_models
+    from opstudio.core.measure.profiler import ProfileSettings
 
     model = kv_decoder("gqa", layers=LAYERS)
     _, result = _quantized(8, prompt_inputs(8))

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_builders import apply_pass, run_ort
-from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
+from opstudio.core.model import provenance
 from opstudio.core.passes import PassContext
 from opstudio.core.passes.lowrank import PASS
 

@@ -10,14 +10,14 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from opstudio.core import optimize as optimize_module
 from opstudio.core.errors import Cancelled
-from opstudio.core.model_io import is_lazy, load_model, save_model, tensor_array
-from opstudio.core.optimize import optimize, optimize_file
-from opstudio.core.ort_session import create_session
+from opstudio.core.model.model_io import is_lazy, load_model, save_model, tensor_array
+from opstudio.core.model.runtime import create_session
 from opstudio.core.passes import PassContext, get_pass
 from opstudio.core.passes import _nbits_stream as nbits_stream
-from opstudio.core.recipe import Recipe
+from opstudio.core.plan import optimize as optimize_module
+from opstudio.core.plan.optimize import optimize, optimize_file
+from opstudio.core.plan.recipe import Recipe
 
 
 def decoder_like(k: int, n: int, vocab: int, hidden: int, fp16: bool = False) -> onnx.ModelProto:

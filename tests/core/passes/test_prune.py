@@ -10,9 +10,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from model_builders import apply_pass, run_ort
-from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import analyze
+from opstudio.core.model import provenance
+from opstudio.core.model.graph import analyze
 from opstudio.core.passes import get_pass
 from opstudio.core.passes.prune import PASS
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llm_builders import kv_decoder
 from model_builders import run_ort
-from opstudio.core.inputs import make_inputs
+from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.passes import PassContext, get_pass
 
 HEADS, KV_HEADS, HIDDEN = 4, 2, 64

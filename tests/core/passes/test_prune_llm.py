@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_builders import apply_pass, run_ort
-from opstudio.core import validity
-from opstudio.core.graph import analyze
+from opstudio.core.model import validity
+from opstudio.core.model.graph import analyze
 from opstudio.core.passes import PassContext
 from opstudio.core.passes.prune import PASS
 

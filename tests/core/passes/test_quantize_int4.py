@@ -9,8 +9,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from model_builders import run_ort, small_mlp
-from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
+from opstudio.core.model import provenance
 from opstudio.core.passes import PassContext, get_pass
 
 RNG = np.random.default_rng(1)

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from model_builders import run_ort
-from opstudio.core import provenance
+from opstudio.core.model import provenance
 from opstudio.core.passes import PassContext, get_pass
 from opstudio.core.passes import _awq as awq
 

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
+from opstudio.core.model import provenance
 from opstudio.core.passes import PassContext, get_pass
 
 RNG = np.random.default_rng(0)

@@ -19,8 +19,8 @@ import onnx
 from onnx import helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph_utils import copy_model
-from opstudio.core.ort_session import create_session, session_options
+from opstudio.core.model.graph_utils import copy_model
+from opstudio.core.model.runtime import create_session, session_options
 from opstudio.core.passes.base import PassContext
 
 

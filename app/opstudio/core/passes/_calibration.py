@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.inputs import make_inputs
+from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.passes.base import ParamSpec, PassContext
 
 

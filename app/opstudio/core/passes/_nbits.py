@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from opstudio.core.cache import cache_dir, machine_key
 from opstudio.core.fileio import write_text_atomic
-from opstudio.core.machine_cache import cache_dir, machine_key
-from opstudio.core.ort_session import session_options
+from opstudio.core.model.runtime import session_options
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 
 LEVEL_NAMES = {0: "unset (float32)", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}

@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from opstudio.core.graph_utils import node_reads
-from opstudio.core.model_io import file_tensor, tensor_array
+from opstudio.core.model.graph_utils import node_reads
+from opstudio.core.model.model_io import file_tensor, tensor_array
 from opstudio.core.tempdir import opstudio_temp_root
 
 # float bytes of one band quantized at once

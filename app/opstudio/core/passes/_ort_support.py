@@ -18,10 +18,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph_utils import consumers, node_reads, nodes_by_name, topo_sort
-from opstudio.core.model_io import tensor_array
+from opstudio.core.model import provenance
+from opstudio.core.model.graph_utils import consumers, node_reads, nodes_by_name, topo_sort
+from opstudio.core.model.model_io import tensor_array
+from opstudio.core.model.tensors import tensor_nbytes
 from opstudio.core.passes._weights import (
     FOLDABLE,
     all_names,
@@ -297,11 +298,6 @@ def _copy_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
     return out
 
 
-def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
-    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def constant_bytes(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
@@ -421,7 +417,7 @@ def settle(before: onnx.ModelProto, result: onnx.ModelProto,
 def shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with initializers reduced to name, type and dims: enough for provenance and
     byte counts after a rewrite, without a second copy of the weights."""
-    from opstudio.core.model_io import without_initializers
+    from opstudio.core.model.model_io import without_initializers
 
     out = without_initializers(model)
     for init in model.graph.initializer:

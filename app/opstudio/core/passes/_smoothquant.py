@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from opstudio.core import provenance
-from opstudio.core.graph_utils import consumers, nodes_by_name, producers, topo_sort
+from opstudio.core.model import provenance
+from opstudio.core.model.graph_utils import consumers, nodes_by_name, producers, topo_sort
 from opstudio.core.passes._weights import (
     add_initializer,
     all_names,

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from opstudio.core.graph_utils import consumers
-from opstudio.core.model_io import tensor_array
+from opstudio.core.model.graph_utils import consumers
+from opstudio.core.model.model_io import tensor_array
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -26,7 +26,7 @@ _ONNX_DOMAINS = ("", "ai.onnx")
 def unit_dims(model: onnx.ModelProto) -> dict[str, int]:
     """Every named input dim bound to 1, so FLOPs of a model with ``batch``/``seq`` dims are
     concrete (per sample / per position) instead of unknown."""
-    from opstudio.core.graph import symbolic_dims
+    from opstudio.core.model.graph import symbolic_dims
 
     return {name: 1 for name in symbolic_dims(model)}
 

@@ -43,9 +43,9 @@ from typing import Any, ClassVar, Literal, final
 import numpy as np
 import onnx
 
-from opstudio.core import provenance, validity
 from opstudio.core.errors import ContractBroken, OpstudioError
-from opstudio.core.graph_utils import copy_model, nodes_by_name
+from opstudio.core.model import provenance, validity
+from opstudio.core.model.graph_utils import copy_model, nodes_by_name
 from opstudio.core.progress import CancelCheck, Progress
 
 ParamKind = Literal["int", "float", "bool", "choice", "path"]

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from opstudio.core.graph_utils import nodes_by_name, topo_sort
+from opstudio.core.model.graph_utils import nodes_by_name, topo_sort
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes._weights import (

@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph_utils import consumers, copy_model
+from opstudio.core.model.graph_utils import consumers, copy_model
 from opstudio.core.passes._calibration import (
     calibration_params,
     calibration_samples,
@@ -142,7 +142,7 @@ def _present_amax(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto],
                   samples: Sequence[Mapping[str, np.ndarray]],
                   ctx: PassContext) -> dict[str, np.ndarray]:
     """Per present output of ``nodes``: the largest |x| per (KV head, channel), flattened."""
-    from opstudio.core.accuracy import run_outputs
+    from opstudio.core.measure.accuracy import run_outputs
 
     probe = copy_model(model)  # run_outputs reads every output; keep only what is measured
     wanted = {node.output[i] for node in nodes for i in _PRESENT}
@@ -189,7 +189,7 @@ def _pair_norms(keys: np.ndarray, interleaved: bool) -> np.ndarray:
 def _completed(model: onnx.ModelProto,
                feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     """A prompt saved as token ids and a mask (no past) with the rest of a prefill's inputs."""
-    from opstudio.core.inputs import build_inputs
+    from opstudio.core.measure.inputs import build_inputs
 
     if all(i.name in feeds for i in model.graph.input):
         return feeds

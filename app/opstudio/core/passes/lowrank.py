@@ -58,9 +58,9 @@ import onnx
 from onnx import helper
 from threadpoolctl import threadpool_limits
 
-from opstudio.core import provenance
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import analyze
+from opstudio.core.model import provenance
+from opstudio.core.model.graph import analyze
 from opstudio.core.passes import _activations, _tucker
 from opstudio.core.passes import _weights as w
 from opstudio.core.passes._calibration import (

@@ -58,9 +58,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from opstudio.core import graph_utils, provenance
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph import analyze
+from opstudio.core.model import graph_utils, provenance
+from opstudio.core.model.graph import analyze
 from opstudio.core.passes import _heads as heads
 from opstudio.core.passes import _weights as w
 from opstudio.core.passes._calibration import (

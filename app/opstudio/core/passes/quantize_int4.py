@@ -24,7 +24,7 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.model_io import is_lazy, load_weights, tensor_array
+from opstudio.core.model.model_io import is_lazy, load_weights, tensor_array
 from opstudio.core.passes import _awq as awq
 from opstudio.core.passes import _nbits_stream as nbits_stream
 from opstudio.core.passes import _ort_support as ort_support

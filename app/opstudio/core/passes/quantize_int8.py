@@ -14,7 +14,7 @@
 Only the chosen nodes are touched: their names go to ``nodes_to_quantize``. Weights held in
 ``Constant`` nodes are moved to initializers first, since the quantizers require that. Random
 calibration uses the samples the optimizer passes in ``PassContext.inputs`` and fills up to
-``samples`` with synthetic inputs of the same shapes from ``opstudio.core.inputs.make_inputs``.
+``samples`` with synthetic inputs of the same shapes from ``opstudio.core.measure.inputs.make_inputs``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
-from opstudio.core.graph_utils import nodes_by_name
-from opstudio.core.model_io import EXTERNAL_DATA_THRESHOLD
+from opstudio.core.model.graph_utils import nodes_by_name
+from opstudio.core.model.model_io import EXTERNAL_DATA_THRESHOLD
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes import _smoothquant as smoothquant
 from opstudio.core.passes._activations import calibrated_stats

@@ -1,0 +1,137 @@
+"""The model itself: reading and writing files, the graph and its analysis (FLOPs, layers,
+phases, layout), provenance, validity and the one onnxruntime session factory. Imports only
+the support modules at the core's root.
+
+The names below are the layer's public API; its modules stay importable for tests and for
+monkeypatching."""
+
+from __future__ import annotations
+
+from opstudio.core.model.graph import (
+    GraphInfo,
+    analyze,
+    input_specs,
+    symbolic_dims,
+    topological_order,
+)
+from opstudio.core.model.graph_utils import (
+    consumers,
+    copy_model,
+    node_reads,
+    nodes_by_name,
+    producers,
+    topo_sort,
+)
+from opstudio.core.model.layers import (
+    MODULE_LABELS,
+    MODULES,
+    Collapsed,
+    LayerGrouping,
+    LayerKey,
+    Totals,
+    collapse_layers,
+    group_layers,
+    scope_of,
+)
+from opstudio.core.model.layout import Layout, compute_layout, label_width, layout_arrays
+from opstudio.core.model.model_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    LAZY_INLINE_ABOVE,
+    ensure_node_names,
+    file_tensor,
+    is_lazy,
+    load_model,
+    load_weights,
+    model_size,
+    same_file,
+    save_model,
+    stored_bytes,
+    tensor_array,
+    without_initializers,
+    write_external,
+)
+from opstudio.core.model.phases import (
+    DEFAULT_DECODE_PAST,
+    DEFAULT_SEQ,
+    PHASES,
+    KvLayout,
+    cache_zeros,
+    check_phase,
+    check_request,
+    derive_dims,
+    describe_step,
+    fit_cache_feed,
+    is_past_length_name,
+    is_prompt,
+    kv_layout,
+)
+from opstudio.core.model.provenance import derived_nodes, get_origin, standing_for
+from opstudio.core.model.runtime import create_session, session_options
+from opstudio.core.model.tensor_groups import describe_tensors, group_tensors, name_list, shape_text
+from opstudio.core.model.tensors import TensorInfo, human_bytes, tensor_nbytes
+
+__all__ = [
+    "DEFAULT_DECODE_PAST",
+    "DEFAULT_SEQ",
+    "EXTERNAL_DATA_THRESHOLD",
+    "LAZY_INLINE_ABOVE",
+    "MODULES",
+    "MODULE_LABELS",
+    "PHASES",
+    "Collapsed",
+    "GraphInfo",
+    "KvLayout",
+    "LayerGrouping",
+    "LayerKey",
+    "Layout",
+    "TensorInfo",
+    "Totals",
+    "analyze",
+    "cache_zeros",
+    "check_phase",
+    "check_request",
+    "collapse_layers",
+    "compute_layout",
+    "consumers",
+    "copy_model",
+    "create_session",
+    "derive_dims",
+    "derived_nodes",
+    "describe_step",
+    "describe_tensors",
+    "ensure_node_names",
+    "file_tensor",
+    "fit_cache_feed",
+    "get_origin",
+    "group_layers",
+    "group_tensors",
+    "human_bytes",
+    "input_specs",
+    "is_lazy",
+    "is_past_length_name",
+    "is_prompt",
+    "kv_layout",
+    "label_width",
+    "layout_arrays",
+    "load_model",
+    "load_weights",
+    "model_size",
+    "name_list",
+    "node_reads",
+    "nodes_by_name",
+    "producers",
+    "same_file",
+    "save_model",
+    "scope_of",
+    "session_options",
+    "shape_text",
+    "standing_for",
+    "stored_bytes",
+    "symbolic_dims",
+    "tensor_array",
+    "tensor_nbytes",
+    "topo_sort",
+    "topological_order",
+    "without_initializers",
+    "write_external",
+]
