@@ -97,8 +97,9 @@ def _packed_weight(op: Any, weights: list[ir.Value], name: str, module: str) -> 
 
 
 def _weight_name(weights: list[ir.Value], suffix: str) -> str:
-    """The packed weight named after the first one's module (``...q_proj.weight`` →
-    ``...qkv_proj.weight``), unique per layer."""
+    """The packed tensor named after the first weight's stored tensor and what it packs
+    (``...q_proj.weight.qkv``): unique per layer, and the originals' names say where it came
+    from."""
     first = weights[0].producer()
     source = first.inputs[0] if first is not None and first.op_type == "Cast" else weights[0]
     name = (source.name if source is not None else None) or "fuse.packed"
