@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_builders
 
-from models import gpt2_block, resnet_like
+from model_builders import gpt2_block, resnet_like
 from opstudio.core.measure.accuracy import compare_outputs, run_outputs
 from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.measure.profiler import ProfileSettings

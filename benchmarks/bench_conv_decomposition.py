@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_builders
 
 from bench_advisor import parse_shape
-from models import resnet_like
+from model_builders import resnet_like
 from opstudio.core.measure.accuracy import compare_outputs, run_outputs
 from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.measure.roofline import dims_from_inputs

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_builders
 
-from models import gpt2_block
+from model_builders import gpt2_block
 from opstudio.core.measure.compare import compare_models
 from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.plan.optimize import optimize

@@ -24,9 +24,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_builders
 
-from models import gpt2_block, resnet_like
+from model_builders import gpt2_block, resnet_like
 from opstudio.core.errors import OpstudioError
 from opstudio.core.measure.compare import compare_models
 from opstudio.core.measure.profiler import ProfileSettings

@@ -105,3 +105,56 @@ def test_the_private_import_check_sees_a_private_import(tmp_path):
         "core/user.py:2 imports opstudio.core.passes._helper",
         "core/user.py:3 imports _helper from opstudio.core.passes"]
     assert _private_imports(inside, package) == []
+
+
+# Files being split on other branches right now; each leaves this list when its split merges.
+SIZE_EXEMPT = {
+    "core/plan/llm_plan.py",  # advise_llm becomes a short driver over scan/limits/frontier
+    "core/measure/profiler.py",  # profile types / rounds / trace / profile_models
+}
+MAX_FUNCTION_LINES = 150
+MAX_CORE_MODULE_LINES = 800
+
+
+def _oversized(package: Path, exempt: set[str]) -> list[str]:
+    """Functions over MAX_FUNCTION_LINES anywhere in ``package`` and modules of its core over
+    MAX_CORE_MODULE_LINES (a line count from ``def`` to its last line, decorators aside)."""
+    import ast
+
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if name in exempt:
+            continue
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if name.startswith("core/") and lines > MAX_CORE_MODULE_LINES:
+            found.append(f"{name} has {lines} lines (at most {MAX_CORE_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}() has {length} lines "
+                                 f"(at most {MAX_FUNCTION_LINES})")
+    return found
+
+
+def test_no_function_or_core_module_is_too_long_to_read():
+    package = ROOT / "app" / "opstudio"
+    assert all((package / name).exists() for name in SIZE_EXEMPT), \
+        "an exempt file moved or went: update SIZE_EXEMPT"
+    found = _oversized(package, SIZE_EXEMPT)
+    assert not found, "\n".join(found)
+
+
+def test_the_size_check_sees_a_long_function_and_a_long_core_module(tmp_path):
+    package = tmp_path / "opstudio"
+    (package / "core").mkdir(parents=True)
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (package / "qt_view.py").write_text(f"def long():\n{body}")
+    (package / "core" / "big.py").write_text("x = 1\n" * (MAX_CORE_MODULE_LINES + 1))
+    (package / "big_outside_core.py").write_text("x = 1\n" * (MAX_CORE_MODULE_LINES + 1))
+    assert _oversized(package, set()) == [
+        f"core/big.py has {MAX_CORE_MODULE_LINES + 1} lines (at most {MAX_CORE_MODULE_LINES})",
+        f"qt_view.py:1 long() has {MAX_FUNCTION_LINES + 1} lines (at most {MAX_FUNCTION_LINES})"]
+    assert _oversized(package, {"core/big.py", "qt_view.py"}) == []

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+import demo_builders as demo
 from opstudio.core.model.graph import analyze
 from opstudio.core.model.model_io import load_model
 
@@ -27,7 +28,7 @@ def _load_script():
     return module
 
 
-make_demo = _load_script()
+make_demo = _load_script()  # writes the files; the builders and their sizes are in ``demo``
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +123,15 @@ def test_llm_op_mix_and_names(built):
     model = onnx.load(str(built["tiny_llm.onnx"]))
     ops = Counter(n.op_type for n in model.graph.node)
     # per block: qkv, scores, context, out_proj, fc1, fc2 = 6 MatMul; plus lm_head
-    assert ops["MatMul"] == 6 * make_demo.N_LAYERS + 1
-    assert ops["LayerNormalization"] == 2 * make_demo.N_LAYERS + 1
-    assert ops["Softmax"] == make_demo.N_LAYERS
-    assert ops["Erf"] == make_demo.N_LAYERS
+    assert ops["MatMul"] == 6 * demo.N_LAYERS + 1
+    assert ops["LayerNormalization"] == 2 * demo.N_LAYERS + 1
+    assert ops["Softmax"] == demo.N_LAYERS
+    assert ops["Erf"] == demo.N_LAYERS
     assert ops["Gather"] >= 2
     names = {n.name: n.op_type for n in model.graph.node}
     assert names["embed.tokens"] == "Gather"
     assert names["embed.positions"] == "Gather"
-    for i in range(make_demo.N_LAYERS):
+    for i in range(demo.N_LAYERS):
         assert names[f"block{i}.ln1"] == "LayerNormalization"
         assert names[f"block{i}.attn.qkv"] == "MatMul"
         assert names[f"block{i}.attn.softmax"] == "Softmax"
@@ -143,23 +144,23 @@ def test_llm_op_mix_and_names(built):
     assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "seq"]
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
     out_dims = model.graph.output[0].type.tensor_type.shape.dim
-    assert [d.dim_param or d.dim_value for d in out_dims] == ["batch", "seq", make_demo.VOCAB]
+    assert [d.dim_param or d.dim_value for d in out_dims] == ["batch", "seq", demo.VOCAB]
     w = _weights(built["tiny_llm.onnx"])
     assert np.all(w["block0.ln1.weight"] == 1.0)
-    assert w["block0.mlp.fc1.weight"].shape == (make_demo.D_MODEL, 4 * make_demo.D_MODEL)
+    assert w["block0.mlp.fc1.weight"].shape == (demo.D_MODEL, 4 * demo.D_MODEL)
     assert w["block0.attn.qkv.weight"].std() == pytest.approx(0.02, rel=0.05)
 
 
 def test_llm_symbolic_dims_and_flops(built):
     model = load_model(built["tiny_llm.onnx"])
     info = analyze(model)
-    assert info.node("block0.attn.qkv").output_shapes[0] == ["batch", "seq", 3 * make_demo.D_MODEL]
+    assert info.node("block0.attn.qkv").output_shapes[0] == ["batch", "seq", 3 * demo.D_MODEL]
     assert info.node("block0.attn.qkv").flops is None  # symbolic until bound
     bound = analyze(model, {"batch": 1, "seq": 128})
-    d = make_demo.D_MODEL
+    d = demo.D_MODEL
     assert bound.node("block0.attn.qkv").flops == 2 * 128 * d * 3 * d
-    assert bound.node("block0.attn.scores").flops == 2 * make_demo.N_HEADS * 128 * 128 * (d // 4)
-    assert bound.node("lm_head").flops == 2 * 128 * d * make_demo.VOCAB
+    assert bound.node("block0.attn.scores").flops == 2 * demo.N_HEADS * 128 * 128 * (d // 4)
+    assert bound.node("lm_head").flops == 2 * 128 * d * demo.VOCAB
     for n in bound.nodes:
         if n.op_type == "MatMul":
             assert n.flops is not None and n.flops > 0, n.name
@@ -169,21 +170,21 @@ def _llm_reference(w: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
     from math import erf
 
     verf = np.vectorize(erf)
-    d, h = make_demo.D_MODEL, make_demo.N_HEADS
+    d, h = demo.D_MODEL, demo.N_HEADS
     hd = d // h
     seq = ids.shape[1]
 
     def ln(t, name):
         mu = t.mean(-1, keepdims=True)
         var = ((t - mu) ** 2).mean(-1, keepdims=True)
-        return (t - mu) / np.sqrt(var + make_demo.LN_EPS) * w[f"{name}.weight"] + w[f"{name}.bias"]
+        return (t - mu) / np.sqrt(var + demo.LN_EPS) * w[f"{name}.weight"] + w[f"{name}.bias"]
 
     def lin(t, name):
         return t @ w[f"{name}.weight"] + w[f"{name}.bias"]
 
     x = (w["embed.tokens.weight"][ids] + w["embed.positions.weight"][:seq]).astype(np.float64)
-    mask = np.triu(np.full((seq, seq), make_demo.MASK_VALUE), k=1)
-    for i in range(make_demo.N_LAYERS):
+    mask = np.triu(np.full((seq, seq), demo.MASK_VALUE), k=1)
+    for i in range(demo.N_LAYERS):
         p = f"block{i}"
         q, k, v = np.split(lin(ln(x, f"{p}.ln1"), f"{p}.attn.qkv"), 3, axis=-1)
         split = lambda t: t.reshape(t.shape[0], seq, h, hd).transpose(0, 2, 1, 3)  # noqa: E731
@@ -201,18 +202,18 @@ def _llm_reference(w: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("seq", [16, 128])
 def test_llm_runs_in_onnxruntime_and_matches_reference(built, seq):
-    ids = np.random.default_rng(seq).integers(0, make_demo.VOCAB, (1, seq), dtype=np.int64)
+    ids = np.random.default_rng(seq).integers(0, demo.VOCAB, (1, seq), dtype=np.int64)
     (logits,) = _session(built["tiny_llm.onnx"]).run(None, {"input_ids": ids})
-    assert logits.shape == (1, seq, make_demo.VOCAB)
+    assert logits.shape == (1, seq, demo.VOCAB)
     expected = _llm_reference(_weights(built["tiny_llm.onnx"]), ids)
     np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-4)
 
 
 def test_llm_is_causal(built):
     sess = _session(built["tiny_llm.onnx"])
-    ids = np.random.default_rng(7).integers(0, make_demo.VOCAB, (1, 16), dtype=np.int64)
+    ids = np.random.default_rng(7).integers(0, demo.VOCAB, (1, 16), dtype=np.int64)
     changed = ids.copy()
-    changed[0, 10] = (changed[0, 10] + 1) % make_demo.VOCAB
+    changed[0, 10] = (changed[0, 10] + 1) % demo.VOCAB
     a = sess.run(None, {"input_ids": ids})[0]
     b = sess.run(None, {"input_ids": changed})[0]
     np.testing.assert_array_equal(a[:, :10], b[:, :10])

@@ -4,33 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
+from model_builders import parsed
 from opstudio.core.model.graph import GraphInfo, NodeInfo
 
 
 def mlp_model(hidden: int = 64, seed: int = 0) -> onnx.ModelProto:
     """x[batch,32] → MatMul+Add → Relu → MatMul+Add → Softmax; two constant weights."""
     rng = np.random.default_rng(seed)
-    w1 = numpy_helper.from_array(rng.standard_normal((32, hidden)).astype(np.float32) * 0.2, "w1")
-    b1 = numpy_helper.from_array(np.zeros(hidden, np.float32), "b1")
-    w2 = numpy_helper.from_array(rng.standard_normal((hidden, 16)).astype(np.float32) * 0.2, "w2")
-    b2 = numpy_helper.from_array(np.zeros(16, np.float32), "b2")
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="mm0"),
-        helper.make_node("Add", ["h0", "b1"], ["h1"], name="add0"),
-        helper.make_node("Relu", ["h1"], ["h2"], name="relu0"),
-        helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="mm1"),
-        helper.make_node("Add", ["h3", "b2"], ["h4"], name="add1"),
-        helper.make_node("Softmax", ["h4"], ["y"], name="softmax", axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], [w1, b1, w2, b2])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return parsed("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        mlp (float[batch, 32] x) => (float[batch, 16] y) {
+            [mm0] h0 = MatMul(x, w1)
+            [add0] h1 = Add(h0, b1)
+            [relu0] h2 = Relu(h1)
+            [mm1] h3 = MatMul(h2, w2)
+            [add1] h4 = Add(h3, b2)
+            [softmax] y = Softmax<axis = -1>(h4)
+        }""",
+        w1=rng.standard_normal((32, hidden)).astype(np.float32) * 0.2,
+        b1=np.zeros(hidden, np.float32),
+        w2=rng.standard_normal((hidden, 16)).astype(np.float32) * 0.2,
+        b2=np.zeros(16, np.float32))
 
 
 def synthetic_graph(n: int, seed: int = 0) -> GraphInfo:

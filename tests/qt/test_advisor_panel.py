@@ -190,3 +190,24 @@ def test_next_token_budget_phase_and_past_from_the_controls(qtbot):
         panel.analyze_button.click()
     assert set(blocker.args[1]) <= {"int4-weight", "int8-weight", "int8-dynamic", "lowrank",
                                     "prune"}
+
+
+def test_where_the_next_token_scan_runs(qtbot):
+    from opstudio.qt.advisor_panel import KIND_COSINE, KIND_TOP1, AdvisorPanel
+
+    panel = AdvisorPanel()
+    qtbot.addWidget(panel)
+    assert panel.cluster.isHidden()  # the per-operator scan times every rewrite here
+    panel.kind.setCurrentIndex(KIND_TOP1)
+    assert not panel.cluster.isHidden() and panel.scan_cluster() is None
+    panel.cluster.setCurrentIndex(1)
+    assert panel.scan_cluster() == "auto"
+    with qtbot.waitSignal(panel.clusterChanged) as blocker:
+        panel.cluster.setCurrentText(" ray://head.example:10001 ")
+    assert blocker.args == [" ray://head.example:10001 "]
+    assert panel.scan_cluster() == "ray://head.example:10001"
+    panel.kind.setCurrentIndex(KIND_COSINE)
+    assert panel.scan_cluster() is None
+    panel.set_scan_cluster("")
+    panel.kind.setCurrentIndex(KIND_TOP1)
+    assert panel.cluster.currentIndex() == 0 and panel.scan_cluster() is None

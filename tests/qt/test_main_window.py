@@ -216,10 +216,12 @@ def test_session_is_restored(app, qtbot, settings, mlp_path):
     first.panel.select_technique("int8-dynamic")
     first.panel.apply_to_selected()
     first.set_run_settings(dataclasses.replace(first.run_settings, runs=7))
+    first.advisor.cluster.setCurrentText("ray://head.example:10001")
     # no close(): the plan must survive a crash, so it is saved on every edit
     second = MainWindow(settings)
     qtbot.addWidget(second)
     assert second.run_settings.runs == 7
+    assert second.advisor.cluster.currentText() == "ray://head.example:10001"
     assert str(mlp_path.resolve()) in second.session.recent_files()
     assert second.session.last_model() == str(mlp_path.resolve())
     second.open_model(mlp_path)

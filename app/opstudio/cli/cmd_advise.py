@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "torch)")
     p.add_argument("--max-nodes", type=int, default=40, metavar="N",
                    help="scan at most the N slowest weighted operators (default 40)")
+    p.add_argument("--cluster", default=None, metavar="auto|ray://HOST:PORT",
+                   help="with a next-token budget: judge the scan's variants on the workers "
+                        "of a Ray cluster (auto: a Ray on this machine, started if none runs; "
+                        "ray://HOST:PORT: a cluster's client address). The model must be on a "
+                        "path every worker reads; timing stays on this machine, whose latency "
+                        "the plan is for. Needs pip install 'opstudio[cluster]'")
     p.add_argument("--no-cache", action="store_true", help="measure again even if cached")
     p.add_argument("-o", "--output", required=True, metavar="RECIPE.json",
                    help="where to write the recipe")
@@ -83,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         raise OpstudioError("--int4-algorithms applies with --budget-top1 or --budget-kl")
     if args.confidence != CONFIDENCE:
         raise OpstudioError("--confidence applies with --budget-top1 or --budget-kl")
+    if args.cluster is not None:
+        raise OpstudioError("--cluster applies with --budget-top1 or --budget-kl (the "
+                            "per-operator scan times every rewrite on this machine)")
     for flag, value in (("--prompt-text", args.prompt_text), ("--tokenizer", args.tokenizer)):
         if value is not None:
             raise OpstudioError(f"{flag} applies with --budget-top1 or --budget-kl (the "
@@ -166,7 +175,7 @@ def run_llm(args: argparse.Namespace) -> int:
     variants = variants_for(names, "random", algorithms)
     progress = progress_printer()
     advice = advise_llm(args.model, settings, budget, variants, use_cache=not args.no_cache,
-                        progress=progress)
+                        progress=progress, cluster=args.cluster)
     clear_progress()
     print_llm_advice(advice)
     if advice.recipe.steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 from opstudio.core.errors import Cancelled
 
@@ -28,6 +29,24 @@ def stopper(cancelled: CancelCheck | None) -> Callable[[], None]:
     return stop
 
 
-def part(say: Progress, lo: float, hi: float) -> Progress:
-    """A sub-task's progress, reported as the share ``lo`` .. ``hi`` of the whole."""
-    return lambda fraction, message: say(lo + (hi - lo) * max(0.0, min(1.0, fraction)), message)
+@overload
+def part(say: Progress, lo: float, hi: float, label: str = "") -> Progress: ...
+
+
+@overload
+def part(say: Progress | None, lo: float, hi: float, label: str = "") -> Progress | None: ...
+
+
+def part(say: Progress | None, lo: float, hi: float, label: str = "") -> Progress | None:
+    """A sub-task's progress, reported as the share ``lo`` .. ``hi`` of the whole, its messages
+    after ``label: `` when one is given; None when there is no progress to report to (a callee
+    may skip work nobody watches)."""
+    if say is None:
+        return None
+    reported = say
+
+    def sub(fraction: float, message: str) -> None:
+        reported(lo + (hi - lo) * max(0.0, min(1.0, fraction)),
+                 f"{label}: {message}" if label else message)
+
+    return sub

@@ -47,6 +47,8 @@ from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")
 KIND_COSINE, KIND_SNR, KIND_TOP1, KIND_KL = range(4)
 LLM_COLUMNS = ("role", "technique", "layers", "top-1", "KL nats", "in plan", "note")
+# "Run scan on": this machine's processes, a Ray here ("auto"); a typed ray://HOST:PORT
+CLUSTER_CHOICES = ("this machine", "Ray on this machine")
 
 
 def technique_colour(technique: str) -> str:
@@ -82,6 +84,7 @@ class _SortItem(QTableWidgetItem):
 
 class AdvisorPanel(QWidget):
     analyzeRequested = Signal(object, object)  # Budget, {technique: params}
+    clusterChanged = Signal(str)  # "Run scan on", as typed (for the session to remember)
     nodeClicked = Signal(str)
     planAccepted = Signal(object)  # Recipe
 
@@ -118,6 +121,7 @@ class AdvisorPanel(QWidget):
             "The plan must hold the budget by a one-sided bound at this confidence on the "
             "prompt's judged tokens, so that it carries over to other text; 0.50 judges on "
             "the measured value alone. Short prompts need a lower value or a longer prompt")
+        self.cluster = self._cluster_field()
         self.checks: dict[str, QCheckBox] = {}
         techniques = QHBoxLayout()
         techniques.setSpacing(10)
@@ -155,6 +159,9 @@ class AdvisorPanel(QWidget):
         top.addWidget(self.analyze_button)
         top.addWidget(self.accept_button)
         techniques.insertWidget(0, QLabel("Try:"))
+        self.cluster_label = QLabel("Run scan on:")
+        techniques.addWidget(self.cluster_label)
+        techniques.addWidget(self.cluster)
         self.kind.currentIndexChanged.connect(self._on_kind)
         self._on_kind(0)
 
@@ -225,6 +232,22 @@ class AdvisorPanel(QWidget):
         layout.addWidget(split, 1)
 
     # --- inputs ------------------------------------------------------------------------------
+    def _cluster_field(self) -> QComboBox:
+        """Where a next-token scan judges its variants; timing stays here in every case."""
+        box = QComboBox()
+        box.setEditable(True)
+        box.addItems(list(CLUSTER_CHOICES))
+        box.setPlaceholderText("ray://HOST:PORT")
+        box.setMinimumContentsLength(18)
+        box.setToolTip(
+            "Where the scan builds and judges its variants: this machine's processes, a Ray "
+            "on this machine (started if none runs), or a Ray cluster's client address, "
+            "ray://HOST:PORT (the model must be on a path every node reads). Timing always "
+            "runs on this machine: the plan is for its latency. Ray: pip install "
+            "'opstudio[cluster]'")
+        box.currentTextChanged.connect(self.clusterChanged.emit)
+        return box
+
     def budget(self) -> Budget:
         kind, value = self.kind.currentIndex(), self.value.value()
         if kind == KIND_COSINE:
@@ -248,6 +271,21 @@ class AdvisorPanel(QWidget):
             return settings
         past = self.past.value() if self.phase.currentIndex() == 0 and self.past.value() else None
         return dataclasses.replace(settings, phase=self.phase.currentText(), past=past)
+
+    def scan_cluster(self) -> str | None:
+        """What ``advise`` takes as ``cluster``: None for this machine (and for cosine and SNR
+        budgets, whose scan times every rewrite), else "auto" or the address typed."""
+        text = self.cluster.currentText().strip()
+        if self.kind.currentIndex() < KIND_TOP1 or text in ("", CLUSTER_CHOICES[0]):
+            return None
+        return "auto" if text == CLUSTER_CHOICES[1] else text
+
+    def set_scan_cluster(self, text: str) -> None:
+        index = self.cluster.findText(text or CLUSTER_CHOICES[0])
+        if index >= 0:
+            self.cluster.setCurrentIndex(index)
+        else:
+            self.cluster.setCurrentText(text)
 
     def set_running(self, running: bool) -> None:
         self.analyze_button.setEnabled(not running)
@@ -275,7 +313,7 @@ class AdvisorPanel(QWidget):
             self.value.setValue(0.1)
         llm = index >= KIND_TOP1
         for w in (self.phase, self.phase_label, self.past, self.past_label, self.confidence,
-                  self.confidence_label):
+                  self.confidence_label, self.cluster, self.cluster_label):
             w.setVisible(llm)
         self.past.setEnabled(llm and self.phase.currentIndex() == 0)
         allowed = LLM_TECHNIQUES if llm else tuple(DEFAULT_TECHNIQUES)

@@ -180,6 +180,8 @@ class MainWindow(QMainWindow):
 
     def _connect(self) -> None:
         self.advisor.analyzeRequested.connect(self.run_advise)
+        self.advisor.set_scan_cluster(self.session.scan_cluster())
+        self.advisor.clusterChanged.connect(self.session.save_scan_cluster)
         self.advisor.nodeClicked.connect(self.select_node_named)
         self.advisor.planAccepted.connect(self._on_plan_accepted)
         self.try_it.generate_requested.connect(self.run_generate)
@@ -411,7 +413,7 @@ class MainWindow(QMainWindow):
         techniques = techniques if techniques is not None else self.advisor.techniques()
         self.advisor.set_running(True)
         worker = Worker(advise, str(self.model_path), self.advisor.settings_for(self.run_settings),
-                        budget, techniques, name="advise")
+                        budget, techniques, cluster=self.advisor.scan_cluster(), name="advise")
         worker.signals.finished.connect(lambda: self.advisor.set_running(False))
         return self.runs.start(worker, self.doc.set_advice, "Measuring sensitivity")
 

@@ -1,7 +1,7 @@
 """What the app remembers across restarts, in QSettings.
 
 Recent files, window geometry and dock state, the last model, the plan (saved on every edit, so a
-crash or a kill loses nothing) and the run settings. Values are stored as JSON text so that they
+crash or a kill loses nothing), the run settings and where the advisor's scan runs. Values are stored as JSON text so that they
 read back the same on every platform's settings backend.
 """
 
@@ -62,6 +62,13 @@ class Session:
 
     def save_run_settings(self, data: dict[str, Any]) -> None:
         self._set_json("run_settings", data)
+
+    def scan_cluster(self) -> str:
+        """The advisor's "Run scan on", as typed ("" for this machine)."""
+        return str(self.qs.value("advisor/cluster", "") or "")
+
+    def save_scan_cluster(self, text: str) -> None:
+        self.qs.setValue("advisor/cluster", text)
 
     # --- window -------------------------------------------------------------------------------
     def save_window(self, geometry: QByteArray, state: QByteArray) -> None:

@@ -32,6 +32,7 @@ from opstudio.core.cache import cache_dir, machine_key
 from opstudio.core.model.graph import GraphInfo
 from opstudio.core.model.provenance import standing_for
 from opstudio.core.model.runtime import session_options
+from opstudio.core.progress import part
 
 # Op types whose arithmetic runs on 8-bit integers (on the CPU provider).
 INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm",
@@ -177,11 +178,8 @@ def profile_with_machine(model_path: str | Path, settings: Any, *,
     machine = cached_machine(settings.threads)
     scale = 1.0 if machine is not None else 0.9
 
-    def part(f: float, m: str) -> None:
-        if progress is not None:
-            progress(f * scale, m)
-
-    profile = profile_model(model_path, settings, progress=part, cancelled=cancelled)
+    profile = profile_model(model_path, settings, progress=part(progress, 0.0, scale),
+                            cancelled=cancelled)
     if machine is None:
         if progress is not None:
             progress(0.9, "measuring this machine's peak GFLOP/s and memory bandwidth (once)")

@@ -22,6 +22,7 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.model.graph_utils import copy_model
 from opstudio.core.model.runtime import create_session, session_options
 from opstudio.core.passes.base import PassContext
+from opstudio.core.progress import part
 
 
 @dataclass
@@ -88,10 +89,7 @@ def calibrated_stats(model: onnx.ModelProto, node_names: Sequence[str],
 
     samples = calibration_samples(model, params["calibration"], params["samples"], ctx)
 
-    def progress(fraction: float, message: str) -> None:
-        ctx.report(0.1 + 0.2 * fraction, f"{what}: {message}")
-
-    measuring = PassContext(progress=progress, cancelled=ctx.cancelled)
+    measuring = PassContext(progress=part(ctx.report, 0.1, 0.3, what), cancelled=ctx.cancelled)
     return input_stats(model, node_names, samples, gram=gram, ctx=measuring), len(samples)
 
 

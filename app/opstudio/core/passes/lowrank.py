@@ -69,6 +69,7 @@ from opstudio.core.passes._calibration import (
     check_calibration,
 )
 from opstudio.core.passes.base import ParamSpec, Pass, PassContext, PassResult, ScanParams
+from opstudio.core.progress import part
 
 DEFAULT_ENERGY = 0.9
 ACTIVATION_METHODS = ("svd-llm", "asvd")
@@ -252,7 +253,7 @@ def _measure(model: onnx.ModelProto, targets: list[_Target], params: Mapping[str
     samples = calibration_samples(model, params["calibration"], params["samples"], ctx)
     # measuring is the first half of the pass's progress, factorizing the second
     sub = PassContext(inputs=ctx.inputs, workdir=ctx.workdir, cancelled=ctx.cancelled,
-                      progress=lambda f, m: ctx.report(0.5 * f, f"lowrank: {m}"))
+                      progress=part(ctx.report, 0.0, 0.5, "lowrank"))
     # asvd needs only mean |x|; the Gram matrix also gives it the output error to report
     stats = _activations.input_stats(model, [t.node.name for t in kept], samples, gram=True,
                                      ctx=sub)

@@ -26,6 +26,7 @@ from opstudio.core.passes import ScanParams, get_pass, plan_rank
 from opstudio.core.plan.recipe import Recipe, Step
 from opstudio.core.plan.sensitivity import Candidate
 from opstudio.core.plan.timer import measured_timer
+from opstudio.core.progress import part
 
 # A candidate must save at least this share of its node's time, and this much absolutely,
 # to be worth any error at all (below it the gain is within run-to-run noise).
@@ -564,36 +565,35 @@ def explain(c: Candidate, point: Any, machine: Any) -> str:
 def advise(model_path: str, settings: Any, budget: Budget,
            techniques: Mapping[str, ScanParams] | None = None, *, max_nodes: int = 40,
            use_cache: bool = True, progress: Callable[[float, str], None] | None = None,
-           cancelled: Callable[[], bool] | None = None) -> Any:
+           cancelled: Callable[[], bool] | None = None, cluster: str | None = None) -> Any:
     """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``.
 
     A next-token budget (top-1 or KL) plans a language model's decode (or prefill) step by
-    layer and role instead and returns an ``llm_plan.LlmAdvice``."""
+    layer and role instead and returns an ``llm_plan.LlmAdvice``; its scan's judging runs on
+    a Ray ``cluster`` when one is named ("auto", "ray://HOST:PORT")."""
     if budget.next_token:
         from opstudio.core.plan.llm_plan import advise_llm, variants_for
 
         variants = None if techniques is None else variants_for(
             techniques, settings.inputs_path or "random")
         return advise_llm(model_path, settings, budget, variants, use_cache=use_cache,
-                          progress=progress, cancelled=cancelled)
+                          progress=progress, cancelled=cancelled, cluster=cluster)
+    if cluster not in (None, "", "local"):
+        raise OpstudioError("only the next-token advisor's scan runs on a cluster (a top-1 "
+                            "or KL budget); the per-operator scan times every rewrite here")
     from opstudio.core.measure.inputs import make_inputs
     from opstudio.core.measure.roofline import analyze_roofline, dims_from_inputs, measure_machine
     from opstudio.core.model.graph import analyze
     from opstudio.core.model.model_io import load_model
     from opstudio.core.plan.sensitivity import analyze_sensitivity
 
-    def part(lo: float, hi: float) -> Callable[[float, str], None] | None:
-        if progress is None:
-            return None
-        return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
-
     model = load_model(model_path, lazy=True)  # inputs and the analysis need no weight
     inputs = make_inputs(model, dims=settings.dims, shapes=settings.shapes,
                          npz_path=settings.inputs_path, seed=settings.seed,
                          phase=settings.phase, past=settings.past, model_path=model_path)
     sens = analyze_sensitivity(model_path, settings, techniques, max_nodes=max_nodes,
-                               inputs=inputs, use_cache=use_cache, progress=part(0.0, 0.75),
-                               cancelled=cancelled)
+                               inputs=inputs, use_cache=use_cache,
+                               progress=part(progress, 0.0, 0.75), cancelled=cancelled)
     if progress is not None:
         progress(0.75, "measuring this machine's roofline")
     machine = measure_machine(settings.threads)
@@ -610,7 +610,7 @@ def advise(model_path: str, settings: Any, budget: Budget,
                        measured_verifier(str(model_path), inputs, settings.timeout_s, cancelled),
                        timer=measured_timer(str(model_path), inputs, settings.threads,
                                             timeout_s=settings.timeout_s, cancelled=cancelled),
-                       progress=part(0.8, 1.0), cancelled=cancelled,
+                       progress=part(progress, 0.8, 1.0), cancelled=cancelled,
                        run_ms=run_time(sens.baseline))
     if progress is not None:
         progress(1.0, "advice ready")

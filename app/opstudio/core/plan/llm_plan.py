@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -51,6 +51,9 @@ from opstudio.core.errors import ContractBroken, OpstudioError
 from opstudio.core.measure.accuracy import SYNTHETIC
 from opstudio.core.model.runtime import create_session, session_options
 from opstudio.core.progress import CancelCheck, Progress, clamped, part, stopper
+
+if TYPE_CHECKING:
+    from opstudio.core.plan.scan_executor import RayScan
 
 SCANNED = ("MatMul", "Gemm")
 # layers measured alone to rank layer sensitivity (all of them when there are this few)
@@ -547,30 +550,46 @@ def _reference_logits(model: onnx.ModelProto, session: Any,
     return name, first[name]
 
 
+class Judge:
+    """The model loaded once with its logits on the prompt; called with a recipe, the
+    rewrite's top-1 agreement and KL against them (or why it failed). What a scan job does,
+    in a child process here or on a cluster's worker (``scan_executor``)."""
+
+    def __init__(self, model_path: str, prompt: Mapping[str, np.ndarray], threads: int = 0,
+                 opt_level: str = "disable") -> None:
+        from opstudio.core.model.model_io import load_model
+
+        self.model = load_model(model_path)
+        self.prompt, self.threads, self.opt_level = prompt, threads, opt_level
+        self.name, self.reference = _reference_logits(
+            self.model, _session(self.model, threads, opt_level), prompt)
+        self.split = held_out(prompt)
+
+    def __call__(self, recipe_json: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            rewritten = apply_recipe(self.model, recipe_json, [self.split.calibration])
+            logits = _session(rewritten, self.threads, self.opt_level).run(
+                [self.name], dict(self.prompt))[0]
+            return judged(self.reference, logits, self.split)
+        except (OpstudioError, ContractBroken) as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a pass or onnxruntime refusing a combination
+            return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def measure_accuracy(model_path: str, prompt: Mapping[str, np.ndarray],
                      tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                      threads: int = 0, opt_level: str = "disable",
                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Runs in a child: top-1 agreement and KL of the prompt's logits for each ``(id,
     recipe)``, the model loaded once; each result is written to ``cache`` as it comes."""
-    from opstudio.core.model.model_io import load_model
-
     path, store, done, todo = _pending(cache, "accuracy", tasks)
     if todo:
-        model = load_model(model_path)
-        name, reference = _reference_logits(model, _session(model, threads, opt_level), prompt)
-        split = held_out(prompt)
+        judge = Judge(model_path, prompt, threads, opt_level)
         for index, (task_id, recipe_json) in enumerate(todo):
             if progress is not None:
                 progress(index / len(todo), f"accuracy: {task_id}")
-            try:
-                rewritten = apply_recipe(model, recipe_json, [split.calibration])
-                logits = _session(rewritten, threads, opt_level).run([name], dict(prompt))[0]
-                done[task_id] = judged(reference, logits, split)
-            except (OpstudioError, ContractBroken) as exc:
-                done[task_id] = {"error": str(exc)}
-            except Exception as exc:  # a pass or onnxruntime refusing a combination
-                done[task_id] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            done[task_id] = judge(recipe_json)
             store["accuracy"] = done
             _write_cache(path, store)
     return {i: done[i] for i, _ in tasks if i in done}
@@ -598,15 +617,27 @@ def accuracy_in_parallel(model_path: str, prompt: Mapping[str, np.ndarray],
                          tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                          threads: int = 0, workers: int = 2, timeout: float | None = None,
                          cancelled: CancelCheck | None = None,
-                         progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+                         progress: Progress | None = None,
+                         cluster: RayScan | None = None) -> dict[str, dict[str, Any]]:
     """``measure_accuracy`` split over ``workers`` child processes: most of a rewrite's time is
     the pass's single-threaded Python, so two of them keep two cores busy. Each writes its own
-    part of the cache; the parts are merged when they are done (or on the next run)."""
+    part of the cache; the parts are merged when they are done (or on the next run). With a
+    ``cluster``, the jobs run on its workers instead, each result cached as it arrives."""
     from concurrent.futures import ThreadPoolExecutor
 
     from opstudio.core.isolation import call_isolated
 
     done = _merge_parts(cache)
+    if cluster is not None:
+        path, store, done, todo = _pending(cache, "accuracy", tasks)
+
+        def keep(task_id: str, result: dict[str, Any]) -> None:
+            done[task_id] = result
+            _write_cache(path, store)
+
+        cluster.run(Judge, (cluster.model_path, prompt, 1), todo, keep, timeout=timeout,
+                    cancelled=cancelled, progress=progress, task="judging")
+        return {i: done[i] for i, _ in tasks if i in done}
     todo = [(i, r) for i, r in tasks if i not in done]
     workers = max(1, min(workers, len(todo)))
     if todo:
@@ -666,9 +697,12 @@ def speed_in_parallel(model_path: str, timed: Mapping[str, np.ndarray],
                       tasks: Sequence[tuple[str, Mapping[str, Any]]], cache: str | None,
                       threads: int = 0, time_budget_s: float = 8.0, workers: int = 2,
                       timeout: float | None = None, cancelled: CancelCheck | None = None,
-                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+                      progress: Progress | None = None,
+                      cluster: RayScan | None = None) -> dict[str, dict[str, Any]]:
     """The whole-model variants built and judged by ``workers`` processes side by side
-    (``build_and_judge``), then timed together in one (``measure_speed``)."""
+    (``build_and_judge``), then timed together in one (``measure_speed``). With a
+    ``cluster``, its workers judge them and they are built again here to be timed: latency
+    is this machine's."""
     from concurrent.futures import ThreadPoolExecutor
 
     from opstudio.core.isolation import call_isolated
@@ -678,6 +712,17 @@ def speed_in_parallel(model_path: str, timed: Mapping[str, np.ndarray],
     todo = [(i, r) for i, r in tasks if i not in done]
     if not todo:
         return {i: done[i] for i, _ in tasks if i in done}
+    if cluster is not None:
+        judged_there = accuracy_in_parallel(
+            model_path, prompt, todo, cache, threads, timeout=timeout, cancelled=cancelled,
+            progress=None if progress is None else lambda f, m: progress(0.5 * f, m),
+            cluster=cluster)
+        return call_isolated(measure_speed, model_path, timed, [held_out(prompt).calibration],
+                             tasks, cache, threads, time_budget_s, None, judged_there,
+                             timeout=timeout, cancelled=cancelled,
+                             progress=(None if progress is None else
+                                       lambda f, m: progress(0.5 + 0.5 * f, m)),
+                             task="timing the variants")
     workers = max(1, min(workers, len(todo)))
     fractions = [0.0] * workers
     with opstudio_tempdir(prefix="variants-") as folder:
@@ -714,7 +759,7 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
     on ``decode`` (ratios of paired runs with their interval), and the original's median ms;
     with ``judge`` (the prompt) also each model's top-1 agreement and KL on it, so a model
     built once is both timed and judged. ``prebuilt``: task -> ``build_and_judge``'s result,
-    models built (and judged) beforehand by other processes."""
+    models judged (and built, when they name a ``path``) beforehand by other processes."""
     from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
     from opstudio.core.model.model_io import load_model
 
@@ -735,8 +780,9 @@ def measure_speed(model_path: str, decode: Mapping[str, np.ndarray],
                 built = (prebuilt or {}).get(task_id)
                 if built is not None and "error" in built:
                     raise OpstudioError(built["error"])
+                # judged elsewhere, and maybe built only there (on a cluster's worker)
                 sessions[task_id] = session(
-                    built["path"] if built is not None
+                    built["path"] if built is not None and "path" in built
                     else apply_recipe(model, recipe_json, samples), threads)
                 if built is not None:
                     errors[task_id] = {k: built[k] for k in JUDGED if k in built}
@@ -933,17 +979,22 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
                variants: Sequence[Variant] | None = None, *, use_cache: bool = True,
                layer_samples: int = LAYER_SAMPLES, time_budget_s: float = 6.0,
                progress: Progress | None = None,
-               cancelled: CancelCheck | None = None) -> LlmAdvice:
+               cancelled: CancelCheck | None = None, cluster: str | None = None) -> LlmAdvice:
     """Scan by role and layer, plan within ``budget`` (top-1 or KL) for the decode step (or
-    the prefill with ``settings.phase == "prefill"``), verify and time; see the module doc."""
+    the prefill with ``settings.phase == "prefill"``), verify and time; see the module doc.
+    ``cluster``: "auto" or "ray://HOST:PORT" judges the scan's variants on Ray's workers
+    (``scan_executor``); timing stays here."""
     from opstudio.core.isolation import call_isolated
     from opstudio.core.measure.inputs import make_inputs
     from opstudio.core.measure.text_prompt import with_text_prompt
     from opstudio.core.model.model_io import load_model
     from opstudio.core.plan.recipe import Recipe
+    from opstudio.core.plan.scan_executor import open_cluster
     from opstudio.core.plan.sensitivity import cache_key, cache_path
 
     started = time.perf_counter()
+    # refused before any work when its workers cannot read the model
+    ray_scan = open_cluster(cluster, str(model_path))
     log: list[str] = []
 
     say = clamped(progress)
@@ -1017,7 +1068,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     speed = speed_in_parallel(path, timed, prompt, speed_tasks, cache, settings.threads,
                               time_budget_s, workers=ACCURACY_WORKERS,
                               timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                              progress=part(say, 0.0, 0.25))
+                              progress=part(say, 0.0, 0.25), cluster=ray_scan)
     base_ms = next((s["base_ms"] for s in speed.values() if "base_ms" in s), 0.0)
 
     def pays(v: Variant) -> bool:
@@ -1070,7 +1121,7 @@ def advise_llm(model_path: str, settings: Any, budget: Any,
     acc = accuracy_in_parallel(path, prompt, tasks, cache, settings.threads,
                                workers=ACCURACY_WORKERS,
                                timeout=max(settings.timeout_s, 60.0) * 10, cancelled=cancelled,
-                               progress=part(say, 0.25, 0.75))
+                               progress=part(say, 0.25, 0.75), cluster=ray_scan)
 
     # what ranks the units is measured on the search half of the judged tokens only
     roles = [RoleResult(vid, role, [t.node for t in ts],

@@ -56,7 +56,7 @@ from opstudio.core.passes import (
 )
 from opstudio.core.plan import reasons
 from opstudio.core.plan.recipe import Recipe, Step, known_as, named_later, no_match_reason, validate
-from opstudio.core.progress import CancelCheck, Progress
+from opstudio.core.progress import CancelCheck, Progress, clamped, part
 
 # A model opened lazily with more weight bytes than this keeps them in their files through the
 # steps whose pass streams them; a smaller one is read at once (and written inline, as before).
@@ -138,9 +138,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         where = step.describe(index)
         lo, span = (index - 1) / total, 1 / total
 
-        def sub(fraction: float, message: str, lo: float = lo, span: float = span) -> None:
-            if progress is not None:
-                progress(lo + span * max(0.0, min(1.0, fraction)), message)
+        sub = part(clamped(progress), lo, lo + span)
 
         sub(0.0, f"{where}: starting")
         started = time.perf_counter()
@@ -166,9 +164,7 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         size_before = model_size(current) if targets and _makes_weights(current) else None
         if targets:
             # the pass reports 0..1 of its own work: that is the first 90 % of the step
-            def pass_progress(fraction: float, message: str, sub: Progress = sub) -> None:
-                sub(0.9 * fraction, message)
-
+            pass_progress = part(sub, 0.0, 0.9)
             # ``current`` is always the optimizer's own (a copy, a handed-over model or an
             # earlier step's result): the pass may rewrite it in place. Its validity is
             # checked below, naming the step, not a second time inside the pass.

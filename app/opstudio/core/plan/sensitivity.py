@@ -286,7 +286,7 @@ def analyze_sensitivity(model_path: str | os.PathLike[str], settings: ProfileSet
     if baseline is None:
         say(0.0, "profiling the original model")
         baseline = profile_model(path, settings, inputs=inputs, cancelled=cancelled,
-                                 progress=lambda f, m: say(0.2 * f, m))
+                                 progress=part(say, 0.0, 0.2))
     plan, refused = pick_candidates(model, baseline, techniques, max_nodes=max_nodes)
     before = {s.name: s.p50_ms for s in baseline.nodes}
     weighted = {n.name for n in model.graph.node if n.op_type in SCANNED_OP_TYPES}
