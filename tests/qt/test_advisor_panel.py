@@ -95,7 +95,7 @@ def test_numeric_columns_sort_by_value_not_text(qtbot, advice):
 
 
 def _llm_advice(budget, with_plan=True):
-    from opstudio.core.plan.llm_plan import (
+    from opstudio.core.plan.llm import (
         Choice,
         FrontierPoint,
         LlmAdvice,
@@ -113,7 +113,7 @@ def _llm_advice(budget, with_plan=True):
                         [f"/model/layers.{i}/mlp/up_proj/MatMul" for i in range(3)], 0.99, 0.01)]
     chosen = [Choice(i, "mlp/up_proj/MatMul", "int8-weight",
                      [f"/model/layers.{i}/mlp/up_proj/MatMul"], 0.1, 0.003) for i in range(2)]
-    from opstudio.core.plan.llm_plan import Target
+    from opstudio.core.plan.llm import Target
 
     recipe = recipe_of([(variants[1], [Target(c.nodes[0], c.layer, c.role, 64, 256)
                                        for c in chosen])]) if with_plan else recipe_of([])
@@ -188,8 +188,8 @@ def test_next_token_budget_phase_and_past_from_the_controls(qtbot):
     assert panel.budget() == Budget(max_kl=0.05)
     with qtbot.waitSignal(panel.analyzeRequested) as blocker:
         panel.analyze_button.click()
-    assert set(blocker.args[1]) <= {"int4-weight", "int8-weight", "int8-dynamic", "lowrank",
-                                    "prune"}
+    assert set(blocker.args[1]) <= {"fuse", "kv-cache", "int4-weight", "int8-weight",
+                                    "int8-dynamic", "lowrank", "prune"}
 
 
 def test_where_the_next_token_scan_runs(qtbot):

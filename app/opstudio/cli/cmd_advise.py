@@ -5,7 +5,7 @@ printed, grouped), and 0 when rewrites were measured but none pays within the bu
 
 With ``--budget-top1`` or ``--budget-kl`` a language model is planned for its decode step (or
 prefill, ``--phase prefill``) by layer and role, judged by next-token agreement on the prompt in
-``--inputs`` (``opstudio.core.plan.llm_plan``); the frontier of agreement against speedup is printed.
+``--inputs`` (``opstudio.core.plan.llm``); the frontier of agreement against speedup is printed.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from pathlib import Path
 from opstudio.cli.cmd_profile import add_profile_flags, print_roofline, settings_from_args
 from opstudio.cli.common import (
     add_text_flags,
-    clear_progress,
     print_table,
-    progress_printer,
     write_json,
 )
+from opstudio.cli.progress import progress_line
 from opstudio.core.errors import OpstudioError
 from opstudio.core.measure.text_prompt import find_tokenizer
 from opstudio.core.passes import TECHNIQUES
 from opstudio.core.plan import reasons
-from opstudio.core.plan.advisor import CONFIDENCE, Budget, advise
-from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
+from opstudio.core.plan.advisor import advise
+from opstudio.core.plan.budget import CONFIDENCE, Budget
+from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 
@@ -109,10 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise OpstudioError(f"{out}: already exists (pass --overwrite to replace it)")
     settings = settings_from_args(args)
-    progress = progress_printer()
-    advice = advise(args.model, settings, budget, techniques, max_nodes=args.max_nodes,
-                    use_cache=not args.no_cache, progress=progress)
-    clear_progress()
+    with progress_line() as progress:
+        advice = advise(args.model, settings, budget, techniques, max_nodes=args.max_nodes,
+                        use_cache=not args.no_cache, progress=progress)
     sens, machine, points, plan = (advice.sensitivity, advice.machine, advice.roofline,
                                    advice.plan)
 
@@ -173,10 +172,9 @@ def run_llm(args: argparse.Namespace) -> int:
               "tokens, not a measure of quality; give the model's tokenizer.json with "
               "--tokenizer (or a prompt, an .npz of the model's inputs, with --inputs)")
     variants = variants_for(names, "random", algorithms)
-    progress = progress_printer()
-    advice = advise_llm(args.model, settings, budget, variants, use_cache=not args.no_cache,
-                        progress=progress, cluster=args.cluster)
-    clear_progress()
+    with progress_line() as progress:
+        advice = advise_llm(args.model, settings, budget, variants, use_cache=not args.no_cache,
+                            progress=progress, cluster=args.cluster)
     print_llm_advice(advice)
     if advice.recipe.steps:
         advice.recipe.save(out, overwrite=args.overwrite)

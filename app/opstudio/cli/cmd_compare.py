@@ -8,13 +8,12 @@ import sys
 from opstudio.cli.cmd_profile import add_profile_flags, settings_from_args
 from opstudio.cli.common import (
     add_text_flags,
-    clear_progress,
     print_table,
-    progress_printer,
     synthetic_past_note,
     text_note,
     write_json,
 )
+from opstudio.cli.progress import progress_line
 from opstudio.cli.request_view import (
     add_request_flags,
     apply_request_args,
@@ -56,10 +55,9 @@ def run(args: argparse.Namespace) -> int:
     hint = None if requested or settings.phase is not None else kv_cache_hint(args.before)
     if hint:
         print(hint, file=sys.stderr if quiet else sys.stdout)
-    result = compare_models(args.before, args.after, settings,
-                            progress=None if quiet else progress_printer())
+    with progress_line(not quiet) as progress:
+        result = compare_models(args.before, args.after, settings, progress=progress)
     if not quiet:
-        clear_progress()
         print_summary(result, args.top)
         note = synthetic_past_note(settings.phase, args.inputs,
                                    judged_on_text=_on_text(result))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from opstudio.cli.common import clear_progress, print_table, progress_printer, write_json
+from opstudio.cli.common import print_table, write_json
+from opstudio.cli.progress import progress_line
 from opstudio.core.errors import OpstudioError
 
 MARK = "⟦"
@@ -46,14 +47,10 @@ def run(args: argparse.Namespace) -> int:
         if not Path(m).is_file():
             raise OpstudioError(f"{m}: no such file")
     quiet = args.report == "-"
-    progress = None if quiet else progress_printer()
-    try:
+    with progress_line(not quiet) as progress:
         result = side_by_side_isolated([Path(m) for m in args.models], args.prompt,
                               model_path=args.models[0], tokenizer=args.tokenizer,
                               chat=args.chat, max_tokens=args.max_tokens, progress=progress)
-    finally:
-        if progress is not None:
-            clear_progress()
     if not quiet:
         print(f"prompt ({result.prompt_tokens} tokens, tokenizer {result.tokenizer}):")
         print(f"  {result.prompt!r}")

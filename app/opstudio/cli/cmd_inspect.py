@@ -16,6 +16,7 @@ from opstudio.cli.common import (
     print_table,
     write_json,
 )
+from opstudio.cli.progress import progress_line
 from opstudio.core.measure.inputs import decode_step_dims
 from opstudio.core.model.graph import GraphInfo, analyze, input_specs
 from opstudio.core.model.model_io import load_model
@@ -93,9 +94,15 @@ def chosen_dims(model: onnx.ModelProto, args: argparse.Namespace
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, lazy=True)
-    dims, shapes, assumed = chosen_dims(model, args)
-    info = analyze(model, dims, shapes=shapes)
+    # a big model's graph takes seconds to read and analyse: say what is going on meanwhile
+    with progress_line(args.json != "-") as say:
+        if say is not None:
+            say(0.0, f"reading the graph of {args.model}")
+        model = load_model(args.model, lazy=True)
+        dims, shapes, assumed = chosen_dims(model, args)
+        if say is not None:
+            say(0.5, f"analysing {len(model.graph.node)} operators")
+        info = analyze(model, dims, shapes=shapes)
     if args.json == "-":
         write_json(to_json(args.model, info, dims, assumed), "-")
         return 0

@@ -19,18 +19,17 @@ from typing import Any
 from opstudio.cli.common import (
     add_input_flags,
     add_text_flags,
-    clear_progress,
     human_bytes,
     human_count,
     parse_dims,
     parse_phase,
     parse_shapes,
     print_table,
-    progress_printer,
     synthetic_past_note,
     text_note,
     write_json,
 )
+from opstudio.cli.progress import progress_line
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model.model_io import load_model, same_file, save_model, stored_bytes
 from opstudio.core.plan.deploy import (
@@ -113,12 +112,8 @@ def run(args: argparse.Namespace) -> int:
     judged = judge.feed if judge.feed is not None else inputs
     # the optimizer takes the model over (its weights are read once, into it)
     quiet = args.report == "-"
-    progress = None if quiet else progress_printer()
-    try:
+    with progress_line(not quiet) as progress:
         result = optimize(model, recipe, inputs=judged, consume=True, progress=progress)
-    finally:
-        if progress is not None:
-            clear_progress()
     del model
     # written first, then judged from the files: a failed check never loses the result
     export = None

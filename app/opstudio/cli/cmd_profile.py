@@ -9,14 +9,13 @@ from typing import Any
 
 from opstudio.cli.common import (
     add_input_flags,
-    clear_progress,
     parse_dims,
     parse_phase,
     parse_shapes,
     print_table,
-    progress_printer,
     write_json,
 )
+from opstudio.cli.progress import progress_line
 from opstudio.cli.request_view import add_request_flags, apply_request_args, print_request
 from opstudio.core.fileio import write_text_atomic
 from opstudio.core.measure.profiler import (
@@ -102,21 +101,19 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     quiet = args.json == "-"
     wants_request = apply_request_args(args, settings, [args.model])
-    profile = profile_model(args.model, settings,
-                            progress=None if quiet else progress_printer())
+    with progress_line(not quiet) as progress:
+        profile = profile_model(args.model, settings, progress=progress)
     stable = profile.noise.get("stable")
     if stable and not stable["reached"]:
         # figures that move by more than was asked are not printed as if they held
-        if not quiet:
-            clear_progress()
         print(f"error: {unsettled_note(stable)}", file=sys.stderr)
         return 1
     request = None
     if wants_request:
         from opstudio.core.measure.request import estimate_requests
 
-        [request] = estimate_requests([args.model], settings,
-                                      progress=None if quiet else progress_printer())
+        with progress_line(not quiet) as progress:
+            [request] = estimate_requests([args.model], settings, progress=progress)
     roofline = None
     if args.roofline:
         from opstudio.core.measure.inputs import make_inputs
@@ -138,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
                                   machine, derived_nodes(model))
         roofline = (machine, points)
     if not quiet:
-        clear_progress()
         print_summary(profile, args.top)
         if getattr(args, "by_layer", False):
             print()

@@ -123,23 +123,6 @@ def write_json(data: Any, target: str) -> None:
     write_text_atomic(Path(target), text + "\n", overwrite=True)
 
 
-def progress_printer():
-    """A progress callback that redraws one stderr line, or None when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(fraction: float, message: str) -> None:
-        sys.stderr.write(f"\r{fraction:5.0%}  {message[:60]:<60}")
-        sys.stderr.flush()
-
-    return show
-
-
-def clear_progress() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + " " * 70 + "\r")
-
-
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
                 align: str | None = None, file=None) -> None:
     """Plain fixed-width table; ``align`` has one of 'l'/'r' per column."""

@@ -7,7 +7,7 @@ hands the proposed plan to the plan editor, where it can be edited and undone li
 
 A language model is budgeted by next-token top-1 agreement or KL on the prompt and planned for
 its decode step (or prefill): the panel then shows the scan by role and the frontier of
-agreement against speedup (``opstudio.core.plan.llm_plan.LlmAdvice``). Cosine and SNR budgets stay
+agreement against speedup (``opstudio.core.plan.llm.LlmAdvice``). Cosine and SNR budgets stay
 for models without logits.
 """
 
@@ -40,8 +40,9 @@ from PySide6.QtWidgets import (
 
 from opstudio.core.measure.profiler import ProfileSettings
 from opstudio.core.passes import TECHNIQUES, get_pass
-from opstudio.core.plan.advisor import CONFIDENCE, Advice, Budget
-from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice
+from opstudio.core.plan.advisor import Advice
+from opstudio.core.plan.budget import CONFIDENCE, Budget
+from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice
 from opstudio.core.plan.sensitivity import DEFAULT_TECHNIQUES
 
 BUDGET_KINDS = ("cosine ≥", "SNR (dB) ≥", "next-token top-1 ≥", "next-token KL (nats) ≤")

@@ -116,8 +116,9 @@ def test_keeps_the_contract_on_a_small_mlp(technique):
 LAZY = [t for t in TECHNIQUES if get_pass(t).reads_lazy(get_pass(t).validate_params(PARAMS[t]))]
 
 
-def test_the_weight_only_quantizers_read_weights_from_their_files():
-    assert set(LAZY) == {"int4-weight", "int8-weight"}
+def test_the_passes_that_rewrite_one_weight_at_a_time_read_weights_from_their_files():
+    assert set(LAZY) == {"int4-weight", "int8-weight", "int8-dynamic", "fp16", "lowrank",
+                         "prune"}
 
 
 @pytest.mark.parametrize("technique", LAZY)

@@ -135,7 +135,7 @@ def test_what_cannot_be_fused_is_refused_with_the_reason():
     for node in model.graph.node:
         if node.name == "/model/layers.0/input_layernorm/ReduceMean":
             node.attribute[0].ints[:] = [1]
-    reason = "the mean is over axes [1], not the last one (-1)"
+    reason = "layer 0 norm: the mean is over axes [1], not the last one (-1)"
     assert FUSE.check(model, by_name["/model/layers.0/input_layernorm/Pow"]) == reason
     result = FUSE.apply(model, ["/model/layers.0/input_layernorm/Pow"], {}, PassContext())
     assert result.applied == [] and result.skipped == {

@@ -29,10 +29,21 @@ from onnx import external_data_helper
 
 def anon_bytes() -> int | None:
     """This process's anonymous resident memory (``RssAnon``), None where /proc does not say."""
+    return _proc_kib("/proc/self/status", "RssAnon:")
+
+
+def available_bytes() -> int | None:
+    """Memory the system can give without swapping (``MemAvailable``), None where /proc does
+    not say."""
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """The ``key`` line of a /proc file that counts in kB, in bytes."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None

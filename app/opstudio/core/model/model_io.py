@@ -366,7 +366,12 @@ def file_tensor(name: str, data_type: int, dims: Sequence[int], path: Path, offs
 
 def is_lazy(model: onnx.ModelProto) -> bool:
     """True while some weight of ``model`` is still read from its file on demand."""
-    return any(_external_source(t) is not None for t in iter_all_tensors(model))
+    return any(is_lazy_tensor(t) for t in iter_all_tensors(model))
+
+
+def is_lazy_tensor(tensor: onnx.TensorProto) -> bool:
+    """True while ``tensor``'s data is still read from its file on demand."""
+    return _external_source(tensor) is not None
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -499,12 +504,17 @@ def model_size(model: onnx.ModelProto) -> int:
     overhead = 12  # tag, lengths, type and dims of one TensorProto, give or take
     about = without_initializers(model).ByteSize() + sum(
         _data_bytes(t) + len(t.name) + overhead for t in model.graph.initializer)
-    return model.ByteSize() if about < 2**26 else about
+    return model.ByteSize() if about < 2**26 and not is_lazy(model) else about
 
 
 def _data_bytes(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+    if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
+    source = _external_source(tensor)
+    if source is not None:  # left in its file: counted, the file written will hold it
+        return source[2]
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
     count = 1
     for d in tensor.dims:
         count *= d

@@ -26,6 +26,7 @@ words why a candidate is refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -237,7 +238,10 @@ class RotaryRule(pattern.RewriteRuleClassBase):
             return result.fail("rotate_half does not take the two halves of the last axis")
         if not (_is_half_of_last_dim(end1, x, half) and _is_half_of_last_dim(start2, x, half)):
             return result.fail("rotate_half does not split the last axis in the middle")
-        if not is_float32(x) and _producer(x, "Transpose") is None:
+        # a Slice: the rotated part of a partial rotary (Phi), which ``_fusion_families`` merges
+        sliced = _producer(x, "Slice")
+        if not is_float32(x) and _producer(x, "Transpose") is None and \
+                (sliced is None or _producer(sliced.inputs[0], "Transpose") is None):
             return result.fail("the rotated tensor is not known to be float32")
         return result
 
@@ -370,6 +374,8 @@ class Shared:
     def __init__(self) -> None:
         self.values: tuple[Any, ...] | None = None
         self.pending = False
+        # why a mask is not the plain causal one GroupQueryAttention applies (None: it is)
+        self.mask_refusal: Callable[[ir.Value], str | None] = lambda mask: None
 
     def keep(self) -> None:
         self.pending = False
@@ -445,6 +451,9 @@ class GqaRule(pattern.RewriteRuleClassBase):
             return result.fail("the past keys/values are not the graph's KV cache inputs")
         if _graph_input_above(mask, "attention_mask") is None:
             return result.fail("the mask is not computed from the graph's attention_mask")
+        refusal = self._shared.mask_refusal(mask)
+        if refusal:
+            return result.fail(refusal)
         return result
 
     def rewrite(self, op: Any, q: ir.Value, k: ir.Value, v: ir.Value, past_k: ir.Value,
@@ -452,22 +461,27 @@ class GqaRule(pattern.RewriteRuleClassBase):
                 scale: ir.Value, **_: Any) -> Any:
         found = attention_shape(q, k, v, cos)
         assert not isinstance(found, str)
-        if self._shared.values is None:
-            attention_mask = _graph_input_above(mask, "attention_mask")
-            one = op.initializer(ir.tensor(np.array([1], np.int64), name="fuse.one"))
-            total = op.ReduceSum(attention_mask, one, keepdims=0)
-            seqlens = op.Cast(op.Sub(total, one), to=ir.DataType.INT32.value)
-            second = op.initializer(ir.tensor(np.array(1, np.int64), name="fuse.index_1"))
-            length = op.Cast(op.Gather(op.Shape(attention_mask), second, axis=0),
-                             to=ir.DataType.INT32.value)
-            self._shared.values = (seqlens, length)
-            self._shared.pending = True
-        seqlens, length = self._shared.values
+        seqlens, length = shared_lengths(op, self._shared, mask)
         out, present_k, present_v = op.GroupQueryAttention(
             q, k, v, _identity_of(past_k), _identity_of(past_v), seqlens, length, cos, sin,
             num_heads=found["heads"], kv_num_heads=found["kv_heads"], scale=_scalar(scale),
             do_rotary=1, rotary_interleaved=0, _domain="com.microsoft", _outputs=3)
         return out, present_k, present_v
+
+
+def shared_lengths(op: Any, shared: Shared, mask: ir.Value) -> tuple[Any, Any]:
+    """seqlens_k and the total length, made once from attention_mask for every layer."""
+    if shared.values is None:
+        attention_mask = _graph_input_above(mask, "attention_mask")
+        one = op.initializer(ir.tensor(np.array([1], np.int64), name="fuse.one"))
+        total = op.ReduceSum(attention_mask, one, keepdims=0)
+        seqlens = op.Cast(op.Sub(total, one), to=ir.DataType.INT32.value)
+        second = op.initializer(ir.tensor(np.array(1, np.int64), name="fuse.index_1"))
+        length = op.Cast(op.Gather(op.Shape(attention_mask), second, axis=0),
+                         to=ir.DataType.INT32.value)
+        shared.values = (seqlens, length)
+        shared.pending = True
+    return shared.values[0], shared.values[1]
 
 
 def _identity_of(value: ir.Value) -> ir.Value:
@@ -529,3 +543,10 @@ def _graph_input_above(value: ir.Value, name: str, depth: int = 40) -> ir.Value 
 def attention_rules(shared: Shared) -> list[Any]:
     return _commuted([GqaRule.rule(f"GQA[{casts} casts]", casts=casts, shared=shared)
                       for casts in (0, 2)])
+
+
+# the helpers ``_fusion_families`` reads the same graphs with
+identity_of = _identity_of
+ints_of = _ints
+producer_of = _producer
+scalar_of = _scalar

@@ -7,9 +7,8 @@ along K) and on independent rows of an embedding table (blocks run along a token
 the same library functions, called on a band of columns or rows at a time, give the same bytes:
 ``DefaultWeightOnlyQuantizer.qbits_block_quant`` (onnxruntime's C++ kernel) for MatMul weights,
 ``DefaultWeightOnlyQuantizer.quantize_ndarray`` for tables. A weight is read from its memory map
-band by band and each quantized band is appended to a scratch file; the new initializers point
-at that file the way a lazily loaded model's weights point at theirs, and ``save_model`` copies
-them into the output's external-data file. Memory holds one band and one weight's scales.
+band by band and each quantized band is appended to a scratch file (``_stream``). Memory
+holds one band and one weight's scales.
 
 The nodes are built as onnxruntime builds them (names, inputs, attributes), so a model gets the
 same result through either path (tested tensor by tensor).
@@ -17,67 +16,15 @@ same result through either path (tested tensor by tensor).
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from opstudio.core.model.graph_utils import node_reads
-from opstudio.core.model.model_io import file_tensor, tensor_array
-from opstudio.core.tempdir import opstudio_temp_root
-
-# float bytes of one band quantized at once
-CHUNK_BYTES = 128 * 2**20
-
-
-class ScratchFile:
-    """An append-only file the quantized tensors are written to, and tensors that refer to it.
-
-    Its folder lives in opstudio's temp folder until the process ends: the model that refers
-    to it is returned to the caller, who saves it (copying the data out) later.
-    """
-
-    def __init__(self, workdir: str | None = None) -> None:
-        root = Path(workdir) if workdir else opstudio_temp_root()
-        self.folder = Path(tempfile.mkdtemp(prefix=f"weights-{os.getpid()}-", dir=root))
-        atexit.register(shutil.rmtree, self.folder, True)
-        self.name = "quantized.data"
-        self._file: BinaryIO = open(self.folder / self.name, "wb")  # noqa: SIM115
-        self._offset = 0
-
-    def write(self, data: np.ndarray) -> None:
-        payload = np.ascontiguousarray(data)
-        self._file.write(payload.data)
-        self._offset += payload.nbytes
-
-    def begin(self) -> int:
-        return self._offset
-
-    def tensor(self, name: str, data_type: int, dims: Sequence[int],
-               start: int) -> onnx.TensorProto:
-        """A tensor whose data is what was written from ``start`` up to now."""
-        self._file.flush()
-        return file_tensor(name, data_type, dims, self.folder / self.name, start,
-                           self._offset - start)
-
-    def put(self, name: str, array: np.ndarray, data_type: int | None = None
-            ) -> onnx.TensorProto:
-        """``array`` written whole, as tensor ``name`` (its own dtype unless ``data_type``)."""
-        start = self.begin()
-        self.write(array)
-        if data_type is None:
-            data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        return self.tensor(name, data_type, array.shape, start)
-
-    def close(self) -> None:
-        self._file.close()
+from opstudio.core.model.model_io import tensor_array
+from opstudio.core.passes._stream import ScratchFile, band_size, drop_unread, rewrite_each
 
 
 def _quantizer(bits: int, block: int, symmetric: bool) -> Any:
@@ -90,13 +37,6 @@ def _quantizer(bits: int, block: int, symmetric: bool) -> Any:
         block_size=block, is_symmetric=symmetric, bits=bits))
 
 
-def _band(row_bytes: int, even: bool = False) -> int:
-    """Rows (or columns) per band: about ``CHUNK_BYTES`` of floats; an even count where two
-    int4 values share a byte across rows, so every band but the last packs whole bytes."""
-    size = max(1, CHUNK_BYTES // max(1, row_bytes))
-    return size + size % 2 if even else size
-
-
 def matmul_nbits(node: onnx.NodeProto, weight: onnx.TensorProto, scratch: ScratchFile,
                  bits: int, block: int, symmetric: bool,
                  level: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
@@ -106,7 +46,7 @@ def matmul_nbits(node: onnx.NodeProto, weight: onnx.TensorProto, scratch: Scratc
     value = value.reshape(value.shape[-2], value.shape[-1])
     k, n = value.shape
     quantizer = _quantizer(bits, block, symmetric)
-    step = _band(k * value.dtype.itemsize)
+    step = band_size(k * value.dtype.itemsize)
     start = scratch.begin()
     scales: list[np.ndarray] = []
     zeros: list[np.ndarray] = []
@@ -146,7 +86,7 @@ def gather_block_quantized(node: onnx.NodeProto, table: onnx.TensorProto,
 
     value = tensor_array(table)
     rows, width = value.shape
-    step = _band(width * value.dtype.itemsize, even=True)
+    step = band_size(width * value.dtype.itemsize, even=True)
     qtype = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
     start = scratch.begin()
     scales: list[np.ndarray] = []
@@ -182,48 +122,25 @@ def gather_block_quantized(node: onnx.NodeProto, table: onnx.TensorProto,
 
 
 def rewrite(model: onnx.ModelProto, names: Sequence[str], bits: int, block: int,
-            symmetric: bool, level: int, workdir: str | None,
-            each: Callable[[int, int, str], None]) -> None:
+            symmetric: bool, level: int, workdir: str | None, technique: str,
+            report: Callable[[float, str], None], check_cancelled: Callable[[], None]) -> None:
     """Quantize the weights of the nodes ``names`` of ``model`` in place, one after another
-    (``each(k, total, name)`` before node k: progress and cancel); weights no node reads any
-    more are dropped."""
+    (progress and cancel between them); weights no node reads any more are dropped."""
     wanted = set(names)
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    scratch = ScratchFile(workdir)
-    done = 0
-    try:
-        for index, node in enumerate(list(model.graph.node)):
-            if node.name not in wanted:
-                continue
-            each(done, len(wanted), node.name)
-            done += 1
-            gather = node.op_type == "Gather"
-            weight = model.graph.initializer[inits[node.input[0 if gather else 1]]]
-            if gather:
-                created, tensors = gather_block_quantized(node, weight, scratch, block, symmetric)
-            else:
-                created, tensors = matmul_nbits(node, weight, scratch, bits, block, symmetric,
-                                                level)
-            model.graph.node[index].CopyFrom(created)
-            model.graph.initializer.extend(tensors)
-    except BaseException:  # cancelled or failed: nothing will read the file
-        scratch.close()
-        shutil.rmtree(scratch.folder, ignore_errors=True)
-        raise
-    scratch.close()
-    _drop_unread(model)
+    chosen = [k for k, node in enumerate(model.graph.node) if node.name in wanted]
 
+    def step(index: int, scratch: ScratchFile) -> None:
+        node = model.graph.node[index]
+        gather = node.op_type == "Gather"
+        weight = model.graph.initializer[inits[node.input[0 if gather else 1]]]
+        if gather:
+            created, tensors = gather_block_quantized(node, weight, scratch, block, symmetric)
+        else:
+            created, tensors = matmul_nbits(node, weight, scratch, bits, block, symmetric, level)
+        model.graph.node[index].CopyFrom(created)
+        model.graph.initializer.extend(tensors)
 
-def _drop_unread(model: onnx.ModelProto) -> None:
-    """Remove initializers nothing reads any more, without copying the ones kept."""
-    read = {name for node in model.graph.node for name in node_reads(node)}
-    read |= {o.name for o in model.graph.output}
-    gone = [i for i, t in enumerate(model.graph.initializer) if t.name not in read]
-    names = {model.graph.initializer[i].name for i in gone}
-    for i in reversed(gone):
-        del model.graph.initializer[i]
-    kept = [i for i in model.graph.input if i.name not in names]
-    if len(kept) != len(model.graph.input):
-        del model.graph.input[:]
-        model.graph.input.extend(kept)
-
+    rewrite_each(chosen, lambda k: model.graph.node[k].name, "quantizing", technique, workdir,
+                 step, report, check_cancelled)
+    drop_unread(model)

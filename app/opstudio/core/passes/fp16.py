@@ -14,19 +14,28 @@ onnxruntime's CPU provider has float16 kernels for few compute ops (LayerNormali
 data movement); for the rest (MatMul, Conv, Gemm, Add, Relu, Softmax, …) it inserts casts back to
 float32 itself, so the node still runs, with float16 rounding and extra casts but no speed-up. The
 pass says so per node (``cpu_fp16_kernel``) instead of refusing.
+
+A model whose weights stay in their files (``load_model(lazy=True)``) goes through the same
+converter as it is: a weight it leaves in its file has no data in the proto, so the converter
+only retypes it. Each weight it retyped is then cast tensor by tensor, band by band, as the
+converter's ``convert_np_to_float16`` casts (elementwise: the same bytes, tested against it),
+into a scratch file (``_stream``); the range check reads a weight in bands too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
 from opstudio.core.model.graph_utils import nodes_by_name, topo_sort
+from opstudio.core.model.model_io import is_lazy_tensor
 from opstudio.core.passes import _ort_support as ort_support
+from opstudio.core.passes import _stream as stream
 from opstudio.core.passes._quiet_ort import quiet_onnxruntime_logs
 from opstudio.core.passes._weights import (
     append_initializer,
@@ -68,6 +77,9 @@ class Fp16Pass(Pass):
     label = "FP16"
     description = "run the chosen nodes in float16 with casts at their borders"
     params = ()
+
+    def reads_lazy(self, params: Mapping[str, Any]) -> bool:
+        return True
 
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
@@ -113,7 +125,7 @@ class Fp16Pass(Pass):
         chosen_set = set(chosen)
         blocked = [n.name for n in work.graph.node if n.name not in chosen_set]
         typed = _annotate_types(work)
-        with quiet_onnxruntime_logs(), ort_support.ort_rewriter(
+        with quiet_onnxruntime_logs(), _shapes_from_dims(), ort_support.ort_rewriter(
                 "onnxruntime's float16 converter",
                 "leave these nodes out of the step (choose nodes by name or name_pattern)"):
             result = convert_float_to_float16(typed or work, keep_io_types=True,
@@ -121,6 +133,7 @@ class Fp16Pass(Pass):
                                               max_finite_val=FP16_MAX,
                                               min_positive_val=FP16_MIN_POSITIVE,
                                               disable_shape_infer=typed is not None)
+        _cast_lazy_weights(result, before, ctx)
         _remove_round_trips(result, set(by_name))
         _restore_value_info(before, result, chosen_set)
         declare_initializers(result, declared)
@@ -150,6 +163,24 @@ class Fp16Pass(Pass):
                          "(float16 rounding, extra casts, no speed-up on CPU)")
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
+
+
+@contextlib.contextmanager
+def _shapes_from_dims() -> Iterator[None]:
+    """The converter takes a converted weight's shape from its data (``numpy_helper.to_array``),
+    which would read a weight left in its file; its dims say the same without reading it."""
+    from onnxruntime.transformers import float16
+
+    def value_info(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                  list(tensor.dims))
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = value_info
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
 
 
 def _annotate_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -187,22 +218,71 @@ def _annotate_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return typed
 
 
+# elements of a weight checked at once: a memory-mapped 2 GB weight is never copied whole
+_CHECK_ELEMENTS = 2**22
+
+
 def range_problem(value: np.ndarray) -> str | None:
     """Why ``value`` cannot be stored as float16 without damage, or ``None``."""
-    finite = value[np.isfinite(value)].astype(np.float64)
-    if finite.size == 0:
+    flat = value.reshape(-1)
+    peak = square = lost = 0.0
+    seen = False
+    for k in range(0, flat.size, _CHECK_ELEMENTS):
+        part = np.asarray(flat[k:k + _CHECK_ELEMENTS])
+        finite = part[np.isfinite(part)].astype(np.float64)
+        if finite.size == 0:
+            continue
+        seen = True
+        peak = max(peak, float(np.abs(finite).max()))
+        if peak > FP16_MAX:
+            return f"has |value| up to {peak:.3g}, beyond float16's {FP16_MAX:g}"
+        converted = np.clip(finite, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float64)
+        # sums, not np.linalg.norm: BLAS threads make thousands of small norms slow on a
+        # busy CPU
+        square += float(np.sum(np.square(finite)))
+        lost += float(np.sum(np.square(converted - finite)))
+    if not seen:
         return None
-    peak = float(np.abs(finite).max())
-    if peak > FP16_MAX:
-        return f"has |value| up to {peak:.3g}, beyond float16's {FP16_MAX:g}"
-    converted = np.clip(finite, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float64)
-    # sums, not np.linalg.norm: BLAS threads make thousands of small norms slow on a busy CPU
-    norm = float(np.sqrt(np.sum(np.square(finite))))
+    norm = float(np.sqrt(square))
     if norm > 0:
-        rel = float(np.sqrt(np.sum(np.square(converted - finite)))) / norm
+        rel = float(np.sqrt(lost)) / norm
         if rel > MAX_REL_ERROR:
             return f"loses {rel:.1%} of its magnitude in float16 (values too small to represent)"
     return None
+
+
+def to_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) as the converter's ``convert_np_to_float16`` stores them, without
+    its debug statistics (which cost it several passes over the data): a magnitude strictly
+    between 0 and ``FP16_MIN_POSITIVE`` becomes it, one beyond ``FP16_MAX`` becomes it, sign
+    kept; zeros, infinities and NaNs stay as they are."""
+    out = np.array(values, dtype=np.float32)
+    size = np.abs(out)
+    for mask, bound in (((size > 0) & (size < FP16_MIN_POSITIVE), FP16_MIN_POSITIVE),
+                        ((size > FP16_MAX) & np.isfinite(size), FP16_MAX)):
+        out[mask] = np.copysign(np.float32(bound), out[mask])
+    return out.astype(np.float16)
+
+
+def _cast_lazy_weights(result: onnx.ModelProto, before: onnx.ModelProto,
+                       ctx: PassContext) -> None:
+    """Cast the weights the converter retyped to float16 but left in their files (a lazily
+    opened model), one tensor at a time into a scratch file."""
+    was_float = {t.name for t in before.graph.initializer
+                 if t.data_type == onnx.TensorProto.FLOAT}
+    todo = [t for t in result.graph.initializer
+            if t.name in was_float and t.data_type == onnx.TensorProto.FLOAT16
+            and is_lazy_tensor(t)]
+
+    def cast(tensor: onnx.TensorProto, scratch: stream.ScratchFile) -> None:
+        start = scratch.begin()
+        for band in stream.row_bands(stream.as_stored(tensor, onnx.TensorProto.FLOAT)):
+            scratch.write(to_float16(band))
+        tensor.CopyFrom(scratch.tensor(tensor.name, onnx.TensorProto.FLOAT16, tensor.dims,
+                                       start))
+
+    stream.rewrite_each(todo, lambda t: t.name, "casting", "fp16", ctx.workdir, cast,
+                        ctx.report, ctx.check_cancelled, lo=0.2, hi=0.9)
 
 
 def _unshare_initializers(model: onnx.ModelProto, chosen: Sequence[str]) -> None:

@@ -18,7 +18,10 @@ rewrites them, unit by unit, into onnxruntime's contrib ops:
   loop feeds); a padded batch, where position_ids and the mask say otherwise, is not kept.
 
 The matching is onnxscript's rewriter with the rules of ``_fusion_rules`` (its ``ort_fusions``
-rules extended for the exporter's forms). The math is the same up to float rounding; the model's
+rules extended for the exporter's forms) and, for Mistral, Gemma, Phi and GPT-2, of
+``_fusion_families`` (sliding windows and softcap as GroupQueryAttention attributes, q/k norms,
+partial rotary, LayerNorm with its residual → SkipLayerNormalization). What a kernel cannot
+express exactly is refused for that layer, with the layer and the reason. The math is the same up to float rounding; the model's
 inputs, outputs and KV layout do not change. The q/k/v, o and MLP projections stay MatMuls, so
 a later quantization step still takes them.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -45,7 +49,7 @@ _MAX_POSITIONS = 8192
 
 
 _FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-              "RotaryEmbedding", "GroupQueryAttention")
+              "RotaryEmbedding", "GroupQueryAttention", "SkipLayerNormalization")
 
 
 class FusePass(Pass):
@@ -93,7 +97,7 @@ class FusePass(Pass):
                  ctx: PassContext) -> PassResult:
         max_positions, attention = int(params["max_positions"]), bool(params["attention"])
         pack = bool(params["pack"])
-        units, _ = _units(work, max_positions, attention, pack)
+        units, reasons = _units(work, max_positions, attention, pack)
         allowed: set[str] = set()
         for name in chosen:
             allowed |= units[name]
@@ -111,6 +115,8 @@ class FusePass(Pass):
         result.notes.append(
             f"{', '.join(f'{n} {kind}' for kind, n in sorted(counts.items()))}: "
             f"{before} → {len(fused.graph.node)} nodes")
+        refused = {name: reason for name, reason in reasons.items() if name not in units}
+        result.notes.extend(f"not fused: {reason}" for reason in refused_in_layers(refused, chosen))
         for name in result.applied:
             result.details[name] = {"unit": len(units[name])}
         return result
@@ -159,6 +165,13 @@ def _units(model: onnx.ModelProto, max_positions: int, attention: bool,
     return found
 
 
+def fusable_nodes(model: onnx.ModelProto, attention: bool = True,
+                  max_positions: int = _MAX_POSITIONS) -> list[str]:
+    """Every node of every unit the pass can fuse (one matching of the whole model; asking
+    ``check`` node by node hashes the model once a node)."""
+    return sorted(_units(model, max_positions, attention)[0])
+
+
 class _Refusals:
     """Hears onnxscript's matcher (its tracer interface): a pattern that matched whole but whose
     check refused it gives its reason to each node it covered."""
@@ -170,9 +183,36 @@ class _Refusals:
         from onnxscript.rewriter._basics import MatchStatus
 
         if status == MatchStatus.CONDITION_FAILED and match.reason:
-            for matched in match.nodes:
-                for name in _origins(matched):
-                    self.reasons.setdefault(name, match.reason)
+            names = [name for matched in match.nodes for name in _origins(matched)]
+            reason = f"{_unit_of(names, getattr(rule, 'name', '') or '')}: {match.reason}"
+            # the last rule's: the families' rules, tried after the Llama layout's, are the
+            # more general ones, and say more about a block that neither takes
+            for name in names:
+                self.reasons[name] = reason
+
+
+_LAYER = re.compile(r"(?:layers|layer|h|blocks|block)\.(\d+)[/.]")
+_UNITS = (("GQA", "attention"), ("Rotary", "rotary embedding"), ("Skip", "residual norm"),
+          ("Norm", "norm"))
+
+
+def _unit_of(names: Sequence[str], rule: str) -> str:
+    """"layer 3 attention", from the matched nodes' names (torch's exporter scopes them by
+    module) and the rule that refused them."""
+    unit = next((words for key, words in _UNITS if key in rule), "pattern")
+    layers = sorted({int(m.group(1)) for name in names if (m := _LAYER.search(name))})
+    return f"layer {layers[0]} {unit}" if len(layers) == 1 else unit
+
+
+def refused_in_layers(reasons: Mapping[str, str], chosen: Sequence[str]) -> list[str]:
+    """The refusals of the chosen nodes' layers, each once, for the step's notes."""
+    layers = {m.group(1) for name in chosen if (m := _LAYER.search(name))}
+    found: list[str] = []
+    for name, reason in reasons.items():
+        m = _LAYER.search(name)
+        if m and m.group(1) in layers and reason not in found:
+            found.append(reason)
+    return sorted(found)
 
 
 def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
@@ -183,17 +223,25 @@ def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
     kept. ``model`` is not changed."""
     import onnx_ir as ir
 
+    from opstudio.core.passes import _fusion_families as families
     from opstudio.core.passes import _fusion_rules as rules
     from opstudio.core.passes._packing_rules import packing_rules
 
     irmodel = ir.serde.deserialize_model(model)
     counts: dict[str, int] = {}
     shared = rules.Shared()
+    probe = families.MaskProbe(irmodel, max_positions)
+    shared.mask_refusal = probe.refusal
     # the norms before the skip rule, which reads the norm they became; rotary before the
-    # attention rule, which reads the RotaryEmbedding it became
-    rulesets = [rules.rotary_rules(max_positions), rules.norm_rules(), rules.skip_rules()]
+    # attention rule, which reads the RotaryEmbedding it became; the families' rules after the
+    # Llama layout's, which they would also match
+    # the rotary rules again after the norms: a q/k norm (Gemma 3) is known to give float only
+    # once it is fused
+    rotary = rules.rotary_rules(max_positions) + families.rotary_rules()
+    rulesets = [rotary, rules.norm_rules() + families.norm_rules(), rules.skip_rules(),
+                families.skip_rules(), rotary]
     if attention:
-        rulesets.append(rules.attention_rules(shared))
+        rulesets.append(rules.attention_rules(shared) + families.attention_rules(shared, probe))
     if pack:  # after attention: q|k|v are packed into the GroupQueryAttention it made
         rulesets.append(packing_rules())
     live_before = _live(irmodel.graph)

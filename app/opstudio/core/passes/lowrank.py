@@ -14,6 +14,10 @@
   3×3 kernel at equal ranks this is about half the FLOPs of the SVD form. MatMul, Gemm and
   1×1 Conv weights are matrices, whose Tucker-2 is their SVD, so they take the SVD form.
 
+A model whose weights stay in their files (``load_model(lazy=True)``) is factorized one weight
+at a time from its memory map with the same arithmetic; each weight's factors are written to a
+scratch file (``_stream``) before the next weight is read.
+
 The singular values are split evenly (√S into both factors) so neither factor's range explodes.
 At full rank the result equals the original up to float rounding.
 
@@ -62,6 +66,7 @@ from opstudio.core.errors import OpstudioError
 from opstudio.core.model import provenance
 from opstudio.core.model.graph import analyze
 from opstudio.core.passes import _activations, _tucker
+from opstudio.core.passes import _stream as stream
 from opstudio.core.passes import _weights as w
 from opstudio.core.passes._calibration import (
     calibration_params,
@@ -134,6 +139,11 @@ class LowRankPass(Pass):
             raise OpstudioError(f"lowrank: parameter 'energy' must be above 0, not {out['energy']}")
         return check_calibration(self.technique, out)
 
+    def reads_lazy(self, params: Mapping[str, Any]) -> bool:
+        # one weight at a time from its memory map; the activation-aware methods run the
+        # model on calibration inputs first
+        return params["method"] not in ACTIVATION_METHODS
+
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
         target = _target(model, node)
@@ -158,37 +168,41 @@ class LowRankPass(Pass):
         taken = w.all_names(work.graph)
         replacements: dict[str, list[onnx.NodeProto]] = {}
         old_weights: list[str] = []
-        for k, target in enumerate(targets):
-            ctx.check_cancelled()
-            name = target.node.name
-            ctx.report(0.5 + 0.5 * k / len(targets) if stats else k / len(targets),
-                       f"lowrank: factorizing {name}")
-            out_shape = info.node(name).output_shapes[0] if info.has_node(name) else None
-            if params["method"] == "tucker2" and _has_spatial_extent(target):
-                in_shape = info.static_shape(target.node.input[0])
-                done = _factorize_tucker2(work, target, params, taken, in_shape, out_shape)
-            else:
-                done = _factorize(work, target, params, taken, out_shape, stats.get(name))
-            if isinstance(done, str):
-                result.skipped[name] = done
-                continue
-            new_nodes, details = done
-            replacements[name] = new_nodes
-            old_weights.append(target.weight_name)
-            result.applied.append(name)
-            if dims:
-                details["flops_dims"] = dims  # FLOPs are per sample: named dims set to 1
-            result.details[name] = details
-            if details.get("ridge"):
-                result.notes.append(
-                    f"{name}: its inputs' Gram matrix is singular on the calibration data "
-                    f"({details['calibration_rows']} positions for {target.matrix.shape[0]} "
-                    f"features); a ridge of {details['ridge']:.3g} was added before whitening")
-            if details["params_after"] > details["params_before"]:
-                rank = details.get("rank") or f"{details['rank_out']}×{details['rank_in']}"
-                result.notes.append(
-                    f"{name}: rank {rank} keeps more parameters "
-                    f"({details['params_after']}) than the original ({details['params_before']})")
+        with stream.scratch_for(work, ctx.workdir) as scratch:
+            for k, target in enumerate(targets):
+                ctx.check_cancelled()
+                name = target.node.name
+                ctx.report(0.5 + 0.5 * k / len(targets) if stats else k / len(targets),
+                           f"lowrank: factorizing tensor {k + 1} of {len(targets)} ({name})")
+                mark = len(work.graph.initializer)
+                out_shape = info.node(name).output_shapes[0] if info.has_node(name) else None
+                if params["method"] == "tucker2" and _has_spatial_extent(target):
+                    in_shape = info.static_shape(target.node.input[0])
+                    done = _factorize_tucker2(work, target, params, taken, in_shape, out_shape)
+                else:
+                    done = _factorize(work, target, params, taken, out_shape, stats.get(name))
+                if isinstance(done, str):
+                    result.skipped[name] = done
+                    continue
+                new_nodes, details = done
+                if scratch is not None:  # weights stay in files: the factors go to one too
+                    stream.spill(work, mark, scratch)
+                replacements[name] = new_nodes
+                old_weights.append(target.weight_name)
+                result.applied.append(name)
+                if dims:
+                    details["flops_dims"] = dims  # FLOPs are per sample: named dims set to 1
+                result.details[name] = details
+                if details.get("ridge"):
+                    result.notes.append(
+                        f"{name}: its inputs' Gram matrix is singular on the calibration data "
+                        f"({details['calibration_rows']} positions for {target.matrix.shape[0]} "
+                        f"features); a ridge of {details['ridge']:.3g} was added before whitening")
+                if details["params_after"] > details["params_before"]:
+                    rank = details.get("rank") or f"{details['rank_out']}×{details['rank_in']}"
+                    result.notes.append(
+                        f"{name}: rank {rank} keeps more parameters "
+                        f"({details['params_after']}) than the original ({details['params_before']})")
         w.replace_nodes(work.graph, replacements)
         w.remove_unused(work, old_weights)
         return result

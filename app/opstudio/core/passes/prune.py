@@ -58,6 +58,7 @@ from onnx import TensorProto, helper, numpy_helper
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model import graph_utils, provenance
 from opstudio.core.model.graph import analyze
+from opstudio.core.model.model_io import model_size
 from opstudio.core.passes import _heads as heads
 from opstudio.core.passes import _weights as w
 from opstudio.core.passes._calibration import calibration_params, check_calibration
@@ -121,6 +122,11 @@ class PrunePass(Pass):
             check_calibration(self.technique, out)
         return out
 
+    def reads_lazy(self, params: Mapping[str, Any]) -> bool:
+        # unstructured and dense: one weight at a time from its memory map into a scratch
+        # file; structured pruning plans across nodes and may measure activations
+        return not params["structured"] and params["storage"] == "dense"
+
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
         given = self.given_params(params)
@@ -178,13 +184,13 @@ class PrunePass(Pass):
 
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
-        size_before = work.ByteSize()
+        size_before = model_size(work)
         if params["structured"]:
             result = _apply_structured(work, chosen, params, ctx)
         else:
             result = apply_unstructured(work, chosen, params["sparsity"], params["storage"], ctx)
         if result.applied:
-            size_after = work.ByteSize()
+            size_after = model_size(work)
             result.notes.append(
                 f"model size {size_before:,} → {size_after:,} bytes "
                 f"({(size_after - size_before) / max(size_before, 1):+.1%}, "

@@ -179,13 +179,9 @@ class Int4WeightPass(Pass):
             load_weights(work)  # onnxruntime's quantizers read every weight from the proto
         with quiet_onnxruntime_logs():
             if streamed:
-                def each(k: int, total: int, name: str) -> None:
-                    ctx.check_cancelled()
-                    ctx.report(0.1 + 0.85 * k / total,
-                               f"{self.technique}: quantizing tensor {k + 1} of {total} ({name})")
-
                 nbits_stream.rewrite(work, names, self.bits, block, params["symmetric"], level,
-                                     ctx.workdir, each)
+                                     ctx.workdir, self.technique, ctx.report,
+                                     ctx.check_cancelled)
                 result = work
             elif algorithm == "gptq":
                 samples = calibration_samples(work, params["calibration"], params["samples"], ctx)

@@ -28,7 +28,13 @@ import onnx
 
 from opstudio.core.errors import OpstudioError
 from opstudio.core.model.graph_utils import nodes_by_name
-from opstudio.core.model.model_io import EXTERNAL_DATA_THRESHOLD
+from opstudio.core.model.model_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    inline_bytes,
+    is_lazy,
+    load_weights,
+)
+from opstudio.core.passes import _int8_stream as int8_stream
 from opstudio.core.passes import _ort_support as ort_support
 from opstudio.core.passes import _smoothquant as smoothquant
 from opstudio.core.passes._activations import calibrated_stats
@@ -99,7 +105,6 @@ class _Int8Pass(Pass):
 
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
-        skipped: dict[str, str] = {}
         folded = ort_support.fold_constant_inputs(work, chosen)
         ctx.report(0.1, f"{self.technique}: quantizing {len(chosen)} node(s)")
         ctx.check_cancelled()
@@ -122,31 +127,43 @@ class _Int8Pass(Pass):
         by_name = nodes_by_name(work.graph)
         work = self._prepare(work, params, notes)
         opset_before = opset(work)
+        names = [target[n] for n in chosen]
+        if self.dynamic and is_lazy(work) and int8_stream.streamable(work, names):
+            before = ort_support.shape_only_copy(work)
+            int8_stream.rewrite(work, names, params["per_channel"], ctx.workdir,
+                                self.technique, ctx.report, ctx.check_cancelled)
+            return self._settled(before, work, chosen, target, _dynamic_details(params),
+                                 extra_details, notes)
+        load_weights(work)  # onnxruntime's quantizers read every weight from the file
         with ort_support.private_workdir(ctx.workdir) as folder:
             src, dst = folder / "input.onnx", folder / "quantized.onnx"
             # protobuf caps one message at 2 GiB: big models go through external data
-            large = work.ByteSize() > EXTERNAL_DATA_THRESHOLD
+            large = inline_bytes(work) > EXTERNAL_DATA_THRESHOLD
             onnx.save_model(work, str(src), save_as_external_data=large,
                             all_tensors_to_one_file=True, location="input.onnx.data")
-            names = [target[n] for n in chosen]
             op_types = sorted({by_name[n].op_type for n in names})
             with quiet_onnxruntime_logs():
                 extra = self._run(src, dst, names, op_types, params, ctx, notes, large)
             result = onnx.load_model(str(dst))
         if self.dynamic:
             ort_support.restore_gemms(work, result, set(by_name) - set(names))
-        applied = [n for n in chosen if self._rewritten(result, target[n])]
-        for name in chosen:
-            if name not in applied:
-                skipped[name] = "onnxruntime's quantizer left it unchanged"
-        rewritten = [target[n] for n in applied]
-        by_target = ort_support.settle(work, result, rewritten)
-        details = {}
-        for name in applied:
-            details[name] = {**by_target[target[name]], **extra, **extra_details.get(name, {})}
         if opset(result) > opset_before:
             notes.append(f"onnxruntime's quantizer raised the model's opset from {opset_before} "
                          f"to {opset(result)} (it converts older models before quantizing)")
+        return self._settled(work, result, chosen, target, extra, extra_details, notes)
+
+    def _settled(self, before: onnx.ModelProto, result: onnx.ModelProto, chosen: Sequence[str],
+                 target: Mapping[str, str], extra: Mapping[str, Any],
+                 extra_details: Mapping[str, Mapping[str, Any]], notes: list[str]) -> PassResult:
+        """The pass's result once the chosen nodes of ``before`` are rewritten in ``result``."""
+        applied = [n for n in chosen if self._rewritten(result, target[n])]
+        skipped = {name: "onnxruntime's quantizer left it unchanged"
+                   for name in chosen if name not in applied}
+        rewritten = [target[n] for n in applied]
+        by_target = ort_support.settle(before, result, rewritten)
+        details = {}
+        for name in applied:
+            details[name] = {**by_target[target[name]], **extra, **extra_details.get(name, {})}
         return PassResult(model=result, applied=applied, skipped=skipped, details=details,
                           notes=notes)
 
@@ -195,7 +212,11 @@ class Int8DynamicPass(_Int8Pass):
                              per_channel=params["per_channel"], weight_type=QuantType.QInt8,
                              nodes_to_quantize=chosen, use_external_data_format=large,
                              extra_options={"MatMulConstBOnly": True, **_EXTRA})
-        return {"weight_type": "int8", "per_channel": params["per_channel"]}
+        return _dynamic_details(params)
+
+    def reads_lazy(self, params):
+        # MatMul weights are quantized one at a time from their files (``_int8_stream``)
+        return True
 
     def _rewritten(self, result, name):
         # quantize_dynamic replaces the node by `<name>_quant` (MatMulInteger / ConvInteger).
@@ -292,6 +313,10 @@ class Int8StaticPass(_Int8Pass):
                 return any(producers.get(i) is not None
                            and producers[i].op_type == "DequantizeLinear" for i in node.input)
         return False
+
+
+def _dynamic_details(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {"weight_type": "int8", "per_channel": params["per_channel"]}
 
 
 def _smooth(work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],

@@ -7,7 +7,8 @@ monkeypatching."""
 
 from __future__ import annotations
 
-from opstudio.core.plan.advisor import CONFIDENCE, Advice, Budget, advise
+from opstudio.core.plan.advisor import Advice, advise
+from opstudio.core.plan.budget import CONFIDENCE, Budget
 from opstudio.core.plan.deploy import (
     FolderExport,
     check_loads,
@@ -16,7 +17,7 @@ from opstudio.core.plan.deploy import (
     wants_folder,
     write_folder,
 )
-from opstudio.core.plan.llm_plan import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
+from opstudio.core.plan.llm import LLM_TECHNIQUES, LlmAdvice, advise_llm, variants_for
 from opstudio.core.plan.olive import olive_workflow
 from opstudio.core.plan.optimize import OptimizeResult, optimize
 from opstudio.core.plan.optimize_compare import optimize_and_compare

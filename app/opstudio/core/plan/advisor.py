@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 from opstudio.core.errors import Cancelled, OpstudioError
-from opstudio.core.measure.accuracy import agreement_low
-from opstudio.core.measure.timing import Ratio
 from opstudio.core.passes import ScanParams, get_pass, plan_rank
+from opstudio.core.plan.budget import Budget, Timer, Verification, Verify
+from opstudio.core.plan.llm import advise_llm, variants_for
 from opstudio.core.plan.recipe import Recipe, Step
 from opstudio.core.plan.sensitivity import Candidate
 from opstudio.core.plan.timer import measured_timer
@@ -38,98 +37,7 @@ MIN_RUN_SHARE = 0.01
 VARIANT_TOLERANCE = 0.25
 # Error floor so that exact rewrites (noise 0) rank by gain rather than dividing by zero.
 NOISE_FLOOR = 1e-12
-# One-sided confidence at which a next-token budget must hold on the judged positions.
-CONFIDENCE = 0.9
 # Technique order inside a recipe: structural rewrites first, then quantizers on what is left.
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Exactly one accuracy budget: cosine or SNR on every output (any model), or next-token
-    top-1 agreement or KL divergence on the logits (language models, see ``llm_plan``)."""
-
-    min_cosine: float | None = None
-    min_snr_db: float | None = None
-    min_top1: float | None = None
-    max_kl: float | None = None
-    # next-token budgets: the plan must hold by a one-sided bound at this confidence on the
-    # judged positions, not just on average: a plan picked because it lands right at the
-    # budget on one text lands below it on the next text about half the time
-    confidence: float = CONFIDENCE
-
-    def __post_init__(self) -> None:
-        given = [x for x in (self.min_cosine, self.min_snr_db, self.min_top1, self.max_kl)
-                 if x is not None]
-        if len(given) != 1:
-            raise OpstudioError("give exactly one accuracy budget: a cosine, an SNR in dB, a "
-                                "next-token top-1 agreement or a KL divergence")
-        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
-            raise OpstudioError(f"cosine budget {self.min_cosine} must be in (0, 1]")
-        if self.min_top1 is not None and not 0.0 < self.min_top1 <= 1.0:
-            raise OpstudioError(f"top-1 budget {self.min_top1} must be in (0, 1]")
-        if self.max_kl is not None and not (self.max_kl > 0 and math.isfinite(self.max_kl)):
-            raise OpstudioError(f"KL budget {self.max_kl} must be a positive number of nats")
-        if not 0.5 <= self.confidence < 1.0:
-            raise OpstudioError(f"confidence {self.confidence} must be in [0.5, 1): 0.5 judges "
-                                "on the measured value alone")
-
-    @property
-    def next_token(self) -> bool:
-        """Budgeted on a language model's next-token distribution (top-1 or KL)."""
-        return self.min_top1 is not None or self.max_kl is not None
-
-    @property
-    def max_noise_ratio(self) -> float:
-        if self.min_snr_db is not None:
-            return 10 ** (-self.min_snr_db / 10)
-        if self.min_cosine is None:
-            raise OpstudioError("a next-token budget has no noise ratio")
-        return 2.0 * (1.0 - float(self.min_cosine))
-
-    def holds(self, cosine: float | None, snr_db: float | None) -> bool:
-        if self.min_cosine is not None:
-            return cosine is not None and cosine >= self.min_cosine
-        if self.min_snr_db is None:
-            raise OpstudioError("a next-token budget is judged by holds_next_token")
-        return snr_db is not None and snr_db >= self.min_snr_db
-
-    def holds_next_token(self, top1: float | None, kl: float | None,
-                         positions: int | None = None, kl_se: float | None = None) -> bool:
-        """Top-1 agreement measured on ``positions`` next tokens holds when its lower
-        confidence bound does; mean KL when mean + z · its standard error does. Without the
-        count (or the error), on the measured value."""
-        if self.min_top1 is not None:
-            return top1 is not None and \
-                agreement_low(top1, positions, self.confidence) >= self.min_top1 - 1e-12
-        if self.max_kl is not None:
-            z = NormalDist().inv_cdf(self.confidence)
-            return kl is not None and kl + z * (kl_se or 0.0) <= self.max_kl
-        raise OpstudioError("a cosine or SNR budget is judged by holds")
-
-    def describe(self) -> str:
-        if self.min_cosine is not None:
-            return f"cosine ≥ {self.min_cosine:g} on every output"
-        if self.min_snr_db is not None:
-            return f"SNR ≥ {self.min_snr_db:g} dB on every output"
-        sure = (f" (at {self.confidence:.0%} confidence on the judged tokens)"
-                if self.confidence > 0.5 else "")
-        if self.min_top1 is not None:
-            return f"next-token top-1 agreement ≥ {self.min_top1:g}{sure}"
-        return f"next-token KL ≤ {self.max_kl:g} nats{sure}"
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db,
-                               "min_top1": self.min_top1, "max_kl": self.max_kl}
-        if self.next_token:
-            out["confidence"] = self.confidence
-        return out
-
-
-
-@dataclass
-class Verification:
-    cosine: float | None
-    snr_db: float | None
 
 
 @dataclass
@@ -180,8 +88,8 @@ def recipe_for(chosen: Sequence[Candidate]) -> Recipe:
 
 
 def greedy_plan(candidates: Sequence[Candidate], budget: Budget,
-                verify: Callable[[Recipe], Verification] | None = None, *,
-                timer: Callable[[Recipe, Recipe], Ratio] | None = None,
+                verify: Verify | None = None, *,
+                timer: Timer | None = None,
                 max_backoff: int = 50, max_fill: int = 8, run_ms: float | None = None,
                 progress: Callable[[float, str], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> PlanResult:
@@ -285,7 +193,7 @@ def _noise_margin(c: Candidate, run_ms: float | None = None) -> float:
 
 
 def _back_off(chosen: list[Candidate], budget: Budget,
-              verify: Callable[[Recipe], Verification], rejected: dict[str, str],
+              verify: Verify, rejected: dict[str, str],
               log: list[str], max_backoff: int,
               progress: Callable[[float, str], None] | None,
               cancelled: Callable[[], bool] | None) -> Verification | None:
@@ -313,7 +221,7 @@ def _back_off(chosen: list[Candidate], budget: Budget,
                         f"after {max_backoff} back-off steps")
 
 
-def _keep_what_pays(chosen: list[Candidate], timer: Callable[[Recipe, Recipe], Ratio],
+def _keep_what_pays(chosen: list[Candidate], timer: Timer,
                     rejected: dict[str, str], log: list[str],
                     progress: Callable[[float, str], None] | None,
                     cancelled: Callable[[], bool] | None) -> bool:
@@ -350,7 +258,7 @@ def _keep_what_pays(chosen: list[Candidate], timer: Callable[[Recipe, Recipe], R
 
 
 def _sweep(chosen: list[Candidate], small: Sequence[Candidate], budget: Budget,
-           verify: Callable[[Recipe], Verification], timer: Callable[[Recipe, Recipe], Ratio],
+           verify: Verify, timer: Timer,
            verified: Verification | None, rejected: dict[str, str], log: list[str],
            cancelled: Callable[[], bool] | None, max_tries: int = 3) -> Verification | None:
     """Many small nodes can add up to a saving that none of them shows alone above its noise
@@ -387,8 +295,8 @@ def _sweep(chosen: list[Candidate], small: Sequence[Candidate], budget: Budget,
 
 
 def _settle_variants(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
-                     verify: Callable[[Recipe], Verification],
-                     timer: Callable[[Recipe, Recipe], Ratio], verified: Verification | None,
+                     verify: Verify,
+                     timer: Timer, verified: Verification | None,
                      rejected: dict[str, str], log: list[str],
                      cancelled: Callable[[], bool] | None) -> Verification | None:
     """Variants of one technique rank by pooled savings (``_pooled_gains``), so accuracy picks
@@ -438,7 +346,7 @@ def _in_step(c: Candidate, step: Step) -> bool:
 
 
 def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
-          verify: Callable[[Recipe], Verification], verified: Verification,
+          verify: Verify, verified: Verification,
           rejected: dict[str, str], log: list[str], max_fill: int,
           cancelled: Callable[[], bool] | None) -> Verification:
     """Errors often add up to less than predicted (they partly cancel, or one node dominates):
@@ -477,7 +385,7 @@ def _fill(chosen: list[Candidate], pool: Sequence[Candidate], budget: Budget,
 def measured_verifier(model: Any, inputs: Mapping[str, Any],
                       timeout_s: float = 600.0,
                       cancelled: Callable[[], bool] | None = None
-                      ) -> Callable[[Recipe], Verification]:
+                      ) -> Verify:
     """A ``verify`` for ``greedy_plan``: apply the recipe and measure the outputs' error, in a
     child process (a rewrite that crashes onnxruntime must not take the caller down). The
     original model's outputs are computed once, on the first call, and reused."""
@@ -569,11 +477,9 @@ def advise(model_path: str, settings: Any, budget: Budget,
     """Sensitivity scan, roofline and verified greedy plan for the model at ``model_path``.
 
     A next-token budget (top-1 or KL) plans a language model's decode (or prefill) step by
-    layer and role instead and returns an ``llm_plan.LlmAdvice``; its scan's judging runs on
-    a Ray ``cluster`` when one is named ("auto", "ray://HOST:PORT")."""
+    layer and role instead (``plan.llm``); its scan's judging runs on a Ray ``cluster`` when
+    one is named ("auto", "ray://HOST:PORT")."""
     if budget.next_token:
-        from opstudio.core.plan.llm_plan import advise_llm, variants_for
-
         variants = None if techniques is None else variants_for(
             techniques, settings.inputs_path or "random")
         return advise_llm(model_path, settings, budget, variants, use_cache=use_cache,

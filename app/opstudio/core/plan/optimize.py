@@ -34,7 +34,7 @@ import onnx
 
 from opstudio.core.errors import Cancelled, OpstudioError
 from opstudio.core.measure.inputs import NeedsInputs
-from opstudio.core.measure.memory import weight_bytes
+from opstudio.core.measure.memory import available_bytes, weight_bytes
 from opstudio.core.model import provenance, validity
 from opstudio.core.model.graph_utils import copy_model
 from opstudio.core.model.model_io import (
@@ -52,6 +52,7 @@ from opstudio.core.passes import (
     ContractBroken,
     PassContext,
     RewriterFailed,
+    all_passes,
     get_pass,
 )
 from opstudio.core.plan import reasons
@@ -118,8 +119,9 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
     With ``consume`` the caller hands ``model`` over (it may be changed) and no copy of the
     weights is made: what a big model needs to be optimized within about twice its size. A model
     opened lazily with more than ``STREAM_ABOVE`` bytes of weights keeps them in their files
-    through the steps whose pass reads one weight at a time (``Pass.reads_lazy``: round-to-nearest INT4/INT8 weight-only); before any
-    other step its weights are read into it.
+    through the steps whose pass reads one weight at a time (``Pass.reads_lazy``); before any
+    other step its weights are read into it (refused when they would not fit in the memory
+    that is free, and said in the step's notes).
     """
     current = model if consume else copy_model(model)
     del model
@@ -144,10 +146,10 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         started = time.perf_counter()
         pass_ = get_pass(step.technique)
         params = pass_.validate_params(step.params)
+        read_in = None
         if not pass_.reads_lazy(params) and is_lazy(current):
             # this pass rewrites weights in memory: a model opened lazily gets them now
-            sub(0.0, f"{where}: reading the weights")
-            load_weights(current)
+            read_in = _read_weights(current, where, step.technique, sub)
         if step.is_selector:
             if index in deferred and not any(step.selects(n.op_type, known_as(n))
                                              for n in current.graph.node):
@@ -158,6 +160,8 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
         else:
             targets, derived = _resolve(current, step, index)
             notes = []
+        if read_in:
+            notes.append(read_in)
         applied: list[str] = []
         skipped: dict[str, str] = {}
         details: dict[str, dict[str, Any]] = {}
@@ -225,6 +229,25 @@ def optimize_file(in_path: str | os.PathLike[str], recipe: Recipe,
         raise Cancelled()
     save_model(result.model, dst, overwrite=overwrite)
     return result
+
+
+def _read_weights(model: onnx.ModelProto, where: str, technique: str,
+                  say: Progress) -> str:
+    """Read a big lazily opened model's weights in for a step whose pass rewrites them in
+    memory; refused in words when they would not fit. Returns the step's note."""
+    need = weight_bytes(model)[0]
+    free = available_bytes()
+    streaming = ", ".join(p.technique for p in all_passes()
+                          if p.reads_lazy(p.validate_params({})))
+    why = (f"{technique} with these parameters rewrites the model in memory and cannot read "
+           "its weights one at a time")
+    if free is not None and need > free:
+        raise OpstudioError(f"{where}: {why}; it would read all {human_bytes(need)} of weights "
+                            f"into memory, and only {human_bytes(free)} is free. These "
+                            f"techniques rewrite one weight at a time: {streaming}")
+    say(0.0, f"{where}: reading all {human_bytes(need)} of weights into memory")
+    load_weights(model)
+    return f"read all {human_bytes(need)} of weights into memory: {why}"
 
 
 def _select(model: onnx.ModelProto, step: Step,

@@ -25,7 +25,7 @@ from opstudio.core.model.model_io import save_model
 from opstudio.core.plan import report
 from opstudio.core.plan.advisor import Advice
 from opstudio.core.plan.deploy import FolderExport, write_folder
-from opstudio.core.plan.llm_plan import LlmAdvice
+from opstudio.core.plan.llm import LlmAdvice
 from opstudio.core.plan.optimize import OptimizeResult
 from opstudio.core.plan.recipe import Step
 from opstudio.core.session.edits import Plan
