@@ -166,10 +166,10 @@ def _units(model: onnx.ModelProto, max_positions: int, attention: bool,
 
 
 def fusable_nodes(model: onnx.ModelProto, attention: bool = True,
-                  max_positions: int = _MAX_POSITIONS) -> list[str]:
+                  max_positions: int = _MAX_POSITIONS, pack: bool = True) -> list[str]:
     """Every node of every unit the pass can fuse (one matching of the whole model; asking
     ``check`` node by node hashes the model once a node)."""
-    return sorted(_units(model, max_positions, attention)[0])
+    return sorted(_units(model, max_positions, attention, pack)[0])
 
 
 class _Refusals:
