@@ -2,26 +2,30 @@
 
 The model is SmolLM2-135M-Instruct as optimum exports it (real weights, fp16 storage behind
 Casts, 30 layers), in ``~/.cache/opstudio-bench/llm/trained_hf/`` with ``prompt_b.npz`` beside
-it. ``fuse`` is applied to every layer's norms, rotary embeddings and attention (the recipe below, as
-``opstudio optimize`` applies it), then both models are profiled at one decode step after a
-past of ``--past`` tokens, their rounds taking turns in one child process
-(``core.compare.compare_models``, as ``opstudio compare A B --phase decode --past 512``): the
-ratios are medians of per-round ratios with their 95 % bootstrap intervals. Printed: the step's
-time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
+it. ``fuse`` is applied to every layer's norms, rotary embeddings, attention (q|k|v packed) and
+SiLU MLP (gate|up packed) (the recipe below, as ``opstudio optimize`` applies it), then both
+models are profiled at one decode step after a past of ``--past`` tokens, their rounds taking
+turns in one child process (``core.compare.compare_models``, as ``opstudio compare A B --phase
+decode --past 512``): the ratios are medians of per-round ratios with their 95 % bootstrap
+intervals. Printed: the step's time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
 change is significant, and next-token agreement on every position of ``prompt_b.npz``. With
 ``--int4``, whole-model INT4 (``int4-weight`` on every MatMul, defaults) of the unfused model
-against the same INT4 of the fused one, timed the same way.
+against the same INT4 of the fused one, and of the model fused without packing the projections
+(``pack`` false) against the packed one, each pair timed the same way.
 
 With ``--anchor``, the same weights as onnxruntime-genai's builder exports them (fp32 and INT4,
 ``llm_exports.py trained genai fp32|int4``, in ``~/.cache/opstudio-bench/llm/trained_genai/``)
-join unfused, fused and both INT4s in one interleaved run (``core.profiler.profile_models``, on
-the decode feeds made for the HF export; the genai export reads the inputs it has). Each row has
-its median step with a 95 % interval and its memory limit: the bytes a step reads (weights as
-onnxruntime holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather
-not counted, plus the KV cache at the past) over this machine's bandwidth (``core.roofline``).
+are timed in one interleaved run (``core.profiler.profile_models``, on the decode feeds made for
+the HF export; the genai export reads the inputs it has) with: unfused fp32; fused fp32; fused +
+INT4; fused + INT8 weight-only; fused + INT4 + ``kv-cache`` int8 (scales calibrated on
+``prompt_b.npz``). Each row has its median
+step with a 95 % interval and its memory limit: the bytes a step reads (weights as onnxruntime
+holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather not
+counted, plus the KV cache at the past in the row's cache type) over this machine's bandwidth
+(``core.roofline``).
 
     python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
-                                      [--anchor] [--genai DIR]
+                                      [--anchor] [--genai DIR] [--bandwidth GBS]
 """
 
 from __future__ import annotations
@@ -45,8 +49,13 @@ from opstudio.core.passes._ort_support import tensor_nbytes
 from opstudio.core.plan.optimize import optimize_file
 from opstudio.core.plan.recipe import Recipe
 
-FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse"}]}
+FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg", "Sigmoid"], "technique": "fuse"}]}
+UNPACKED = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse",
+                                     "params": {"pack": False}}]}
 INT4_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight"}]}
+INT8_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int8-weight"}]}
+KV8_ALL = {"version": 1, "steps": [{"op_types": ["GroupQueryAttention"], "technique": "kv-cache",
+                                    "params": {"bits": 8}}]}
 DEFAULT_MODEL = Path.home() / ".cache/opstudio-bench/llm/trained_hf/model.onnx"
 DEFAULT_GENAI = Path.home() / ".cache/opstudio-bench/llm/trained_genai"
 
@@ -64,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                              "INT4 exports together, with each one's memory limit")
     parser.add_argument("--genai", type=Path, default=DEFAULT_GENAI,
                         help="folder with the genai builder's fp32/ and int4/ exports")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="memory bandwidth in GB/s for the memory limit (default: "
+                             "core.roofline's cached measurement, which a busy machine lowers)")
     args = parser.parse_args(argv)
     if not args.model.exists():
         print(f"{args.model}: not found (the trained HF-style export)", file=sys.stderr)
@@ -98,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['op_type']:36} {r['before_ms']:7.3f} → {r['after_ms']:7.3f}")
 
     prompt = args.model.parent / "prompt_b.npz"
+    feeds: dict[str, np.ndarray] = {}
     if prompt.exists():
         with np.load(prompt) as data:
             feeds = {k: data[k] for k in data.files}
         report = evaluate(str(args.model), str(fused), feeds, threads=0)
-        print(f"\non {prompt.name} ({feeds['input_ids'].shape[1]} tokens): {report.summary()}")
+        print(f"\non {prompt.name} ({feeds['input_ids'].shape[1]} tokens): {report.summary()}; "
+              f"logits cosine ≥ {report.worst_cosine():.6f}")
     if args.int4 or args.anchor:
         int4 = [args.out / "int4.onnx", args.out / "fused_int4.onnx"]
         for source, target in zip((args.model, fused), int4, strict=True):
@@ -114,34 +128,64 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{missing[0]}: not found (build it with benchmarks/llm_exports.py trained "
                   "genai fp32|int4)", file=sys.stderr)
             return 1
-        anchor_table([("unfused fp32", args.model), ("fused fp32", fused),
-                      ("unfused INT4", int4[0]), ("fused INT4", int4[1]),
-                      ("genai fp32", genai[0]), ("genai INT4", genai[1])], settings)
+        anchor_table(anchor_models(args, fused, int4[1], feeds, genai), settings,
+                     args.bandwidth)
     if args.int4:
-        pair = compare_models(int4[0], int4[1], settings)
-        print(f"\nINT4 (every MatMul) unfused → fused: plain p50 "
-              f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
-              f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
-              f"{'n/a' if pair.plain_ratio is None else f'{pair.plain_ratio.median:.2f}×'}, "
-              f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
-              f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
+        unpacked = [args.out / "unpacked.onnx", args.out / "unpacked_int4.onnx"]
+        optimize_file(args.model, Recipe.from_json(UNPACKED), unpacked[0], overwrite=True)
+        optimize_file(unpacked[0], Recipe.from_json(INT4_ALL), unpacked[1], overwrite=True)
+        for text, before, after in (("unfused → fused", int4[0], int4[1]),
+                                    ("fused unpacked → packed", unpacked[1], int4[1])):
+            pair = compare_models(before, after, settings)
+            print(f"\nINT4 (every MatMul) {text}: plain p50 "
+                  f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
+                  f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
+                  f"{'n/a' if pair.plain_ratio is None else f'{pair.plain_ratio.median:.2f}×'}, "
+                  f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
+                  f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
     return 0
+
+
+def anchor_models(args: argparse.Namespace, fused: Path, fused_int4: Path,
+                  prompt: dict[str, np.ndarray], genai: list[Path]) -> list[tuple[str, Path]]:
+    """The anchor table's rows, made from the trained export (genai's builder's last)."""
+    made = {name: args.out / f"{name}.onnx" for name in ("fused_int8w", "fused_int4_kv8")}
+    optimize_file(fused, Recipe.from_json(INT8_ALL), made["fused_int8w"], overwrite=True)
+    optimize_file(fused_int4, Recipe.from_json(KV8_ALL), made["fused_int4_kv8"], overwrite=True,
+                  calibration=[prompt] if prompt else None)
+    return [("unfused fp32", args.model), ("fused fp32", fused),
+            ("fused INT4", fused_int4), ("fused INT8w", made["fused_int8w"]),
+            ("fused INT4 KV8", made["fused_int4_kv8"]), ("genai fp32", genai[0]),
+            ("genai INT4", genai[1])]
+
+
+def cache_itemsize(path: Path) -> int:
+    """Bytes of one KV cache element the model reads (int8 after ``kv-cache``, else float)."""
+    model = load_model(path, load_external_data=False, name_nodes=False)
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values"):
+            dtype = value.type.tensor_type.elem_type
+            return onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
+    return 4
 
 
 def bytes_read(path: Path) -> int:
     """Weight bytes one decode step reads: initializers at the dtype onnxruntime holds them in
     (an fp16 initializer behind a Cast is folded to the Cast's type), leaving out tables read
-    only by a Gather's data input (an embedding: one row per token)."""
+    a row per token: only by a Gather's data input (an embedding) or as a fused rotary cache."""
     model = load_model(path, load_external_data=False, name_nodes=False)
     readers: dict[str, list] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             readers.setdefault(name, []).append((node, i))
 
+    # rotary caches: a fused attention reads the rows of the step's positions only
+    rows = {"Gather": (0,), "GroupQueryAttention": (7, 8), "RotaryEmbedding": (2, 3)}
+
     def gathered(name: str) -> bool:
         uses = readers.get(name, [])
         return bool(uses) and all(
-            (n.op_type == "Gather" and i == 0) or (n.op_type == "Cast" and gathered(n.output[0]))
+            i in rows.get(n.op_type, ()) or (n.op_type == "Cast" and gathered(n.output[0]))
             for n, i in uses)
 
     total = 0
@@ -157,34 +201,38 @@ def bytes_read(path: Path) -> int:
     return total
 
 
-def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings) -> None:
+def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
+                 bandwidth_gbs: float | None = None) -> None:
     """All ``models`` timed in turn in one process; each row against the genai INT4 (last)."""
-    machine = measure_machine()
+    bandwidth = bandwidth_gbs or measure_machine().bandwidth_gbs
     profiles = profile_models([p for _, p in models], settings)
     first = profiles[0]
     kv = (first.memory.kv_token_bytes * first.memory.past) if first.memory else 0
     print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
-          f"in one process; bandwidth {machine.bandwidth_gbs:.1f} GB/s (core.roofline); "
+          f"in one process; bandwidth {bandwidth:.1f} GB/s "
+          f"({'given' if bandwidth_gbs else 'core.roofline'}); "
           f"KV at the past {kv / 1e6:.1f} MB")
-    print(f"{'model':13} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
+    print(f"{'model':14} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
           f"{'limit ms':>8} {'× limit':>7}  {'vs genai INT4 (speed-up, 95 %)':30}")
     anchor = profiles[-1]
     for (label, path), p in zip(models, profiles, strict=True):
         series = p.plain_series_ms or p.total_series_ms
         lo, hi = median_interval(series)
         median = float(np.median(series))
-        read = bytes_read(path) + kv
-        limit_ms = read / (machine.bandwidth_gbs * 1e9) * 1e3
+        read = bytes_read(path) + kv * cache_itemsize(path) // 4
+        limit_ms = read / (bandwidth * 1e9) * 1e3
         ratio = against(anchor, p)
         vs = "—" if p is anchor else (
             "n/a" if ratio is None else f"{ratio.median:.2f}× [{ratio.low:.2f}, {ratio.high:.2f}]")
-        print(f"{label:13} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+        print(f"{label:14} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
               f"{len(p.kernel_events):7d} {read / 1e6:8.1f} {limit_ms:8.2f} "
               f"{median / limit_ms:7.2f}  {vs}")
-    pairs = [("fused fp32 vs unfused fp32", 0, 1), ("fused fp32 vs genai fp32", 4, 1),
-             ("fused INT4 vs unfused INT4", 2, 3), ("fused INT4 vs genai INT4", 5, 3)]
-    for text, before, after in pairs:
-        ratio = against(profiles[before], profiles[after])
+    index = {label: i for i, (label, _) in enumerate(models)}
+    pairs = [("fused fp32", "unfused fp32"), ("fused fp32", "genai fp32"),
+             ("fused INT4", "genai INT4"), ("fused INT4 KV8", "genai INT4")]
+    for after, before in pairs:
+        text = f"{after} vs {before}"
+        ratio = against(profiles[index[before]], profiles[index[after]])
         print(f"{text}: {'n/a' if ratio is None else f'{ratio.median:.2f}×'}, "
               f"{interval_text(ratio)}")
 

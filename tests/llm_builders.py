@@ -404,7 +404,7 @@ def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: 
                              i64(f"{m}/axes12", 1, 2)], f"{m}/Unsqueeze_2")
     allowed = node("And", [node("LessOrEqual", [cols, rows], f"{m}/LessOrEqual"), pad],
                    f"{m}/And")
-    bias = node("Where", [allowed, const(f"{m}/zero_f", np.array(0.0, np.float32)),
+    additive = node("Where", [allowed, const(f"{m}/zero_f", np.array(0.0, np.float32)),
                           const(f"{m}/min", np.array(np.finfo(np.float32).min, np.float32))],
                 f"{m}/Where")
 
@@ -469,7 +469,7 @@ def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: 
         scores = node("Mul", [node("MatMul", [q, kt], f"{a}/MatMul"),
                               const(f"{a}/scale", np.array(head ** -0.5, np.float32))],
                       f"{a}/Mul_scale")
-        probs = node("Softmax", [node("Add", [scores, bias], f"{a}/Add_mask")], f"{a}/Softmax",
+        probs = node("Softmax", [node("Add", [scores, additive], f"{a}/Add_mask")], f"{a}/Softmax",
                      axis=-1)
         ctx = node("MatMul", [probs, repeat(v, "repeat_v")], f"{a}/MatMul_1")
         ctx = node("Reshape", [node("Transpose", [ctx], f"{a}/Transpose_ctx", perm=[0, 2, 1, 3]),

@@ -54,8 +54,8 @@ PARAMS = {
 
 def _case(technique):
     """The model each technique is run on, the nodes it must rewrite, a feed and the first
-    output's shape: small_mlp's two MatMuls, or for fuse a decoder's first norm and the rotary
-    embedding of its queries (fuse takes no MatMul)."""
+    output's shape: small_mlp's two MatMuls, or for fuse a decoder's first norm, the rotary
+    embedding of its queries (its attention, packed) and its SiLU gate (packed)."""
     if technique == "kv-cache":
         model = kv_decoder("gqa", layers=1)
         nodes = [n.name for n in model.graph.node if n.op_type == "GroupQueryAttention"]
@@ -64,7 +64,8 @@ def _case(technique):
                                         for kind in ("key", "value")}}
         return model, nodes, feeds, (1, 4, 64)
     if technique == "fuse":
-        nodes = ["/model/layers.0/input_layernorm/Pow", "/model/layers.0/self_attn/q_rot/Neg"]
+        nodes = ["/model/layers.0/input_layernorm/Pow", "/model/layers.0/self_attn/q_rot/Neg",
+                 "/model/layers.0/mlp/act_fn/Sigmoid"]
         return llama_decoder(layers=1), nodes, llama_inputs(layers=1), (1, 4, 64)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     return small_mlp(), ["fc1", "fc2"], {"x": x}, (3, 32)

@@ -65,6 +65,9 @@ class FusePass(Pass):
                   "also fuse each attention block (projections' outputs to the merged heads, "
                   "RoPE, past Concat, repeat_kv, mask, Softmax) into GroupQueryAttention; off: "
                   "norms and rotary embeddings only"),
+        ParamSpec("pack", "bool", True, "Pack projections",
+                  "also pack a fused attention's q, k and v projections into one MatMul, and "
+                  "a SiLU MLP's gate and up projections into one MatMul and a Split"),
     )
     # first: the attention rule reads the q/k/v projections' float weights (for the head
     # counts), which a quantizer or pruner would have rewritten
@@ -79,7 +82,8 @@ class FusePass(Pass):
     def check(self, model: onnx.ModelProto, node: onnx.NodeProto,
               params: Mapping[str, Any] | None = None) -> str | None:
         given = self.given_params(params)
-        units, reasons = _units(model, int(given["max_positions"]), bool(given["attention"]))
+        units, reasons = _units(model, int(given["max_positions"]), bool(given["attention"]),
+                                bool(given["pack"]))
         if node.name in units:
             return None
         if node.name in reasons:
@@ -92,15 +96,18 @@ class FusePass(Pass):
     def _rewrite(self, work: onnx.ModelProto, chosen: Sequence[str], params: Mapping[str, Any],
                  ctx: PassContext) -> PassResult:
         max_positions, attention = int(params["max_positions"]), bool(params["attention"])
-        units, reasons = _units(work, max_positions, attention)
+        pack = bool(params["pack"])
+        units, reasons = _units(work, max_positions, attention, pack)
         allowed: set[str] = set()
         for name in chosen:
             allowed |= units[name]
         ctx.report(0.1, f"fuse: matching {len(chosen)} node(s)")
         ctx.check_cancelled()
-        fused, counts = _fuse(work, max_positions, attention, allowed)
+        made: list[set[str]] = []
+        fused, counts = _fuse(work, max_positions, attention, allowed, pack=pack, made=made)
         result = PassResult(model=fused)
-        result.applied = [name for name in chosen if name in _fused_names(fused)]
+        replaced = set().union(*made)
+        result.applied = [name for name in chosen if name in replaced]
         for name in chosen:
             if name not in result.applied:
                 result.skipped[name] = "the unit could not be fused together with the others"
@@ -115,19 +122,10 @@ class FusePass(Pass):
         return result
 
 
-def _fused_names(model: onnx.ModelProto) -> set[str]:
-    names: set[str] = set()
-    for node in model.graph.node:
-        origins = provenance.get_origin(node)
-        if node.op_type in _FUSED_OPS and origins != [node.name]:
-            names.update(origins)
-    return names
-
-
 # model key -> (node name -> the original nodes of its unit, node name -> why its pattern was
 # refused); the app asks ``check`` node by node
 _Units = tuple[dict[str, frozenset[str]], dict[str, str]]
-_UNIT_CACHE: dict[tuple[str, int, bool], _Units] = {}
+_UNIT_CACHE: dict[tuple[str, int, bool, bool], _Units] = {}
 
 
 def _model_key(model: onnx.ModelProto) -> str:
@@ -144,21 +142,22 @@ def _model_key(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def _units(model: onnx.ModelProto, max_positions: int, attention: bool) -> _Units:
+def _units(model: onnx.ModelProto, max_positions: int, attention: bool,
+           pack: bool = True) -> _Units:
     """Node name -> the names of the unit it belongs to (fusing everything possible once), and
-    for nodes of a pattern that matched but was refused, the reason."""
-    key = (_model_key(model), max_positions, attention)
+    for nodes of a pattern that matched but was refused, the reason. Rewrites that build on one
+    another (an attention whose projections are then packed) make one unit."""
+    key = (_model_key(model), max_positions, attention, pack)
     found = _UNIT_CACHE.get(key)
     if found is None:
         refusals = _Refusals()
-        fused, _ = _fuse(model, max_positions, attention, None, refusals)
+        made: list[set[str]] = []
+        _fuse(model, max_positions, attention, None, refusals, pack=pack, made=made)
         units: dict[str, frozenset[str]] = {}
-        for node in fused.graph.node:
-            origins = provenance.get_origin(node)
-            if node.op_type in _FUSED_OPS and origins != [node.name]:
-                unit = frozenset(origins)
-                for name in unit:
-                    units[name] = unit
+        for group in made:
+            unit = frozenset(group).union(*(units.get(name, frozenset()) for name in group))
+            for name in unit:
+                units[name] = unit
         found = (units, refusals.reasons)
         if len(_UNIT_CACHE) > 8:
             _UNIT_CACHE.clear()
@@ -167,10 +166,10 @@ def _units(model: onnx.ModelProto, max_positions: int, attention: bool) -> _Unit
 
 
 def fusable_nodes(model: onnx.ModelProto, attention: bool = True,
-                  max_positions: int = _MAX_POSITIONS) -> list[str]:
+                  max_positions: int = _MAX_POSITIONS, pack: bool = True) -> list[str]:
     """Every node of every unit the pass can fuse (one matching of the whole model; asking
     ``check`` node by node hashes the model once a node)."""
-    return sorted(_units(model, max_positions, attention)[0])
+    return sorted(_units(model, max_positions, attention, pack)[0])
 
 
 class _Refusals:
@@ -217,14 +216,16 @@ def refused_in_layers(reasons: Mapping[str, str], chosen: Sequence[str]) -> list
 
 
 def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
-          allowed: set[str] | None,
-          refusals: _Refusals | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+          allowed: set[str] | None, refusals: _Refusals | None = None, *, pack: bool = False,
+          made: list[set[str]] | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The model with every unit whose nodes are all in ``allowed`` (None: every unit) fused,
-    and how many of each fused op were made. ``model`` is not changed."""
+    and how many of each fused op were made; ``made`` gets the original nodes of each rewrite
+    kept. ``model`` is not changed."""
     import onnx_ir as ir
 
     from opstudio.core.passes import _fusion_families as families
     from opstudio.core.passes import _fusion_rules as rules
+    from opstudio.core.passes._packing_rules import packing_rules
 
     irmodel = ir.serde.deserialize_model(model)
     counts: dict[str, int] = {}
@@ -241,10 +242,13 @@ def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
                 families.skip_rules(), rotary]
     if attention:
         rulesets.append(rules.attention_rules(shared) + families.attention_rules(shared, probe))
+    if pack:  # after attention: q|k|v are packed into the GroupQueryAttention it made
+        rulesets.append(packing_rules())
     live_before = _live(irmodel.graph)
     read_before = {name for name, value in irmodel.graph.initializers.items() if value.uses()}
+    kept: list[tuple[str, set[str]]] = []
     for ruleset in rulesets:
-        _apply(irmodel, ruleset, allowed, shared, refusals)
+        kept += _apply(irmodel, ruleset, allowed, shared, refusals)
         # what the fused kernels no longer read (the cos/sin tables, rotate_half's Shape/2,
         # the attention's shapes and mask): gone before the next rules, which would see those
         # readers as other uses of the values they match
@@ -257,6 +261,12 @@ def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
     for node in irmodel.graph:
         if node.op_type in _FUSED_OPS and provenance.ORIGIN_KEY in node.metadata_props:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    for rule, _ in kept:
+        if rule.startswith("Pack"):
+            kind = "packed q|k|v" if rule.startswith("PackQKV") else "packed gate|up"
+            counts[kind] = counts.get(kind, 0) + 1
+    if made is not None:
+        made.extend(group for _, group in kept)
     return ir.serde.serialize_model(irmodel), counts
 
 
@@ -298,9 +308,12 @@ def _origins(node: Any) -> list[str]:
 
 
 def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: Any,
-           refusals: _Refusals | None = None) -> None:
+           refusals: _Refusals | None = None) -> list[tuple[str, set[str]]]:
+    """Rewrites with ``ruleset`` what ``allowed`` lets; returns each kept rewrite's rule name
+    and the original nodes it replaced."""
     from onnx_ir import convenience
 
+    kept: list[tuple[str, set[str]]] = []
     graph = irmodel.graph
     taken = {node.name for node in graph}
     # a match is anchored at one of a pattern's output nodes: trying only the rules one of
@@ -321,6 +334,7 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: A
                 shared.drop()
                 continue
             shared.keep()
+            kept.append((rule.name, set(origins)))
             # the rotary caches are made once and shared, maybe first by a match not taken
             for new in delta.new_nodes:
                 for value in new.inputs:
@@ -329,21 +343,29 @@ def _apply(irmodel: Any, ruleset: list[Any], allowed: set[str] | None, shared: A
                         graph.initializers[value.name] = value
             # named in the module of the node the result replaces (the norm, not the Add)
             scope = (node.name or "").rsplit("/", 1)[0] or "/fuse"
+            replaced = {m.name: m.op_type for m in delta.match.nodes}
             for new in delta.new_nodes:
-                name = f"{scope}/{new.op_type}"
-                suffix = 0
+                # a rule may name its nodes (``qkv_proj/MatMul``; a kernel it rewires by the
+                # name it had) and say which of the matched nodes each stands for; otherwise
+                # each stands for all of them
+                base = f"{scope}/{new.name or new.op_type}"
+                name, suffix = base, 0
+                if new.name and replaced.get(base) == new.op_type:
+                    taken.discard(base)
                 while name in taken:
                     suffix += 1
-                    name = f"{scope}/{new.op_type}_{suffix}"
+                    name = f"{base}_{suffix}"
                 taken.add(name)
                 new.name = name
                 for i, out in enumerate(new.outputs):
                     if not out.name:
                         out.name = f"{name}_output_{i}"
-                new.metadata_props[provenance.ORIGIN_KEY] = ",".join(origins)
+                if provenance.ORIGIN_KEY not in new.metadata_props:
+                    new.metadata_props[provenance.ORIGIN_KEY] = ",".join(origins)
             convenience.replace_nodes_and_values(graph, node, delta.match.nodes, delta.new_nodes,
                                                  delta.match.outputs, delta.new_outputs)
             break
+    return kept
 
 
 PASS = FusePass()

@@ -26,8 +26,9 @@ from opstudio.core.plan.llm.variants import Variant
 from opstudio.core.plan.recipe import Step
 from opstudio.core.progress import CancelCheck, Progress
 
-# the fusions tried: every unit (attention included), and norms and rotary embeddings alone
-TRIES = ({"attention": True}, {"attention": False})
+# the fusions tried: every unit (attention included), and norms and rotary embeddings alone;
+# unpacked, so the projections keep the names the plan's quantizer steps select them by
+TRIES = ({"attention": True, "pack": False}, {"attention": False, "pack": False})
 
 
 @dataclass
@@ -58,7 +59,8 @@ def build_fusions(model_path: str, prompt: Mapping[str, np.ndarray],
     nodes: dict[str, list[str]] = {}
     for params in tries:
         tid = _task(params)
-        nodes[tid] = fusable_nodes(model, bool(params.get("attention", True)))
+        nodes[tid] = fusable_nodes(model, bool(params.get("attention", True)),
+                                   pack=bool(params.get("pack", True)))
         if nodes[tid]:
             tasks.append((tid, Recipe([Step("fuse", dict(params), nodes[tid])]).to_json()))
     del model
