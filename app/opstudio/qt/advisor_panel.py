@@ -141,8 +141,9 @@ class AdvisorPanel(QWidget):
         self.accept_button.setEnabled(False)
         self.accept_button.clicked.connect(self._on_accept)
 
-        # two short rows rather than one long one: the panel shares its dock area with the
-        # results, and its minimum width would otherwise squeeze the operator table
+        # three short rows rather than one long one: the panel shares its dock area with the
+        # results, and its minimum width would otherwise squeeze the operator table and the
+        # Optimize dock (the next-token budget's phase, past and confidence take a row alone)
         top = QHBoxLayout()
         top.addWidget(QLabel("Accuracy budget:"))
         top.addWidget(self.kind)
@@ -157,12 +158,14 @@ class AdvisorPanel(QWidget):
         top.addWidget(self.confidence_label)
         top.addWidget(self.confidence)
         top.addStretch(1)
-        top.addWidget(self.analyze_button)
-        top.addWidget(self.accept_button)
         techniques.insertWidget(0, QLabel("Try:"))
+        actions = QHBoxLayout()
         self.cluster_label = QLabel("Run scan on:")
-        techniques.addWidget(self.cluster_label)
-        techniques.addWidget(self.cluster)
+        actions.addWidget(self.cluster_label)
+        actions.addWidget(self.cluster)
+        actions.addStretch(1)
+        actions.addWidget(self.analyze_button)
+        actions.addWidget(self.accept_button)
         self.kind.currentIndexChanged.connect(self._on_kind)
         self._on_kind(0)
 
@@ -229,6 +232,7 @@ class AdvisorPanel(QWidget):
         layout.setContentsMargins(6, 6, 6, 6)
         layout.addLayout(top)
         layout.addLayout(techniques)
+        layout.addLayout(actions)
         layout.addWidget(self.summary)
         layout.addWidget(split, 1)
 
