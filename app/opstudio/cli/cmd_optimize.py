@@ -45,8 +45,6 @@ MAX_SKIPPED_SHOWN = 12
 _ORDER = ("rank", "energy", "rel_error", "sparsity", "params", "flops", "bytes")
 
 
-BIG_MODEL_BYTES = 2**30
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "optimize", help="apply an optimization recipe to chosen operators",
@@ -125,12 +123,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         save_model(result.model, dst, overwrite=args.overwrite)
     accuracy = None
-    # a big model is judged without graph optimizations: they fold a tied embedding's Transpose
-    # and an fp16 model's Casts into fp32 copies of those weights (GiBs), and change no output
-    level = "disable" if stored_bytes(src) > BIG_MODEL_BYTES else "all"
     if judged is not None:
         try:
-            reference = run_outputs(src, judged, opt_level=level)
+            reference = run_outputs(src, judged)
         except OpstudioError as exc:  # the inputs do not fit the model: not the result's fault
             given = "the given" if args.inputs else "synthetic"
             cause = (str(exc.__cause__ or exc).strip().splitlines() or [""])[0][:200]
@@ -139,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                             "--dim or --shape")
         else:
             try:
-                accuracy = compare_outputs(reference, run_outputs(dst, judged, opt_level=level))
+                accuracy = compare_outputs(reference, run_outputs(dst, judged))
             except OpstudioError as exc:
                 raise OpstudioError(
                     f"wrote {dst}, but could not check its accuracy: {exc}") from exc
