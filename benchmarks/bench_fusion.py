@@ -5,7 +5,7 @@ Casts, 30 layers), in ``~/.cache/opstudio-bench/llm/trained_hf/`` with ``prompt_
 it. ``fuse`` is applied to every layer's norms, rotary embeddings, attention (q|k|v packed) and
 SiLU MLP (gate|up packed) (the recipe below, as ``opstudio optimize`` applies it), then both
 models are profiled at one decode step after a past of ``--past`` tokens, their rounds taking
-turns in one child process (``core.compare.compare_models``, as ``opstudio compare A B --phase
+turns in one child process (``core.measure.compare.compare_models``, as ``opstudio compare A B --phase
 decode --past 512``): the ratios are medians of per-round ratios with their 95 % bootstrap
 intervals. Printed: the step's time, the kernels onnxruntime runs per step (after its own graph optimizations), the rows whose
 change is significant, and next-token agreement on every position of ``prompt_b.npz``. With
@@ -15,14 +15,14 @@ against the same INT4 of the fused one, and of the model fused without packing t
 
 With ``--anchor``, the same weights as onnxruntime-genai's builder exports them (fp32 and INT4,
 ``llm_exports.py trained genai fp32|int4``, in ``~/.cache/opstudio-bench/llm/trained_genai/``)
-are timed in one interleaved run (``core.profiler.profile_models``, on the decode feeds made for
+are timed in one interleaved run (``core.measure.profiler.profile_models``, on the decode feeds made for
 the HF export; the genai export reads the inputs it has) with: unfused fp32; fused fp32; fused +
 INT4; fused + INT8 weight-only; fused + INT4 + ``kv-cache`` int8 (scales calibrated on
 ``prompt_b.npz``). Each row has its median
 step with a 95 % interval and its memory limit: the bytes a step reads (weights as onnxruntime
 holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather not
 counted, plus the KV cache at the past in the row's cache type) over this machine's bandwidth
-(``core.roofline``).
+(``core.measure.roofline``).
 
     python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
                                       [--anchor] [--genai DIR] [--bandwidth GBS]

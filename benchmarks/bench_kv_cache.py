@@ -11,7 +11,7 @@ on ``prompt_b.npz`` as ``opstudio optimize --inputs`` does. A text of at least `
 cache (teacher-forced: both read the text's tokens): agreement is the share of those steps, plus
 the prefill's last position, whose argmax equals the reference's. Then both are timed at one
 decode step after a synthetic past of ``--past`` tokens, rounds interleaved in one child
-process (``core.compare.compare_models``, as ``opstudio compare A B --phase decode --past N``).
+process (``core.measure.compare.compare_models``, as ``opstudio compare A B --phase decode --past N``).
 
     python benchmarks/bench_kv_cache.py [--model PATH] [--past 2048] [--steps 64] [--bits 8]
                                         [--runs 10] [--out DIR] [--text FILE]

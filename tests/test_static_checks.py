@@ -39,7 +39,7 @@ def test_import_contracts_are_kept():
     assert kept and int(kept.group(1)) >= 3, proc.stdout  # the contracts were read and checked
 
 
-def test_only_ort_session_builds_session_options():
+def test_only_the_runtime_module_builds_session_options():
     # one session factory: every onnxruntime option a session gets is chosen in one place
     package = ROOT / "app" / "opstudio"
     builders = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
