@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with the genai builder's fp32/ and int4/ exports")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="memory bandwidth in GB/s for the memory limit (default: "
-                             "core.roofline's cached measurement, which a busy machine lowers)")
+                             "core.measure.roofline's cached measurement, which a busy machine lowers)")
     args = parser.parse_args(argv)
     if not args.model.exists():
         print(f"{args.model}: not found (the trained HF-style export)", file=sys.stderr)
@@ -210,7 +210,7 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
     kv = (first.memory.kv_token_bytes * first.memory.past) if first.memory else 0
     print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
           f"in one process; bandwidth {bandwidth:.1f} GB/s "
-          f"({'given' if bandwidth_gbs else 'core.roofline'}); "
+          f"({'given' if bandwidth_gbs else 'core.measure.roofline'}); "
           f"KV at the past {kv / 1e6:.1f} MB")
     print(f"{'model':14} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
           f"{'limit ms':>8} {'× limit':>7}  {'vs genai INT4 (speed-up, 95 %)':30}")

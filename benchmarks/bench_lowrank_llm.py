@@ -4,7 +4,7 @@ The model is SmolLM2-135M-Instruct as an HF-style ONNX decoder (``llm_exports.tr
 30 layers, SwiGLU MLPs 576 → 1536 → 576, fp16 weights behind Cast), or any decoder given with
 ``--model`` that has ``prompt_a.npz`` and ``prompt_b.npz`` beside it. Each method factorizes every
 node matching ``--pattern`` (gate, up and down projections) at the same rank through
-``opstudio.core.optimize.optimize``; the activation-aware ones calibrate on prompt_a, and all
+``opstudio.core.plan.optimize.optimize``; the activation-aware ones calibrate on prompt_a, and all
 are judged on prompt_b, which they never saw: next-token top-1 agreement with the original
 model at every position of the prompt, mean KL of the next-token distributions, the
 projections' parameters and the model's size.
