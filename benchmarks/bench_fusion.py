@@ -45,7 +45,7 @@ from opstudio.core.measure.profiler import Profile, ProfileSettings, profile_mod
 from opstudio.core.measure.roofline import measure_machine
 from opstudio.core.measure.timing import Ratio, median_interval, paired_speedup, quiet_rounds
 from opstudio.core.model.model_io import load_model
-from opstudio.core.passes._ort_support import tensor_nbytes
+from opstudio.core.model.tensors import tensor_nbytes
 from opstudio.core.plan.optimize import optimize_file
 from opstudio.core.plan.recipe import Recipe
 

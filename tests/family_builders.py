@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from llm_builders import hf_decoder_io
+
 FAMILIES = {
     # heads, kv_heads, head, rotary dims (0: learned positions), norm, softcap, windows per
     # layer (0: full), q/k norms, packed c_attn
@@ -78,20 +80,7 @@ def family_decoder(family: str, *, vocab: int = 64, seed: int = 0) -> onnx.Model
                 to=TensorProto.FLOAT), f32(f"{scope}/one_w", 1.0)], f"{scope}/Add_w")
         return node("Mul", [node("Mul", [x, inv], f"{scope}/Mul"), w], f"{scope}/Mul_1")
 
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", d])
-              for n, d in (("input_ids", "sequence_length"),
-                           ("attention_mask", "total_sequence_length"),
-                           ("position_ids", "sequence_length"))]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                             ["batch_size", "sequence_length", vocab])]
-    for i in range(len(spec["windows"])):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                ["batch_size", kv_heads, "past_sequence_length", head]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kind}", TensorProto.FLOAT,
-                ["batch_size", kv_heads, "total_sequence_length", head]))
+    inputs, outputs = hf_decoder_io(len(spec["windows"]), vocab, kv_heads, head)
 
     emb = weight("embed_tokens.weight", (vocab, hidden), 1.0)
     x = node("Gather", [emb, "input_ids"], "/embed_tokens/Gather")

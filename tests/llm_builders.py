@@ -295,6 +295,27 @@ def runtime_folder(folder, style: str = "gqa", *, layers: int = 2, vocab: int = 
     return folder / "model.onnx"
 
 
+def hf_decoder_io(layers: int, vocab: int, kv_heads: int, head: int
+                  ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """An HF/optimum decoder's inputs (input_ids, attention_mask, position_ids, the past) and
+    outputs (logits, the present), as optimum names and sizes them."""
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", d])
+              for n, d in (("input_ids", "sequence_length"),
+                           ("attention_mask", "total_sequence_length"),
+                           ("position_ids", "sequence_length"))]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", vocab])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "past_sequence_length", head]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kind}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "total_sequence_length", head]))
+    return inputs, outputs
+
+
 def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: int = 4,
                   kv_heads: int = 2, norm: str = "div", axes: str = "attribute",
                   bias: bool = False, seed: int = 0) -> onnx.ModelProto:
@@ -357,22 +378,7 @@ def llama_decoder(*, layers: int = 2, vocab: int = 64, hidden: int = 64, heads: 
     def i64(name: str, *values: int) -> str:
         return const(name, np.array(values, np.int64))
 
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
-                                            ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                            ["batch_size", "total_sequence_length"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64,
-                                            ["batch_size", "sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                             ["batch_size", "sequence_length", vocab])]
-    for i in range(layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                ["batch_size", kv_heads, "past_sequence_length", head]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kind}", TensorProto.FLOAT,
-                ["batch_size", kv_heads, "total_sequence_length", head]))
+    inputs, outputs = hf_decoder_io(layers, vocab, kv_heads, head)
 
     emb = weight("model.embed_tokens.weight", (vocab, hidden), 1.0)
     x = node("Gather", [emb, "input_ids"], "/model/embed_tokens/Gather")

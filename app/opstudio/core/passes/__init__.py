@@ -8,7 +8,7 @@ from opstudio.core.errors import OpstudioError
 
 # the helpers of passes/ the rest of opstudio uses: callers outside passes/ import them from here
 from opstudio.core.passes._calibration import model_inputs
-from opstudio.core.passes._ort_support import constant_value, tensor_nbytes
+from opstudio.core.passes._ort_support import constant_value
 from opstudio.core.passes.base import (
     ContractBroken,
     ParamSpec,
@@ -62,4 +62,4 @@ def default_scan() -> dict[str, ScanParams]:
 __all__ = ["TECHNIQUES", "ContractBroken", "ParamSpec", "Pass", "PassContext", "PassResult",
            "RewriterFailed", "ScanParams",
            "all_passes", "constant_value", "default_scan", "get_pass", "model_inputs",
-           "plan_rank", "tensor_nbytes"]
+           "plan_rank"]
