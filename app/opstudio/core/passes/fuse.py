@@ -172,6 +172,14 @@ def fusable_nodes(model: onnx.ModelProto, attention: bool = True,
     return sorted(_units(model, max_positions, attention, pack)[0])
 
 
+def fusable_units(model: onnx.ModelProto, attention: bool = True,
+                  max_positions: int = _MAX_POSITIONS, pack: bool = True) -> list[list[str]]:
+    """The units the pass can fuse, each the original nodes one kernel (or rewrites building
+    on one another) replaces: naming any of them fuses them all."""
+    units = set(_units(model, max_positions, attention, pack)[0].values())
+    return sorted(sorted(unit) for unit in units)
+
+
 class _Refusals:
     """Hears onnxscript's matcher (its tracer interface): a pattern that matched whole but whose
     check refused it gives its reason to each node it covered."""
