@@ -114,8 +114,8 @@ def _plan(scan: Scan, fusion: Fusion | None, budget: Budget, verify: Verify | No
     frontier.whole(scan.whole, scan.vmap, judge.holds)
     say(1.0, "advice ready")
     recipe = _named_calibration(confirmed.recipe if confirmed else Recipe([]), scan.calibration)
-    if fusion is not None and fusion.step is not None:
-        recipe = Recipe([fusion.step, *recipe.steps])
+    if fusion is not None:
+        recipe = fusion.lead(recipe)
     return LlmAdvice(budget, scan.phase, scan.base_ms, scan.variants, scan.roles, scan.whole,
                      scan.layer_kl, scan.measured_layers, confirmed.chosen if confirmed else [],
                      recipe, confirmed.verified if confirmed else None,

@@ -12,6 +12,7 @@ fastest of those that are measurably faster and keep the budget is kept."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,13 @@ from opstudio.core.plan.recipe import Recipe, Step
 from opstudio.core.progress import CancelCheck, Progress
 
 # the fusions tried: every unit with q|k|v and gate|up packed into one MatMul each, every unit
-# unpacked, and norms and rotary embeddings alone. Packing renames the projections the plan's
-# quantizer steps select, which is no obstacle: the plan is scanned on the fused model's file,
-# so its steps name the packed nodes (``.../qkv_proj/MatMul``), and the fuse step leading the
-# recipe makes them again, under the same names, when the recipe is applied to the original
-# (``fuse`` names each node it makes after the unit it replaces). A packed projection takes one
-# technique for q, k and v together, the only choice a scan of the fused model can see.
+# unpacked, and norms and rotary embeddings alone. Packing renames the projections, which does
+# not keep the plan from applying: the plan is scanned on the fused model's file, so its steps
+# name the packed nodes (``.../qkv_proj/MatMul``), and ``Fusion.lead`` writes them as the
+# originals they stand for (q, k and v), which a recipe checked against the original accepts
+# and ``optimize`` resolves to the packed node the fuse step leading the recipe made. A packed
+# projection takes one technique for q, k and v together, the only choice a scan of the fused
+# model can see.
 TRIES = ({"attention": True, "pack": True}, {"attention": True, "pack": False},
          {"attention": False, "pack": False})
 FULL = "fuse"  # the fusion profiled unit by unit
@@ -57,6 +59,32 @@ class Fusion:
     def to_json(self) -> dict[str, Any]:
         return {"step": None if self.step is None else self.step.to_json(), "tried": self.tried,
                 **({} if self.by_layer is None else {"by_layer": self.by_layer})}
+
+    def lead(self, recipe: Recipe) -> Recipe:
+        """``recipe``, planned on the fused model, led by the fuse step and naming, for each
+        node the fusion made (a packed ``qkv_proj/MatMul``, a GroupQueryAttention), the
+        original nodes it stands for: a recipe is checked against the model it is applied to
+        before any step runs, where only the originals are, and ``optimize`` then applies
+        each step to the nodes standing for the originals it names."""
+        if self.step is None or self.path is None:
+            return recipe
+        from opstudio.core.model.model_io import load_model
+        from opstudio.core.model.provenance import get_origin
+
+        fused = load_model(self.path, load_external_data=False)
+        origins = {n.name: get_origin(n) for n in fused.graph.node}
+
+        def original(name: str) -> list[str]:
+            stands_for = origins.get(name, [name])
+            return [name] if name in stands_for else stands_for
+
+        steps = []
+        for step in recipe.steps:
+            if step.nodes is not None:
+                named = [o for name in step.nodes for o in original(name)]
+                step = dataclasses.replace(step, nodes=list(dict.fromkeys(named)))
+            steps.append(step)
+        return Recipe([self.step, *steps], recipe.version)
 
 
 def build_fusions(model_path: str, prompt: Mapping[str, np.ndarray],
