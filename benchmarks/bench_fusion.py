@@ -18,7 +18,8 @@ With ``--anchor``, the same weights as onnxruntime-genai's builder exports them 
 are timed in one interleaved run (``core.measure.profiler.profile_models``, on the decode feeds made for
 the HF export; the genai export reads the inputs it has) with: unfused fp32; fused fp32; fused +
 INT4; fused + INT8 weight-only; fused + INT4 + ``kv-cache`` int8 (scales calibrated on
-``prompt_b.npz``). Each row has its median
+``prompt_b.npz``); the same with INT4 in blocks of 64 (fewer scales: ``MatMulNBits`` is held by
+its arithmetic on a few cores, not by memory). Each row has its median
 step with a 95 % interval and its memory limit: the bytes a step reads (weights as onnxruntime
 holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather not
 counted, plus the KV cache at the past in the row's cache type) over this machine's bandwidth
@@ -53,6 +54,8 @@ FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg", "Sigmoid"], "tec
 UNPACKED = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse",
                                      "params": {"pack": False}}]}
 INT4_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight"}]}
+INT4_B64 = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight",
+                                     "params": {"block_size": 64}}]}
 INT8_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int8-weight"}]}
 KV8_ALL = {"version": 1, "steps": [{"op_types": ["GroupQueryAttention"], "technique": "kv-cache",
                                     "params": {"bits": 8}}]}
@@ -128,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{missing[0]}: not found (build it with benchmarks/llm_exports.py trained "
                   "genai fp32|int4)", file=sys.stderr)
             return 1
-        anchor_table(anchor_models(args, fused, int4[1], feeds, genai), settings,
-                     args.bandwidth)
+        anchor_rows = anchor_models(args, fused, int4[1], feeds, genai)
+        anchor_table(anchor_rows, settings, args.bandwidth)
+        if feeds:
+            print(f"\nagainst unfused fp32 on {prompt.name} (every position):")
+            for label, path in anchor_rows[1:-2]:  # the genai exports take other inputs
+                if "KV8" in label:
+                    continue  # the prompt's prefill reads no cache: bench_kv_cache.py judges it
+                report = evaluate(str(args.model), str(path), feeds, threads=0)
+                print(f"  {label:17} {report.summary()}")
     if args.int4:
         unpacked = [args.out / "unpacked.onnx", args.out / "unpacked_int4.onnx"]
         optimize_file(args.model, Recipe.from_json(UNPACKED), unpacked[0], overwrite=True)
@@ -149,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
 def anchor_models(args: argparse.Namespace, fused: Path, fused_int4: Path,
                   prompt: dict[str, np.ndarray], genai: list[Path]) -> list[tuple[str, Path]]:
     """The anchor table's rows, made from the trained export (genai's builder's last)."""
-    made = {name: args.out / f"{name}.onnx" for name in ("fused_int8w", "fused_int4_kv8")}
+    made = {name: args.out / f"{name}.onnx"
+            for name in ("fused_int8w", "fused_int4_kv8", "fused_int4b64", "fused_int4b64_kv8")}
+    calibration = [prompt] if prompt else None
     optimize_file(fused, Recipe.from_json(INT8_ALL), made["fused_int8w"], overwrite=True)
     optimize_file(fused_int4, Recipe.from_json(KV8_ALL), made["fused_int4_kv8"], overwrite=True,
-                  calibration=[prompt] if prompt else None)
+                  calibration=calibration)
+    optimize_file(fused, Recipe.from_json(INT4_B64), made["fused_int4b64"], overwrite=True)
+    optimize_file(made["fused_int4b64"], Recipe.from_json(KV8_ALL), made["fused_int4b64_kv8"],
+                  overwrite=True, calibration=calibration)
     return [("unfused fp32", args.model), ("fused fp32", fused),
             ("fused INT4", fused_int4), ("fused INT8w", made["fused_int8w"]),
-            ("fused INT4 KV8", made["fused_int4_kv8"]), ("genai fp32", genai[0]),
+            ("fused INT4 KV8", made["fused_int4_kv8"]),
+            ("fused INT4/64 KV8", made["fused_int4b64_kv8"]), ("genai fp32", genai[0]),
             ("genai INT4", genai[1])]
 
 
@@ -207,12 +223,13 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
     bandwidth = bandwidth_gbs or measure_machine().bandwidth_gbs
     profiles = profile_models([p for _, p in models], settings)
     first = profiles[0]
-    kv = (first.memory.kv_token_bytes * first.memory.past) if first.memory else 0
+    memory = first.memory
+    kv = (memory.kv_token_bytes or 0) * (memory.past or 0) if memory else 0
     print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
           f"in one process; bandwidth {bandwidth:.1f} GB/s "
           f"({'given' if bandwidth_gbs else 'core.measure.roofline'}); "
           f"KV at the past {kv / 1e6:.1f} MB")
-    print(f"{'model':14} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
+    print(f"{'model':17} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
           f"{'limit ms':>8} {'× limit':>7}  {'vs genai INT4 (speed-up, 95 %)':30}")
     anchor = profiles[-1]
     for (label, path), p in zip(models, profiles, strict=True):
@@ -224,9 +241,10 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
         ratio = against(anchor, p)
         vs = "—" if p is anchor else (
             "n/a" if ratio is None else f"{ratio.median:.2f}× [{ratio.low:.2f}, {ratio.high:.2f}]")
-        print(f"{label:14} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+        print(f"{label:17} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
               f"{len(p.kernel_events):7d} {read / 1e6:8.1f} {limit_ms:8.2f} "
               f"{median / limit_ms:7.2f}  {vs}")
+    breakdown_table(models, profiles, bandwidth, kv)
     index = {label: i for i, (label, _) in enumerate(models)}
     pairs = [("fused fp32", "unfused fp32"), ("fused fp32", "genai fp32"),
              ("fused INT4", "genai INT4"), ("fused INT4 KV8", "genai INT4")]
@@ -235,6 +253,50 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
         ratio = against(profiles[index[before]], profiles[index[after]])
         print(f"{text}: {'n/a' if ratio is None else f'{ratio.median:.2f}×'}, "
               f"{interval_text(ratio)}")
+
+
+WEIGHT_MATMULS = {"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat", "QLinearMatMul"}
+
+
+def weight_matmuls(path: Path) -> set[str]:
+    """Names of the MatMul-family nodes that read a weight (an initializer, or one behind a
+    Cast or DequantizeLinear): the attention's score and value MatMuls of an unfused model read
+    activations and are left out."""
+    model = load_model(path, load_external_data=False, name_nodes=False)
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("Cast", "DequantizeLinear", "Transpose") and node.input[0] in constant:
+            constant.update(node.output)
+    return {n.name for n in model.graph.node
+            if n.op_type in WEIGHT_MATMULS and any(i in constant for i in n.input[1:])}
+
+
+def breakdown_table(models: list[tuple[str, Path]], profiles: list[Profile], bandwidth: float,
+                    kv_bytes: int) -> None:
+    """Where each row's step goes: the profiled run's per-node medians, scaled to the plain
+    step, split into weight MatMuls, fused attention and the rest, each kind beside the time
+    its bytes take at the measured bandwidth (weights for the MatMuls, the cache for the
+    attention): a kind far above its bytes' time is held by its kernel's arithmetic, not by
+    memory."""
+    print("\nwhere the step goes (ms of the plain step; profiled per-node medians scaled to it; "
+          "× = over the time its bytes take):")
+    print(f"{'model':17} {'weight MatMuls':>18} {'attention':>16} {'other kernels':>13} "
+          f"{'between':>8}")
+    for (label, path), p in zip(models, profiles, strict=True):
+        series = p.plain_series_ms or p.total_series_ms
+        scale = float(np.median(series)) / p.total_ms["p50"]
+        names = weight_matmuls(path)
+        matmul = sum(n.p50_ms for n in p.nodes
+                     if {n.name, *n.group, *n.kernels} & names)
+        attention = sum(n.p50_ms for n in p.nodes if n.op_type == "GroupQueryAttention")
+        other = max(0.0, p.total_ms["p50"] - p.untraced_ms - matmul - attention)
+        weights_ms = (bytes_read(path)) / (bandwidth * 1e9) * 1e3
+        cache_ms = kv_bytes * cache_itemsize(path) / 4 / (bandwidth * 1e9) * 1e3
+        attn = (f"{attention * scale:6.2f} ({attention * scale / cache_ms:4.1f}×)"
+                if attention else f"{'—':>16}")
+        print(f"{label:17} {matmul * scale:8.2f} ({matmul * scale / weights_ms:4.1f}×)     "
+              f"{attn:>16} {other * scale:13.2f} {p.untraced_ms * scale:8.2f}")
 
 
 def against(before: Profile, after: Profile) -> Ratio | None:
