@@ -23,10 +23,15 @@ its arithmetic on a few cores, not by memory). Each row has its median
 step with a 95 % interval and its memory limit: the bytes a step reads (weights as onnxruntime
 holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather not
 counted, plus the KV cache at the past in the row's cache type) over this machine's bandwidth
-(``core.measure.roofline``).
+(``core.measure.roofline``), and where its step goes (weight MatMuls, attention, other kernels,
+between kernels). Each table is printed twice (``--kv-buffer both``): with every KV cache fed as
+separate arrays, as optimum runs an export, and with a ``GroupQueryAttention``'s cache in one
+buffer with its past, as onnxruntime-genai runs its models (``core.measure.kv_buffer``; the
+unfused export's Concat presents cannot share and stay separate).
 
     python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
                                       [--anchor] [--genai DIR] [--bandwidth GBS]
+                                      [--kv-buffer copy|shared|both]
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                              "INT4 exports together, with each one's memory limit")
     parser.add_argument("--genai", type=Path, default=DEFAULT_GENAI,
                         help="folder with the genai builder's fp32/ and int4/ exports")
+    parser.add_argument("--kv-buffer", choices=("copy", "shared", "both"), default="both",
+                        help="how a GroupQueryAttention's cache is fed (core.measure.kv_buffer): "
+                             "separate arrays, one buffer with its past as onnxruntime-genai "
+                             "runs it, or each table both ways (default)")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="memory bandwidth in GB/s for the memory limit (default: "
                              "core.measure.roofline's cached measurement, which a busy machine lowers)")
@@ -89,28 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     result = optimize_file(args.model, Recipe.from_json(FUSE_ALL), fused, overwrite=True)
     print(f"fuse: {time.perf_counter() - start:.1f} s; {'; '.join(result.steps[0].notes)}")
 
-    settings = ProfileSettings(runs=args.runs, phase="decode", past=args.past)
-    comparison = compare_models(args.model, fused, settings)
-    kernels = {side: Counter(e["op"] for e in p.kernel_events)
-               for side, p in (("unfused", comparison.before), ("fused", comparison.after))}
-    print(f"\n{comparison.step}, {comparison.before.runs} rounds, interleaved; "
-          f"{comparison.noise()}")
-    print(f"{'model':10} {'plain p50 ms':>12} {'profiled p50 ms':>15} {'kernels/step':>12}")
-    for side, p in (("unfused", comparison.before), ("fused", comparison.after)):
-        print(f"{side:10} {(p.plain_ms or {}).get('p50', float('nan')):12.2f} "
-              f"{p.total_ms['p50']:15.2f} {sum(kernels[side].values()):12d}")
-    for label, ratio in (("plain", comparison.plain_ratio), ("profiled", comparison.total_ratio)):
-        median = "n/a" if ratio is None else f"{ratio.median:.2f}×"
-        print(f"speed-up ({label} runs): {median}, {interval_text(ratio)}")
-    print("\nkernels per step by op type (unfused → fused), where they differ:")
-    for op in sorted(set(kernels["unfused"]) | set(kernels["fused"]),
-                     key=lambda o: -kernels["unfused"][o]):
-        if kernels["unfused"][op] != kernels["fused"][op]:
-            print(f"  {op:36} {kernels['unfused'][op]:5d} → {kernels['fused'][op]:5d}")
-    rows = [r for r in comparison.op_types() if r["ratio"] is not None and r["ratio"].significant]
-    print("\nop types whose time changed significantly (ms per step, unfused → fused):")
-    for r in rows[:12]:
-        print(f"  {r['op_type']:36} {r['before_ms']:7.3f} → {r['after_ms']:7.3f}")
+    modes = ("copy", "shared") if args.kv_buffer == "both" else (args.kv_buffer,)
+    settings = {mode: ProfileSettings(runs=args.runs, phase="decode", past=args.past,
+                                      kv_buffer=mode) for mode in modes}
+    for mode in modes:
+        fused_vs_unfused(args.model, fused, settings[mode])
 
     prompt = args.model.parent / "prompt_b.npz"
     feeds: dict[str, np.ndarray] = {}
@@ -132,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                   "genai fp32|int4)", file=sys.stderr)
             return 1
         anchor_rows = anchor_models(args, fused, int4[1], feeds, genai)
-        anchor_table(anchor_rows, settings, args.bandwidth)
+        for mode in modes:
+            anchor_table(anchor_rows, settings[mode], args.bandwidth)
         if feeds:
             print(f"\nagainst unfused fp32 on {prompt.name} (every position):")
             for label, path in anchor_rows[1:-2]:  # the genai exports take other inputs
@@ -146,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         optimize_file(unpacked[0], Recipe.from_json(INT4_ALL), unpacked[1], overwrite=True)
         for text, before, after in (("unfused → fused", int4[0], int4[1]),
                                     ("fused unpacked → packed", unpacked[1], int4[1])):
-            pair = compare_models(before, after, settings)
+            pair = compare_models(before, after, settings[modes[-1]])
             print(f"\nINT4 (every MatMul) {text}: plain p50 "
                   f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
                   f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
@@ -154,6 +147,37 @@ def main(argv: list[str] | None = None) -> int:
                   f"{interval_text(pair.plain_ratio)}; {len(pair.before.kernel_events)} → "
                   f"{len(pair.after.kernel_events)} kernels; {pair.noise()}")
     return 0
+
+
+KV_WORDS = {"copy": "fed as separate arrays (as optimum runs an export)",
+            "shared": "of a GroupQueryAttention in one buffer with its past (as onnxruntime-genai "
+                      "runs it; the unfused model's Concat presents stay separate)"}
+
+
+def fused_vs_unfused(model: Path, fused: Path, settings: ProfileSettings) -> None:
+    """The unfused and the fused model timed in turn, with the kernels each runs."""
+    comparison = compare_models(model, fused, settings)
+    kernels = {side: Counter(e["op"] for e in p.kernel_events)
+               for side, p in (("unfused", comparison.before), ("fused", comparison.after))}
+    print(f"\nKV cache {KV_WORDS[settings.kv_buffer]}")
+    print(f"{comparison.step}, {comparison.before.runs} rounds, interleaved; "
+          f"{comparison.noise()}")
+    print(f"{'model':10} {'plain p50 ms':>12} {'profiled p50 ms':>15} {'kernels/step':>12}")
+    for side, p in (("unfused", comparison.before), ("fused", comparison.after)):
+        print(f"{side:10} {(p.plain_ms or {}).get('p50', float('nan')):12.2f} "
+              f"{p.total_ms['p50']:15.2f} {sum(kernels[side].values()):12d}")
+    for label, ratio in (("plain", comparison.plain_ratio), ("profiled", comparison.total_ratio)):
+        median = "n/a" if ratio is None else f"{ratio.median:.2f}×"
+        print(f"speed-up ({label} runs): {median}, {interval_text(ratio)}")
+    print("\nkernels per step by op type (unfused → fused), where they differ:")
+    for op in sorted(set(kernels["unfused"]) | set(kernels["fused"]),
+                     key=lambda o: -kernels["unfused"][o]):
+        if kernels["unfused"][op] != kernels["fused"][op]:
+            print(f"  {op:36} {kernels['unfused'][op]:5d} → {kernels['fused'][op]:5d}")
+    rows = [r for r in comparison.op_types() if r["ratio"] is not None and r["ratio"].significant]
+    print("\nop types whose time changed significantly (ms per step, unfused → fused):")
+    for r in rows[:12]:
+        print(f"  {r['op_type']:36} {r['before_ms']:7.3f} → {r['after_ms']:7.3f}")
 
 
 def anchor_models(args: argparse.Namespace, fused: Path, fused_int4: Path,
@@ -225,7 +249,8 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
     first = profiles[0]
     memory = first.memory
     kv = (memory.kv_token_bytes or 0) * (memory.past or 0) if memory else 0
-    print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
+    print(f"\nKV cache {KV_WORDS[settings.kv_buffer]}")
+    print(f"anchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
           f"in one process; bandwidth {bandwidth:.1f} GB/s "
           f"({'given' if bandwidth_gbs else 'core.measure.roofline'}); "
           f"KV at the past {kv / 1e6:.1f} MB")
