@@ -35,6 +35,15 @@ def test_decode_sets_phase_and_past_and_frees_the_derived_dims(app):
     s.validate(check_provider=False)
 
 
+def test_the_kv_cache_buffer_is_offered_for_a_model_with_a_past(app):
+    plain = RunSettingsDialog(ProfileSettings(), ["batch", "seq"])
+    assert not plain.kv_buffer.isVisibleTo(plain)
+    kv = RunSettingsDialog(ProfileSettings(kv_buffer="shared"), KV_DIMS)
+    assert kv.kv_buffer.isVisibleTo(kv) and kv.kv_buffer.currentText() == "shared"
+    kv.kv_buffer.setCurrentText("copy")
+    assert kv.settings().kv_buffer == "copy"
+
+
 def test_past_zero_is_a_value_and_prefill_has_no_past(app):
     dlg = RunSettingsDialog(ProfileSettings(), KV_DIMS)
     dlg.dims["past_sequence_length"].setValue(3)

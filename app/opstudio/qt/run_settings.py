@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 
 from opstudio.core.measure.inputs import default_dim
 from opstudio.core.measure.profiler import OPT_LEVELS, ProfileSettings
+from opstudio.core.measure.settings import KV_BUFFERS
 from opstudio.core.measure.text_prompt import find_tokenizer
 from opstudio.core.model.phases import DEFAULT_DECODE_PAST, PHASES, is_past_length_name
 from opstudio.core.model.tensor_groups import describe_tensors
@@ -134,9 +135,17 @@ class RunSettingsDialog(QDialog):
         self.request.toggled.connect(self.request_generate.setEnabled)
         for box in (self.request_prompt, self.request_generate):
             box.setEnabled(self.request.isChecked())
+        self.kv_buffer = QComboBox()
+        self.kv_buffer.addItems(list(KV_BUFFERS))
+        self.kv_buffer.setCurrentText(settings.kv_buffer)
+        self.kv_buffer.setToolTip(
+            "how a fused (GroupQueryAttention) decoder's KV cache is fed: shared = past and "
+            "present in one buffer written in place, as onnxruntime-genai runs it; copy = "
+            "separate arrays; auto = as the genai_config.json beside the model says")
         if self._past_dims:  # only a model with a KV cache has phases
             form.addRow("Phase", self.phase)
             form.addRow("Past length", self.past)
+            form.addRow("KV cache buffer", self.kv_buffer)
             form.addRow("Per request", request_row)
         # Dims left at their first value are not pinned: the phase and the model decide them.
         self.dims: dict[str, QSpinBox] = {}
@@ -237,6 +246,7 @@ class RunSettingsDialog(QDialog):
         return dataclasses.replace(
             self._base, runs=self.runs.value(), warmup=self.warmup.value(),
             threads=self.threads.value(), opt_level=self.opt_level.currentText(), dims=dims,
+            kv_buffer=self.kv_buffer.currentText(),
             inputs_path=self.inputs_path.text().strip() or None,
             prompt_text=self.prompt_text.text().strip() or None,
             tokenizer=self.tokenizer.text().strip() or None,

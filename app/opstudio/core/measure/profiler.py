@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure import kv_buffer
 from opstudio.core.measure.memory import AnonPeak, Memory, anon_bytes, weight_bytes
 from opstudio.core.measure.profile import STAT_KEYS, NodeStats, Profile, stats_ms
 from opstudio.core.measure.rounds import (
@@ -50,6 +51,7 @@ from opstudio.core.measure.rounds import (
     Fed,
     Rotation,
     check_feeds,
+    fed,
     load_session,
     open_side,
     plain_sessions,
@@ -191,18 +193,19 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
         if len(side.plain) > 1:
-            sessions[f"plain{i}"] = Rotation([Fed(s, side.feeds) for s in side.plain], i)
+            sessions[f"plain{i}"] = Rotation([fed(s, side.feeds, side.shared_kv)
+                                              for s in side.plain], i)
         elif side.plain:
-            sessions[f"plain{i}"] = Fed(side.plain[0], side.feeds)
+            sessions[f"plain{i}"] = fed(side.plain[0], side.feeds, side.shared_kv)
     for i, side in enumerate(sides):
-        sessions[f"profiled{i}"] = Fed(side.profiled, side.feeds)
+        sessions[f"profiled{i}"] = fed(side.profiled, side.feeds, side.shared_kv)
     report(0.1, "warming up")
     nodes = sum(len(s.model.graph.node) for s in sides)
     times, stable = run_rounds(sessions, settings, len(sides), nodes, sampled, seed)
     traces = [side.profiled.end_profiling() for side in sides]
     if shared and settings.measure_plain:
         # the profiler is off once its trace is written: the same sessions time the plain runs
-        plain_sessions_ = {f"plain{i}": Fed(side.profiled, side.feeds)
+        plain_sessions_ = {f"plain{i}": fed(side.profiled, side.feeds, side.shared_kv)
                            for i, side in enumerate(sides)}
         report(0.5, "timing without the profiler")
         plain_times, plain_stable = run_rounds(plain_sessions_, settings, len(sides), nodes,
@@ -252,6 +255,9 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         profile.onnxruntime = ort.__version__
         profile.memory = Memory(session_bytes=session_bytes, peak_bytes=peak_bytes,
                                 sessions=open_at_once, models=len(sides))
+        told = kv_buffer.note(side.shared_kv, settings.kv_buffer, side.model)
+        if told:
+            profile.notes.append(told)
         if shared and plain:
             profile.notes.append(
                 "a big model: one session per model, timed with the profiler and then without "

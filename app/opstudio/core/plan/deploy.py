@@ -53,6 +53,8 @@ class FolderExport:
     folder: Path
     model: Path
     kind: str  # "genai" or "hf"
+    # an HF folder whose attention is GroupQueryAttention also loads in onnxruntime-genai
+    also_genai: bool = False
     written: list[str] = field(default_factory=list)  # file names, in the folder
     changed: dict[str, Any] = field(default_factory=dict)  # config key -> new value
     notes: list[str] = field(default_factory=list)
@@ -110,12 +112,21 @@ def write_folder(model: onnx.ModelProto, source: str | Path, folder: str | Path,
     else:
         _update_hf(config, steps, out)
     _note_mlp(config, steps, out)
+    genai = None if kind == "genai" else _genai_for_hf(config, src.parent, model, src.name)
+    if genai is not None:
+        out.also_genai = True
+        out.notes.append(f"{GENAI_CONFIG} written too: the attention is GroupQueryAttention "
+                         "now, so onnxruntime-genai loads the folder, past and present in one "
+                         "buffer (past_present_share_buffer)")
 
     with tempfile.TemporaryDirectory(prefix=".opstudio-export-", dir=parent) as tmp:
         staged = Path(tmp) / "out"
         staged.mkdir()
         save_model(model, staged / src.name)
         (staged / config_name).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+        if genai is not None:
+            (staged / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n",
+                                               encoding="utf-8")
         for name in COMPANIONS:
             if (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, staged / name)
@@ -126,6 +137,15 @@ def write_folder(model: onnx.ModelProto, source: str | Path, folder: str | Path,
             for p in staged.iterdir():
                 os.replace(p, target / p.name)
     return out
+
+
+def _genai_for_hf(config: dict[str, Any], folder: Path, model: onnx.ModelProto,
+                  file_name: str) -> dict[str, Any] | None:
+    from opstudio.core.plan.genai_config import genai_config
+
+    generation = folder / "generation_config.json"
+    return genai_config(config, _read_json(generation) if generation.is_file() else {},
+                        model, file_name)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -219,6 +239,10 @@ def check_loads(export: FolderExport, *, tokens: int = 8) -> str | None:
     section = config.get("model", config) if export.kind == "genai" else config
     bos = section.get("bos_token_id")
     prompt = [bos if isinstance(bos, int) and not isinstance(bos, bool) else 0]
+    if export.kind == "hf" and export.also_genai:
+        both = [check_loads(FolderExport(export.folder, export.model, "hf"), tokens=tokens),
+                check_loads(FolderExport(export.folder, export.model, "genai"), tokens=tokens)]
+        return "; ".join(b for b in both if b)
     if export.kind == "genai":
         try:
             import onnxruntime_genai as og
