@@ -3,6 +3,8 @@ with packed projections applied to the original by ``optimize``."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import onnx
 
@@ -126,3 +128,16 @@ def test_the_advisors_packed_fusion_and_plan_apply_to_the_original(tmp_path, mon
     ops = [n.op_type for n in result.model.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "MatMul" not in {
         n.op_type for n in result.model.graph.node if n.name in chosen}
+    # as ``optimize`` runs on a big model's file: opened lazily, its weights left in the file
+    # while the recipe is checked, which fuse's check reads the projections' from
+    from opstudio.core.model import model_io
+
+    optimize_module = importlib.import_module("opstudio.core.plan.optimize")
+    monkeypatch.setattr(model_io, "LAZY_INLINE_ABOVE", 0)
+    monkeypatch.setattr(model_io, "_SKIM_MIN_BYTES", 1024)
+    monkeypatch.setattr(optimize_module, "STREAM_ABOVE", 0)
+    monkeypatch.chdir(tmp_path / "cache")  # the weights' file is not in the working folder
+    lazy = model_io.load_model(path, lazy=True)
+    assert model_io.lazy_folders(lazy)
+    streamed = optimize(lazy, advice.recipe)
+    assert {n for report in streamed.steps[1:] for n in report.applied} == chosen

@@ -369,6 +369,18 @@ def is_lazy(model: onnx.ModelProto) -> bool:
     return any(is_lazy_tensor(t) for t in iter_all_tensors(model))
 
 
+def lazy_folders(model: onnx.ModelProto) -> dict[str, str]:
+    """The folder each of the graph's weights still in its file is read from, by name: its
+    ``location`` is relative to that folder, which readers other than this module's (onnx_ir's
+    ``ExternalTensor.base_dir``) must be told."""
+    out: dict[str, str] = {}
+    for tensor in model.graph.initializer:
+        source = _external_source(tensor)
+        if source is not None:
+            out[tensor.name] = next(e.value for e in tensor.external_data if e.key == _BASEPATH)
+    return out
+
+
 def is_lazy_tensor(tensor: onnx.TensorProto) -> bool:
     """True while ``tensor``'s data is still read from its file on demand."""
     return _external_source(tensor) is not None

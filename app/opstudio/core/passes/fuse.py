@@ -231,11 +231,18 @@ def _fuse(model: onnx.ModelProto, max_positions: int, attention: bool,
     kept. ``model`` is not changed."""
     import onnx_ir as ir
 
+    from opstudio.core.model.model_io import lazy_folders
     from opstudio.core.passes import _fusion_families as families
     from opstudio.core.passes import _fusion_rules as rules
     from opstudio.core.passes._packing_rules import packing_rules
 
     irmodel = ir.serde.deserialize_model(model)
+    # a model opened lazily (``optimize`` checks a recipe on it before reading its weights)
+    # keeps its weights in its file, where the rules read the projections' from
+    for name, folder in lazy_folders(model).items():
+        value = irmodel.graph.initializers.get(name)
+        if value is not None and isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.base_dir = folder
     counts: dict[str, int] = {}
     shared = rules.Shared()
     probe = families.MaskProbe(irmodel, max_positions)
