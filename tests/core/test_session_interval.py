@@ -10,7 +10,7 @@ import onnx
 from test_measurement_noise import chain, forked_children  # noqa: F401 (a fixture)
 
 from opstudio.core.measure import profiler
-from opstudio.core.measure.compare import compare_models, match_nodes
+from opstudio.core.measure.compare import compare_models, match_nodes, operators_changed
 from opstudio.core.measure.profiler import PLAIN_SESSIONS, ProfileSettings
 from opstudio.core.measure.rounds import Rotation, rotated_sessions
 from opstudio.core.measure.timing import FASTER, paired_ratio
@@ -93,6 +93,7 @@ def test_compare_times_and_profiles_each_model_on_several_sessions(tmp_path):
     timed = [r for r in c.nodes if r.ratio is not None]
     assert {r.name for r in timed} >= {"mm_big", "mm_out"}
     assert all(r.ratio.sessions == PLAIN_SESSIONS for r in timed)
+    assert operators_changed(timed).endswith(" (profiled on 4 sessions of each model)")
     assert c.total_ratio.sessions == PLAIN_SESSIONS
     # the memory line counts every session open: four profiled and four plain a model
     assert c.before.memory.sessions == c.after.memory.sessions == 2 * PLAIN_SESSIONS
@@ -114,12 +115,16 @@ def test_one_profiled_session_per_model_when_no_more_fit(tmp_path, forked_childr
     a, b = tmp_path / "a.onnx", tmp_path / "copy.onnx"
     onnx.save(chain(big=False), a)
     onnx.save(chain(big=False), b)
-    before, after = profiler.profile_models([a, b], ProfileSettings(runs=4, warmup=1,
+    before, after = profiler.profile_models([a, b], ProfileSettings(runs=6, warmup=1,
                                                                     threads=1))
     for p in (before, after):
-        assert p.profiled_sessions == [] and len(p.total_series_ms) == 4
+        assert p.profiled_sessions == [] and len(p.total_series_ms) == 6
         assert p.memory is not None and p.memory.sessions == 2  # one profiled, one plain
-        assert all(len(n.series_ms) == 4 for n in p.nodes)
+        assert all(len(n.series_ms) == 6 for n in p.nodes)
+        assert any(n.startswith("one profiled session per model") for n in p.notes)
+    rows = [r for r in match_nodes(before, after) if r.ratio is not None]
+    assert rows and all(r.ratio.sessions == 1 for r in rows)
+    assert "(profiled on one session of each model: what two sessions" in operators_changed(rows)
 
 
 def _runs(session, durations, start=0):

@@ -125,7 +125,8 @@ def interval_text(ratio: Ratio | None) -> str:
 
 def operators_changed(rows: Sequence[NodeDelta]) -> str:
     """How the timed operators' verdicts fall: "2 of 9 operators faster, 1 slower, the others
-    ≈ 1×" (with "too few runs to tell" when the pairs cannot)."""
+    ≈ 1×" (with "too few runs to tell" when the pairs cannot), and over how many profiled
+    sessions of each model."""
     counts = {v: sum(1 for r in rows if r.ratio is not None and r.ratio.verdict == v)
               for v in (timing.FASTER, timing.SLOWER, timing.SAME, timing.UNDECIDED)}
     undecided = [r.ratio for r in rows if r.ratio is not None and r.ratio.verdict == timing.UNDECIDED]
@@ -136,7 +137,11 @@ def operators_changed(rows: Sequence[NodeDelta]) -> str:
     if counts[timing.UNDECIDED]:
         parts.append(f"{counts[timing.UNDECIDED]} too few runs to tell")
     parts.append(f"{counts[timing.SAME]} ≈ 1×")
-    return ", ".join(parts)
+    k = max((r.ratio.sessions for r in rows if r.ratio is not None), default=1)
+    if k > 1:
+        return ", ".join(parts) + f" (profiled on {k} sessions of each model)"
+    return ", ".join(parts) + (" (profiled on one session of each model: what two sessions of "
+                               "one model differ by is not in the operators' intervals)")
 
 
 def _sessions(ratio: Ratio) -> str:

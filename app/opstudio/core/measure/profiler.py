@@ -212,7 +212,7 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     profiles = []
     for i, side in enumerate(sides):
         report(0.9, "attributing kernels to nodes")
-        open_at_once = len(side.profiled) + len(side.plain)
+        open_at_once, profiled_open = len(side.profiled) + len(side.plain), len(side.profiled)
         side.profiled, side.plain = [], []
         profile = _profile_of(side, traces[i], times, sessions, i, settings)
         if stable is not None:
@@ -233,6 +233,10 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
             profile.notes.append(
                 "a big model: one session per model, timed with the profiler and then without "
                 "it, so the profiler's overhead is from runs minutes apart")
+        elif len(sides) > 1 and profiled_open == 1:
+            profile.notes.append(
+                "one profiled session per model (no more fit in memory beside the plain ones): "
+                "what two sessions of one model differ by is not in the operators' intervals")
         profiles.append(profile)
     report(1.0, "done")
     return profiles
