@@ -29,7 +29,7 @@ in ≤ 5 % of operators and never in total; a change of 2× or more (the whole m
 operator, by its measured median) always significant.
 
 Measured (defaults, 2 cores shared with other work: 1-min load average 3.8-4.9 "quiet",
-4.0-7.6 with the two background processes; 491 s in all):
+4.0-7.6 with the two background processes; 491 s in all), profiled runs on one session a model:
 
 - coverage of identical copies, whole model (plain runs on 4 sessions a model): 60/60 quiet,
   60/60 busy; median width of the interval ×1.39 and ×1.64 (as wide as the machine's load
@@ -38,6 +38,20 @@ Measured (defaults, 2 cores shared with other work: 1-min load average 3.8-4.9 "
 - identical pairs called different: operators 41/2520 (1.6 %), whole model 0/120;
 - INT8 pairs missed: whole model 0/18, rewritten MatMuls 0/72; changes of 2× or more not
   called: 1/80.
+
+With the profiled runs on 4 sessions a model too (``--repeats 6``, a machine far busier with
+other work, load average 3.3-8.5; the same run of the code before, load 5.4-7.8, in brackets):
+identical pairs called different, operators 0/756 [30/756], whole model 0/36 [0/36]; profiled
+totals holding 1, 34/36 [35/36]; INT8 pairs missed, whole model 3/18 [0/18], rewritten MatMuls
+3/72 [0/72]; compare 3.7 s [2.5 s] each under that load. Alternating the two codes instead
+(small and medium, ``--repeats 2 --int8-repeats 2 --load 0``, three times, load 4.6-5.9):
+operators called different 0/504 [18/504], rewritten MatMuls missed 1/48 [0/48], whole model
+missed 0/12 [0/12], compare 1.6 and 2.0 s [1.4 and 2.2 s].
+
+``--model`` on the INT4 export of ``trained_genai`` (``--phase decode --past 512 --runs 40
+--repeats 3``, twice, alternating with the code before, load 1.2-3.9): operators called
+different 1, 0, 0, 0, 0, 0 of 309 [130, 24, 91, 91, 82, 100]; compare 15.8-24.8 s
+[12.9-21.1 s]; 8 sessions of each model open [5], process peak 2.3 GiB [1.5 GiB].
 """
 
 from __future__ import annotations
