@@ -18,14 +18,20 @@ With ``--anchor``, the same weights as onnxruntime-genai's builder exports them 
 are timed in one interleaved run (``core.measure.profiler.profile_models``, on the decode feeds made for
 the HF export; the genai export reads the inputs it has) with: unfused fp32; fused fp32; fused +
 INT4; fused + INT8 weight-only; fused + INT4 + ``kv-cache`` int8 (scales calibrated on
-``prompt_b.npz``). Each row has its median
+``prompt_b.npz``); the same with INT4 in blocks of 64 (fewer scales: ``MatMulNBits`` is held by
+its arithmetic on a few cores, not by memory). Each row has its median
 step with a 95 % interval and its memory limit: the bytes a step reads (weights as onnxruntime
 holds them, fp16 behind a Cast counted as fp32, embedding tables read only by a Gather not
 counted, plus the KV cache at the past in the row's cache type) over this machine's bandwidth
-(``core.measure.roofline``).
+(``core.measure.roofline``), and where its step goes (weight MatMuls, attention, other kernels,
+between kernels). Each table is printed twice (``--kv-buffer both``): with every KV cache fed as
+separate arrays, as optimum runs an export, and with a ``GroupQueryAttention``'s cache in one
+buffer with its past, as onnxruntime-genai runs its models (``core.measure.kv_buffer``; the
+unfused export's Concat presents cannot share and stay separate).
 
     python benchmarks/bench_fusion.py [--model PATH] [--past 512] [--runs 40] [--out DIR] [--int4]
                                       [--anchor] [--genai DIR] [--bandwidth GBS]
+                                      [--kv-buffer copy|shared|both]
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ FUSE_ALL = {"version": 1, "steps": [{"op_types": ["Pow", "Neg", "Sigmoid"], "tec
 UNPACKED = {"version": 1, "steps": [{"op_types": ["Pow", "Neg"], "technique": "fuse",
                                      "params": {"pack": False}}]}
 INT4_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight"}]}
+INT4_B64 = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int4-weight",
+                                     "params": {"block_size": 64}}]}
 INT8_ALL = {"version": 1, "steps": [{"op_types": ["MatMul"], "technique": "int8-weight"}]}
 KV8_ALL = {"version": 1, "steps": [{"op_types": ["GroupQueryAttention"], "technique": "kv-cache",
                                     "params": {"bits": 8}}]}
@@ -73,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                              "INT4 exports together, with each one's memory limit")
     parser.add_argument("--genai", type=Path, default=DEFAULT_GENAI,
                         help="folder with the genai builder's fp32/ and int4/ exports")
+    parser.add_argument("--kv-buffer", choices=("copy", "shared", "both"), default="both",
+                        help="how a GroupQueryAttention's cache is fed (core.measure.kv_buffer): "
+                             "separate arrays, one buffer with its past as onnxruntime-genai "
+                             "runs it, or each table both ways (default)")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="memory bandwidth in GB/s for the memory limit (default: "
                              "core.measure.roofline's cached measurement, which a busy machine lowers)")
@@ -86,28 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     result = optimize_file(args.model, Recipe.from_json(FUSE_ALL), fused, overwrite=True)
     print(f"fuse: {time.perf_counter() - start:.1f} s; {'; '.join(result.steps[0].notes)}")
 
-    settings = ProfileSettings(runs=args.runs, phase="decode", past=args.past)
-    comparison = compare_models(args.model, fused, settings)
-    kernels = {side: Counter(e["op"] for e in p.kernel_events)
-               for side, p in (("unfused", comparison.before), ("fused", comparison.after))}
-    print(f"\n{comparison.step}, {comparison.before.runs} rounds, interleaved; "
-          f"{comparison.noise()}")
-    print(f"{'model':10} {'plain p50 ms':>12} {'profiled p50 ms':>15} {'kernels/step':>12}")
-    for side, p in (("unfused", comparison.before), ("fused", comparison.after)):
-        print(f"{side:10} {(p.plain_ms or {}).get('p50', float('nan')):12.2f} "
-              f"{p.total_ms['p50']:15.2f} {sum(kernels[side].values()):12d}")
-    for label, ratio in (("plain", comparison.plain_ratio), ("profiled", comparison.total_ratio)):
-        median = "n/a" if ratio is None else f"{ratio.median:.2f}×"
-        print(f"speed-up ({label} runs): {median}, {interval_text(ratio)}")
-    print("\nkernels per step by op type (unfused → fused), where they differ:")
-    for op in sorted(set(kernels["unfused"]) | set(kernels["fused"]),
-                     key=lambda o: -kernels["unfused"][o]):
-        if kernels["unfused"][op] != kernels["fused"][op]:
-            print(f"  {op:36} {kernels['unfused'][op]:5d} → {kernels['fused'][op]:5d}")
-    rows = [r for r in comparison.op_types() if r["ratio"] is not None and r["ratio"].significant]
-    print("\nop types whose time changed significantly (ms per step, unfused → fused):")
-    for r in rows[:12]:
-        print(f"  {r['op_type']:36} {r['before_ms']:7.3f} → {r['after_ms']:7.3f}")
+    modes = ("copy", "shared") if args.kv_buffer == "both" else (args.kv_buffer,)
+    settings = {mode: ProfileSettings(runs=args.runs, phase="decode", past=args.past,
+                                      kv_buffer=mode) for mode in modes}
+    for mode in modes:
+        fused_vs_unfused(args.model, fused, settings[mode])
 
     prompt = args.model.parent / "prompt_b.npz"
     feeds: dict[str, np.ndarray] = {}
@@ -128,15 +123,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{missing[0]}: not found (build it with benchmarks/llm_exports.py trained "
                   "genai fp32|int4)", file=sys.stderr)
             return 1
-        anchor_table(anchor_models(args, fused, int4[1], feeds, genai), settings,
-                     args.bandwidth)
+        anchor_rows = anchor_models(args, fused, int4[1], feeds, genai)
+        for mode in modes:
+            anchor_table(anchor_rows, settings[mode], args.bandwidth)
+        if feeds:
+            print(f"\nagainst unfused fp32 on {prompt.name} (every position):")
+            for label, path in anchor_rows[1:-2]:  # the genai exports take other inputs
+                if "KV8" in label:
+                    continue  # the prompt's prefill reads no cache: bench_kv_cache.py judges it
+                report = evaluate(str(args.model), str(path), feeds, threads=0)
+                print(f"  {label:17} {report.summary()}")
     if args.int4:
         unpacked = [args.out / "unpacked.onnx", args.out / "unpacked_int4.onnx"]
         optimize_file(args.model, Recipe.from_json(UNPACKED), unpacked[0], overwrite=True)
         optimize_file(unpacked[0], Recipe.from_json(INT4_ALL), unpacked[1], overwrite=True)
         for text, before, after in (("unfused → fused", int4[0], int4[1]),
                                     ("fused unpacked → packed", unpacked[1], int4[1])):
-            pair = compare_models(before, after, settings)
+            pair = compare_models(before, after, settings[modes[-1]])
             print(f"\nINT4 (every MatMul) {text}: plain p50 "
                   f"{(pair.before.plain_ms or {}).get('p50', float('nan')):.2f} → "
                   f"{(pair.after.plain_ms or {}).get('p50', float('nan')):.2f} ms, "
@@ -146,16 +149,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+KV_WORDS = {"copy": "fed as separate arrays (as optimum runs an export)",
+            "shared": "of a GroupQueryAttention in one buffer with its past (as onnxruntime-genai "
+                      "runs it; the unfused model's Concat presents stay separate)"}
+
+
+def fused_vs_unfused(model: Path, fused: Path, settings: ProfileSettings) -> None:
+    """The unfused and the fused model timed in turn, with the kernels each runs."""
+    comparison = compare_models(model, fused, settings)
+    kernels = {side: Counter(e["op"] for e in p.kernel_events)
+               for side, p in (("unfused", comparison.before), ("fused", comparison.after))}
+    print(f"\nKV cache {KV_WORDS[settings.kv_buffer]}")
+    print(f"{comparison.step}, {comparison.before.runs} rounds, interleaved; "
+          f"{comparison.noise()}")
+    print(f"{'model':10} {'plain p50 ms':>12} {'profiled p50 ms':>15} {'kernels/step':>12}")
+    for side, p in (("unfused", comparison.before), ("fused", comparison.after)):
+        print(f"{side:10} {(p.plain_ms or {}).get('p50', float('nan')):12.2f} "
+              f"{p.total_ms['p50']:15.2f} {sum(kernels[side].values()):12d}")
+    for label, ratio in (("plain", comparison.plain_ratio), ("profiled", comparison.total_ratio)):
+        median = "n/a" if ratio is None else f"{ratio.median:.2f}×"
+        print(f"speed-up ({label} runs): {median}, {interval_text(ratio)}")
+    print("\nkernels per step by op type (unfused → fused), where they differ:")
+    for op in sorted(set(kernels["unfused"]) | set(kernels["fused"]),
+                     key=lambda o: -kernels["unfused"][o]):
+        if kernels["unfused"][op] != kernels["fused"][op]:
+            print(f"  {op:36} {kernels['unfused'][op]:5d} → {kernels['fused'][op]:5d}")
+    rows = [r for r in comparison.op_types() if r["ratio"] is not None and r["ratio"].significant]
+    print("\nop types whose time changed significantly (ms per step, unfused → fused):")
+    for r in rows[:12]:
+        print(f"  {r['op_type']:36} {r['before_ms']:7.3f} → {r['after_ms']:7.3f}")
+
+
 def anchor_models(args: argparse.Namespace, fused: Path, fused_int4: Path,
                   prompt: dict[str, np.ndarray], genai: list[Path]) -> list[tuple[str, Path]]:
     """The anchor table's rows, made from the trained export (genai's builder's last)."""
-    made = {name: args.out / f"{name}.onnx" for name in ("fused_int8w", "fused_int4_kv8")}
+    made = {name: args.out / f"{name}.onnx"
+            for name in ("fused_int8w", "fused_int4_kv8", "fused_int4b64", "fused_int4b64_kv8")}
+    calibration = [prompt] if prompt else None
     optimize_file(fused, Recipe.from_json(INT8_ALL), made["fused_int8w"], overwrite=True)
     optimize_file(fused_int4, Recipe.from_json(KV8_ALL), made["fused_int4_kv8"], overwrite=True,
-                  calibration=[prompt] if prompt else None)
+                  calibration=calibration)
+    optimize_file(fused, Recipe.from_json(INT4_B64), made["fused_int4b64"], overwrite=True)
+    optimize_file(made["fused_int4b64"], Recipe.from_json(KV8_ALL), made["fused_int4b64_kv8"],
+                  overwrite=True, calibration=calibration)
     return [("unfused fp32", args.model), ("fused fp32", fused),
             ("fused INT4", fused_int4), ("fused INT8w", made["fused_int8w"]),
-            ("fused INT4 KV8", made["fused_int4_kv8"]), ("genai fp32", genai[0]),
+            ("fused INT4 KV8", made["fused_int4_kv8"]),
+            ("fused INT4/64 KV8", made["fused_int4b64_kv8"]), ("genai fp32", genai[0]),
             ("genai INT4", genai[1])]
 
 
@@ -207,12 +247,14 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
     bandwidth = bandwidth_gbs or measure_machine().bandwidth_gbs
     profiles = profile_models([p for _, p in models], settings)
     first = profiles[0]
-    kv = (first.memory.kv_token_bytes * first.memory.past) if first.memory else 0
-    print(f"\nanchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
+    memory = first.memory
+    kv = (memory.kv_token_bytes or 0) * (memory.past or 0) if memory else 0
+    print(f"\nKV cache {KV_WORDS[settings.kv_buffer]}")
+    print(f"anchor: {first.step}, {first.runs} rounds, all {len(models)} models interleaved "
           f"in one process; bandwidth {bandwidth:.1f} GB/s "
           f"({'given' if bandwidth_gbs else 'core.measure.roofline'}); "
           f"KV at the past {kv / 1e6:.1f} MB")
-    print(f"{'model':14} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
+    print(f"{'model':17} {'p50 ms':>7} {'95 % interval':>15} {'kernels':>7} {'read MB':>8} "
           f"{'limit ms':>8} {'× limit':>7}  {'vs genai INT4 (speed-up, 95 %)':30}")
     anchor = profiles[-1]
     for (label, path), p in zip(models, profiles, strict=True):
@@ -224,9 +266,10 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
         ratio = against(anchor, p)
         vs = "—" if p is anchor else (
             "n/a" if ratio is None else f"{ratio.median:.2f}× [{ratio.low:.2f}, {ratio.high:.2f}]")
-        print(f"{label:14} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+        print(f"{label:17} {median:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
               f"{len(p.kernel_events):7d} {read / 1e6:8.1f} {limit_ms:8.2f} "
               f"{median / limit_ms:7.2f}  {vs}")
+    breakdown_table(models, profiles, bandwidth, kv)
     index = {label: i for i, (label, _) in enumerate(models)}
     pairs = [("fused fp32", "unfused fp32"), ("fused fp32", "genai fp32"),
              ("fused INT4", "genai INT4"), ("fused INT4 KV8", "genai INT4")]
@@ -235,6 +278,50 @@ def anchor_table(models: list[tuple[str, Path]], settings: ProfileSettings,
         ratio = against(profiles[index[before]], profiles[index[after]])
         print(f"{text}: {'n/a' if ratio is None else f'{ratio.median:.2f}×'}, "
               f"{interval_text(ratio)}")
+
+
+WEIGHT_MATMULS = {"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat", "QLinearMatMul"}
+
+
+def weight_matmuls(path: Path) -> set[str]:
+    """Names of the MatMul-family nodes that read a weight (an initializer, or one behind a
+    Cast or DequantizeLinear): the attention's score and value MatMuls of an unfused model read
+    activations and are left out."""
+    model = load_model(path, load_external_data=False, name_nodes=False)
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("Cast", "DequantizeLinear", "Transpose") and node.input[0] in constant:
+            constant.update(node.output)
+    return {n.name for n in model.graph.node
+            if n.op_type in WEIGHT_MATMULS and any(i in constant for i in n.input[1:])}
+
+
+def breakdown_table(models: list[tuple[str, Path]], profiles: list[Profile], bandwidth: float,
+                    kv_bytes: int) -> None:
+    """Where each row's step goes: the profiled run's per-node medians, scaled to the plain
+    step, split into weight MatMuls, fused attention and the rest, each kind beside the time
+    its bytes take at the measured bandwidth (weights for the MatMuls, the cache for the
+    attention): a kind far above its bytes' time is held by its kernel's arithmetic, not by
+    memory."""
+    print("\nwhere the step goes (ms of the plain step; profiled per-node medians scaled to it; "
+          "× = over the time its bytes take):")
+    print(f"{'model':17} {'weight MatMuls':>18} {'attention':>16} {'other kernels':>13} "
+          f"{'between':>8}")
+    for (label, path), p in zip(models, profiles, strict=True):
+        series = p.plain_series_ms or p.total_series_ms
+        scale = float(np.median(series)) / p.total_ms["p50"]
+        names = weight_matmuls(path)
+        matmul = sum(n.p50_ms for n in p.nodes
+                     if {n.name, *n.group, *n.kernels} & names)
+        attention = sum(n.p50_ms for n in p.nodes if n.op_type == "GroupQueryAttention")
+        other = sum(n.p50_ms for n in p.nodes) - matmul - attention
+        weights_ms = (bytes_read(path)) / (bandwidth * 1e9) * 1e3
+        cache_ms = kv_bytes * cache_itemsize(path) / 4 / (bandwidth * 1e9) * 1e3
+        attn = (f"{attention * scale:6.2f} ({attention * scale / cache_ms:4.1f}×)"
+                if attention else f"{'—':>16}")
+        print(f"{label:17} {matmul * scale:8.2f} ({matmul * scale / weights_ms:4.1f}×)     "
+              f"{attn:>16} {other * scale:13.2f} {p.untraced_ms * scale:8.2f}")
 
 
 def against(before: Profile, after: Profile) -> Ratio | None:

@@ -111,3 +111,19 @@ def test_a_fused_decoder_is_summarised_by_its_kernels(tmp_path, capsys):
     assert f"AFTER's nodes: {text}" in out
     line = next(ln for ln in out.splitlines() if ln.startswith(f"{attn}/GroupQueryAttention"))
     assert "GroupQueryAttention" in line.split()[1] and "fused" in line
+
+
+def test_compare_says_each_side_shares_its_kv_buffer(tmp_path, capsys):
+    import shutil
+
+    from llm_builders import runtime_folder
+
+    before = runtime_folder(tmp_path / "a", "gqa")
+    shutil.copytree(before.parent, tmp_path / "b")
+    code = main(["compare", str(before), str(tmp_path / "b" / "model.onnx"), "--runs", "3",
+                 "--warmup", "1", "--phase", "decode", "--past", "8", "--kv-buffer", "shared"])
+    assert code == 0
+    out = capsys.readouterr().out
+    for side in ("before", "after"):
+        assert f"{side} KV cache: past and present share one buffer (4 bound)" in out
+    assert "next-token agreement 1.00" in out

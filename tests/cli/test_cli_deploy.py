@@ -122,3 +122,49 @@ def test_a_model_outside_a_runtime_folder_is_written_as_a_file_into_the_folder(t
     out.mkdir()
     assert main(["optimize", str(src), "--recipe", recipe(tmp_path, INT4), "-o", str(out)]) == 0
     assert [p.name for p in out.iterdir()] == ["model.onnx"]
+
+
+def test_a_fused_hf_folder_also_loads_in_onnxruntime_genai_and_says_the_same(tmp_path, capsys):
+    from llm_builders import llama_decoder
+    from opstudio.core.model.model_io import save_model
+
+    src = runtime_folder(tmp_path / "src", style="hf")
+    save_model(llama_decoder(layers=2, vocab=64, hidden=64, heads=4, kv_heads=2), src,
+               overwrite=True)
+    config = json.loads((src.parent / "config.json").read_text())
+    config.update(model_type="llama", num_key_value_heads=2, max_position_embeddings=512)
+    (src.parent / "config.json").write_text(json.dumps(config))
+    fuse = {"version": 1, "steps": [{"op_types": ["Pow", "Neg", "Sigmoid"],
+                                     "technique": "fuse"}]}
+    out = tmp_path / "out"
+    assert main(["optimize", str(src), "--recipe", recipe(tmp_path, fuse), "-o", f"{out}/"]) == 0
+    printed = capsys.readouterr().out
+    assert "genai_config.json written too" in printed
+    assert "onnxruntime-genai loads" in printed and "with its cache fed back" in printed
+    genai = json.loads((out / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (4, 2)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["inputs"]["position_ids"] == "position_ids"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert genai["model"]["context_length"] == 512  # the config's, below the rotary cache's
+    assert genai_tokens(out, 6) == ort_tokens(src, 6)
+    # optimized again, the folder keeps serving both runtimes
+    kv8 = {"version": 1, "steps": [{"op_types": ["GroupQueryAttention"], "technique": "kv-cache",
+                                    "params": {"bits": 8}}]}
+    again = tmp_path / "again"
+    assert main(["optimize", str(out / "model.onnx"), "--recipe", recipe(tmp_path, kv8),
+                 "-o", f"{again}/"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote the onnxruntime-genai and HF/optimum folder" in printed
+    assert {"config.json", "genai_config.json"} <= {p.name for p in again.iterdir()}
+    assert "onnxruntime-genai loads" in printed and "with its cache fed back" in printed
+
+
+def test_an_unfused_hf_folder_gets_no_genai_config(tmp_path):
+    src = runtime_folder(tmp_path / "src", style="hf")
+    out = tmp_path / "out"
+    assert main(["optimize", str(src), "--recipe", recipe(tmp_path, INT4),
+                 "-o", f"{out}/"]) == 0
+    assert not (out / "genai_config.json").exists()

@@ -98,3 +98,13 @@ def test_compare_of_a_kv_decoder_hints_at_decode_and_request_unless_asked(decode
     assert main(["compare", str(decoder), str(decoder), *FAST, "--json", "-"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["verdict"] == "undecided" and hint in captured.err
+
+
+def test_a_request_runs_on_a_shared_kv_buffer(decoder, tmp_path):
+    out = tmp_path / "p.json"
+    code = main(["profile", str(decoder), *FAST, "--request", "--prompt", "16", "--generate",
+                 "8", "--kv-buffer", "shared", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["kv_buffer"] == "shared"
+    assert data["request"]["ttft_ms"] > 0 and set(data["request"]["decode_at_ms"]) == {"16", "24"}

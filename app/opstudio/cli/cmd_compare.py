@@ -124,6 +124,9 @@ def print_summary(c: Comparison, top: int = 15) -> None:
     for side, p in (("before", c.before), ("after", c.after)):
         if p.memory is not None:
             print(f"{side} {p.memory.line()}")
+        for note in p.notes:
+            if note.startswith("KV cache:"):  # the two sides may be fed differently
+                print(f"{side} {note}")
     print()
     acc = [(o.name, _f(o.max_abs_err), _f(o.mean_abs_err), _f(o.cosine, 6), _f(o.snr_db, 1),
             "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",

@@ -25,6 +25,7 @@ from opstudio.core.measure.profiler import (
     profile_model,
     unsettled_note,
 )
+from opstudio.core.measure.settings import KV_BUFFERS
 from opstudio.core.measure.workload import Workload
 
 
@@ -79,6 +80,11 @@ def add_profile_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
                        help=f"stop onnxruntime if it takes longer than S seconds in all "
                             f"(default {d.timeout_s:g})")
+    group.add_argument("--kv-buffer", choices=KV_BUFFERS, default=d.kv_buffer,
+                       help="a GroupQueryAttention decoder's past and present KV cache: one "
+                            "buffer written in place, as onnxruntime-genai runs it (shared), "
+                            "separate arrays (copy), or as the genai_config.json beside the "
+                            "model says (auto, the default)")
     group.add_argument("--seed", type=int, default=d.seed, metavar="N",
                        help="seed of the generated inputs (default 0)")
     add_input_flags(parser)
@@ -92,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
         shapes=parse_shapes(getattr(args, "shape", []) or []),
         inputs_path=getattr(args, "inputs", None), seed=getattr(args, "seed", 0),
         until_stable=getattr(args, "until_stable", None),
+        kv_buffer=getattr(args, "kv_buffer", "auto"),
         prompt_text=getattr(args, "prompt_text", None), tokenizer=getattr(args, "tokenizer", None))
     settings.phase, settings.past = parse_phase(args)
     settings.validate()

@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure import kv_buffer
 from opstudio.core.measure.memory import AnonPeak, Memory, anon_bytes, weight_bytes
 from opstudio.core.measure.profile import STAT_KEYS, NodeStats, Profile, stats_ms
 from opstudio.core.measure.rounds import (
@@ -55,6 +56,7 @@ from opstudio.core.measure.rounds import (
     Rotation,
     Side,
     check_feeds,
+    fed,
     load_session,
     open_more,
     open_side,
@@ -190,16 +192,16 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
         if side.plain:
-            sessions[f"plain{i}"] = _rotating(side.plain, side.feeds, i)
+            sessions[f"plain{i}"] = _rotating(side.plain, side.feeds, side.shared_kv, i)
     for i, side in enumerate(sides):
-        sessions[f"profiled{i}"] = _rotating(side.profiled, side.feeds, i)
+        sessions[f"profiled{i}"] = _rotating(side.profiled, side.feeds, side.shared_kv, i)
     report(0.1, "warming up")
     nodes = sum(len(s.model.graph.node) for s in sides)
     times, stable = run_rounds(sessions, settings, len(sides), nodes, sampled, seed)
     traces = [[sess.end_profiling() for sess in side.profiled] for side in sides]
     if shared and settings.measure_plain:
         # the profiler is off once its trace is written: the same sessions time the plain runs
-        plain_sessions_ = {f"plain{i}": Fed(side.profiled[0], side.feeds)
+        plain_sessions_ = {f"plain{i}": fed(side.profiled[0], side.feeds, side.shared_kv)
                            for i, side in enumerate(sides)}
         report(0.5, "timing without the profiler")
         plain_times, plain_stable = run_rounds(plain_sessions_, settings, len(sides), nodes,
@@ -229,6 +231,9 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         profile.onnxruntime = ort.__version__
         profile.memory = Memory(session_bytes=side.session_bytes, peak_bytes=peak_bytes,
                                 sessions=open_at_once, models=len(sides))
+        told = kv_buffer.note(side.shared_kv, settings.kv_buffer, side.model)
+        if told:
+            profile.notes.append(told)
         if shared and profile.plain_series_ms:
             profile.notes.append(
                 "a big model: one session per model, timed with the profiler and then without "
@@ -259,10 +264,11 @@ def _open_sides(ort: Any, paths: Sequence[str], settings: RunSettings, workdir: 
     return sides
 
 
-def _rotating(sessions: list[Any], feeds: dict[str, np.ndarray], model: int) -> Any:
+def _rotating(sessions: list[Any], feeds: dict[str, np.ndarray], shared_kv: dict[str, str],
+              model: int) -> Any:
     if len(sessions) > 1:
-        return Rotation([Fed(s, feeds) for s in sessions], model)
-    return Fed(sessions[0], feeds)
+        return Rotation([fed(s, feeds, shared_kv) for s in sessions], model)
+    return fed(sessions[0], feeds, shared_kv)
 
 
 def _profile_of(side: Side, trace_paths: list[str], times: dict[str, list[float]],

@@ -296,13 +296,15 @@ def _time_in_child(paths: list[str], settings_json: dict[str, Any],
                    progress: Progress | None = None) -> list[dict[str, list[float]]]:
     import onnxruntime as ort
 
+    from opstudio.core.measure import kv_buffer
     from opstudio.core.measure.rounds import (
-        Fed,
         check_feeds,
+        fed,
         load_session,
         profile_session_options,
         run_rounds,
     )
+    from opstudio.core.model.model_io import load_model
 
     ort.set_default_logger_severity(4)
     settings = RunSettings.from_json(settings_json)
@@ -312,7 +314,10 @@ def _time_in_child(paths: list[str], settings_json: dict[str, Any],
               for p in paths]
     # one kind per phase and past, the models side by side in each: profiler's rounds swap
     # the models within a kind ("prefill:0", "prefill:1", "decode@128:0", …)
-    sessions = {f"{kind}:{i}": Fed(sess, check_feeds(sess, kind_feeds))
+    shared = [kv_buffer.resolve(settings.kv_buffer,
+                                load_model(p, load_external_data=False, name_nodes=False), p)
+              for p in paths]
+    sessions = {f"{kind}:{i}": fed(sess, check_feeds(sess, kind_feeds), shared[i])
                 for kind, kind_feeds in feeds.items() for i, sess in enumerate(opened)}
     report(0.1, "warming up")
     times, _ = run_rounds(sessions, settings, len(paths), 0, report, seed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from opstudio.core.errors import OpstudioError
+from opstudio.core.measure import kv_buffer
 from opstudio.core.measure.memory import anon_bytes
 from opstudio.core.measure.settings import RunSettings
 from opstudio.core.measure.timing import drift_pct
@@ -139,6 +140,14 @@ class Fed:
         _run(self.sess, self.feeds)
 
 
+def fed(sess: Any, feeds: Mapping[str, np.ndarray], shared: Mapping[str, str]) -> Any:
+    """``sess`` on its ``feeds``, with the ``shared`` present outputs written into their past
+    inputs' buffers (``kv_buffer``) when there are any."""
+    if shared:
+        return kv_buffer.SharedFed(sess, feeds, shared, run_failed)
+    return Fed(sess, feeds)
+
+
 @dataclass
 class Side:
     model: onnx.ModelProto  # without weights
@@ -151,6 +160,8 @@ class Side:
     plain: list[Any]  # one session or more (``PLAIN_SESSIONS``), none when shared
     feeds: dict[str, np.ndarray]
     session_bytes: int | None = None  # RssAnon that creating the first session took
+    # present output -> past input written in one buffer (``kv_buffer``); empty: separate
+    shared_kv: dict[str, str] = field(default_factory=dict)
 
 
 def open_side(ort: Any, model_path: str, settings: RunSettings, work: Path,
@@ -158,6 +169,7 @@ def open_side(ort: Any, model_path: str, settings: RunSettings, work: Path,
     from opstudio.core.model.model_io import ensure_node_names, load_model, save_model
 
     work.mkdir(parents=True, exist_ok=True)
+    source = model_path  # its folder tells how its runtime feeds the cache
     # Every node needs a unique name for its kernel to be found again; name them as
     # opstudio does everywhere (load_model) and run that copy if anything changed.
     model = load_model(model_path, load_external_data=False, name_nodes=False)
@@ -194,8 +206,9 @@ def open_side(ort: Any, model_path: str, settings: RunSettings, work: Path,
     after = anon_bytes()
     grown = None if before is None or after is None else max(0, after - before)
     feeds = check_feeds(sess, inputs)
+    shared = kv_buffer.resolve(settings.kv_buffer, model, source)
     # the other sessions are opened once every model's first one is measured
-    return Side(model, model_path, work, dump, [sess], [], feeds, grown)
+    return Side(model, model_path, work, dump, [sess], [], feeds, grown, shared)
 
 
 def open_more(ort: Any, side: Side, settings: RunSettings, profiled: int, plain: int) -> None:
@@ -362,11 +375,16 @@ def _run(sess: Any, feeds: Mapping[str, np.ndarray]) -> None:
     try:
         sess.run(None, feeds)
     except Exception as exc:
-        shapes = ", ".join(describe_tensors([TensorInfo(k, v.dtype.name, list(v.shape))
-                                             for k, v in feeds.items()]))
-        raise OpstudioError(
-            f"onnxruntime failed to run the model: {_ort_message(exc)} (inputs: {shapes}; "
-            "set them with --dim/--shape/--inputs)") from None
+        raise run_failed(exc, feeds) from None
+
+
+def run_failed(exc: BaseException, feeds: Mapping[str, np.ndarray]) -> OpstudioError:
+    """onnxruntime's failure to run on ``feeds``, in words, with the inputs it had."""
+    shapes = ", ".join(describe_tensors([TensorInfo(k, v.dtype.name, list(v.shape))
+                                         for k, v in feeds.items()]))
+    return OpstudioError(
+        f"onnxruntime failed to run the model: {_ort_message(exc)} (inputs: {shapes}; "
+        "set them with --dim/--shape/--inputs)")
 
 
 def _ort_message(exc: BaseException) -> str:

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 from opstudio.core.errors import OpstudioError
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+# how a decode step's past and present KV cache are fed (``kv_buffer``)
+KV_BUFFERS = ("auto", "copy", "shared")
 
 _T = TypeVar("_T")
 
@@ -43,6 +45,9 @@ class RunSettings:
     measure_plain: bool = True
     # keep running until the total's 95 % interval is within this many percent of its median
     until_stable: float | None = None
+    # a GroupQueryAttention decoder's past and present in one buffer, as onnxruntime-genai
+    # runs it (``kv_buffer``): "auto" when its genai_config.json says so, "shared", "copy"
+    kv_buffer: str = "auto"
 
     def validate(self, check_provider: bool = True) -> None:
         if not isinstance(self.runs, int) or self.runs < 1:
@@ -61,6 +66,9 @@ class RunSettings:
         if self.until_stable is not None and not 0 < self.until_stable < 100:
             raise OpstudioError(
                 f"--until-stable takes a percentage between 0 and 100, not {self.until_stable}")
+        if self.kv_buffer not in KV_BUFFERS:
+            raise OpstudioError(
+                f"--kv-buffer takes one of {', '.join(KV_BUFFERS)}, not {self.kv_buffer!r}")
         if check_provider:
             import onnxruntime as ort
 
