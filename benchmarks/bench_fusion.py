@@ -315,7 +315,7 @@ def breakdown_table(models: list[tuple[str, Path]], profiles: list[Profile], ban
         matmul = sum(n.p50_ms for n in p.nodes
                      if {n.name, *n.group, *n.kernels} & names)
         attention = sum(n.p50_ms for n in p.nodes if n.op_type == "GroupQueryAttention")
-        other = max(0.0, p.total_ms["p50"] - p.untraced_ms - matmul - attention)
+        other = sum(n.p50_ms for n in p.nodes) - matmul - attention
         weights_ms = (bytes_read(path)) / (bandwidth * 1e9) * 1e3
         cache_ms = kv_bytes * cache_itemsize(path) / 4 / (bandwidth * 1e9) * 1e3
         attn = (f"{attention * scale:6.2f} ({attention * scale / cache_ms:4.1f}×)"

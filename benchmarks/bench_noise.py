@@ -16,12 +16,20 @@ stops itself, each busy-looping in 10 ms on / 10 ms off slices (half a core each
     python benchmarks/bench_noise.py [--repeats 20] [--int8-repeats 3] [--runs 20] [--load 2]
                                      [--only small]
 
+With ``--model PATH`` (an exported LLM: its folder is copied whole, external data and
+configuration with it), that model against its identical copy instead, ``--repeats`` times on the
+machine as it is, with ``--phase``/``--past``: how many operators are called faster or slower
+(every one a false positive), the whole model's verdict, compare's wall time and memory line.
+
+    python benchmarks/bench_noise.py --model ~/.cache/opstudio-bench/llm/trained_genai/int4/model.onnx \
+        --phase decode --past 512 --runs 40 --repeats 3
+
 Target: coverage of identical copies ≥ 90 % (quiet and busy); identical pairs called different
 in ≤ 5 % of operators and never in total; a change of 2× or more (the whole model or an
 operator, by its measured median) always significant.
 
 Measured (defaults, 2 cores shared with other work: 1-min load average 3.8-4.9 "quiet",
-4.0-7.6 with the two background processes; 491 s in all):
+4.0-7.6 with the two background processes; 491 s in all), profiled runs on one session a model:
 
 - coverage of identical copies, whole model (plain runs on 4 sessions a model): 60/60 quiet,
   60/60 busy; median width of the interval ×1.39 and ×1.64 (as wide as the machine's load
@@ -30,12 +38,27 @@ Measured (defaults, 2 cores shared with other work: 1-min load average 3.8-4.9 "
 - identical pairs called different: operators 41/2520 (1.6 %), whole model 0/120;
 - INT8 pairs missed: whole model 0/18, rewritten MatMuls 0/72; changes of 2× or more not
   called: 1/80.
+
+With the profiled runs on 4 sessions a model too (``--repeats 6``, a machine far busier with
+other work, load average 3.3-8.5; the same run of the code before, load 5.4-7.8, in brackets):
+identical pairs called different, operators 0/756 [30/756], whole model 0/36 [0/36]; profiled
+totals holding 1, 34/36 [35/36]; INT8 pairs missed, whole model 3/18 [0/18], rewritten MatMuls
+3/72 [0/72]; compare 3.7 s [2.5 s] each under that load. Alternating the two codes instead
+(small and medium, ``--repeats 2 --int8-repeats 2 --load 0``, three times, load 4.6-5.9):
+operators called different 0/504 [18/504], rewritten MatMuls missed 1/48 [0/48], whole model
+missed 0/12 [0/12], compare 1.6 and 2.0 s [1.4 and 2.2 s].
+
+``--model`` on the INT4 export of ``trained_genai`` (``--phase decode --past 512 --runs 40
+--repeats 3``, twice, alternating with the code before, load 1.2-3.9): operators called
+different 1, 0, 0, 0, 0, 0 of 309 [130, 24, 91, 91, 82, 100]; compare 15.8-24.8 s
+[12.9-21.1 s]; 8 sessions of each model open [5], process peak 2.3 GiB [1.5 GiB].
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +72,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_
 
 from model_builders import gpt2_block
 from opstudio.core.measure.compare import compare_models
+from opstudio.core.measure.memory import Memory, fmt_bytes
 from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.timing import FASTER, SLOWER
 from opstudio.core.plan.optimize import optimize
 from opstudio.core.plan.recipe import Recipe, Step
 
@@ -102,7 +127,15 @@ def main() -> int:
     p.add_argument("--load", type=int, default=2,
                    help="background processes of the busy machine (default 2, half a core each)")
     p.add_argument("--only", choices=list(MODELS))
+    p.add_argument("--model", type=Path,
+                   help="compare this model with an identical copy of its folder instead")
+    p.add_argument("--phase", choices=["prefill", "decode"], help="with --model")
+    p.add_argument("--past", type=int, help="with --model and --phase decode")
     args = p.parse_args()
+    if args.model is not None:
+        return identical_copy(args.model, ProfileSettings(
+            runs=args.runs, threads=args.threads, phase=args.phase, past=args.past),
+            args.repeats)
 
     rows = []
     fp_nodes = fp_total = n_nodes = n_same = 0
@@ -192,7 +225,7 @@ def main() -> int:
             print(f"coverage, identical copies, {machine} (1-min load average while timing "
                   f"{min(loads[machine]):.1f}–{max(loads[machine]):.1f}): whole-model interval holds 1 "
                   f"in {sum(h)}/{len(h)} ({sum(h) / len(h):.0%}); median width "
-                  f"×{w[len(w) // 2]:.3f}; profiled total (one session each) "
+                  f"×{w[len(w) // 2]:.3f}; profiled total "
                   f"{sum(hp)}/{len(hp)} ({sum(hp) / len(hp):.0%})")
     print(f"false positives, identical pairs: operators {fp_nodes}/{n_nodes} "
           f"({fp_nodes / max(n_nodes, 1):.1%}), whole model {fp_total}/{n_same}")
@@ -202,6 +235,41 @@ def main() -> int:
     if seconds:
         print(f"compare: median {sorted(seconds)[len(seconds) // 2]:.1f} s each")
     print(f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def identical_copy(model: Path, settings: ProfileSettings, repeats: int) -> int:
+    """``model`` against a copy of its folder, ``repeats`` times: operators called different
+    (each a false positive), the verdict, wall time and memory line of each compare."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-noise-") as tmp:
+        copy = Path(tmp) / "copy"
+        shutil.copytree(model.parent, copy)
+        for rep in range(repeats):
+            load = _load_average()
+            t0 = time.perf_counter()
+            c = compare_models(model, copy / model.name, settings)
+            secs = time.perf_counter() - t0
+            timed = [r for r in c.nodes if r.ratio is not None]
+            verdicts = [r.ratio.verdict for r in timed if r.ratio is not None]
+            v = c.verdict
+            sessions = max((r.ratio.sessions for r in timed if r.ratio is not None), default=1)
+            memory = c.before.memory or Memory()
+            rows.append((rep + 1, f"{verdicts.count(FASTER)}+{verdicts.count(SLOWER)}"
+                         f"/{len(timed)}", sessions,
+                         f"{v.median:.3f} [{v.low:.3f}, {v.high:.3f}]" if v else "-",
+                         v.verdict if v else "-", f"{secs:.1f}", f"{load:.1f}",
+                         f"{_load_average():.1f}", memory.sessions,
+                         fmt_bytes(memory.peak_bytes) if memory.peak_bytes else "-"))
+            print(*rows[-1], sep="  ", flush=True)
+    head = ("#", "ops faster+slower/timed", "sessions/op", "plain speedup [95 %]", "verdict",
+            "s", "load before", "load after", "sessions open", "process peak")
+    col_widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print()
+    for k, row in enumerate([head, *rows]):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, col_widths)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in col_widths))
     return 0
 
 

@@ -150,6 +150,16 @@ def test_a_fused_hf_folder_also_loads_in_onnxruntime_genai_and_says_the_same(tmp
     assert genai["search"]["past_present_share_buffer"] is True
     assert genai["model"]["context_length"] == 512  # the config's, below the rotary cache's
     assert genai_tokens(out, 6) == ort_tokens(src, 6)
+    # optimized again, the folder keeps serving both runtimes
+    kv8 = {"version": 1, "steps": [{"op_types": ["GroupQueryAttention"], "technique": "kv-cache",
+                                    "params": {"bits": 8}}]}
+    again = tmp_path / "again"
+    assert main(["optimize", str(out / "model.onnx"), "--recipe", recipe(tmp_path, kv8),
+                 "-o", f"{again}/"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote the onnxruntime-genai and HF/optimum folder" in printed
+    assert {"config.json", "genai_config.json"} <= {p.name for p in again.iterdir()}
+    assert "onnxruntime-genai loads" in printed and "with its cache fed back" in printed
 
 
 def test_an_unfused_hf_folder_gets_no_genai_config(tmp_path):

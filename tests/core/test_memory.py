@@ -66,6 +66,7 @@ def test_a_big_model_shares_one_session_between_profiled_and_plain_runs(tmp_path
     for p in (before, after):
         assert p.memory is not None and p.memory.sessions == 1
         assert p.plain_ms and len(p.plain_series_ms) == 4 and len(p.total_series_ms) == 4
+        assert p.profiled_sessions == []  # its one session's trace
         assert any("one session per model" in n for n in p.notes)
 
 

@@ -44,6 +44,24 @@ def test_the_kv_cache_buffer_is_offered_for_a_model_with_a_past(app):
     assert kv.settings().kv_buffer == "copy"
 
 
+def test_the_dims_show_what_the_phase_runs_without_pinning_them(app):
+    dlg = RunSettingsDialog(ProfileSettings(phase="decode", past=512), KV_DIMS)
+    dims = dlg.dims
+    shown = {n: dims[n].value() for n in ("sequence_length", "past_sequence_length",
+                                          "total_sequence_length")}
+    assert shown == {"sequence_length": 1, "past_sequence_length": 512,
+                     "total_sequence_length": 513}
+    dlg.past.setValue(100)
+    assert dims["total_sequence_length"].value() == 101
+    assert dlg.settings().dims == {}  # shown, not pinned: the phase decides them
+    dlg.phase.setCurrentText("prefill")
+    assert (dims["sequence_length"].value(), dims["past_sequence_length"].value(),
+            dims["total_sequence_length"].value()) == (128, 0, 128)
+    dims["sequence_length"].setValue(16)
+    assert dims["total_sequence_length"].value() == 16
+    assert dlg.settings().dims == {"sequence_length": 16}
+
+
 def test_past_zero_is_a_value_and_prefill_has_no_past(app):
     dlg = RunSettingsDialog(ProfileSettings(), KV_DIMS)
     dlg.dims["past_sequence_length"].setValue(3)

@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
                     **result.to_json(), **measured,
                     "size_bytes": {"before": size_before, "after": size_after},
                     **({"folder": {"path": str(export.folder), "runtime": export.kind,
+                                   "runtimes": export.runtimes,
                                    "files": export.written, "config_changes": export.changed,
                                    "notes": export.notes}} if export is not None else {})},
                    args.report)
@@ -194,7 +195,8 @@ def _print_accuracy(accuracy: Any, on: str) -> None:
 
 
 def _print_folder(export: Any) -> None:
-    runtime = "onnxruntime-genai" if export.kind == "genai" else "HF/optimum"
+    names = {"genai": "onnxruntime-genai", "hf": "HF/optimum"}
+    runtime = " and ".join(names[k] for k in export.runtimes or [export.kind])
     print(f"wrote the {runtime} folder {export.folder}: {', '.join(export.written)}")
     for key, value in export.changed.items():
         print(f"  config: {key} = {value}")

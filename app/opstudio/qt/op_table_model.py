@@ -106,6 +106,8 @@ class OpTableModel(QAbstractTableModel):
         self.after: dict[str, Delta] = {}
         # the rounds the comparison's rows were paired over (its quiet ones), for group totals
         self.rounds: list[int] | None = None
+        # the profiled session of each run of before and of after, when they rotated
+        self.sessions: tuple[list[int], list[int]] | None = None
         self.roofline: dict[str, Any] = {}  # node name -> roofline.RooflinePoint
         # original node name -> nodes of this model standing for it (a file an optimization
         # wrote: its profile rows are named after the original nodes)
@@ -117,7 +119,7 @@ class OpTableModel(QAbstractTableModel):
         self.graph = graph
         self.derived = dict(derived or {})
         self.profile, self.techniques, self.after, self.roofline = {}, {}, {}, {}
-        self.rounds = None
+        self.rounds, self.sessions = None, None
         self.endResetModel()
 
     def shown_as(self, names: Iterable[str]) -> list[str]:
@@ -150,13 +152,15 @@ class OpTableModel(QAbstractTableModel):
         self._changed(COL_TECH, COL_TECH)
 
     def set_comparison(self, comparison: Any | None) -> None:
-        self.after, self.rounds = {}, None
+        self.after, self.rounds, self.sessions = {}, None, None
         if comparison is not None:
             before, after = getattr(comparison, "before", None), getattr(comparison, "after", None)
             if before is not None and after is not None:
-                # the rounds compare_models paired the rows over
+                # the rounds compare_models paired the rows over, and the sessions they ran on
                 self.rounds = quiet_rounds(getattr(before, "total_series_ms", None) or [],
                                            getattr(after, "total_series_ms", None) or [])
+                on = [getattr(p, "profiled_sessions", None) or [] for p in (before, after)]
+                self.sessions = (on[0], on[1]) if on[0] and on[1] else None
             for row in comparison.nodes:
                 delta = Delta(row.before_ms, row.after_ms, row.speedup,
                               getattr(row, "ratio", None), getattr(row, "status", SAME),
@@ -197,7 +201,7 @@ class OpTableModel(QAbstractTableModel):
                 before += np.asarray(d.before_series, dtype=float)
             if d.after_series:
                 after += np.asarray(d.after_series, dtype=float)
-        return paired_speedup(before.tolist(), after.tolist(), self.rounds)
+        return paired_speedup(before.tolist(), after.tolist(), self.rounds, self.sessions)
 
     def _changed(self, first: int, last: int) -> None:
         if self.rowCount():

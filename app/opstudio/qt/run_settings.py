@@ -164,6 +164,10 @@ class RunSettingsDialog(QDialog):
             self._shown[name] = int(value)
             form.addRow(f"dim '{name}'", box)
         self.phase.currentTextChanged.connect(self._phase_changed)
+        self.past.valueChanged.connect(self._show_derived)
+        for name, box in self.dims.items():
+            if _new_tokens(name):
+                box.valueChanged.connect(self._show_derived)
         self._phase_changed(self.phase.currentText())
         inputs_row = QWidget()
         h = QHBoxLayout(inputs_row)
@@ -231,6 +235,25 @@ class RunSettingsDialog(QDialog):
             # the phase sets the past, the new tokens and their total
             box.setEnabled(phase == "auto" or not (
                 is_past_length_name(name) or "total" in name.lower() or "+" in name))
+            if (box.isEnabled() and _new_tokens(name) and name not in self._base.dims
+                    and box.value() == self._shown[name]):
+                # a new-token dim the user has not set shows what the phase runs: one token
+                # for a decode step (still a value they may change), the prompt otherwise
+                self._shown[name] = 1 if phase == "decode" else (default_dim(name, {})[0] or 0)
+                box.setValue(self._shown[name])
+        self._show_derived()
+
+    def _show_derived(self, *_: Any) -> None:
+        """The greyed dims show what the phase gives them: the past, and past + new tokens."""
+        phase = self.phase.currentText()
+        if phase == "auto":
+            return
+        past = self.past.value() if phase == "decode" else 0
+        new = next((b.value() for n, b in self.dims.items() if _new_tokens(n)), 1)
+        for name, box in self.dims.items():
+            if box.isEnabled():
+                continue
+            box.setValue(past if is_past_length_name(name) else past + new)
 
     def settings(self) -> ProfileSettings:
         dims = dict(self._base.dims)
@@ -256,3 +279,9 @@ class RunSettingsDialog(QDialog):
             request=self.request.isChecked() if self._past_dims else self._base.request,
             request_prompt=self.request_prompt.value(),
             request_generate=self.request_generate.value())
+
+
+def _new_tokens(name: str) -> bool:
+    """A dim that counts the step's new tokens (sequence_length), not its past or total."""
+    low = name.lower()
+    return "seq" in low and not is_past_length_name(name) and "total" not in low and "+" not in name

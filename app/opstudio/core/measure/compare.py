@@ -125,7 +125,8 @@ def interval_text(ratio: Ratio | None) -> str:
 
 def operators_changed(rows: Sequence[NodeDelta]) -> str:
     """How the timed operators' verdicts fall: "2 of 9 operators faster, 1 slower, the others
-    ≈ 1×" (with "too few runs to tell" when the pairs cannot)."""
+    ≈ 1×" (with "too few runs to tell" when the pairs cannot), and over how many profiled
+    sessions of each model."""
     counts = {v: sum(1 for r in rows if r.ratio is not None and r.ratio.verdict == v)
               for v in (timing.FASTER, timing.SLOWER, timing.SAME, timing.UNDECIDED)}
     undecided = [r.ratio for r in rows if r.ratio is not None and r.ratio.verdict == timing.UNDECIDED]
@@ -136,7 +137,11 @@ def operators_changed(rows: Sequence[NodeDelta]) -> str:
     if counts[timing.UNDECIDED]:
         parts.append(f"{counts[timing.UNDECIDED]} too few runs to tell")
     parts.append(f"{counts[timing.SAME]} ≈ 1×")
-    return ", ".join(parts)
+    k = max((r.ratio.sessions for r in rows if r.ratio is not None), default=1)
+    if k > 1:
+        return ", ".join(parts) + f" (profiled on {k} sessions of each model)"
+    return ", ".join(parts) + (" (profiled on one session of each model: what two sessions of "
+                               "one model differ by is not in the operators' intervals)")
 
 
 def _sessions(ratio: Ratio) -> str:
@@ -268,9 +273,10 @@ class Comparison:
         after = {r["op_type"]: r["mean_ms"] for r in self.after.op_types}
         b_series, a_series = _series_by_op(self.before), _series_by_op(self.after)
         rounds = quiet_rounds(self.before.total_series_ms, self.after.total_series_ms)
+        on = profiled_sessions(self.before, self.after)
         rows = []
         for op in dict.fromkeys([*before, *after]):
-            ratio = paired_speedup(b_series.get(op, []), a_series.get(op, []), rounds)
+            ratio = paired_speedup(b_series.get(op, []), a_series.get(op, []), rounds, on)
             b, a = before.get(op, 0.0), after.get(op, 0.0)
             rows.append({"op_type": op, "before_ms": b, "after_ms": a,
                          "speedup": (ratio.median if ratio is not None
@@ -518,9 +524,11 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None,
     the two models) AFTER's renamed nodes are put on their originals' rows, and removed/added
     are decided by the models; without, a node missing from one profile is removed/added.
     A row's ``ratio`` pairs the two profiles' runs of the same round, over ``rounds`` (default:
-    those in which neither whole run was disturbed)."""
+    those in which neither whole run was disturbed), its interval over the profiled sessions
+    the runs came from (``profiled_sessions``)."""
     if rounds is None:
         rounds = quiet_rounds(before.total_series_ms, after.total_series_ms)
+    on = profiled_sessions(before, after)
     renamed = mapping.renamed() if mapping is not None else {}
     claimed = mapping.claimed() if mapping is not None else set()
     b_known = {m for s in before.nodes for m in (s.name, *s.group)}
@@ -598,7 +606,7 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None,
         a_series = [] if c["after_series"] is None else c["after_series"].tolist()
         ratio = None
         if before_ms is not None and after_ms is not None and after_ms > 0:
-            ratio = paired_speedup(b_series, a_series, rounds)
+            ratio = paired_speedup(b_series, a_series, rounds, on)
         rows.append(NodeDelta(c["name"], c["op_type"], before_ms, after_ms,
                               group=(c["members"] if len(c["members"]) > 1
                                      or c["name"] not in c["members"] else []),
@@ -606,6 +614,15 @@ def match_nodes(before: Profile, after: Profile, mapping: NodeMap | None = None,
                               ratio=ratio, before_series=b_series, after_series=a_series))
     rows.sort(key=lambda r: (-(r.before_ms if r.before_ms is not None else -1.0), r.name))
     return rows
+
+
+def profiled_sessions(before: Profile, after: Profile
+                      ) -> tuple[Sequence[int], Sequence[int]] | None:
+    """The profiled session each run of ``before`` and of ``after`` came from, when both were
+    profiled on several (``profiler``); None otherwise."""
+    if before.profiled_sessions and after.profiled_sessions:
+        return before.profiled_sessions, after.profiled_sessions
+    return None
 
 
 def _members(stats: Any, translate: Callable[[str], list[str]] | None) -> list[str]:
@@ -667,7 +684,7 @@ def compare_models(before: str | Path | onnx.ModelProto, after: str | Path | onn
         before_path=str(before) if not isinstance(before, onnx.ModelProto) else "",
         after_path=str(after) if not isinstance(after, onnx.ModelProto) else "",
         total_ratio=paired_speedup(prof_before.total_series_ms, prof_after.total_series_ms,
-                                   profiled_rounds),
+                                   profiled_rounds, profiled_sessions(prof_before, prof_after)),
         plain_ratio=paired_speedup(prof_before.plain_series_ms, prof_after.plain_series_ms,
                                    plain_rounds,
                                    (prof_before.plain_sessions, prof_after.plain_sessions)),

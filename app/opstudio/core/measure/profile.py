@@ -76,8 +76,10 @@ class Profile:
     # the step of a decoder with a KV cache that was run ("prefill of 128 tokens"; "" for
     # another model): every figure is that step's
     step: str = ""
-    # which of the model's plain sessions each plain run ran on (``PLAIN_SESSIONS``)
+    # which of the model's plain sessions each plain run ran on (``PLAIN_SESSIONS``), and
+    # which of its profiled sessions each profiled run (and its operators' figures) came from
     plain_sessions: list[int] = field(default_factory=list, repr=False, compare=False)
+    profiled_sessions: list[int] = field(default_factory=list, repr=False, compare=False)
     # what running the model takes of memory (``core.memory``)
     memory: Memory | None = None
 

@@ -19,7 +19,11 @@ split is still the profiler's). ``profile_models`` measures several models in on
 rounds interleaved too: what ``compare`` uses, so that before and after see the same machine.
 There each model's plain runs are spread over ``PLAIN_SESSIONS`` sessions, every session of one
 meeting every session of the other, so that the verdict's interval holds what two sessions of
-one model differ by (``timing.session_interval``).
+one model differ by (``timing.session_interval``). Its profiled runs are spread the same way over
+as many profiled sessions as fit beside them (``rounds.rotated_sessions``), the same rounds in
+all, each session writing its own trace: a session's memory placement moves an operator's time
+as it moves the total, and every operator's interval must hold that too. A big model's one
+shared session (``SHARED_SESSION_BYTES``) and a single model keep one profiled session.
 
 A busy machine only ever slows runs down: runs far above the median (``timing.spread``) are
 *disturbed*; statistics come from the quiet runs, and ``noise`` says how many were left out.
@@ -50,12 +54,15 @@ from opstudio.core.measure.rounds import (
     SHARED_SESSION_BYTES,
     Fed,
     Rotation,
+    Side,
     check_feeds,
     fed,
     load_session,
+    open_more,
     open_side,
     plain_sessions,
     profile_session_options,
+    rotated_sessions,
     run_rounds,
     sessions_that_fit,
     shared_session,
@@ -65,7 +72,9 @@ from opstudio.core.measure.settings import OPT_LEVELS, FeedSpec, ProfileSettings
 from opstudio.core.measure.trace import (
     TRACE_EVENT_CAP,
     build_profile,
+    profile_of_runs,
     read_trace,
+    rotated_runs,
     split_runs,
     uncertain_note,
 )
@@ -170,7 +179,6 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     report(0.01, "loading the model" if len(model_paths) == 1 else "loading the models")
     if shared is None:
         shared = shared_session(model_paths)
-    plains = 0 if shared else plain_sessions(model_paths)
     peak = [anon_bytes()]
 
     def sampled(fraction: float, message: str) -> None:
@@ -178,34 +186,22 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
         peak.append(anon_bytes())
         report(fraction, message)
 
-    sides = []
     with AnonPeak() as opening:
-        for i, path in enumerate(model_paths):
-            sides.append(open_side(ort, path, settings, Path(workdir) / f"m{i}", inputs))
-        if plains and settings.measure_plain:
-            # a session can hold several times its file (fp16 weights cast to fp32, prepacked
-            # copies): the plain sessions are counted by what the profiled ones took
-            plains = max(1, min(plains, sessions_that_fit([s.session_bytes for s in sides])))
-            for side in sides:
-                side.plain = [load_session(ort, side.path, profile_session_options(ort, settings),
-                                           settings.provider) for _ in range(plains)]
+        sides = _open_sides(ort, model_paths, settings, Path(workdir), inputs, shared)
     peak.append(opening.peak)
     sessions: dict[str, Any] = {}
     for i, side in enumerate(sides):
-        if len(side.plain) > 1:
-            sessions[f"plain{i}"] = Rotation([fed(s, side.feeds, side.shared_kv)
-                                              for s in side.plain], i)
-        elif side.plain:
-            sessions[f"plain{i}"] = fed(side.plain[0], side.feeds, side.shared_kv)
+        if side.plain:
+            sessions[f"plain{i}"] = _rotating(side.plain, side.feeds, side.shared_kv, i)
     for i, side in enumerate(sides):
-        sessions[f"profiled{i}"] = fed(side.profiled, side.feeds, side.shared_kv)
+        sessions[f"profiled{i}"] = _rotating(side.profiled, side.feeds, side.shared_kv, i)
     report(0.1, "warming up")
     nodes = sum(len(s.model.graph.node) for s in sides)
     times, stable = run_rounds(sessions, settings, len(sides), nodes, sampled, seed)
-    traces = [side.profiled.end_profiling() for side in sides]
+    traces = [[sess.end_profiling() for sess in side.profiled] for side in sides]
     if shared and settings.measure_plain:
         # the profiler is off once its trace is written: the same sessions time the plain runs
-        plain_sessions_ = {f"plain{i}": fed(side.profiled, side.feeds, side.shared_kv)
+        plain_sessions_ = {f"plain{i}": fed(side.profiled[0], side.feeds, side.shared_kv)
                            for i, side in enumerate(sides)}
         report(0.5, "timing without the profiler")
         plain_times, plain_stable = run_rounds(plain_sessions_, settings, len(sides), nodes,
@@ -218,29 +214,9 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
     profiles = []
     for i, side in enumerate(sides):
         report(0.9, "attributing kernels to nodes")
-        trace_path = traces[i]
-        session_bytes = side.session_bytes
-        open_at_once = 1 + len(side.plain)
-        side.profiled, side.plain = None, []
-        try:
-            trace = read_trace(trace_path)
-        except (OSError, ValueError) as exc:
-            raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(trace_path)
-        optimized = None
-        opt_path = side.work / "optimized.onnx"
-        if side.dump and opt_path.is_file():
-            with contextlib.suppress(Exception):
-                optimized = onnx.load_model(str(opt_path), load_external_data=False)
-        profiled = [t * 1e3 for t in times[f"profiled{i}"]]
-        plain = [t * 1e3 for t in times.get(f"plain{i}", [])]
-        profile = build_profile(side.model, trace, settings.warmup, len(profiled), optimized,
-                                profiled, plain)
-        rotation = sessions.get(f"plain{i}")
-        if isinstance(rotation, Rotation) and plain:
-            profile.plain_sessions = rotation.used[-len(plain):]
+        open_at_once, profiled_open = len(side.profiled) + len(side.plain), len(side.profiled)
+        side.profiled, side.plain = [], []
+        profile = _profile_of(side, traces[i], times, sessions, i, settings)
         if stable is not None:
             stable = dict(stable)
             # the operators' own figures must have settled too, not only the total
@@ -253,16 +229,77 @@ def _measure_in_child(model_paths: list[str], settings_json: dict[str, Any],
                 profile.notes = [unsettled_note(stable), *(
                     n for n in profile.notes if not n.startswith("figures uncertain"))]
         profile.onnxruntime = ort.__version__
-        profile.memory = Memory(session_bytes=session_bytes, peak_bytes=peak_bytes,
+        profile.memory = Memory(session_bytes=side.session_bytes, peak_bytes=peak_bytes,
                                 sessions=open_at_once, models=len(sides))
         told = kv_buffer.note(side.shared_kv, settings.kv_buffer, side.model)
         if told:
             profile.notes.append(told)
-        if shared and plain:
+        if shared and profile.plain_series_ms:
             profile.notes.append(
                 "a big model: one session per model, timed with the profiler and then without "
                 "it, so the profiler's overhead is from runs minutes apart")
+        elif len(sides) > 1 and profiled_open == 1:
+            profile.notes.append(
+                "one profiled session per model (no more fit in memory beside the plain ones): "
+                "what two sessions of one model differ by is not in the operators' intervals")
         profiles.append(profile)
     report(1.0, "done")
     return profiles
 
+
+def _open_sides(ort: Any, paths: Sequence[str], settings: RunSettings, workdir: Path,
+                inputs: dict[str, np.ndarray], shared: bool) -> list[Side]:
+    """Every model's sessions: its first profiled one, then, unless ``shared``, the plain ones
+    and, with several models, more profiled ones (``rotated_sessions``)."""
+    sides = [open_side(ort, path, settings, workdir / f"m{i}", inputs)
+             for i, path in enumerate(paths)]
+    wanted = 0 if shared else plain_sessions(paths)
+    if wanted:
+        # a session can hold several times its file (fp16 weights cast to fp32, prepacked
+        # copies): the other sessions are counted by what the first ones took
+        fit = sessions_that_fit([s.session_bytes for s in sides])
+        plain, profiled = rotated_sessions(wanted, fit, settings.measure_plain)
+        for side in sides:
+            open_more(ort, side, settings, profiled, plain)
+    return sides
+
+
+def _rotating(sessions: list[Any], feeds: dict[str, np.ndarray], shared_kv: dict[str, str],
+              model: int) -> Any:
+    if len(sessions) > 1:
+        return Rotation([fed(s, feeds, shared_kv) for s in sessions], model)
+    return fed(sessions[0], feeds, shared_kv)
+
+
+def _profile_of(side: Side, trace_paths: list[str], times: dict[str, list[float]],
+                sessions: dict[str, Any], i: int, settings: RunSettings) -> Profile:
+    """Model ``i``'s profile from its sessions' traces (deleted once read) and the timed
+    rounds, each run of it on the session it ran on."""
+    try:
+        traces = [read_trace(path) for path in trace_paths]
+    except (OSError, ValueError) as exc:
+        raise OpstudioError(f"cannot read onnxruntime's profile ({exc})") from None
+    finally:
+        for path in trace_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    optimized = None
+    opt_path = side.work / "optimized.onnx"
+    if side.dump and opt_path.is_file():
+        with contextlib.suppress(Exception):
+            optimized = onnx.load_model(str(opt_path), load_external_data=False)
+    profiled = [t * 1e3 for t in times[f"profiled{i}"]]
+    plain = [t * 1e3 for t in times.get(f"plain{i}", [])]
+    rotation = sessions[f"profiled{i}"]
+    if isinstance(rotation, Rotation):
+        used = rotation.used[-len(profiled):] if profiled else []
+        runs, notes = rotated_runs(traces, used, rotation.ran)
+        profile = profile_of_runs(side.model, runs, optimized, profiled, plain, notes)
+        profile.profiled_sessions = used[:len(runs)]
+    else:
+        profile = build_profile(side.model, traces[0], settings.warmup, len(profiled),
+                                optimized, profiled, plain)
+    rotation = sessions.get(f"plain{i}")
+    if isinstance(rotation, Rotation) and plain:
+        profile.plain_sessions = rotation.used[-len(plain):]
+    return profile

@@ -3,9 +3,9 @@ they take turns in (``run_rounds``), shared by ``profiler`` and ``request``.
 
 Each round runs every session once, in an order that swaps the models within each kind of run
 so that every session follows each neighbour equally often; with several models compared, each
-model's plain runs rotate over ``PLAIN_SESSIONS`` sessions (``Rotation``), and a model too big
-for a second copy of its weights gets one session for the profiled and the plain runs
-(``SHARED_SESSION_BYTES``).
+model's plain runs and its profiled runs each rotate over up to ``PLAIN_SESSIONS`` sessions
+(``Rotation``), and a model too big for a second copy of its weights gets one session for the
+profiled and the plain runs (``SHARED_SESSION_BYTES``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,16 @@ def sessions_that_fit(session_bytes: Sequence[int | None]) -> int:
     return PLAIN_SESSIONS if held <= 0 else int(_SESSIONS_MEMORY_SHARE * memory // held)
 
 
+def rotated_sessions(wanted: int, fit: int, plain: bool = True) -> tuple[int, int]:
+    """(plain, profiled) sessions per model when ``wanted`` of each kind are asked for and
+    ``fit`` sessions beyond the first profiled one fit (``sessions_that_fit``); no plain ones
+    unless ``plain``. A session's memory placement moves a run by a few percent, the total's
+    and every operator's alike, so the profiled runs rotate too; the plain runs (the
+    verdict's) come first."""
+    plains = max(1, min(wanted, fit)) if plain else 0
+    return plains, max(1, min(wanted, fit + 1 - plains))
+
+
 # Above this many bytes of weights in any model measured, every model gets one session,
 # shared by the profiled and the plain runs (profiling first, then, with the profiler ended,
 # plain), instead of one profiled session beside one or more plain ones: each session of a big
@@ -96,18 +106,26 @@ class Rotation:
     """Several sessions of model ``model`` (of ``models``), one of which runs in each round
     (``turn``): model 0's session ``i mod k``, model m's ``(i + m·⌊i/k⌋) mod k``, so that over
     k² rounds every session of one model meets every session of the other. ``used`` holds the
-    session of each run."""
+    session of each run, ``ran`` how many runs each session made, warm-up included (where a
+    session's timed runs start in its trace)."""
 
     def __init__(self, sessions: list[Any], model: int) -> None:
         self.sessions, self.model, self.current = sessions, model, 0
         self.used: list[int] = []
+        self.ran = [0] * len(sessions)
 
     def turn(self, i: int) -> None:
         k = len(self.sessions)
         self.current = (i + self.model * (i // k)) % k
 
+    def warm(self, j: int) -> None:
+        """One untimed run of session ``j``."""
+        self.ran[j] += 1
+        self.sessions[j].run(None, {})
+
     def run(self, outputs: Any, feeds: Any) -> None:
         self.used.append(self.current)
+        self.ran[self.current] += 1
         self.sessions[self.current].run(outputs, feeds)
 
 
@@ -136,10 +154,12 @@ class Side:
     path: str
     work: Path
     dump: bool
-    profiled: Any
+    # one session or more (``rotated_sessions``), each writing its own trace; the first saves
+    # the graph it runs
+    profiled: list[Any]
     plain: list[Any]  # one session or more (``PLAIN_SESSIONS``), none when shared
     feeds: dict[str, np.ndarray]
-    session_bytes: int | None = None  # RssAnon that creating the profiled session took
+    session_bytes: int | None = None  # RssAnon that creating the first session took
     # present output -> past input written in one buffer (``kv_buffer``); empty: separate
     shared_kv: dict[str, str] = field(default_factory=dict)
 
@@ -187,8 +207,20 @@ def open_side(ort: Any, model_path: str, settings: RunSettings, work: Path,
     grown = None if before is None or after is None else max(0, after - before)
     feeds = check_feeds(sess, inputs)
     shared = kv_buffer.resolve(settings.kv_buffer, model, source)
-    # the plain sessions are opened once every model's profiled one is measured
-    return Side(model, model_path, work, dump, sess, [], feeds, grown, shared)
+    # the other sessions are opened once every model's first one is measured
+    return Side(model, model_path, work, dump, [sess], [], feeds, grown, shared)
+
+
+def open_more(ort: Any, side: Side, settings: RunSettings, profiled: int, plain: int) -> None:
+    """Open ``side``'s other sessions: up to ``profiled`` profiled ones in all and ``plain``
+    plain ones. Each profiled session writes its own trace, under its own prefix: onnxruntime
+    names the file by the second its profiler started, which sessions opened together share."""
+    for j in range(len(side.profiled), profiled):
+        so = profile_session_options(ort, settings,
+                                     profile_prefix=str(side.work / f"ort_profile{j}"))
+        side.profiled.append(load_session(ort, side.path, so, settings.provider))
+    side.plain += [load_session(ort, side.path, profile_session_options(ort, settings),
+                                settings.provider) for _ in range(plain)]
 
 
 def run_rounds(sessions: Mapping[str, Any], settings: RunSettings, models: int, nodes: int,
@@ -218,10 +250,10 @@ def run_rounds(sessions: Mapping[str, Any], settings: RunSettings, models: int, 
     times: dict[str, list[float]] = {k: [] for k in sessions}
     rotations = [s for s in sessions.values() if isinstance(s, Rotation)]
     for rotation in rotations:  # the first session warms up in the first round
-        for sess in rotation.sessions[1:]:
+        for j in range(1, len(rotation.sessions)):
             # one run allocates what a session keeps; the first round warms the process
             for _ in range(min(settings.warmup, 1)):
-                sess.run(None, {})
+                rotation.warm(j)
     spent = 0.0
     done = 0
     pct = math.inf

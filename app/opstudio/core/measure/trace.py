@@ -10,7 +10,9 @@ many times the node ran per run: the most executions of any of its kernels (1 fo
 node, n for a kernel in a Loop body run n times); ``share`` is the mean over the mean
 ``model_run``. Time of kernels no node could be found for is ``unattributed_ms`` (listed in
 ``unattributed``); the rest of the run the trace does not see (the executor between kernels) is
-``untraced_ms``.
+``untraced_ms``. A model profiled on several sessions has one trace per session; their timed runs
+are put back in the order they ran (``rotated_runs``) so that run i still pairs with run i of
+another model.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ CONTROL_FLOW = {"If", "Loop", "Scan", "BeamSearch", "GreedySearch", "Sampling",
 TRACE_EVENT_CAP = 1_000_000
 _EVENT_KEYS = frozenset({"cat", "name", "ts", "dur", "tid", "args"})
 _ARGS_KEYS = frozenset({"op_name", "provider"})
+
+
+# one run of a trace: its ``model_run`` event and its kernels' events
+Run = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 def _slim_event(obj: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +133,7 @@ def read_trace(path: str | os.PathLike[str], fast: bool = True) -> list[dict[str
     return [e for e in whole if isinstance(e, dict) and _wanted(e)]
 
 
-def split_runs(trace: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+def split_runs(trace: list[dict[str, Any]]) -> list[Run]:
     """``(model_run event, its kernel events)`` for every run in the trace, in order."""
     runs = sorted((e for e in trace if e.get("name") == "model_run" and "dur" in e),
                   key=lambda e: e["ts"])
@@ -135,7 +141,7 @@ def split_runs(trace: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[d
                       and str(e.get("name", "")).endswith("_kernel_time")),
                      key=lambda e: e["ts"])
     starts = [r["ts"] for r in runs]
-    out: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [(r, []) for r in runs]
+    out: list[Run] = [(r, []) for r in runs]
     for k in kernels:
         i = bisect.bisect_right(starts, k["ts"]) - 1
         if i >= 0 and k["ts"] <= runs[i]["ts"] + runs[i]["dur"] + 1:
@@ -180,20 +186,56 @@ def build_profile(model: onnx.ModelProto, trace: list[dict[str, Any]], warmup: i
                   profiled_wall_us: list[float] | None = None,
                   plain_wall_us: list[float] | None = None) -> Profile:
     """Statistics per original node from an onnxruntime trace (the last ``timed`` runs)."""
-    from opstudio.core.measure.attribution import attribute
-
     all_runs = split_runs(trace)
     runs = all_runs[warmup:] if len(all_runs) > warmup else all_runs
     if timed:
         runs = runs[-timed:]
-    if not runs:
-        raise OpstudioError("onnxruntime's profile holds no model run")
     notes = []
-    if timed and len(all_runs) < warmup + timed:
+    if runs and timed and len(all_runs) < warmup + timed:
         # onnxruntime stops recording once its trace holds a million events, silently.
         notes.append(f"onnxruntime's trace holds {len(all_runs)} of the {warmup + timed} runs "
                      f"(it stops recording at {TRACE_EVENT_CAP:,} events): statistics are over "
                      f"the {len(runs)} timed runs it holds; ask for fewer runs to profile them all")
+    return profile_of_runs(model, runs, optimized, profiled_wall_us, plain_wall_us, notes)
+
+
+def rotated_runs(traces: Sequence[list[dict[str, Any]]], used: Sequence[int],
+                 ran: Sequence[int]) -> tuple[list[Run], list[str]]:
+    """The timed runs of a model profiled on several sessions, one trace each (onnxruntime's
+    profiler is per session), in the order they ran, and what a reader must know of them.
+    ``used`` is the session of every timed run, ``ran`` how many runs each session made in
+    all, its warm-up first. A trace that stopped recording (``TRACE_EVENT_CAP``) ends the
+    runs at the first it lacks: the rest would not pair with the other model's."""
+    queues = []
+    for j, trace in enumerate(traces):
+        runs = split_runs(trace)
+        first = ran[j] - sum(1 for s in used if s == j)
+        queues.append(iter(runs[first:]))
+    out: list[Run] = []
+    for j in used:
+        run = next(queues[j], None)
+        if run is None:
+            break
+        out.append(run)
+    notes = []
+    if out and len(out) < len(used):
+        notes.append(f"onnxruntime's traces hold {len(out)} of the {len(used)} timed runs in "
+                     f"order (each stops recording at {TRACE_EVENT_CAP:,} events): statistics "
+                     "are over those; ask for fewer runs to profile them all")
+    return out, notes
+
+
+def profile_of_runs(model: onnx.ModelProto, runs: Sequence[Run],
+                    optimized: onnx.ModelProto | None = None,
+                    profiled_wall_us: list[float] | None = None,
+                    plain_wall_us: list[float] | None = None,
+                    notes: Sequence[str] = ()) -> Profile:
+    """Statistics per original node over the timed ``runs`` of a trace (``split_runs``)."""
+    from opstudio.core.measure.attribution import attribute
+
+    if not runs:
+        raise OpstudioError("onnxruntime's profile holds no model run")
+    notes = list(notes)
     containers = set()
     if optimized is not None:
         containers = {n.name for n in optimized.graph.node if _has_graph_attr(n)}

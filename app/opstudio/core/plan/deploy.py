@@ -52,9 +52,10 @@ COMPANIONS = (
 class FolderExport:
     folder: Path
     model: Path
-    kind: str  # "genai" or "hf"
-    # an HF folder whose attention is GroupQueryAttention also loads in onnxruntime-genai
-    also_genai: bool = False
+    kind: str  # "genai" or "hf": the runtime the source folder was made for
+    # every runtime the folder loads in, ``kind`` first: an HF folder whose attention is
+    # GroupQueryAttention also loads in onnxruntime-genai; a folder with both configs in both
+    runtimes: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # file names, in the folder
     changed: dict[str, Any] = field(default_factory=dict)  # config key -> new value
     notes: list[str] = field(default_factory=list)
@@ -104,29 +105,32 @@ def write_folder(model: onnx.ModelProto, source: str | Path, folder: str | Path,
     src, target = Path(source), Path(folder)
     kind = check_target(src, target, overwrite=overwrite)
     parent = target.absolute().parent
-    config_name = GENAI_CONFIG if kind == "genai" else HF_CONFIG
-    config = _read_json(src.parent / config_name)
-    out = FolderExport(folder=target, model=target / src.name, kind=kind)
-    if kind == "genai":
-        _update_genai(config, model, src.name, out)
-    else:
-        _update_hf(config, steps, out)
-    _note_mlp(config, steps, out)
-    genai = None if kind == "genai" else _genai_for_hf(config, src.parent, model, src.name)
-    if genai is not None:
-        out.also_genai = True
-        out.notes.append(f"{GENAI_CONFIG} written too: the attention is GroupQueryAttention "
-                         "now, so onnxruntime-genai loads the folder, past and present in one "
-                         "buffer (past_present_share_buffer)")
+    out = FolderExport(folder=target, model=target / src.name, kind=kind, runtimes=[kind])
+    # a folder may serve both runtimes: each config it has is updated and written
+    configs: dict[str, dict[str, Any]] = {}
+    if (src.parent / GENAI_CONFIG).is_file():
+        configs[GENAI_CONFIG] = _read_json(src.parent / GENAI_CONFIG)
+        _update_genai(configs[GENAI_CONFIG], model, src.name, out)
+    if (src.parent / HF_CONFIG).is_file():
+        hf = configs[HF_CONFIG] = _read_json(src.parent / HF_CONFIG)
+        _update_hf(hf, steps, out)
+        _note_mlp(hf, steps, out)
+        genai = None if GENAI_CONFIG in configs else _genai_for_hf(hf, src.parent, model,
+                                                                    src.name)
+        if genai is not None:
+            configs[GENAI_CONFIG] = genai
+            out.notes.append(f"{GENAI_CONFIG} written too: the attention is GroupQueryAttention "
+                             "now, so onnxruntime-genai loads the folder, past and present in "
+                             "one buffer (past_present_share_buffer)")
+    out.runtimes = [kind, *(k for k, name in (("genai", GENAI_CONFIG), ("hf", HF_CONFIG))
+                            if k != kind and name in configs)]
 
     with tempfile.TemporaryDirectory(prefix=".opstudio-export-", dir=parent) as tmp:
         staged = Path(tmp) / "out"
         staged.mkdir()
         save_model(model, staged / src.name)
-        (staged / config_name).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-        if genai is not None:
-            (staged / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n",
-                                               encoding="utf-8")
+        for name, config in configs.items():
+            (staged / name).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         for name in COMPANIONS:
             if (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, staged / name)
@@ -239,10 +243,10 @@ def check_loads(export: FolderExport, *, tokens: int = 8) -> str | None:
     section = config.get("model", config) if export.kind == "genai" else config
     bos = section.get("bos_token_id")
     prompt = [bos if isinstance(bos, int) and not isinstance(bos, bool) else 0]
-    if export.kind == "hf" and export.also_genai:
-        both = [check_loads(FolderExport(export.folder, export.model, "hf"), tokens=tokens),
-                check_loads(FolderExport(export.folder, export.model, "genai"), tokens=tokens)]
-        return "; ".join(b for b in both if b)
+    if len(export.runtimes) > 1:
+        each = [check_loads(FolderExport(export.folder, export.model, k), tokens=tokens)
+                for k in export.runtimes]
+        return "; ".join(e for e in each if e) or None
     if export.kind == "genai":
         try:
             import onnxruntime_genai as og
