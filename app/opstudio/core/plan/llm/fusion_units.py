@@ -112,9 +112,11 @@ def unit_key(unit: Iterable[str]) -> UnitKey:
 
 
 def choose_units(rows: Sequence[NodeDelta], units: Iterable[Iterable[str]],
-                 rounds: Sequence[int] | None = None) -> UnitChoice:
+                 rounds: Sequence[int] | None = None,
+                 sessions: tuple[Sequence[int], Sequence[int]] | None = None) -> UnitChoice:
     """Each layer's unit kept unless measurably slower, from ``match_nodes``' rows of the
-    original against the whole model fused, paired over ``rounds`` (default all)."""
+    original against the whole model fused, paired over ``rounds`` (default all), the interval
+    over the profiled ``sessions`` each run came from (``compare.profiled_sessions``)."""
     nodes: dict[UnitKey, set[str]] = defaultdict(set)
     key_of: dict[str, UnitKey] = {}
     for unit in units:
@@ -134,7 +136,7 @@ def choose_units(rows: Sequence[NodeDelta], units: Iterable[Iterable[str]],
     verdicts = []
     for key in sorted(nodes, key=lambda k: (k[0] is None, k[0] or 0, list(KINDS).index(k[1])
                                             if k[1] in KINDS else len(KINDS))):
-        ratio, before_ms, after_ms = _totals(series[key], rounds)
+        ratio, before_ms, after_ms = _totals(series[key], rounds, sessions)
         kept = ratio is None or ratio.verdict != SLOWER
         verdicts.append(UnitVerdict(key[0], key[1], frozenset(nodes[key]), ratio, before_ms,
                                     after_ms, kept))
@@ -156,7 +158,8 @@ def _row_key(row: NodeDelta, key_of: Mapping[str, UnitKey],
     return None
 
 
-def _totals(stacked: Sequence[np.ndarray], rounds: Sequence[int] | None
+def _totals(stacked: Sequence[np.ndarray], rounds: Sequence[int] | None,
+            sessions: tuple[Sequence[int], Sequence[int]] | None
             ) -> tuple[Ratio | None, float, float]:
     """before/after of the summed series over the paired rounds, and each side's median ms."""
     sizes = Counter(s.shape[1] for s in stacked)
@@ -165,7 +168,7 @@ def _totals(stacked: Sequence[np.ndarray], rounds: Sequence[int] | None
     runs = sizes.most_common(1)[0][0]  # a row timed in fewer runs cannot be paired
     before, after = np.sum([s for s in stacked if s.shape[1] == runs], axis=0)
     keep = [i for i in (range(before.size) if rounds is None else rounds) if i < before.size]
-    ratio = paired_speedup(before.tolist(), after.tolist(), keep)
+    ratio = paired_speedup(before.tolist(), after.tolist(), keep, sessions)
     return ratio, float(np.median(before[keep])), float(np.median(after[keep]))
 
 
@@ -181,7 +184,7 @@ def measure_units(model_path: str, fused_path: str, timed: Mapping[str, np.ndarr
     """The original and ``fused_path`` profiled in turns on the step ``timed`` feeds (60
     rounds, fewer if twice ``time_budget_s`` runs out first), and ``choose_units`` on what each
     original node took before and after."""
-    from opstudio.core.measure.compare import map_nodes, match_nodes
+    from opstudio.core.measure.compare import map_nodes, match_nodes, profiled_sessions
     from opstudio.core.measure.profiler import profile_models
     from opstudio.core.measure.settings import ProfileSettings
     from opstudio.core.measure.timing import quiet_rounds
@@ -194,4 +197,5 @@ def measure_units(model_path: str, fused_path: str, timed: Mapping[str, np.ndarr
     before, after = profile_models([model_path, fused_path], run, workload, cancelled=cancelled)
     rounds = quiet_rounds(before.total_series_ms, after.total_series_ms)
     mapping = map_nodes(workload.model, load_model(fused_path, load_external_data=False))
-    return choose_units(match_nodes(before, after, mapping, rounds), units, rounds)
+    return choose_units(match_nodes(before, after, mapping, rounds), units, rounds,
+                        profiled_sessions(before, after))
