@@ -299,18 +299,17 @@ def weight_matmuls(path: Path) -> set[str]:
 
 def breakdown_table(models: list[tuple[str, Path]], profiles: list[Profile], bandwidth: float,
                     kv_bytes: int) -> None:
-    """Where each row's step goes: the profiled run's per-node medians, scaled to the plain
-    step, split into weight MatMuls, fused attention and the rest, each kind beside the time
-    its bytes take at the measured bandwidth (weights for the MatMuls, the cache for the
-    attention): a kind far above its bytes' time is held by its kernel's arithmetic, not by
-    memory."""
-    print("\nwhere the step goes (ms of the plain step; profiled per-node medians scaled to it; "
-          "× = over the time its bytes take):")
+    """Where each row's step goes in its profiled run (per-node medians: the profiler's cost is
+    per kernel, so scaling them to the plain step would shrink an unfused model's MatMuls with
+    its two thousand small kernels' overhead), split into weight MatMuls, fused attention and
+    the rest, each kind beside the time its bytes take at the measured bandwidth (weights for
+    the MatMuls, the cache for the attention): a kind far above its bytes' time is held by its
+    kernel's arithmetic or copies, not by memory."""
+    print("\nwhere the step goes (ms of the profiled step, per-node medians; × = over the time "
+          "its bytes take):")
     print(f"{'model':17} {'weight MatMuls':>18} {'attention':>16} {'other kernels':>13} "
           f"{'between':>8}")
     for (label, path), p in zip(models, profiles, strict=True):
-        series = p.plain_series_ms or p.total_series_ms
-        scale = float(np.median(series)) / p.total_ms["p50"]
         names = weight_matmuls(path)
         matmul = sum(n.p50_ms for n in p.nodes
                      if {n.name, *n.group, *n.kernels} & names)
@@ -318,10 +317,10 @@ def breakdown_table(models: list[tuple[str, Path]], profiles: list[Profile], ban
         other = sum(n.p50_ms for n in p.nodes) - matmul - attention
         weights_ms = (bytes_read(path)) / (bandwidth * 1e9) * 1e3
         cache_ms = kv_bytes * cache_itemsize(path) / 4 / (bandwidth * 1e9) * 1e3
-        attn = (f"{attention * scale:6.2f} ({attention * scale / cache_ms:4.1f}×)"
+        attn = (f"{attention:6.2f} ({attention / cache_ms:4.1f}×)"
                 if attention else f"{'—':>16}")
-        print(f"{label:17} {matmul * scale:8.2f} ({matmul * scale / weights_ms:4.1f}×)     "
-              f"{attn:>16} {other * scale:13.2f} {p.untraced_ms * scale:8.2f}")
+        print(f"{label:17} {matmul:8.2f} ({matmul / weights_ms:4.1f}×)     "
+              f"{attn:>16} {other:13.2f} {p.untraced_ms:8.2f}")
 
 
 def against(before: Profile, after: Profile) -> Ratio | None:
