@@ -147,3 +147,18 @@ def test_advise_next_token_flags_are_checked(tmp_path, capsys):
     assert main(["advise", str(model), "--dim", "batch=4", "--budget-top1", "0.9",
                  "--techniques", "int8-weight", "--threads", "1", "-o", out]) == 1
     assert "no logits output" in capsys.readouterr().err
+
+
+def test_advise_times_the_decode_step_at_another_past_than_the_prompt(tmp_path, capsys,
+                                                                     monkeypatch):
+    from llm_builders import runtime_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = runtime_folder(tmp_path / "gqa", "gqa")  # with a tokenizer: the built-in text
+    code = main(["advise", str(model), "--phase", "decode", "--past", "64", "--budget-top1",
+                 "0.5", "--techniques", "int8-weight", "--threads", "1",
+                 "-o", str(tmp_path / "plan.json")])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    assert "prompt: the built-in text" in out
+    assert "the decode step is timed after a synthetic past of 64 tokens (--past)" in out
