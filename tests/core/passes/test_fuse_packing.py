@@ -102,3 +102,17 @@ def test_without_pack_the_projections_stay_apart():
     result = apply_pass(FUSE, model, [n.name for n in model.graph.node], {"pack": False})
     ops = Counter(n.op_type for n in result.model.graph.node)
     assert ops["MatMul"] == 8 and "Split" not in ops  # q, k, v, o, gate, up, down, lm_head
+
+
+def test_a_step_naming_packed_projections_reports_no_split_as_skipped():
+    # the Split after a packed gate|up stands for gate and up too; the step that rewrites the
+    # MatMul beside it rewrote them
+    model = llama_decoder(layers=1)
+    mlp = "/model/layers.0/mlp"
+    fuse = Step("fuse", {}, op_types=["Pow", "Softmax", "Sigmoid"])
+    int8 = Step("int8-weight", {"accuracy_level": 4},
+                nodes=[f"{mlp}/gate_proj/MatMul", f"{mlp}/up_proj/MatMul"])
+    result = optimize(model, Recipe([fuse, int8]))
+    report = result.steps[1]
+    assert report.applied == [f"{mlp}/gate_up_proj/MatMul"]
+    assert report.skipped == {}

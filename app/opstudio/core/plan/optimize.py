@@ -191,7 +191,8 @@ def optimize(model: onnx.ModelProto, recipe: Recipe, *,
             _check_named(step, where, result.skipped, derived, current)
             # the step's input is dropped before the check loads its output in onnxruntime
             current = result.model
-            applied, skipped, details = (list(result.applied), dict(result.skipped),
+            applied, skipped, details = (list(result.applied),
+                                         _standing_in(result.skipped, derived, result.applied),
                                          dict(result.details))
             notes.extend(result.notes)
             del result
@@ -303,6 +304,15 @@ def _resolve(model: onnx.ModelProto, step: Step, index: int) -> tuple[list[str],
         derived[name] = members
         targets.extend(m for m in members if m not in targets)
     return targets, derived
+
+
+def _standing_in(skipped: Mapping[str, str], derived: Mapping[str, list[str]],
+                 applied: Sequence[str]) -> dict[str, str]:
+    """``skipped`` without the nodes that stand for a named original beside one that took the
+    technique (a packed gate|up's Split beside its MatMul): that original was rewritten."""
+    done = set(applied)
+    covered = {m for members in derived.values() if done.intersection(members) for m in members}
+    return {name: why for name, why in skipped.items() if name not in covered}
 
 
 def _check_named(step: Step, where: str, skipped: Mapping[str, str],
