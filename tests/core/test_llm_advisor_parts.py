@@ -260,7 +260,11 @@ def test_the_kv_cache_is_a_candidate_at_a_long_past_and_is_measured(tmp_path, mo
               path)
     kv = [v for v in default_variants(torch=False) if v.technique == "kv-cache"]
     short = Scan.prepare(str(path), ProfileSettings(threads=1, phase="decode", past=512), kv)
-    assert not short.variants and "not tried" in short.log[-1]
+    assert not short.variants and "here the decode step's past is 512: not tried" in short.log[-1]
+    hf = tmp_path / "hf.onnx"
+    onnx.save(kv_decoder("hf", layers=2, vocab=512, hidden=64), hf)
+    unfused = Scan.prepare(str(hf), ProfileSettings(threads=1, phase="decode", past=1024), kv)
+    assert "here the model has no GroupQueryAttention: not tried" in unfused.log[-1]
     scan = Scan.prepare(str(path), ProfileSettings(threads=1, phase="decode", past=1024), kv)
     assert [v.technique for v in scan.variants] == ["kv-cache"]
     nodes = scan.usable[kv[0].id]

@@ -231,9 +231,10 @@ def fused_scan(scan: Scan, settings: ProfileSettings, variants: Sequence[Variant
     fusion = fuse_first(scan.path, scan.prompt, scan.timed, folder, Judge(budget),
                         scan.settings.threads, time_budget_s,
                         max(scan.settings.timeout_s, 60.0) * 10, say, cancelled)
-    log = scan.log + fusion.log
     if fusion.path is not None:
+        # what the scan on the fused model says replaces what the original's said (a KV cache
+        # candidate needs the GroupQueryAttention that fusion made)
         scan = Scan.prepare(fusion.path, settings, variants, use_cache=use_cache,
                             layer_samples=layer_samples, source=scan.path)
-    scan.log = log
+    scan.log = scan.log + fusion.log
     return scan, fusion

@@ -330,9 +330,11 @@ def _kv_candidates(variants: list[Variant], targets: Sequence[Target], phase: st
     past = max((np.shape(v)[-2] for k, v in timed.items()
                 if "past" in k.lower() and np.ndim(v) >= 4), default=0)
     if phase != "decode" or past < KV_PAST or not any(t.op == KV_OP for t in targets):
+        why = (f"the {phase} step's past is {past}" if phase != "decode" or past < KV_PAST
+               else "the model has no GroupQueryAttention")
         log.append(f"KV cache: a candidate on a decode step with a past of {KV_PAST} tokens or "
-                   f"more and GroupQueryAttention (fused, or exported so); here the {phase} "
-                   f"step's past is {past}: not tried")
+                   f"more and GroupQueryAttention (fused, or exported so); here {why}: "
+                   "not tried")
         return [v for v in variants if v.technique != "kv-cache"], timed
     log.append(f"KV cache: the step is timed on a zero-valued past of {past} tokens, which a "
                "quantized cache takes in its own type")
