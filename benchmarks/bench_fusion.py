@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         if feeds:
             print(f"\nagainst unfused fp32 on {prompt.name} (every position):")
             for label, path in anchor_rows[1:-2]:  # the genai exports take other inputs
-                if "KV8" in label:
-                    continue  # the prompt's prefill reads no cache: bench_kv_cache.py judges it
                 report = evaluate(str(args.model), str(path), feeds, threads=0)
                 print(f"  {label:17} {report.summary()}")
     if args.int4:
