@@ -23,8 +23,8 @@ Rows: whole-model RTN INT4, INT8 weight-only (blocks of 32, the default, and of 
 dynamic (per channel) on every MatMul, the advisor's plan, and INT4 by algorithm (rtn; awq, asymmetric, calibrated on prompt A; k_quant;
 hqq; gptq calibrated on prompt A; hqq and gptq need torch).
 
-With ``--past N`` the decode step is timed at a past of N tokens (a synthetic cache) instead of
-after prompt B; ``--techniques`` narrows what the advisor tries (fuse, int4-weight, …). The
+With ``--past N`` the decode step is planned (``advise --past N``) and timed at a past of N
+tokens (a synthetic cache) instead of after prompt B; ``--techniques`` narrows what the advisor tries (fuse, int4-weight, …). The
 advisor fuses first where that measures faster (``plan.llm.fusion``), so its plan's recipe may
 lead with a ``fuse`` step.
 
@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt_a, prompt_b = folder / "prompt_a.npz", folder / "prompt_b.npz"
     model = load_model(path)
 
-    print(f"advising {path} (decode step after prompt A, top-1 ≥ {args.budget}) …", flush=True)
-    settings = ProfileSettings(inputs_path=str(prompt_a), phase="decode")
+    step = f"a synthetic past of {args.past}" if args.past else "prompt A"
+    print(f"advising {path} (decode step after {step}, top-1 ≥ {args.budget}) …", flush=True)
+    # the advisor times the step it plans at the same past (after a synthetic cache of --past
+    # tokens, judged on prompt A): at a long past the KV cache is a candidate too
+    settings = ProfileSettings(inputs_path=str(prompt_a), phase="decode", past=args.past)
     started = time.perf_counter()
     techniques = None if args.techniques is None else {
         t.strip(): {} for t in args.techniques.split(",") if t.strip()}
