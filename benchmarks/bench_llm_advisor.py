@@ -24,9 +24,9 @@ dynamic (per channel) on every MatMul, the advisor's plan, and INT4 by algorithm
 hqq; gptq calibrated on prompt A; hqq and gptq need torch).
 
 With ``--past N`` the decode step is planned (``advise --past N``) and timed at a past of N
-tokens (a synthetic cache) instead of after prompt B; ``--techniques`` narrows what the advisor tries (fuse, int4-weight, …). The
-advisor fuses first where that measures faster (``plan.llm.fusion``), so its plan's recipe may
-lead with a ``fuse`` step.
+tokens (a synthetic cache) instead of after prompt B; ``--techniques`` narrows what the advisor
+tries (fuse, int4-weight, …). The advisor fuses first where that measures faster
+(``plan.llm.fusion``), so its plan's recipe may lead with a ``fuse`` step.
 
     python benchmarks/bench_llm_advisor.py [--cache DIR] [--budget 0.9] [--confidence 0.9]
         [--seconds 60] [--past 512] [--techniques fuse,int4-weight,int8-weight]
