@@ -49,6 +49,7 @@ from llm_exports import DEFAULT_CACHE, trained_decoder
 from opstudio.core.measure.accuracy import mean_kl_divergence, top1_agreement
 from opstudio.core.measure.inputs import make_inputs
 from opstudio.core.measure.profiler import ProfileSettings
+from opstudio.core.measure.rounds import Fed, check_feeds
 from opstudio.core.measure.timing import interleaved_times, paired_ratio, session
 from opstudio.core.model.model_io import load_model
 from opstudio.core.plan.advisor import advise
@@ -67,7 +68,7 @@ def whole(model, technique: str, params: dict) -> Recipe:
 
 def logits(sess, feeds) -> np.ndarray:
     name = next(o.name for o in sess.get_outputs() if "logits" in o.name)
-    return sess.run([name], feeds)[0]
+    return sess.run([name], check_feeds(sess, feeds))[0]  # a quantized cache in its own type
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"timing the decode step of {len(sessions)} models in turn (past "
           f"{'synthetic' if args.past else '= prompt B'}, "
           f"{decode_b['past_key_values.0.key'].shape[2]} tokens) …", flush=True)
-    times = interleaved_times(sessions, decode_b, rounds=2000, min_rounds=20,
+    # each model on the step's feed in its own input types (a quantized KV cache takes the
+    # float past in its own type, as the profiler feeds it)
+    fed = {label: Fed(sess, check_feeds(sess, decode_b)) for label, sess in sessions.items()}
+    times = interleaved_times(fed, decode_b, rounds=2000, min_rounds=20,
                               time_budget_s=args.seconds)
     base = times["original"]
     rows = []
