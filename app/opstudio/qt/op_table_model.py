@@ -23,7 +23,15 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QColor
 
-from opstudio.core.measure.compare import ADDED, FUSED, REMOVED, SAME, interval_text, speedup_label
+from opstudio.core.measure.compare import (
+    ADDED,
+    FUSED,
+    REMOVED,
+    SAME,
+    interval_text,
+    profiled_sessions,
+    speedup_label,
+)
 from opstudio.core.measure.timing import Ratio, paired_speedup, quiet_rounds
 from opstudio.core.model.graph import GraphInfo
 from opstudio.core.model.provenance import standing_for
@@ -107,7 +115,7 @@ class OpTableModel(QAbstractTableModel):
         # the rounds the comparison's rows were paired over (its quiet ones), for group totals
         self.rounds: list[int] | None = None
         # the profiled session of each run of before and of after, when they rotated
-        self.sessions: tuple[list[int], list[int]] | None = None
+        self.sessions: tuple[Sequence[int], Sequence[int]] | None = None
         self.roofline: dict[str, Any] = {}  # node name -> roofline.RooflinePoint
         # original node name -> nodes of this model standing for it (a file an optimization
         # wrote: its profile rows are named after the original nodes)
@@ -159,8 +167,7 @@ class OpTableModel(QAbstractTableModel):
                 # the rounds compare_models paired the rows over, and the sessions they ran on
                 self.rounds = quiet_rounds(getattr(before, "total_series_ms", None) or [],
                                            getattr(after, "total_series_ms", None) or [])
-                on = [getattr(p, "profiled_sessions", None) or [] for p in (before, after)]
-                self.sessions = (on[0], on[1]) if on[0] and on[1] else None
+                self.sessions = profiled_sessions(before, after)
             for row in comparison.nodes:
                 delta = Delta(row.before_ms, row.after_ms, row.speedup,
                               getattr(row, "ratio", None), getattr(row, "status", SAME),

@@ -41,6 +41,7 @@ from opstudio.core.passes._fusion_rules import (
     ints_of,
     producer_of,
     scalar_of,
+    scores_refusal,
     shared_lengths,
 )
 
@@ -364,12 +365,9 @@ class FamilyGqaRule(pattern.RewriteRuleClassBase):
         found = self._layout(q, k, v, past_k, past_v, rest)
         if isinstance(found, str):
             return result.fail(found)
-        if scalar_of(scale) is None:
-            return result.fail("its scores are scaled by a value that is not a constant")
-        softmax = probs.producer()
-        assert softmax is not None
-        if softmax.attributes.get_int("axis", -1) not in (-1, 3):
-            return result.fail("its softmax is not over the keys")
+        scores = scores_refusal(scale, probs)
+        if scores is not None:
+            return result.fail(scores)
         if rest.get("capped") is not None and \
                 (scalar_of(rest.get("cap_in")) is None or
                  scalar_of(rest.get("cap_in")) != scalar_of(rest.get("cap_out"))):

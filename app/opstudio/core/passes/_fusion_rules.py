@@ -431,12 +431,9 @@ class GqaRule(pattern.RewriteRuleClassBase):
         found = attention_shape(q, k, v, cos)
         if isinstance(found, str):
             return result.fail(found)
-        if _scalar(scale) is None:
-            return result.fail("the scores are scaled by a value that is not a constant")
-        softmax = probs.producer()
-        assert softmax is not None
-        if softmax.attributes.get_int("axis", -1) not in (-1, 3):
-            return result.fail("the softmax is not over the keys")
+        scores = scores_refusal(scale, probs)
+        if scores is not None:
+            return result.fail(scores)
         for rot in (q_rot, k_rot):
             node = rot.producer()
             assert node is not None
@@ -543,6 +540,18 @@ def _graph_input_above(value: ir.Value, name: str, depth: int = 40) -> ir.Value 
 def attention_rules(shared: Shared) -> list[Any]:
     return _commuted([GqaRule.rule(f"GQA[{casts} casts]", casts=casts, shared=shared)
                       for casts in (0, 2)])
+
+
+def scores_refusal(scale: ir.Value, probs: ir.Value) -> str | None:
+    """Why an attention's scores cannot be GroupQueryAttention's (None: they can): its scale is
+    a constant and its Softmax runs over the keys."""
+    if _scalar(scale) is None:
+        return "the scores are scaled by a value that is not a constant"
+    softmax = probs.producer()
+    assert softmax is not None
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return "the softmax is not over the keys"
+    return None
 
 
 # the helpers ``_fusion_families`` reads the same graphs with

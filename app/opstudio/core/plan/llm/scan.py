@@ -45,7 +45,6 @@ from opstudio.core.plan.recipe import Recipe
 from opstudio.core.progress import CancelCheck, Progress, part
 
 if TYPE_CHECKING:
-    from opstudio.core.measure.workload import Workload
     from opstudio.core.plan.scan_executor import RayScan
 
 # a variant at least this many times less accurate (KL) than a no slower one is not scanned
@@ -106,7 +105,12 @@ class Scan:
                                 "or as wide as a vocabulary): budget it by cosine or SNR instead")
         workload = Workload(model, settings, beside)
         prompt = workload.at("prefill")
-        timed = prompt if phase == "prefill" else _decode_feed(model, settings, beside, workload)
+        # --past another than the prompt's length: the step is timed after a synthetic past
+        length = _tokens(prompt)
+        synthetic = (phase == "decode" and settings.past is not None and length is not None
+                     and settings.past != length)
+        timed = (prompt if phase == "prefill" else
+                 _synthetic_decode(model, settings, beside) if synthetic else workload.at("decode"))
         # the scan calibrates on the first part of the prompt (handed to every pass as its
         # samples: "random" takes those first) and judges on the rest; the plan it hands out
         # names the prompt itself when the prompt file feeds the model
@@ -118,7 +122,7 @@ class Scan:
         log.append(f"accuracy: {split.describe}; units are ranked on the first half of the "
                    "judged tokens and plans held to the budget on the second (from "
                    f"{2 * MIN_CONFIRM} judged tokens on)")
-        if phase == "decode" and settings.past is not None and settings.past != _tokens(prompt):
+        if synthetic:
             log.append(f"speed: the decode step is timed after a synthetic past of "
                        f"{settings.past} tokens (--past), not after the prompt")
         variants = [replace(v, params={**v.params, "calibration": "random"})
@@ -300,17 +304,13 @@ class Scan:
         return recipe_of(pairs), chosen
 
 
-def _decode_feed(model: onnx.ModelProto, settings: ProfileSettings, beside: str,
-                 workload: Workload) -> dict[str, np.ndarray]:
-    """The decode step timed: after the prompt's real KV cache, or after a synthetic past of
-    ``--past`` tokens when that is another length (the prompt is still what is judged)."""
-    length = _tokens(workload.at("prefill"))
-    if settings.past is None or length is None or settings.past == length:
-        return workload.at("decode")
+def _synthetic_decode(model: onnx.ModelProto, settings: ProfileSettings, beside: str
+                      ) -> dict[str, np.ndarray]:
+    """The decode step after a synthetic past of ``--past`` tokens (the prompt is still what is
+    judged)."""
     from opstudio.core.measure.workload import Workload
 
-    synthetic = replace(settings, inputs_path=None)
-    return Workload(model, synthetic, beside).at("decode")
+    return Workload(model, replace(settings, inputs_path=None), beside).at("decode")
 
 
 def _tokens(prompt: Mapping[str, np.ndarray]) -> int | None:
